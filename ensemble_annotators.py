@@ -76,6 +76,7 @@ import argparse
 import math
 import string
 import time
+from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import torch
@@ -87,8 +88,12 @@ import common
 
 SCRIPT = "ensemble_annotators"
 # CPU-sized defaults for the synthetic benchmark, and the paper's values (Sec. 3.1-3.2) for real data.
-SYNTHETIC_DEFAULTS = dict(size=48, epochs=4, batch_size=8, clean_batch_size=8, lr=0.01, momentum=0.9, width=8)
-PAPER_DEFAULTS = dict(size=96, epochs=40, batch_size=2, clean_batch_size=64, lr=1e-4, momentum=0.99, width=32)
+# Real data: 96 px, SGD lr 1e-4, momentum 0.99, batches 2 (U) and 64 (C_i); 54 epochs of one pass over
+# U (~3,700 training annotations / 2) are the 100K iterations of Fig. 3; width and depth are not given.
+SYNTHETIC_DEFAULTS = dict(size=48, epochs=4, batch_size=8, clean_batch_size=8, lr=0.01, momentum=0.9,
+                          width=8, depth=3)
+PAPER_DEFAULTS = dict(size=96, epochs=54, batch_size=2, clean_batch_size=64, lr=1e-4, momentum=0.99,
+                      width=32, depth=4)
 QUICK = dict(size=32, epochs=1, width=4, n_train=12, n_val=6, n_test=6)
 
 
@@ -97,8 +102,10 @@ QUICK = dict(size=32, epochs=1, width=4, n_train=12, n_val=6, n_test=6)
 # ==================================================================================================
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags left unset take the paper's values on real data (Sec. 3.1-3.2: "
+               f"{PAPER_DEFAULTS}) and CPU-sized values on the synthetic default ({SYNTHETIC_DEFAULTS}).")
     common.add_common_args(parser, size=None, epochs=None, batch_size=None, lr=None,
                            data_choices=["synthetic", "isic-multi", "folder"])
     p = parser.add_argument_group("D-LEMA (defaults: the paper's on real data, CPU-sized on synthetic)")
@@ -110,7 +117,7 @@ def build_parser():
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (Sec. 3.2: 0.99; synthetic 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-5, help="SGD weight decay (Sec. 3.2, typo fixed)")
     p.add_argument("--width", type=int, default=None, help="channels of the first level (32; synthetic 8)")
-    p.add_argument("--depth", type=int, default=3, help="down-sampling steps of the encoder-decoder")
+    p.add_argument("--depth", type=int, default=None, help="down-sampling steps of the encoder-decoder (4; synthetic 3)")
     p.add_argument("--mc-samples", type=int, default=10, help="logit samples of the aleatoric loss (Sec. 3.2)")
     p.add_argument("--dropout", type=float, default=0.3, help="MC dropout probability (Sec. 3.3)")
     p.add_argument("--dropout-layers", type=int, default=5, help="dropout layers in the centre (Sec. 3.3)")
@@ -325,8 +332,9 @@ def plain_train_step(model, optimizer, batch, args):
 # ==================================================================================================
 
 def pairs_split(images, masks, image_index, slot):
-    """A split of (image, annotation) pairs: images [P,3,H,W] and their annotation [P,H,W]."""
-    return {"images": images[image_index], "masks": masks[image_index, slot]}
+    """A split of (image, annotation) pairs: images [P,3,H,W], their annotation [P,H,W] and where it
+    comes from (image index and annotation slot, [P])."""
+    return {"images": images[image_index], "masks": masks[image_index, slot], "image": image_index, "slot": slot}
 
 
 def build_training_sets(train, n_models, args):
@@ -352,22 +360,31 @@ def build_training_sets(train, n_models, args):
     return sets
 
 
+class Row(NamedTuple):
+    """A trained row of Table 1. kind "meta": base model trusting C_source (Eq. 1-2); "random": a
+    random annotation per image and batch from sets[source]; "fixed": one consensus mask per image."""
+    name: str
+    method: str
+    kind: str
+    source: object
+
+
 def table_rows(n_models, baselines):
-    """Table 1's rows: (row, label, kind, data). Base models B.. are the ensemble (letters after A)."""
+    """Table 1's trained rows; the base models B.. are the ensemble (the fusions follow them)."""
     letters = string.ascii_uppercase
-    rows = [(letters[1 + i], f"model {i}", "meta", i) for i in range(n_models)]
+    rows = [Row(letters[1 + i], f"model {i}", "meta", i) for i in range(n_models)]
     if baselines:
-        rows = [("A", "baseline (random annotation)", "random", "all")] + rows + [
-            (letters[4 + n_models], "less is more [30]", "random", "kept"),
-            ("MV", "majority vote (beyond the paper)", "fixed", "MV"),
-            ("STAPLE", "STAPLE (beyond the paper)", "fixed", "STAPLE")]
+        rows = [Row("A", "baseline (random annotation)", "random", "all")] + rows + [
+            Row(letters[4 + n_models], "less is more [30]", "random", "kept"),
+            Row("MV", "majority vote (beyond the paper)", "fixed", "MV"),
+            Row("STAPLE", "STAPLE (beyond the paper)", "fixed", "STAPLE")]
     return rows
 
 
 def make_batch(batch, kind, args, generator, mean, std):
     """Target choice (a random annotation per image for rows A and J), augmentation, normalisation."""
     if kind == "random":  # row A: "for every image in the training batch, we randomly select" one annotation
-        u = torch.rand(len(batch["index"]), generator=generator).to(batch["images"].device)
+        u = torch.rand(len(batch["index"]), generator=generator, device=generator.device)
         pick = (u * batch["n_annotations"]).long()
         batch = {"images": batch["images"], "masks": batch["masks"][torch.arange(len(pick), device=pick.device), pick]}
     if args.augment:
@@ -386,14 +403,14 @@ def endless(split, batch_size, generator):
 def train_row(row, model, sets, val, args, run, device, mean, std, progress, start_epoch=0, optimizer=None, best=None):
     """Trains one row's model; yields after each epoch and ends with the weights of the best validation
     Jaccard (Sec. 3.1). Every row takes the same number of SGD steps per epoch, one pass over U."""
-    name, _, kind, source = row
+    name, kind, source = row.name, row.kind, row.source
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                              weight_decay=args.weight_decay)
     best = best if best is not None else {"jaccard": -1.0, "state": None, "epoch": 0}
     steps = steps_per_epoch(sets, args)
     for epoch in range(start_epoch, args.epochs):
         # a generator per (row, epoch) makes the batches repeatable across --resume
-        generator = torch.Generator().manual_seed(args.seed * 100003 + sum(map(ord, name)) * 1009 + epoch)
+        generator = torch.Generator(device).manual_seed(args.seed * 100003 + sum(map(ord, name)) * 1009 + epoch)
         batches = endless(sets["U"] if kind == "meta" else sets[source], args.batch_size, generator)
         clean = endless(sets["C"][source], args.clean_batch_size, generator) if kind == "meta" else None
         model.train()
@@ -478,38 +495,52 @@ def overlap_and_calibration(prob, reference):
     return dict(jaccard=jac[0], jaccard_se=jac[1], nll=nll[0], nll_se=nll[1], brier=brier[0], brier_se=brier[1])
 
 
-def evaluate(models, rows, n_models, test_sets, train_stats, args, device):
-    """Every row of Tables 1 and 2 on every test set (and against the true mask when known)."""
+def fusion_rows(n_models):
+    """Rows G, H, I of Table 1 (the letters after the base models): (row, method, rule of Eq. 4)."""
     letters = string.ascii_uppercase
-    fusion_rows = [(letters[1 + n_models], "equally weighted fusion (ours)", "equal"),
-                   (letters[2 + n_models], "pixel-level confidence (ours)", "pixel"),
-                   (letters[3 + n_models], "image-level confidence (ours)", "image")]
+    return [(letters[1 + n_models], "equally weighted fusion (ours)", "equal"),
+            (letters[2 + n_models], "pixel-level confidence (ours)", "pixel"),
+            (letters[3 + n_models], "image-level confidence (ours)", "image")]
+
+
+def evaluate(models, rows, test_sets, train_stats, args, device):
+    """Every row of Tables 1 and 2 on every test set, against its annotation and, when known, the
+    true mask. Returns the two tables (lists of dicts) and the ensemble's outputs per test set."""
+    base = [row.name for row in rows if row.kind == "meta"]
+    fusions = fusion_rows(len(base))
+    main_row = fusions[2][0]  # image-level confidence fusion, the main method
+    # paper order: A, the base models, the fusions, J; then MV and STAPLE
+    methods = ([(r.name, r.method) for r in rows if r.name == "A"] + [(r.name, r.method) for r in rows if r.kind == "meta"]
+               + [(name, method) for name, method, _ in fusions]
+               + [(r.name, r.method) for r in rows if r.kind != "meta" and r.name != "A"])
     table1, table2, outputs = [], [], {}
     for set_name, split in test_sets.items():
         mean, std = train_stats if args.normalize == "train" else common.channel_stats(split["images"])
-        predictions = {row[0]: predict(models[row[0]], split["images"], mean, std, device, args) for row in rows}
-        base = [row[0] for row in rows if row[2] == "meta"]
-        probs = torch.stack([predictions[r][0] for r in base])
-        log_vars = torch.stack([predictions[r][1] for r in base])
-        for row, _, rule in fusion_rows:
-            predictions[row] = (fuse_predictions(probs, log_vars, rule), None)
-        mc = [predict(models[r], split["images"], mean, std, device, args, mc_passes=args.mc_passes)[0] for r in base]
-        outputs[set_name] = {"probs": probs, "log_vars": log_vars, "fused": predictions[fusion_rows[2][0]][0]}
+        predictions = {row.name: predict(models[row.name], split["images"], mean, std, device, args) for row in rows}
+        probs = torch.stack([predictions[name][0] for name in base])      # Y_i [M,N,H,W]
+        log_vars = torch.stack([predictions[name][1] for name in base])   # log s_i^2 [M,N,H,W]
+        for name, _, rule in fusions:
+            predictions[name] = (fuse_predictions(probs, log_vars, rule), None)
+        # Table 2: each base model with MC dropout against the deep ensemble
+        calibration = [(f"MC dropout model {i}",
+                        predict(models[name], split["images"], mean, std, device, args, args.mc_passes)[0])
+                       for i, name in enumerate(base)]
+        calibration.append(("deep ensemble (ours, image-level fusion)", predictions[main_row][0]))
+        outputs[set_name] = {"probs": probs, "log_vars": log_vars, "fused": predictions[main_row][0]}
         references = {"annotation": split["reference"].to(device)}
         if split.get("truth") is not None:
             references["truth"] = split["truth"].to(device)
-        labels = {row[0]: row[1] for row in rows} | {row[0]: row[1] for row in fusion_rows}
-        for ref_name, ref in references.items():
-            for row, label in labels.items():
-                scores = overlap_and_calibration(predictions[row][0], ref)
-                table1.append({"table": "1", "row": row, "method": label, "test_set": set_name,
-                               "reference": ref_name, "jaccard": scores["jaccard"], "jaccard_se": scores["jaccard_se"]})
-            for i, prob in enumerate(mc + [predictions[fusion_rows[2][0]][0]]):
-                scores = overlap_and_calibration(prob, ref)
-                method = f"MC dropout model {i}" if i < len(mc) else "deep ensemble (ours, image-level fusion)"
-                table2.append({"table": "2", "row": letters[i], "method": method, "test_set": set_name,
-                               "reference": ref_name, **{k: scores[k] for k in ("nll", "nll_se", "brier", "brier_se")}})
-    return table1, table2, outputs, fusion_rows[2][0]
+        for ref_name, reference in references.items():
+            where = {"test_set": set_name, "reference": ref_name}
+            for name, method in methods:
+                scores = overlap_and_calibration(predictions[name][0], reference)
+                table1.append({"table": "1", "row": name, "method": method, **where,
+                               "jaccard": scores["jaccard"], "jaccard_se": scores["jaccard_se"]})
+            for letter, (method, prob) in zip(string.ascii_uppercase, calibration):
+                scores = overlap_and_calibration(prob, reference)
+                table2.append({"table": "2", "row": letter, "method": method, **where,
+                               **{k: scores[k] for k in ("nll", "nll_se", "brier", "brier_se")}})
+    return table1, table2, outputs
 
 
 def table_markdown(rows, value, title):
@@ -528,14 +559,46 @@ def table_markdown(rows, value, title):
 # Figures 3-4 and example predictions
 # ==================================================================================================
 
-def figure_weight_maps(models, base_rows, sets, model_index, args, device, mean, std, path):
-    """Fig. 3-4: a training image with the most annotations, the annotation each base model trusts
-    (its C_i), the inconsistency maps |Y_trusted(k) - Y_m| and model k's learned weights W^k_m."""
+def trusted_slots(sets, model_index):
+    """For every training image, the slot of the annotation base model i trusts (its C_i), and whether
+    the image has one in C_i at all."""
+    in_subset = sets["subset"] == model_index
+    return in_subset.float().argmax(1), in_subset.any(1)
+
+
+def weight_consistency(model, sets, model_index, args, mean, std, n_batches=8):
+    """Fig. 3-4 in numbers: the mean learned weight on pixels where an annotation of U disagrees with
+    the annotation base model i trusts for the same image, over the mean weight where they agree
+    (< 1: inconsistent pixels are down-weighted). Eval mode, the first n_batches batches of U."""
+    union, masks = sets["U"], sets["all"]["masks"]
+    slot, has = trusted_slots(sets, model_index)
+    clean = sets["C"][model_index]
+    x_c, y_c = common.normalize(clean["images"][:args.clean_batch_size], mean, std), clean["masks"][:args.clean_batch_size]
+    model.eval()
+    totals = torch.zeros(4, device=masks.device)
+    for start in range(0, min(len(union["images"]), n_batches * args.batch_size), args.batch_size):
+        part = slice(start, start + args.batch_size)
+        image = union["image"][part]
+        weights, _ = spatial_weight_maps(model, common.normalize(union["images"][part], mean, std),
+                                         union["masks"][part], x_c, y_c, args.lr, args.mc_samples)
+        disagree = masks[image, slot[image]] != union["masks"][part]
+        known = has[image].view(-1, 1, 1)
+        inconsistent, consistent = (disagree & known).float(), (~disagree & known).float()
+        totals += torch.stack([(weights * inconsistent).sum(), inconsistent.sum(),
+                               (weights * consistent).sum(), consistent.sum()])
+    return ((totals[0] / totals[1]) / (totals[2] / totals[3])).item()
+
+
+def figure_weight_maps(models, base_rows, sets, model_index, args, mean, std, path):
+    """Fig. 3-4: a training image with the most annotations (one of them in C_k), the annotation each
+    base model trusts, the inconsistency maps |Y_trusted(k) - Y_i| (INC) and model k's learned
+    weights for those annotations, with INC overlaid in red (INC+WT)."""
     train, subset = sets["all"], sets["subset"]
-    n = int(train["n_annotations"].argmax())
-    slots = [int(s) for s in range(train["n_annotations"][n])]
+    _, has = trusted_slots(sets, model_index)
+    n = int(torch.where(has, train["n_annotations"], torch.zeros_like(train["n_annotations"])).argmax())
+    slots = list(range(int(train["n_annotations"][n])))
     trusted = {int(subset[n, s]): s for s in slots}  # model i -> slot of its trusted annotation
-    model = models[base_rows[model_index][0]]
+    model = models[base_rows[model_index].name]
     model.eval()  # BatchNorm running statistics: the weights of this one image, not of a batch of copies
     x_u = common.normalize(train["images"][n:n + 1].expand(len(slots), -1, -1, -1), mean, std)
     y_u = train["masks"][n, slots]
@@ -543,33 +606,31 @@ def figure_weight_maps(models, base_rows, sets, model_index, args, device, mean,
     x_c = common.normalize(clean["images"][:args.clean_batch_size], mean, std)
     weights, _ = spatial_weight_maps(model, x_u, y_u, x_c, clean["masks"][:args.clean_batch_size],
                                      args.lr, args.mc_samples)
-    reference = y_u[trusted[model_index]].float() if model_index in trusted else y_u[0].float()
+    reference = y_u[trusted[model_index]]
     n_models = len(base_rows)
     fig, axes = plt.subplots(3, n_models + 1, figsize=(2.2 * (n_models + 1), 6.8))
+    for ax in axes.flat:
+        ax.set_axis_off()
     common.show_image(axes[0, 0], train["images"][n])
     axes[0, 0].set_title("training image")
-    for ax in axes[1:, 0]:
-        ax.set_axis_off()
     for i in range(n_models):
-        for ax in axes[:, i + 1]:
-            ax.set_axis_off()
         if i not in trusted:
-            axes[0, i + 1].set_title(f"model {i}: none")
+            axes[0, i + 1].set_title(f"model {i}: none", fontsize=9)
             continue
         s = trusted[i]
+        inconsistent = (reference != y_u[s]).cpu()
+        w = weights[s].cpu()
         axes[0, i + 1].imshow(y_u[s].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[0, i + 1].set_title(f"model {i} trusts #{s}")
-        inconsistency = (reference - y_u[s].float()).abs().cpu().numpy()
-        axes[1, i + 1].imshow(inconsistency, cmap="gray", vmin=0, vmax=1)
-        axes[1, i + 1].set_title(f"INC {model_index} vs {i}")
-        w = weights[slots.index(s)].cpu()
-        axes[2, i + 1].imshow(inconsistency, cmap="gray", vmin=0, vmax=1)
-        axes[2, i + 1].imshow((w / w.max().clamp_min(1e-12)).numpy(), cmap="cool", alpha=0.6, vmin=0, vmax=1)
-        inc = torch.from_numpy(inconsistency > 0)
-        ratio = (w[inc].mean() / w[~inc].mean().clamp_min(1e-12)).item() if inc.any() else float("nan")
-        axes[2, i + 1].set_title(f"INC+WT (w ratio {ratio:.2f})", fontsize=8)
-    fig.suptitle(f"Learned weight maps of model {model_index} (w ratio: mean weight on inconsistent / "
-                 "consistent pixels)", fontsize=9)
+        axes[0, i + 1].set_title(f"model {i}: annotation {s}", fontsize=9)
+        axes[1, i + 1].imshow(inconsistent.numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[1, i + 1].set_title(f"INC model {model_index} vs {i}", fontsize=9)
+        axes[2, i + 1].imshow((w / w.max().clamp_min(1e-12)).numpy(), cmap="viridis", vmin=0, vmax=1)
+        axes[2, i + 1].imshow(inconsistent.float().masked_fill(~inconsistent, float("nan")).numpy(),
+                              cmap="autumn", alpha=0.45)
+        ratio = f"{(w[inconsistent].mean() / w[~inconsistent].mean()).item():.2f}" if inconsistent.any() else "-"
+        axes[2, i + 1].set_title(f"INC+WT, ratio {ratio}", fontsize=9)
+    fig.suptitle(f"Weights learned by model {model_index} for this image's annotations (ratio: mean weight "
+                 "on inconsistent / consistent pixels)", fontsize=9)
     common.save_figure(fig, path)
 
 
@@ -622,6 +683,49 @@ def load_data(args):
     return data["train"], val, tests
 
 
+def build_models(rows, args, device):
+    """One base network per trained row, each from its own seed (the deep ensemble's diversity)."""
+    models = nn.ModuleDict()
+    for k, row in enumerate(rows):
+        torch.manual_seed(args.seed * 1000 + k)
+        models[row.name] = common.prepare_model(
+            BayesianResidualFCN(args.width, args.depth, args.dropout, args.dropout_layers), device)
+    common.seed_everything(args.seed)
+    return models
+
+
+def train_all(models, rows, sets, val, args, run, device, mean, std):
+    """Trains the rows one after the other. last.pt (after every epoch) holds all networks, the current
+    row's optimiser and best weights and the rows already done; best.pt the selected weights."""
+    done, resume = [], None
+    if args.resume:
+        resume = common.load_checkpoint(args.resume, SCRIPT)
+        models.load_state_dict(resume["model"])
+        done = list(resume["done"])
+    todo = [row for row in rows if row.name not in done]
+    progress = common.Progress(len(todo) * args.epochs * steps_per_epoch(sets, args), every=args.log_every)
+    if args.compile:
+        print("--compile is not used: the meta step differentiates twice, which torch.compile does not support")
+    for row in todo:
+        start, optimizer, best = 0, None, None
+        if resume is not None and resume["row"] == row.name:
+            optimizer = torch.optim.SGD(models[row.name].parameters(), lr=args.lr, momentum=args.momentum,
+                                        weight_decay=args.weight_decay)
+            start, _ = common.restore_state(resume, models, optimizer)
+            best = {"jaccard": resume["best"], "epoch": resume["best_epoch"], "state": resume["best_state"]}
+        for epoch, optimizer, best in train_row(row, models[row.name], sets, val, args, run, device, mean, std,
+                                                progress, start, optimizer, best):
+            state = common.checkpoint_state(models, optimizer, None, epoch, best["jaccard"], args)
+            run.save("last.pt", {**state, "row": row.name, "done": done, "best_epoch": best["epoch"],
+                                 "best_state": best["state"]})
+        done.append(row.name)
+        run.save("best.pt", {**common.checkpoint_state(models, None, None, args.epochs, None, args, rng=False),
+                             "done": done})
+    speed = progress.summary()
+    print(f"training: {speed['images_per_s']:.1f} images/s, data wait {100 * speed['data_wait_share']:.0f}%")
+    return speed
+
+
 def main(argv=None):
     args = resolve_defaults(build_parser().parse_args(argv))
     common.seed_everything(args.seed)
@@ -631,64 +735,41 @@ def main(argv=None):
     train, val = common.to_device(train, device), common.to_device(val, device)
     n_models = train["masks"].shape[1]  # M: the annotation slots of the dataset (5 for ISIC)
     rows = table_rows(n_models, args.baselines)
-    models = nn.ModuleDict()
-    for k, row in enumerate(rows):  # distinct initialisations: the deep ensemble's diversity
-        torch.manual_seed(args.seed * 1000 + k)
-        models[row[0]] = common.prepare_model(BayesianResidualFCN(args.width, args.depth, args.dropout,
-                                                                  args.dropout_layers), device)
-    common.seed_everything(args.seed)
+    models = build_models(rows, args, device)
     mean, std = common.channel_stats(train["images"])  # Sec. 3.1: per-channel mean and std
     sets = build_training_sets(train, n_models, args)
-    done, resume = [], None
     if args.eval_only:
-        state = common.load_checkpoint(args.checkpoint, SCRIPT)
-        models.load_state_dict(state["model"])
-        done = [row[0] for row in rows]
-    elif args.resume:
-        resume = common.load_checkpoint(args.resume, SCRIPT)
-        models.load_state_dict(resume["model"])
-        done = list(resume["done"])
-    todo = [row for row in rows if row[0] not in done]
-    progress = common.Progress(len(todo) * args.epochs * steps_per_epoch(sets, args), every=args.log_every)
-    for row in rows:
-        if row[0] in done:
-            continue
-        start, optimizer, best = 0, None, None
-        if resume is not None and resume.get("row") == row[0]:
-            optimizer = torch.optim.SGD(models[row[0]].parameters(), lr=args.lr, momentum=args.momentum,
-                                        weight_decay=args.weight_decay)
-            start, _ = common.restore_state(resume, models, optimizer)
-            best = {"jaccard": resume["best"], "epoch": resume["best_epoch"], "state": resume["best_state"]}
-        for epoch, optimizer, best in train_row(row, models[row[0]], sets, val, args, run, device, mean, std,
-                                                progress, start, optimizer, best):
-            state = common.checkpoint_state(models, optimizer, None, epoch, best["jaccard"], args)
-            run.save("last.pt", {**state, "row": row[0], "done": done, "best_epoch": best["epoch"],
-                                 "best_state": best["state"]})
-        done.append(row[0])
-        run.save("best.pt", {**common.checkpoint_state(models, None, None, args.epochs, None, args, rng=False),
-                             "done": done})
-    speed = progress.summary()
-    print(f"training: {speed['images_per_s']:.1f} images/s, data wait {100 * speed['data_wait_share']:.0f}%")
+        models.load_state_dict(common.load_checkpoint(args.checkpoint, SCRIPT)["model"])
+        speed = {"images_per_s": None, "data_wait_share": None}
+    else:
+        speed = train_all(models, rows, sets, val, args, run, device, mean, std)
 
-    base_rows = [row for row in rows if row[2] == "meta"]
-    table1, table2, outputs, main_row = evaluate(models, rows, n_models, tests, (mean, std), args, device)
-    first = next(iter(tests))
+    table1, table2, outputs = evaluate(models, rows, tests, (mean, std), args, device)
+    first, main_row = next(iter(tests)), fusion_rows(n_models)[2][0]
     main1 = next(r for r in table1 if r["row"] == main_row and r["test_set"] == first and r["reference"] == "annotation")
-    main2 = next(r for r in table2 if r["row"] == string.ascii_uppercase[n_models] and r["test_set"] == first
+    main2 = next(r for r in table2 if r["method"].startswith("deep ensemble") and r["test_set"] == first
                  and r["reference"] == "annotation")
+    base_rows = [row for row in rows if row.kind == "meta"]
+    weights = [{"table": "fig3-4", "row": row.name, "method": row.method, "inconsistent_weight_ratio":
+                weight_consistency(models[row.name], sets, i, args, mean, std)} for i, row in enumerate(base_rows)]
     metrics = {"jaccard": main1["jaccard"], "jaccard_se": main1["jaccard_se"], "nll": main2["nll"],
                "brier": main2["brier"], "images_per_s": speed["images_per_s"],
-               "data_wait_share": speed["data_wait_share"]}
+               "data_wait_share": speed["data_wait_share"],
+               "inconsistent_weight_ratio": sum(r["inconsistent_weight_ratio"] for r in weights) / len(weights)}
     markdown = "\n".join([
         f"# D-LEMA on {args.data} ({args.size} px, {args.epochs} epochs, M = {n_models})\n",
-        f"Main method: row {main_row} (image-level confidence fusion) on `{first}`.\n",
+        f"Main method: row {main_row} (image-level confidence fusion) on `{first}`; "
+        "'vs truth': scored against the true mask instead of an annotation.\n",
         table_markdown(table1, lambda r, col: {col: common.fmt_mean_se(r["jaccard"] / 100, r["jaccard_se"] / 100, percent=True)},
                        "Table 1: Jaccard index (% ± standard error)"),
         table_markdown(table2, lambda r, col: {f"{col} NLL": f"{r['nll']:.3f}", f"{col} Br": f"{r['brier']:.3f}"},
-                       "Table 2: NLL and Brier score (lower is better)")])
-    common.write_results(run.dir, SCRIPT, args.data, first, metrics, table1 + table2, args, markdown)
+                       "Table 2: NLL and Brier score (lower is better)"),
+        common.markdown_table(weights, ["row", "method", "inconsistent_weight_ratio"], {"inconsistent_weight_ratio": "{:.3f}"},
+                              "Fig. 3-4 in numbers: mean learned weight on pixels that contradict the model's "
+                              "trusted annotation / on pixels that agree (training images)")])
+    common.write_results(run.dir, SCRIPT, args.data, first, metrics, table1 + table2 + weights, args, markdown)
     for index in sorted({0, min(3, n_models - 1)}):
-        figure_weight_maps(models, base_rows, sets, index, args, device, mean, std,
+        figure_weight_maps(models, base_rows, sets, index, args, mean, std,
                            run.figures / f"fig{3 if index == 0 else 4}_weight_maps_model{index}.png")
     figure_predictions(tests[first], outputs[first], run.figures / "predictions.png")
     print(markdown)

@@ -91,7 +91,9 @@ Deviations and resolved ambiguities
       silent. Noise of Table 2 is added on the [0, 1] scale before normalisation, not clipped.
 """
 import argparse
+import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -107,6 +109,8 @@ SCRIPT = "uml"
 DATASETS = {"synthetic": "synthetic-fundus", "synthetic-fundus": "synthetic-fundus",
             "synthetic-breast": "synthetic-breast", "refuge": "refuge", "ispy1": "ispy1", "folder": "folder"}
 METHODS = ("uml", "ec", "tbrats", "bcs", "ecs")
+ARCHITECTURE_ARGS = ("method", "mutual_decoder", "uncertainty_instructor", "uncertainty_navigator", "width",
+                     "res2net_blocks", "res2net_scale", "res2net_base_width", "size")
 
 # ==================================================================================================
 # Arguments
@@ -634,10 +638,8 @@ def model_input(images, norm, device, sigma=0.0, generator=None):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def train_row(slug, spec, args, data, norm, run, device, is_main, resume_state=None):
+def train_row(model, slug, spec, args, data, norm, run, device, is_main, resume_state=None):
     """Trains one row's model; returns it with the best-validation weights loaded."""
-    model = common.prepare_model(build_model(spec, args, data["n_classes"], data["n_seg_classes"]), device,
-                                 args.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     last_name, best_name = ("last.pt", "best.pt") if is_main else (f"{slug}-last.pt", f"{slug}-best.pt")
     start, best = 0, -math.inf
@@ -697,10 +699,14 @@ def train_row(slug, spec, args, data, norm, run, device, is_main, resume_state=N
         print(f"[{slug}] epoch {epoch + 1}/{args.epochs} loss {epoch_means[0]:.4f} val score {score:.4f}")
     speed = progress.summary()
     run.log({"row": slug, "event": "speed", **speed})
-    print(f"[{slug}] {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}%")
-    if run.path(best_name).exists():
-        common.restore_state(common.load_checkpoint(run.path(best_name), SCRIPT, device), model)
-    return model, speed
+    print(f"[{slug}] {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}% "
+          "(step time spent waiting for batches)")
+    plain_module(model).load_state_dict(common.load_checkpoint(run.path(best_name), SCRIPT, device)["model"])
+    return model
+
+
+def plain_module(model):
+    return getattr(model, "_orig_mod", model)  # torch.compile keeps the original module here
 
 
 def selection_score(metrics):
@@ -765,7 +771,7 @@ def predict(model, split, spec, norm, args, device, sigma=0.0):
 def evaluate(model, split, spec, data, norm, args, device, sigma=0.0, surface=True):
     """Metrics of one split: acc, f1, uncertainty_auroc, ece; dice_/assd_ per structure."""
     pred = predict(model, split, spec, norm, args, device, sigma)
-    metrics, undefined = {}, {}
+    metrics, undefined, extra = {}, {}, {}
     if spec["cls"]:
         labels = split["labels"].cpu()
         predicted = pred["prob"].argmax(1)
@@ -775,6 +781,7 @@ def evaluate(model, split, spec, data, norm, args, device, sigma=0.0, surface=Tr
         metrics["uncertainty_auroc"] = common.auroc(pred["uncertainty"], ~correct)
         confidence = pred["belief"].gather(1, predicted[:, None])[:, 0]  # belief of the predicted class
         metrics["ece"] = common.expected_calibration_error(confidence, correct)
+        extra.update(confidence=confidence, correct=correct)
     if spec["seg"]:
         masks = split["masks"].cpu()
         for name, select in data["structures"].items():
@@ -785,133 +792,122 @@ def evaluate(model, split, spec, data, norm, args, device, sigma=0.0, surface=Tr
                 finite = torch.isfinite(distances)
                 metrics[f"assd_{name}"] = distances[finite].mean().item() if finite.any() else math.nan
                 undefined[f"assd_{name}"] = int((~finite).sum())
-    return {"metrics": metrics, "undefined": undefined, "pred": pred}
+    return {"metrics": metrics, "undefined": undefined, **extra}
 
 
 # ==================================================================================================
 # Report: Tables 1-3 and Fig. 3
 # ==================================================================================================
 
-PAPER_COLUMNS = {"acc": "ACC", "f1": "F1"}
+TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"], 3: ["BCS", "+MD", "+MD+UI", "UML"]}
 
 
 def metric_columns(data):
-    cols = ["acc", "f1"]
-    for name in data["structures"]:
-        cols += [f"dice_{name}", f"assd_{name}"]
+    cols = ["acc", "f1"] + [f"{m}_{name}" for name in data["structures"] for m in ("dice", "assd")]
     return cols + ["uncertainty_auroc", "ece"]
 
 
 def column_title(key):
-    if key in PAPER_COLUMNS:
-        return PAPER_COLUMNS[key]
-    if key.startswith("dice_"):
-        return f"DI_{key[5:]}"
-    if key.startswith("assd_"):
-        return f"ASSD_{key[5:]}"
-    return {"uncertainty_auroc": "AUROC(u, error)", "ece": "ECE"}.get(key, key)
+    titles = {"acc": "ACC", "f1": "F1", "uncertainty_auroc": "AUROC(u, error)", "ece": "ECE"}
+    return titles.get(key) or key.replace("dice_", "DI_").replace("assd_", "ASSD_")
 
 
-def markdown_rows(rows, columns, lead):
-    """Formats table rows as the paper does: 3 decimals, '\\' where a method has no such output."""
-    out = []
-    for row in rows:
-        cells = {c: row[c] for c in lead}
-        for key in columns:
-            value = row.get(key)
-            if value is None:
-                cells[column_title(key)] = "\\"
-            elif isinstance(value, float) and not math.isfinite(value):
-                cells[column_title(key)] = "n/a"
-            else:
-                text = f"{value:.3f}"
-                n_undefined = row.get("undefined", {}).get(key, 0)
-                cells[column_title(key)] = text + (f" ({n_undefined} undef.)" if n_undefined else "")
-        out.append(cells)
-    return out
+def markdown_cell(row, key):
+    """3 decimals as in the paper; '\\' where the method has no such output; undefined ASSD counted."""
+    value = row.get(key)
+    if value is None:
+        return "\\"
+    n_undefined = row["undefined"].get(key, 0)
+    return (f"{value:.3f}" if math.isfinite(value) else "n/a") + (f" ({n_undefined} undef.)" if n_undefined else "")
 
 
 def results_markdown(table, data, args):
     columns = metric_columns(data)
-    titles = [column_title(c) for c in columns]
     parts = [f"# UML results: {args.dataset}, test split\n",
-             "Dice as a fraction, ASSD in pixels (mean over images where both masks are non-empty; "
+             "Dice as a fraction, ASSD in pixels (mean over the images where both masks are non-empty; "
              "'undef.' counts the others), as in the paper. AUROC(u, error) and ECE go beyond the paper: "
              "how well the image-level uncertainty flags wrong diagnoses, and the calibration of the belief.\n"]
-    t1 = [r for r in table if r["table"] == 1]
-    if t1:
-        parts.append(common.markdown_table(markdown_rows(t1, columns, ["Method"]), ["Method"] + titles,
-                                           title="Table 1: classification and segmentation"))
-    t2 = [r for r in table if r["table"] == 2]
-    for sigma in sorted({r["sigma"] for r in t2}):
-        rows = [r for r in t2 if r["sigma"] == sigma]
-        parts.append(common.markdown_table(markdown_rows(rows, columns, ["Method"]), ["Method"] + titles,
-                                           title=f"Table 2: noise sigma = {sigma:.2f}"))
-    t3 = [r for r in table if r["table"] == 3]
-    if t3:
-        parts.append(common.markdown_table(markdown_rows(t3, columns, ["MD", "UI", "UN"]),
-                                           ["MD", "UI", "UN"] + titles, title="Table 3: ablation"))
+
+    def add(rows, lead, title):
+        cells = [{**{c: r[c] for c in lead}, **{column_title(k): markdown_cell(r, k) for k in columns}} for r in rows]
+        parts.append(common.markdown_table(cells, lead + [column_title(k) for k in columns], title=title))
+
+    add([r for r in table if r["table"] == 1], ["Method"], "Table 1: classification and segmentation")
+    for sigma in sorted({r["sigma"] for r in table if r["table"] == 2}):
+        add([r for r in table if r["table"] == 2 and r["sigma"] == sigma], ["Method"],
+            f"Table 2: Gaussian noise sigma = {sigma:.2f}")
+    if any(r["table"] == 3 for r in table):
+        add([r for r in table if r["table"] == 3], ["MD", "UI", "UN"], "Table 3: ablation")
     parts.append(f"Command: `{args.command}`\n")
     return "\n".join(parts)
 
 
+def build_table(results, args, data, main_name):
+    """results.json "table": one dict per row of Tables 1-3 that this run produced."""
+    clean = min(args.sigmas, key=abs)
+
+    def record(name, table_no, sigma):
+        evaluation, spec = results[name][sigma], results[name]["spec"]
+        return {"row": name if table_no != 2 else f"{name} sigma={sigma:.2f}", "table": table_no, "sigma": sigma,
+                "Method": "UML (ours)" if name == "UML" else name,
+                **({k.upper(): "✓" if spec[k] else "-" for k in ("md", "ui", "un")} if table_no == 3 else {}),
+                **{k: evaluation["metrics"].get(k) for k in metric_columns(data)}, "undefined": evaluation["undefined"]}
+
+    chosen = {t: TABLE_ROWS[t] if getattr(args, f"table{t}") else ([main_name] if t < 3 else []) for t in (1, 2, 3)}
+    table = [record(n, 1, clean) for n in chosen[1] if n in results]
+    table += [record(n, 2, s) for s in args.sigmas for n in chosen[2] if n in results]
+    return table + [record(n, 3, clean) for n in chosen[3]]
+
+
 def figure_fig3(model, split, spec, data, norm, args, device, path):
-    """Fig. 3: per image, clean (top) and noisy (bottom, largest sigma) rows with input + GT, belief
-    and image-level uncertainty, segmentation, pixel-wise uncertainty."""
-    labels = split["labels"]
-    picks = []
-    if labels is not None:  # one image of each class first, then the next ones
-        for c in range(data["n_classes"]):
-            hits = (labels == c).nonzero()
-            if len(hits):
-                picks.append(int(hits[0]))
-    picks = (picks + [i for i in range(split["images"].shape[0]) if i not in picks])[:args.figure_images]
+    """Fig. 3: per image, a clean row and a noisy row (largest sigma): input + GT, belief and
+    image-level uncertainty, segmentation, pixel-wise uncertainty."""
+    labels, n = split["labels"], split["images"].shape[0]
+    first_of_class = [int((labels == c).nonzero()[0]) for c in range(data["n_classes"])
+                      if labels is not None and (labels == c).any()]
+    picks = list(dict.fromkeys(first_of_class + list(range(n))))[:args.figure_images]
     subset = {k: (v[picks] if torch.is_tensor(v) else v) for k, v in split.items()}
-    sigma = max(args.sigmas)
-    preds = [predict(model, subset, spec, norm, args, device, s) for s in (0.0, sigma)]
+    sigmas = (0.0, max(args.sigmas))
     colours = ["yellow", "cyan", "magenta", "lime"]
     fig, axes = plt.subplots(2 * len(picks), 4, figsize=(13, 6.2 * len(picks)), squeeze=False)
-    for i, index in enumerate(picks):
-        for j, (pred, s) in enumerate(zip(preds, (0.0, sigma))):
+    for j, sigma in enumerate(sigmas):
+        pred = predict(model, subset, spec, norm, args, device, sigma)
+        generator = torch.Generator(device=device).manual_seed(args.seed + 7919 + int(round(sigma * 1e4)))
+        shown = model_input(subset["images"], (torch.zeros_like(norm[0]), torch.ones_like(norm[1])), device,
+                            sigma, generator).float().cpu().clamp(0, 1)   # what the model saw, on [0, 1]
+        for i, index in enumerate(picks):
             ax = axes[2 * i + j]
-            image = common.to_float(subset["images"][i:i + 1]).cpu()
-            if s > 0:
-                g = torch.Generator(device=device).manual_seed(args.seed + 7919 + int(round(s * 1e4)))
-                image = image + s * torch.randn(image.shape, generator=g, device=device).cpu()
-            common.show_image(ax[0], image[0].clamp(0, 1))
+            common.show_image(ax[0], shown[i])
             for (name, select), colour in zip(data["structures"].items(), colours):
                 common.draw_contours(ax[0], select(subset["masks"][i].cpu()), colour, label=f"GT {name}")
-            truth = f", label {data['class_names'][int(labels[index])]}" if labels is not None else ""
-            ax[0].set_title(f"{split['names'][index]} sigma={s:.2f}{truth}", fontsize=9)
+            truth = f", {data['class_names'][int(labels[index])]}" if labels is not None else ""
+            ax[0].set_title(f"{split['names'][index]}, sigma={sigma:.2f}{truth}", fontsize=9)
             ax[0].legend(loc="lower right", fontsize=7)
+            for a in ax[1:]:
+                a.set_axis_off()
             if spec["cls"]:
-                names = list(data["class_names"]) + ["uncertainty"]
+                ax[1].set_axis_on()
                 values = pred["belief"][i].tolist() + [float(pred["uncertainty"][i])]
                 ax[1].bar(range(len(values)), values, color=["tab:blue"] * data["n_classes"] + ["tab:red"])
-                ax[1].set_xticks(range(len(values)), names, rotation=20, fontsize=8)
+                ax[1].set_xticks(range(len(values)), list(data["class_names"]) + ["uncertainty"], fontsize=8)
                 ax[1].set_ylim(0, 1)
                 ax[1].set_title("belief b_k and uncertainty u (Eq. 1)", fontsize=9)
-            else:
-                ax[1].set_axis_off()
             if spec["seg"]:
-                common.show_image(ax[2], image[0].clamp(0, 1))
+                common.show_image(ax[2], shown[i])
                 for (name, select), colour in zip(data["structures"].items(), colours):
                     common.draw_contours(ax[2], select(pred["seg"][i]), colour, label=name)
-                ax[2].set_title("segmentation (s_1)", fontsize=9)
+                ax[2].set_title("segmentation s_1", fontsize=9)
                 common.plot_uncertainty(ax[3], pred["pixel_uncertainty"][i],
                                         title="pixel-wise uncertainty" + (" U^s" if spec["md"] else ""))
-            else:
-                ax[2].set_axis_off()
-                ax[3].set_axis_off()
     fig.tight_layout()
     common.save_figure(fig, path)
 
 
 def plot_row_curves(run, slug):
-    """Loss and validation curves of one row (log.jsonl holds every row's records)."""
-    records = [line for line in run.path("log.jsonl").read_text().splitlines() if f'"row": "{slug}"' in line]
+    """Loss and validation curves of one row (log.jsonl holds the records of every row)."""
+    lines = [line for line in run.path("log.jsonl").read_text().splitlines() if json.loads(line).get("row") == slug]
     filtered = run.path(f".curves-{slug}.jsonl")
-    filtered.write_text("\n".join(records) + "\n")
+    filtered.write_text("\n".join(lines) + "\n")
     try:
         common.plot_curves(filtered, ["loss", "loss_mut", "loss_cls", "loss_seg", "val_score"],
                            run.figures / f"curves_{slug}.png")
@@ -925,32 +921,28 @@ def plot_row_curves(run, slug):
 
 
 def load_data(args, device):
-    options = {}
-    if args.dataset.startswith("synthetic"):
-        options = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_val), ("n_test", args.n_test))
-                   if v is not None}
+    counts = (("n_train", args.n_train), ("n_val", args.n_val), ("n_test", args.n_test))
+    options = {k: v for k, v in counts if v is not None} if args.dataset.startswith("synthetic") else {}
     splits = common.load_dataset(args.dataset, root=args.root, size=args.size, seed=args.seed,
                                  cache=args.cache, **options)
-    if "test" not in splits:
-        raise SystemExit(f"{args.dataset}: no test split")
-    if "train" not in splits and not args.eval_only:
-        raise SystemExit(f"{args.dataset}: no training split; use --eval-only --checkpoint")
+    if "test" not in splits or ("train" not in splits and not args.eval_only):
+        raise SystemExit(f"{args.dataset}: uml.py needs a test split and, to train, a training split "
+                         f"(found {sorted(splits)}); a test-only set works with --eval-only --checkpoint")
     if "val" not in splits and "train" in splits:
         print("no validation split: model selection on the training split")
         splits["val"] = splits["train"]
     reference = splits.get("train", splits["test"])
     if reference["masks"].dim() != 3:
-        raise SystemExit(f"{args.dataset}: uml.py needs one mask per image, got masks {tuple(reference['masks'].shape)}")
+        raise SystemExit(f"{args.dataset}: uml.py needs one mask per image, got {tuple(reference['masks'].shape)}")
     data = {k: common.to_device(v, device) for k, v in splits.items() if k in ("train", "val", "test")}
-    data["n_classes"] = len(reference["class_names"])
-    data["n_seg_classes"] = len(reference["mask_names"])
-    data["class_names"], data["structures"] = reference["class_names"], structures(reference["mask_names"])
+    data.update(n_classes=len(reference["class_names"]), n_seg_classes=len(reference["mask_names"]),
+                class_names=reference["class_names"], structures=structures(reference["mask_names"]))
     return data
 
 
 def main(argv=None):
     args = resolve_defaults(build_parser().parse_args(argv))
-    args.command = "python uml.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    args.command = "python uml.py " + " ".join(sys.argv[1:] if argv is None else argv)
     common.seed_everything(args.seed)
     device = common.choose_device(args.device)
     resume_state = common.load_checkpoint(args.resume, SCRIPT, device) if args.resume else None
@@ -961,85 +953,47 @@ def main(argv=None):
         if not args.checkpoint:
             raise SystemExit("--eval-only needs --checkpoint PATH")
         checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT, device)
-        for key in ("method", "mutual_decoder", "uncertainty_instructor", "uncertainty_navigator", "width",
-                    "res2net_blocks", "res2net_scale", "res2net_base_width", "size"):
-            setattr(args, key, checkpoint["args"][key])  # the architecture comes from the checkpoint
+        for key in ARCHITECTURE_ARGS:  # the architecture comes from the checkpoint
+            setattr(args, key, checkpoint["args"][key])
     run = common.Run(args, SCRIPT, device)
     data = load_data(args, device)
-    if "train" in data:
-        norm = common.channel_stats(data["train"]["images"])
     if checkpoint is not None:
-        norm = tuple(t.float() for t in checkpoint["normalization"])
-    norm = (norm[0].to(device), norm[1].to(device))
+        norm = tuple(t.float().to(device) for t in checkpoint["normalization"])
+    else:
+        norm = tuple(t.to(device) for t in common.channel_stats(data["train"]["images"]))
 
     main_name, main_slug, main_spec = main_row(args)
-    rows = row_specs()
-    wanted = [main_name]  # rows to train, in order
-    if args.table1:
-        wanted += ["EC", "TBraTS", "BCS", "ECS", "UML"]
-    if args.table2:
-        wanted += ["BCS", "ECS", "UML"]
-    if args.table3:
-        wanted += ["BCS", "+MD", "+MD+UI", "UML"]
-    wanted = list(dict.fromkeys(wanted))
-    for spec_name in wanted:
-        if rows.get(spec_name, (None, main_spec))[1]["cls"] and data[("test")]["labels"] is None:
-            raise SystemExit(f"{args.dataset} has no image labels: row {spec_name} needs them (try --method tbrats)")
+    rows = {**row_specs(), main_name: (main_slug, main_spec)}
+    wanted = [main_name] + [n for t in (1, 2, 3) if getattr(args, f"table{t}") for n in TABLE_ROWS[t]]
+    wanted = list(dict.fromkeys(wanted)) if checkpoint is None else [main_name]
+    if data["test"]["labels"] is None and any(rows[n][1]["cls"] for n in wanted):
+        raise SystemExit(f"{args.dataset} has no image labels; only --method tbrats can run on it")
 
-    results, speeds = {}, {}
+    results = {}
     for name in wanted:
-        slug, spec = rows.get(name, (main_slug, main_spec))
-        is_main = slug == main_slug
+        slug, spec = rows[name]
+        common.seed_everything(args.seed)  # every row starts from the same initialisation RNG
+        model = common.prepare_model(build_model(spec, args, data["n_classes"], data["n_seg_classes"]), device,
+                                     args.compile)
         if checkpoint is not None:
-            if not is_main:
-                continue
-            model = common.prepare_model(build_model(spec, args, data["n_classes"], data["n_seg_classes"]), device)
-            common.restore_state(checkpoint, model)
+            plain_module(model).load_state_dict(checkpoint["model"])
         else:
             resume = resume_state if resume_state is not None and resume_state.get("row") == slug else None
-            model, speeds[slug] = train_row(slug, spec, args, data, norm, run, device, is_main, resume)
+            model = train_row(model, slug, spec, args, data, norm, run, device, slug == main_slug, resume)
             plot_row_curves(run, slug)
-        results[name] = {s: evaluate(model, data["test"], spec, data, norm, args, device, sigma=s) for s in args.sigmas}
+        results[name] = {s: evaluate(model, data["test"], spec, data, norm, args, device, s) for s in args.sigmas}
         results[name]["spec"] = spec
-        if is_main:
+        if slug == main_slug:
             figure_fig3(model, data["test"], spec, data, norm, args, device, run.figures / "fig3.png")
             if spec["cls"]:
-                pred = results[name][0.0]["pred"] if 0.0 in results[name] else None
-                if pred is not None:
-                    predicted = pred["prob"].argmax(1)
-                    common.plot_reliability(pred["belief"].gather(1, predicted[:, None])[:, 0],
-                                            predicted == data["test"]["labels"].cpu(),
-                                            run.figures / "reliability.png")
+                clean = results[name][min(args.sigmas, key=abs)]
+                common.plot_reliability(clean["confidence"], clean["correct"], run.figures / "reliability.png")
 
-    clean = min(args.sigmas, key=abs)
-    table = []
-
-    def row_record(name, table_no, sigma, **extra):
-        evaluation = results[name][sigma]
-        metrics = {k: evaluation["metrics"].get(k) for k in metric_columns(data)}
-        return {"row": name, "table": table_no, "sigma": sigma, "Method": "UML (ours)" if name == "UML" else name,
-                **extra, **metrics, "undefined": evaluation["undefined"]}
-
-    table1 = [n for n in ["EC", "TBraTS", "BCS", "ECS", "UML"] if n in results] if args.table1 else [main_name]
-    table += [row_record(n, 1, clean) for n in table1 if n in results]
-    table2 = [n for n in ["BCS", "ECS", "UML"] if n in results] if args.table2 else [main_name]
-    table += [row_record(n, 2, s) for s in args.sigmas for n in table2 if n in results]
-    if args.table3:
-        for n in ["BCS", "+MD", "+MD+UI", "UML"]:
-            spec = results[n]["spec"]
-            table.append(row_record(n, 3, clean, MD="✓" if spec["md"] else "-", UI="✓" if spec["ui"] else "-",
-                                    UN="✓" if spec["un"] else "-"))
-    for row in table:
-        if row["table"] == 2:
-            row["row"] = f"{row['row']} sigma={row['sigma']:.2f}"
-    metrics = dict(results[main_name][clean]["metrics"])
-    if main_slug in speeds:
-        metrics["images_per_s"] = speeds[main_slug]["images_per_s"]
-    split_name = "test"
-    common.write_results(run.dir, SCRIPT, args.dataset, split_name, metrics, table, args,
-                         results_markdown(table, data, args))
-    print(results_markdown(table, data, args))
-    print(f"results in {run.dir}")
+    table = build_table(results, args, data, main_name)
+    markdown = results_markdown(table, data, args)
+    common.write_results(run.dir, SCRIPT, args.dataset, "test", results[main_name][min(args.sigmas, key=abs)]["metrics"],
+                         table, args, markdown)
+    print(markdown + f"\nresults in {run.dir}")
     return run.dir
 
 

@@ -70,9 +70,10 @@ Deviations (ambiguities resolved, and why)
       assignment of the independent sigmoids, so Ls-only models are decoded the same way); glands
       = connected components (4-connected) of border U lumen, matched to the `instances`.
     - A head whose loss has weight 0 is untrained; its metrics are "-" as in Table 1.
+    - CPU-sized synthetic default: 64x64 images, base width 16, 40 epochs, batch 8 (--data glas
+      switches to 512 px images, 250x250 patches, width 32, 100 epochs: REAL_DATA_DEFAULTS).
 """
 import argparse
-import copy
 import math
 import time
 
@@ -159,8 +160,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.data != "synthetic":  # real data: Sec. 3's 250x250 patches; defaults; explicit flags still win
         p.set_defaults(**REAL_DATA_DEFAULTS)
-    if args.quick:  # tiny smoke run
-        p.set_defaults(size=32, epochs=1, batch_size=4, width=4, depth=2, patch=0, lambdas="0,0.5,1")
+    if args.quick:  # tiny smoke run (patches still cut on real data)
+        p.set_defaults(size=32, epochs=1, batch_size=4, width=4, depth=2, lambdas="0,0.5,1",
+                       patch=0 if args.data == "synthetic" else 24)
     return p.parse_args(argv)
 
 
@@ -174,8 +176,11 @@ def config_from_args(args):
         raise SystemExit(f"--weights needs one value per loss in --losses ({len(losses)}), got {args.weights!r}")
     if args.weights is not None and args.uncertainty:
         raise SystemExit("--weights are the fixed lambdas of Eq. 1: add --no-uncertainty")
-    name = " + ".join("L" + s for s in losses) + (" (uncertainty)" if args.uncertainty else "")
-    return {"row": name, "weights": dict(zip(losses, weights)), "uncertainty": args.uncertainty}
+    weights = dict((k, w) for k, w in zip(losses, weights) if w > 0)  # lambda_i = 0 switches L_i off
+    if not weights:
+        raise SystemExit("--weights: at least one lambda must be positive")
+    name = " + ".join("L" + k for k in weights) + (" (uncertainty)" if args.uncertainty else "")
+    return {"row": name, "weights": weights, "uncertainty": args.uncertainty}
 
 
 def row_config(row, weights, uncertainty):
@@ -247,7 +252,7 @@ class MultiLossFCN(nn.Module):
     """Fig. 1: encoder-decoder with skips; f_c from the last encoder layer, f_s from the last
     decoder layer; plus the learned s_i = log sigma_i^2 of each loss (Implementation details)."""
 
-    def __init__(self, width=16, depth=4, n_classes=2, n_labels=3, init_log_sigma2=0.0):
+    def __init__(self, width=16, depth=4, n_classes=2, n_labels=len(LABELS), init_log_sigma2=0.0):
         super().__init__()
         self.encoder = Encoder(3, width, depth)
         self.decoder = Decoder(self.encoder.channels)
@@ -369,6 +374,12 @@ def make_optimizer(model, args):
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
 
 
+def checkpoint(model, optimizer, generator, epoch, best, args, config):
+    """common's checkpoint (weights incl. log sigma^2, optimiser, RNGs, batch generator) + the loss config."""
+    state = common.checkpoint_state(model, optimizer, None, epoch, best, args, generator=generator)
+    return {**state, "config": config}
+
+
 def train(model, optimizer, generator, data, stats, config, args, run, tag, start_epoch=0, best=-math.inf):
     """Trains from start_epoch to args.epochs; a log line per epoch; keeps `<tag>last.pt` / `<tag>best.pt`."""
     device, train_split = stats["device"], data["train"]
@@ -414,12 +425,10 @@ def train(model, optimizer, generator, data, stats, config, args, run, tag, star
         val = evaluate(model, data["val"], stats, config, args, objects=False)
         record.update({f"val_{k}": v for k, v in val.items()})
         record["val_score"] = selection_score(val)
-        state = lambda: {**common.checkpoint_state(model, optimizer, None, epoch + 1, best, args, generator=generator),
-                         "config": config}  # noqa: E731
         if record["val_score"] > best:
             best = record["val_score"]
-            run.save(f"{tag}best.pt", state())
-        run.save(f"{tag}last.pt", state())
+            run.save(f"{tag}best.pt", checkpoint(model, optimizer, generator, epoch + 1, best, args, config))
+        run.save(f"{tag}last.pt", checkpoint(model, optimizer, generator, epoch + 1, best, args, config))
         run.log(record)
         history.append(record)
         print(f"[{config['row']}] epoch {epoch + 1}/{args.epochs} loss {means[0]:.4f} "
@@ -494,6 +503,16 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)  # the module inside a torch.compile wrapper
 
 
+def test_row(model, split, stats, config, args):
+    """One table row: the configuration (lambdas or learned sigma^2) and the test metrics."""
+    row = {"row": config["row"], "uncertainty": config["uncertainty"],
+           **{f"lambda_{k}": config["weights"].get(k, 0.0) for k in LOSS_NAMES},
+           **evaluate(model, split, stats, config, args)}
+    if config["uncertainty"]:
+        row.update({f"sigma2_{k}": math.exp(model.log_sigma2[k].item()) for k in config["weights"]})
+    return row
+
+
 def run(config, args, data, stats, out, tag=""):
     """Trains one configuration, reloads its best epoch and tests it: one row of Table 1 / Fig. 2."""
     common.seed_everything(args.seed)
@@ -508,11 +527,9 @@ def run(config, args, data, stats, out, tag=""):
     history, speed = train(model, optimizer, generator, data, stats, config, args, out, tag, start, best)
     if out.path(f"{tag}best.pt").exists():
         unwrap(model).load_state_dict(common.load_checkpoint(out.path(f"{tag}best.pt"), SCRIPT)["model"])
-    metrics = evaluate(model, data["test"], stats, config, args)
-    if config["uncertainty"]:
-        metrics.update({f"sigma2_{k}": math.exp(model.log_sigma2[k].item()) for k in config["weights"]})
-    row = {"row": config["row"], "uncertainty": config["uncertainty"],
-           **{f"lambda_{k}": config["weights"].get(k, 0.0) for k in LOSS_NAMES}, **metrics, **speed}
+    row = test_row(model, data["test"], stats, config, args)
+    metrics = {k: v for k, v in row.items() if k not in ("row", "uncertainty") and not k.startswith("lambda_")}
+    row.update(speed)
     out.log({"row": config["row"], "test": metrics, **speed})
     print(f"[{config['row']}] test " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
           + f" | {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}%")
@@ -528,7 +545,7 @@ def fmt(value, digits=2):
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def table_markdown(rows, title):
+def table_markdown(rows, title, digits=3):
     lines = [f"## {title}", "",
              "| Loss | λc | λs | λt | λg | Classification accuracy | Pixel accuracy | Object Dice | Hausdorff distance |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -541,8 +558,8 @@ def table_markdown(rows, title):
         hd = fmt(r.get("object_hausdorff"), 1)
         if r.get("hausdorff_undefined"):
             hd += f" ({r['hausdorff_undefined']} undefined)"
-        lines.append(f"| {r['row']} | " + " | ".join(lam) + f" | {fmt(r.get('accuracy'))} | "
-                     f"{fmt(r.get('pixel_accuracy'))} | {fmt(r.get('object_dice'))} | {hd} |")
+        scores = [fmt(r.get(k), digits) for k in ("accuracy", "pixel_accuracy", "object_dice")]
+        lines.append(f"| {r['row']} | " + " | ".join(lam + scores) + f" | {hd} |")
     return "\n".join(lines) + "\n"
 
 
@@ -550,7 +567,7 @@ def paper_table_markdown():
     rows = [{"row": name, "uncertainty": uncertainty, **{f"lambda_{k}": w for k, w in zip(LOSS_NAMES, weights)},
              **dict(zip(("accuracy", "pixel_accuracy", "object_dice", "object_hausdorff"), paper))}
             for (name, weights, uncertainty), paper in zip(TABLE1, PAPER_TABLE1)]
-    return table_markdown(rows, "Paper, Table 1 (Warwick-QU test set)")
+    return table_markdown(rows, "Paper, Table 1 (Warwick-QU test set)", digits=2)
 
 
 def figure_predictions(model, split, stats, args, path, n=4):
@@ -564,7 +581,7 @@ def figure_predictions(model, split, stats, args, path, n=4):
     for i in range(k):
         common.show_image(axes[0, i], subset["images"][i])
         axes[0, i].set_title(f"{names[int(subset['labels'][i])]} (predicted {names[int(classes[i])]})", fontsize=8)
-        axes[1, i].imshow(palette[subset["masks"][i].long()].numpy())
+        axes[1, i].imshow(palette[subset["masks"][i].cpu().long()].numpy())
         axes[2, i].imshow(palette[regions[i].cpu().long()].numpy())
         for a in axes[:, i]:
             a.set_xticks([]), a.set_yticks([])
@@ -585,6 +602,7 @@ def figure_sigma2(histories, path):
             ax.plot([r["epoch"] for r in history], [r[key] for r in history], marker="o", label=f"σ²_{key[-1]}")
         ax.set(title=history[0]["row"], xlabel="epoch", ylabel="learned σ²", yscale="log")
         ax.legend()
+    fig.tight_layout()
     common.save_figure(fig, path)
 
 
@@ -612,6 +630,8 @@ def load_data(args):
     for split in ("train", "val", "test"):
         if split not in data or data[split].get("labels") is None:
             raise SystemExit(f"--data {args.data}: needs train/val/test splits with benign/malignant labels")
+        if int(data[split]["masks"].max()) > 2 or data[split]["masks"].dim() != 3:
+            raise SystemExit(f"--data {args.data}: masks must be [N,H,W] with 0 stroma, 1 border, 2 lumen")
         if data[split].get("instances") is None:  # e.g. --data folder: glands = components of border U lumen
             data[split]["instances"] = common.label_components(data[split]["masks"] >= 1, connectivity=args.connectivity)
     return data
@@ -621,6 +641,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.resume and (args.table1 or args.sweep):
         raise SystemExit("--resume continues a single run, not --table1 / --sweep")
+    if args.eval_only and not args.checkpoint:
+        raise SystemExit("--eval-only needs --checkpoint PATH (a best.pt or last.pt of this script)")
     config = config_from_args(args)
     common.seed_everything(args.seed)
     device = common.choose_device(args.device)
@@ -637,12 +659,7 @@ def main(argv=None):
         trained, config = argparse.Namespace(**state["args"]), state["config"]
         model = build_model(trained, device)
         unwrap(model).load_state_dict(state["model"])
-        metrics = evaluate(model, data["test"], stats, config, args)
-        row = {"row": config["row"], "uncertainty": config["uncertainty"],
-               **{f"lambda_{k}": config["weights"].get(k, 0.0) for k in LOSS_NAMES}, **metrics}
-        if config["uncertainty"]:
-            row.update({f"sigma2_{k}": math.exp(model.log_sigma2[k].item()) for k in config["weights"]})
-        rows, histories, main_model = [row], [], model
+        rows, histories, main_model = [test_row(model, data["test"], stats, config, args)], [], model
     elif args.table1:
         rows, histories = [], []
         for i, (name, weights, uncertainty) in enumerate(TABLE1):
@@ -679,7 +696,9 @@ def main(argv=None):
     metric_keys = ["accuracy", "pixel_accuracy", "object_dice", "object_hausdorff"] + [f"sigma2_{k}" for k in LOSS_NAMES]
     metrics = {k: main_row[k] for k in metric_keys if k in main_row}
     title = "Fig. 2 sweeps" if args.sweep else ("Table 1" if args.table1 else "Test set")
-    markdown = table_markdown(rows, f"{title} ({args.data}, test split)") + "\n" + paper_table_markdown()
+    markdown = table_markdown(rows, f"{title} ({args.data}, test split)")
+    if not args.sweep:  # Fig. 2 has no numbers to compare with
+        markdown += "\n" + paper_table_markdown()
     common.write_results(out.dir, SCRIPT, args.data, "test", metrics, rows, vars(args), markdown)
     print(markdown)
     print(f"results in {out.dir}")

@@ -160,7 +160,8 @@ def test_augment_moves_image_and_every_label_map_together():
     images = torch.zeros_like(s["images"])
     images[:, 0] = masks * 255  # the image shows its own mask
     images[:, 1] = (s["instances"] * 20).clamp(max=255).to(torch.uint8)
-    batch = {"images": images, "masks": torch.stack([masks, 1 - masks], 1), "instances": s["instances"], "truth": masks}
+    two = torch.stack([masks, 1 - masks], 1)  # two annotators: the mask and its complement
+    batch = {"images": images, "masks": two, "instances": s["instances"], "truth": masks}
     out = common.augment(batch, torch.Generator().manual_seed(5), rotate=30, scale=0.2, elastic=3.0, color=0.0)
     assert out["images"].dtype == torch.uint8 and out["masks"].shape == (10, 2, 48, 48)
     warped = out["truth"].float()
@@ -191,7 +192,8 @@ def test_channel_stats_normalize_to_float():
     images = torch.randint(0, 256, (7, 3, 9, 11), dtype=torch.uint8)
     mean, std = common.channel_stats(images)
     x = images.double().permute(1, 0, 2, 3).reshape(3, -1) / 255
-    assert torch.allclose(mean.double(), x.mean(1), atol=1e-6) and torch.allclose(std.double(), x.std(1, unbiased=False), atol=1e-5)
+    assert torch.allclose(mean.double(), x.mean(1), atol=1e-6)
+    assert torch.allclose(std.double(), x.std(1, unbiased=False), atol=1e-5)
     z = common.normalize(images, mean, std)
     assert z.dtype == torch.float32 and torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(common.to_float(images), images.float() / 255)
@@ -234,8 +236,9 @@ def _xlsx(path, rows):
     ns = 'xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"'
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("[Content_Types].xml", "<Types/>")
-        z.writestr("xl/workbook.xml", f"<workbook {ns}><sheets><sheet name='Sheet1' sheetId='1'/></sheets></workbook>")
-        z.writestr("xl/sharedStrings.xml", f"<sst {ns}>" + "".join(f"<si><t>{s}</t></si>" for s in strings) + "</sst>")
+        z.writestr("xl/workbook.xml", f"<workbook {ns}><sheets><sheet name='S' sheetId='1'/></sheets></workbook>")
+        shared = "".join(f"<si><t>{s}</t></si>" for s in strings)
+        z.writestr("xl/sharedStrings.xml", f"<sst {ns}>{shared}</sst>")
         z.writestr("xl/worksheets/sheet1.xml", f"<worksheet {ns}><sheetData>{''.join(cells)}</sheetData></worksheet>")
 
 
@@ -251,14 +254,16 @@ def _refuge(tmp_path, test_by_folder=True):
         _rgb(root / "REFUGE-Validation400" / f"{i}.jpg")
         _grey(root / "REFUGE-Validation400-GT" / "Disc_Cup_Masks" / f"{i}.bmp", _disc_mask())
     _xlsx(root / "REFUGE-Validation400-GT" / "Fovea_locations.xlsx",
-          [["ID", "ImgName", "Fovea_X", "Fovea_Y", "Glaucoma Label"], [1, "V0001.jpg", 10.5, 8.0, 1], [2, "V0002.jpg", 9.0, 7.5, 0]])
+          [["ID", "ImgName", "Fovea_X", "Fovea_Y", "Glaucoma Label"],
+           [1, "V0001.jpg", 10.5, 8.0, 1], [2, "V0002.jpg", 9.0, 7.5, 0]])
     for i, g in (("T0001", "G"), ("T0002", "N"), ("T0003", "N")):
         _rgb(root / "Test400" / f"{i}.jpg")
         folder = root / "REFUGE-Test-GT" / "Disc_Cup_Masks" / (g if test_by_folder else "")
         _grey(folder / f"{i}.bmp", _disc_mask())
     if not test_by_folder:
         _xlsx(root / "REFUGE-Test-GT" / "Glaucoma_label_and_Fovea_location.xlsx",
-              [["ImgName", "Fovea_X", "Fovea_Y", "Label(Glaucoma=1)"], ["T0001.jpg", 1, 1, 0], ["T0002.jpg", 1, 1, 1], ["T0003.jpg", 1, 1, 0]])
+              [["ImgName", "Fovea_X", "Fovea_Y", "Label(Glaucoma=1)"],
+               ["T0001.jpg", 1, 1, 0], ["T0002.jpg", 1, 1, 1], ["T0003.jpg", 1, 1, 0]])
     return tmp_path / "REFUGE"
 
 
@@ -269,14 +274,16 @@ def test_refuge_layout(tmp_path, test_by_folder):
     assert d["train"]["names"] == ["g0001", "n0001", "n0002"] and d["train"]["labels"].tolist() == [1, 0, 0]
     assert d["val"]["labels"].tolist() == [1, 0]
     assert d["test"]["labels"].tolist() == ([1, 0, 0] if test_by_folder else [0, 1, 0])
-    expected = torch.from_numpy(np.array(Image.fromarray(np.where(_disc_mask() < 64, 2, np.where(_disc_mask() < 192, 1, 0)).astype(np.uint8)).resize((20, 20), Image.NEAREST)))
+    classes = np.where(_disc_mask() < 64, 2, np.where(_disc_mask() < 192, 1, 0)).astype(np.uint8)  # 0 cup, 128 rim
+    expected = torch.from_numpy(np.array(Image.fromarray(classes).resize((20, 20), Image.NEAREST)))
     assert torch.equal(d["val"]["masks"][0], expected) and set(d["test"]["masks"].unique().tolist()) == {0, 1, 2}
     assert d["train"]["images"].shape == (3, 3, 20, 20) and d["train"]["mask_names"] == ["background", "rim", "cup"]
 
 
 def _isic2017(tmp_path):
     root = tmp_path / "isic"
-    labels = {"Training": [("ISIC_0000001", "0.0", "0.0"), ("ISIC_0000002", "1.0", "0.0"), ("ISIC_0000003", "0.0", "1.0")],
+    labels = {"Training": [("ISIC_0000001", "0.0", "0.0"), ("ISIC_0000002", "1.0", "0.0"),
+                           ("ISIC_0000003", "0.0", "1.0")],
               "Validation": [("ISIC_0000010", "0.0", "0.0")], "Test_v2": [("ISIC_0000020", "1.0", "0.0")]}
     for tag, rows in labels.items():
         for image_id, _, _ in rows:
@@ -309,7 +316,8 @@ def test_isic_multi_both_layouts(tmp_path):
             _grey(a / "targets" / f"ISIC_000000{i}_segmentation_{j}.png", mask)
     d = common.load_dataset("isic-multi", root=a, size=16, cache=tmp_path / "cache")
     assert list(d) == ["train", "val"] and [len(d[s]["names"]) for s in d] == [4, 1]  # 80 / 20
-    merged = sorted(zip(d["train"]["names"] + d["val"]["names"], torch.cat([d["train"]["n_annotations"], d["val"]["n_annotations"]]).tolist()))
+    counts = torch.cat([d["train"]["n_annotations"], d["val"]["n_annotations"]]).tolist()
+    merged = sorted(zip(d["train"]["names"] + d["val"]["names"], counts))
     assert [n for _, n in merged] == [2, 3, 2, 2, 2] and d["train"]["masks"].shape[1:] == (3, 16, 16)
     two = d["train"]["n_annotations"] == 2
     assert not d["train"]["masks"][two, 2].any() and d["train"]["masks"][:, :2].flatten(2).any(2).all()
@@ -332,10 +340,13 @@ def test_ph2_layout(tmp_path):
         _grey(base / case / f"{case}_roi" / f"{case}_R1_Label4.bmp", mask)
     (tmp_path / "data" / "PH2Dataset" / "PH2_dataset.txt").write_text(
         "|| Name || Histological Diagnosis || Clinical Diagnosis || Asymmetry ||\n"
-        "|| IMD002 ||   || 0 || 0 ||\n|| IMD003 || Melanoma || 2 || 2 ||\n|| IMD010 ||  || 1 || 0 ||\n\nLegend: 0 - Common Nevus\n")
+        "|| IMD002 ||   || 0 || 0 ||\n|| IMD003 || Melanoma || 2 || 2 ||\n|| IMD010 ||  || 1 || 0 ||\n"
+        "\nLegend: 0 - Common Nevus\n")
     d = common.load_dataset("ph2", root=tmp_path / "data", size=16, cache=tmp_path / "cache")
     assert list(d) == ["test"] and d["test"]["names"] == ["IMD002", "IMD003", "IMD010"]
-    assert d["test"]["labels"].tolist() == [0, 2, 1] and int(d["test"]["masks"].sum()) == 3 * int((torch.from_numpy(np.array(Image.fromarray(mask).resize((16, 16), Image.NEAREST))) > 0).sum())
+    assert d["test"]["labels"].tolist() == [0, 2, 1]
+    resized = np.array(Image.fromarray(mask).resize((16, 16), Image.NEAREST)) > 0
+    assert torch.equal(d["test"]["masks"], torch.from_numpy(resized).to(torch.uint8).expand(3, 16, 16))
 
 
 def test_dermofit_layout(tmp_path):
@@ -412,7 +423,8 @@ def test_cache_is_reused_and_never_inside_the_dataset(tmp_path):
     stat = (root / "test" / "images" / "x.bmp").stat()
     _rgb(root / "test" / "images" / "x.bmp", value=200)
     os.utime(root / "test" / "images" / "x.bmp", ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert torch.equal(common.load_dataset("folder", root=root, size=8, cache=cache)["test"]["images"], first["test"]["images"])
+    second = common.load_dataset("folder", root=root, size=8, cache=cache)
+    assert torch.equal(second["test"]["images"], first["test"]["images"])
     os.utime(root / "test" / "images" / "x.bmp", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
     assert int(common.load_dataset("folder", root=root, size=8, cache=cache)["test"]["images"].min()) == 200
     with pytest.raises(common.DatasetError, match="inside the dataset"):
@@ -431,11 +443,15 @@ def _folder(root, mask_size=(20, 16)):
 
 
 def test_errors_name_the_problem(tmp_path):
-    load = lambda name, root, **kw: common.load_dataset(name, root=root, size=8, cache=tmp_path / "cache", **kw)  # noqa: E731
-    with pytest.raises(common.DatasetError, match=r"refuge: dataset folder .* does not exist(.|\n)*Training400(.|\n)*grand-challenge"):
+    def load(name, root):
+        return common.load_dataset(name, root=root, size=8, cache=tmp_path / "cache")
+
+    with pytest.raises(common.DatasetError, match=r"refuge: dataset folder .* does not exist"
+                                                  r"(.|\n)*Training400(.|\n)*grand-challenge"):
         load("refuge", tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(common.DatasetError, match=r"isic2017: .* is not in the isic2017 layout(.|\n)*challenge.isic-archive.com"):
+    with pytest.raises(common.DatasetError, match=r"isic2017: .* is not in the isic2017 layout"
+                                                  r"(.|\n)*challenge.isic-archive.com"):
         load("isic2017", tmp_path / "empty")
     with pytest.raises(common.DatasetError, match="unknown dataset 'mnist'"):
         common.load_dataset("mnist")

@@ -280,6 +280,8 @@ def test_quick_run_writes_both_tables_and_figures(tmp_path):
             assert got == set("ABCDEF")
     assert all(math.isfinite(r["jaccard"]) for r in table1)
     assert all(math.isfinite(r["nll"]) and math.isfinite(r["brier"]) for r in table2)
+    weights = {r["row"]: r["inconsistent_weight_ratio"] for r in results["table"] if r["table"] == "fig3-4"}
+    assert set(weights) == set("BCDEF") and all(w is None or w >= 0 for w in weights.values())
     main_row = next(r for r in table1 if r["row"] == "I" and r["test_set"] == "test" and r["reference"] == "annotation")
     assert main_row["jaccard"] == pytest.approx(metrics["jaccard"])
     markdown = (out / "results.md").read_text()
@@ -295,3 +297,17 @@ def test_quick_run_writes_both_tables_and_figures(tmp_path):
     ea.main(["--quick", "--out", str(again), "--device", "cpu", "--eval-only", "--checkpoint", str(out / "best.pt")])
     table1_again = [r for r in json.loads((again / "results.json").read_text())["table"] if r["table"] == "1"]
     assert [r["jaccard"] for r in table1_again] == pytest.approx([r["jaccard"] for r in table1])
+
+
+def test_resume_trains_only_what_is_left(tmp_path):
+    first = tmp_path / "first"
+    ea.main(["--quick", "--out", str(first), "--device", "cpu", "--no-baselines"])
+    state = torch.load(first / "last.pt", weights_only=True)
+    assert state["row"] == "F" and state["epoch"] == 1 and state["done"] == ["B", "C", "D", "E"]
+    resumed = tmp_path / "resumed"
+    ea.main(["--quick", "--out", str(resumed), "--device", "cpu", "--no-baselines", "--epochs", "2",
+             "--resume", str(first / "last.pt")])
+    logged = [(r["row"], r["epoch"]) for r in map(json.loads, (resumed / "log.jsonl").read_text().splitlines())]
+    assert logged == [("F", 2)]   # rows B-E were finished; F continues at its second epoch
+    rows = {r["row"] for r in json.loads((resumed / "results.json").read_text())["table"] if r["table"] == "1"}
+    assert rows == set("BCDEFGHI")

@@ -189,7 +189,8 @@ def read(path):
 
 
 def test_quick_default_run_eval_only_and_resume(tmp_path):
-    run_dir = um.main(["--quick", "--out", str(tmp_path / "run")])
+    cpu = ["--quick", "--device", "cpu"]  # bitwise-repeatable evaluation for the eval-only comparison
+    run_dir = um.main(cpu + ["--out", str(tmp_path / "run")])
     results = read(run_dir / "results.json")
     metrics = results["metrics"]
     assert set(metrics) == {"accuracy", "pixel_accuracy", "object_dice", "object_hausdorff",
@@ -201,11 +202,11 @@ def test_quick_default_run_eval_only_and_resume(tmp_path):
     assert (run_dir / "figures" / "fig3_predictions.png").exists() and (run_dir / "figures" / "sigma2.png").exists()
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert all(f"sigma2_{k}" in log[0] for k in um.LOSS_NAMES)
-    evaluated = um.main(["--quick", "--eval-only", "--checkpoint", str(run_dir / "best.pt"), "--out", str(tmp_path / "eval")])
+    evaluated = um.main(cpu + ["--eval-only", "--checkpoint", str(run_dir / "best.pt"), "--out", str(tmp_path / "eval")])
     again = read(evaluated / "results.json")["metrics"]
     for k in metrics:  # the test metrics of the best checkpoint, recomputed from the file
         assert again[k] == pytest.approx(metrics[k], rel=1e-5)
-    resumed = um.main(["--quick", "--epochs", "2", "--resume", str(run_dir / "last.pt"), "--out", str(tmp_path / "resumed")])
+    resumed = um.main(cpu + ["--epochs", "2", "--resume", str(run_dir / "last.pt"), "--out", str(tmp_path / "resumed")])
     epochs = [json.loads(line).get("epoch") for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert epochs[0] == 2
 
@@ -242,3 +243,29 @@ def test_quick_sweep_writes_both_plots(tmp_path):
     assert len(rows) == 6  # --quick: lambda in {0, 0.5, 1} for each sweep
     assert rows[0]["lambda_c"] == 0.0 and "accuracy" not in rows[0]  # lambda = 0: Ls only
     assert rows[3]["lambda_t"] == 0.0 and rows[3]["lambda_g"] == 1.0
+
+
+def test_quick_glas_layout_with_patches(tmp_path):
+    """A tiny tree in the GlaS layout (train_N.bmp + _anno.bmp, testA/testB, Grade.csv): the real-data
+    path with its 250-pixel patch default replaced by --quick's 24."""
+    from PIL import Image
+    root = tmp_path / "GlaS"
+    root.mkdir()
+    rows = ["name,patient ID,grade (GlaS),grade (Sirinukunwattana et al. 2015)"]
+    names = [f"train_{i}" for i in range(1, 9)] + ["testA_1", "testA_2", "testB_1", "testB_2"]
+    for k, name in enumerate(names):
+        anno = torch.zeros(30, 40, dtype=torch.uint8)
+        anno[4:16, 5 + k % 3:20] = 1  # two glands, one of them touching nothing
+        anno[18:28, 24:36] = 2
+        image = torch.full((30, 40, 3), 200, dtype=torch.uint8)
+        image[anno > 0] = torch.tensor([120, 60, 140], dtype=torch.uint8)
+        Image.fromarray(image.numpy()).save(root / f"{name}.bmp")
+        Image.fromarray(anno.numpy()).save(root / f"{name}_anno.bmp")
+        rows.append(f"{name},{k},{'benign' if k % 2 else 'malignant'},x")
+    (root / "Grade.csv").write_text("\n".join(rows) + "\n")
+    run_dir = um.main(["--quick", "--data", "glas", "--root", str(root), "--cache", str(tmp_path / "cache"),
+                       "--out", str(tmp_path / "run")])
+    config = read(run_dir / "config.json")["args"]
+    assert config["patch"] == 24 and config["size"] == 32
+    results = read(run_dir / "results.json")
+    assert results["data"] == "glas" and math.isfinite(results["metrics"]["object_dice"])
