@@ -269,3 +269,13 @@ def test_quick_glas_layout_with_patches(tmp_path):
     assert config["patch"] == 24 and config["size"] == 32
     results = read(run_dir / "results.json")
     assert results["data"] == "glas" and math.isfinite(results["metrics"]["object_dice"])
+
+
+def test_loss_configuration_from_flags():
+    config = um.config_from_args(um.parse_args(["--losses", "c,s,t", "--weights", "0,0.7,0.3", "--no-uncertainty"]))
+    assert config == {"row": "Ls + Lt", "weights": {"s": 0.7, "t": 0.3}, "uncertainty": False}  # lambda = 0 is off
+    default = um.config_from_args(um.parse_args([]))
+    assert default["uncertainty"] and list(default["weights"]) == list(um.LOSS_NAMES)  # Eq. 2
+    for bad in (["--losses", "c,x"], ["--losses", "c,s", "--weights", "1", "--no-uncertainty"]):
+        with pytest.raises(SystemExit):
+            um.config_from_args(um.parse_args(bad))
