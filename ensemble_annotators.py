@@ -29,6 +29,7 @@ Paper -> code
     "Less is more" (Ribeiro et al.): kappa >= 0.5 ...... mean_pairwise_kappa (row J)
     Beyond the paper: majority vote, STAPLE (Warfield) . majority_vote, staple (rows MV, STAPLE)
     Fig. 3-4 trusted annotations, INC and weight maps .. figure_weight_maps
+    Fig. 3-4 in numbers (weight on INC / elsewhere) .... weight_consistency
 
 Usage
     python ensemble_annotators.py                        # synthetic lesions, both tables, CPU-sized
@@ -56,8 +57,10 @@ Deviations and resolved ambiguities
       virtual SGD step; since theta' = theta at eps = 0, -dL/deps_j = lr * grad L_C . grad l_j, so the
       virtual learning rate only scales w and the normalisation removes it.
     - Weight decay 5e-5 (the text's "5 x 10^5" is a typo). On the synthetic CPU default: lr 0.01,
-      momentum 0.9, 48 px, width 8 and a few epochs (the paper trains 100K iterations at lr 1e-4,
-      momentum 0.99); real data get the paper's values.
+      momentum 0.9, 48 px, width 8, depth 3, batches 8 / 8 and 4 epochs (~420 steps per model; the
+      paper trains 100K iterations at lr 1e-4, momentum 0.99); real data get the paper's values.
+      An epoch is one pass over U for every row, so rows A, J, MV and STAPLE take as many SGD steps
+      as each base model.
     - Table 2 shares Table 1's base models: every model carries the five dropout layers (p = 0.3) during
       training; Table 1 and the deep ensemble use them off (weight scaling), the MC dropout rows keep
       them on for 15 passes. The paper does not say whether its MC dropout models were separate runs.
@@ -70,6 +73,7 @@ Deviations and resolved ambiguities
     - On-device flips / small rotations (common.augment) on the training batches; the paper is silent.
     - Images are normalised with the training set's channel mean and std; --normalize per-dataset uses
       each test set's own statistics (the other reading of Sec. 3.1).
+    - --compile is not used: the meta step differentiates twice, which torch.compile does not support.
 """
 
 import argparse

@@ -253,7 +253,7 @@ def test_quick_tables_write_every_row(all_tables):
     assert by_row[(1, "EC")]["dice_disc"] is None and by_row[(1, "TBraTS")]["acc"] is None
     assert by_row[(3, "+MD+UI")]["UN"] == "-" and by_row[(3, "UML")]["UN"] == "✓"
     markdown = (all_tables / "results.md").read_text()
-    for title in ("Table 1", "Table 2: noise sigma = 0.05", "Table 3"):
+    for title in ("Table 1", "Table 2: Gaussian noise sigma = 0.05", "Table 3"):
         assert title in markdown
     for slug in ("ec", "tbrats", "bcs", "ecs", "uml", "uml-md", "uml-md-ui"):
         assert (all_tables / "figures" / f"curves_{slug}.png").stat().st_size > 0
@@ -287,3 +287,15 @@ def test_quick_breast_ablation_and_resume(tmp_path):
 def test_navigator_needs_mutual_decoder():
     with pytest.raises(SystemExit):
         uml.main(QUICK + ["--no-mutual-decoder"])
+
+
+def test_quick_refuge_layout_headline_command(tmp_path):
+    from test_data import _refuge  # the REFUGE tree (official layout) that the data tests build
+
+    out = tmp_path / "refuge-run"
+    uml.main(["--data", "refuge", "--root", str(_refuge(tmp_path)), "--quick", "--device", "cpu",
+              "--cache", str(tmp_path / "cache"), "--noise-sigmas", "0,0.05", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"] == "refuge" and results["config"]["lr"] == 1e-4  # the paper's value on real data
+    assert {"acc", "f1", "dice_disc", "assd_disc", "dice_cup", "assd_cup"} <= set(results["metrics"])
+    assert [r["row"] for r in results["table"] if r["table"] == 2] == ["UML sigma=0.00", "UML sigma=0.05"]
