@@ -1,6 +1,6 @@
 """D-LEMA: an ensemble of Bayesian FCNs that learns skin lesion segmentation from multiple annotators.
 
-Reference: M. Mirikharaji*, K. Abhishek*, S. Izadi, G. Hamarneh, "D-LEMA: Deep Learning Ensembles from
+Reference: Z. Mirikharaji*, K. Abhishek*, S. Izadi, G. Hamarneh, "D-LEMA: Deep Learning Ensembles from
 Multiple Annotations - Application to Skin Lesion Segmentation", CVPR Workshops (ISIC) 2021
 (../shared/papers/ensemble_annotators.txt).
 
@@ -24,12 +24,13 @@ Paper -> code
     Eq. 4 Y = sum_i alpha_i Y_i (G, H, I) .............. fuse_predictions
     Sec. 3.3 MC dropout (5 layers, p 0.3, 15 passes) ... BayesianResidualFCN(dropout), predict(mc_passes)
     Eq. 6, 7 NLL and Brier score ....................... common.nll, common.brier (in evaluate)
-    Table 1 rows A-J (+ MV, STAPLE, vs truth) .......... table_rows, train_row, evaluate, table1
-    Table 2 (MC dropout vs deep ensemble) .............. evaluate, table2
+    Table 1 rows A-J (+ MV, STAPLE, vs truth) .......... Row, table_rows, train_row, evaluate, table_markdown
+    Table 2 (MC dropout vs deep ensemble) .............. evaluate (calibration), table_markdown
     "Less is more" (Ribeiro et al.): kappa >= 0.5 ...... mean_pairwise_kappa (row J)
     Beyond the paper: majority vote, STAPLE (Warfield) . majority_vote, staple (rows MV, STAPLE)
     Fig. 3-4 trusted annotations, INC and weight maps .. figure_weight_maps
-    Fig. 3-4 in numbers (weight on INC / elsewhere) .... weight_consistency
+    Fig. 3-4 in numbers (zero weights on INC pixels) ... weight_consistency
+    Example test predictions and uncertainties ......... figure_predictions (beyond the paper)
 
 Usage
     python ensemble_annotators.py                        # synthetic lesions, both tables, CPU-sized
@@ -69,7 +70,13 @@ Deviations and resolved ambiguities
     - Model selection per model on the validation Jaccard against one random annotation per image
       (Sec. 3.1). Test sets: synthetic "test" stands in for ISIC, "test_shift" for PH2 / DermoFit; the
       synthetic test masks are scored against their first annotation and against the true mask.
-    - Majority vote ties (even counts) go to background; STAPLE uses a per-image prior and 50 EM steps.
+    - Majority vote ties (even counts) go to background, so with two annotations MV is their
+      intersection; STAPLE uses a per-image prior and 50 EM steps.
+    - Network width and depth are not given (the paper cites [4]): 32 channels and 4 down-samplings on
+      real data, 8 and 3 on the synthetic default.
+    - Fig. 3-4 show the weights of the selected (best-validation) models, computed as in training
+      (train mode, a batch of U), not those of iteration 100K; "Fig. 3-4 in numbers" adds the share of
+      zero-weight pixels on inconsistent and on agreeing pixels over 8 random batches of U.
     - On-device flips / small rotations (common.augment) on the training batches; the paper is silent.
     - Images are normalised with the training set's channel mean and std; --normalize per-dataset uses
       each test set's own statistics (the other reading of Sec. 3.1).
@@ -570,49 +577,65 @@ def trusted_slots(sets, model_index):
     return in_subset.float().argmax(1), in_subset.any(1)
 
 
+def training_weights(model, images_u, masks_u, images_c, masks_c, args):
+    """spatial_weight_maps as during training (train mode: batch statistics, dropout on), leaving the
+    BatchNorm running statistics as they were."""
+    saved = {name: b.clone() for name, b in model.named_buffers()}
+    model.train()
+    weights, _ = spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, args.lr, args.mc_samples)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(saved[name])
+    model.eval()
+    return weights
+
+
 def weight_consistency(model, sets, model_index, args, mean, std, n_batches=8):
-    """Fig. 3-4 in numbers: the mean learned weight on pixels where an annotation of U disagrees with
-    the annotation base model i trusts for the same image, over the mean weight where they agree
-    (< 1: inconsistent pixels are down-weighted). Eval mode, the first n_batches batches of U."""
+    """Fig. 3-4 in numbers, on random batches of U weighted as in training: the share of zero-weight pixels among the pixels where an annotation disagrees with the annotation base
+    model i trusts for the same image (INC) and among those where they agree, and the ratio of the
+    mean weights (INC / agreeing). The paper's claim: INC pixels get zero or near-zero weight."""
     union, masks = sets["U"], sets["all"]["masks"]
     slot, has = trusted_slots(sets, model_index)
     clean = sets["C"][model_index]
-    x_c, y_c = common.normalize(clean["images"][:args.clean_batch_size], mean, std), clean["masks"][:args.clean_batch_size]
-    model.eval()
-    totals = torch.zeros(4, device=masks.device)
-    for start in range(0, min(len(union["images"]), n_batches * args.batch_size), args.batch_size):
-        part = slice(start, start + args.batch_size)
-        image = union["image"][part]
-        weights, _ = spatial_weight_maps(model, common.normalize(union["images"][part], mean, std),
-                                         union["masks"][part], x_c, y_c, args.lr, args.mc_samples)
-        disagree = masks[image, slot[image]] != union["masks"][part]
+    generator = torch.Generator().manual_seed(args.seed)
+    totals = torch.zeros(6, device=masks.device)
+    for _ in range(n_batches):
+        u = torch.randperm(len(union["images"]), generator=generator)[:args.batch_size].to(masks.device)
+        c = torch.randperm(len(clean["images"]), generator=generator)[:args.clean_batch_size].to(masks.device)
+        weights = training_weights(model, common.normalize(union["images"][u], mean, std), union["masks"][u],
+                                   common.normalize(clean["images"][c], mean, std), clean["masks"][c], args)
+        image = union["image"][u]
+        disagree = masks[image, slot[image]] != union["masks"][u]
         known = has[image].view(-1, 1, 1)
-        inconsistent, consistent = (disagree & known).float(), (~disagree & known).float()
-        totals += torch.stack([(weights * inconsistent).sum(), inconsistent.sum(),
-                               (weights * consistent).sum(), consistent.sum()])
-    return ((totals[0] / totals[1]) / (totals[2] / totals[3])).item()
+        zero = (weights == 0).float()
+        for k, region in enumerate(((disagree & known).float(), (~disagree & known).float())):
+            totals[3 * k:3 * k + 3] += torch.stack([(zero * region).sum(), (weights * region).sum(), region.sum()])
+    zero_inc, weight_inc, n_inc, zero_agree, weight_agree, n_agree = totals.tolist()
+    return {"zero_weight_inconsistent": zero_inc / max(n_inc, 1), "zero_weight_consistent": zero_agree / max(n_agree, 1),
+            "mean_weight_ratio": (weight_inc / max(n_inc, 1)) / max(weight_agree / max(n_agree, 1), 1e-30)}
 
 
 def figure_weight_maps(models, base_rows, sets, model_index, args, mean, std, path):
     """Fig. 3-4: a training image with the most annotations (one of them in C_k), the annotation each
-    base model trusts, the inconsistency maps |Y_trusted(k) - Y_i| (INC) and model k's learned
-    weights for those annotations, with INC overlaid in red (INC+WT)."""
+    base model trusts, the inconsistency maps |Y_trusted(k) - Y_i| (INC), the zero weights model k
+    learns for those annotations in cyan over INC (INC+WT), and the weight maps themselves."""
     train, subset = sets["all"], sets["subset"]
     _, has = trusted_slots(sets, model_index)
     n = int(torch.where(has, train["n_annotations"], torch.zeros_like(train["n_annotations"])).argmax())
     slots = list(range(int(train["n_annotations"][n])))
     trusted = {int(subset[n, s]): s for s in slots}  # model i -> slot of its trusted annotation
-    model = models[base_rows[model_index].name]
-    model.eval()  # BatchNorm running statistics: the weights of this one image, not of a batch of copies
-    x_u = common.normalize(train["images"][n:n + 1].expand(len(slots), -1, -1, -1), mean, std)
-    y_u = train["masks"][n, slots]
-    clean = sets["C"][model_index]
-    x_c = common.normalize(clean["images"][:args.clean_batch_size], mean, std)
-    weights, _ = spatial_weight_maps(model, x_u, y_u, x_c, clean["masks"][:args.clean_batch_size],
-                                     args.lr, args.mc_samples)
+    # the image's annotations in a batch of U filled up with other annotations, weighted as in training
+    union, clean = sets["U"], sets["C"][model_index]
+    others = torch.randperm(len(union["images"]), generator=torch.Generator().manual_seed(args.seed))
+    others = others[:max(args.batch_size - len(slots), 0)].to(union["images"].device)
+    x_u = torch.cat([train["images"][n:n + 1].expand(len(slots), -1, -1, -1), union["images"][others]])
+    y_u = torch.cat([train["masks"][n, slots], union["masks"][others]])
+    weights = training_weights(models[base_rows[model_index].name], common.normalize(x_u, mean, std), y_u,
+                               common.normalize(clean["images"][:args.clean_batch_size], mean, std),
+                               clean["masks"][:args.clean_batch_size], args)
     reference = y_u[trusted[model_index]]
     n_models = len(base_rows)
-    fig, axes = plt.subplots(3, n_models + 1, figsize=(2.2 * (n_models + 1), 6.8))
+    fig, axes = plt.subplots(4, n_models + 1, figsize=(2.2 * (n_models + 1), 9.2))
     for ax in axes.flat:
         ax.set_axis_off()
     common.show_image(axes[0, 0], train["images"][n])
@@ -628,13 +651,16 @@ def figure_weight_maps(models, base_rows, sets, model_index, args, mean, std, pa
         axes[0, i + 1].set_title(f"model {i}: annotation {s}", fontsize=9)
         axes[1, i + 1].imshow(inconsistent.numpy(), cmap="gray", vmin=0, vmax=1)
         axes[1, i + 1].set_title(f"INC model {model_index} vs {i}", fontsize=9)
-        axes[2, i + 1].imshow((w / w.max().clamp_min(1e-12)).numpy(), cmap="viridis", vmin=0, vmax=1)
-        axes[2, i + 1].imshow(inconsistent.float().masked_fill(~inconsistent, float("nan")).numpy(),
-                              cmap="autumn", alpha=0.45)
-        ratio = f"{(w[inconsistent].mean() / w[~inconsistent].mean()).item():.2f}" if inconsistent.any() else "-"
-        axes[2, i + 1].set_title(f"INC+WT, ratio {ratio}", fontsize=9)
-    fig.suptitle(f"Weights learned by model {model_index} for this image's annotations (ratio: mean weight "
-                 "on inconsistent / consistent pixels)", fontsize=9)
+        # as in the paper: zero-weight pixels in cyan over the inconsistency map
+        overlay = torch.zeros(*w.shape, 4)
+        overlay[w == 0] = torch.tensor([0.0, 1.0, 1.0, 0.7])
+        axes[2, i + 1].imshow(inconsistent.numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[2, i + 1].imshow(overlay.numpy())
+        share = f"{(w[inconsistent] == 0).float().mean().item():.0%}" if inconsistent.any() else "-"
+        axes[2, i + 1].set_title(f"INC+WT: w=0 on {share} of INC", fontsize=8)
+        axes[3, i + 1].imshow((w / w.max().clamp_min(1e-30)).numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[3, i + 1].set_title("W (scaled to its max)", fontsize=8)
+    fig.suptitle(f"Weights model {model_index} learns for this image's annotations (cyan: zero weight)", fontsize=9)
     common.save_figure(fig, path)
 
 
@@ -674,6 +700,8 @@ def load_data(args):
     for split in data.values():
         if split["masks"].dim() == 3:  # one annotation per image
             split["masks"], split["n_annotations"] = split["masks"][:, None], torch.ones(len(split["masks"]), dtype=torch.long)
+    if "train" not in data or "val" not in data:
+        raise ValueError(f"--data {args.data} gave the splits {sorted(data)}; training needs 'train' and 'val'")
     generator = torch.Generator().manual_seed(args.seed + 1)
     val = data["val"]  # model selection: one random annotation per validation image (Sec. 3.1)
     pick = (torch.rand(len(val["masks"]), generator=generator) * val["n_annotations"]).long()
@@ -754,12 +782,13 @@ def main(argv=None):
     main2 = next(r for r in table2 if r["method"].startswith("deep ensemble") and r["test_set"] == first
                  and r["reference"] == "annotation")
     base_rows = [row for row in rows if row.kind == "meta"]
-    weights = [{"table": "fig3-4", "row": row.name, "method": row.method, "inconsistent_weight_ratio":
-                weight_consistency(models[row.name], sets, i, args, mean, std)} for i, row in enumerate(base_rows)]
+    weights = [{"table": "fig3-4", "row": row.name, "method": row.method,
+                **weight_consistency(models[row.name], sets, i, args, mean, std)} for i, row in enumerate(base_rows)]
     metrics = {"jaccard": main1["jaccard"], "jaccard_se": main1["jaccard_se"], "nll": main2["nll"],
                "brier": main2["brier"], "images_per_s": speed["images_per_s"],
                "data_wait_share": speed["data_wait_share"],
-               "inconsistent_weight_ratio": sum(r["inconsistent_weight_ratio"] for r in weights) / len(weights)}
+               **{key: sum(r[key] for r in weights) / len(weights)
+                  for key in ("zero_weight_inconsistent", "zero_weight_consistent")}}
     markdown = "\n".join([
         f"# D-LEMA on {args.data} ({args.size} px, {args.epochs} epochs, M = {n_models})\n",
         f"Main method: row {main_row} (image-level confidence fusion) on `{first}`; "
@@ -768,9 +797,13 @@ def main(argv=None):
                        "Table 1: Jaccard index (% ± standard error)"),
         table_markdown(table2, lambda r, col: {f"{col} NLL": f"{r['nll']:.3f}", f"{col} Br": f"{r['brier']:.3f}"},
                        "Table 2: NLL and Brier score (lower is better)"),
-        common.markdown_table(weights, ["row", "method", "inconsistent_weight_ratio"], {"inconsistent_weight_ratio": "{:.3f}"},
-                              "Fig. 3-4 in numbers: mean learned weight on pixels that contradict the model's "
-                              "trusted annotation / on pixels that agree (training images)")])
+        common.markdown_table(weights, ["row", "method", "zero_weight_inconsistent", "zero_weight_consistent",
+                                        "mean_weight_ratio"], dict.fromkeys(("zero_weight_inconsistent",
+                                        "zero_weight_consistent", "mean_weight_ratio"), "{:.3f}"),
+                              "Fig. 3-4 in numbers: share of zero-weight pixels where an annotation contradicts "
+                              "the one the model trusts for that image (INC) and where it agrees; mean weight "
+                              "INC / agreeing (training images; INC pixels lie on the boundary, where losses "
+                              "and hence weights are large)")])
     common.write_results(run.dir, SCRIPT, args.data, first, metrics, table1 + table2 + weights, args, markdown)
     for index in sorted({0, min(3, n_models - 1)}):
         figure_weight_maps(models, base_rows, sets, index, args, mean, std,

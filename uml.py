@@ -38,7 +38,8 @@ PairWiseFeatureMixer): at each level i, both maps are projected by 1x1 conv-BN-R
 channels; the two stacks are interleaved channel by channel (channel 2k = classification map k,
 2k+1 = segmentation map k: the "pairs"); polarized self-attention (Liu et al. 2021) re-weights the
 2C_i interleaved maps, first per channel (a channel weight computed from both branches jointly:
-sigmoid(LN(W_z(W_v x . softmax(W_q x))))), then per pixel (sigmoid(softmax(GAP(W_q' x)) . W_v' x));
+sigmoid(LN(W_z(W_v x . softmax(W_q x))))), then per pixel (sigmoid(softmax(GAP(W_q' x)) . W_v' x);
+the softmax over channels is the PSA paper's, the authors' copy omits it);
 a 1x1 conv-BN-ReLU fuses the 2C_i maps into the C_i mutual maps f_i^m. The interleaving is a fixed
 permutation: the learned 1x1 convolutions that follow would do the same job on any channel order, so
 the pairwise interaction itself is carried by the attention weights and the fusion conv.
@@ -63,7 +64,7 @@ Deviations and resolved ambiguities
       code swaps them (and later uses Res2Net for both). We follow the paper.
     - Fundus segmentation: the evidential heads use K = 3 mutually exclusive classes per pixel
       (background, rim, cup), one Dirichlet over K = 3; disc = rim + cup (mask >= 1) and cup are
-      evaluated as in REFUGE. (The authors' evaluation scores label 1, i.e. the rim, as "disc".)
+      evaluated as in REFUGE. (The authors' released evaluation scores label 1, the rim, as "disc".)
     - s_1..s_4 are plain logits (softmax + Dice, Eq. 8), as in the authors' code; M is evidential.
       The Dice of an evidential output uses its expected probability alpha/S (the authors apply a
       softmax to the evidence). Dice losses average over all classes, background included, with
@@ -87,8 +88,8 @@ Deviations and resolved ambiguities
     - F1 is the positive (glaucoma / pCR) class's F1 (the authors' code reports a weighted F1).
     - Model selection: the epoch with the best validation mean of ACC, F1 and the Dice scores (as in
       the authors' code); test numbers are computed with those weights.
-    - Learning rate: Adam 1e-4 with the authors' poly decay (power 0.9) on real data; 1e-3 on the
-      synthetic benchmarks, where a CPU-sized run has only ~1000 steps from scratch.
+    - Learning rate: Adam, initial 1e-4 on real data (Sec. 3), 1e-3 on the synthetic benchmarks (a
+      CPU-sized run has only ~1000 steps from scratch), with the authors' poly decay (power 0.9).
     - Augmentation (flips, small rotations/scaling, colour jitter) is on by default; the paper is
       silent. Noise of Table 2 is added on the [0, 1] scale before normalisation, not clipped.
 """
@@ -100,7 +101,6 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -193,6 +193,8 @@ def resolve_defaults(args):
     args.res2net_blocks = args.res2net_blocks or ("1,1,1" if synthetic else "3,4,6")
     if args.annealing_epochs is None:
         args.annealing_epochs = max(args.epochs / 2, 1.0)
+    if args.res2net_scale < 2:
+        raise SystemExit("--res2net-scale must be at least 2 (one split passes through, the others are convolved)")
     if args.size % 8:
         raise SystemExit(f"--size must be a multiple of 8 (three 2x down-samplings), not {args.size}")
     if args.method == "uml" and args.uncertainty_navigator and not args.mutual_decoder:
@@ -285,7 +287,8 @@ class Res2NetEncoder(nn.Module):
             stride = 1 if i == 0 else 2
             layers = [nn.MaxPool2d(3, 2, 1)] if i == 0 else []
             for b in range(n_blocks):
-                layers.append(Res2NetBottleneck(in_ch, planes, stride if b == 0 else 1, base_width, scale, first=b == 0))
+                layers.append(Res2NetBottleneck(in_ch, planes, stride if b == 0 else 1, base_width, scale,
+                                                first=b == 0))
                 in_ch = planes * Res2NetBottleneck.expansion
             stages.append(nn.Sequential(*layers))
             self.channels.append(in_ch)
@@ -1004,8 +1007,8 @@ def main(argv=None):
 
     table = build_table(results, args, data, main_name)
     markdown = results_markdown(table, data, args)
-    common.write_results(run.dir, SCRIPT, args.dataset, "test", results[main_name][min(args.sigmas, key=abs)]["metrics"],
-                         table, args, markdown)
+    metrics = results[main_name][min(args.sigmas, key=abs)]["metrics"]  # the main row on clean input
+    common.write_results(run.dir, SCRIPT, args.dataset, "test", metrics, table, args, markdown)
     print(markdown + f"\nresults in {run.dir}")
     return run.dir
 

@@ -280,8 +280,9 @@ def test_quick_run_writes_both_tables_and_figures(tmp_path):
             assert got == set("ABCDEF")
     assert all(math.isfinite(r["jaccard"]) for r in table1)
     assert all(math.isfinite(r["nll"]) and math.isfinite(r["brier"]) for r in table2)
-    weights = {r["row"]: r["inconsistent_weight_ratio"] for r in results["table"] if r["table"] == "fig3-4"}
-    assert set(weights) == set("BCDEF") and all(w is None or w >= 0 for w in weights.values())
+    weights = {r["row"]: r for r in results["table"] if r["table"] == "fig3-4"}
+    assert set(weights) == set("BCDEF")
+    assert all(0 <= r[k] <= 1 for r in weights.values() for k in ("zero_weight_inconsistent", "zero_weight_consistent"))
     main_row = next(r for r in table1 if r["row"] == "I" and r["test_set"] == "test" and r["reference"] == "annotation")
     assert main_row["jaccard"] == pytest.approx(metrics["jaccard"])
     markdown = (out / "results.md").read_text()
@@ -311,3 +312,15 @@ def test_resume_trains_only_what_is_left(tmp_path):
     assert logged == [("F", 2)]   # rows B-E were finished; F continues at its second epoch
     rows = {r["row"] for r in json.loads((resumed / "results.json").read_text())["table"] if r["table"] == "1"}
     assert rows == set("BCDEFGHI")
+
+
+def test_training_weights_leave_batchnorm_statistics_alone():
+    torch.manual_seed(3)
+    model = ea.BayesianResidualFCN(width=4, depth=2, dropout=0.3, dropout_layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(3, 3, 16, 16), (torch.rand(3, 16, 16) > 0.5).float()
+    args = type("Args", (), {"lr": 0.01, "mc_samples": 2})
+    weights = ea.training_weights(model, x, y, x[:2], y[:2], args)
+    assert weights.shape == (3, 16, 16) and weights.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
