@@ -10,11 +10,26 @@ Part 1: networks, metrics, run bookkeeping
     3. Surface distances   hausdorff (max or percentile), assd  (MONAI's conventions)
     4. Objects             label_components, object_dice, object_hausdorff (GlaS definitions)
     5. Classification      confusion_matrix, sensitivity_specificity, accuracy, balanced_accuracy,
-                           f1_score, auroc, expected_calibration_error, mean_and_se
-    6. Run bookkeeping     add_common_args, seed_everything, choose_device, autocast, prepare_model,
-                           Run, checkpoints and resume, check_finite, Progress, tables, results
-    7. Figures             show_image, draw_contours, plot_uncertainty, plot_curves,
-                           plot_reliability, save_figure
+                           f1_score, f1_weighted, auroc, expected_calibration_error,
+                           classification_metrics (all of them from probabilities), mean_and_se,
+                           finite_mean (mean of the defined values, the others counted);
+                           assd_medpy (medpy's ASSD form with the UML authors' empty-mask value)
+    6. Run bookkeeping     errors (UsageError, CheckpointError, cli), add_common_args, seed_list,
+                           synthetic_split_sizes, fill_defaults, seed_everything, choose_device,
+                           autocast, prepare_model, load_model_state, restore_architecture,
+                           starting_checkpoint (--eval-only / --resume), read_state_dict +
+                           load_pretrained (ImageNet files by an explicit key table), Run (refuses
+                           to overwrite a run), load_checkpoint, checkpoint_state / restore_state,
+                           BestCheckpoint (last.pt / best.pt, best weights kept), check_finite, Progress (.report: the speed line), timed (batches with
+                           their data wait), markdown_table, fmt_mean_se, write_results
+    7. Figures             show_image, draw_contours, plot_uncertainty, show_with_contours,
+                           plot_bars, pick_examples, save_figure, plot_curves, plot_reliability
+    8. Seeds and processes run_rows, summarize_rows, fmt_over_seeds, row_metrics (tables over rows x
+                           seeds); torchrun: Dist, init_distributed, finish_distributed,
+                           wrap_data_parallel, shard
+    9. Predict             Predictor, predictor_from_checkpoint (a script's load_model),
+                           run_predict (--predict in a script's main), predict_images_in (a user's
+                           own images -> masks, overlays, uncertainty maps, predictions.csv)
     Conventions: segmentation metrics take batched tensors `[N,H,W]` (a single `[H,W]` image is
     treated as N = 1) on any device and return one value per image as a CPU tensor;
     classification metrics return Python floats.
@@ -28,19 +43,30 @@ Part 2: data
         n_annotations int64 [N] or None    (several annotators; unused mask slots are 0)
         labels        int64 [N] or None    instances int32 [N,H,W] or None (glands: 0 bg, 1..k)
         truth         uint8 [N,H,W] or None (synthetic multi-annotator data: the true mask)
+        valid         uint8 [N,H,W] or None (real sets: 1 on image pixels, 0 on letterbox padding)
+        sizes         int64 [N,2] or None  (real sets: each image's original height, width)
         names, class_names, mask_names     lists of str
+        real test splits: removed_overlap  (names removed: also in train/val, or `exclude`d)
+        glas val/test: full_instances, full_masks (lists of [h,w] tensors at original resolution)
 
     Sections: 1 errors and constants; 2 tensor helpers for the generators; 3-6 the four synthetic
-    benchmarks (generated from the seed, no files); 7 file helpers (case-insensitive lookup,
-    numeric sort, image and mask reading, .xlsx via zipfile); 8 the official layouts;
-    9 `load_dataset`, the doubled top folder, the disk cache and seeded splits; 10 batches,
-    augmentation and normalisation on the device (`to_device`, `iterate_batches`, `augment`,
-    `to_float`, `channel_stats`, `normalize`).
+    benchmarks (generated from the seed, no files); 7 the letterbox (`letterbox_box`,
+    `letterbox`, `from_canvas`: aspect ratio kept, zero padding, and back to the original size);
+    8 file helpers (`_locate` finds a layout's folder where unzipping puts it, case-insensitive
+    names, numeric sort, image and mask reading, .xlsx via zipfile); 9 the official layouts, one
+    reader each (refuge, isic2017, isic-multi with Ribeiro et al.'s split lists, ph2, dermofit,
+    glas, folder, ispy1); 10 `load_dataset`, the disk cache, seeded splits, `exclude` and the
+    test-overlap check; 11 batches, augmentation and normalisation on the device (`to_device`,
+    `iterate_batches`, `augment`, `to_float`, `channel_stats`, `normalize`).
 """
 import argparse
+import atexit
+import collections
 import contextlib
 import csv
+import dataclasses
 import datetime
+import gzip
 import hashlib
 import io
 import json
@@ -49,6 +75,7 @@ import os
 import platform
 import random
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -553,6 +580,27 @@ def f1_score(pred, target, n_classes=2, positive=1):
     return f1[positive].item() if n_classes == 2 else f1.mean().item()
 
 
+def f1_weighted(pred, target, n_classes):
+    """Support-weighted mean of the per-class F1 scores, sum_k (n_k / n) F1_k with n_k the number of
+    targets of class k (scikit-learn's f1_score(average="weighted")); an undefined F1 counts 0."""
+    cm = confusion_matrix(pred, target, n_classes).double()
+    denom = cm.sum(0) + cm.sum(1)  # = 2TP + FP + FN per class
+    f1 = torch.where(denom > 0, 2 * cm.diag() / denom.clamp_min(1), torch.zeros(n_classes, dtype=torch.float64))
+    support = cm.sum(1)
+    return ((support / support.sum().clamp_min(1)) * f1).sum().item()
+
+
+def assd_medpy(pred, target, empty=10.0):
+    """ASSD in medpy.metric.binary.assd's form, per image: the MEAN OF THE TWO DIRECTED MEAN
+    distances, (mean d(pred->target) + mean d(target->pred)) / 2 (assd() above pools both directions
+    instead), same boundaries. Where either mask is empty the value is `empty`: the UML authors' copy
+    of medpy returns an array of 10s for an empty mask, so their ASSD is 10 px there (both empty too)."""
+    out = []
+    for d in _surface_distances(pred, target):
+        out.append(empty if d is None or d == "inf" else 0.5 * (d[0].mean().item() + d[1].mean().item()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def auroc(scores, positives):
     """Area under the ROC curve = P(score of a positive > score of a negative), ties counted 1/2
     (Mann-Whitney U with average ranks). nan when one class is absent."""
@@ -584,22 +632,95 @@ def expected_calibration_error(confidence, correct, n_bins=10):
     return ((count / count.sum().clamp_min(1)) * (acc - conf).abs()).sum().item()
 
 
+def classification_metrics(prob, labels, uncertainty=None, belief=None, positive=1):
+    """Image-level metrics of class probabilities prob [N,K] against labels [N], the prediction being
+    the most probable class: acc, f1 (class `positive`'s F1), f1_weighted (support-weighted), ece (on
+    the probability of the predicted class); with `uncertainty` [N] also uncertainty_auroc (how well
+    it flags wrong predictions), with `belief` [N,K] also ece_belief (on the predicted class's belief)."""
+    prob, labels = torch.as_tensor(prob).cpu(), torch.as_tensor(labels).cpu()
+    n_classes, predicted = prob.shape[1], prob.argmax(1)
+    correct = predicted == labels
+    metrics = {"acc": accuracy(predicted, labels), "f1": f1_score(predicted, labels, n_classes, positive=positive),
+               "f1_weighted": f1_weighted(predicted, labels, n_classes)}
+    if uncertainty is not None:
+        metrics["uncertainty_auroc"] = auroc(uncertainty, ~correct)
+    metrics["ece"] = expected_calibration_error(prob.max(1).values, correct)
+    if belief is not None:
+        metrics["ece_belief"] = expected_calibration_error(belief.cpu().gather(1, predicted[:, None])[:, 0], correct)
+    return metrics
+
+
 def mean_and_se(values):
     """(mean, standard error) of the finite values: se = std(ddof=1) / sqrt(n); se = 0 for n = 1,
     (nan, nan) for n = 0."""
-    v = torch.as_tensor(values if not isinstance(values, list) else [float(x) for x in values]).reshape(-1)
-    v = v.double().cpu()
-    v = v[torch.isfinite(v)]
-    if len(v) == 0:
+    # Python floats (float64) all the way: a list of floats never passes through torch's float32
+    # default dtype, and math.fsum keeps the sums exact to the last bit.
+    if torch.is_tensor(values):
+        flat = values.detach().cpu().double().reshape(-1).tolist()
+    elif isinstance(values, np.ndarray):
+        flat = values.astype(np.float64).reshape(-1).tolist()
+    else:
+        flat = [float(x) for x in values]
+    v = [x for x in flat if math.isfinite(x)]
+    n = len(v)
+    if n == 0:
         return math.nan, math.nan
-    if len(v) == 1:
-        return v.item(), 0.0
-    return v.mean().item(), (v.std(unbiased=True) / math.sqrt(len(v))).item()
+    mean = math.fsum(v) / n
+    if n == 1:
+        return mean, 0.0
+    variance = math.fsum((x - mean) ** 2 for x in v) / (n - 1)  # sample variance, ddof = 1
+    return mean, math.sqrt(variance / n)
+
+
+def finite_mean(values):
+    """(mean of the finite values, number of non-finite ones): a metric undefined on some images (an
+    ASSD with exactly one empty mask is inf) is averaged over the others and the rest are counted,
+    never averaged in as an inf; the mean is nan when no value is finite."""
+    v = torch.as_tensor(values).reshape(-1).double().cpu()
+    finite = torch.isfinite(v)
+    return (v[finite].mean().item() if finite.any() else math.nan), int((~finite).sum())
 
 
 # ==================================================================================================
 # 6. Run bookkeeping
 # ==================================================================================================
+
+
+class UsageError(Exception):
+    """A bad flag or input a user can fix (raised by scripts instead of SystemExit("...")); `cli`
+    prints its message and exits with code 2."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable (corrupt, truncated) or written by another script."""
+
+
+def _expected_errors():
+    # DatasetError lives in Part 2 (data), defined further down this file
+    return (UsageError, CheckpointError, NonFiniteLossError, DatasetError)
+
+
+def cli(main, argv=None):
+    """Runs `main(argv)` as a command: an expected error (UsageError, DatasetError, NonFiniteLossError,
+    CheckpointError) prints one message `<script>: error: ...` on stderr and exits with code 2, without
+    a traceback unless --debug is on the command line or COMMON_DEBUG=1 is set. Any other exception
+    keeps its traceback (it is a bug). Every script ends with
+    `if __name__ == "__main__": common.cli(main)`."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in words or os.environ.get("COMMON_DEBUG", "") not in ("", "0")
+    try:
+        main(argv) if argv is not None else main()
+        finish_distributed(wait=True)
+    except _expected_errors() as error:
+        if debug:
+            raise
+        print(f"{Path(sys.argv[0]).name or 'python'}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        finish_distributed(wait=False)
 
 
 def add_common_args(parser, *, size, epochs, batch_size, lr, data="synthetic", data_choices=None):
@@ -619,14 +740,66 @@ def add_common_args(parser, *, size, epochs, batch_size, lr, data="synthetic", d
     g.add_argument("--quick", action="store_true", help="tiny smoke run of every code path")
     g.add_argument("--resume", default=None, metavar="PATH", help="continue training from a last.pt")
     g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
-    g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint for --eval-only")
+    g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint for --eval-only or --predict")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (no effect on CPU; default on)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--cache", default=".cache", metavar="DIR", help="preprocessing cache (default .cache)")
     g.add_argument("--log-every", type=int, default=20, metavar="N",
                    help="steps between progress lines and loss checks (default 20)")
+    g.add_argument("--seeds", type=_seeds_flag, default=None, metavar="0,1,2",
+                   help="train and evaluate every row once per seed; tables give mean ± standard error "
+                        "over seeds (default: only --seed)")
+    for split, what in (("train", "training"), ("val", "validation"), ("test", "test")):
+        g.add_argument(f"--n-{split}", type=int, default=None, metavar="N",
+                       help=f"synthetic data only: number of {what} images (default: the generator's)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="reuse an --out folder that already holds a run, replacing its files")
+    g.add_argument("--predict", default=None, metavar="PATH",
+                   help="predict an image file or a folder of images with --checkpoint (writes masks, "
+                        "overlays, uncertainty maps and predictions.csv)")
+    g.add_argument("--recursive", action="store_true", help="--predict: also read the folder's sub-folders")
+    g.add_argument("--parallel", choices=["rows", "data"], default=None,
+                   help="under torchrun: share out rows x seeds across processes (rows) or train one model "
+                        "data-parallel (data); default rows when the run has several rows or seeds, else data")
+    g.add_argument("--debug", action="store_true", help="show the Python traceback of expected errors too")
     return parser
+
+
+def _seeds_flag(text):
+    """argparse type of --seeds: '0,1,2' -> [0, 1, 2] (distinct integers)."""
+    try:
+        seeds = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, e.g. 0,1,2, not {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers, e.g. 0,1,2, not {text!r}")
+    return seeds
+
+
+def seed_list(args):
+    """The seeds a run trains each row with: --seeds when given, else [--seed]."""
+    seeds = getattr(args, "seeds", None)
+    if seeds is None:
+        seed = getattr(args, "seed", 0)
+        return [] if seed is None else [int(seed)]
+    return _seeds_flag(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
+
+
+def synthetic_split_sizes(args):
+    """load_dataset's split-size options from --n-train/--n-val/--n-test (those given): for the
+    synthetic benchmarks only (a real dataset has its own splits)."""
+    return {k: getattr(args, k) for k in ("n_train", "n_val", "n_test") if getattr(args, k, None) is not None}
+
+
+def fill_defaults(args, *tables):
+    """Sets every argument that is still None to its value in the first of `tables` (dicts) that has
+    it: defaults that depend on the data or on --quick, e.g. fill_defaults(args, QUICK, SYNTHETIC)."""
+    for table in tables:
+        for key, value in table.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    return args
 
 
 def seed_everything(seed):
@@ -638,12 +811,13 @@ def seed_everything(seed):
 
 def choose_device(name="auto"):
     """'auto' -> CUDA when available, else CPU; 'cuda' without CUDA is an error, not a silent CPU run."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} was asked for, but this torch ({torch.__version__}) sees no "
-                           "CUDA device; use --device cpu or auto, or install a CUDA build of torch")
+        raise UsageError(f"--device {name} was asked for, but this torch ({torch.__version__}) sees no "
+                         "CUDA device; use --device cpu or auto, or install a CUDA build of torch")
+    dist = _DIST["dist"]
+    if device.type == "cuda" and device.index is None and dist is not None and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)  # torchrun: one GPU per process
     return device
 
 
@@ -655,19 +829,125 @@ def autocast(device, enabled=True):
     return contextlib.nullcontext()
 
 
-def prepare_model(model, device, compile=False):
-    """Moves the model to the device, channels_last on CUDA, torch.compile when asked."""
+def prepare_model(model, device, compile=False, dist=None):
+    """Moves the model to the device, channels_last on CUDA, DistributedDataParallel when `dist` is in
+    data mode (wrap_data_parallel), torch.compile when asked (around DDP, as torch recommends)."""
     device = torch.device(device)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if dist is not None:
+        model = wrap_data_parallel(model, dist)
     if compile:
         model = torch.compile(model)
     return model
 
 
 def _unwrap(model):
-    return getattr(model, "_orig_mod", model)  # a torch.compile'd module keeps the original here
+    """The plain module inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def load_model_state(model, state_dict, strict=True):
+    """Loads `state_dict` into `model` whether either side is plain, torch.compile'd (keys prefixed
+    `_orig_mod.`) or wrapped in DistributedDataParallel (`module.`), in any combination: the prefixes
+    are stripped from the saved keys and the weights loaded into the plain module inside `model`."""
+    def plain_key(key):
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        return key
+    return _unwrap(model).load_state_dict({plain_key(k): v for k, v in state_dict.items()}, strict=strict)
+
+
+def restore_architecture(args, checkpoint, keys):
+    """Copies the argument names `keys` from checkpoint["args"] onto `args`, so --eval-only, --predict,
+    --transfer and --resume rebuild the network the checkpoint was trained with. Prints each value
+    that differs from the command line's; returns {key: (command line value, checkpoint value)}."""
+    saved = checkpoint.get("args") or {}
+    changed = {}
+    for key in keys:
+        if key not in saved:
+            continue
+        current = getattr(args, key, None)
+        if _plain(current) != saved[key]:
+            changed[key] = (current, saved[key])
+            print(f"--{key.replace('_', '-')}: using the checkpoint's {saved[key]!r} (command line: {current!r})")
+        setattr(args, key, saved[key])
+    return changed
+
+
+def starting_checkpoint(args, script, device="cpu", keys=()):
+    """The checkpoint a run starts from: --checkpoint with --eval-only (required there), --resume to
+    continue training, else None. Its architecture arguments `keys` are copied onto `args`
+    (restore_architecture), and --resume without --out keeps writing into the interrupted run's folder."""
+    if getattr(args, "eval_only", False) and not args.checkpoint:
+        raise UsageError("--eval-only needs --checkpoint PATH")
+    if getattr(args, "resume", None) and args.out is None:
+        args.out = str(Path(args.resume).parent)  # its best.pt and log.jsonl go on
+    path = args.checkpoint if getattr(args, "eval_only", False) else getattr(args, "resume", None)
+    if not path:
+        return None
+    checkpoint = load_checkpoint(path, script, device)
+    restore_architecture(args, checkpoint, keys)
+    return checkpoint
+
+
+def read_state_dict(path, flag):
+    """The tensors of a weights file (e.g. ImageNet weights; a {"state_dict": ...} wrapper is opened),
+    read with weights_only=True; UsageError naming `flag` when it is missing or not a state dict."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # missing, corrupt, or not a plain tensor file
+        raise UsageError(f"{flag} {path}: cannot read it as a PyTorch state dict ({error})") from error
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UsageError(f"{flag} {path}: not a state dict of tensors")
+    return state
+
+
+# The tensors behind one row of a key table, by the kind of layer the row names
+KEY_TABLE_TENSORS = {"conv": ("weight",), "conv+bias": ("weight", "bias"),
+                     "bn": ("weight", "bias", "running_mean", "running_var")}
+
+
+def load_pretrained(module, state, table, unused, flag):
+    """Copies a weights file's tensors into `module` by an explicit key table: rows (their prefix, our
+    prefix, kind in KEY_TABLE_TENSORS). Every table key must be in the file with our shape, every file
+    key in the table or under an `unused` prefix, and every tensor of `module` covered (batch norm
+    step counters aside): anything else is an error naming the key, never a partial load. Returns
+    the number of tensors copied."""
+    ours, loaded = module.state_dict(), {}
+    for theirs_prefix, ours_prefix, kind in table:
+        for name in KEY_TABLE_TENSORS[kind]:
+            theirs, target = f"{theirs_prefix}.{name}", f"{ours_prefix}.{name}"
+            if theirs not in state:
+                raise UsageError(f"{flag}: the file has no key {theirs!r} (expected for {target})")
+            if state[theirs].shape != ours[target].shape:
+                raise UsageError(f"{flag}: {theirs!r} has shape {tuple(state[theirs].shape)}, "
+                                 f"{target} needs {tuple(ours[target].shape)}")
+            loaded[target] = state[theirs]
+    used = {f"{t}.{n}" for t, _, kind in table for n in KEY_TABLE_TENSORS[kind]}
+    extra = [k for k in state if k not in used and not k.startswith(tuple(unused))
+             and not k.endswith("num_batches_tracked")]
+    if extra:
+        raise UsageError(f"{flag}: the file's key {extra[0]!r} ({len(extra)} unexpected in all) has no place in "
+                         "the model: not the expected file, or a layout option (e.g. batch norm) that does not fit it")
+    uncovered = [k for k in ours if k not in loaded and not k.endswith("num_batches_tracked")]
+    if uncovered:  # a table missing one of our tensors is a bug in the table, not a user error
+        raise RuntimeError(f"key table misses {uncovered[:3]}")
+    with torch.no_grad():
+        for key, value in loaded.items():
+            ours[key].copy_(value)
+    return len(loaded)
 
 
 def _plain(value):
@@ -705,6 +985,19 @@ def _atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def _append_line(path, line):
+    """Appends `line` to `path` with one write() on an O_APPEND descriptor: the kernel moves to the
+    end and writes in one step, so lines appended by several processes at once never interleave."""
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # regular files on local disks never write short; say so if one did
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+    finally:
+        os.close(fd)
+
+
 def _git_commit():
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -718,71 +1011,146 @@ def _script_name(script):
     return Path(str(script)).name.removesuffix(".py")
 
 
+_RUN_FILES = ("config.json", "results.json", "results.md", "log.jsonl")  # with *.pt: what a run writes
+
+
+def _holds_run(folder):
+    folder = Path(folder)
+    return folder.is_dir() and (any((folder / n).exists() for n in _RUN_FILES[:2]) or any(folder.glob("*.pt")))
+
+
 class Run:
     """A run folder: config.json, log.jsonl, checkpoints, results and figures/.
 
     Run(args, script) creates args.out (default runs/<script>-<data>-<YYYYmmdd-HHMMSS>, then stored
-    back in args.out) and writes config.json with all arguments, library versions, the device and the
-    git commit of the code when there is one.
+    back in args.out) and writes config.json with all arguments, library versions, the device, the
+    git commit of the code when there is one and the number of processes (`world_size`).
+
+    A folder that already holds a run (config.json, results.json or a *.pt) is refused, so nothing a
+    user has is lost, unless `args.resume` is a checkpoint inside it (the run continues: files are
+    appended to or replaced as training goes on) or `args.overwrite` is set (config.json, log.jsonl,
+    results.* and *.pt of the old run are deleted first).
+
+    Under torchrun (section 8) only the writing process writes files. `is_main` is asked anew at
+    every call (it is not fixed when the Run is made): True for rank 0, and, in rows mode, while a
+    job of `run_rows` runs, for the rank running that job -- so a job on rank 1 writes its own
+    checkpoints and log lines into the run folder made by rank 0 (or into its own sub-run folder).
+    Rank 0 writes what belongs to the whole run: config.json (here), and, after run_rows returns,
+    results, figures and the per-job "job" log records. `save`, `log`, `write_results`,
+    `save_figure` and `plot_curves` do nothing on a process that does not write; in data mode `save`
+    waits for rank 0 to finish writing, so every rank can read the checkpoint after it (call `save`
+    on every process, not under `if run.is_main`).
+
+    Jobs on different ranks share log.jsonl: each record is one os.write() of the whole line on a
+    descriptor opened with O_APPEND, which local file systems (ext4, xfs, tmpfs, ...) apply as one
+    append, so lines never interleave (processes on several machines appending to one file over NFS
+    are not covered: give such runs a local --out). A record logged inside a run_rows job gets the
+    job's "seed" when it has none, so two seeds of one row stay apart in the log. Files of different
+    jobs in one folder need different names: include the seed (see `current_job`).
     """
 
     def __init__(self, args, script, device=None):
         self.script = _script_name(script)
+        collective = _collective()
         if getattr(args, "out", None) is None:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            if collective:  # every process must agree on the folder: take rank 0's clock
+                stamp = _broadcast(stamp)
             args.out = str(Path("runs") / f"{self.script}-{getattr(args, 'data', 'data')}-{stamp}")
         self.dir = Path(args.out)
         self.figures = self.dir / "figures"
-        self.figures.mkdir(parents=True, exist_ok=True)
+        overwrite = self._check_free(args)
+        if collective:
+            _barrier()  # every rank has checked the folder before rank 0 writes into it
         device = torch.device(device) if device is not None else choose_device(getattr(args, "device", "auto"))
+        dist = _DIST["dist"]
         config = {
             "script": self.script,
             "args": _json_ready(vars(args)),
             "device": str(device),
             "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available()
                             else platform.processor() or platform.machine()),
+            "world_size": dist.world_size if dist is not None else 1,
+            "parallel": dist.mode if dist is not None else "single",
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": np.__version__, "matplotlib": matplotlib.__version__},
             "git_commit": _git_commit(),
             "command": " ".join(sys.argv),
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
         }
-        _atomic_write_text(self.dir / "config.json", json.dumps(config, indent=2) + "\n")
+        if self.is_main:
+            if overwrite:
+                for old in [self.dir / n for n in _RUN_FILES] + list(self.dir.glob("*.pt")):
+                    old.unlink(missing_ok=True)
+            self.figures.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.dir / "config.json", json.dumps(config, indent=2) + "\n")
+        if collective:
+            _barrier()  # the folder exists (and --overwrite has cleared it) before any rank's job writes
+
+    @property
+    def is_main(self):
+        """Whether this process writes files now (see the class docstring): rank 0, or the rank that
+        runs the current run_rows job in rows mode; always True without torchrun."""
+        return _writes_files()
+
+    def _check_free(self, args):
+        """Raises UsageError when the folder holds a run that this one is not meant to continue or
+        replace; returns True when --overwrite will replace it."""
+        if not _holds_run(self.dir):
+            return False
+        resume = getattr(args, "resume", None)
+        if resume and Path(resume).resolve().parent == self.dir.resolve():
+            return False
+        if getattr(args, "overwrite", False):
+            return True
+        raise UsageError(f"--out {self.dir} already holds a run (config.json, results or checkpoints); "
+                         f"pass --resume {self.dir / 'last.pt'} to continue it, --overwrite to replace it, "
+                         "or another --out")
 
     def path(self, name):
         return self.dir / name
 
     def log(self, record):
-        """Appends one JSON line (the record plus a unix time) to log.jsonl."""
-        line = json.dumps(_json_ready({**record, "time": round(time.time(), 3)}), allow_nan=False)
-        with open(self.dir / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        """Appends one JSON line (the record plus a unix time; inside a run_rows job also the job's
+        "seed" when the record has none) to log.jsonl, as one O_APPEND write (see the class docstring)."""
+        if not self.is_main:
+            return
+        job = current_job()
+        if job is not None and "seed" not in record:
+            record = {**record, "seed": job.seed}
+        line = json.dumps(_json_ready({**record, "time": round(time.time(), 3)}), allow_nan=False) + "\n"
+        _append_line(self.dir / "log.jsonl", line)
 
     def save(self, name, state):
         """Atomic torch.save of `state` (plus "script") to <dir>/<name>: a temporary file, then a rename,
         so an interrupted write never leaves a truncated checkpoint."""
         path = self.dir / name
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({**state, "script": self.script}, tmp)
-        os.replace(tmp, path)
+        if self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({**state, "script": self.script}, tmp)
+            os.replace(tmp, path)
+        if _collective():
+            _barrier()  # data mode: the other ranks may read the file once this returns
         return path
 
 
 def load_checkpoint(path, script, map_location="cpu"):
-    """torch.load(weights_only=True) of a checkpoint written by Run.save, refusing another script's."""
+    """torch.load(weights_only=True) of a checkpoint written by Run.save; CheckpointError for a
+    missing, unreadable (corrupt or truncated) file or another script's checkpoint."""
     path, script = Path(path), _script_name(script)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a last.pt or best.pt in a "
-                                f"run folder of {script}.py)")
+        raise CheckpointError(f"checkpoint {path} does not exist (expected a last.pt or best.pt in a "
+                              f"run folder of {script}.py)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # corrupt file, or objects a plain checkpoint never holds
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {error}") from error
     if not isinstance(state, dict) or "script" not in state:
-        raise ValueError(f"{path} is not a checkpoint written by this project's scripts")
+        raise CheckpointError(f"{path} is not a checkpoint written by this project's scripts")
     if state["script"] != script:
-        raise ValueError(f"{path} is a checkpoint of {state['script']}.py, not of {script}.py: "
-                         f"pass a checkpoint written by {script}.py")
+        raise CheckpointError(f"{path} is a checkpoint of {state['script']}.py, not of {script}.py: "
+                              f"pass a checkpoint written by {script}.py")
     return state
 
 
@@ -826,8 +1194,9 @@ def checkpoint_state(model, optimizer, scheduler, epoch, best, args, rng=True, g
 
 
 def restore_state(state, model, optimizer=None, scheduler=None, generator=None):
-    """Loads what checkpoint_state saved into the given objects; returns (epoch, best)."""
-    _unwrap(model).load_state_dict(state["model"])
+    """Loads what checkpoint_state saved into the given objects (the model through load_model_state,
+    so plain, compiled and DDP models all load); returns (epoch, best)."""
+    load_model_state(model, state["model"])
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
@@ -837,6 +1206,33 @@ def restore_state(state, model, optimizer=None, scheduler=None, generator=None):
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"].cpu())
     return state["epoch"], state.get("best")
+
+
+class BestCheckpoint:
+    """The epoch-end checkpoints of one training run in `run` (a Run): `save(state, score)` writes
+    `last` every epoch and `best` when `score` beats the best so far (higher is better; `best_score`
+    continues a resumed run), keeping the best weights in memory as well, so that `load_best(model)`
+    needs no file another process may still be writing (torchrun rows mode); after a resume that
+    trained no further epoch it reads them from `best`."""
+
+    def __init__(self, run, last="last.pt", best="best.pt", best_score=None):
+        self.run, self.last, self.best = run, last, best
+        self.best_score = -math.inf if best_score is None else best_score
+        self.best_weights = None
+
+    def save(self, state, score):
+        if score > self.best_score:
+            self.best_score = score
+            self.best_weights = {k: v.detach().clone() for k, v in state["model"].items()}
+            self.run.save(self.best, state)
+        self.run.save(self.last, state)
+
+    def load_best(self, model, device="cpu"):
+        weights = self.best_weights
+        if weights is None:
+            weights = load_checkpoint(self.run.path(self.best), self.run.script, device)["model"]
+        load_model_state(model, weights)
+        return model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -916,6 +1312,29 @@ class Progress:
         return {"images_per_s": self.images / elapsed, "data_wait_share": self.wait / elapsed,
                 "steps": self.steps, "seconds": elapsed}
 
+    def report(self, label, run=None, **record):
+        """Prints `[label] N img/s, data wait P%` and logs {"event": "speed", **record, **summary} to
+        `run` (a Run) when given; returns the summary."""
+        speed = self.summary()
+        if run is not None:
+            run.log({**record, "event": "speed", **speed})
+        print(f"[{label}] {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}% "
+              "(step time spent waiting for batches)", flush=True)
+        return speed
+
+
+def timed(batches):
+    """Yields (batch, seconds spent waiting for it) from an iterable of batches: the time inside its
+    next() (slicing, augmentation, whatever the generator does), not the caller's step; the data
+    wait that Progress.step takes."""
+    batches = iter(batches)
+    while True:
+        tick = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - tick
+
 
 def _format_cell(value, fmt):
     if value is None:
@@ -952,15 +1371,22 @@ def fmt_mean_se(mean, se, percent=False, digits=None):
     return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
 
 
-def write_results(run_dir, script, data, split, metrics, table, config, markdown):
-    """results.json = {"script", "data", "split", "metrics", "table", "config"} (non-finite numbers as
-    null) and results.md = `markdown`, both written atomically."""
+def write_results(run_dir, script, data, split, metrics, table, config, markdown, seeds=None):
+    """results.json = {"script", "data", "split", "seeds", "metrics", "table", "config"} (non-finite
+    numbers as null; `seeds` defaults to seed_list of the config) and results.md = `markdown`, both
+    written atomically (by the writing process only, under torchrun; every process gets the results
+    dict back)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    results = {"script": _script_name(script), "data": data, "split": split,
+    config_dict = vars(config) if isinstance(config, argparse.Namespace) else dict(config or {})
+    if seeds is None and ("seeds" in config_dict or "seed" in config_dict):
+        seeds = seed_list(argparse.Namespace(**config_dict))
+    results = {"script": _script_name(script), "data": data, "split": split, "seeds": _plain(seeds),
                "metrics": {str(k): _json_ready(v) for k, v in metrics.items()},
                "table": [_json_ready(row) for row in table],
-               "config": _json_ready(vars(config) if isinstance(config, argparse.Namespace) else config)}
+               "config": _json_ready(config_dict)}
+    if not _writes_files():
+        return results
+    run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     _atomic_write_text(run_dir / "results.md", markdown if markdown.endswith("\n") else markdown + "\n")
     return results
@@ -1004,12 +1430,45 @@ def plot_uncertainty(ax, umap, title=None):
         ax.set_title(title)
 
 
+CONTOUR_COLOURS = ("yellow", "cyan", "magenta", "lime", "orange", "red")
+
+
+def show_with_contours(ax, image, masks, title=None, legend=False):
+    """An image with the outline of every mask of `masks` ({label: [H,W] mask}), one colour each
+    (CONTOUR_COLOURS in order); `legend` names them in the lower right corner."""
+    show_image(ax, image)
+    for (label, mask), colour in zip(masks.items(), CONTOUR_COLOURS * (1 + len(masks) // len(CONTOUR_COLOURS))):
+        draw_contours(ax, mask, colour, label=label)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if legend and masks:
+        ax.legend(loc="lower right", fontsize=7)
+
+
+def plot_bars(ax, names, values, colors=None, title=None, ylim=(0, 1)):
+    """A bar per value with its name under it (e.g. the belief per class and the uncertainty)."""
+    ax.set_axis_on()
+    ax.bar(range(len(values)), [float(v) for v in values], color=colors)
+    ax.set_xticks(range(len(values)), list(names), fontsize=8)
+    ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def pick_examples(n_images, count, labels=None):
+    """Indices of `count` of `n_images` images for a figure: the first image of each class (in class
+    order, when image labels [N] are given), then the others in order."""
+    first = [int((labels == c).nonzero()[0]) for c in torch.unique(labels).tolist()] if labels is not None else []
+    return list(dict.fromkeys(first + list(range(n_images))))[:count]
+
+
 def save_figure(fig, path):
     """Saves a PNG (folders created) and closes the figure."""
     import matplotlib.pyplot as plt
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    if _writes_files():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -1017,6 +1476,8 @@ def save_figure(fig, path):
 def plot_curves(log_path, keys, out_png):
     """One panel per key of log.jsonl against the epoch (records without the key are skipped)."""
     import matplotlib.pyplot as plt
+    if not _writes_files():  # under torchrun only the writing process draws
+        return Path(out_png)
     records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -1048,6 +1509,585 @@ def plot_reliability(confidence, correct, out_png, n_bins=10):
     return save_figure(fig, out_png)
 
 
+# ==================================================================================================
+# 8. Seeds and processes: the table runner over rows x seeds, and torchrun
+#
+#    A table is a list of jobs (row name, seed); run_rows trains and evaluates each one and
+#    summarize_rows turns the per-seed metrics into means and standard errors over seeds.
+#    Under `torchrun --nproc_per_node N script.py ...` (torch.distributed.run; env RANK, WORLD_SIZE,
+#    LOCAL_RANK) a run works in one of two modes, chosen by init_distributed:
+#      rows: whole jobs are shared out (job i -> rank i % N); each rank trains its jobs alone (no
+#            collective inside a job) and the per-seed results are gathered to every rank, so a
+#            table equals the single-process table (same seeds, same thread count);
+#      data: one model trained data-parallel: DistributedDataParallel (gradients averaged over
+#            ranks), every rank taking its slice of each device-resident batch (shard).
+#    The rule: `--parallel rows|data` when given; otherwise rows when the run has more than one job
+#    (rows x seeds, `n_jobs`), data when it has one. Python objects (results, the run folder's name)
+#    travel over gloo: the default group on CPU, a separate gloo group next to NCCL on GPUs, so
+#    nothing is pickled into CUDA memory. One process writes each file (see Run): rank 0 the run's
+#    own files, and in rows mode the rank running a job that job's checkpoints and log lines.
+# ==================================================================================================
+
+
+@dataclasses.dataclass
+class Dist:
+    """Where this process stands: `rank` of `world_size` processes, `local_rank` its GPU on its machine
+    (LOCAL_RANK, modulo the number of GPUs in rows mode), `mode` "single" (no torchrun), "rows" or "data"; `group` is the gloo group used for Python
+    objects and barriers (None: the default group)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mode: str = "single"
+    backend: str = None
+    group: object = None
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+_DIST = {"dist": None, "in_job": False, "job": None}  # the process's Dist; the run_rows job running
+
+
+Job = collections.namedtuple("Job", ["row", "seed", "index"])
+Job.__doc__ = """The run_rows job running in this process: its row name, its seed and its index in the job list."""
+
+
+def current_job():
+    """The run_rows job this process is running now, as Job(row, seed, index), or None outside
+    run_rows (in a run_rows nested inside a job: the inner job). Jobs of several seeds (and, under
+    torchrun rows mode, of several ranks at once) write into one run folder, so a file a job writes
+    there must carry its seed as well as its row, e.g.
+
+        job = common.current_job()
+        run.save(f"{job.row}-seed{job.seed}-best.pt", state)
+
+    (or each job makes its own sub-run folder, e.g. <out>/<row>-seed<seed>)."""
+    return _DIST["job"]
+
+
+def init_distributed(args, n_jobs=None):
+    """Joins the torchrun process group when WORLD_SIZE > 1 (NCCL with one GPU per process when the
+    run uses CUDA, gloo on CPU) and picks the mode (see the rule above; `n_jobs` defaults to the
+    number of seeds). Without torchrun returns Dist() (mode "single"). Call it once, first in main."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        _DIST["dist"] = Dist()
+        return _DIST["dist"]
+    import torch.distributed as td
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    wanted = getattr(args, "device", "auto")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        choose_device(wanted)  # raises the UsageError
+    cuda = wanted != "cpu" and torch.cuda.is_available()
+    n_jobs = len(seed_list(args)) if n_jobs is None else int(n_jobs)
+    mode = getattr(args, "parallel", None) or ("rows" if n_jobs > 1 else "data")
+    if mode not in ("rows", "data"):
+        raise UsageError(f"--parallel must be rows or data, not {mode!r}")
+    if cuda:
+        # rows mode may put several processes on one GPU; NCCL (data mode) needs one GPU per process
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if mode == "data" and per_machine > torch.cuda.device_count():
+            raise UsageError(f"--parallel data needs one GPU per process: {per_machine} processes, "
+                             f"{torch.cuda.device_count()} GPUs (lower --nproc_per_node, or use rows mode)")
+        local_rank %= torch.cuda.device_count()
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if cuda else "gloo"
+    if not td.is_initialized():
+        td.init_process_group(backend=backend)
+        atexit.register(lambda: td.is_initialized() and td.destroy_process_group())
+    group = td.new_group(backend="gloo") if backend == "nccl" else None
+    dist = Dist(rank, world, local_rank, mode, backend, group)
+    _DIST["dist"] = dist
+    if dist.is_main:
+        what = (f"{n_jobs} jobs (rows x seeds) shared out" if mode == "rows"
+                else "one model data-parallel, each batch split across processes")
+        print(f"torchrun: {world} processes ({backend}), mode {mode}: {what}", flush=True)
+        if mode == "rows" and n_jobs < world:
+            print(f"torchrun: only {n_jobs} jobs for {world} processes; {world - n_jobs} will wait", flush=True)
+    return dist
+
+
+def finish_distributed(wait):
+    """Leaves the torchrun process group while the interpreter is fully alive (`common.cli` calls it
+    when main returns). `wait`: first a barrier, so that no process tears down its gloo connections
+    while another one is still writing results (a process that left early could abort at exit with
+    "terminate called without an active exception"). No-op without torchrun."""
+    import torch.distributed as td
+    if not (td.is_available() and td.is_initialized()):
+        return
+    try:
+        if wait:
+            _barrier()
+    finally:
+        td.destroy_process_group()
+
+
+def _dist():
+    return _DIST["dist"] or Dist()
+
+
+def _collective():
+    """True when every process runs this code together (data mode, or outside a rows-mode job)."""
+    dist = _dist()
+    return dist.world_size > 1 and not (dist.mode == "rows" and _DIST["in_job"])
+
+
+def _writes_files():
+    """The process that writes run files: rank 0, or in rows mode the rank running the current job."""
+    dist = _dist()
+    return dist.world_size == 1 or dist.is_main or (dist.mode == "rows" and _DIST["in_job"])
+
+
+def _barrier():
+    import torch.distributed as td
+    td.barrier(group=_dist().group)
+
+
+def _broadcast(obj):
+    """Rank 0's `obj` on every process."""
+    import torch.distributed as td
+    box = [obj]
+    td.broadcast_object_list(box, src=0, group=_dist().group)
+    return box[0]
+
+
+def wrap_data_parallel(model, dist=None):
+    """In data mode: DistributedDataParallel around `model` (already on its device), after turning its
+    BatchNorm layers into SyncBatchNorm on GPUs so the batch statistics are those of the whole batch.
+    On CPU, SyncBatchNorm does not exist in torch: BatchNorm normalises each process's slice and the
+    running statistics are rank 0's (DDP broadcasts buffers from rank 0 at every forward). In any
+    other mode the model itself is returned. Build the optimiser after this call."""
+    dist = dist or _dist()
+    if dist.world_size == 1 or dist.mode != "data":
+        return model
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def shard(batch, dist=None):
+    """In data mode, this process's contiguous slice of every per-image entry of a batch dict (tensors
+    along dim 0, lists of the batch's length); other entries are kept. The batch size stays global:
+    DDP averages the ranks' mean gradients, which equals the whole batch's mean gradient when the
+    batch divides evenly (use drop_last and a batch size that is a multiple of the process count)."""
+    dist = dist or _dist()
+    if dist.world_size == 1 or dist.mode != "data":
+        return batch
+    n = next((v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), None)
+    if n is None:
+        return batch
+    base, extra = divmod(n, dist.world_size)
+    start = dist.rank * base + min(dist.rank, extra)
+    stop = start + base + (1 if dist.rank < extra else 0)
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value[start:stop]
+        elif isinstance(value, (list, tuple)) and len(value) == n:
+            out[key] = value[start:stop]
+        else:
+            out[key] = value
+    return out
+
+
+def _to_cpu(value):
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def run_rows(jobs, train_and_evaluate, run=None, dist=None):
+    """Trains and evaluates every job (row_name, seed) of a table: `train_and_evaluate(row_name, seed)`
+    returns a dict of metrics (numbers; other values are kept but not averaged). Before each job all
+    random generators are seeded with `seed` (seed_everything); the function seeds its own data
+    generation and shuffling from `seed` too. Each per-seed dict gets "seed" and "rank" (the process
+    that trained it; "all" in data mode, 0 without torchrun). In rows mode job i runs on rank
+    i % world_size and the results are gathered to EVERY rank, so all ranks return the same value:
+    {row_name: [per-seed dicts in job order]}, rows in order of first appearance. A failing job
+    stops the run on every rank. `run` (a Run) logs one record per job (rank 0, after the gather).
+
+    While a job runs, `current_job()` gives its (row, seed, index), and in rows mode the rank running
+    it is the process that writes files (Run.is_main): the job saves its checkpoints and logs its
+    lines itself, into the one run folder, under names that include its seed."""
+    dist = dist or _dist()
+    outer_job = _DIST["in_job"]  # run_rows inside a job (e.g. base models of one row) runs locally
+    outer_job_id = _DIST["job"]
+    shared = dist.world_size > 1 and dist.mode == "rows" and not outer_job
+    rank_tag = dist.rank if dist.world_size > 1 and dist.mode == "rows" else ("all" if dist.world_size > 1 else 0)
+    jobs = [(row, int(seed)) for row, seed in jobs]
+    mine, failure, own_error = {}, None, None
+    for i, (row, seed) in enumerate(jobs):
+        if shared and i % dist.world_size != dist.rank:
+            continue
+        print(f"[job {i + 1}/{len(jobs)}] {row}, seed {seed}" + (f", rank {dist.rank}" if shared else ""), flush=True)
+        seed_everything(seed)
+        started = time.perf_counter()
+        _DIST["in_job"], _DIST["job"] = True, Job(row, seed, i)  # in rows mode this rank writes the job's files
+        try:
+            result = train_and_evaluate(row, seed)
+        except Exception as error:
+            if not shared:
+                raise
+            own_error, failure = error, (type(error).__name__, f"rank {dist.rank}, {row} seed {seed}: {error}")
+            break
+        finally:
+            _DIST["in_job"], _DIST["job"] = outer_job, outer_job_id
+        mine[i] = ({**_to_cpu(dict(result)), "seed": seed, "rank": rank_tag}, round(time.perf_counter() - started, 1))
+    if shared:
+        import torch.distributed as td
+        gathered = [None] * dist.world_size
+        td.all_gather_object(gathered, (mine, failure), group=dist.group)
+        if own_error is not None:
+            raise own_error
+        failures = [f for _, f in gathered if f is not None]
+        if failures:
+            kind = {c.__name__: c for c in _expected_errors()}.get(failures[0][0], RuntimeError)
+            raise kind(f"another process failed ({failures[0][1]})")
+        mine = {i: r for part, _ in gathered for i, r in part.items()}
+    per_row = {}
+    for i, (row, seed) in enumerate(jobs):
+        result, seconds = mine[i]
+        per_row.setdefault(row, []).append(result)
+        if run is not None:
+            run.log({"event": "job", "row": str(row), "seed": seed, "rank": result["rank"], "seconds": seconds})
+    return per_row
+
+
+def _number(value):
+    """float of a metric value (int, float, one-element tensor or numpy scalar); None if it is not one."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if torch.is_tensor(value) and value.numel() == 1:
+        return float(value.item())
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    return None
+
+
+def summarize_rows(per_row):
+    """Table rows from run_rows' {row_name: [per-seed dicts]}: each row is
+    {"row", <metric>: mean over seeds, <metric>_se: standard error (std with ddof=1 / sqrt(n); 0 for one
+    seed), "seeds", "rank" (per seed), "per_seed"} for every numeric metric. Non-finite or missing
+    values are left out of the mean and counted in <metric>_undefined. Non-numeric values are copied
+    when all seeds agree."""
+    table = []
+    for name, entries in per_row.items():
+        keys = []
+        for entry in entries:
+            keys += [k for k in entry if k not in keys and k not in ("seed", "rank")]
+        row = {"row": name}
+        for key in keys:
+            values = [entry.get(key) for entry in entries]
+            numbers = [_number(v) for v in values]
+            if all(n is not None or v is None for n, v in zip(numbers, values)) and any(n is not None for n in numbers):
+                numbers = [math.nan if n is None else n for n in numbers]
+                row[key], row[f"{key}_se"] = mean_and_se(numbers)
+                undefined = sum(not math.isfinite(n) for n in numbers)
+                if undefined:
+                    row[f"{key}_undefined"] = undefined
+            elif all(_plain(v) == _plain(values[0]) for v in values):
+                row[key] = values[0]
+        row["seeds"] = [entry["seed"] for entry in entries]
+        row["rank"] = [entry["rank"] for entry in entries]
+        row["per_seed"] = entries
+        table.append(row)
+    return table
+
+
+def fmt_over_seeds(row, key, percent=False, digits=None):
+    """A table cell of a summarize_rows row: 'mean ± SE' over several seeds, the plain value for one
+    seed (a standard error of one value would read as certainty)."""
+    mean = row.get(key)
+    if len(row.get("seeds", [])) > 1:
+        return fmt_mean_se(mean, row.get(f"{key}_se", math.nan), percent=percent, digits=digits)
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    if digits is None:
+        digits = 1 if percent or abs(mean) >= 10 else (2 if abs(mean) >= 1 else 3)
+    return f"{mean * (100.0 if percent else 1.0):.{digits}f}"
+
+
+_ROW_BOOKKEEPING = ("row", "seeds", "rank", "per_seed")
+
+
+def row_metrics(row):
+    """The metrics of a summarize_rows row (means, _se and _undefined), without its bookkeeping
+    ("row", "seeds", "rank", "per_seed"): what results.json's "metrics" holds for the main row."""
+    return {k: v for k, v in row.items() if k not in _ROW_BOOKKEEPING}
+
+
+# ==================================================================================================
+# 9. Predict: a trained model on a user's own images (--predict)
+#
+#    The script gives a Predictor (its model and what the checkpoint says about the input) and a
+#    predict_batch(predictor, images_uint8 [B,3,S,S]) -> {"mask", "instances"?, "maps", "rows"};
+#    predict_images_in reads the images, brings them to the model's input the way training did,
+#    maps every output back to each image's own size and writes the files.
+# ==================================================================================================
+
+_PREDICT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# contour colours of classes 1, 2, ... in the overlay (class 0 is background / stroma: no contour)
+_CLASS_COLOURS = ((0, 255, 0), (255, 40, 40), (0, 200, 255), (255, 220, 0), (255, 0, 255), (255, 140, 0))
+
+
+@dataclasses.dataclass
+class Predictor:
+    """What predicting needs, read from a checkpoint by a script's load_model: the model (eval mode,
+    on `device`), the checkpoint's arguments, the normalisation (mean, std) of training, the input
+    side `size`, whether training kept the aspect ratio (letterbox) or resized to a square, the
+    image-level class names and the segmentation class names (index order), and anything else the
+    script's predict_batch needs (`extra`, e.g. a fusion rule)."""
+    model: object
+    args: object
+    norm: tuple = None
+    size: int = 128
+    keep_aspect: bool = True
+    device: object = "cpu"
+    class_names: list = None
+    mask_names: list = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def predictor_from_checkpoint(checkpoint, model, device="cpu", keep_aspect=True, **extra):
+    """The Predictor of a script's load_model: `model` (built as checkpoint["args"] say) gets the
+    checkpoint's weights and goes to `device` in eval mode; args (a Namespace), the training
+    normalisation checkpoint["normalization"] = (mean, std), size (args.size), class_names and
+    mask_names come from the checkpoint; `extra` is what the script's predict_batch needs."""
+    device = torch.device(device)
+    load_model_state(model, checkpoint["model"])
+    args = argparse.Namespace(**checkpoint["args"])
+    norm = checkpoint.get("normalization")
+    return Predictor(model=model.to(device).eval(), args=args, size=args.size, keep_aspect=keep_aspect,
+                     norm=None if norm is None else tuple(torch.as_tensor(t).float().to(device) for t in norm),
+                     device=device, class_names=checkpoint.get("class_names"),
+                     mask_names=checkpoint.get("mask_names"), extra=extra)
+
+
+def run_predict(args, load_model, predict_batch, script):
+    """--predict PATH --checkpoint CKPT of a script's main: load_model(CKPT, device) then
+    predict_images_in(PATH, ...) into --out; UsageError without --checkpoint or when no image could
+    be read. Returns the number of images predicted."""
+    if not args.checkpoint:
+        raise UsageError(f"--predict needs --checkpoint PATH (a best.pt of {_script_name(script)}.py)")
+    predictor = load_model(args.checkpoint, choose_device(getattr(args, "device", "auto")))
+    count = predict_images_in(args.predict, predictor, predict_batch, args.out, script=script,
+                              recursive=getattr(args, "recursive", False), batch_size=getattr(args, "batch_size", 8))
+    if not count:
+        raise UsageError(f"--predict {args.predict}: no image could be read (see errors.txt)")
+    return count
+
+
+def _to_model_input(image, size, keep_aspect):
+    """uint8 [3,h,w] -> uint8 [3,size,size], with the data section's geometry (the same as training):
+    letterboxed (aspect kept, zero padding) or squashed to the square."""
+    return letterbox(image, size, "bilinear") if keep_aspect else _resize_to(image, size, size, "bilinear")
+
+
+def _to_image_size(x, height, width, keep_aspect, mode):
+    """[size,size] model output -> [height,width] at the image's own size: the letterbox box cropped
+    (when the aspect was kept, `from_canvas`) and resized; 'nearest' for class indices and instances,
+    'bilinear' for float maps."""
+    if keep_aspect:
+        return from_canvas(x, height, width, mode)
+    return _resize_to(x, height, width, mode)
+
+
+def _read_user_image(path):
+    """RGB uint8 [3,h,w] of any image PIL reads: greyscale, palette and 16-bit images become RGB
+    (16-bit stretched to 0..255), the alpha channel of RGBA is dropped, EXIF rotation applied."""
+    from PIL import ImageOps
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            array = (array - array.min()) / max(float(array.max() - array.min()), 1e-6) * 255
+            image = Image.fromarray(array.round().astype(np.uint8))
+        image = image.convert("RGB")
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def _list_images(path, recursive):
+    """[(file, path relative to the input)] of the image files at `path` (a file or a folder;
+    sub-folders only when recursive), in name order; other files, hidden files and __MACOSX skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--predict {path} does not exist")
+    if path.is_file():
+        if path.suffix.lower() not in _PREDICT_EXTENSIONS:
+            raise UsageError(f"--predict {path} is not an image file ({', '.join(_PREDICT_EXTENSIONS)})")
+        return [(path, Path(path.name))]
+    found = []
+    for entry in sorted(path.iterdir(), key=lambda p: p.name.lower()):
+        if entry.name.startswith(".") or entry.name == "__MACOSX":
+            continue
+        if entry.is_dir() and recursive:
+            found += [(f, entry.name / rel) for f, rel in _list_images(entry, True)]
+        elif entry.is_file() and entry.suffix.lower() in _PREDICT_EXTENSIONS:
+            found.append((entry, Path(entry.name)))
+    return found
+
+
+def _output_names(items):
+    """Each input's output base name, relative to the output folder: `<stem>` (in its sub-folder when
+    recursive), or `<stem>_<ext>` when two files of one folder share a stem (a.png and a.jpg)."""
+    stems = {}
+    for _, rel in items:
+        key = (rel.parent, rel.stem.lower())
+        stems[key] = stems.get(key, 0) + 1
+    return [rel.parent / (rel.stem if stems[(rel.parent, rel.stem.lower())] == 1
+                          else f"{rel.stem}_{rel.suffix.lstrip('.').lower()}") for _, rel in items]
+
+
+def _label_edges(labels):
+    """bool [h,w]: pixels of a label > 0 with a 4-neighbour of another label (outside the image = 0),
+    i.e. the inner contour of every region of an integer map."""
+    padded = F.pad(labels[None, None].float(), (1, 1, 1, 1))[0, 0]
+    centre = padded[1:-1, 1:-1]
+    differs = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
+               | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
+    return differs & (centre > 0)
+
+
+def _contour_overlay(image, mask, instances=None):
+    """uint8 [h,w,3]: the image with the contour of every class > 0 of `mask` [h,w] in its colour, and
+    of every instance in white."""
+    out = image.permute(1, 2, 0).clone()
+    edges = _label_edges(mask)
+    for c in mask[edges].unique().tolist():
+        out[edges & (mask == c)] = torch.tensor(_CLASS_COLOURS[(c - 1) % len(_CLASS_COLOURS)], dtype=torch.uint8)
+    if instances is not None:
+        out[_label_edges(instances)] = 255
+    return out.numpy()
+
+
+def _colour_map(values):
+    """uint8 [h,w,3]: magma colours of a float map scaled from its minimum to its maximum."""
+    v = values.numpy().astype(np.float64)
+    lo, hi = float(np.nanmin(v)), float(np.nanmax(v))
+    scaled = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+    return (matplotlib.colormaps["magma"](np.nan_to_num(scaled))[..., :3] * 255).round().astype(np.uint8)
+
+
+def _csv_value(value):
+    if torch.is_tensor(value):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def predict_images_in(path, predictor, predict_batch, out_dir=None, *, recursive=False, batch_size=8,
+                      script="script"):
+    """Predicts every image file at `path` (a file or a folder; png, jpg, jpeg, bmp, tif, tiff in any
+    letter case; sub-folders when `recursive`, mirrored in the output) with
+    `predict_batch(predictor, images_uint8 [B,3,S,S] on predictor.device)` and writes into `out_dir`
+    (default runs/<script>-predict-<time>), per image `<stem>`, at the image's own width x height:
+      <stem>_mask.png        class indices (8-bit, mode L) of "mask" (nearest neighbour);
+      <stem>_instances.png   16-bit instance ids of "instances", when predict_batch gives them;
+      <stem>_overlay.png     the image with the contours of every class > 0 (and of each instance);
+      <stem>_<map>.npy/.png  each float map of "maps" (bilinear), as float32 and in magma colours;
+    and predictions.csv (image, width, height, then the keys of "rows") and errors.txt (the files that
+    could not be read, also named on stderr and skipped; empty when none). Nothing is overwritten: a
+    name that exists is refused before anything is written. Returns the number of images predicted
+    (the caller exits non-zero when it is 0)."""
+    items = _list_images(path, recursive)
+    if not items:
+        raise UsageError(f"--predict {path}: no image files ({', '.join(_PREDICT_EXTENSIONS)})"
+                         + ("" if recursive else "; add --recursive to read sub-folders"))
+    if out_dir is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_dir = Path("runs") / f"{_script_name(script)}-predict-{stamp}"
+    out_dir = Path(out_dir)
+    source = Path(path).resolve()
+    if source.is_dir() and (out_dir.resolve() == source or source in out_dir.resolve().parents):
+        raise UsageError(f"--out {out_dir} lies inside the images' folder {path}: choose another --out "
+                         "(nothing is written into an input folder)")
+    names = _output_names(items)
+    clash = [out_dir / n for n in ("predictions.csv", "errors.txt") if (out_dir / n).exists()]
+    for name in names:
+        folder = out_dir / name.parent
+        for suffix in ("_mask.png", "_instances.png", "_overlay.png"):
+            if (folder / (name.name + suffix)).exists():
+                clash.append(folder / (name.name + suffix))
+        if folder.is_dir():
+            clash += [p for p in folder.glob("*.npy") if p.name.startswith(name.name + "_")]
+    if clash:
+        raise UsageError(f"--out {out_dir} already holds predictions ({clash[0]}"
+                         + (f" and {len(clash) - 1} more" if len(clash) > 1 else "")
+                         + "); choose another --out, nothing was written")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def new_file(path):  # never replace a file (e.g. a map name equal to another output's)
+        if path.exists():
+            raise UsageError(f"{path} exists; not overwriting it (choose another --out)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    size, rows, errors, count = predictor.size, [], [], 0
+    batch_size = max(1, int(batch_size))
+    for start in range(0, len(items), batch_size):
+        images, kept = [], []
+        for (file, rel), name in zip(items[start:start + batch_size], names[start:start + batch_size]):
+            try:
+                image = _read_user_image(file)
+            except Exception as error:  # PIL raises several types for broken files
+                message = f"{file}: cannot read image ({type(error).__name__}: {error})"
+                print(message, file=sys.stderr, flush=True)
+                errors.append(message)
+                continue
+            images.append(image)
+            kept.append((rel, name))
+        if not images:
+            continue
+        canvas = torch.stack([_to_model_input(im, size, predictor.keep_aspect) for im in images])
+        with torch.no_grad():
+            out = predict_batch(predictor, canvas.to(predictor.device))
+        for b, (image, (rel, name)) in enumerate(zip(images, kept)):
+            h, w = image.shape[-2:]
+            back = lambda x, mode: _to_image_size(x[b].detach().cpu(), h, w, predictor.keep_aspect, mode)  # noqa: E731
+            base = out_dir / name
+            mask = back(out["mask"], "nearest").round().long()
+            if int(mask.min()) < 0 or int(mask.max()) > 255:
+                raise ValueError(f"predict_batch gave class indices outside 0..255 ({int(mask.min())}..{int(mask.max())})")
+            Image.fromarray(mask.numpy().astype(np.uint8), mode="L").save(new_file(base.with_name(base.name + "_mask.png")))
+            instances = None
+            if out.get("instances") is not None:
+                instances = back(out["instances"], "nearest").round().long().clamp(0, 65535)
+                Image.fromarray(instances.numpy().astype(np.uint16)).save(
+                    new_file(base.with_name(base.name + "_instances.png")))
+            Image.fromarray(_contour_overlay(image, mask, instances)).save(
+                new_file(base.with_name(base.name + "_overlay.png")))
+            for map_name, values in (out.get("maps") or {}).items():
+                values = back(values.float(), "bilinear")
+                np.save(new_file(base.with_name(f"{base.name}_{map_name}.npy")), values.numpy().astype(np.float32))
+                Image.fromarray(_colour_map(values)).save(new_file(base.with_name(f"{base.name}_{map_name}.png")))
+            extra = (out.get("rows") or [{}] * len(images))[b]
+            rows.append({"image": rel.as_posix(), "width": w, "height": h,
+                         **{str(k): _csv_value(v) for k, v in extra.items()}})
+            count += 1
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(new_file(out_dir / "predictions.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns or ["image", "width", "height"])
+        writer.writeheader()
+        writer.writerows(rows)
+    new_file(out_dir / "errors.txt").write_text("".join(e + "\n" for e in errors), encoding="utf-8")
+    print(f"predicted {count} of {len(items)} images into {out_dir}"
+          + (f"; {len(errors)} unreadable, listed in {out_dir / 'errors.txt'}" if errors else ""), flush=True)
+    return count
+
+
 # ================================================================================================
 # Part 2: data
 # ================================================================================================
@@ -1057,7 +2097,7 @@ class DatasetError(ValueError):
 
 
 _SPLITS = ("train", "val", "test")
-_TENSOR_KEYS = ("images", "masks", "n_annotations", "labels", "instances", "truth")
+_TENSOR_KEYS = ("images", "masks", "n_annotations", "labels", "instances", "truth", "valid", "sizes")
 _RENDER_CHUNK = 64  # images rendered at once: bounds the memory of [chunk, K, H, W] intermediates
 
 # ---------------------------------------------------------------------------------------------
@@ -1600,11 +2640,101 @@ def _synthetic_glands(n, size, gen, malignant_share=0.55):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. File helpers for the official layouts: names are matched case-insensitively, macOS debris
-#    (__MACOSX, ._*) and hidden files are ignored, numbered names sort numerically.
+# 7. Letterbox: the aspect-preserving resize of every real dataset and of --predict. An image of
+#    h x w is scaled by size / max(h, w) and centred on a size x size canvas of zeros; `valid`
+#    marks its pixels, `from_canvas` maps a prediction back to h x w. No anisotropic resizing.
+# ---------------------------------------------------------------------------------------------
+
+
+def letterbox_box(height, width, size):
+    """Where an image of `height x width` lands on the `size x size` canvas: (top, left, new_h,
+    new_w). The longer side becomes `size`, the shorter round(side * size / longer) (at least 1),
+    centred: top = (size - new_h) // 2, left = (size - new_w) // 2.
+    Example: a GlaS image 522 x 775 at size 128 -> new_h = round(522 * 128 / 775) = round(86.2)
+    = 86, new_w = 128, top = (128 - 86) // 2 = 21: rows 21..106 hold the image."""
+    height, width, size = int(height), int(width), int(size)
+    if min(height, width, size) < 1:
+        raise ValueError(f"letterbox needs positive sizes, got {height}x{width} -> {size}")
+    longer = max(height, width)
+    new_h = min(size, max(1, (2 * height * size + longer) // (2 * longer)))  # round half up, in integers
+    new_w = min(size, max(1, (2 * width * size + longer) // (2 * longer)))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
+
+
+def _resize_to(x, height, width, mode):
+    """x [..., h, w] -> [..., height, width] on x's device.
+    "nearest": each output pixel takes the input pixel under its centre, src = floor((dst + 1/2)
+    * h / height) (PIL's NEAREST, torch's "nearest-exact"): an index gather, so any dtype (class
+    indices, instance ids) passes unchanged and a disc stays a disc.
+    "bilinear": half-pixel-centred bilinear, antialiased when shrinking (as PIL's BILINEAR);
+    uint8 in -> uint8 out (rounded), float in -> same float dtype."""
+    h, w = x.shape[-2:]
+    height, width = int(height), int(width)
+    if mode == "nearest":
+        rows = ((2 * torch.arange(height, device=x.device) + 1) * h) // (2 * height)
+        cols = ((2 * torch.arange(width, device=x.device) + 1) * w) // (2 * width)
+        return x.index_select(-2, rows).index_select(-1, cols)
+    if mode != "bilinear":
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', not {mode!r}")
+    lead = tuple(x.shape[:-2])
+    if (h, w) == (height, width):
+        return x.clone()
+    if x.numel() == 0:
+        return x.new_zeros(*lead, height, width)
+    flat = x.reshape(1, math.prod(lead), h, w).float()
+    y = F.interpolate(flat, size=(height, width), mode="bilinear", align_corners=False,
+                      antialias=height < h or width < w).reshape(*lead, height, width)
+    if x.dtype == torch.uint8:
+        return y.round().clamp(0, 255).to(torch.uint8)
+    return y.to(x.dtype) if x.is_floating_point() else y
+
+
+def _place_on_canvas(x, height, width, size, mode):
+    """x (an image of original size height x width, possibly already decoded smaller) resized into
+    letterbox_box(height, width, size) of a zero canvas [..., size, size]."""
+    top, left, new_h, new_w = letterbox_box(height, width, size)
+    out = x.new_zeros(*x.shape[:-2], size, size)
+    out[..., top:top + new_h, left:left + new_w] = _resize_to(x, new_h, new_w, mode)
+    return out
+
+
+def letterbox(image, size, mode="bilinear"):
+    """image [..., h, w] (uint8 [3,h,w], a mask [h,w], a batch [B,C,h,w]; CPU or CUDA) ->
+    [..., size, size], same dtype and device: resized isotropically into letterbox_box(h, w, size)
+    with `mode` ("bilinear" for images, "nearest" for masks and instances), zeros around it."""
+    h, w = image.shape[-2:]
+    return _place_on_canvas(image, h, w, size, mode)
+
+
+def from_canvas(x, height, width, mode=None):
+    """The inverse of `letterbox`: x [..., size, size] -> [..., height, width]. Crops
+    letterbox_box(height, width, size) and resizes it to the original size: mode "bilinear" for
+    float maps (probabilities, uncertainty), "nearest" for class indices and instances; None picks
+    bilinear for floating-point x and nearest otherwise."""
+    size = x.shape[-1]
+    if x.shape[-2] != size:
+        raise ValueError(f"from_canvas expects a square canvas [..., S, S], got {tuple(x.shape)}")
+    mode = mode or ("bilinear" if x.is_floating_point() else "nearest")
+    top, left, new_h, new_w = letterbox_box(height, width, size)
+    return _resize_to(x[..., top:top + new_h, left:left + new_w], height, width, mode)
+
+
+def _valid_map(height, width, size):
+    """uint8 [size,size]: 1 on the pixels letterbox_box(height, width, size) covers, 0 on padding."""
+    top, left, new_h, new_w = letterbox_box(height, width, size)
+    valid = torch.zeros(size, size, dtype=torch.uint8)
+    valid[top:top + new_h, left:left + new_w] = 1
+    return valid
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. File helpers for the official layouts: names are matched case-insensitively, macOS debris
+#    (__MACOSX, ._*) and hidden files are ignored, numbered names sort numerically, every folder
+#    of a layout is searched where unzipping puts it (`_locate`).
 # ---------------------------------------------------------------------------------------------
 
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+_SEARCH_DEPTH = 3  # folders between a layout component and where it is expected (zip wrapper, X/X/, ...)
 
 
 def _entries(folder):
@@ -1628,17 +2758,52 @@ def _child(folder, *names):
     return next((p for p in _entries(folder) if p.name.lower() in wanted), None)
 
 
-def _find(folder, *names, depth=3):
-    """The first file or folder called one of names at most `depth` levels below folder."""
-    found = _child(folder, *names)
-    if found is not None or depth == 0:
-        return found
-    for sub in _entries(folder):
-        if sub.is_dir():
-            found = _find(sub, *names, depth=depth - 1)
-            if found is not None:
-                return found
-    return None
+def _search_names(folder, wanted, kind, depth):
+    """Entries of `kind` ("dir" or "file") named one of `wanted` (lower-case) in folder or at most
+    `depth` folders below it; a match is not searched inside."""
+    found = []
+    for p in _entries(folder):
+        if p.name.lower() in wanted and (p.is_dir() if kind == "dir" else p.is_file()):
+            found.append(p)
+        elif depth > 0 and p.is_dir():
+            found += _search_names(p, wanted, kind, depth - 1)
+    return found
+
+
+def _inner_folder(folder, wanted):
+    """X/X/ -> the inner X: while a folder holds no image of its own and a child carries one of the
+    wanted names (REFUGE-Test400/Test400 too), step into that child."""
+    while not any(p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS for p in _entries(folder)):
+        inner = next((p for p in _entries(folder) if p.is_dir() and p.name.lower() in wanted), None)
+        if inner is None:
+            break
+        folder = inner
+    return folder
+
+
+def _locate(name, folder, *names, kind="dir", required=True, depth=_SEARCH_DEPTH):
+    """The folder (kind="dir") or file called one of `names` (case-insensitive) in `folder` or up to
+    `depth` folders below it, where unzipping leaves it: inside a folder named after its zip
+    (REFUGE-Training400/Training400/), doubled (X/X/ -> the inner X), beside __MACOSX. Two
+    different candidates are an error naming both; none is an error naming the layout (or None
+    when not `required`)."""
+    if folder is None:
+        found = []
+    else:
+        wanted = {n.lower() for n in names}
+        found = _search_names(folder, wanted, kind, depth)
+        found = list(dict.fromkeys(_inner_folder(p, wanted) if kind == "dir" else p for p in found))
+    if len(found) > 1:
+        raise DatasetError(f"{name}: two candidates for '{names[0]}': '{found[0]}' and '{found[1]}'"
+                           f"{f' (and {len(found) - 2} more)' if len(found) > 2 else ''}; "
+                           "keep one of them (or point --root at the right one)")
+    if found:
+        return found[0]
+    if not required:
+        return None
+    what = "folder" if kind == "dir" else "file"
+    raise DatasetError(f"{name}: no {what} '{names[0]}' in '{folder}' (searched {depth} folders down).\n"
+                       f"{_layout_help(name)}")
 
 
 def _images_in(folder, recursive=False):
@@ -1661,34 +2826,38 @@ def _open(name, path):
         raise DatasetError(f"{name}: cannot read image '{path}' ({error})") from error
 
 
+def _rgb_array(image):
+    """PIL image -> uint8 [h,w,3]; 16-bit and float images (MRI slices) stretched to 0..255."""
+    if image.mode in ("I", "I;16", "I;16B", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        array = (array - array.min()) / max(float(array.max() - array.min()), 1e-6) * 255
+        image = Image.fromarray(array.round().astype(np.uint8))
+    return np.asarray(image.convert("RGB"))
+
+
 def _read_image(name, path, size):
-    """RGB uint8 [3,size,size] (resized with PIL's antialiased bilinear filter) and the original
-    (width, height). JPEGs are decoded at a reduced scale when that still exceeds `size`."""
+    """RGB uint8 [3,size,size], letterboxed, and the original (height, width). JPEGs are decoded
+    at a reduced scale (PIL's draft) while that still covers the letterboxed size."""
     try:
         image = Image.open(path)
-        original = image.size
+        width, height = image.size
+        _, _, new_h, new_w = letterbox_box(height, width, size)
         if image.format == "JPEG":
-            image.draft("RGB", (size, size))
-        if image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit / float slices: stretch to 0..255
-            array = np.asarray(image, dtype=np.float32)
-            array = (array - array.min()) / max(float(array.max() - array.min()), 1e-6) * 255
-            image = Image.fromarray(array.round().astype(np.uint8))
-        image = image.convert("RGB").resize((size, size), Image.BILINEAR)
-    except Exception as error:
+            image.draft("RGB", (new_w, new_h))
+        array = _rgb_array(image)
+    except Exception as error:  # PIL raises several types for broken files
         raise DatasetError(f"{name}: cannot read image '{path}' ({error})") from error
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), original
+    return _place_on_canvas(torch.from_numpy(array.copy()).permute(2, 0, 1), height, width, size, "bilinear"), (height, width)
 
 
-def _read_label_map(name, path, size, expected_size, image_path, to_index):
-    """A mask as class indices [size,size] (uint8, or int32 for instances): `to_index` maps the
-    array as stored to indices (thresholds, never exact values); resized with nearest neighbour."""
+def _read_label_map(name, path, original, image_path, to_index):
+    """A mask as class indices at its original resolution, int32 [h,w]: `to_index` maps the array
+    as stored to indices (thresholds, never exact values). It must match its image's (h, w)."""
     image = _open(name, path)
-    if image.size != expected_size:
+    if image.size != (original[1], original[0]):
         raise DatasetError(f"{name}: mask '{path}' is {image.size[0]}x{image.size[1]} but its image "
-                           f"'{image_path}' is {expected_size[0]}x{expected_size[1]}")
-    index = to_index(image)
-    resized = Image.fromarray(index.astype(np.int32)).resize((size, size), Image.NEAREST)
-    return torch.from_numpy(np.asarray(resized).astype(np.int32))
+                           f"'{image_path}' is {original[1]}x{original[0]}")
+    return torch.from_numpy(np.ascontiguousarray(to_index(image)).astype(np.int32))
 
 
 def _binary(image):
@@ -1726,14 +2895,18 @@ def _read_xlsx(path):
     """Rows of the first worksheet of an .xlsx file (a zip of XML parts), read with the standard
     library: cells are str or float, missing cells ''."""
     ns = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
-    with zipfile.ZipFile(path) as book:
-        names = book.namelist()
-        shared = []
-        if "xl/sharedStrings.xml" in names:
-            root = ElementTree.fromstring(book.read("xl/sharedStrings.xml"))
-            shared = ["".join(t.text or "" for t in si.iter(f"{{{ns['m']}}}t")) for si in root.findall("m:si", ns)]
-        sheets = sorted((n for n in names if re.match(r"xl/worksheets/sheet\d+\.xml$", n)), key=_natural_key)
-        sheet = ElementTree.fromstring(book.read(sheets[0]))
+    try:
+        with zipfile.ZipFile(path) as book:
+            names = book.namelist()
+            shared = []
+            if "xl/sharedStrings.xml" in names:
+                root = ElementTree.fromstring(book.read("xl/sharedStrings.xml"))
+                shared = ["".join(t.text or "" for t in si.iter(f"{{{ns['m']}}}t")) for si in root.findall("m:si", ns)]
+            sheets = sorted((n for n in names if re.match(r"xl/worksheets/sheet\d+\.xml$", n)), key=_natural_key)
+            sheet = ElementTree.fromstring(book.read(sheets[0]))
+    except (OSError, IndexError, zipfile.BadZipFile, ElementTree.ParseError) as error:
+        raise DatasetError(f"cannot read '{path}' as an .xlsx workbook ({error or type(error).__name__}); "
+                           "save it from a spreadsheet program as .xlsx") from error
     rows = []
     for row in sheet.iter(f"{{{ns['m']}}}row"):
         cells = {}
@@ -1753,6 +2926,54 @@ def _read_xlsx(path):
         if cells:
             rows.append([cells.get(i, "") for i in range(max(cells) + 1)])
     return rows
+
+
+# NIfTI-1 datatype codes -> numpy types (nifti1.h); others (complex, RGB) are refused
+_NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
+
+
+def _read_nifti(name, path):
+    """A single-file NIfTI-1 volume (.nii, or gzipped .nii.gz) as float32 [nz, ny, nx], read with
+    the standard library and numpy. The 348-byte header gives the byte order (sizeof_hdr = 348
+    read little- or big-endian), dim (bytes 40-56), datatype (70), vox_offset (108), scl_slope and
+    scl_inter (112, 116; applied when the slope is non-zero: value = slope * stored + inter) and
+    the magic "n+1" (344). The voxels are stored with i fastest, so the C-order array is [k, j, i]:
+    slice k is an image whose rows are j and columns i -- the orientation the UML authors'
+    preprocessing writes (nibabel's [i, j, k] array, np.rot90(., 1) then np.flip(., 0), is the
+    transpose of each [i, j] slice)."""
+    try:
+        raw = Path(path).read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip magic: .nii.gz (whatever the file is called)
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DatasetError(f"{name}: cannot read '{path}' ({error})") from error
+    endian = next((e for e in "<>" if len(raw) >= 348 and struct.unpack(e + "i", raw[:4])[0] == 348), None)
+    if endian is None:
+        sizeof = struct.unpack("<i", raw[:4])[0] if len(raw) >= 4 else None
+        kind = "NIfTI-2" if sizeof in (540, 0x1C020000) else f"header size {sizeof}, not 348"
+        raise DatasetError(f"{name}: '{path}' is not a NIfTI-1 file ({kind})")
+    if raw[344:347] != b"n+1":
+        raise DatasetError(f"{name}: '{path}' is not a single-file NIfTI-1 image (magic {raw[344:348]!r}, "
+                           "expected 'n+1'; a .hdr/.img pair is not supported)")
+    dim = struct.unpack(endian + "8h", raw[40:56])
+    datatype = struct.unpack(endian + "h", raw[70:72])[0]
+    vox_offset = int(struct.unpack(endian + "f", raw[108:112])[0])
+    slope, inter = struct.unpack(endian + "2f", raw[112:120])
+    shape = [d for d in dim[1:1 + dim[0]]]
+    while len(shape) > 3 and shape[-1] == 1:  # a 4-D file holding one volume
+        shape.pop()
+    if len(shape) != 3 or min(shape) < 1:
+        raise DatasetError(f"{name}: '{path}' holds a volume of shape {tuple(dim[1:1 + dim[0]])}; expected 3-D")
+    if datatype not in _NIFTI_TYPES:
+        raise DatasetError(f"{name}: '{path}' has NIfTI datatype {datatype}, which is not a real-valued scalar type")
+    count = int(np.prod(shape))
+    dtype = np.dtype(endian + _NIFTI_TYPES[datatype])
+    if vox_offset + count * dtype.itemsize > len(raw):
+        raise DatasetError(f"{name}: '{path}' is truncated: {len(raw)} bytes for {shape} voxels of {dtype}")
+    data = np.frombuffer(raw, dtype, count, vox_offset).reshape(shape[::-1]).astype(np.float32)
+    if slope != 0 and np.isfinite(slope):
+        data = data * np.float32(slope) + np.float32(inter if np.isfinite(inter) else 0)
+    return data  # [nz, ny, nx]
 
 
 def _table_column(name, rows, key_header, value_header, path):
@@ -1782,19 +3003,28 @@ def _match_labels(name, names, table, path):
     return [table[n.lower()] for n in names]
 
 
-def _make_split(name, pairs, size, to_index, labels=None, where="", dtype=torch.uint8):
-    """Read (image path, [mask paths]) pairs into a split. One mask each gives masks [N,H,W];
-    several give [N,A,H,W] (A = the most any image has, unused slots 0) and n_annotations."""
+def _make_split(name, pairs, size, to_index, labels=None, where="", dtype=torch.uint8, full=False):
+    """Read (image path, [mask paths]) pairs into a split, letterboxed to size x size (images
+    bilinear, masks nearest), with `valid` (1 on image pixels) and `sizes` (original height, width).
+    One mask each gives masks [N,H,W]; several give [N,A,H,W] (A = the most any image has, unused
+    slots 0) and n_annotations. full=True also keeps each image's first mask at its original
+    resolution (list "full", int32)."""
     if not pairs:
         raise DatasetError(f"{name}: split is empty: no images found in '{where}'")
-    images, masks = [], []
+    images, masks, valid, sizes, originals = [], [], [], [], []
     for image_path, mask_paths in pairs:
         image, original = _read_image(name, image_path, size)
+        maps = [_read_label_map(name, m, original, image_path, to_index) for m in mask_paths]
         images.append(image)
-        masks.append([_read_label_map(name, m, size, original, image_path, to_index) for m in mask_paths])
+        masks.append([letterbox(m, size, "nearest") for m in maps])
+        valid.append(_valid_map(*original, size))
+        sizes.append(original)
+        if full:
+            originals.append(maps[0])
     counts = [len(m) for m in masks]
     split = {"images": torch.stack(images), "names": [Path(p).stem for p, _ in pairs],
-             "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64)}
+             "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64),
+             "valid": torch.stack(valid), "sizes": torch.tensor(sizes, dtype=torch.int64)}
     if max(counts) == 1:
         split["masks"] = torch.stack([m[0] for m in masks]).to(dtype)
     else:
@@ -1802,6 +3032,8 @@ def _make_split(name, pairs, size, to_index, labels=None, where="", dtype=torch.
         for i, ms in enumerate(masks):
             slots[i, :len(ms)] = torch.stack(ms).to(dtype)
         split.update(masks=slots, n_annotations=torch.tensor(counts, dtype=torch.int64))
+    if full:
+        split["full"] = originals
     return split
 
 
@@ -1826,24 +3058,35 @@ def _pair(name, images, index, where):
     return pairs
 
 
-# ---------------------------------------------------------------------------------------------
-# 8. The official layouts. Each reader gets the dataset folder (after tolerating a doubled top
-#    folder) and returns its official splits; seeded train/val splits are made after the cache.
-# ---------------------------------------------------------------------------------------------
+def _dataset_warning(message):
+    print(f"warning: {message}", file=sys.stderr)
 
 
-def _need(name, folder, *names):
-    found = _child(folder, *names) if folder is not None else None
-    if found is None:
-        raise DatasetError(f"{name}: missing '{names[0]}' in '{folder}'.\n{_layout_help(name)}")
-    return found
+def _labels_or_none(name, options, read):
+    """`read()`'s labels. A label file that is missing or does not parse is an error when the
+    caller needs the labels (option need_labels, default from _READERS) and a warning otherwise
+    (e.g. PH2's txt for segmentation-only use): loading goes on without labels."""
+    try:
+        return read()
+    except (DatasetError, ValueError, KeyError, IndexError, zipfile.BadZipFile, ElementTree.ParseError) as error:
+        if options.get("need_labels", _READERS[name]["need_labels"]):
+            raise error if isinstance(error, DatasetError) else DatasetError(f"{name}: {error}") from error
+        _dataset_warning(f"{error}\n  (labels are not needed: going on without them)")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The official layouts. Each reader gets the dataset folder (after tolerating a doubled top
+#    folder), finds every component with `_locate` and returns its official splits, letterboxed;
+#    seeded train/val splits, `exclude` and the overlap check come after the cache (section 10).
+# ---------------------------------------------------------------------------------------------
 
 
 def _read_refuge(root, size, options):
     name, out = "refuge", {}
     # training: labels from the class folders
-    train_dir = _need(name, root, "Training400")
-    masks_dir = _need(name, _need(name, root, "Annotation-Training400"), "Disc_Cup_Masks")
+    train_dir = _locate(name, root, "Training400")
+    masks_dir = _locate(name, _locate(name, root, "Annotation-Training400"), "Disc_Cup_Masks")
     index = _mask_index(name, masks_dir)
     pairs, labels = [], []
     for cls in _entries(train_dir):
@@ -1853,158 +3096,319 @@ def _read_refuge(root, size, options):
             labels += [int(cls.name.lower() == "glaucoma")] * len(found)
     out["train"] = _make_split(name, pairs, size, _refuge_classes, labels, train_dir)
     # validation: labels in Fovea_locations.xlsx, column "Glaucoma Label"
-    val_dir = _need(name, root, "REFUGE-Validation400")
-    gt_dir = _need(name, root, "REFUGE-Validation400-GT")
-    index = _mask_index(name, _child(gt_dir, "Disc_Cup_Masks") or gt_dir)
+    val_dir = _locate(name, root, "REFUGE-Validation400")
+    gt_dir = _locate(name, root, "REFUGE-Validation400-GT")
+    index = _mask_index(name, _locate(name, gt_dir, "Disc_Cup_Masks", required=False) or gt_dir)
     found = _images_in(val_dir)
-    xlsx = _find(gt_dir, "Fovea_locations.xlsx") or _find(root, "Fovea_locations.xlsx")
-    if xlsx is None:
-        raise DatasetError(f"{name}: missing 'Fovea_locations.xlsx' (validation labels) in '{gt_dir}'")
-    table = _table_column(name, _read_xlsx(xlsx), "ImgName", "Glaucoma Label", xlsx)
-    labels = [int(float(v)) for v in _match_labels(name, [p.stem for p in found], table, xlsx)]
+
+    def validation_labels():
+        xlsx = (_locate(name, gt_dir, "Fovea_locations.xlsx", kind="file", required=False)
+                or _locate(name, root, "Fovea_locations.xlsx", kind="file"))
+        table = _table_column(name, _read_xlsx(xlsx), "ImgName", "Glaucoma Label", xlsx)
+        return [int(float(v)) for v in _match_labels(name, [p.stem for p in found], table, xlsx)]
+    labels = _labels_or_none(name, options, validation_labels)
     out["val"] = _make_split(name, _pair(name, found, index, gt_dir), size, _refuge_classes, labels, val_dir)
     # test: labels from REFUGE-Test-GT's G/N mask folders, else from the xlsx column
-    test_dir = _need(name, root, "Test400", "REFUGE-Test400")
-    gt_dir = _need(name, root, "REFUGE-Test-GT")
-    index = _mask_index(name, _child(gt_dir, "Disc_Cup_Masks") or gt_dir)
+    test_dir = _locate(name, root, "Test400", "REFUGE-Test400")
+    gt_dir = _locate(name, root, "REFUGE-Test-GT")
+    index = _mask_index(name, _locate(name, gt_dir, "Disc_Cup_Masks", required=False) or gt_dir)
     found = _images_in(test_dir)
-    by_folder = {s: int(p.parent.name.lower() == "g") for s, p in index.items()
-                 if p.parent.name.lower() in ("g", "n")}
-    if found and all(p.stem.lower() in by_folder for p in found):
-        labels = [by_folder[p.stem.lower()] for p in found]
-    else:
+
+    def test_labels():
+        by_folder = {s: int(p.parent.name.lower() == "g") for s, p in index.items()
+                     if p.parent.name.lower() in ("g", "n")}
+        if found and all(p.stem.lower() in by_folder for p in found):
+            return [by_folder[p.stem.lower()] for p in found]
         xlsx_name = "Glaucoma_label_and_Fovea_location.xlsx"
-        xlsx = _find(gt_dir, xlsx_name) or _find(root, xlsx_name)
+        xlsx = (_locate(name, gt_dir, xlsx_name, kind="file", required=False)
+                or _locate(name, root, xlsx_name, kind="file", required=False))
         if xlsx is None:
-            raise DatasetError(f"{name}: no test labels: neither G/N folders in '{gt_dir}' nor "
-                               "'Glaucoma_label_and_Fovea_location.xlsx'")
+            raise DatasetError(f"{name}: no test labels: neither G/N folders in '{gt_dir}' nor '{xlsx_name}'")
         table = _table_column(name, _read_xlsx(xlsx), "ImgName", "Label(Glaucoma=1)", xlsx)
-        labels = [int(float(v)) for v in _match_labels(name, [p.stem for p in found], table, xlsx)]
+        return [int(float(v)) for v in _match_labels(name, [p.stem for p in found], table, xlsx)]
+    labels = _labels_or_none(name, options, test_labels)
     out["test"] = _make_split(name, _pair(name, found, index, gt_dir), size, _refuge_classes, labels, test_dir)
     return out
 
 
+_ISIC_ID = re.compile(r"isic_\d+")
+
+
 def _read_isic2017(root, size, options):
+    """Every ISIC-2017_<tag>_Data folder present (Training, Validation, Test_v2) becomes a split, so
+    that a test set alone (Test_v2 images and masks) loads too. Labels from the Part 3 CSVs."""
     name, out = "isic2017", {}
     for split, tag in (("train", "Training"), ("val", "Validation"), ("test", "Test_v2")):
-        data_dir = _need(name, root, f"ISIC-2017_{tag}_Data")
-        truth_dir = _need(name, root, f"ISIC-2017_{tag}_Part1_GroundTruth")
-        found = [p for p in _images_in(data_dir) if re.fullmatch(r"isic_\d+", p.stem.lower())]  # skips superpixels
-        csv_path = _find(root, f"ISIC-2017_{tag}_Part3_GroundTruth.csv", depth=1)
-        if csv_path is None:
-            raise DatasetError(f"{name}: missing 'ISIC-2017_{tag}_Part3_GroundTruth.csv' in '{root}'")
-        table = {r[0]: r for r in _read_csv(csv_path)[1:]}
-        rows = _match_labels(name, [p.stem for p in found], table, csv_path)
-        # image_id, melanoma, seborrheic_keratosis (floats); nevus when both are 0
-        labels = [1 if float(r[1]) >= 0.5 else 2 if float(r[2]) >= 0.5 else 0 for r in rows]
+        data_dir = _locate(name, root, f"ISIC-2017_{tag}_Data", required=False)
+        if data_dir is None:
+            continue
+        truth_dir = _locate(name, root, f"ISIC-2017_{tag}_Part1_GroundTruth")
+        found = [p for p in _images_in(data_dir) if _ISIC_ID.fullmatch(p.stem.lower())]  # skips superpixels
+
+        def read_labels(tag=tag, found=found):
+            csv_path = _locate(name, root, f"ISIC-2017_{tag}_Part3_GroundTruth.csv", kind="file")
+            table = {r[0]: r for r in _read_csv(csv_path)[1:]}
+            rows = _match_labels(name, [p.stem for p in found], table, csv_path)
+            # image_id, melanoma, seborrheic_keratosis (floats); nevus when both are 0
+            return [1 if float(r[1]) >= 0.5 else 2 if float(r[2]) >= 0.5 else 0 for r in rows]
+        labels = _labels_or_none(name, options, read_labels)
         pairs = _pair(name, found, _mask_index(name, truth_dir, "_segmentation"), truth_dir)
         out[split] = _make_split(name, pairs, size, _binary, labels, data_dir)
+    if not out:
+        raise DatasetError(f"{name}: no ISIC-2017_{{Training,Validation,Test_v2}}_Data folder in '{root}'.\n"
+                           f"{_layout_help(name)}")
     return out
 
 
-def _read_isic_multi(root, size, options):
-    name = "isic-multi"
-    inputs, targets = _child(root, "inputs"), _child(root, "targets")
+# Ribeiro et al.'s split lists (the D-LEMA paper tests on "the exact set" of their ISIC test images)
+_SPLIT_LISTS = {"train": "train_isic_titans_full.txt", "val": "validation_isic_titans_full.txt",
+                "test": "test_isic_titans_2000.txt", "ph2": "test_ph2.txt", "dermofit": "test_dermofit.txt"}
+_LISTED_PATH = re.compile(r"\S.*?\.(?:jpe?g|png|bmp|tiff?)(?=\s|$)", re.I)  # a path may hold spaces
+
+
+def _split_list(name, root, options, key):
+    """The path of Ribeiro et al.'s list `_SPLIT_LISTS[key]`: in the folder given with option
+    `splits` when given, else anywhere under the dataset folder; None when absent."""
+    filename = _SPLIT_LISTS[key]
+    if options.get("splits"):
+        folder = Path(options["splits"]).expanduser()
+        if not folder.is_dir():
+            raise DatasetError(f"{name}: splits folder '{folder}' does not exist")
+        return _locate(name, folder, filename, kind="file", required=False)
+    return _locate(name, root, filename, kind="file", required=False, depth=8)
+
+
+def _file_index(name, root):
+    """{lower-case file name: path} of every image file under root; a name twice is kept as a list
+    of both so that a split list naming it can say which two."""
+    index = {}
+    for p in _images_in(root, recursive=True):
+        index.setdefault(p.name.lower(), []).append(p)
+    return index
+
+
+def _read_split_list(name, path, index):
+    """[(image, [masks])] from a split list: each line is space-separated absolute paths from the
+    authors' machine, image first, then its masks. Files are matched by name (case-insensitive);
+    every listed file that is not in the dataset folder is named in one error."""
+    pairs, missing = [], []
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
+        listed = _LISTED_PATH.findall(line.strip())
+        if not listed:
+            continue
+        if len(listed) < 2:
+            raise DatasetError(f"{name}: line {number} of '{path}' lists an image without masks: {line.strip()!r}")
+        local = []
+        for entry in listed:
+            candidates = index.get(entry.replace("\\", "/").rsplit("/", 1)[-1].lower(), [])
+            if len(candidates) > 1:
+                raise DatasetError(f"{name}: '{path}' lists '{entry}', and two files carry its name: "
+                                   f"'{candidates[0]}' and '{candidates[1]}'")
+            if not candidates:
+                missing.append(entry)
+            else:
+                local.append(candidates[0])
+        if len(local) == len(listed):
+            pairs.append((local[0], local[1:]))
+    if missing:
+        shown = ", ".join(Path(m.replace("\\", "/")).name for m in missing[:5])
+        raise DatasetError(f"{name}: {len(missing)} file(s) listed in '{path}' are not in the dataset folder: "
+                           f"{shown}{' ...' if len(missing) > 5 else ''}")
+    if not pairs:
+        raise DatasetError(f"{name}: split list '{path}' lists no image")
+    return pairs
+
+
+def _as_annotations(split):
+    """Masks [N,A,H,W] with n_annotations (a one-mask split gets A = 1 and counts of 1)."""
+    if split["masks"].dim() == 3:
+        split["masks"] = split["masks"][:, None]
+        split["n_annotations"] = torch.ones(len(split["masks"]), dtype=torch.int64)
+    return split
+
+
+def _isic_multi_groups(name, root):
+    """The images and {image id: [mask paths]} of either isic-multi layout. IMA++: masks are
+    ISIC_<id>_<annotator>_<tool>_<skill>[_<n>].png; an annotator counts once per image (the first
+    of its masks in name order is kept, the others are reported); consensus ST/MV masks skipped."""
+    inputs = _locate(name, root, "inputs", required=False)
+    targets = _locate(name, root, "targets", required=False) if inputs is not None else None
     groups = {}
-    if inputs is not None and targets is not None:  # inputs/ISIC_x.jpg, targets/ISIC_x_segmentation_k.png
-        found = _images_in(inputs)
-        for p in _images_in(targets):
-            match = re.fullmatch(r"(isic_\d+)_segmentation_\d+", p.stem.lower())
+    if inputs is not None and targets is not None:  # Ribeiro: inputs/ISIC_x.jpg, targets/ISIC_x_<...>.png
+        images = [p for p in _images_in(inputs, recursive=True) if _ISIC_ID.fullmatch(p.stem.lower())]
+        for p in _images_in(targets, recursive=True):
+            match = re.match(r"(isic_\d+)_", p.stem.lower())
             if match:
                 groups.setdefault(match.group(1), []).append(p)
-    else:  # ISIC MultiAnnot++: ISIC_<id>_<annotator>_<T>_<S>_<obj>.png beside the images
-        files = _images_in(root, recursive=True)
-        found = [p for p in files if re.fullmatch(r"isic_\d+", p.stem.lower())]
-        for p in files:
-            stem = p.stem.lower() + "_"
-            match = re.fullmatch(r"(isic_\d+)_.+", p.stem.lower())
-            if match and not any(tag in stem for tag in ("_st_", "_mv_", "_superpixels_")):
-                groups.setdefault(match.group(1), []).append(p)
-    pairs = []
-    for p in found:
-        if p.stem.lower() not in groups:
+        return images, groups
+    files = _images_in(root, recursive=True)
+    images = [p for p in files if _ISIC_ID.fullmatch(p.stem.lower())]
+    by_annotator = {}
+    for p in files:
+        match = re.fullmatch(r"(isic_\d+)_(.+)", p.stem.lower())
+        if not match:
+            continue
+        annotator = match.group(2).split("_")[0]
+        if annotator in ("st", "mv", "superpixels"):
+            continue
+        by_annotator.setdefault(match.group(1), {}).setdefault(annotator, []).append(p)
+    repeated = []
+    for image_id, annotators in by_annotator.items():
+        for annotator, masks in annotators.items():
+            masks.sort(key=lambda q: _natural_key(q.name))
+            groups.setdefault(image_id, []).append(masks[0])
+            if len(masks) > 1:
+                repeated.append(f"{image_id.upper()}: annotator {annotator.upper()} has {len(masks)} masks, "
+                                f"keeping '{masks[0].name}', skipping {[m.name for m in masks[1:]]}")
+    if repeated:
+        print(f"{name}: {len(repeated)} image(s) with two masks from one annotator (each annotator counts once):\n  "
+              + "\n  ".join(repeated[:10]) + ("\n  ..." if len(repeated) > 10 else ""))
+    return images, groups
+
+
+def _read_isic_multi(root, size, options):
+    """D-LEMA's ISIC Archive (Sec. 3.1): images with two or more masks are the training pool (split
+    80/20 into train/val with the seed after the cache), images with exactly one mask the `test`
+    split (Ribeiro et al.'s single-mask ISIC test set). Ribeiro et al.'s split lists, when found
+    under the root or given with option `splits`, define the splits instead."""
+    name = "isic-multi"
+    lists = {k: _split_list(name, root, options, k) for k in ("train", "val", "test")}
+    if any(lists.values()):
+        if not (lists["train"] and lists["val"]):
+            raise DatasetError(f"{name}: found '{lists['train'] or lists['val'] or lists['test']}' but not both "
+                               f"'{_SPLIT_LISTS['train']}' and '{_SPLIT_LISTS['val']}'")
+        index = _file_index(name, root)
+        out = {split: _make_split(name, _read_split_list(name, path, index), size, _binary, None, path)
+               for split, path in lists.items() if path}
+        return {k: _as_annotations(v) for k, v in out.items()}
+    images, groups = _isic_multi_groups(name, root)
+    pool, single = [], []
+    for p in images:
+        masks = sorted(groups.get(p.stem.lower(), []), key=lambda q: _natural_key(q.name))
+        if not masks:
             raise DatasetError(f"{name}: image '{p}' has no segmentation mask")
-        pairs.append((p, sorted(groups[p.stem.lower()], key=lambda q: _natural_key(q.name))))
-    return {"train": _make_split(name, pairs, size, _binary, None, root)}
+        (pool if len(masks) >= 2 else single).append((p, masks))
+    print(f"{name}: {len(pool)} images with two or more masks (train/val), {len(single)} with one (test)")
+    out = {"train": _as_annotations(_make_split(name, pool, size, _binary, None, root))}
+    if single:
+        out["test"] = _as_annotations(_make_split(name, single, size, _binary, None, root))
+    return out
 
 
 def _read_ph2(root, size, options):
     name = "ph2"
-    images_dir = _find(root, "PH2 Dataset images", "PH2_Dataset_images", depth=2)
-    if images_dir is None:
-        raise DatasetError(f"{name}: no 'PH2 Dataset images' folder in '{root}'.\n{_layout_help(name)}")
-    pairs = []
-    for case in _entries(images_dir):
-        if not case.is_dir():
-            continue
-        image = _find(case, f"{case.name}_Dermoscopic_Image", depth=0)
-        lesion = _find(case, f"{case.name}_lesion", depth=0)
-        image_files = _images_in(image) if image else []
-        if not image_files:
-            raise DatasetError(f"{name}: no dermoscopic image in '{case}'")
-        masks = _images_in(lesion) if lesion else []
-        if not masks:
-            raise DatasetError(f"{name}: image '{image_files[0]}' has no mask "
-                               f"(expected {case.name}_lesion/{case.name}_lesion.bmp)")
-        pairs.append((image_files[0], masks[:1]))
-    labels, txt = None, _find(root, "PH2_dataset.txt", depth=2)
-    if txt is not None:
+    images_dir = _locate(name, root, "PH2 Dataset images", "PH2_Dataset_images")
+    listed = _split_list(name, root, options, "ph2")
+    if listed is not None:
+        pairs = _read_split_list(name, listed, _file_index(name, root))
+    else:
+        pairs = []
+        for case in _entries(images_dir):
+            if not case.is_dir():
+                continue
+            image = _child(case, f"{case.name}_Dermoscopic_Image")
+            lesion = _child(case, f"{case.name}_lesion")
+            image_files = _images_in(image) if image else []
+            if not image_files:
+                raise DatasetError(f"{name}: no dermoscopic image in '{case}'")
+            masks = _images_in(lesion) if lesion else []
+            if not masks:
+                raise DatasetError(f"{name}: image '{image_files[0]}' has no mask "
+                                   f"(expected {case.name}_lesion/{case.name}_lesion.bmp)")
+            pairs.append((image_files[0], masks[:1]))
+    txt = _locate(name, root, "PH2_dataset.txt", kind="file", required=False)
+
+    def read_labels():
         # '||'-separated table; empty cells are kept so that the columns stay aligned
         rows = [[c.strip() for c in line.split("||")] for line in _read_text(txt).split("\n") if "||" in line]
         table = _table_column(name, rows, "Name", "Clinical Diagnosis", txt)
         table = {k: v for k, v in table.items() if re.fullmatch(r"IMD\d+", k, re.I)}
-        labels = [int(v) for v in _match_labels(name, [p.stem for p, _ in pairs], table, txt)]
+        return [int(v) for v in _match_labels(name, [p.stem for p, _ in pairs], table, txt)]
+    labels = _labels_or_none(name, options, read_labels) if txt is not None else None
     return {"test": _make_split(name, pairs, size, _binary, labels, images_dir)}
 
 
 def _read_dermofit(root, size, options):
+    """originalImages/<CLASS>/<ID>/<ID>.png with originalMasks/<CLASS>/<ID>/<ID>mask.png; the class
+    folder is the label. Ribeiro et al.'s test_dermofit.txt, when found or given, selects the images."""
     name = "dermofit"
-    images_dir = _need(name, root, "originalImages")
-    masks_dir = _need(name, root, "originalMasks")
-    index = _mask_index(name, masks_dir, "mask")
+    images_dir = _locate(name, root, "originalImages")
+    masks_dir = _locate(name, root, "originalMasks")
     classes = [c.name for c in _entries(images_dir) if c.is_dir()]
-    pairs, labels = [], []
-    for k, cls in enumerate(classes):
-        found = [p for p in _images_in(images_dir / cls, recursive=True) if not p.stem.lower().endswith("mask")]
-        pairs += _pair(name, found, index, masks_dir)
-        labels += [k] * len(found)
+    listed = _split_list(name, root, options, "dermofit")
+    if listed is not None:
+        pairs = _read_split_list(name, listed, _file_index(name, root))
+        labels = []
+        for image, _ in pairs:
+            try:
+                labels.append(classes.index(image.relative_to(images_dir).parts[0]))
+            except (ValueError, IndexError):
+                raise DatasetError(f"{name}: '{image}' (listed in '{listed}') is not in a class folder of "
+                                   f"'{images_dir}'") from None
+    else:
+        index = _mask_index(name, masks_dir, "mask")
+        pairs, labels = [], []
+        for k, cls in enumerate(classes):
+            found = [p for p in _images_in(images_dir / cls, recursive=True) if not p.stem.lower().endswith("mask")]
+            pairs += _pair(name, found, index, masks_dir)
+            labels += [k] * len(found)
     split = _make_split(name, pairs, size, _binary, labels, images_dir)
     split["class_names"] = classes
     return {"test": split}
 
 
+# GlaS border rule, in the originals' pixels: a gland pixel is border when a pixel of another
+# label (stroma or another gland) lies within `border_width` pixels (chessboard distance), lumen
+# otherwise; the image edge does not count. The paper gives no rule. 18 px (about 11 um at GlaS'
+# 0.62 um/px) is the 3 px of a 128 px canvas the project used before (775 * 3 / 128 = 18.2).
+_GLAS_BORDER_WIDTH = 18
+
+
 def _read_glas(root, size, options):
     """GlaS / Warwick-QU: train_N.bmp with train_N_anno.bmp (instances 0..k), testA_* and testB_*,
-    Grade.csv. Region masks are derived from the instances: border = gland pixels within
-    `border_width` pixels (chessboard distance) of the gland's edge, lumen = the rest of the gland.
-    Default width 3 px at 128 px (2.3 % of the side, about 18 px in the 775x522 originals), scaled
-    linearly with size: thick enough to be learnt, thin enough that small glands keep a lumen."""
+    Grade.csv, all in one folder. Images keep their aspect ratio (letterbox); region masks
+    (0 stroma, 1 border, 2 lumen) are derived from the instances at the original resolution with
+    option border_width (original pixels, default _GLAS_BORDER_WIDTH) and then letterboxed. Each
+    split also holds full_instances / full_masks at the original resolution for the metrics."""
     name = "glas"
-    grade = _find(root, "Grade.csv", depth=0)
-    table = _table_column(name, _read_csv(grade), "name", "grade (GlaS)", grade)
-    files = _images_in(root)
+    grade = _locate(name, root, "Grade.csv", kind="file")
+    folder = grade.parent
+    files = _images_in(folder)
     index = {_stem(p)[:-5]: p for p in files if _stem(p).endswith("_anno")}
-    width = int(options.get("border_width") or max(1, round(3 * size / 128)))
+    width = int(options.get("border_width") or _GLAS_BORDER_WIDTH)
+    if width < 1:
+        raise DatasetError(f"{name}: border_width must be at least 1 pixel, got {width}")
+    table = _labels_or_none(name, options, lambda: _table_column(name, _read_csv(grade), "name", "grade (GlaS)", grade))
     out = {}
     for split, prefixes in (("train", ("train_",)), ("test", ("testa_", "testb_"))):
         found = [p for pre in prefixes for p in files if _stem(p).startswith(pre) and not _stem(p).endswith("_anno")]
-        grades = {k: v for k, v in table.items() if k.lower().startswith(prefixes)}
-        grades = _match_labels(name, [p.stem for p in found], grades, grade)
-        labels = [["benign", "malignant"].index(str(v).strip().lower()) for v in grades]
-        data = _make_split(name, _pair(name, found, index, root), size, _raw_labels, labels, root, torch.int32)
-        data["instances"] = data["masks"]
-        data["masks"] = _glas_regions(data["instances"], width)
+
+        def read_labels(found=found, prefixes=prefixes):
+            grades = {k: v for k, v in table.items() if k.lower().startswith(prefixes)}
+            grades = _match_labels(name, [p.stem for p in found], grades, grade)
+            return [["benign", "malignant"].index(str(v).strip().lower()) for v in grades]
+        labels = None if table is None else _labels_or_none(name, options, read_labels)
+        data = _make_split(name, _pair(name, found, index, folder), size, _raw_labels, labels, folder, torch.int32,
+                           full=True)
+        full_instances = data.pop("full")
+        full_masks = [_glas_regions(f[None], width)[0] for f in full_instances]
+        data["instances"] = data.pop("masks")  # letterboxed with nearest: ids kept
+        data["masks"] = torch.stack([letterbox(m, size, "nearest") for m in full_masks])
+        data.update(full_instances=full_instances, full_masks=full_masks)
         out[split] = data
     return out
 
 
 def _glas_regions(instances, width):
-    """0 stroma, 1 border, 2 lumen from instance maps [N,H,W]: a gland pixel is lumen when every
-    pixel within `width` (a (2w+1)^2 square, image border replicated) carries its own instance."""
+    """0 stroma, 1 border, 2 lumen (uint8) from instance maps [N,H,W]: a gland pixel is lumen when
+    every pixel within `width` (a (2w+1)^2 square, image border replicated) carries its own id."""
     x = instances.float()[:, None]
     padded = F.pad(x, (width,) * 4, mode="replicate")
-    high = F.max_pool2d(padded, 2 * width + 1, stride=1)
-    low = -F.max_pool2d(-padded, 2 * width + 1, stride=1)
+    k = 2 * width + 1
+
+    def square_max(v):  # the max over a k x k square = a max over rows, then over columns (separable: 2k, not k^2)
+        return F.max_pool2d(F.max_pool2d(v, (1, k), stride=1), (k, 1), stride=1)
+    high, low = square_max(padded), -square_max(-padded)
     gland = instances > 0
     lumen = gland & (high[:, 0] == x[:, 0]) & (low[:, 0] == x[:, 0])
     return gland.to(torch.uint8) + lumen.to(torch.uint8)
@@ -2016,15 +3420,23 @@ def _folder_classes(image):
     return np.where(array == 255, 1, array) if set(np.unique(array).tolist()) <= {0, 255} else array
 
 
-def _read_folder(root, size, options, name="folder"):
+_SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+
+
+def _split_folders(name, root):
+    """{split: folder} for the split folders present (train/, val/ or valid/, test/; any case)."""
+    found = {s: _locate(name, root, *aliases, required=False) for s, aliases in _SPLIT_FOLDERS.items()}
+    return {s: f for s, f in found.items() if f is not None}
+
+
+def _read_folder(root, size, options, name="folder", to_index=_folder_classes):
     """root/{train,val,test}/images/<name>.<ext>, root/<split>/masks/<name>.png (several
     annotators: <name>_<k>.png), optional labels.csv (name,label) in root or in a split folder;
     labels may be integers or class names (sorted to indices)."""
-    split_dirs = [(s, _child(root, s)) for s in _SPLITS if _child(root, s) is not None]
     listed, tables = {}, {}
-    for split, folder in split_dirs:
-        images_dir = _need(name, folder, "images")
-        listed[split] = (_images_in(images_dir), _need(name, folder, "masks"), images_dir)
+    for split, folder in _split_folders(name, root).items():
+        images_dir = _locate(name, folder, "images")
+        listed[split] = (_images_in(images_dir), _locate(name, folder, "masks"), images_dir)
         for csv_path in filter(None, [_child(folder, "labels.csv")]):
             tables[csv_path] = _read_csv(csv_path)
     top = _child(root, "labels.csv")
@@ -2071,7 +3483,7 @@ def _read_folder(root, size, options, name="folder"):
                 raise DatasetError(f"{name}: no label for image(s) {missing[:5]} in {sorted(map(str, tables))}")
             raw = [label_of[p.stem.lower()] for p in found]
             labels = [int(v) for v in raw] if numeric else [class_names.index(v) for v in raw]
-        out[split] = _make_split(name, pairs, size, _folder_classes, labels, images_dir)
+        out[split] = _make_split(name, pairs, size, to_index, labels, images_dir)
     if not out:
         raise DatasetError(f"{name}: no train/val/test folder in '{root}'.\n{_layout_help(name)}")
     top_class = max(int(s["masks"].max()) for s in out.values())
@@ -2081,69 +3493,278 @@ def _read_folder(root, size, options, name="folder"):
     return out
 
 
+# I-SPY 1 as the UML paper uses it (Sec. 3): 157 patients, 10 tumour slices each, 1,230 / 170 /
+# 170 slices -> 123 / 17 / 17 patients for train / val / test, split by patient. The authors'
+# preprocessing (github.com/KarryRen/UML, Data/ispy_preprocess.py) splits differently: 127 / 15 / 15
+# patients, by row order of outcome_new.xlsx within each pCR class (92+35 / 11+4 / 11+4), no seed;
+# we follow the paper's numbers, seeded and, as the authors, stratified by pCR.
+_ISPY_SLICES = 10
+_ISPY_SHARES = (1230, 170, 170)
+_ISPY_TREE_NAME = re.compile(r"(ispy_\d+)_(\d)_s(\d+)_img")  # the authors' JPEG tree: ispy_<id>_<pcr>_s<k>_img
+
+
+def _tumour_slices(areas, keep=_ISPY_SLICES):
+    """The slices the UML authors' preprocessing keeps: from (peak - keep // 2) upwards, the first
+    `keep` slices with tumour; when that gives fewer, the slices with tumour just below
+    (peak - keep // 2 - 1 down to peak - keep // 2 - (keep - 1)). peak = the first slice of
+    largest tumour area. Returned in slice order."""
+    peak = int(np.argmax(areas))
+    start = max(0, peak - keep // 2)  # the authors' code lets a negative start wrap around the volume
+    chosen = [k for k in range(start, len(areas)) if areas[k] > 0][:keep]
+    for k in range(start - 1, max(-1, start - keep), -1):
+        if len(chosen) == keep:
+            break
+        if areas[k] > 0:
+            chosen.append(k)
+    return sorted(chosen)
+
+
+def _slice_to_uint8(array):
+    """A slice -> uint8 0..255 stretched between its own min and max (what plt.imsave with the
+    grey colour map does in the authors' preprocessing)."""
+    low, high = float(array.min()), float(array.max())
+    return np.round((array - low) / max(high - low, 1e-12) * 255).astype(np.uint8)
+
+
+def _read_ispy1_nifti(root, size, options, outcome):
+    """(a) The download the UML authors' preprocessing starts from: Dataset ISPY/ISPY_<id>/
+    DCEMRI_1.nii[.gz], Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz], outcome_new.xlsx
+    (SUBJECTID, PCR). Every patient of the spreadsheet gives 10 slices `ISPY_<id>_s<k>`; one pool
+    ("all") that the loader splits by patient with the seed."""
+    name = "ispy1"
+    rows = _read_xlsx(outcome)
+    table = _table_column(name, rows, "SUBJECTID", "PCR", outcome)
+    volumes = _locate(name, root, "Dataset ISPY")
+    tumours = _locate(name, root, "Tumor_segmentation_new")
+    images, masks, valid, sizes, names, labels, short = [], [], [], [], [], [], []
+    for subject, pcr in table.items():
+        subject = str(int(float(subject))) if re.fullmatch(r"\d+(\.0*)?", str(subject)) else str(subject)
+        try:
+            label = int(float(pcr))
+        except ValueError:
+            label = -1
+        if label not in (0, 1):
+            raise DatasetError(f"{name}: '{outcome}' gives PCR {pcr!r} for SUBJECTID {subject}; expected 0 or 1")
+        folder = _child(volumes, f"ISPY_{subject}")
+        image_path = folder and _locate(name, folder, "DCEMRI_1.nii", "DCEMRI_1.nii.gz", kind="file",
+                                        required=False, depth=1)
+        mask_path = _locate(name, tumours, f"ISPY_{subject}_tumor_mask.nii", f"ISPY_{subject}_tumor_mask.nii.gz",
+                            kind="file", required=False, depth=1)
+        if not image_path or not mask_path:
+            missing = (f"{volumes}/ISPY_{subject}/DCEMRI_1.nii[.gz]" if not image_path
+                       else f"{tumours}/ISPY_{subject}_tumor_mask.nii[.gz]")
+            raise DatasetError(f"{name}: SUBJECTID {subject} of '{outcome}' has no '{missing}'")
+        volume, tumour = _read_nifti(name, image_path), _read_nifti(name, mask_path)
+        if volume.shape != tumour.shape:
+            raise DatasetError(f"{name}: image '{image_path}' has shape {volume.shape[::-1]} but its mask "
+                               f"'{mask_path}' has {tumour.shape[::-1]} (i, j, k)")
+        tumour = tumour != 0  # the authors keep a slice when its mask sum is non-zero
+        chosen = _tumour_slices(tumour.sum((1, 2)))
+        if len(chosen) < _ISPY_SLICES:
+            short.append(f"ISPY_{subject}: {len(chosen)} slice(s) with tumour")
+        height, width = volume.shape[1:]
+        for k in chosen:
+            grey = torch.from_numpy(_slice_to_uint8(volume[k]))
+            images.append(_place_on_canvas(grey.expand(3, height, width), height, width, size, "bilinear"))
+            masks.append(letterbox(torch.from_numpy(tumour[k].astype(np.uint8)), size, "nearest"))
+            valid.append(_valid_map(height, width, size))
+            sizes.append((height, width))
+            names.append(f"ISPY_{subject}_s{k}")
+            labels.append(label)
+    if short:
+        _dataset_warning(f"{name}: {len(short)} patient(s) with fewer than {_ISPY_SLICES} tumour slices; "
+              f"taking what there is: {short[:10]}")
+    if not images:
+        raise DatasetError(f"{name}: '{outcome}' lists no patient")
+    return {"all": {"images": torch.stack(images), "masks": torch.stack(masks), "valid": torch.stack(valid),
+                    "sizes": torch.tensor(sizes, dtype=torch.int64), "names": names,
+                    "labels": torch.tensor(labels, dtype=torch.int64)}}
+
+
+def _read_ispy1_tree(root, size, options, folders):
+    """(b) The tree the UML authors' preprocessing writes: {Train,Valid,Test}/{images,masks}/
+    ispy_<id>/ispy_<id>_<pcr>_s<k>_{img,msk}.jpg (greyscale through a colour map, JPEG masks:
+    thresholded). Labels from the names; their split is kept."""
+    name, out = "ispy1", {}
+    for split, folder in folders.items():
+        images_dir, masks_dir = _locate(name, folder, "images"), _locate(name, folder, "masks")
+        index = _mask_index(name, masks_dir, "_msk")
+        found = [p for p in _images_in(images_dir, recursive=True) if _ISPY_TREE_NAME.fullmatch(p.stem.lower())]
+        pairs, labels, names = [], [], []
+        for p in found:
+            patient, pcr, k = _ISPY_TREE_NAME.fullmatch(p.stem.lower()).groups()
+            mask = index.get(p.stem.lower()[:-4])
+            if mask is None:
+                raise DatasetError(f"{name}: image '{p}' has no mask '{p.stem[:-4]}_msk.jpg' in '{masks_dir}'")
+            pairs.append((p, [mask]))
+            labels.append(int(pcr))
+            names.append(f"{patient.upper()}_s{k}")
+        data = _make_split(name, pairs, size, _binary, labels, images_dir)
+        data["names"] = names
+        out[split] = data
+    return out
+
+
 def _read_ispy1(root, size, options):
-    out = _read_folder(root, size, options, name="ispy1")
+    """I-SPY 1 in one of three layouts: (a) the NIfTI download with outcome_new.xlsx, (b) the
+    JPEG tree the UML authors' preprocessing writes, (c) the generic folder layout (binary masks,
+    labels.csv). (a), and (c) without val/test folders, are split by patient after the cache."""
+    outcome = _locate("ispy1", root, "outcome_new.xlsx", kind="file", required=False)
+    if outcome is not None or _locate("ispy1", root, "Dataset ISPY", required=False) is not None:
+        if outcome is None:
+            raise DatasetError(f"ispy1: found 'Dataset ISPY' but no 'outcome_new.xlsx' (SUBJECTID, PCR) in '{root}'")
+        out = _read_ispy1_nifti(root, size, options, outcome)
+    else:
+        folders = _split_folders("ispy1", root)
+        tree = any(_ISPY_TREE_NAME.fullmatch(p.stem.lower())
+                   for f in folders.values() for p in _images_in(_locate("ispy1", f, "images"), recursive=True))
+        out = _read_ispy1_tree(root, size, options, folders) if tree else _read_folder(
+            root, size, options, name="ispy1", to_index=_binary)
     for split in out.values():
         split.update(class_names=["non_pcr", "pcr"], mask_names=["background", "tumour"])
     return out
 
 
-_has = lambda *names: (lambda p: _child(p, *names) is not None)  # noqa: E731
+def _patient_of(name):
+    """The patient of a slice name '<patient>_s<k>' (the whole name when it has no slice suffix)."""
+    match = re.fullmatch(r"(.+)_s\d+", str(name), re.I)
+    return (match.group(1) if match else str(name)).lower()
+
+
+def _split_by_patient(name, split, seed, shares):
+    """Parts of `split` (one per share, the first is the rest) with whole patients in each:
+    patients are shuffled with the seed and stratified by label (each patient is placed by its
+    rank within its class, so every part gets the classes in their overall proportion); the
+    later parts get round(P * share / total) patients each (at least 1)."""
+    patients = {}
+    for i, n in enumerate(split["names"]):
+        patients.setdefault(_patient_of(n), []).append(i)
+    labels = split["labels"]
+    label_of = {}
+    for p, index in patients.items():
+        values = set(labels[index].tolist()) if labels is not None else {0}
+        if len(values) > 1:
+            raise DatasetError(f"{name}: the slices of patient {p} carry different labels {sorted(values)}")
+        label_of[p] = values.pop()
+    if len(patients) < len(shares):
+        raise DatasetError(f"{name}: {len(patients)} patient(s) cannot be split into {len(shares)} parts by patient")
+    keys = sorted(patients, key=_natural_key)
+    shuffled = [keys[i] for i in torch.randperm(len(keys), generator=torch.Generator().manual_seed(int(seed))).tolist()]
+    rank, seen = {}, {}
+    for p in shuffled:
+        rank[p] = seen.get(label_of[p], 0)
+        seen[label_of[p]] = rank[p] + 1
+    order = sorted(shuffled, key=lambda p: ((rank[p] + 0.5) / seen[label_of[p]], label_of[p]))
+    counts = [max(1, round(len(keys) * s / sum(shares))) for s in shares[1:]]
+    counts = [len(keys) - sum(counts)] + counts
+    if counts[0] < 1:
+        raise DatasetError(f"{name}: {len(keys)} patients are too few for a split by patient")
+    parts, start = [], 0
+    for count in counts[1:]:
+        parts.append(order[start:start + count])
+        start += count
+    parts.insert(0, order[start:])
+    return [_take_images(split, sorted(i for p in part for i in patients[p])) for part in parts]
+
+
+def _ispy1_splits(data, seed):
+    """(a): the pool split 123 / 17 / 17 patients (train / val / test). (c) with missing val
+    (and test) folders: those split off the training patients in the same proportions. Splits
+    given as folders are kept, but a patient in two of them is an error."""
+    name = "ispy1"
+    if "all" in data:
+        train, val, test = _split_by_patient(name, data.pop("all"), seed, _ISPY_SHARES)
+        data = {"train": train, "val": val, "test": test}
+    elif "train" in data and "val" not in data:
+        shares = _ISPY_SHARES if "test" not in data else _ISPY_SHARES[:2]
+        parts = _split_by_patient(name, data.pop("train"), seed, shares)
+        data = {"train": parts[0], "val": parts[1], "test": parts[2] if len(parts) > 2 else data["test"]}
+    seen = {}
+    for split, part in data.items():
+        for patient in {_patient_of(n) for n in part["names"]}:
+            if patient in seen:
+                raise DatasetError(f"{name}: patient {patient} has slices in both '{seen[patient]}' and '{split}'; "
+                                   "a patient belongs to one split")
+            seen[patient] = split
+    return data
+
+
+def _layout_probe(name, *names, kind="dir"):
+    """A layout probe: does `_locate` find one of names below the folder?"""
+    return lambda p: any(_locate(name, p, n, kind=kind, required=False) is not None for n in names)
+
+
+_COMMON_OPTIONS = {"exclude", "need_labels"}  # every real dataset takes these (see load_dataset)
 _READERS = {
     "refuge": dict(
-        read=_read_refuge, probe=_has("Training400"), val_fraction=None, options=set(),
-        classes=["non_glaucoma", "glaucoma"], masks=["background", "rim", "cup"],
+        read=_read_refuge, probe=_layout_probe("refuge", "Training400"), val_fraction=None, options=set(),
+        need_labels=True, classes=["non_glaucoma", "glaucoma"], masks=["background", "rim", "cup"],
         url="https://refuge.grand-challenge.org (REFUGE challenge, Orlando et al. 2020)",
         tree="Training400/{Glaucoma,Non-Glaucoma}/*.jpg,\n"
              "  Annotation-Training400/Disc_Cup_Masks/{Glaucoma,Non-Glaucoma}/*.bmp,\n"
              "  REFUGE-Validation400/V*.jpg, REFUGE-Validation400-GT/{Disc_Cup_Masks/V*.bmp, Fovea_locations.xlsx},\n"
              "  Test400/T*.jpg, REFUGE-Test-GT/Disc_Cup_Masks/{G,N}/T*.bmp\n"
-             "  (or REFUGE-Test-GT/Glaucoma_label_and_Fovea_location.xlsx)"),
+             "  (or REFUGE-Test-GT/Glaucoma_label_and_Fovea_location.xlsx); each folder may sit in a folder\n"
+             "  named after its zip (REFUGE-Training400/Training400/)"),
     "isic2017": dict(
-        read=_read_isic2017, probe=_has("ISIC-2017_Training_Data"), val_fraction=None, options=set(),
+        read=_read_isic2017, val_fraction=None, options=set(), need_labels=True,
+        probe=_layout_probe("isic2017", *(f"ISIC-2017_{t}_Data" for t in ("Training", "Validation", "Test_v2"))),
         classes=list(_LESION_CLASSES), masks=["background", "lesion"],
         url="https://challenge.isic-archive.com/data/#2017 (ISIC 2017 challenge, parts 1 and 3)",
         tree="ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg,\n"
              "  ISIC-2017_{...}_Part1_GroundTruth/ISIC_*_segmentation.png,\n"
-             "  ISIC-2017_{...}_Part3_GroundTruth.csv (image_id,melanoma,seborrheic_keratosis)"),
+             "  ISIC-2017_{...}_Part3_GroundTruth.csv (image_id,melanoma,seborrheic_keratosis);\n"
+             "  any subset of the three (e.g. Test_v2 alone as a test set)"),
     "isic-multi": dict(
-        read=_read_isic_multi, val_fraction=0.2, options=set(), classes=[], masks=["background", "lesion"],
-        probe=lambda p: _has("inputs")(p) or any(re.fullmatch(r"isic_\d+", q.stem.lower()) for q in _images_in(p)),
+        read=_read_isic_multi, val_fraction=0.2, options={"splits"}, need_labels=False, classes=[],
+        masks=["background", "lesion"],
+        probe=lambda p: (_locate("isic-multi", p, "inputs", required=False) is not None
+                         or any(_ISIC_ID.fullmatch(q.stem.lower()) for q in _images_in(p, recursive=True))),
         url="https://www.isic-archive.com (images with several lesion segmentations, as selected by Ribeiro et al.; "
-            "or the ISIC MultiAnnot++ release)",
-        tree="inputs/ISIC_*.jpg with targets/ISIC_*_segmentation_<k>.png, or ISIC MultiAnnot++ masks\n"
-             "  ISIC_<id>_<annotator>_<T1|T2|T3>_<S1|S2>_<obj>.png beside ISIC_<id>.jpg\n"
+            "or the ISIC MultiAnnot++ release, https://github.com/sfu-mial/skin-IAV)",
+        tree="inputs/ISIC_*.jpg with targets/ISIC_*_<k>.png (Ribeiro et al.; optional split lists\n"
+             "  train_isic_titans_full.txt, validation_isic_titans_full.txt, test_isic_titans_2000.txt),\n"
+             "  or ISIC MultiAnnot++ masks ISIC_<id>_<annotator>_<T1|T2|T3>_<S1|S2>[_<n>].png beside ISIC_<id>.jpg\n"
              "  (consensus _ST_ / _MV_ masks skipped)"),
     "ph2": dict(
-        read=_read_ph2, val_fraction=None, options=set(), classes=["common_nevus", "atypical_nevus", "melanoma"],
-        masks=["background", "lesion"],
-        probe=lambda p: _find(p, "PH2 Dataset images", "PH2_Dataset_images", depth=1) is not None,
+        read=_read_ph2, val_fraction=None, options={"splits"}, need_labels=False,
+        classes=["common_nevus", "atypical_nevus", "melanoma"], masks=["background", "lesion"],
+        probe=_layout_probe("ph2", "PH2 Dataset images", "PH2_Dataset_images"),
         url="https://www.fc.up.pt/addi/ph2%20database.html (PH2 database, Mendonca et al. 2013)",
         tree="PH2Dataset/PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp,\n"
              "  PH2Dataset/PH2 Dataset images/IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp,\n"
              "  PH2Dataset/PH2_dataset.txt (optional: clinical diagnosis 0/1/2)"),
     "dermofit": dict(
-        read=_read_dermofit, probe=_has("originalImages"), val_fraction=None, options=set(), classes=[],
-        masks=["background", "lesion"],
+        read=_read_dermofit, probe=_layout_probe("dermofit", "originalImages"), val_fraction=None, options={"splits"},
+        need_labels=True, classes=[], masks=["background", "lesion"],
         url="https://licensing.edinburgh-innovations.ed.ac.uk/product/dermofit-image-library (licensed)",
         tree="originalImages/<CLASS>/<ID>/<ID>.png, originalMasks/<CLASS>/<ID>/<ID>mask.png"),
     "glas": dict(
-        read=_read_glas, probe=_has("Grade.csv"), val_fraction=15 / 85, options={"border_width"},
-        classes=["benign", "malignant"], masks=["stroma", "border", "lumen"],
+        read=_read_glas, probe=_layout_probe("glas", "Grade.csv", kind="file"), val_fraction=15 / 85,
+        options={"border_width"}, need_labels=True, classes=["benign", "malignant"],
+        masks=["stroma", "border", "lumen"],
         url="https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/ (GlaS, Sirinukunwattana et al. 2017)",
         tree="train_N.bmp, train_N_anno.bmp, testA_N.bmp, testA_N_anno.bmp, testB_N.bmp, testB_N_anno.bmp,\n"
              "  Grade.csv (one folder)"),
     "folder": dict(
-        read=_read_folder, probe=lambda p: any(_child(p, s) is not None for s in _SPLITS), val_fraction=None,
-        options={"class_names", "mask_names"}, classes=[], masks=None, url="your own data",
+        read=_read_folder, probe=lambda p: bool(_split_folders("folder", p)), val_fraction=None,
+        options={"class_names", "mask_names"}, need_labels=True, classes=[], masks=None, url="your own data",
         tree="{train,val,test}/images/<name>.{png,jpg,bmp}, {train,val,test}/masks/<name>.png (class indices;\n"
              "  several annotators: <name>_<k>.png), optional labels.csv (name,label)"),
     "ispy1": dict(
-        read=_read_ispy1, probe=lambda p: any(_child(p, s) is not None for s in _SPLITS), val_fraction=None,
-        options=set(), classes=["non_pcr", "pcr"], masks=["background", "tumour"],
-        url="https://www.cancerimagingarchive.net/collection/ispy1/ (TCIA; make 2D slices as the README says)",
-        tree="{train,val,test}/images/<slice>.png, {train,val,test}/masks/<slice>.png (0/1 tumour),\n"
-             "  labels.csv (name,label; 1 = pCR)"),
+        read=_read_ispy1, val_fraction=None, split=_ispy1_splits, options=set(), need_labels=True,
+        probe=lambda p: (_locate("ispy1", p, "outcome_new.xlsx", kind="file", required=False) is not None
+                         or _locate("ispy1", p, "Dataset ISPY", required=False) is not None
+                         or bool(_split_folders("ispy1", p))),
+        classes=["non_pcr", "pcr"], masks=["background", "tumour"],
+        url="https://www.cancerimagingarchive.net/collection/ispy1/ (TCIA, I-SPY 1 / ACRIN 6657; the NIfTI volumes,\n"
+            "  tumour masks and outcome_new.xlsx as the UML authors' preprocessing expects them:\n"
+            "  https://github.com/KarryRen/UML)",
+        tree="(a) Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz], Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz],\n"
+             "  outcome_new.xlsx (SUBJECTID, PCR); or (b) what the UML authors' preprocessing writes:\n"
+             "  {Train,Valid,Test}/{images,masks}/ispy_<id>/ispy_<id>_<pcr>_s<k>_{img,msk}.jpg; or (c)\n"
+             "  {train,val,test}/images/<slice>.png, {train,val,test}/masks/<slice>.png (0/1 tumour),\n"
+             "  labels.csv (name,label; 1 = pCR); slices named <patient>_s<k>"),
 }
 
 
@@ -2151,8 +3772,10 @@ def _layout_help(name):
     spec = _READERS[name]
     return f"Expected layout of '{name}':\n  {spec['tree']}\nPublished at: {spec['url']}"
 
+
 # ---------------------------------------------------------------------------------------------
-# 9. load_dataset: synthetic sets generated from the seed, real sets read once and cached
+# 10. load_dataset: synthetic sets generated from the seed, real sets read once and cached;
+#     the seeded train/val split, `exclude` and the test-overlap check after the cache
 # ---------------------------------------------------------------------------------------------
 
 # name -> (generator, default split sizes, generator options with defaults). Split sizes keep the
@@ -2219,13 +3842,26 @@ def load_dataset(name, root=None, size=128, seed=0, cache=None, **options):
     (3.4 s with annotators), glands 3.8 s; single-threaded under load: 3.4 / 2.2 / 4.1 / 6.7 /
     5.1 s of CPU time (glands re-measured after its nuisances were added).
     domain_shift=True adds "test_shift" (n_test images). Default split sizes: `_SYNTHETIC`.
+    Their splits carry valid = sizes = None (they are generated square).
+
     Real: "refuge", "isic2017", "isic-multi", "ph2", "dermofit", "glas", "ispy1", "folder" read
-    from `root` as the publishers distribute them (layouts in `_READERS`), resized once to
-    size x size (images bilinear, masks nearest, aspect ratio not kept) and cached under `cache`
-    (default ".cache" in the working directory, never inside the dataset folder). Splits: the
-    official ones; isic-multi has train/val only (seeded 80/20 as in the ensemble paper); glas
-    splits its 85 training images 70/15 train/val (seeded, the paper's numbers) and tests on
-    testA + testB; ph2 and dermofit are test-only; folder/ispy1 return the split folders present.
+    from `root` as the publishers distribute them (layouts in `_READERS`; every folder is found
+    where unzipping puts it), letterboxed once to size x size (aspect ratio kept: images bilinear,
+    masks nearest, zero padding; `valid` marks image pixels, `sizes` the original (height, width))
+    and cached under `cache` (default ".cache" in the working directory, never inside the dataset
+    folder). Splits: the official ones; isic-multi: images with two or more masks split 80/20
+    into train/val with the seed, single-mask images are "test" (D-LEMA Sec. 3.1), or Ribeiro
+    et al.'s split lists (option splits=DIR, or found under root); glas splits its 85 training
+    images 70/15 train/val (seeded, the paper's numbers) and tests on testA + testB, with
+    full_instances / full_masks at the original resolution in val and test (option border_width,
+    original pixels); ph2 and dermofit are test-only (option splits: Ribeiro's test_ph2.txt /
+    test_dermofit.txt); folder returns the split folders present; ispy1 (NIfTI download, the UML
+    authors' JPEG tree, or the folder layout) is split by patient: 123 / 17 / 17 patients with the
+    seed (1,230 / 170 / 170 slices, UML Sec. 3) unless its split folders say otherwise.
+    Options of every real set: exclude=<iterable of image ids> removes those ids (ISIC-style stems,
+    any case) from the test split; need_labels=False turns a label file that is missing or fails
+    to parse into a warning (labels None). A test image whose id is also in train or val is
+    removed from the test split. Both are listed in the test split's `removed_overlap` and printed.
     """
     size = int(size)
     if size < 8:
@@ -2256,6 +3892,24 @@ def _resolve_root(name, root):
     raise DatasetError(f"{name}: '{base}' is not in the {name} layout.\n{_layout_help(name)}")
 
 
+_PER_IMAGE_LISTS = ("names", "full_instances", "full_masks")  # lists indexed like the tensors
+
+
+def _take_images(split, index):
+    """The split restricted to the images at `index` (int64 tensor or list, in that order)."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    n = len(split["names"])
+    out = {}
+    for key, value in split.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value[index]
+        elif key in _PER_IMAGE_LISTS and isinstance(value, list):
+            out[key] = [value[i] for i in index.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
 def _seeded_split(data, fraction, seed):
     """Split data["train"] into train and val (a seeded random `fraction` goes to val)."""
     train = data.pop("train")
@@ -2264,28 +3918,68 @@ def _seeded_split(data, fraction, seed):
         raise DatasetError(f"need at least 2 training images for a train/val split, found {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     n_val = min(n - 1, max(1, round(fraction * n)))
+    return {"train": _take_images(train, order[n_val:].sort().values),
+            "val": _take_images(train, order[:n_val].sort().values), **data}
 
-    def take(index):
-        index = index.sort().values
-        return {k: v[index] if torch.is_tensor(v) else [v[i] for i in index.tolist()] if k == "names" else v
-                for k, v in train.items()}
-    return {"train": take(order[n_val:]), "val": take(order[:n_val]), **data}
+
+def _image_id(name):
+    """An image id as `exclude` and the overlap check compare them: the stem, lower-cased."""
+    return Path(str(name)).stem.lower() if Path(str(name)).suffix.lower() in _IMAGE_EXTENSIONS else str(name).lower()
+
+
+def _remove_from_test(name, data, exclude):
+    """Drop from data["test"] every image whose id is in train/val or in `exclude`; the removed
+    names go to the test split's `removed_overlap` and are printed."""
+    test = data.get("test")
+    if test is None:
+        return data
+    taken = {_image_id(n) for s in ("train", "val") if s in data for n in data[s]["names"]}
+    excluded = {_image_id(n) for n in exclude}
+    ids = [_image_id(n) for n in test["names"]]
+    keep = [i for i, x in enumerate(ids) if x not in taken and x not in excluded]
+    removed = [test["names"][i] for i, x in enumerate(ids) if x in taken or x in excluded]
+    if removed:
+        if not keep:
+            raise DatasetError(f"{name}: every test image is also in training or excluded ({len(removed)} images)")
+        print(f"{name}: removed {len(removed)} test image(s) also in train/val or excluded: "
+              f"{removed[:5]}{' ...' if len(removed) > 5 else ''}")
+        test = _take_images(test, keep)
+    test["removed_overlap"] = removed
+    data["test"] = test
+    return data
+
+
+_CACHE_FORMAT = 2  # bump when what a reader returns changes, so that old cache files are not used
+
+
+def _files_of(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in folder.rglob("*") if p.is_file())
 
 
 def _load_real(name, root, size, seed, cache, options):
     spec = _READERS[name]
-    unknown = set(options) - spec["options"]
+    unknown = set(options) - spec["options"] - _COMMON_OPTIONS
     if unknown:
-        raise DatasetError(f"{name}: unknown option(s) {sorted(unknown)}; known: {sorted(spec['options'])}")
+        raise DatasetError(f"{name}: unknown option(s) {sorted(unknown)}; "
+                           f"known: {sorted(spec['options'] | _COMMON_OPTIONS)}")
+    options = dict(options)
+    exclude = options.pop("exclude", None) or ()
+    if isinstance(exclude, (str, Path)):
+        exclude = [exclude]
     base = _resolve_root(name, root)
     cache_dir = Path(cache or ".cache").expanduser().resolve()
     if cache_dir == base or base in cache_dir.parents:
         raise DatasetError(f"{name}: the cache folder '{cache_dir}' is inside the dataset folder '{base}'; "
                            "choose another with --cache (nothing is written into a dataset)")
-    # the cache key: dataset, absolute folder, size, options, and every file's path, size and mtime
-    files = sorted((str(p.relative_to(base)), p.stat().st_size, p.stat().st_mtime_ns)
-                   for p in base.rglob("*") if p.is_file())
-    key = json.dumps([name, str(base), size, sorted(options.items()), files], default=str)
+    # the cache key: format, dataset, absolute folder, size, every option that changes what is read
+    # (exclude is applied after the cache), and every file's path, size and mtime -- those of a
+    # splits folder given outside the dataset too
+    keyed = {k: (str(Path(v).expanduser().resolve()) if k == "splits" and v else v) for k, v in options.items()}
+    files = _files_of(base)
+    if keyed.get("splits") and Path(keyed["splits"]).is_dir():
+        files += _files_of(Path(keyed["splits"]))
+    key = json.dumps([_CACHE_FORMAT, name, str(base), size, sorted(keyed.items()), files], default=str)
     key = hashlib.sha1(key.encode()).hexdigest()
     path = cache_dir / f"{name}-{size}px-{key[:16]}.pt"
     data = None
@@ -2300,8 +3994,13 @@ def _load_real(name, root, size, seed, cache, options):
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         torch.save(data, tmp)
         os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-    if spec["val_fraction"]:
+    if spec.get("split"):  # a dataset's own post-cache split (I-SPY 1: by patient)
+        data = spec["split"](data, seed)
+    elif spec["val_fraction"] and "val" not in data:
         data = _seeded_split(data, spec["val_fraction"], seed)
+        for key in ("full_instances", "full_masks"):  # the metrics at original resolution need val/test only
+            data["train"].pop(key, None)
+    data = _remove_from_test(name, data, exclude)
     for split in data.values():
         split.setdefault("class_names", list(spec["classes"]))
         split.setdefault("mask_names", list(spec["masks"] or []))
@@ -2310,7 +4009,7 @@ def _load_real(name, root, size, seed, cache, options):
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Batches on the device: slicing, augmentation, normalisation (no per-sample Python)
+# 11. Batches on the device: slicing, augmentation, normalisation (no per-sample Python)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2376,11 +4075,13 @@ def augment(batch, generator=None, flip=True, rotate=15.0, scale=0.1, elastic=0.
             noise = torch.randn(b, 2, knots, knots, generator=generator, device=generator.device).to(dev)
         field = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False)
         field = field / field.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6) * elastic
-        scale_xy = torch.tensor([2.0 / w, 2.0 / h], device=dev)
-        grid = grid + field.permute(0, 2, 3, 1) * scale_xy
+        # python-float scales, not a new device tensor: building one from a list is a host-to-device
+        # copy that waits for the queue (a host sync per step)
+        field = torch.cat([field[:, :1] * (2.0 / w), field[:, 1:] * (2.0 / h)], dim=1)
+        grid = grid + field.permute(0, 2, 3, 1)
     out = dict(batch)
     img = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    for key in ("masks", "instances", "truth"):
+    for key in ("masks", "instances", "truth", "valid"):  # valid: the padding moves with the image
         labels = batch.get(key)
         if labels is None:
             continue
@@ -2391,7 +4092,7 @@ def augment(batch, generator=None, flip=True, rotate=15.0, scale=0.1, elastic=0.
         bright = 1 + (2 * u[:, 4] - 1) * color
         contrast = 1 + (2 * u[:, 5] - 1) * color
         saturation = 1 + (2 * u[:, 6] - 1) * color
-        grey = (img * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        grey = 0.299 * img[:, :1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:]  # luma, no host copy
         img = grey + saturation.view(b, 1, 1, 1) * (img - grey)
         mean = grey.mean((2, 3), keepdim=True)
         img = mean + contrast.view(b, 1, 1, 1) * (img - mean)

@@ -20,73 +20,106 @@ Paper -> code
     Eq. 5 U ~ N(f, s^2), 10 MC samples (Kendall & Gal) . aleatoric_loss
     Eq. 3 Y = sigmoid(U) ............................... aleatoric_loss (log_sigmoid), predict
     Eq. 1 W* = argmin_W sum_{n in C_i} L_ce(theta(W)) .. spatial_weight_maps (the meta objective)
-    Eq. 2 L = -sum_q W_mnq Y_mnq log Y_nq .............. meta_train_step (the weighted real step)
-    Eq. 4 Y = sum_i alpha_i Y_i (G, H, I) .............. fuse_predictions
+    Eq. 2 L = -sum_q W_mnq Y_mnq log Y_nq .............. train_step (the weighted real step)
+    Eq. 4 Y = sum_i alpha_i Y_i (G, H, I) .............. fusion_weights, fuse_predictions
     Sec. 3.3 MC dropout (5 layers, p 0.3, 15 passes) ... BayesianResidualFCN(dropout), predict(mc_passes)
     Eq. 6, 7 NLL and Brier score ....................... common.nll, common.brier (in evaluate)
-    Table 1 rows A-J (+ MV, STAPLE, vs truth) .......... Row, table_rows, train_row, evaluate, table_markdown
-    Table 2 (MC dropout vs deep ensemble) .............. evaluate (calibration), table_markdown
+    Table 1 rows A-J (+ MV, STAPLE, vs truth) .......... Row, table_rows, train_row, evaluate, report_markdown
+    Table 2 (MC dropout vs deep ensemble) .............. evaluate (calibration), report_markdown
     "Less is more" (Ribeiro et al.): kappa >= 0.5 ...... mean_pairwise_kappa (row J)
     Beyond the paper: majority vote, STAPLE (Warfield) . majority_vote, staple (rows MV, STAPLE)
     Fig. 3-4 trusted annotations, INC and weight maps .. figure_weight_maps
     Fig. 3-4 in numbers (zero weights on INC pixels) ... weight_consistency
+    The meta step's BatchNorm / dropout mode (measured)  meta_mode_effect (beyond the paper)
+    Sec. 3.1 protocol: ISIC / PH2 / DermoFit test sets . load_data (overlap removed and counted)
+    Tables over seeds, base models across processes .... train_job, evaluate_job, summarize_entries
+    --predict: fused lesion, aleatoric and epistemic maps load_model, predict_batch
     Example test predictions and uncertainties ......... figure_predictions (beyond the paper)
 
 Usage
     python ensemble_annotators.py                        # synthetic lesions, both tables, CPU-sized
-    python ensemble_annotators.py --data isic-multi --root /data/ISIC-multi \
-        --test isic2017=/data/ISIC2017,ph2=/data/PH2,dermofit=/data/DermoFit   # the paper's setting
+    python ensemble_annotators.py --data isic-multi --root /data/ISIC-Archive \
+        --test ph2=/data/PH2,dermofit=/data/DermoFit [--splits /data/ribeiro-splits]  # the paper's protocol
+    python ensemble_annotators.py ... --test ph2=...,dermofit=...,isic2017=/data/ISIC2017  # + ISIC 2017 Test
+    python ensemble_annotators.py --seeds 0,1,2          # every row per seed: mean ± SE over seeds
+    torchrun --nproc_per_node 4 ensemble_annotators.py   # base models and baselines shared out (rows mode)
     python ensemble_annotators.py --no-baselines         # only B-F, the fusions G-I and Table 2
     python ensemble_annotators.py --subsets first        # C_1..C_{M_n} instead of a uniform deal
     python ensemble_annotators.py --eval-only --checkpoint runs/<run>/best.pt
+    python ensemble_annotators.py --predict images/ --checkpoint runs/<run>/best.pt   # a user's images
     python ensemble_annotators.py --quick                # smoke test of every path (seconds)
-Both tables come from every run: Table 1 (Jaccard %) and Table 2 (NLL, Brier) per test set.
+Every run gives Table 1 (Jaccard %) and Table 2 (NLL, Brier) per test set. The paper's protocol (Sec.
+3.1): train on the ISIC Archive images with 2+ masks (80/20 train/val); test on its single-mask images
+("isic", Ribeiro et al.'s 2,000-image test set; their lists with --splits), PH2 and DermoFit, without
+the images that sit in the training pool (counted: metrics removed_overlap_<set>, "overlap" table
+rows). ISIC 2017's test split is an optional extra set only (much of it sits in the training pool).
+Library use: predictor = load_model("runs/<run>/best.pt"); out = predict_batch(predictor, images_uint8).
 
 Deviations and resolved ambiguities
-    - Subsets: Sec. 2.2 deals image n's M_n annotations to C_1..C_{M_n}; Sec. 3.1 says the training
-      data are "randomly and uniformly partitioned into five groups". With ISIC's counts (94% of the
-      images have 2 masks) the first reading leaves C_5 with 3 images (and often none on the synthetic
-      set), yet model 4 scores like the others in Table 1, so the default follows Sec. 3.1: each image's
-      annotations go to M_n distinct subsets drawn uniformly from the M. --subsets first gives Sec. 2.2.
-    - M = the dataset's annotation slots (5 for ISIC and the synthetic set), not the largest count
-      seen in the training split, so the ensemble has five members as in the paper.
-    - Batch sizes: "64 and 2 for optimizing the spatial weight maps and network parameters" is read as
-      64 clean images of C_i for the meta objective (Eq. 1) and 2 annotations of U for the weighted
-      update (Eq. 2): --clean-batch-size, --batch-size.
-    - The meta objective on C_i and the weighted loss on U both use the aleatoric loss (the network's
-      training loss; it is the cross-entropy of Eq. 1-2 when sigma -> 0). The weights come from one
-      virtual SGD step; since theta' = theta at eps = 0, -dL/deps_j = lr * grad L_C . grad l_j, so the
-      virtual learning rate only scales w and the normalisation removes it.
-    - Weight decay 5e-5 (the text's "5 x 10^5" is a typo). On the synthetic CPU default: lr 0.01,
-      momentum 0.9, 48 px, width 8, depth 3, batches 8 / 8 and 4 epochs (~420 steps per model; the
-      paper trains 100K iterations at lr 1e-4, momentum 0.99); real data get the paper's values.
-      An epoch is one pass over U for every row, so rows A, J, MV and STAPLE take as many SGD steps
-      as each base model.
-    - Table 2 shares Table 1's base models: every model carries the five dropout layers (p = 0.3) during
-      training; Table 1 and the deep ensemble use them off (weight scaling), the MC dropout rows keep
-      them on for 15 passes. The paper does not say whether its MC dropout models were separate runs.
-      The deep ensemble row is the main method (image-level fusion I).
+    - Subsets: Sec. 2.2 deals image n's M_n annotations to C_1..C_{M_n}; Sec. 3.1 partitions "randomly
+      and uniformly". With ISIC's counts (94% of images have 2 masks) the first leaves C_5 with 3 images
+      (often none on the synthetic set), yet model 4 scores like the others in Table 1, so the default
+      follows Sec. 3.1 (M_n distinct subsets drawn uniformly from the M); --subsets first gives Sec. 2.2.
+      M = the dataset's annotation slots (5), not the largest count in the split: five members.
+    - "64 and 2 for optimizing the spatial weight maps and network parameters": 64 clean images of C_i
+      for the meta objective (Eq. 1), 2 annotations of U for the weighted update (Eq. 2).
+    - Eq. 1 and 2 both use the aleatoric loss (their cross-entropy as sigma -> 0). The weights come from
+      one virtual SGD step; at eps = 0, -dL/deps_j = lr * grad L_C . grad l_j, so the virtual learning
+      rate only scales w and the normalisation removes it.
+    - Weight decay 5e-5 (the text's "5 x 10^5" is a typo). Width and depth are not given (the paper
+      cites [4]): 32 channels, 4 down-samplings on real data. Synthetic CPU default: lr 0.01, momentum
+      0.9, 48 px, width 8, depth 3, batches 8 / 8, 4 epochs (~420 steps per model; the paper: 100K
+      iterations at lr 1e-4, momentum 0.99). An epoch is one pass over U for every row, so rows A, J,
+      MV and STAPLE take as many SGD steps as each base model.
+    - Table 2 shares Table 1's base models, all trained with the five dropout layers (p = 0.3): Table 1
+      and the deep ensemble (the main method, fusion I) use them off (weight scaling), the MC dropout
+      rows on for 15 passes. The paper does not say whether its MC dropout models were separate runs.
     - Base prediction Y = sigmoid(f) (the mean logit); the aleatoric map is s^2 = exp(log-variance).
     - Model selection per model on the validation Jaccard against one random annotation per image
-      (Sec. 3.1). Test sets: synthetic "test" stands in for ISIC, "test_shift" for PH2 / DermoFit; the
-      synthetic test masks are scored against their first annotation and against the true mask.
-    - Majority vote ties (even counts) go to background, so with two annotations MV is their
-      intersection; STAPLE uses a per-image prior and 50 EM steps.
-    - Network width and depth are not given (the paper cites [4]): 32 channels and 4 down-samplings on
-      real data, 8 and 3 on the synthetic default.
-    - Fig. 3-4 show the weights of the selected (best-validation) models, computed as in training
-      (train mode, a batch of U), not those of iteration 100K; "Fig. 3-4 in numbers" adds the share of
-      zero-weight pixels on inconsistent and on agreeing pixels over 8 random batches of U.
-    - On-device flips / small rotations (common.augment) on the training batches; the paper is silent.
-    - Images are normalised with the training set's channel mean and std; --normalize per-dataset uses
-      each test set's own statistics (the other reading of Sec. 3.1).
-    - --compile is not used: the meta step differentiates twice, which torch.compile does not support.
+      (Sec. 3.1). Synthetic "test" stands in for ISIC, "test_shift" for PH2 / DermoFit; synthetic test
+      masks are scored against their first annotation and against the true mask.
+    - Majority vote ties go to background (two annotations: their intersection); STAPLE uses a
+      per-image prior and 50 EM steps.
+    - BatchNorm after every convolution of the residual blocks (common.ResidualBlock; the paper does
+      not mention normalisation), so in training mode a model's output for one image, and the meta
+      weights, depend on the other images of its batch. The meta step (Eq. 1) runs in training mode
+      (batch statistics, dropout on) because Eq. 2 reuses its forward pass of U; the parent code has
+      neither BatchNorm nor dropout. meta_mode_effect measures the effect on every run: on the
+      synthetic set after one epoch (rows B-F, seed 0), eval mode moves 32-89% of a batch's weight
+      mass (total variation), against 15-23% (train) and 9-13% (eval) for a redraw of the dropout
+      masks and MC samples; 5-58% of the pixels are zero-weight in one mode only.
+    - Fig. 3-4 show the selected (best-validation) models' weights, computed as in training (train
+      mode, a batch of U), not those of iteration 100K. "Fig. 3-4 in numbers" adds the share of
+      zero-weight pixels on inconsistent and on agreeing pixels over --weight-samples 512 annotations
+      of U per base model, ± SE over batches (~3 points on the synthetic set; 6-9 with 64 before).
+    - On-device flips, small rotations and colour jitter (common.augment; the paper is silent) on the
+      training batches and, each its own draw, the clean C_i batches (--no-augment-clean: not those).
+    - Images are normalised with the training split's per-channel mean and std (Sec. 3.1, "across the
+      entire dataset") everywhere, --predict included (read from the checkpoint: one user image has
+      no dataset statistics); --normalize per-dataset gives each test set its own. Real data: 96 px.
+    - Row J ("less is more", Ribeiro et al. [30]) is retrained with the same network and steps as the
+      other rows, on the images whose mean pairwise kappa reaches 0.5; the paper's row J has no SE
+      and is most likely quoted from [30].
+    - Fusion rows H, I are computed in log space (softmax of -log s^2; log u_i by logsumexp): Eq. 4,
+      finite for any log-variance, where 1 / mean(exp(log s^2)) is NaN once all exceed ~88.
+    - Real images keep their aspect ratio (letterboxed into the 96 x 96 canvas, zero padding; the
+      paper resizes). Metrics and channel statistics count the image's own pixels; training treats
+      the padding as background; --predict maps back to each image's size, its image-level means use
+      the canvas's non-zero span.
+    - --seeds: each seed re-draws the synthetic data or the train/val split, the subsets, the
+      initialisations and the batches; each cell is the mean over seeds ± its SE (one seed: ± the SE
+      over test images, as in the paper). Under torchrun the trained rows of every seed are shared
+      out (rows mode); --parallel data is refused (DistributedDataParallel cannot differentiate
+      through the virtual update). --compile is not used: torch.compile cannot differentiate twice.
 """
 
 import argparse
+import functools
 import math
 import string
 import time
+import types
+from pathlib import Path
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
@@ -108,9 +141,7 @@ PAPER_DEFAULTS = dict(size=96, epochs=54, batch_size=2, clean_batch_size=64, lr=
 QUICK = dict(size=32, epochs=1, width=4, n_train=12, n_val=6, n_test=6)
 
 
-# ==================================================================================================
-# Arguments
-# ==================================================================================================
+# ==================== Arguments ====================================================================
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -121,10 +152,14 @@ def build_parser():
                            data_choices=["synthetic", "isic-multi", "folder"])
     p = parser.add_argument_group("D-LEMA (defaults: the paper's on real data, CPU-sized on synthetic)")
     p.add_argument("--test", default="", metavar="NAME=ROOT,...",
-                   help="extra test sets read with common.load_dataset, e.g. isic2017=/d/ISIC,ph2=/d/PH2,"
-                        "dermofit=/d/DF (Sec. 3.1: ISIC, PH2, DermoFit)")
-    p.add_argument("--clean-batch-size", type=int, default=None,
-                   help="images of C_i per meta step, Eq. 1 (Sec. 3.2: 64; synthetic 8)")
+                   help="test-only sets besides isic-multi's single-mask ISIC test set (Sec. 3.1): ph2=/d/PH2,"
+                        "dermofit=/d/DermoFit, beyond the paper isic2017=/d/ISIC2017; training-pool images removed")
+    p.add_argument("--splits", default=None, metavar="DIR",
+                   help="folder with Ribeiro et al.'s split lists (*_isic_titans_*.txt, test_ph2.txt, "
+                        "test_dermofit.txt); found under --root when not given")
+    p.add_argument("--fusion", choices=["equal", "pixel", "image"], default="image",
+                   help="fusion rule of the main metrics, Table 2's deep ensemble and --predict (Eq. 4; row I)")
+    p.add_argument("--clean-batch-size", type=int, default=None, help="images of C_i per meta step, Eq. 1 (64; synthetic 8)")
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (Sec. 3.2: 0.99; synthetic 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-5, help="SGD weight decay (Sec. 3.2, typo fixed)")
     p.add_argument("--width", type=int, default=None, help="channels of the first level (32; synthetic 8)")
@@ -134,15 +169,18 @@ def build_parser():
     p.add_argument("--dropout-layers", type=int, default=5, help="dropout layers in the centre (Sec. 3.3)")
     p.add_argument("--mc-passes", type=int, default=15, help="MC dropout forward passes (Sec. 3.3)")
     p.add_argument("--subsets", choices=["uniform", "first"], default="uniform",
-                   help="deal image n's annotations to M_n random subsets of the M (Sec. 3.1) or to "
-                        "C_1..C_{M_n} (Sec. 2.2); see Deviations")
+                   help="deal image n's annotations to M_n random subsets (Sec. 3.1) or to C_1..C_{M_n} (Sec. 2.2)")
     p.add_argument("--kappa-threshold", type=float, default=0.5,
                    help="row J keeps images whose mean pairwise Cohen's kappa reaches this (Ribeiro et al.)")
     p.add_argument("--staple-iterations", type=int, default=50, help="EM iterations of STAPLE (row STAPLE)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also train rows A, J, MV and STAPLE (off: only the ensemble B.. and its fusions)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="on-device flips and small rotations of training batches")
+                   help="on-device flips, small rotations, colour jitter of training batches (paper silent)")
+    p.add_argument("--augment-clean", action=argparse.BooleanOptionalAction, default=True,
+                   help="augment the clean C_i batches of Eq. 1 too (needs --augment; paper silent)")
+    p.add_argument("--weight-samples", type=int, default=512, metavar="N",
+                   help="annotations of U sampled per base model for 'Fig. 3-4 in numbers'")
     p.add_argument("--normalize", choices=["train", "per-dataset"], default="train",
                    help="channel statistics for test sets: the training set's or each set's own (Sec. 3.1)")
     return parser
@@ -153,16 +191,17 @@ def resolve_defaults(args):
     defaults = dict(SYNTHETIC_DEFAULTS if args.data == "synthetic" else PAPER_DEFAULTS)
     if args.quick:
         defaults.update(size=QUICK["size"], epochs=QUICK["epochs"], width=QUICK["width"])
-        args.mc_samples, args.mc_passes, args.staple_iterations = 2, 2, 5
+        args.mc_samples, args.mc_passes, args.staple_iterations, args.weight_samples = 2, 2, 5, 16
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if (args.dropout_layers + 1) // 2 > args.depth + 1 or args.dropout_layers // 2 > args.depth:
+        raise common.UsageError(f"--dropout-layers {args.dropout_layers} do not fit a network of --depth {args.depth} "
+                                f"(at most {2 * args.depth + 1})")
     return args
 
 
-# ==================================================================================================
-# Model: the Bayesian base FCN (Sec. 3.2, Sec. 3.3)
-# ==================================================================================================
+# ==================== Model: the Bayesian base FCN (Sec. 3.2, Sec. 3.3) ============================
 
 class BayesianResidualFCN(nn.Module):
     """Encoder-decoder with residual blocks and skip connections (Sec. 3.2, after [4]) whose last layer
@@ -197,9 +236,7 @@ class BayesianResidualFCN(nn.Module):
         return self.head(x)  # [B,2,H,W]
 
 
-# ==================================================================================================
-# Losses
-# ==================================================================================================
+# ==================== Losses =======================================================================
 
 def aleatoric_loss(logits, log_variance, target, n_samples, generator=None):
     """Per-pixel aleatoric loss of Kendall & Gal (2017) for a sigmoid output (Eq. 3, 5):
@@ -209,8 +246,7 @@ def aleatoric_loss(logits, log_variance, target, n_samples, generator=None):
     sigma = torch.exp(0.5 * log_variance)
     noise = torch.randn((n_samples, *logits.shape), generator=generator, device=logits.device)  # z_t
     sampled = logits + sigma * noise                                         # U_t [T,B,H,W], Eq. 5
-    sign = 2.0 * target.float() - 1.0
-    log_prob = F.logsigmoid(sign * sampled)                                   # log p(y | U_t), Eq. 3
+    log_prob = F.logsigmoid((2.0 * target.float() - 1.0) * sampled)         # log p(y | U_t), Eq. 3
     return math.log(n_samples) - torch.logsumexp(log_prob, dim=0)
 
 
@@ -220,22 +256,23 @@ def pixel_loss(model, images, target, n_samples):
     return aleatoric_loss(out[:, 0], out[:, 1], target, n_samples)
 
 
-# ==================================================================================================
-# Non-contradictory subsets, consensus masks and annotator agreement
-# ==================================================================================================
+# ==================== Non-contradictory subsets, consensus masks and annotator agreement ===========
 
 def non_contradictory_subsets(n_annotations, n_subsets, generator, mode="uniform"):
-    """Sec. 2.2 / 3.1: subset index [N, n_subsets] of each annotation slot (-1 for unused slots).
-    Image n's M_n annotations go to M_n distinct subsets, so each C_i holds at most one annotation of
-    an image and every annotation lands in exactly one C_i. "uniform": M_n of the M subsets drawn at
-    random (Sec. 3.1); "first": a random order of C_1..C_{M_n} (Sec. 2.2)."""
-    n = n_annotations.shape[0]
-    slot = torch.arange(n_subsets)
-    keys = torch.rand(n, n_subsets, generator=generator)
-    if mode == "first":  # subsets beyond M_n sort last, so the first M_n picks are a permutation of 0..M_n-1
-        keys = keys + (slot >= n_annotations[:, None]).float() * 2
-    subset = keys.argsort(dim=1)  # slot m of image n -> subset subset[n, m]
-    return torch.where(slot < n_annotations[:, None], subset, torch.full_like(subset, -1))
+    """Sec. 2.2 / 3.1: subset_of [N, M], the subset id (0 is C_1) of image n's annotation slot a, or -1
+    for an empty slot (a >= M_n). Image n's M_n annotations go to M_n distinct subsets (so each C_i holds
+    at most one annotation per image): the image draws a priority per subset and slot a goes to the
+    subset with the a-th lowest priority. "uniform" (Sec. 3.1): all M subsets compete. "first" (Sec.
+    2.2): C_{M_n+1}..C_M get priority +inf, so the annotations go to a random order of C_1..C_{M_n}.
+    Example, M = 5, M_n = 2, priorities (0.7, 0.1, 0.9, 0.4, 0.3): uniform -> (1, 4, -1, -1, -1);
+    first -> priorities (0.7, 0.1, inf, inf, inf) -> (1, 0, -1, -1, -1)."""
+    slot = torch.arange(n_subsets)  # subset ids (columns of `priority`) and annotation slots alike
+    priority = torch.rand(n_annotations.shape[0], n_subsets, generator=generator)               # [N, M]
+    if mode == "first":
+        priority = priority.masked_fill(slot[None, :] >= n_annotations[:, None], float("inf"))  # C_i, i > M_n
+    subsets_by_priority = priority.argsort(dim=1)  # [n, a]: the subset id with the a-th lowest priority
+    return torch.where(slot[None, :] < n_annotations[:, None], subsets_by_priority,
+                       torch.full_like(subsets_by_priority, -1))
 
 
 def annotation_valid(masks, n_annotations):
@@ -245,8 +282,7 @@ def annotation_valid(masks, n_annotations):
 
 def majority_vote(masks, n_annotations):
     """Row MV: a pixel is lesion when more than half of the image's annotations say so. [N,H,W] uint8."""
-    valid = annotation_valid(masks, n_annotations)[..., None, None]
-    votes = (masks.float() * valid).sum(1)
+    votes = (masks.float() * annotation_valid(masks, n_annotations)[..., None, None]).sum(1)
     return (2 * votes > n_annotations.view(-1, 1, 1)).to(torch.uint8)
 
 
@@ -280,8 +316,7 @@ def mean_pairwise_kappa(masks, n_annotations):
     binary masks, kappa = (p_o - p_e) / (1 - p_e), p_o the agreement, p_e = p1 p1' + p0 p0' the chance
     agreement (kappa = 1 for two identical constant masks). Images with one annotation get 1. [N]"""
     d = masks.float().flatten(2)                                    # [N,A,P]
-    n_pix = d.shape[2]
-    agree = (d @ d.transpose(1, 2) + (1 - d) @ (1 - d).transpose(1, 2)) / n_pix  # p_o [N,A,A]
+    agree = (d @ d.transpose(1, 2) + (1 - d) @ (1 - d).transpose(1, 2)) / d.shape[2]  # p_o [N,A,A]
     fg = d.mean(2)                                                  # [N,A]
     chance = fg[:, :, None] * fg[:, None, :] + (1 - fg)[:, :, None] * (1 - fg)[:, None, :]  # p_e
     kappa = torch.where(chance < 1, (agree - chance) / (1 - chance).clamp_min(1e-12), torch.ones_like(agree))
@@ -291,9 +326,7 @@ def mean_pairwise_kappa(masks, n_annotations):
     return torch.where(count > 0, (kappa * pair).sum((1, 2)) / count.clamp_min(1), torch.ones_like(count))
 
 
-# ==================================================================================================
-# Spatially adaptive weights by meta-learning (Eq. 1-2) and the training steps
-# ==================================================================================================
+# ==================== Spatially adaptive weights by meta-learning (Eq. 1-2) and the training step =====
 
 def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples):
     """Eq. 1: the weight of every pixel of a batch of U for base model i, from the gradient of C_i's
@@ -318,52 +351,44 @@ def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr,
     return weights.detach(), loss_u
 
 
-def meta_train_step(model, optimizer, batch_u, batch_c, args):
-    """Eq. 2: one SGD step of base model i on the W-weighted aleatoric loss of a batch of U."""
-    weights, loss_u = spatial_weight_maps(model, batch_u["x"], batch_u["y"], batch_c["x"], batch_c["y"],
-                                          args.lr, args.mc_samples)
-    loss = (weights * loss_u).sum()  # -sum_q W_q Y_q log Y_q (sampled), W sums to 1 over the batch
+def train_step(model, optimizer, batch, args, batch_c=None):
+    """One SGD step. A base model (batch_c: a batch of C_i): Eq. 2, the W-weighted aleatoric loss of a
+    batch of U. Rows A, J, MV, STAPLE (no batch_c): the mean aleatoric loss against one mask per image."""
+    if batch_c is None:
+        loss = pixel_loss(model, batch["x"], batch["y"], args.mc_samples).mean()
+    else:
+        weights, loss_u = spatial_weight_maps(model, batch["x"], batch["y"], batch_c["x"], batch_c["y"],
+                                              args.lr, args.mc_samples)
+        loss = (weights * loss_u).sum()  # -sum_q W_q Y_q log Y_q (sampled), W sums to 1 over the batch
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
-def plain_train_step(model, optimizer, batch, args):
-    """Rows A, J, MV, STAPLE: the mean aleatoric loss against one target mask per image."""
-    loss = pixel_loss(model, batch["x"], batch["y"], args.mc_samples).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-# ==================================================================================================
-# Training data of every row, and the training loop
-# ==================================================================================================
-
-def pairs_split(images, masks, image_index, slot):
-    """A split of (image, annotation) pairs: images [P,3,H,W], their annotation [P,H,W] and where it
-    comes from (image index and annotation slot, [P])."""
-    return {"images": images[image_index], "masks": masks[image_index, slot], "image": image_index, "slot": slot}
-
+# ==================== Training data of every row, and the training loop ============================
 
 def build_training_sets(train, n_models, args):
-    """U, C_1..C_M (Sec. 2.2), the images row J keeps, and the MV / STAPLE consensus masks."""
+    """Every row's training data, as a dict of splits: "U", the union of all annotations, and "C_1".."C_M",
+    the non-contradictory subsets (Sec. 2.2), each of (image, annotation) pairs: "images" [P,3,H,W],
+    "masks" [P,H,W], their "image" index and annotation "slot" [P]; "all" (row A) and "kept" (row J,
+    kappa >= --kappa-threshold): images with all their annotations [N,A,H,W]; "MV", "STAPLE": images
+    with one consensus mask each; "subset_of": [N,A] the subset id of every slot."""
     images, masks, n_ann = train["images"], train["masks"], train["n_annotations"]
     generator = torch.Generator().manual_seed(args.seed)
-    subset = non_contradictory_subsets(n_ann.cpu(), n_models, generator, args.subsets).to(images.device)
-    image_index, slot = (subset >= 0).nonzero(as_tuple=True)
-    sets = {"subset": subset, "U": pairs_split(images, masks, image_index, slot), "C": []}
-    for i in range(n_models):
-        image_index, slot = (subset == i).nonzero(as_tuple=True)
-        if len(image_index) == 0:
-            raise ValueError(f"subset C_{i + 1} is empty: no training image has {i + 1} annotations; "
-                             "use --subsets uniform")
-        sets["C"].append(pairs_split(images, masks, image_index, slot))
+    subset_of = non_contradictory_subsets(n_ann.cpu(), n_models, generator, args.subsets).to(images.device)
+    sets = {"subset_of": subset_of}
+    for key, member in [("U", subset_of >= 0)] + [(f"C_{i + 1}", subset_of == i) for i in range(n_models)]:
+        image_index, slot = member.nonzero(as_tuple=True)
+        if len(image_index) == 0 and key != "U":
+            raise common.UsageError(f"subset {key} is empty: no training image has {key[2:]} annotations; "
+                                    "use --subsets uniform")
+        sets[key] = {"images": images[image_index], "masks": masks[image_index, slot], "image": image_index,
+                     "slot": slot}
     kept = mean_pairwise_kappa(masks, n_ann) >= args.kappa_threshold
-    if not kept.any():
-        raise ValueError(f"no training image reaches a mean pairwise kappa of {args.kappa_threshold} (row J)")
+    if not kept.any() and getattr(args, "baselines", True):
+        raise common.UsageError(f"no training image reaches a mean pairwise kappa of {args.kappa_threshold} "
+                                "(row J); lower --kappa-threshold or use --no-baselines")
     sets["all"] = {"images": images, "masks": masks, "n_annotations": n_ann}
     sets["kept"] = {"images": images[kept], "masks": masks[kept], "n_annotations": n_ann[kept]}
     sets["MV"] = {"images": images, "masks": majority_vote(masks, n_ann)}
@@ -372,36 +397,43 @@ def build_training_sets(train, n_models, args):
 
 
 class Row(NamedTuple):
-    """A trained row of Table 1. kind "meta": base model trusting C_source (Eq. 1-2); "random": a
-    random annotation per image and batch from sets[source]; "fixed": one consensus mask per image."""
+    """A trained row of Table 1; `source` is the key of its training split (build_training_sets). kind
+    "meta": a base model, batches of U weighted for its trusted subset C_i (source, id trusted_subset,
+    Eq. 1-2); "random annotation": images of "all" or "kept" with one annotation drawn per image and
+    batch (rows A, J); "consensus": images of "MV" or "STAPLE" with their consensus mask."""
     name: str
     method: str
     kind: str
-    source: object
+    source: str
+    trusted_subset: int = -1
 
 
 def table_rows(n_models, baselines):
     """Table 1's trained rows; the base models B.. are the ensemble (the fusions follow them)."""
     letters = string.ascii_uppercase
-    rows = [Row(letters[1 + i], f"model {i}", "meta", i) for i in range(n_models)]
+    rows = [Row(letters[1 + i], f"model {i}", "meta", f"C_{i + 1}", trusted_subset=i) for i in range(n_models)]
     if baselines:
-        rows = [Row("A", "baseline (random annotation)", "random", "all")] + rows + [
-            Row(letters[4 + n_models], "less is more [30]", "random", "kept"),
-            Row("MV", "majority vote (beyond the paper)", "fixed", "MV"),
-            Row("STAPLE", "STAPLE (beyond the paper)", "fixed", "STAPLE")]
+        rows = [Row("A", "baseline (random annotation)", "random annotation", "all")] + rows + [
+            Row(letters[4 + n_models], "less is more [30], retrained here", "random annotation", "kept"),
+            Row("MV", "majority vote (beyond the paper)", "consensus", "MV"),
+            Row("STAPLE", "STAPLE (beyond the paper)", "consensus", "STAPLE")]
     return rows
 
 
-def make_batch(batch, kind, args, generator, mean, std):
-    """Target choice (a random annotation per image for rows A and J), augmentation, normalisation."""
-    if kind == "random":  # row A: "for every image in the training batch, we randomly select" one annotation
-        u = torch.rand(len(batch["index"]), generator=generator, device=generator.device)
+def make_batch(batch, generator, mean, std, *, pick_annotation, augment):
+    """A training batch {"x": normalised images, "y": target masks [B,H,W]}. pick_annotation: the batch
+    holds all annotations [B,A,H,W] and each image gets one of its n_annotations at random (rows A, J:
+    "for every image in the training batch, we randomly select which ground truth to use", Sec. 3.3).
+    augment: on-device flips / small rotations / colour jitter."""
+    images, masks = batch["images"], batch["masks"]
+    if pick_annotation:
+        u = torch.rand(len(images), generator=generator, device=generator.device)
         pick = (u * batch["n_annotations"]).long()
-        batch = {"images": batch["images"], "masks": batch["masks"][torch.arange(len(pick), device=pick.device), pick]}
-    if args.augment:
-        batch = common.augment({"images": batch["images"], "masks": batch["masks"]}, generator, rotate=10.0,
-                               scale=0.05, color=0.05)
-    return {"x": common.normalize(batch["images"], mean, std), "y": batch["masks"]}
+        masks = masks[torch.arange(len(pick), device=pick.device), pick]
+    if augment:
+        augmented = common.augment({"images": images, "masks": masks}, generator, rotate=10.0, scale=0.05, color=0.05)
+        images, masks = augmented["images"], augmented["masks"]
+    return {"x": common.normalize(images, mean, std), "y": masks}
 
 
 def endless(split, batch_size, generator):
@@ -411,41 +443,45 @@ def endless(split, batch_size, generator):
         yield from common.iterate_batches(split, batch_size, shuffle=True, generator=generator, drop_last=drop_last)
 
 
-def train_row(row, model, sets, val, args, run, device, mean, std, progress, start_epoch=0, optimizer=None, best=None):
+def steps_per_epoch(sets, args):
+    return max(1, sets["U"]["images"].shape[0] // args.batch_size)
+
+
+def train_row(row, model, sets, val, args, run, device, mean, std, progress, start_epoch=0, optimizer=None, best=None,
+              seed=0):
     """Trains one row's model; yields after each epoch and ends with the weights of the best validation
     Jaccard (Sec. 3.1). Every row takes the same number of SGD steps per epoch, one pass over U."""
-    name, kind, source = row.name, row.kind, row.source
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                              weight_decay=args.weight_decay)
     best = best if best is not None else {"jaccard": -1.0, "state": None, "epoch": 0}
-    steps = steps_per_epoch(sets, args)
+    steps, meta = steps_per_epoch(sets, args), row.kind == "meta"
     for epoch in range(start_epoch, args.epochs):
         # a generator per (row, epoch) makes the batches repeatable across --resume
-        generator = torch.Generator(device).manual_seed(args.seed * 100003 + sum(map(ord, name)) * 1009 + epoch)
-        batches = endless(sets["U"] if kind == "meta" else sets[source], args.batch_size, generator)
-        clean = endless(sets["C"][source], args.clean_batch_size, generator) if kind == "meta" else None
+        generator = torch.Generator(device).manual_seed(seed * 100003 + sum(map(ord, row.name)) * 1009 + epoch)
+        # base models: weighted batches of U, the meta objective on batches of C_i
+        batches = endless(sets["U" if meta else row.source], args.batch_size, generator)
+        clean_batches = endless(sets[row.source], args.clean_batch_size, generator) if meta else None
         model.train()
-        progress.set_epoch(f"{name} {epoch + 1}/{args.epochs}")
+        progress.set_epoch(f"{row.name} {epoch + 1}/{args.epochs}")
         running = torch.zeros((), device=device)
         waited = time.perf_counter()
         for step in range(1, steps + 1):
-            batch = make_batch(next(batches), kind, args, generator, mean, std)
-            batch_c = make_batch(next(clean), "meta", args, generator, mean, std) if clean else None
+            batch = make_batch(next(batches), generator, mean, std, pick_annotation=row.kind == "random annotation",
+                               augment=args.augment)
+            batch_c = make_batch(next(clean_batches), generator, mean, std, pick_annotation=False,
+                                 augment=args.augment and args.augment_clean) if meta else None
             wait = time.perf_counter() - waited
             with common.autocast(device, args.amp):
-                if kind == "meta":
-                    loss = meta_train_step(model, optimizer, batch, batch_c, args)
-                else:
-                    loss = plain_train_step(model, optimizer, batch, args)
+                loss = train_step(model, optimizer, batch, args, batch_c)
             running = running + loss
             mean_loss = progress.step(loss, images=len(batch["x"]), wait_s=wait)
             if mean_loss is not None:
-                common.check_finite(mean_loss, f"{name} epoch {epoch + 1} step {step}", run)
+                common.check_finite(mean_loss, f"{row.name} epoch {epoch + 1} step {step}", run)
             waited = time.perf_counter()
         val_jaccard = float(common.jaccard(predict(model, val["images"], mean, std, device, args)[0] > 0.5,
                                            val["reference"]).mean()) * 100
-        train_loss = common.check_finite(running / steps, f"{name} epoch {epoch + 1}", run)
-        run.log({"row": name, "epoch": epoch + 1, "loss": train_loss, "val_jaccard": val_jaccard})
+        train_loss = common.check_finite(running / steps, f"{row.name} epoch {epoch + 1}", run)
+        run.log({"row": row.name, "seed": seed, "epoch": epoch + 1, "loss": train_loss, "val_jaccard": val_jaccard})
         if val_jaccard > best["jaccard"]:
             best = {"jaccard": val_jaccard, "epoch": epoch + 1,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
@@ -453,13 +489,7 @@ def train_row(row, model, sets, val, args, run, device, mean, std, progress, sta
     model.load_state_dict(best["state"])
 
 
-def steps_per_epoch(sets, args):
-    return max(1, sets["U"]["images"].shape[0] // args.batch_size)
-
-
-# ==================================================================================================
-# Evaluation: prediction, fusion (Eq. 4), Tables 1 and 2
-# ==================================================================================================
+# ==================== Evaluation: prediction, fusion (Eq. 4), Tables 1 and 2 =======================
 
 @torch.no_grad()
 def predict(model, images, mean, std, device, args, mc_passes=0, chunk=64):
@@ -469,10 +499,10 @@ def predict(model, images, mean, std, device, args, mc_passes=0, chunk=64):
     if mc_passes:
         model.dropout.train()
     probs, log_vars = [], []
-    chunk = max(1, chunk // max(mc_passes, 1))
+    passes = max(mc_passes, 1)
+    chunk = max(1, chunk // passes)
     for start in range(0, images.shape[0], chunk):
         x = common.normalize(images[start:start + chunk].to(device), mean, std)
-        passes = max(mc_passes, 1)
         with common.autocast(device, args.amp):
             out = model(x.repeat(passes, 1, 1, 1)).float()
         out = out.view(passes, x.shape[0], *out.shape[1:])
@@ -482,51 +512,74 @@ def predict(model, images, mean, std, device, args, mc_passes=0, chunk=64):
     return torch.cat(probs), torch.cat(log_vars)
 
 
-def fuse_predictions(probs, log_variances, rule):
-    """Eq. 4: Y = sum_i alpha_i Y_i over the M base models. probs, log_variances [M,N,H,W].
+def fusion_weights(log_variances, rule):
+    """Eq. 4's weights alpha [M,N,H,W] (summing to 1 over the M models) from log s^2 [M,N,H,W].
     "equal" (row G): alpha_i = 1/M. "pixel" (row H): alpha_iq = (1/s_iq^2) / sum_j (1/s_jq^2).
-    "image" (row I): u_i = mean_q s_iq^2, alpha_i = (1/u_i) / sum_j (1/u_j)."""
+    "image" (row I): u_i = mean_q s_iq^2, alpha_i = (1/u_i) / sum_j (1/u_j).
+    Both confidence rules work in log space (softmax of -log s^2, log u_i by logsumexp), exact for any
+    finite log-variance, where exp(log s^2) overflows float32 above ~88 (and the naive 1/u gives NaN)."""
     if rule == "equal":
-        alpha = torch.full_like(probs, 1.0 / probs.shape[0])
-    elif rule == "pixel":
-        alpha = torch.softmax(-log_variances, dim=0)  # exp(-log s^2) = 1/s^2, normalised over models
-    elif rule == "image":
-        inverse = 1.0 / torch.exp(log_variances).mean((2, 3), keepdim=True)  # 1/u_i [M,N,1,1]
-        alpha = (inverse / inverse.sum(0, keepdim=True)).expand_as(probs)
+        return torch.full_like(log_variances, 1.0 / log_variances.shape[0])
+    if rule == "pixel":
+        return torch.softmax(-log_variances, dim=0)  # exp(-log s^2) = 1/s^2, normalised over models
+    if rule == "image":
+        n_pixels = log_variances.shape[2] * log_variances.shape[3]
+        # log u_i = log (1/Q) sum_q exp(log s_iq^2)                               [M,N,1,1]
+        log_u = torch.logsumexp(log_variances.flatten(2), dim=2)[..., None, None] - math.log(n_pixels)
+        return torch.softmax(-log_u, dim=0).expand_as(log_variances)  # (1/u_i) / sum_j (1/u_j)
+    raise ValueError(f"unknown fusion rule {rule!r}")
+
+
+def fuse_predictions(probs, log_variances, rule):
+    """Eq. 4: Y = sum_i alpha_i Y_i over the M base models; probs, log_variances [M,N,H,W]."""
+    return (fusion_weights(log_variances, rule) * probs).sum(0)
+
+
+def overlap_and_calibration(prob, reference, valid=None):
+    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier per image: mean over the images and the
+    standard error over images (*_image_se). valid [N,H,W] (letterboxed real images): only the image's
+    own pixels count; the padding is neither lesion nor background."""
+    if valid is None:
+        jaccard = common.jaccard(prob > 0.5, reference) * 100
+        nll, brier = common.nll(prob, reference), common.brier(prob, reference)
     else:
-        raise ValueError(f"unknown fusion rule {rule!r}")
-    return (alpha * probs).sum(0)
-
-
-def overlap_and_calibration(prob, reference):
-    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier per image, as mean and standard error."""
-    jac = common.mean_and_se(common.jaccard(prob > 0.5, reference) * 100)
-    nll = common.mean_and_se(common.nll(prob, reference))
-    brier = common.mean_and_se(common.brier(prob, reference))
-    return dict(jaccard=jac[0], jaccard_se=jac[1], nll=nll[0], nll_se=nll[1], brier=brier[0], brier_se=brier[1])
+        valid = valid.bool()
+        jaccard = common.jaccard((prob > 0.5) & valid, reference.bool() & valid) * 100
+        # the pixel means of Eq. 6-7 over each image's own pixels: [1,P] is one image of P pixels
+        nll = torch.cat([common.nll(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
+        brier = torch.cat([common.brier(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
+    scores = {}
+    for key, values in (("jaccard", jaccard), ("nll", nll), ("brier", brier)):
+        scores[key], scores[f"{key}_image_se"] = common.mean_and_se(values)
+    return scores
 
 
 def fusion_rows(n_models):
     """Rows G, H, I of Table 1 (the letters after the base models): (row, method, rule of Eq. 4)."""
-    letters = string.ascii_uppercase
-    return [(letters[1 + n_models], "equally weighted fusion (ours)", "equal"),
-            (letters[2 + n_models], "pixel-level confidence (ours)", "pixel"),
-            (letters[3 + n_models], "image-level confidence (ours)", "image")]
+    methods = ("equally weighted fusion (ours)", "pixel-level confidence (ours)", "image-level confidence (ours)")
+    return [(string.ascii_uppercase[1 + n_models + k], method, rule)
+            for k, (method, rule) in enumerate(zip(methods, ("equal", "pixel", "image")))]
+
+
+def main_fusion_row(n_models, rule):
+    """The Table 1 row of the run's fusion rule (--fusion; the paper's main method is I, "image")."""
+    return {fusion_rule: name for name, _, fusion_rule in fusion_rows(n_models)}[rule]
 
 
 def evaluate(models, rows, test_sets, train_stats, args, device):
     """Every row of Tables 1 and 2 on every test set, against its annotation and, when known, the
-    true mask. Returns the two tables (lists of dicts) and the ensemble's outputs per test set."""
+    true mask. Returns the two tables (lists of dicts) and the ensemble's outputs per test set.
+    Table 2's last row (letter M + 1, after the M MC dropout models) is the deep ensemble."""
     base = [row.name for row in rows if row.kind == "meta"]
     fusions = fusion_rows(len(base))
-    main_row = fusions[2][0]  # image-level confidence fusion, the main method
-    # paper order: A, the base models, the fusions, J; then MV and STAPLE
+    main_row = main_fusion_row(len(base), args.fusion)
+    # Table 1 in the paper's order: A, the base models, the fusions G-I, J; beyond the paper MV, STAPLE
     methods = ([(r.name, r.method) for r in rows if r.name == "A"] + [(r.name, r.method) for r in rows if r.kind == "meta"]
                + [(name, method) for name, method, _ in fusions]
                + [(r.name, r.method) for r in rows if r.kind != "meta" and r.name != "A"])
     table1, table2, outputs = [], [], {}
     for set_name, split in test_sets.items():
-        mean, std = train_stats if args.normalize == "train" else common.channel_stats(split["images"])
+        mean, std = train_stats if args.normalize == "train" else channel_stats_of(split)
         predictions = {row.name: predict(models[row.name], split["images"], mean, std, device, args) for row in rows}
         probs = torch.stack([predictions[name][0] for name in base])      # Y_i [M,N,H,W]
         log_vars = torch.stack([predictions[name][1] for name in base])   # log s_i^2 [M,N,H,W]
@@ -536,52 +589,58 @@ def evaluate(models, rows, test_sets, train_stats, args, device):
         calibration = [(f"MC dropout model {i}",
                         predict(models[name], split["images"], mean, std, device, args, args.mc_passes)[0])
                        for i, name in enumerate(base)]
-        calibration.append(("deep ensemble (ours, image-level fusion)", predictions[main_row][0]))
+        calibration.append((f"deep ensemble (ours, fusion {main_row})", predictions[main_row][0]))
         outputs[set_name] = {"probs": probs, "log_vars": log_vars, "fused": predictions[main_row][0]}
-        references = {"annotation": split["reference"].to(device)}
-        if split.get("truth") is not None:
-            references["truth"] = split["truth"].to(device)
+        references = {name: split[key].to(device) for name, key in (("annotation", "reference"), ("truth", "truth"))
+                      if split.get(key) is not None}
+        valid = split["valid"].to(device) if split.get("valid") is not None else None
         for ref_name, reference in references.items():
             where = {"test_set": set_name, "reference": ref_name}
             for name, method in methods:
-                scores = overlap_and_calibration(predictions[name][0], reference)
+                scores = overlap_and_calibration(predictions[name][0], reference, valid)
                 table1.append({"table": "1", "row": name, "method": method, **where,
-                               "jaccard": scores["jaccard"], "jaccard_se": scores["jaccard_se"]})
+                               "jaccard": scores["jaccard"], "jaccard_image_se": scores["jaccard_image_se"]})
             for letter, (method, prob) in zip(string.ascii_uppercase, calibration):
-                scores = overlap_and_calibration(prob, reference)
+                scores = overlap_and_calibration(prob, reference, valid)
                 table2.append({"table": "2", "row": letter, "method": method, **where,
-                               **{k: scores[k] for k in ("nll", "nll_se", "brier", "brier_se")}})
+                               **{k: scores[k] for k in ("nll", "nll_image_se", "brier", "brier_image_se")}})
     return table1, table2, outputs
 
 
-def table_markdown(rows, value, title):
-    """One line per method, one column per (test set, reference), as the paper lays its tables out."""
-    columns = list(dict.fromkeys((r["test_set"], r["reference"]) for r in rows))
-    names = {c: c[0] + ("" if c[1] == "annotation" else " vs truth") for c in columns}
-    lines = {}
-    for r in rows:
-        line = lines.setdefault(r["row"], {"row": r["row"], "method": r["method"]})
-        line.update(value(r, names[(r["test_set"], r["reference"])]))
-    header = ["row", "method"] + [k for k in next(iter(lines.values())) if k not in ("row", "method")]
+def table_markdown(entries, table, title):
+    """Table 1 or 2 as the paper lays it out: one line per method, one column per (test set, reference)
+    ("<set> vs truth": scored against the true mask); Table 1: Jaccard % ± SE, Table 2: NLL and Brier
+    (± SE over seeds when the run has several, else over the test images as in the paper)."""
+    lines, header = {}, ["row", "method"]
+    for entry in (e for e in entries if e["table"] == table):
+        column = entry["test_set"] + ("" if entry["reference"] == "annotation" else " vs truth")
+        if table == "1":
+            se = entry["jaccard_se"] if len(entry.get("seeds", [])) > 1 else entry["jaccard_image_se"]
+            cells = {column: common.fmt_mean_se(entry["jaccard"] / 100, se / 100, percent=True)}
+        else:
+            cells = {f"{column} NLL": common.fmt_over_seeds(entry, "nll", digits=3),
+                     f"{column} Br": common.fmt_over_seeds(entry, "brier", digits=3)}
+        lines.setdefault(entry["row"], {"row": entry["row"], "method": entry["method"]}).update(cells)
+        header += [column for column in cells if column not in header]
     return common.markdown_table(list(lines.values()), header, title=title)
 
 
-# ==================================================================================================
-# Figures 3-4 and example predictions
-# ==================================================================================================
+# ==================== Figures 3-4 (and in numbers), the meta step's mode, example predictions ======
 
-def trusted_slots(sets, model_index):
-    """For every training image, the slot of the annotation base model i trusts (its C_i), and whether
-    the image has one in C_i at all."""
-    in_subset = sets["subset"] == model_index
+def trusted_slots(sets, subset_id):
+    """For every training image, the slot of the annotation that base model i trusts (its one
+    annotation in C_i) [N], and whether the image has an annotation in C_i at all [N]."""
+    in_subset = sets["subset_of"] == subset_id
     return in_subset.float().argmax(1), in_subset.any(1)
 
 
-def training_weights(model, images_u, masks_u, images_c, masks_c, args):
-    """spatial_weight_maps as during training (train mode: batch statistics, dropout on), leaving the
-    BatchNorm running statistics as they were."""
+def training_weights(model, images_u, masks_u, images_c, masks_c, args, mode="train"):
+    """spatial_weight_maps outside training, leaving the BatchNorm running statistics as they were.
+    mode "train" computes them as training does (BatchNorm on the batch's statistics, dropout on);
+    "eval" with the running statistics and dropout off (what a network without BatchNorm and
+    dropout, like the parent code's, would see)."""
     saved = {name: b.clone() for name, b in model.named_buffers()}
-    model.train()
+    model.train(mode == "train")
     weights, _ = spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, args.lr, args.mc_samples)
     with torch.no_grad():
         for name, b in model.named_buffers():
@@ -590,76 +649,125 @@ def training_weights(model, images_u, masks_u, images_c, masks_c, args):
     return weights
 
 
-def weight_consistency(model, sets, model_index, args, mean, std, n_batches=8):
-    """Fig. 3-4 in numbers, on random batches of U weighted as in training: the share of zero-weight pixels among the pixels where an annotation disagrees with the annotation base
-    model i trusts for the same image (INC) and among those where they agree, and the ratio of the
-    mean weights (INC / agreeing). The paper's claim: INC pixels get zero or near-zero weight."""
-    union, masks = sets["U"], sets["all"]["masks"]
-    slot, has = trusted_slots(sets, model_index)
-    clean = sets["C"][model_index]
+def sample_weight_batch(row, sets, args, mean, std, generator):
+    """A random batch of U (args.batch_size annotations) and of C_i (args.clean_batch_size), as the
+    meta step sees them but without augmentation. Returns (u, x_u, y_u, x_c, y_c), u the indices in U."""
+    union, clean = sets["U"], sets[row.source]
+    device = union["images"].device
+    u = torch.randperm(len(union["images"]), generator=generator)[:args.batch_size].to(device)
+    c = torch.randperm(len(clean["images"]), generator=generator)[:args.clean_batch_size].to(device)
+    return (u, common.normalize(union["images"][u], mean, std), union["masks"][u],
+            common.normalize(clean["images"][c], mean, std), clean["masks"][c])
+
+
+def ratio_and_se(numerators, denominators):
+    """Pooled ratio R = sum a_b / sum n_b over batches b and its standard error, batches as clusters
+    (linearisation: SE = sqrt(sum (a_b - R n_b)^2 / (B (B - 1))) / mean n_b)."""
+    total = denominators.sum()
+    if total <= 0:
+        return float("nan"), float("nan")
+    ratio = numerators.sum() / total
+    n_batches = len(numerators)
+    if n_batches < 2:
+        return float(ratio), float("nan")
+    spread = ((numerators - ratio * denominators) ** 2).sum() / (n_batches * (n_batches - 1))
+    return float(ratio), float(spread.sqrt() / denominators.mean())
+
+
+def weight_consistency(model, row, sets, args, mean, std):
+    """Fig. 3-4 in numbers (the paper's claim: INC pixels get zero or near-zero weight) for base model i,
+    over args.weight_samples annotations of U in random batches weighted as in training: the share of
+    zero-weight pixels among the INC pixels (where an annotation disagrees with the one model i trusts
+    for that image; zero_weight_inconsistent) and among the agreeing pixels (zero_weight_consistent),
+    pooled over batches with *_batch_se (batches as clusters), and mean_weight_ratio, INC / agreeing."""
+    trusted_slot, has_trusted = trusted_slots(sets, row.trusted_subset)
     generator = torch.Generator().manual_seed(args.seed)
-    totals = torch.zeros(6, device=masks.device)
+    n_batches = max(1, math.ceil(args.weight_samples / args.batch_size))
+    sums = []  # per batch: pixels, zero-weight pixels and weight, on INC and on agreeing pixels
     for _ in range(n_batches):
-        u = torch.randperm(len(union["images"]), generator=generator)[:args.batch_size].to(masks.device)
-        c = torch.randperm(len(clean["images"]), generator=generator)[:args.clean_batch_size].to(masks.device)
-        weights = training_weights(model, common.normalize(union["images"][u], mean, std), union["masks"][u],
-                                   common.normalize(clean["images"][c], mean, std), clean["masks"][c], args)
-        image = union["image"][u]
-        disagree = masks[image, slot[image]] != union["masks"][u]
-        known = has[image].view(-1, 1, 1)
+        u, x_u, y_u, x_c, y_c = sample_weight_batch(row, sets, args, mean, std, generator)
+        weights = training_weights(model, x_u, y_u, x_c, y_c, args)                     # W [B,H,W]
+        image = sets["U"]["image"][u]
+        trusted = sets["all"]["masks"][image, trusted_slot[image]]  # the annotation model i trusts [B,H,W]
+        known = has_trusted[image].view(-1, 1, 1)
+        inconsistent = ((trusted != y_u) & known).float()      # INC
+        agreeing = ((trusted == y_u) & known).float()
         zero = (weights == 0).float()
-        for k, region in enumerate(((disagree & known).float(), (~disagree & known).float())):
-            totals[3 * k:3 * k + 3] += torch.stack([(zero * region).sum(), (weights * region).sum(), region.sum()])
-    zero_inc, weight_inc, n_inc, zero_agree, weight_agree, n_agree = totals.tolist()
-    return {"zero_weight_inconsistent": zero_inc / max(n_inc, 1), "zero_weight_consistent": zero_agree / max(n_agree, 1),
-            "mean_weight_ratio": (weight_inc / max(n_inc, 1)) / max(weight_agree / max(n_agree, 1), 1e-30)}
+        sums.append(torch.stack([value for region in (inconsistent, agreeing)
+                                 for value in (region.sum(), (zero * region).sum(), (weights * region).sum())]))
+    inc_pixels, inc_zero, inc_weight, agree_pixels, agree_zero, agree_weight = torch.stack(sums).double().cpu().T
+    zero_inc, zero_inc_se = ratio_and_se(inc_zero, inc_pixels)
+    zero_agree, zero_agree_se = ratio_and_se(agree_zero, agree_pixels)
+    mean_inc = inc_weight.sum() / inc_pixels.sum().clamp_min(1)
+    mean_agree = agree_weight.sum() / agree_pixels.sum().clamp_min(1)
+    return {"zero_weight_inconsistent": zero_inc, "zero_weight_inconsistent_batch_se": zero_inc_se,
+            "zero_weight_consistent": zero_agree, "zero_weight_consistent_batch_se": zero_agree_se,
+            "mean_weight_ratio": float(mean_inc / mean_agree.clamp_min(1e-30)),
+            "annotations": n_batches * args.batch_size, "inconsistent_pixels": int(inc_pixels.sum())}
 
 
-def figure_weight_maps(models, base_rows, sets, model_index, args, mean, std, path):
-    """Fig. 3-4: a training image with the most annotations (one of them in C_k), the annotation each
-    base model trusts, the inconsistency maps |Y_trusted(k) - Y_i| (INC), the zero weights model k
-    learns for those annotations in cyan over INC (INC+WT), and the weight maps themselves."""
-    train, subset = sets["all"], sets["subset"]
-    _, has = trusted_slots(sets, model_index)
-    n = int(torch.where(has, train["n_annotations"], torch.zeros_like(train["n_annotations"])).argmax())
+def meta_mode_effect(model, row, sets, args, mean, std):
+    """What running the meta step in train mode (BatchNorm on batch statistics, dropout on) changes
+    against eval mode (running statistics, no dropout), on one batch of U and one of C_i: tv_* the total
+    variation 1/2 sum_q |W - W'| (the share of the weight mass that moves, W sums to 1) between the modes
+    and between two draws of one mode (dropout masks, MC samples); zero_flip the share of pixels with
+    zero weight in one mode only; zero_train, zero_eval the share of zero-weight pixels in each."""
+    _, x_u, y_u, x_c, y_c = sample_weight_batch(row, sets, args, mean, std, torch.Generator().manual_seed(args.seed))
+    weights = {}
+    for mode, draw in (("train", 0), ("train", 1), ("eval", 0), ("eval", 1)):
+        torch.manual_seed(args.seed * 7919 + draw)  # dropout masks and the MC samples of the loss
+        weights[mode, draw] = training_weights(model, x_u, y_u, x_c, y_c, args, mode)
+    w_train, w_eval = weights["train", 0], weights["eval", 0]
+    tv = {"train_vs_eval": (w_train, w_eval), "train_redraw": (w_train, weights["train", 1]),
+          "eval_redraw": (w_eval, weights["eval", 1])}
+    return {**{f"tv_{key}": float(0.5 * (a - b).abs().sum()) for key, (a, b) in tv.items()},  # total variation
+            "zero_flip": float(((w_train == 0) != (w_eval == 0)).float().mean()),
+            "zero_train": float((w_train == 0).float().mean()), "zero_eval": float((w_eval == 0).float().mean())}
+
+
+def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
+    """Fig. 3-4: a training image with the most annotations (one of them in C_k, k = row's trusted
+    subset), the annotation each base model trusts, the inconsistency maps |Y_trusted(k) - Y_i| (INC),
+    the zero weights model k learns for those annotations in cyan over INC (INC+WT), and the weight
+    maps themselves."""
+    model_index = row.trusted_subset
+    train, subset_of = sets["all"], sets["subset_of"]
+    _, has_trusted = trusted_slots(sets, model_index)
+    n = int(torch.where(has_trusted, train["n_annotations"], torch.zeros_like(train["n_annotations"])).argmax())
     slots = list(range(int(train["n_annotations"][n])))
-    trusted = {int(subset[n, s]): s for s in slots}  # model i -> slot of its trusted annotation
+    slot_trusted_by = {int(subset_of[n, s]): s for s in slots}  # model i -> slot of the annotation it trusts
     # the image's annotations in a batch of U filled up with other annotations, weighted as in training
-    union, clean = sets["U"], sets["C"][model_index]
+    union, clean = sets["U"], sets[row.source]
     others = torch.randperm(len(union["images"]), generator=torch.Generator().manual_seed(args.seed))
     others = others[:max(args.batch_size - len(slots), 0)].to(union["images"].device)
     x_u = torch.cat([train["images"][n:n + 1].expand(len(slots), -1, -1, -1), union["images"][others]])
     y_u = torch.cat([train["masks"][n, slots], union["masks"][others]])
-    weights = training_weights(models[base_rows[model_index].name], common.normalize(x_u, mean, std), y_u,
+    weights = training_weights(model, common.normalize(x_u, mean, std), y_u,
                                common.normalize(clean["images"][:args.clean_batch_size], mean, std),
                                clean["masks"][:args.clean_batch_size], args)
-    reference = y_u[trusted[model_index]]
-    n_models = len(base_rows)
+    reference = y_u[slot_trusted_by[model_index]]
     fig, axes = plt.subplots(4, n_models + 1, figsize=(2.2 * (n_models + 1), 9.2))
     for ax in axes.flat:
         ax.set_axis_off()
     common.show_image(axes[0, 0], train["images"][n])
     axes[0, 0].set_title("training image")
     for i in range(n_models):
-        if i not in trusted:
+        if i not in slot_trusted_by:
             axes[0, i + 1].set_title(f"model {i}: none", fontsize=9)
             continue
-        s = trusted[i]
-        inconsistent = (reference != y_u[s]).cpu()
-        w = weights[s].cpu()
-        axes[0, i + 1].imshow(y_u[s].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[0, i + 1].set_title(f"model {i}: annotation {s}", fontsize=9)
-        axes[1, i + 1].imshow(inconsistent.numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[1, i + 1].set_title(f"INC model {model_index} vs {i}", fontsize=9)
+        s = slot_trusted_by[i]
+        inconsistent, w = (reference != y_u[s]).cpu(), weights[s].cpu()
         # as in the paper: zero-weight pixels in cyan over the inconsistency map
         overlay = torch.zeros(*w.shape, 4)
         overlay[w == 0] = torch.tensor([0.0, 1.0, 1.0, 0.7])
-        axes[2, i + 1].imshow(inconsistent.numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[2, i + 1].imshow(overlay.numpy())
         share = f"{(w[inconsistent] == 0).float().mean().item():.0%}" if inconsistent.any() else "-"
-        axes[2, i + 1].set_title(f"INC+WT: w=0 on {share} of INC", fontsize=8)
-        axes[3, i + 1].imshow((w / w.max().clamp_min(1e-30)).numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[3, i + 1].set_title("W (scaled to its max)", fontsize=8)
+        panels = [(y_u[s].cpu(), f"model {i}: annotation {s}", 9), (inconsistent, f"INC model {model_index} vs {i}", 9),
+                  (inconsistent, f"INC+WT: w=0 on {share} of INC", 8),
+                  (w / w.max().clamp_min(1e-30), "W (scaled to its max)", 8)]
+        for ax, (image, title, fontsize) in zip(axes[:, i + 1], panels):
+            ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=fontsize)
+        axes[2, i + 1].imshow(overlay.numpy())
     fig.suptitle(f"Weights model {model_index} learns for this image's annotations (cyan: zero weight)", fontsize=9)
     common.save_figure(fig, path)
 
@@ -682,27 +790,50 @@ def figure_predictions(split, outputs, path, count=4):
     common.save_figure(fig, path)
 
 
-# ==================================================================================================
-# Data and main
-# ==================================================================================================
+# ==================== Data, jobs over rows and seeds, report =======================================
 
-def load_data(args):
-    """Train / val and the test sets; every split with a single "reference" mask to score against."""
+TEST_ONLY = ("ph2", "dermofit", "isic2017")  # --test NAME=ROOT; isic2017: only its test split
+
+
+def parse_test_sets(text):
+    """--test "ph2=/d/PH2,dermofit=/d/DF" -> [("ph2", "/d/PH2"), ...]; UsageError for anything else."""
+    specs = []
+    for spec in filter(None, (part.strip() for part in text.split(","))):
+        name, _, root = spec.partition("=")
+        if name not in TEST_ONLY or not root:
+            raise common.UsageError(f"--test takes NAME=ROOT pairs with NAME in {', '.join(TEST_ONLY)}, not {spec!r}")
+        specs.append((name, root))
+    return specs
+
+
+def load_data(args, seed):
+    """(train, val, tests, removed) of one seed, every split with one "reference" mask to score against;
+    removed = {test set: names removed because they sit in train/val}. Real data follow Sec. 3.1:
+    isic-multi's images with two or more masks are the training pool (seeded 80/20 train/val, or
+    Ribeiro et al.'s lists with --splits), its single-mask images the ISIC test set ("isic"); --test
+    adds PH2, DermoFit and, beyond the paper, ISIC 2017's test split, without the pool's images."""
     if args.data == "synthetic":
-        sizes = {k: QUICK[k] for k in ("n_train", "n_val", "n_test")} if args.quick else {}
-        data = common.load_dataset("synthetic-lesions", size=args.size, seed=args.seed, annotators=True,
+        sizes = {key: getattr(args, key) for key in ("n_train", "n_val", "n_test") if getattr(args, key) is not None}
+        if args.quick:
+            sizes = {key: sizes.get(key, QUICK[key]) for key in ("n_train", "n_val", "n_test")}
+        data = common.load_dataset("synthetic-lesions", size=args.size, seed=seed, annotators=True,
                                    domain_shift=True, **sizes)
     else:
-        data = common.load_dataset(args.data, args.root, size=args.size, seed=args.seed, cache=args.cache)
-    for spec in filter(None, args.test.split(",")):
-        name, _, root = spec.partition("=")
-        data[name] = common.load_dataset(name, root or None, size=args.size, seed=args.seed, cache=args.cache)["test"]
+        options = {"splits": args.splits} if args.splits and args.data == "isic-multi" else {}
+        data = common.load_dataset(args.data, args.root, size=args.size, seed=seed, cache=args.cache, **options)
+        if "test" in data:
+            data["isic" if args.data == "isic-multi" else args.data] = data.pop("test")
+    if "train" not in data or "val" not in data:
+        raise common.UsageError(f"--data {args.data} gave the splits {sorted(data)}; training needs 'train' and 'val'")
+    training_ids = [name for split in ("train", "val") for name in data[split]["names"]]
+    for name, root in parse_test_sets(args.test):
+        options = {"splits": args.splits} if args.splits and name in ("ph2", "dermofit") else {}
+        data[name] = common.load_dataset(name, root, size=args.size, seed=seed, cache=args.cache,
+                                         exclude=training_ids, need_labels=False, **options)["test"]
     for split in data.values():
         if split["masks"].dim() == 3:  # one annotation per image
             split["masks"], split["n_annotations"] = split["masks"][:, None], torch.ones(len(split["masks"]), dtype=torch.long)
-    if "train" not in data or "val" not in data:
-        raise ValueError(f"--data {args.data} gave the splits {sorted(data)}; training needs 'train' and 'val'")
-    generator = torch.Generator().manual_seed(args.seed + 1)
+    generator = torch.Generator().manual_seed(seed + 1)
     val = data["val"]  # model selection: one random annotation per validation image (Sec. 3.1)
     pick = (torch.rand(len(val["masks"]), generator=generator) * val["n_annotations"]).long()
     val["reference"] = val["masks"][torch.arange(len(pick)), pick]
@@ -712,107 +843,354 @@ def load_data(args):
     if not tests:
         print("no test set given (--test); scoring on the validation split")
         tests = {"val": val}
-    return data["train"], val, tests
+    removed = {name: list(split["removed_overlap"] or []) for name, split in tests.items()
+               if split.get("removed_overlap") is not None}
+    return data["train"], val, tests, removed
 
 
-def build_models(rows, args, device):
-    """One base network per trained row, each from its own seed (the deep ensemble's diversity)."""
+def channel_stats_of(split):
+    """Sec. 3.1's per-channel mean and std of a split's images, over the image pixels only (not the
+    letterbox padding of real images, which would pull the mean towards black)."""
+    if split.get("valid") is None:
+        return common.channel_stats(split["images"])
+    valid = split["valid"].bool()
+    total = torch.zeros(3, dtype=torch.float64, device=split["images"].device)
+    squares, count = torch.zeros_like(total), valid.sum().double()
+    for start in range(0, len(valid), 256):
+        x = split["images"][start:start + 256].double() / 255.0                 # [b,3,H,W]
+        v = valid[start:start + 256, None].double()                              # [b,1,H,W]
+        total += (x * v).sum((0, 2, 3))
+        squares += (x * x * v).sum((0, 2, 3))
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
+def build_model(row_index, args, seed, device):
+    """The network of the row at `row_index` of table_rows, initialised from its own seed (the deep
+    ensemble's diversity comes from these different initialisations and subsets)."""
+    torch.manual_seed(seed * 1000 + row_index)
+    return common.prepare_model(BayesianResidualFCN(args.width, args.depth, args.dropout, args.dropout_layers), device)
+
+
+def ensemble_of(states, rows, args, seed, device):
+    """The networks of one seed's rows as a ModuleDict, from their weights {row name: state dict}."""
     models = nn.ModuleDict()
     for k, row in enumerate(rows):
-        torch.manual_seed(args.seed * 1000 + k)
-        models[row.name] = common.prepare_model(
-            BayesianResidualFCN(args.width, args.depth, args.dropout, args.dropout_layers), device)
-    common.seed_everything(args.seed)
+        models[row.name] = build_model(k, args, seed, device)
+        common.load_model_state(models[row.name], states[row.name])
+        models[row.name].eval()
     return models
 
 
-def train_all(models, rows, sets, val, args, run, device, mean, std):
-    """Trains the rows one after the other. last.pt (after every epoch) holds all networks, the current
-    row's optimiser and best weights and the rows already done; best.pt the selected weights."""
-    done, resume = [], None
-    if args.resume:
-        resume = common.load_checkpoint(args.resume, SCRIPT)
-        models.load_state_dict(resume["model"])
-        done = list(resume["done"])
-    todo = [row for row in rows if row.name not in done]
-    progress = common.Progress(len(todo) * args.epochs * steps_per_epoch(sets, args), every=args.log_every)
-    if args.compile:
-        print("--compile is not used: the meta step differentiates twice, which torch.compile does not support")
-    for row in todo:
-        start, optimizer, best = 0, None, None
-        if resume is not None and resume["row"] == row.name:
-            optimizer = torch.optim.SGD(models[row.name].parameters(), lr=args.lr, momentum=args.momentum,
-                                        weight_decay=args.weight_decay)
-            start, _ = common.restore_state(resume, models, optimizer)
-            best = {"jaccard": resume["best"], "epoch": resume["best_epoch"], "state": resume["best_state"]}
-        for epoch, optimizer, best in train_row(row, models[row.name], sets, val, args, run, device, mean, std,
-                                                progress, start, optimizer, best):
-            state = common.checkpoint_state(models, optimizer, None, epoch, best["jaccard"], args)
-            run.save("last.pt", {**state, "row": row.name, "done": done, "best_epoch": best["epoch"],
-                                 "best_state": best["state"]})
-        done.append(row.name)
-        run.save("best.pt", {**common.checkpoint_state(models, None, None, args.epochs, None, args, rng=False),
-                             "done": done})
-    speed = progress.summary()
-    print(f"training: {speed['images_per_s']:.1f} images/s, data wait {100 * speed['data_wait_share']:.0f}%")
-    return speed
+def seed_data(args, seed, device, cache):
+    """Everything the rows of `seed` train and evaluate on (train, val, tests, removed, the training
+    sets, mean, std, n_models), read once per process (cache: a dict)."""
+    if seed not in cache:
+        train, val, tests, removed = load_data(args, seed)
+        train, val = common.to_device(train, device), common.to_device(val, device)
+        n_models = train["masks"].shape[1]  # M: the annotation slots of the dataset (5 for ISIC)
+        mean, std = channel_stats_of(train)  # Sec. 3.1: per-channel mean and std
+        sets = build_training_sets(train, n_models, argparse.Namespace(**{**vars(args), "seed": seed}))
+        cache[seed] = types.SimpleNamespace(train=train, val=val, tests=tests, removed=removed, sets=sets,
+                                            mean=mean, std=std, n_models=n_models)
+    return cache[seed]
 
+
+def job_key(row_name, seed):
+    return f"{row_name}@{seed}"
+
+
+def read_resume(path):
+    """The jobs a --resume continues: the finished models and the unfinished jobs of the last.pt at
+    `path` and of its sibling last-rank<r>.pt files (torchrun), {job key: state}."""
+    finished, unfinished, first = {}, {}, None
+    for file in [Path(path)] + sorted(p for p in Path(path).parent.glob("last-rank*.pt") if p != Path(path)):
+        state = common.load_checkpoint(file, SCRIPT)
+        first = first or state
+        finished.update(state["finished"])
+        if state.get("job") is not None and state["job"] not in finished:
+            unfinished[state["job"]] = state
+    return first, finished, unfinished
+
+
+def train_job(row_name, seed, context):
+    """run_rows' job: trains one row of one seed and returns {"val_jaccard", "best_epoch", "state"
+    (the selected weights), "norm", speed}. A resumed run returns a finished job's weights without
+    training and continues an unfinished one from its last epoch. last.pt (last-rank<r>.pt under
+    torchrun) is written after every epoch: this process's finished models and the current job."""
+    args, run, device, dist = context["args"], context["run"], context["device"], context["dist"]
+    data = seed_data(args, seed, device, context["data"])
+    rows = table_rows(data.n_models, args.baselines)
+    row_index = [row.name for row in rows].index(row_name)
+    key, speed = job_key(row_name, seed), {}
+    if key not in context["finished"]:
+        model = build_model(row_index, args, seed, device)
+        optimizer, best, start = None, None, 0
+        resumed = context["unfinished"].get(key)
+        if resumed is not None:
+            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                        weight_decay=args.weight_decay)
+            start, _ = common.restore_state(resumed, model, optimizer)
+            best = {"jaccard": resumed["best"], "epoch": resumed["best_epoch"], "state": resumed["best_state"]}
+        last = "last.pt" if dist.world_size == 1 else f"last-rank{dist.rank}.pt"
+        progress = common.Progress((args.epochs - start) * steps_per_epoch(data.sets, args), every=args.log_every)
+        for epoch, optimizer, best in train_row(rows[row_index], model, data.sets, data.val, args, run, device,
+                                                data.mean, data.std, progress, start, optimizer, best, seed):
+            state = common.checkpoint_state(model, optimizer, None, epoch, best["jaccard"], args)
+            run.save(last, {**state, "job": key, "best_epoch": best["epoch"], "best_state": best["state"],
+                            "finished": context["finished"]})  # in rows mode the job's own rank writes it
+        speed = {k: v for k, v in progress.summary().items() if k in ("images_per_s", "data_wait_share")}
+        context["finished"][key] = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                    "best": {"jaccard": best["jaccard"], "epoch": best["epoch"]}}
+    done = context["finished"][key]
+    return {"val_jaccard": done["best"]["jaccard"], "best_epoch": done["best"]["epoch"], **speed,
+            "state": done["model"], "norm": [data.mean.cpu(), data.std.cpu()]}
+
+
+def evaluate_job(_tables, seed, context):
+    """run_rows' job for one seed's tables: Tables 1 and 2, Fig. 3-4 in numbers and the meta step's
+    mode, from the trained weights; the figures for the first seed. Returns {"entries": [...]}."""
+    args, run, device = context["args"], context["run"], context["device"]
+    data = seed_data(args, seed, device, context["data"])
+    rows = table_rows(data.n_models, args.baselines)
+    args = argparse.Namespace(**{**vars(args), "seed": seed})  # the sampling of Fig. 3-4 in numbers
+    models = ensemble_of({row.name: context["states"][job_key(row.name, seed)] for row in rows}, rows, args, seed, device)
+    table1, table2, outputs = evaluate(models, rows, data.tests, (data.mean, data.std), args, device)
+    base_rows = [row for row in rows if row.kind == "meta"]
+    entries = table1 + table2
+    for row in base_rows:
+        where = {"row": row.name, "method": row.method, "test_set": "train", "reference": "U"}
+        entries.append({"table": "fig3-4", **where,
+                        **weight_consistency(models[row.name], row, data.sets, args, data.mean, data.std)})
+        entries.append({"table": "meta-mode", **where,
+                        **meta_mode_effect(models[row.name], row, data.sets, args, data.mean, data.std)})
+    for name, removed in data.removed.items():  # Sec. 3.1 protocol: test images also in train/val
+        entries.append({"table": "overlap", "row": name, "method": "removed from the test set", "test_set": name,
+                        "reference": "-", "removed": len(removed), "removed_names": removed})
+    if seed == context["seeds"][0]:
+        for index in sorted({0, min(3, data.n_models - 1)}):  # the paper shows models 0 (Fig. 3) and 3 (Fig. 4)
+            row = base_rows[index]
+            figure_weight_maps(models[row.name], row, data.n_models, data.sets, args, data.mean, data.std,
+                               run.figures / f"fig{3 if index == 0 else 4}_weight_maps_model{index}.png")
+        first_test = list(data.tests)[0]
+        figure_predictions(data.tests[first_test], outputs[first_test], run.figures / "predictions.png")
+    return {"entries": entries}
+
+
+def summarize_entries(per_seed_entries):
+    """Tables over seeds: every seed's table entries grouped by (table, row, test set, reference), then
+    common.summarize_rows (mean over seeds, <metric>_se its standard error, the values in "per_seed")."""
+    grouped = {}
+    for entry in (entry for entries in per_seed_entries for entry in entries):
+        grouped.setdefault((entry["table"], entry["row"], entry["test_set"], entry["reference"]), []).append(entry)
+    return [common.summarize_rows({key[1]: entries})[0] for key, entries in grouped.items()]
+
+
+MODE_LABELS = {"tv_train_vs_eval": "moved, train vs eval (%)", "tv_train_redraw": "moved, train redrawn (%)",
+               "tv_eval_redraw": "moved, eval redrawn (%)", "zero_flip": "w = 0 in one mode only (%)",
+               "zero_train": "w = 0, train (%)", "zero_eval": "w = 0, eval (%)"}
+
+
+def report_markdown(args, seeds, n_models, main_row, first_test, table):
+    """results.md: Tables 1 and 2 in the paper's layout, Fig. 3-4 in numbers, the meta step's mode and
+    the test images removed because they sit in the training pool. `table`: summarize_entries' rows."""
+    over_seeds = len(seeds) > 1
+    weights = [e for e in table if e["table"] == "fig3-4"]
+    overlap = [e for e in table if e["table"] == "overlap"]
+
+    def share(entry, key):  # a share in % ± SE over seeds, or over batches for one seed
+        return common.fmt_mean_se(entry[key], entry[f"{key}_se" if over_seeds else f"{key}_batch_se"], percent=True)
+
+    weight_lines = [{"row": e["row"], "method": e["method"],
+                     "w = 0 on INC (%)": share(e, "zero_weight_inconsistent"),
+                     "w = 0 where agreeing (%)": share(e, "zero_weight_consistent"),
+                     "mean w, INC / agreeing": common.fmt_over_seeds(e, "mean_weight_ratio", digits=2)} for e in weights]
+    mode_lines = [{"row": e["row"], "method": e["method"],
+                   **{label: common.fmt_over_seeds(e, key, percent=True) for key, label in MODE_LABELS.items()}}
+                  for e in table if e["table"] == "meta-mode"]
+    spread = (f"mean ± standard error over the seeds {', '.join(map(str, seeds))}" if over_seeds else
+              f"seed {seeds[0]}; ± standard error over the test images as in the paper")
+    parts = [
+        f"# D-LEMA on {args.data} ({args.size} px, {args.epochs} epochs, M = {n_models})\n",
+        f"Main method: row {main_row} (fusion rule `{args.fusion}`) on `{first_test}`; "
+        "'vs truth': scored against the true mask instead of an annotation. "
+        f"Row {string.ascii_uppercase[4 + n_models]} is retrained here with the same network and number of "
+        "steps as the other rows; the paper's row J carries no ± SE and is most likely quoted from Ribeiro "
+        f"et al. [30]. Every number: {spread}.\n",
+        table_markdown(table, "1", "Table 1: Jaccard index (% ± standard error)"),
+        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)"),
+        common.markdown_table(
+            weight_lines, list(weight_lines[0]),
+            title=f"Fig. 3-4 in numbers, over {int(weights[0]['annotations'])} annotations of U per base model "
+            f"(batches of {args.batch_size}, weighted as in training): zero-weight pixels where an annotation "
+            f"contradicts the one the model trusts (INC) and where it agrees (± SE over "
+            f"{'seeds' if over_seeds else 'batches'}); mean weight on INC / agreeing (INC lies on the boundary)"),
+        common.markdown_table(
+            mode_lines, list(mode_lines[0]),
+            title="The meta step's mode, one batch of U and of C_i: weight mass moved (total variation) between "
+            "train mode (batch statistics, dropout on) and eval mode, and between two draws of one mode; "
+            "pixels with zero weight in one mode only, and in each mode")]
+    if overlap:
+        lines = [{"test set": e["row"], "images removed (also in train/val)": int(e["removed"])} for e in overlap]
+        parts.append(common.markdown_table(lines, list(lines[0]), title="Test images removed because they sit "
+                                           "in the training pool (names in results.json)"))
+    return "\n".join(parts)
+
+
+# ==================== Checkpoints and --predict ====================================================
+
+ARCHITECTURE = ("data", "size", "width", "depth", "dropout", "dropout_layers", "baselines", "fusion", "normalize")
+
+
+def load_ensemble_checkpoint(path):
+    """A best.pt of this script: every seed's trained rows ("models"), normalisation ("norm"), seeds."""
+    state = common.load_checkpoint(path, SCRIPT)
+    if not all(key in state for key in ("models", "norm", "seeds", "n_models")):
+        raise common.CheckpointError(f"{path} holds no trained ensemble (pass the best.pt of a finished run; "
+                                     "a last.pt only continues training with --resume)")
+    return state
+
+
+def load_model(checkpoint_path, device="cpu"):
+    """A trained ensemble for prediction (`predictor = ensemble_annotators.load_model("runs/<run>/best.pt")`):
+    the base models of the checkpoint's first seed, its input size, normalisation and fusion rule."""
+    state = load_ensemble_checkpoint(checkpoint_path)
+    args = resolve_defaults(build_parser().parse_args([]))
+    common.restore_architecture(args, state, ARCHITECTURE)
+    device = torch.device(device)
+    rows = [row for row in table_rows(state["n_models"], args.baselines) if row.kind == "meta"]
+    seed = state["seeds"][0]
+    models = ensemble_of({row.name: state["models"][str(seed)][row.name] for row in rows}, rows, args, seed, device)
+    mean, std = (t.to(device) for t in state["norm"][str(seed)])
+    return common.Predictor(model=models, args=args, norm=(mean, std), size=args.size, keep_aspect=True,
+                            device=device, class_names=[], mask_names=["background", "lesion"],
+                            extra={"fusion": args.fusion})
+
+
+def canvas_content(images):
+    """bool [B,S,S]: the letterbox box of each canvas, found as the span of rows and columns that hold
+    a non-zero pixel (the padding is exactly zero; an image's own all-black border rows count as
+    padding)."""
+    nonzero = images.amax(1) > 0                                    # [B,S,S]
+    index = torch.arange(images.shape[-1], device=images.device)
+
+    def span(hit):  # first..last index that is hit; the whole side when nothing is
+        first = torch.where(hit, index, images.shape[-1]).amin(1, keepdim=True)
+        last = torch.where(hit, index, -1).amax(1, keepdim=True)
+        return ((index >= first) & (index <= last)) | ~hit.any(1, keepdim=True)
+    return span(nonzero.any(2))[:, :, None] & span(nonzero.any(1))[:, None, :]
+
+
+@torch.no_grad()
+def predict_batch(predictor, images_uint8):
+    """common.predict_images_in's callback on canvases uint8 [B,3,S,S]: the fused lesion (Eq. 4, the run's
+    fusion rule, threshold 0.5), the maps "aleatoric" (sum_i alpha_i s_i^2) and "epistemic" (the std of
+    the base models' Y_i), and rows: lesion area fraction and both maps' means over the image's pixels."""
+    mean, std = predictor.norm
+    outputs = [predict(model, images_uint8, mean, std, predictor.device, predictor.args)
+               for model in predictor.model.values()]
+    probs = torch.stack([prob for prob, _ in outputs])                       # Y_i [M,B,S,S]
+    log_vars = torch.stack([log_var for _, log_var in outputs])              # log s_i^2 [M,B,S,S]
+    rule = predictor.extra.get("fusion", "image")
+    fused = fuse_predictions(probs, log_vars, rule)
+    alpha = fusion_weights(log_vars, rule)                                    # [M,B,S,S]
+    aleatoric = torch.logsumexp(torch.log(alpha.clamp_min(1e-45)) + log_vars, dim=0).exp()  # sum_i alpha_i s_i^2
+    epistemic = probs.std(0, unbiased=False)
+    mask = (fused > 0.5).long()
+    content = canvas_content(images_uint8).float()
+    pixels = content.sum((1, 2)).clamp_min(1)
+    rows = [{name: float((value[b] * content[b]).sum() / pixels[b])
+             for name, value in (("lesion_area_fraction", mask), ("mean_aleatoric", aleatoric),
+                                 ("mean_epistemic", epistemic))} for b in range(len(mask))]
+    return {"mask": mask, "maps": {"aleatoric": aleatoric, "epistemic": epistemic}, "rows": rows}
+
+
+# ==================== main =========================================================================
 
 def main(argv=None):
-    args = resolve_defaults(build_parser().parse_args(argv))
-    common.seed_everything(args.seed)
-    device = common.choose_device(args.device)
-    train, val, tests = load_data(args)
-    run = common.Run(args, SCRIPT, device)
-    train, val = common.to_device(train, device), common.to_device(val, device)
-    n_models = train["masks"].shape[1]  # M: the annotation slots of the dataset (5 for ISIC)
-    rows = table_rows(n_models, args.baselines)
-    models = build_models(rows, args, device)
-    mean, std = common.channel_stats(train["images"])  # Sec. 3.1: per-channel mean and std
-    sets = build_training_sets(train, n_models, args)
+    args = build_parser().parse_args(argv)
+    predict_batch_size = args.batch_size or 8
+    args = resolve_defaults(args)
+    if args.predict:  # --predict PATH --checkpoint RUN/best.pt: masks, uncertainty maps and predictions.csv
+        if not args.checkpoint:
+            raise common.UsageError("--predict needs --checkpoint RUN/best.pt (a run of ensemble_annotators.py)")
+        predictor = load_model(args.checkpoint, common.choose_device(args.device))
+        count = common.predict_images_in(args.predict, predictor, predict_batch, args.out, recursive=args.recursive,
+                                         batch_size=predict_batch_size, script=SCRIPT)
+        if count == 0:
+            raise common.UsageError(f"--predict {args.predict}: no image could be read")
+        return count
+    if args.parallel == "data":
+        raise common.UsageError("--parallel data is not supported: the meta step differentiates through a "
+                                "virtual update, which DistributedDataParallel does not; torchrun shares out the "
+                                "base models and baselines instead (--parallel rows, the default)")
+    checkpoint, finished, unfinished = None, {}, {}
     if args.eval_only:
-        models.load_state_dict(common.load_checkpoint(args.checkpoint, SCRIPT)["model"])
-        speed = {"images_per_s": None, "data_wait_share": None}
-    else:
-        speed = train_all(models, rows, sets, val, args, run, device, mean, std)
+        if not args.checkpoint:
+            raise common.UsageError("--eval-only needs --checkpoint RUN/best.pt")
+        checkpoint = load_ensemble_checkpoint(args.checkpoint)
+        common.restore_architecture(args, checkpoint, ARCHITECTURE)
+    if args.resume:
+        resumed, finished, unfinished = read_resume(args.resume)
+        common.restore_architecture(args, resumed, ARCHITECTURE)
+    seeds = [int(seed) for seed in checkpoint["seeds"]] if checkpoint else common.seed_list(args)
+    dist = common.init_distributed(args, n_jobs=5 * len(seeds))  # rows mode: the base models are jobs
+    device = common.choose_device(args.device)
+    run = common.Run(args, SCRIPT, device)
+    context = {"args": args, "run": run, "device": device, "dist": dist, "data": {}, "seeds": seeds,
+               "finished": finished, "unfinished": unfinished}
+    first = seed_data(args, seeds[0], device, context["data"])
+    rows = table_rows(first.n_models, args.baselines)
+    if args.compile:
+        print("--compile is not used: the meta step differentiates twice, which torch.compile does not support")
 
-    table1, table2, outputs = evaluate(models, rows, tests, (mean, std), args, device)
-    first, main_row = next(iter(tests)), fusion_rows(n_models)[2][0]
-    main1 = next(r for r in table1 if r["row"] == main_row and r["test_set"] == first and r["reference"] == "annotation")
-    main2 = next(r for r in table2 if r["method"].startswith("deep ensemble") and r["test_set"] == first
-                 and r["reference"] == "annotation")
-    base_rows = [row for row in rows if row.kind == "meta"]
-    weights = [{"table": "fig3-4", "row": row.name, "method": row.method,
-                **weight_consistency(models[row.name], sets, i, args, mean, std)} for i, row in enumerate(base_rows)]
-    metrics = {"jaccard": main1["jaccard"], "jaccard_se": main1["jaccard_se"], "nll": main2["nll"],
-               "brier": main2["brier"], "images_per_s": speed["images_per_s"],
-               "data_wait_share": speed["data_wait_share"],
-               **{key: sum(r[key] for r in weights) / len(weights)
-                  for key in ("zero_weight_inconsistent", "zero_weight_consistent")}}
-    markdown = "\n".join([
-        f"# D-LEMA on {args.data} ({args.size} px, {args.epochs} epochs, M = {n_models})\n",
-        f"Main method: row {main_row} (image-level confidence fusion) on `{first}`; "
-        "'vs truth': scored against the true mask instead of an annotation.\n",
-        table_markdown(table1, lambda r, col: {col: common.fmt_mean_se(r["jaccard"] / 100, r["jaccard_se"] / 100, percent=True)},
-                       "Table 1: Jaccard index (% ± standard error)"),
-        table_markdown(table2, lambda r, col: {f"{col} NLL": f"{r['nll']:.3f}", f"{col} Br": f"{r['brier']:.3f}"},
-                       "Table 2: NLL and Brier score (lower is better)"),
-        common.markdown_table(weights, ["row", "method", "zero_weight_inconsistent", "zero_weight_consistent",
-                                        "mean_weight_ratio"], dict.fromkeys(("zero_weight_inconsistent",
-                                        "zero_weight_consistent", "mean_weight_ratio"), "{:.3f}"),
-                              "Fig. 3-4 in numbers: share of zero-weight pixels where an annotation contradicts "
-                              "the one the model trusts for that image (INC) and where it agrees; mean weight "
-                              "INC / agreeing (training images; INC pixels lie on the boundary, where losses "
-                              "and hence weights are large)")])
-    common.write_results(run.dir, SCRIPT, args.data, first, metrics, table1 + table2 + weights, args, markdown)
-    for index in sorted({0, min(3, n_models - 1)}):
-        figure_weight_maps(models, base_rows, sets, index, args, mean, std,
-                           run.figures / f"fig{3 if index == 0 else 4}_weight_maps_model{index}.png")
-    figure_predictions(tests[first], outputs[first], run.figures / "predictions.png")
-    print(markdown)
-    print(f"results in {run.dir}")
+    # 1. every trained row of every seed: one job each, shared out across processes under torchrun
+    if checkpoint is not None:
+        states = {job_key(row.name, seed): checkpoint["models"][str(seed)][row.name] for seed in seeds for row in rows}
+        training = []
+    else:
+        jobs = [(row.name, seed) for seed in seeds for row in rows]
+        trained = common.run_rows(jobs, functools.partial(train_job, context=context), run, dist)
+        states = {job_key(row, entry["seed"]): entry.pop("state") for row, entries in trained.items() for entry in entries}
+        norms = {str(entry["seed"]): entry.pop("norm") for entries in trained.values() for entry in entries}
+        training = [{"table": "training", "test_set": "val", "reference": "annotation", **row}
+                    for row in common.summarize_rows(trained)]
+        best = common.checkpoint_state(ensemble_of({row.name: states[job_key(row.name, seeds[0])] for row in rows},
+                                                   rows, args, seeds[0], "cpu"), None, None, args.epochs, None, args,
+                                       rng=False)
+        run.save("best.pt", {**best, "seeds": seeds, "n_models": first.n_models, "norm": norms,
+                             "models": {str(seed): {row.name: states[job_key(row.name, seed)] for row in rows}
+                                        for seed in seeds}})
+    context["states"] = states
+
+    # 2. every seed's tables (Table 1, Table 2, Fig. 3-4 in numbers, the meta step's mode)
+    evaluated = common.run_rows([("tables", seed) for seed in seeds], functools.partial(evaluate_job, context=context),
+                                None, dist)
+    table = summarize_entries([[{**entry, "seed": result["seed"], "rank": result["rank"]} for entry in result["entries"]]
+                               for result in evaluated["tables"]]) + training
+
+    # the main metrics: the run's fusion row (Table 1) and the deep ensemble (Table 2) on ISIC (synthetic: "test")
+    first_test = list(first.tests)[0]
+    main_row = main_fusion_row(first.n_models, args.fusion)
+    main1, main2 = ([e for e in table if e["table"] == name and e["row"] == row and e["test_set"] == first_test
+                     and e["reference"] == "annotation"][0]
+                    for name, row in (("1", main_row), ("2", string.ascii_uppercase[first.n_models])))
+    metrics = {**{key: main1[key] for key in ("jaccard", "jaccard_se", "jaccard_image_se")},
+               **{key: main2[key] for key in ("nll", "nll_se", "brier", "brier_se")}}
+    for key in ("zero_weight_inconsistent", "zero_weight_consistent", "tv_train_vs_eval"):  # mean over base models
+        values = [e[key] for e in table if e["table"] in ("fig3-4", "meta-mode") and key in e]
+        metrics[key] = sum(values) / len(values) if values else None
+    metrics.update({f"removed_overlap_{e['row']}": e["removed"] for e in table if e["table"] == "overlap"})
+    speeds = [e["images_per_s"] for e in training if e.get("images_per_s") is not None]
+    metrics["images_per_s"] = sum(speeds) / len(speeds) if speeds else None
+    markdown = report_markdown(args, seeds, first.n_models, main_row, first_test, table)
+    common.write_results(run.dir, SCRIPT, args.data, first_test, metrics, table, args, markdown, seeds=seeds)
+    if dist.is_main:
+        print(markdown)
+        print(f"results in {run.dir}")
     return run.dir
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

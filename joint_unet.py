@@ -1,88 +1,86 @@
 """Multi-task U-Net for skin lesion segmentation and 3-class diagnosis (joint_unet.py).
 
-Paper: MSc thesis (extended abstract), Instituto Superior Tecnico, on a multi-task U-Net for the
-segmentation and classification of skin lesions in dermoscopy images of ISIC 2017; the author's
-code is cited as https://github.com/franciscosenae/Tese. Numbers below refer to its sections,
-equations and tables (../shared/papers/joint_unet.txt).
+Paper: MSc thesis (extended abstract), Instituto Superior Tecnico, on a multi-task U-Net for the segmentation and
+classification of skin lesions in dermoscopy images of ISIC 2017; the author's code is cited as
+https://github.com/franciscosenae/Tese. Numbers below refer to its sections, equations and tables
+(../shared/papers/joint_unet.txt).
 
-Idea. A U-Net (Ronneberger et al. 2015) segments the lesion; the same encoder, with a small fully
-connected head on its lowest-resolution features, classifies the lesion as nevus, melanoma or
-seborrheic keratosis. Trained separately (task `seg`, task `cls`) or jointly with one loss that
-weighs the two tasks (task `joint`, Eq. 4), the thesis asks whether sharing the encoder helps
-either task. It also tests transfer: freeze a segmentation network and train only the
-classification layers (hypothesis 1, Sec. XVI.B). On ISIC 2017 the separate models reach JAC 70.6 /
-BACC 64.1 and the joint model JAC 66.3 / BACC 59.6 (test set): no gain, half the compute.
+Idea. A U-Net (Ronneberger et al. 2015) segments the lesion; a small fully connected head on the same encoder's
+lowest-resolution features classifies it as nevus, melanoma or seborrheic keratosis. Trained separately (tasks `seg`,
+`cls`) or jointly with one loss weighing both (task `joint`, Eq. 4), the thesis asks whether sharing the encoder helps
+either task, and tests transfer: freeze a segmentation network, train only the classification layers (hypothesis 1,
+Sec. XVI.B). On the ISIC 2017 test set the separate models reach JAC 70.6 / BACC 64.1, the joint model JAC 66.3 /
+BACC 59.6: no gain, half the compute.
 
 Paper -> code
-    Sec. V, Fig. 2      U-Net with RGB input, valid (572 -> 388) or same padding   MultiTaskUNet
-    Sec. VI, Table VII  max pool, flatten, dropout 0.5, FC, dropout 0.5, FC 3      ClassificationHead
-    Eq. 1               softmax over the three class logits                         evaluate()
-    Sec. VII, Fig. 4    fused model: head on the encoder's bottom                  MultiTaskUNet.forward
-    Sec. VIII           pre-processing: scale, extra border padding, normalise     preprocess(), network_geometry()
-    Sec. IX             post-processing: threshold, closing, LCC, hole filling,     postprocess() and the
-                        original resolution                                         functions above it
-    Eq. 2               binary cross-entropy (segmentation)                         segmentation_loss()
-    Eq. 3 + Eq. 12      class-weighted categorical cross-entropy                    classification_loss(),
-                                                                                    class_weights()
-    Eq. 4               L = a L_seg + (1 - a) L_cls                                 joint_loss()
-    Eq. 5               Jaccard index, mean over images                             common.jaccard in evaluate()
-    Eq. 7-10            sensitivity, specificity, BACC, categorical accuracy        evaluate()
-    Eq. 11              Mean Performance = (BACC + JAC) / 2                         evaluate()
-    Sec. X              shuffled mini-batches, validate and checkpoint every epoch, train()
-                        keep the best epoch (JAC, BACC or Mean Performance)
-    Sec. XV.A           Adam 1e-3, lr x0.8 after 5 epochs without a lower loss     train()
-    Sec. XVI.B          hypothesis 1: transfer from a segmentation checkpoint      --transfer
-    Tables VI/IX/XIV    validation/test table of the task run                      task_table()
-    Table XI            the a sweep                                                 --alpha-sweep
-    Table XIII          sensitivity and specificity per class                      task_table()
-    Figs. 5-12          image, true and predicted contours, class probabilities   figure_examples()
+    Sec. V, Fig. 2     original U-Net (no BatchNorm), valid (572 -> 388) or same   thesis_unet(), valid_geometry()
+    Sec. VI, Tab. VII  max pool, flatten, dropout, FC, dropout, FC 3              ClassificationHead
+    Sec. VII, Fig. 4   fused model: head on the encoder's bottom                  MultiTaskUNet.forward
+    Sec. VII, Eq. 4    seg / cls / joint: branches run and the a of Eq. 4         BRANCHES, task_alpha()
+    Sec. VIII          scale, extra border padding, normalise                     preprocess(), network_geometry()
+    Sec. IX            threshold, closing, LCC, hole filling, resolution          postprocess() and above
+    Eq. 1; Eq. 2       softmax over the class logits; binary cross-entropy        infer(); segmentation_loss()
+    Eq. 3 + Eq. 12     class-weighted categorical cross-entropy                   classification_loss(), class_weights()
+    Eq. 4              L = a L_seg + (1 - a) L_cls                                joint_loss()
+    Eq. 5, 7-11        JAC; sensitivity, specificity, BACC, accuracy; Mean Perf.  evaluate()
+    Sec. X             shuffled batches, validate + checkpoint each epoch, best   train()
+    Sec. XV.A          Adam 1e-3, lr x0.8 after 5 epochs without a lower loss     keras_reduce_lr_on_plateau()
+    Tables V, VIII     data augmentation                                          augment()
+    Sec. XVI.B         hypothesis 1: transfer from a segmentation checkpoint      --transfer
+    Tab. VI/IX/XIV+XIII task tables; sensitivity and specificity per class        task_table()
+    Tables XI, XII     the a sweep and its best row                               --alpha-sweep
+    Figs. 5-12         image, true and predicted contours, class probabilities    figure_examples()
 
 Usage
-    python joint_unet.py                        # synthetic lesions, CPU: separate seg and cls vs
-                                                # joint (the thesis' comparison), ~4-5 min, 2 cores
-    python joint_unet.py --task joint           # one joint model (Table XIV layout)
-    python joint_unet.py --task seg             # Table VI;  --task cls: Table IX
-    python joint_unet.py --alpha-sweep 0.1,0.3,0.5,0.7,0.8,0.9      # Table XI
-    python joint_unet.py --task seg --out runs/seg && \\
-        python joint_unet.py --transfer runs/seg/best.pt             # hypothesis 1 (Sec. XVI.B)
-    python joint_unet.py --data isic2017 --root /data/ISIC2017 --device cuda --task compare
-        # ISIC 2017 with the thesis' settings: valid U-Net 572 -> 388, width 32, batch 2/8/8,
-        # 100 epochs per model
+    python joint_unet.py                  # synthetic lesions, CPU: separate seg and cls vs joint at a = 0.8
+    python joint_unet.py --task joint     # one joint model (Table XIV); with --alpha 0.5 Table X's baseline
+    python joint_unet.py --task seg       # Table VI;  --task cls: Table IX
+    python joint_unet.py --alpha-sweep 0.1,0.3,0.5,0.7,0.8,0.9       # Table XI (and XII: its best row)
+    python joint_unet.py --task seg --out runs/seg && python joint_unet.py --transfer runs/seg/best.pt  # Sec. XVI.B
+    python joint_unet.py --data isic2017 --root /data/ISIC2017 --device cuda  # the thesis' settings: valid U-Net
+                                          # 572 -> 388, no BatchNorm, width 32, batch 2/8/8, 100 epochs
     python joint_unet.py --eval-only --checkpoint runs/x/best.pt
+    python joint_unet.py --seeds 0,1,2    # any of the above over three seeds: mean ± SE
+    python joint_unet.py --predict images/ --checkpoint runs/x/best.pt   # masks, entropy maps, class probabilities
+    torchrun --standalone --nproc_per_node 4 joint_unet.py --seeds 0,1,2  # rows x seeds shared out over the GPUs
+                                          # (one model on N GPUs: data-parallel)
 
 Deviations (ambiguities resolved, and why)
-    - Eq. 4 is printed L = a L1 + (a - 1) L2: a sign typo (a < 1 would then maximise L2); the text's
-      reading ("a = 1 trains segmentation only, 0.5 gives both the same relevance") is
-      L = a L1 + (1 - a) L2, which is what joint_loss() computes.
-    - Pooling of the head: the thesis tuned pool and stride (7..14 outputs from the 28x28 bottom)
-      but does not print the winner. Table X's 50M parameters = 7.8M (U-Net, width 32) + 42.5M
-      (9x9x512 -> 1024), i.e. a 3x3 pool with stride 3 and FC 1024, the default here (Table VII's
-      "10...42M" is the same 9x9x512 for FC 256...1024). The baseline of Table VIII is --pool 2.
-      On tiny inputs the pool is clamped to the bottleneck side. The first FC uses ReLU (not printed).
-    - Dropout: the thesis says only "dropout: true". As in the original U-Net it is one dropout
-      layer (--dropout, 0.5) at the end of the contracting path (the decoder's input); the head reads
-      the bottleneck before it and has its own two dropout layers (Table VII, p = 0.5).
-    - Eq. 3 with Eq. 12's weights is computed as Keras' class_weight does: mean over the batch of
-      W_{y_i} * CE_i (not divided by the sum of the weights, as torch's weighted mean would).
-      Eq. 2 is the mean BCE over pixels (the thesis writes a sum; only the scale differs).
-    - Pre-processing for the valid U-Net (Sec. VIII): the thesis pads to a square, adds "extra
-      padding for the lesion border" of an unprinted amount and resizes to 572. Here the extra
-      padding is exactly what makes the 388 output cover the whole image: the image is scaled to
-      the output side and padded by (in - out) / 2 on each side (mirror padding, as the original
-      U-Net's overlap-tile strategy; --border-mode constant pads with the mean). The mask is scaled
-      to the output side (= the padded mask cropped to the output). With --size 388 this is 572 ->
-      388; on synthetic images of side S the input is the smallest valid one whose output >= S
-      (S = 64 -> 252 in, 68 out). common.load_dataset resizes every image to --size x --size once
-      (aspect ratio not kept, cached), which stands in for the thesis' pad-to-square step, and
-      "the original resolution" restored by post-processing is --size, where JAC is measured.
-    - Post-processing kernel sizes are not printed: closing with a --closing-size square (5 px),
+    - Eq. 4 is printed L = a L1 + (a - 1) L2, a sign typo (a < 1 would maximise L2); the text ("a = 1 trains
+      segmentation only, 0.5 gives both the same relevance") reads L = a L1 + (1 - a) L2.
+    - a defaults to 0.8, the thesis' final joint model (Tables XI, XII, XIV), so the default comparison sets like
+      beside like; Table X's baseline is --alpha 0.5.
+    - BatchNorm: the original U-Net the thesis builds has none (seg trains at batch 2): none on real data;
+      --batchnorm adds it. The synthetic CPU default keeps it: there (64 px, width 8, 10 epochs, one seed) seg is as
+      good without (test JAC 94.6 vs 95.1) but joint classifies worse (test BACC 40.1 vs 49.8, val Mean Performance
+      70.2 vs 76.7); the README gives the 3-seed command. Init (unprinted): He normal, biases 0, as the original U-Net
+      (torch's default shrinks the signal ~six-fold per layer through 18 ReLU convolutions); the head keeps torch's.
+    - Head pooling: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom) without printing the
+      winner. Table X's 50M parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC
+      1024, the default (Table VII's "10...42M": FC 256...1024); Table VIII's baseline is --pool 2. Too large a pool
+      is refused, not clamped. First FC with ReLU (unprinted). The parameters printed are the task's branches'.
+    - Dropout ("dropout: true"): one layer (--dropout 0.5) at the end of the contracting path, as in the original
+      U-Net; the head reads the bottleneck before it and has its own two (Table VII).
+    - Eq. 3 weighted by Eq. 12 as Keras' class_weight: the batch mean of W_{y_i} CE_i (not divided by the sum of
+      weights as in torch). Eq. 2 is the mean BCE over pixels (the thesis: a sum).
+    - Augmentation (Tables V, VIII: "used"): the author's code's random flips and right-angle rotations (the 8
+      symmetries of the square, uniformly); --augment affine: common.augment. Normalisation (Sec. VIII,
+      unspecified): per-channel mean and std of the training images (the author's code divides by 255).
+    - Pre-processing (Sec. VIII): pad to a square, "extra padding for the lesion border" (amount unprinted), resize
+      to 572. common.load_dataset letterboxes real images (the pad-to-square step). For the valid U-Net the extra
+      padding makes the 388 output cover the canvas: scaled to the output side, padded by (in - out) / 2 per side
+      (mirrored as the U-Net's overlap-tile, or the mean with --border-mode constant); masks are scaled to the
+      output side. Synthetic images of side S get the smallest valid input whose output >= S (64 -> 252 in, 68 out).
+    - "Original resolution restore" (Sec. IX): --predict maps the mask back to each image's own size
+      (common.from_canvas); evaluation measures JAC on the canvas over the image's own pixels (the datasets keep
+      true masks only at --size). Post-processing sizes (unprinted): a --closing-size square (5 px) closing,
       8-connected largest component, 4-connected flood fill of the background from the border.
-    - The learning-rate schedule (x0.8 after 5 epochs without decrease) watches the epoch's mean
-      training loss (the task's total loss), like Keras' ReduceLROnPlateau on "loss".
-    - The thesis picks the best epoch on validation JAC after post-processing (Table V) and on
-      Mean Performance with that JAC (Table XIV: 70.8 = (67.5 + 74.0) / 2); so do we.
-    - Synthetic defaults are CPU-sized (size 64, width 8, batch 16, 40 epochs, same padding) and
-      say so in --help; the thesis' values are the defaults on real data. Metrics are in percent.
+    - The lr schedule is Keras' ReduceLROnPlateau on the epoch's mean training loss (the thesis used Keras): it
+      drops after the 5th stale epoch in a row (torch's patience=5 waits a sixth), "lower" by > min_delta 1e-4.
+    - Best epoch: validation JAC after post-processing (Table V); for joint, Mean Performance with that JAC (Table
+      XIV: 70.8 = (67.5 + 74.0) / 2). Table XII is the a sweep's best row by it, whose test numbers are the run's.
+    - Epochs ("a fixed number", unprinted): 100 on real data (Table XI's best epochs reach 90). Synthetic defaults
+      are CPU-sized (size 64, width 8, batch 16, 40 epochs, same padding), said so in --help. Metrics in percent.
 """
 import argparse
 import copy
@@ -99,136 +97,99 @@ import common
 
 SCRIPT = "joint_unet"
 TASKS = ("seg", "cls", "joint")
-THESIS = {  # ISIC 2017 test set, percent (Tables VI, IX, XIV)
-    "seg": {"jaccard_post": 70.6},
-    "cls": {"balanced_accuracy": 64.1},
-    "joint": {"jaccard_post": 66.3, "balanced_accuracy": 59.6},
-}
+THESIS = {"seg": {"jaccard_post": 70.6}, "cls": {"balanced_accuracy": 64.1},  # ISIC 2017 test set, percent
+          "joint": {"jaccard_post": 66.3, "balanced_accuracy": 59.6}}          # (Tables VI, IX, XIV)
 PAPER_BATCH = {"seg": 2, "cls": 8, "joint": 8}  # Tables V, VIII, X
 
 
-# ==================================================================================================
-# Arguments
-# ==================================================================================================
+# =========================================== Arguments ============================================
 
 def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Shared flags left unset take data-dependent defaults: --size 64 on synthetic data, 388 "
-               "on real data (the valid U-Net then maps 572 -> 388, Sec. V/VIII); --epochs 40 on "
-               "synthetic, 100 on real data (Table XI's best epochs reach 90); --batch-size 16 on "
-               "synthetic, the thesis' 2 (seg, Table V), 8 (cls, Table VIII), 8 (joint, Table X) on "
-               "real data.")
+        epilog="Shared flags left unset depend on the data: --size 64 synthetic, 388 real (valid U-Net 572 -> 388, "
+               "Sec. V/VIII); --epochs 40 synthetic, 100 real (Table XI's best epochs reach 90); --batch-size 16 "
+               "synthetic, the thesis' 2 / 8 / 8 for seg / cls / joint (Tables V, VIII, X) real.")
     common.add_common_args(parser, size=None, epochs=None, batch_size=None, lr=1e-3)
-    parser.add_argument("--task", choices=TASKS + ("compare",), default=None,
-                        help="seg (Table VI), cls (Table IX), joint (Table XIV), or compare: train seg, "
-                             "cls and joint and set them side by side (Sec. XVI). Default: compare, or "
-                             "joint with --alpha-sweep / --transfer")
-    parser.add_argument("--alpha", type=float, default=0.5,
-                        help="a of Eq. 4, weight of the segmentation loss (Table X: 0.5; best 0.8)")
-    parser.add_argument("--alpha-sweep", default=None,
-                        help="comma-separated a values, one joint model each (Table XI: "
-                             "0.1,0.3,0.5,0.7,0.8,0.9)")
-    parser.add_argument("--transfer", default=None, metavar="CHECKPOINT",
-                        help="hypothesis 1 (Sec. XVI.B): load this segmentation checkpoint, freeze the "
-                             "U-Net, train only the classification layers with a = 0")
-    # model (Sec. V, VI, Table VII)
-    parser.add_argument("--width", type=int, default=None,
-                        help="filters of the first U-Net block (Table V: 32, ~7M parameters; Table IV "
-                             "baseline 64). Default 32 on real data, 8 on synthetic (CPU-sized)")
-    parser.add_argument("--depth", type=int, default=4, help="down-sampling steps of the U-Net (Sec. V: 4)")
-    parser.add_argument("--unet-padding", choices=("same", "valid"), default=None,
-                        help="valid: the original unpadded U-Net, 572 in -> 388 out (Sec. V), default on "
-                             "real data; same: output = input, default on synthetic data")
-    parser.add_argument("--input-size", type=int, default=None,
-                        help="valid U-Net input side; default: the smallest whose output covers --size "
-                             "(572 for --size 388, Sec. VIII)")
-    parser.add_argument("--border-mode", choices=("reflect", "constant"), default="reflect",
-                        help="extra border padding of Sec. VIII (valid U-Net): mirror or mean value")
-    parser.add_argument("--dropout", type=float, default=0.5,
-                        help="dropout at the end of the U-Net's contracting path (Table V: dropout on)")
-    parser.add_argument("--pool", type=int, default=3,
-                        help="max-pool size = stride of the head (Table VII: 7..14 outputs of 28; 3 "
-                             "matches Table X's 50M parameters; Table VIII baseline: 2)")
-    parser.add_argument("--fc", type=int, default=1024, help="units of the first FC layer (Table VII: 256-1024)")
-    parser.add_argument("--head-dropout", type=float, default=0.5, help="both dropouts of the head (Table VII)")
-    # training (Sec. X, XV.A)
-    parser.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=True,
-                        help="weigh Eq. 3 by W_c = N / (n_classes n_c) from the training counts (Eq. 12)")
-    parser.add_argument("--lr-factor", type=float, default=0.8, help="lr multiplier on a plateau (Sec. XV.A)")
-    parser.add_argument("--lr-patience", type=int, default=5,
-                        help="epochs without a lower training loss before the lr drops (Sec. XV.A)")
-    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                        help="flips, rotation, scaling, colour jitter on the device (Tables VIII, V)")
-    # post-processing (Sec. IX)
-    parser.add_argument("--closing-size", type=int, default=5,
-                        help="side of the square structuring element of the closing, pixels (Sec. IX)")
-    # synthetic data size
-    parser.add_argument("--n-train", type=int, default=None, help="synthetic training images")
-    parser.add_argument("--n-val", type=int, default=None, help="synthetic validation images")
-    parser.add_argument("--n-test", type=int, default=None, help="synthetic test images")
+    add = parser.add_argument
+    add("--task", choices=TASKS + ("compare",), help="seg (Table VI), cls (Table IX), joint (Table XIV), or "
+        "compare: all three side by side (Sec. XVI). Default: compare, or joint with --alpha-sweep / --transfer")
+    add("--alpha", type=float, default=0.8, help="a of Eq. 4, the segmentation loss' weight: 0.8, the thesis' "
+        "final joint model (Tables XI, XII, XIV); Table X's baseline is 0.5")
+    add("--alpha-sweep", help="comma-separated a values, one joint model each (Table XI: 0.1,0.3,0.5,0.7,0.8,0.9)")
+    add("--transfer", metavar="CHECKPOINT", help="hypothesis 1 (Sec. XVI.B): freeze a seg model's U-Net, train a head")
+    # model (Sec. V, VI, Table VII); None = the data's default (DATA_DEFAULTS)
+    add("--width", type=int, help="first U-Net block's filters (Table V: 32; Table IV baseline 64). Synthetic: 8")
+    add("--depth", type=int, default=4, help="down-sampling steps of the U-Net (Sec. V: 4)")
+    add("--unet-padding", choices=("same", "valid"), help="valid: the original U-Net, 572 in -> 388 out "
+        "(Sec. V), default on real data; same: output = input, default on synthetic data")
+    add("--input-size", type=int, help="valid U-Net input; default: the least covering --size (388: 572, Sec. VIII)")
+    add("--border-mode", choices=("reflect", "constant"), default="reflect", help="Sec. VIII border: mirror or mean")
+    add("--batchnorm", action=argparse.BooleanOptionalAction, help="BatchNorm after every U-Net convolution; "
+        "the thesis' original U-Net has none: off on real data, on for the synthetic benchmark (Deviations)")
+    add("--dropout", type=float, default=0.5, help="dropout at the end of the contracting path (Table V)")
+    add("--pool", type=int, help="max-pool size = stride of the head (Table VII: 7..14 outputs of 28; 3 gives "
+        "Table X's 50M parameters; Table VIII baseline: 2). Default 3 (2 with --quick); must fit the bottleneck")
+    add("--fc", type=int, help="units of the first FC layer (Table VII: 256-1024). Default 1024 (32 with --quick)")
+    add("--head-dropout", type=float, default=0.5, help="both dropouts of the head (Table VII)")
+    # training (Sec. X, XV.A) and post-processing (Sec. IX)
+    add("--class-weights", action=argparse.BooleanOptionalAction, default=True, help="weigh Eq. 3 by Eq. 12's W_c")
+    add("--lr-factor", type=float, default=0.8, help="lr multiplier on a plateau (Sec. XV.A)")
+    add("--lr-patience", type=int, default=5, help="epochs without a lower training loss before the lr drops")
+    add("--augment", choices=("flips-rot90", "affine", "none"), default="flips-rot90", help="Tables V, VIII say "
+        "only 'True': flips-rot90 = random flips and right-angle rotations (the author's code); affine = "
+        "common.augment (flips, +-15 deg, +-10%% scale, colour)")
+    add("--closing-size", type=int, default=5, help="side of the closing's square structuring element (Sec. IX)")
     return parser
+
+
+# --quick: every code path in seconds. Only flags left unset are filled: explicit flags win.
+QUICK = dict(size=32, width=4, epochs=1, batch_size=8, fc=32, pool=2, n_train=24, n_val=12, n_test=12)
+# (synthetic, real data) values of the flags left unset; see the parser's epilog and Deviations
+DATA_DEFAULTS = {"unet_padding": ("same", "valid"), "width": (8, 32), "epochs": (40, 100),
+                 "batchnorm": (True, False), "pool": (3, 3), "fc": (1024, 1024)}
 
 
 def resolve_defaults(args):
     """Fills the data-dependent defaults (see the parser's epilog) and the --quick overrides."""
-    synthetic = args.data == "synthetic"
-    if args.task is None:
-        args.task = "joint" if (args.alpha_sweep or args.transfer) else "compare"
-    if (args.alpha_sweep or args.transfer) and args.task != "joint":
-        raise SystemExit("--alpha-sweep and --transfer train joint models; drop --task or use --task joint")
+    experiment = args.alpha_sweep or args.transfer
+    args.task = args.task or ("joint" if experiment else "compare")
+    if experiment and args.task != "joint":
+        raise common.UsageError("--alpha-sweep and --transfer train joint models; drop --task or use --task joint")
     if args.alpha_sweep and args.transfer:
-        raise SystemExit("--alpha-sweep and --transfer are separate experiments; run them one at a time")
-    if args.quick:  # every code path in seconds; flags given explicitly still win
-        args.fc = 32
-        for key, value in (("size", 32), ("width", 4), ("epochs", 1), ("batch_size", 8),
-                           ("n_train", 24), ("n_val", 12), ("n_test", 12)):
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+        raise common.UsageError("--alpha-sweep and --transfer are separate experiments; run them one at a time")
     if args.closing_size < 1 or args.closing_size % 2 == 0:
-        raise SystemExit("--closing-size must be odd (a centred square structuring element)")
-    if args.unet_padding is None:
-        args.unet_padding = "same" if synthetic else "valid"
+        raise common.UsageError("--closing-size must be odd (a centred square structuring element)")
+    if args.lr_patience < 1:
+        raise common.UsageError("--lr-patience must be at least 1 (epochs without a lower loss before the lr drops)")
+    real = args.data != "synthetic"
+    # --quick's values first (they win over the data's), then the data's; explicit flags are kept
+    for key, value in [*(QUICK.items() if args.quick else ()), *((k, v[real]) for k, v in DATA_DEFAULTS.items())]:
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.size is None:
-        args.size = 64 if synthetic else (388 if args.unet_padding == "valid" else 384)
-    if args.width is None:
-        args.width = 8 if synthetic else 32
-    if args.epochs is None:
-        args.epochs = 40 if synthetic else 100
+        args.size = (388 if args.unet_padding == "valid" else 384) if real else 64
     return args
 
 
 def batch_size_for(args, task):
     """The batch size of a task: --batch-size, else 16 on synthetic data, else Tables V/VIII/X."""
-    if args.batch_size is not None:
-        return args.batch_size
-    return 16 if args.data == "synthetic" else PAPER_BATCH[task]
+    return args.batch_size or (16 if args.data == "synthetic" else PAPER_BATCH[task])
 
 
-# ==================================================================================================
-# Model (Sec. V-VII)
-# ==================================================================================================
+# ======================================= Model (Sec. V-VII) =======================================
 
-def valid_output_size(input_size, depth):
-    """Output side of the unpadded U-Net for an input side (None if the maps do not fit): each
-    block of two 3x3 convolutions removes 4 pixels, each pooling halves (Sec. V: 572 -> 388)."""
-    side = input_size - 4
-    for _ in range(depth):
-        if side <= 0 or side % 2:
-            return None
-        side = side // 2 - 4
-    if side <= 0:
-        return None
-    for _ in range(depth):
-        side = 2 * side - 4
-    return side if side > 0 else None
+def valid_geometry(depth, bottleneck):
+    """Sides of the unpadded U-Net (Sec. V, Fig. 2), in closed form from its bottleneck side b.
 
-
-def bottleneck_side(input_size, depth, padding):
-    side = input_size if padding == "same" else input_size - 4
-    for _ in range(depth):
-        side = side // 2 if padding == "same" else side // 2 - 4
-    return side
+    A block of two 3x3 valid convolutions removes 4 pixels, a 2x2 max pooling halves, a 2x2
+    up-convolution doubles. Down from an input n, level k leaves its block at (n + 4) / 2^k - 8, so
+    b = (n + 4) / 2^d - 8 (d = depth); up from b, level k leaves its block at 2^k (b - 4) + 4. Hence
+        input n = 2^d (b + 8) - 4,   output o = 2^d (b - 4) + 4,   n - o = 12 * 2^d - 8 (split evenly).
+    The original U-Net (d = 4, b = 28): n = 572, o = 388, 572 - 388 = 2 * 92. Any whole b gives even
+    sides before every pooling; the network fits while o >= 1 (b >= 4 from depth 2 on)."""
+    return {"input": 2 ** depth * (bottleneck + 8) - 4, "output": 2 ** depth * (bottleneck - 4) + 4,
+            "bottleneck": bottleneck}
 
 
 def network_geometry(args):
@@ -236,74 +197,115 @@ def network_geometry(args):
     size, depth = args.size, args.depth
     if args.unet_padding == "same":
         if size % 2 ** depth:
-            raise SystemExit(f"--size {size} must be divisible by 2^depth = {2 ** depth} with same padding")
+            raise common.UsageError(f"--size {size} must be divisible by 2^depth = {2 ** depth} with same padding")
         return {"input": size, "output": size, "bottleneck": size // 2 ** depth}
-    if args.input_size is not None:
-        n = args.input_size
-        if valid_output_size(n, depth) is None:
-            raise SystemExit(f"--input-size {n} does not fit the valid U-Net of depth {depth} (e.g. 572)")
-    else:  # the smallest valid input whose output covers the image (Sec. VIII)
-        n = 1
-        while (valid_output_size(n, depth) or 0) < size:
-            n += 1
-    return {"input": n, "output": valid_output_size(n, depth), "bottleneck": bottleneck_side(n, depth, "valid")}
+    if args.input_size is not None:  # n = 2^d (b + 8) - 4 must hold for a whole b, with o >= 1
+        bottleneck, remainder = divmod(args.input_size + 4, 2 ** depth)
+        geometry = valid_geometry(depth, bottleneck - 8)
+        if remainder or geometry["output"] < 1 or geometry["bottleneck"] < 1:
+            raise common.UsageError(f"--input-size {args.input_size} does not fit the valid U-Net of depth {depth}: "
+                                    f"it must be 2^{depth} (b + 8) - 4 for a whole bottleneck side b whose output "
+                                    f"2^{depth} (b - 4) + 4 is positive (e.g. 572 = {2 ** depth} * 36 - 4)")
+        return geometry
+    # the smallest input whose output covers the image (Sec. VIII): o = 2^d (b - 4) + 4 >= size, i.e.
+    # b = 4 + ceil((size - 4) / 2^d); --size 388 -> b = 4 + 24 = 28 -> 572 in, 388 out
+    return valid_geometry(depth, 4 + -(-(size - 4) // 2 ** depth))
 
 
 class ClassificationHead(nn.Module):
-    """The layers added on the U-Net encoder for classification (Sec. VI, Table VII): max pooling,
-    flatten, dropout (0.5), fully connected (256..1024, ReLU), dropout (0.5), fully connected to the
-    classes. The softmax of Eq. 1 is applied by the loss and at evaluation."""
+    """Sec. VI, Table VII: max pool, flatten, dropout, FC + ReLU, dropout, FC (logits; Eq. 1's softmax in infer())."""
 
     def __init__(self, channels, side, n_classes, pool=3, fc=1024, dropout=0.5):
         super().__init__()
-        pool = max(1, min(pool, side))  # a pool larger than the map would leave nothing
-        pooled = side // pool
+        if not 1 <= pool <= side:  # refused rather than clamped: a clamp would change the head silently
+            raise ValueError(f"a {pool}x{pool} max pool does not fit the {side}x{side} bottleneck")
+        pooled = side // pool  # Table X: 28 // 3 = 9 -> 9 * 9 * 512 inputs to the first FC
         self.pool = nn.MaxPool2d(pool, stride=pool)
-        self.layers = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout),
-            nn.Linear(channels * pooled * pooled, fc), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(fc, n_classes))
+        self.layers = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * pooled * pooled, fc),
+                                    nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(fc, n_classes))
 
     def forward(self, bottom):                # [B, 16 width, b, b]
         return self.layers(self.pool(bottom))  # [B, classes] logits
 
 
-class MultiTaskUNet(nn.Module):
-    """The fused model of Fig. 4: a U-Net (Sec. V) whose encoder also feeds the classification head
-    (Sec. VI). `segment` / `classify` skip the branch a task does not use."""
+def thesis_unet(width, depth, padding, batchnorm):
+    """The U-Net of Sec. V: common.UNet (RGB in, one lesion logit out); without --batchnorm every
+    block is the original U-Net's (3x3 conv + bias -> ReLU) x 2. Weights start as in the original
+    U-Net (Ronneberger et al., Sec. 3): Gaussian with std sqrt(2 / fan_in), biases 0."""
+    unet = common.UNet(3, 1, width=width, depth=depth, padding=padding)
+    if not batchnorm:  # swap common.UNet's conv-BN-ReLU blocks for conv-ReLU blocks of the same shape
+        ch = unet.feature_channels
+        unet.inc = common.DoubleConv(3, ch[0], padding=padding, norm=False)
+        for level, down in enumerate(unet.downs):  # Down = [MaxPool2d, block]
+            down[1] = common.DoubleConv(ch[level], ch[level + 1], padding=padding, norm=False)
+        for level, up in zip(reversed(range(depth)), unet.ups):  # input: skip + half the channels below
+            up.block = common.DoubleConv(ch[level] + ch[level + 1] // 2, ch[level], padding=padding, norm=False)
+    for module in unet.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")  # std = sqrt(2 / fan_in)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return unet
 
-    def __init__(self, n_classes, width, depth, padding, dropout, bottleneck, pool, fc, head_dropout):
+
+# What each task trains (Sec. VII, Eq. 4): the branches the forward pass runs, (segment, classify),
+# and the a of Eq. 4 (task_alpha): seg = the U-Net alone, a = 1, L = L_seg (the head never runs);
+# cls = encoder + head, a = 0, L = L_cls (the decoder never runs); joint = both, a = --alpha.
+BRANCHES = {"seg": (True, False), "cls": (False, True), "joint": (True, True)}
+
+
+def task_alpha(task, alpha):
+    """The a of Eq. 4 a task trains with: 1 segmentation only, 0 classification only."""
+    return {"seg": 1.0, "cls": 0.0}.get(task, alpha)
+
+
+class MultiTaskUNet(nn.Module):
+    """Fig. 4: a U-Net whose bottleneck also feeds the head; forward(x, *BRANCHES[task]) runs only those branches."""
+
+    def __init__(self, n_classes, width, depth, padding, dropout, bottleneck, pool, fc, head_dropout, batchnorm=False):
         super().__init__()
-        self.unet = common.UNet(3, 1, width=width, depth=depth, padding=padding)
+        self.unet = thesis_unet(width, depth, padding, batchnorm)
         self.contracting_dropout = nn.Dropout(dropout)  # end of the contracting path (U-Net paper)
         self.classifier = ClassificationHead(self.unet.feature_channels[-1], bottleneck, n_classes,
                                              pool, fc, head_dropout)
 
     def forward(self, x, segment=True, classify=True):
-        features = self.unet.encode(x)
-        cls_logits = self.classifier(features[-1]) if classify else None              # [B, C]
-        seg_logits = None
-        if segment:
-            features = features[:-1] + [self.contracting_dropout(features[-1])]
-            seg_logits = self.unet.decode(features)[:, 0]                               # [B, H', W']
+        *skips, bottom = self.unet.encode(x)        # skip features of levels 0..d-1; bottleneck [B, 16 w, b, b]
+        # the head reads the bottleneck as it is (it has its own two dropouts, Table VII), the decoder
+        # through the U-Net's dropout
+        cls_logits = self.classifier(bottom) if classify else None                                   # [B, C]
+        seg_logits = self.unet.decode(skips + [self.contracting_dropout(bottom)])[:, 0] if segment else None  # [B,o,o]
         return seg_logits, cls_logits
+
+    def branch_parameters(self, task):
+        """The parameters a task uses (Table V counts the U-Net, Table X the U-Net and the head)."""
+        segment, classify = BRANCHES[task]
+        modules = [self.unet] if segment else [self.unet.inc, self.unet.downs]
+        return [p for m in modules + ([self.classifier] if classify else []) for p in m.parameters()]
+
+
+def check_head(args, geometry):
+    """A pool larger than the bottleneck is refused (ClassificationHead), here in the flags' words."""
+    side = geometry["bottleneck"]
+    if not 1 <= args.pool <= side:
+        raise common.UsageError(f"--pool {args.pool} does not fit the {side}x{side} bottleneck (--size {args.size}, "
+                                f"{args.unet_padding}, depth {args.depth}); use --pool 1..{side} or a larger --size")
 
 
 def build_model(args, n_classes, geometry):
-    return MultiTaskUNet(n_classes, args.width, args.depth, args.unet_padding, args.dropout,
-                         geometry["bottleneck"], args.pool, args.fc, args.head_dropout)
+    check_head(args, geometry)
+    return MultiTaskUNet(n_classes, args.width, args.depth, args.unet_padding, args.dropout, geometry["bottleneck"],
+                         args.pool, args.fc, args.head_dropout, args.batchnorm)
 
 
-# ==================================================================================================
-# Pre-processing (Sec. VIII) and post-processing (Sec. IX)
-# ==================================================================================================
+# ==================== Pre-processing (Sec. VIII) and post-processing (Sec. IX) ====================
 
 def mirror_pad(x, pad, mode="reflect"):
-    """Pads [B,C,H,W] by `pad` on every side; mirror padding wider than the map is done in steps
-    (a mirror of the mirror), as the overlap-tile strategy of the original U-Net needs."""
+    """Pads [B,C,H,W] by `pad` per side: "reflect" as np.pad(mode="reflect"), in steps when wider than the map (the
+    U-Net's overlap-tile mirrors the mirror); "constant" pads 0, the mean colour after normalising."""
     if mode == "constant":
         return F.pad(x, (pad,) * 4)
-    for axis in (-1, -2):  # (numpy's np.pad(mode="reflect") does the same, axis by axis)
+    for axis in (-1, -2):
         remaining = pad
         while remaining > 0:
             step = min(remaining, x.shape[axis] - 1)
@@ -312,93 +314,91 @@ def mirror_pad(x, pad, mode="reflect"):
     return x
 
 
+def resize(x, side, mode):
+    """[B,H,W] or [B,C,H,W] -> side x side (unchanged when already that side)."""
+    if x.shape[-1] == side:
+        return x
+    flat = x.dim() == 3
+    x = F.interpolate(x[:, None] if flat else x, size=(side, side), mode=mode,
+                      **({"align_corners": False} if mode == "bilinear" else {}))
+    return x[:, 0] if flat else x
+
+
 def preprocess(images, mean, std, geometry, border_mode):
-    """Sec. VIII on a batch of uint8 images [B,3,S,S] -> float network input [B,3,in,in]:
-    normalise; for the valid U-Net also scale to the output side and add the border padding so that
-    the output (in - 184 for depth 4) covers the whole image."""
+    """Sec. VIII: uint8 [B,3,S,S] -> input [B,3,in,in]: normalise; valid U-Net: scale to the output, pad the border."""
     x = common.normalize(images, mean, std)
     if geometry["input"] != geometry["output"]:
-        out = geometry["output"]
-        if x.shape[-1] != out:
-            x = F.interpolate(x, size=(out, out), mode="bilinear", align_corners=False)
-        x = mirror_pad(x, (geometry["input"] - out) // 2, border_mode)
+        x = mirror_pad(resize(x, geometry["output"], "bilinear"), (geometry["input"] - geometry["output"]) // 2,
+                       border_mode)
     return x
 
 
 def target_masks(masks, geometry):
     """Masks [B,S,S] -> float targets at the output side (the padded mask cropped to the output)."""
-    m = masks.float()
-    if m.shape[-1] != geometry["output"]:
-        m = F.interpolate(m[:, None], size=(geometry["output"],) * 2, mode="nearest")[:, 0]
-    return m
+    return resize(masks.float(), geometry["output"], "nearest")
 
 
 def morphological_closing(mask, size):
-    """Dilation then erosion with a size x size square, as max pooling (Sec. IX: closes speckles and
-    joins nearby lesion parts). Outside the image counts as neither (no erosion from the border)."""
+    """Sec. IX step 2: closing (dilation, then erosion) with a size x size square, on [N,H,W] bool.
+    Equals cv2.morphologyEx(MORPH_CLOSE) with OpenCV's default border and scipy's binary_erosion(
+    binary_dilation(m, s), s, border_value=1): outside the image neither grows nor erodes the lesion
+    (scipy's binary_closing erodes a lesion touching the border). max_pool2d's -inf padding does so."""
     x = mask[:, None].float()
+    # dilation = max over the window (the -inf padding never wins: outside adds no lesion)
     dilated = F.max_pool2d(x, size, stride=1, padding=size // 2)
+    # erosion = min over the window = -max(-x) (-x padded with -inf: outside never erodes)
     eroded = -F.max_pool2d(-dilated, size, stride=1, padding=size // 2)
     return eroded[:, 0] > 0.5
 
 
 def largest_connected_component(mask):
-    """Keeps the largest 8-connected component of each mask [N,H,W] (Sec. IX: one lesion per image)."""
+    """Sec. IX step 3: keeps the largest 8-connected component of each mask [N,H,W] (one lesion per
+    image), as cv2.connectedComponentsWithStats(connectivity=8) or scipy's ndimage.label(m,
+    np.ones((3, 3))) and the largest area; ties go to the first label in raster order; empty stays empty."""
     labels = common.label_components(mask, connectivity=8).long()  # [N,H,W], 0 = background
     n, k = labels.shape[0], int(labels.max()) + 1
+    # one bincount for the whole batch: image i's labels are shifted to i*k .. i*k + k - 1
     offset = torch.arange(n, device=labels.device).view(n, 1, 1) * k
-    areas = torch.bincount((labels + offset).flatten(), minlength=n * k).view(n, k)
-    areas[:, 0] = 0
+    areas = torch.bincount((labels + offset).flatten(), minlength=n * k).view(n, k)  # [N, k] pixel counts
+    areas[:, 0] = 0                        # the background is never the lesion
     keep = areas.argmax(1).view(n, 1, 1)  # 0 when the mask is empty -> stays empty
     return mask.bool() & (labels == keep)
 
 
-def _dilate_cross(x):
-    """One 4-connected dilation step of a bool [N,H,W]."""
-    y = x.clone()
-    y[:, 1:] |= x[:, :-1]
-    y[:, :-1] |= x[:, 1:]
-    y[:, :, 1:] |= x[:, :, :-1]
-    y[:, :, :-1] |= x[:, :, 1:]
-    return y
-
-
 def fill_holes(mask, check_every=16):
-    """Flood fill from the border (Sec. IX): background pixels not 4-connected to the image border
-    are holes and become lesion. The fill grows from the border pixels by dilation constrained to
-    the background until it stops changing; all images of the batch at once."""
+    """Sec. IX step 4, flood filling: background pixels not 4-connected to the image border become
+    lesion, as scipy.ndimage.binary_fill_holes(m) or cv2.floodFill from a corner, inverted. A
+    geodesic dilation from the border's background pixels, one 4-connected step at a time through
+    background only, until it stops changing (checked every `check_every` steps: fewer host syncs)."""
     background = ~mask.bool()
-    reached = torch.zeros_like(background)
+    reached = torch.zeros_like(background)  # the seeds: background pixels on the image border
     reached[:, 0], reached[:, -1], reached[:, :, 0], reached[:, :, -1] = True, True, True, True
     reached &= background
     while True:
         before = reached
-        for _ in range(check_every):
-            reached = _dilate_cross(reached) & background
+        for _ in range(check_every):  # one 4-connected dilation step (3x3 cross), kept to the background
+            p = F.pad(reached, (1, 1, 1, 1))  # the outside adds nothing; p[:, 1:-1, 1:-1] is `reached`
+            reached = background & (reached | p[:, :-2, 1:-1] | p[:, 2:, 1:-1] | p[:, 1:-1, :-2] | p[:, 1:-1, 2:])
         if torch.equal(before, reached):
             break
-    return mask.bool() | (background & ~reached)
+    return mask.bool() | (background & ~reached)  # unreached background = holes
 
 
 def restore_resolution(mask, size):
-    """Brings an output-side mask [N,h,w] back to the image side (Sec. IX, last step)."""
-    if mask.shape[-1] == size:
-        return mask.bool()
-    return F.interpolate(mask[:, None].float(), size=(size, size), mode="nearest")[:, 0] > 0.5
+    """Sec. IX step 5: an output-side mask [N,h,w] to the image side, nearest (pixel floor(i h / size), cv2's too)."""
+    return resize(mask.float(), size, "nearest") > 0.5
 
 
 def postprocess(prob, closing_size):
-    """Sec. IX: rounding to a binary mask, closing, largest connected component, hole filling.
-    (Restoring the resolution is done by the caller for both the raw and the processed mask.)"""
+    """Sec. IX steps 1-4 on lesion probabilities [N,o,o] -> bool masks (step 5 is the caller's)."""
+    # step 1, rounding to 0 / 1: np.round(p) for p in [0, 1] (0.5 rounds to even, i.e. 0) is p > 0.5
     mask = prob > 0.5
-    mask = morphological_closing(mask, closing_size)
-    mask = largest_connected_component(mask)
-    return fill_holes(mask)
+    mask = morphological_closing(mask, closing_size)  # step 2: remove noise, join nearby lesion parts
+    mask = largest_connected_component(mask)          # step 3: one lesion per image
+    return fill_holes(mask)                           # step 4: flood fill the interior
 
 
-# ==================================================================================================
-# Losses (Sec. X)
-# ==================================================================================================
+# ======================================== Losses (Sec. X) =========================================
 
 def segmentation_loss(seg_logits, masks):
     """Eq. 2: binary cross-entropy between the lesion probability and the mask (mean over pixels)."""
@@ -423,18 +423,11 @@ def joint_loss(loss_seg, loss_cls, alpha):
     return alpha * loss_seg + (1.0 - alpha) * loss_cls
 
 
-def task_alpha(task, alpha):
-    """The a of Eq. 4 a task trains with: 1 segmentation only, 0 classification only."""
-    return {"seg": 1.0, "cls": 0.0}.get(task, alpha)
-
-
-# ==================================================================================================
-# Training and evaluation
-# ==================================================================================================
+# ==================================== Training and evaluation =====================================
 
 def training_step(model, images, masks, labels, task, alpha, weights, geometry):
     """Forward and losses of one batch; returns (L, L_seg, L_cls) as tensors (no host sync)."""
-    segment, classify = task != "cls", task != "seg"
+    segment, classify = BRANCHES[task]
     seg_logits, cls_logits = model(images, segment, classify)
     zero = images.new_zeros(())
     loss_seg = segmentation_loss(seg_logits, target_masks(masks, geometry)) if segment else zero
@@ -442,40 +435,53 @@ def training_step(model, images, masks, labels, task, alpha, weights, geometry):
     return joint_loss(loss_seg, loss_cls, task_alpha(task, alpha)), loss_seg, loss_cls
 
 
+def infer(model, images, args, task, geometry, mean, std, device):
+    """uint8 images [B,3,S,S] -> (lesion probability [B,o,o], post-processed mask [B,S,S] (Sec. IX), class
+    probabilities [B,C]), None for a branch `task` does not run: what evaluation and --predict see."""
+    segment, classify = BRANCHES[task]
+    with common.autocast(device, args.amp):
+        seg_logits, cls_logits = model(preprocess(images, mean, std, geometry, args.border_mode), segment, classify)
+    prob = torch.sigmoid(seg_logits.float()) if segment else None                      # [B, o, o]
+    post = restore_resolution(postprocess(prob, args.closing_size), args.size) if segment else None
+    class_probs = torch.softmax(cls_logits.float(), dim=1) if classify else None       # Eq. 1, [B, C]
+    return prob, post, class_probs
+
+
+def class_key(name):
+    return name.lower().replace(" ", "_").replace("-", "_")
+
+
 @torch.no_grad()
 def evaluate(model, split, args, task, geometry, mean, std, device):
     """Sec. XII metrics on one split (percent). Returns (metrics, per-image outputs for figures)."""
     model.eval()
-    segment, classify = task != "cls", task != "seg"
-    class_names = split["class_names"]
+    segment, classify = BRANCHES[task]
     raw, post, probs = [], [], []
     for batch in common.iterate_batches(split, batch_size_for(args, task) * 2, shuffle=False):
-        x = preprocess(batch["images"], mean, std, geometry, args.border_mode)
-        with common.autocast(device, args.amp):
-            seg_logits, cls_logits = model(x, segment, classify)
+        prob, mask, class_probs = infer(model, batch["images"], args, task, geometry, mean, std, device)
         if segment:
-            prob = torch.sigmoid(seg_logits.float())                                  # [B, out, out]
             raw.append(restore_resolution(prob > 0.5, args.size))
-            post.append(restore_resolution(postprocess(prob, args.closing_size), args.size))
+            post.append(mask)
         if classify:
-            probs.append(torch.softmax(cls_logits.float(), dim=1))                    # Eq. 1, [B, C]
+            probs.append(class_probs)
     metrics, outputs = {}, {}
     if segment:
-        truth = split["masks"] > 0
-        outputs["pred_raw"], outputs["pred_post"] = torch.cat(raw), torch.cat(post)
+        truth, valid = split["masks"] > 0, split.get("valid")
+        # letterboxed real images: JAC over the image's own pixels (the padding is not the image; truth is 0 there)
+        for key, masks in (("pred_raw", raw), ("pred_post", post)):
+            outputs[key] = torch.cat(masks) & (valid.bool() if valid is not None else True)
         outputs["jaccard_post"] = common.jaccard(outputs["pred_post"], truth)      # Eq. 5 per image
         metrics["jaccard"] = 100 * common.jaccard(outputs["pred_raw"], truth).mean().item()
         metrics["jaccard_post"] = 100 * outputs["jaccard_post"].mean().item()
     if classify:
         outputs["probs"] = torch.cat(probs).cpu()
-        predicted, labels, n = outputs["probs"].argmax(1), split["labels"].cpu(), len(class_names)
+        predicted, labels, n = outputs["probs"].argmax(1), split["labels"].cpu(), len(split["class_names"])
         sensitivity, specificity = common.sensitivity_specificity(predicted, labels, n)  # Eq. 7, 8
         metrics["balanced_accuracy"] = 100 * common.balanced_accuracy(predicted, labels, n)  # Eq. 9
         metrics["accuracy"] = 100 * common.accuracy(predicted, labels)                   # Eq. 10
-        for c, name in enumerate(class_names):
-            key = name.lower().replace(" ", "_").replace("-", "_")
-            metrics[f"sensitivity_{key}"] = 100 * sensitivity[c].item()
-            metrics[f"specificity_{key}"] = 100 * specificity[c].item()
+        for c, name in enumerate(split["class_names"]):
+            metrics[f"sensitivity_{class_key(name)}"] = 100 * sensitivity[c].item()
+            metrics[f"specificity_{class_key(name)}"] = 100 * specificity[c].item()
     if segment and classify:  # Eq. 11, with the post-processed JAC (Table XIV: 70.8 = (67.5 + 74.0) / 2)
         metrics["mean_performance"] = (metrics["balanced_accuracy"] + metrics["jaccard_post"]) / 2
     return metrics, outputs
@@ -484,338 +490,432 @@ def evaluate(model, split, args, task, geometry, mean, std, device):
 SELECTION = {"seg": "jaccard_post", "cls": "balanced_accuracy", "joint": "mean_performance"}  # Sec. X
 
 
-def load_transfer_weights(model, path):
-    """Hypothesis 1 (Sec. XVI.B): the U-Net of a segmentation checkpoint, frozen."""
-    state = common.load_checkpoint(path, SCRIPT)
-    unet = {k[len("unet."):]: v for k, v in state["model"].items() if k.startswith("unet.")}
-    model.unet.load_state_dict(unet)
-    model.unet.requires_grad_(False)
+def flips_and_right_angle_rotations(batch, generator):
+    """The author's augmentation: image and mask together get one of the 8 symmetries of the square,
+    uniformly: a transpose, a left-right and an up-down flip, each with probability 1/2."""
+    b = batch["images"].shape[0]
+    coins = torch.rand((b, 3), generator=generator, device=generator.device).to(batch["images"].device) < 0.5
+    out = dict(batch)
+    for key in [k for k in ("images", "masks", "valid") if batch.get(k) is not None]:  # valid: the padding too
+        x = batch[key]                                       # [B,3,S,S] or [B,S,S]
+        heads = [c.view((b,) + (1,) * (x.dim() - 1)) for c in coins.unbind(1)]
+        x = torch.where(heads[0], x.transpose(-1, -2), x)
+        x = torch.where(heads[1], x.flip(-1), x)
+        out[key] = torch.where(heads[2], x.flip(-2), x)
+    return out
 
 
-def train(model, data, args, task, geometry, mean, std, device, run):
-    """Sec. X / XV.A: Adam, shuffled augmented mini-batches, lr x0.8 on a 5-epoch plateau of the
-    training loss, validation and checkpoint every epoch, the best epoch kept as best.pt."""
-    train_split, val_split = data["train"], data["val"]
-    n_classes = len(train_split["class_names"])
-    weights = (class_weights(train_split["labels"], n_classes) if args.class_weights
-               else torch.ones(n_classes)).to(device)
+def augment(batch, args, generator):
+    """--augment: the author's flips and right-angle rotations, common.augment's affine set, or none."""
+    if args.augment == "flips-rot90":
+        return flips_and_right_angle_rotations(batch, generator)
+    # affine: +-15 deg rotation, +-10 % scale, flips, colour jitter
+    return common.augment(batch, generator=generator) if args.augment == "affine" else batch
+
+
+def keras_reduce_lr_on_plateau(optimizer, factor, patience):
+    """Sec. XV.A ("lowering to 80 % ... every time the loss value doesn't decrease for 5 epochs") as
+    Keras' ReduceLROnPlateau(monitor="loss"): an epoch whose loss is not below best - 1e-4 counts one;
+    at `patience` the lr is multiplied by `factor`, the count restarts (flat loss: drops after epochs 6,
+    11, 16). torch's drops when its count *exceeds* patience (7, 13, 19): Keras' p is torch's p - 1."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience - 1,
+                                                      threshold=1e-4, threshold_mode="abs")
+
+
+def train(model, net, evaluated, data, args, task, geometry, mean, std, device, run, dist):
+    """Sec. X / XV.A: Adam, shuffled augmented batches, the lr schedule, validation and checkpoint every epoch, the
+    best kept. `model` trains (maybe compiled, or DDP: every process augments alike, takes its slice), `net` inside."""
+    train_split, n = data["train"], len(data["train"]["class_names"])
+    weights = (class_weights(train_split["labels"], n) if args.class_weights else torch.ones(n)).to(device)
     alpha = 0.0 if args.transfer else args.alpha
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=args.lr_factor,
-                                                           patience=args.lr_patience)
-    start_epoch, best = 0, -math.inf
-    if args.resume:
-        start_epoch, best = common.restore_state(common.load_checkpoint(args.resume, SCRIPT),
-                                                 model, optimizer, scheduler)
-        best = -math.inf if best is None else best
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    scheduler = keras_reduce_lr_on_plateau(optimizer, args.lr_factor, args.lr_patience)
+    start_epoch, best = (common.restore_state(common.load_checkpoint(args.resume, SCRIPT), model, optimizer, scheduler)
+                         if args.resume else (0, None))
+    best = -math.inf if best is None else best
     batch_size = batch_size_for(args, task)
-    n = train_split["images"].shape[0]
-    steps = (n + batch_size - 1) // batch_size
+    steps = -(-train_split["images"].shape[0] // batch_size)
     progress = common.Progress(steps * (args.epochs - start_epoch), every=args.log_every)
     generator = torch.Generator(device=device)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         if args.transfer:
-            model.unet.eval()  # frozen: keep its BatchNorm statistics and no dropout
+            net.unet.eval()  # frozen: keep its BatchNorm statistics and no dropout
         generator.manual_seed(args.seed * 1000 + epoch)  # repeatable epochs, also after --resume
         progress.set_epoch(epoch + 1)
         totals = torch.zeros(3, device=device)           # sums of L, L_seg, L_cls over the epoch
         tick = time.perf_counter()
         for step, batch in enumerate(common.iterate_batches(train_split, batch_size, shuffle=True,
                                                             generator=generator)):
-            if args.augment:
-                batch = common.augment(batch, generator=generator)
+            batch = common.shard(augment(batch, args, generator), dist)  # this process's slice (data mode)
             x = preprocess(batch["images"], mean, std, geometry, args.border_mode)
             wait = time.perf_counter() - tick
             with common.autocast(device, args.amp):
-                loss, loss_seg, loss_cls = training_step(model, x, batch["masks"], batch["labels"], task,
-                                                         alpha, weights, geometry)
+                losses = training_step(model, x, batch["masks"], batch["labels"], task, alpha, weights, geometry)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses[0].backward()
             optimizer.step()
-            totals += torch.stack([loss, loss_seg, loss_cls]).detach()
-            running = progress.step(loss=loss, images=x.shape[0], wait_s=wait)  # syncs every --log-every
+            totals += torch.stack(losses).detach()
+            running = progress.step(loss=losses[0], images=x.shape[0], wait_s=wait)  # syncs every --log-every
             if running is not None:
                 common.check_finite(running, f"epoch {epoch + 1} step {step + 1}", run)
             tick = time.perf_counter()
-        mean_losses = (totals / steps).tolist()
-        common.check_finite(mean_losses[0], f"epoch {epoch + 1}", run)
-        scheduler.step(mean_losses[0])  # Sec. XV.A: x0.8 when the training loss stalls for 5 epochs
-        val_metrics, _ = evaluate(model, val_split, args, task, geometry, mean, std, device)
-        score = val_metrics[SELECTION[task]]
-        record = {"epoch": epoch + 1, "train_loss": mean_losses[0], "train_loss_seg": mean_losses[1],
-                  "train_loss_cls": mean_losses[2], "lr": optimizer.param_groups[0]["lr"],
-                  **{f"val_{k}": v for k, v in val_metrics.items()}}
-        improved = score > best
-        if improved:
-            best = score
-        run.log(record)
+        if dist.mode == "data":  # the mean over all processes' slices: every process steps the same lr
+            torch.distributed.all_reduce(totals)
+            totals /= dist.world_size
+        loss, loss_seg, loss_cls = (totals / steps).tolist()
+        common.check_finite(loss, f"epoch {epoch + 1}", run)
+        scheduler.step(loss)  # Sec. XV.A: x0.8 after 5 epochs in a row without a lower loss
+        val_metrics, _ = evaluate(evaluated, data["val"], args, task, geometry, mean, std, device)
+        score = torch.tensor([val_metrics[SELECTION[task]]], dtype=torch.float64)
+        if dist.mode == "data":  # rank 0's score, so every process takes the same checkpoint decision
+            torch.distributed.broadcast(score, src=0, group=dist.group)
+        improved, best = score.item() > best, max(score.item(), best)
+        run.log({"epoch": epoch + 1, "train_loss": loss, "train_loss_seg": loss_seg, "train_loss_cls": loss_cls,
+                 "lr": optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in val_metrics.items()}})
         state = common.checkpoint_state(model, optimizer, scheduler, epoch + 1, best, args)
-        run.save("last.pt", state)
-        if improved:
-            run.save("best.pt", state)
-        print(f"epoch {epoch + 1}/{args.epochs} loss {mean_losses[0]:.4f} val {SELECTION[task]} "
-              f"{score:.1f}{' (best)' if improved else ''}")
+        # what --eval-only and --predict need besides the weights: the input statistics, the classes
+        state.update(norm_mean=mean.cpu(), norm_std=std.cpu(), class_names=list(train_split["class_names"]))
+        for name in ("last.pt", "best.pt") if improved else ("last.pt",):
+            run.save(name, state)
+        if run.is_main:
+            print(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val {SELECTION[task]} {score.item():.1f}"
+                  + (" (best)" if improved else ""))
     speed = progress.summary()
     run.log({"event": "speed", **speed})
-    print(f"training: {speed['images_per_s']:.1f} images/s, data wait {100 * speed['data_wait_share']:.0f}%")
+    if run.is_main:
+        print(f"training: {speed['images_per_s']:.1f} images/s, data wait {100 * speed['data_wait_share']:.0f}%")
     return speed
 
 
-# ==================================================================================================
-# Report: tables (Markdown + JSON) and figures
-# ==================================================================================================
+# ========================== Report: tables (Markdown + JSON) and figures ==========================
 
 def _short(name):
     return "".join(w[0] for w in name.split("_")).upper() if "_" in name else name[:1].upper()
 
 
-def task_table(task, results, class_names, title):
-    """Tables VI (seg), IX (cls), XIV (joint) and XIII (sensitivity/specificity), in percent."""
-    keys = [n.lower().replace(" ", "_").replace("-", "_") for n in class_names]
-    columns = {"seg": ["JAC", "Post-processing JAC"], "cls": ["BACC"],
-               "joint": ["Post-p. JAC", "BACC", "Mean Performance"]}[task]
-    source = {"JAC": "jaccard", "Post-processing JAC": "jaccard_post", "Post-p. JAC": "jaccard_post",
-              "BACC": "balanced_accuracy", "Mean Performance": "mean_performance"}
-    rows = []
-    for split, metrics in results.items():
-        row = {"Set": split.capitalize() if split != "val" else "Validation"}
-        row.update({c: metrics[source[c]] for c in columns})
-        if task != "seg":
-            row.update({f"SE {_short(k)}": metrics[f"sensitivity_{k}"] for k in keys})
-        rows.append(row)
-    columns = ["Set"] + columns + ([f"SE {_short(k)}" for k in keys] if task != "seg" else [])
-    fmt = {c: "{:.1f}" for c in columns[1:]}
-    text = common.markdown_table(rows, columns, fmt, title=title)
+def _cell(row, key):
+    """One table cell of a flat metrics row: the value, or mean ± SE over seeds (common.fmt_over_seeds)."""
+    return common.fmt_over_seeds(row, key, digits=1) if row.get(key) is not None else None
+
+
+TASK_TABLES = {  # Tables VI (seg), IX (cls), XIV (joint): title, (header, metric) columns
+    "seg": ("Table VI: segmentation, validation and test (%)",
+            [("JAC", "jaccard"), ("Post-processing JAC", "jaccard_post")]),
+    "cls": ("Table IX: classification, BACC and sensitivity per class (%)", [("BACC", "balanced_accuracy")]),
+    "joint": ("Table XIV: multi-task model, validation and test (%)", [("Post-p. JAC", "jaccard_post"),
+              ("BACC", "balanced_accuracy"), ("Mean Performance", "mean_performance")])}
+
+
+def task_table(task, row, class_names):
+    """Tables VI / IX / XIV and XIII (sensitivity, specificity per class), in percent, from a flat
+    row: test metrics under their names, validation ones as val_<name> (with <name>_se over seeds)."""
+    keys, (title, columns) = [class_key(n) for n in class_names], TASK_TABLES[task]
+    sets = [(name, prefix) for name, prefix in (("Validation", "val_"), ("Test", ""))
+            if row.get(prefix + columns[-1][1]) is not None]
+    columns = columns + ([(f"SE {_short(k)}", f"sensitivity_{k}") for k in keys] if task != "seg" else [])
+    lines = [{"Set": name, **{h: _cell(row, prefix + k) for h, k in columns}} for name, prefix in sets]
+    text = common.markdown_table(lines, ["Set"] + [h for h, _ in columns], title=title)
     if task != "seg":  # Table XIII
-        rows13 = []
-        for split, metrics in results.items():
-            for measure in ("sensitivity", "specificity"):
-                rows13.append({"Set": "Validation" if split == "val" else split.capitalize(),
-                               "Measure": measure.capitalize(),
-                               **{n: metrics[f"{measure}_{k}"] for n, k in zip(class_names, keys)}})
-        text += "\n\n" + common.markdown_table(rows13, ["Set", "Measure"] + list(class_names),
-                                               {n: "{:.1f}" for n in class_names},
+        lines = [{"Set": name, "Measure": measure.capitalize(),
+                  **{n: _cell(row, f"{prefix}{measure}_{k}") for n, k in zip(class_names, keys)}}
+                 for name, prefix in sets for measure in ("sensitivity", "specificity")]
+        text += "\n\n" + common.markdown_table(lines, ["Set", "Measure"] + list(class_names),
                                                title="Table XIII: sensitivity and specificity per class (%)")
     return text
 
 
-def figure_examples(split, outputs, task, path, n_each=3):
-    """Figs. 5-12: images with the true (green) and predicted (red) contours and the class
-    probabilities, for correctly and wrongly classified cases (seg: best and worst JAC)."""
-    if "probs" in outputs:
-        correct = outputs["probs"].argmax(1) == split["labels"].cpu()
-        picks = [(i, "correct") for i in correct.nonzero()[:n_each, 0].tolist()]
-        picks += [(i, "wrong") for i in (~correct).nonzero()[:n_each, 0].tolist()]
+def figure_examples(split, outputs, path, n_each=3):
+    """Figs. 5-12: true (green) and predicted (red) contours, class probabilities; right, wrong (seg: best, worst)."""
+    names, probs = split["class_names"], outputs.get("probs")
+    if probs is not None:
+        correct = probs.argmax(1) == split["labels"].cpu()
+        picks = [(i, kind) for kind, hit in (("correct", correct), ("wrong", ~correct))
+                 for i in hit.nonzero()[:n_each, 0].tolist()]
     else:
         order = outputs["jaccard_post"].argsort(descending=True).tolist()
         picks = [(i, "best JAC") for i in order[:n_each]] + [(i, "worst JAC") for i in order[::-1][:n_each]]
-    rows = 2 if "probs" in outputs else 1
-    fig, axes = plt.subplots(rows, max(len(picks), 1), figsize=(2.6 * max(len(picks), 1), 2.8 * rows),
-                             squeeze=False)
-    names = split["class_names"]
-    for col, (i, kind) in enumerate(picks):
+    rows, cols = (1 if probs is None else 2), max(len(picks), 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for col, (i, title) in enumerate(picks):
         ax = axes[0, col]
         common.show_image(ax, split["images"][i].cpu())
-        title = kind
         if "pred_post" in outputs:
             common.draw_contours(ax, split["masks"][i].cpu() > 0, "lime", label="truth")
             common.draw_contours(ax, outputs["pred_post"][i].cpu(), "red", label="predicted")
             title += f"\nJAC {100 * outputs['jaccard_post'][i].item():.0f}%"
-        if "probs" in outputs:
-            predicted = outputs["probs"][i].argmax().item()
-            title += f"\ntrue {names[split['labels'][i].item()]}\npredicted {names[predicted]}"
-            axes[1, col].barh(range(len(names)), outputs["probs"][i].numpy(), color="tab:blue")
+        if probs is not None:
+            title += f"\ntrue {names[split['labels'][i].item()]}\npredicted {names[probs[i].argmax().item()]}"
+            axes[1, col].barh(range(len(names)), probs[i].numpy(), color="tab:blue")
             axes[1, col].set_yticks(range(len(names)), [_short(n.lower()) for n in names])
-            axes[1, col].set_xlim(0, 1)
-            axes[1, col].set_xlabel("probability")
+            axes[1, col].set(xlim=(0, 1), xlabel="probability")
         ax.set_title(title, fontsize=8)
     common.save_figure(fig, path)
 
 
-def figure_comparison(rows, path):
-    """Separate vs joint test JAC and BACC, next to the thesis' ISIC 2017 numbers."""
+def figure_comparison(table, path):
+    """Separate vs joint test JAC and BACC (mean ± SE over seeds), next to the thesis' ISIC 2017 numbers."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, metric in zip(axes, ("JAC", "BACC")):
-        shown = [r for r in rows if r[metric] is not None]
+    for ax, (metric, key) in zip(axes, (("JAC", "jaccard_post"), ("BACC", "balanced_accuracy"))):
+        shown = [r for r in table if r.get(key) is not None]
         positions = range(len(shown))
-        ax.bar([p - 0.2 for p in positions], [r[metric] for r in shown], 0.4, label="this run")
-        ax.bar([p + 0.2 for p in positions], [r["Thesis " + metric] for r in shown], 0.4, label="thesis (ISIC 2017)")
-        ax.set_xticks(list(positions), [r["Model"].split(" (")[0].replace("separate ", "separate\n") for r in shown])
-        ax.set_ylabel(f"test {metric} (%)")
-        ax.set_ylim(0, 100)
+        ax.bar([p - 0.2 for p in positions], [r[key] for r in shown], 0.4, label="this run",
+               yerr=[r.get(f"{key}_se", 0.0) for r in shown], capsize=3)
+        ax.bar([p + 0.2 for p in positions], [THESIS[r["task"]][key] for r in shown], 0.4, label="thesis (ISIC 2017)")
+        ax.set_xticks(list(positions), [r["row"].replace("separate ", "separate\n") for r in shown])
+        ax.set(ylabel=f"test {metric} (%)", ylim=(0, 100))
     axes[0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     common.save_figure(fig, path)
 
 
-def report_run(run, task, results, outputs, split, class_names, config, extra_rows=()):
-    """results.json / results.md / figures of one trained model."""
-    title = {"seg": "Table VI: segmentation, validation and test (%)",
-             "cls": "Table IX: classification, BACC and sensitivity per class (%)",
-             "joint": "Table XIV: multi-task model, validation and test (%)"}[task]
-    markdown = f"# {SCRIPT}: task {task}\n\n" + task_table(task, results, class_names, title) + "\n"
-    table = [{"row": "validation" if s == "val" else s, **m} for s, m in results.items()]
+def flat_metrics(results):
+    """{split: metrics} -> one flat row: test metrics under their names, validation ones as val_<name>."""
+    return {**{f"val_{k}": v for k, v in results.get("val", {}).items()}, **results.get("test", {})}
+
+
+def test_metrics(row):
+    """A summary row's test metrics (means over seeds, with _se): results.json's "metrics"."""
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not k.startswith(("val_", "best_epoch")) and k not in ("seeds", "rank")}
+
+
+def publish(run, args, heading, body, metrics, table, split="test"):
+    """results.md (heading, seeds, body) and results.json (`metrics` of `split`, the table) of a run; prints it."""
+    seeds = common.seed_list(args)
+    note = (f"Mean ± standard error over {len(seeds)} seeds ({', '.join(map(str, seeds))}).\n\n"
+            if len(seeds) > 1 else "")
+    markdown = f"# {SCRIPT}: {heading}\n\n{note}{body}\n"
+    common.write_results(run.dir, SCRIPT, args.data, split, metrics, table, vars(args), markdown)
+    if run.is_main:
+        print(markdown)
+
+
+def report_run(run, config, results, outputs, split):
+    """results.json / results.md / figures of one trained model (`outputs` of `split`, the last evaluated)."""
     final = "test" if "test" in results else "val"
-    common.write_results(run.dir, SCRIPT, config["data"], final, results[final], table + list(extra_rows),
-                         config, markdown)
-    figure_examples(split, outputs, task, run.figures / "examples.png")
-    keys = ["train_loss"] + [f"val_{k}" for k in ("jaccard_post", "balanced_accuracy", "mean_performance")
-                             if k in results[final]]
+    publish(run, config, f"task {config.task}", task_table(config.task, flat_metrics(results), split["class_names"]),
+            results[final], [{"row": "validation" if s == "val" else s, **m} for s, m in results.items()], final)
+    figure_examples(split, outputs, run.figures / "examples.png")
     if run.path("log.jsonl").exists():  # not with --eval-only
-        common.plot_curves(run.path("log.jsonl"), keys, run.figures / "training_curves.png")
-    return markdown
+        keys = [f"val_{k}" for k in ("jaccard_post", "balanced_accuracy", "mean_performance") if k in results[final]]
+        common.plot_curves(run.path("log.jsonl"), ["train_loss"] + keys, run.figures / "training_curves.png")
 
 
-# ==================================================================================================
-# One run, and the tables as loops over it
-# ==================================================================================================
+# =================== One model, and the tables as loops over it (rows x seeds) ====================
 
 def load_data(args):
-    options = {}
-    if args.data == "synthetic":
-        options = {k: v for k, v in (("n_train", args.n_train), ("n_val", args.n_val), ("n_test", args.n_test))
-                   if v is not None}
-    name = "synthetic-lesions" if args.data == "synthetic" else args.data
-    data = common.load_dataset(name, root=args.root, size=args.size, seed=args.seed, cache=args.cache, **options)
+    """The dataset of a run; synthetic data is generated from args.seed (one draw per seed)."""
+    synthetic = args.data == "synthetic"
+    sizes = {k: getattr(args, k) for k in ("n_train", "n_val", "n_test") if synthetic and getattr(args, k) is not None}
+    name = "synthetic-lesions" if synthetic else args.data
+    data = common.load_dataset(name, root=args.root, size=args.size, seed=args.seed, cache=args.cache, **sizes)
     if "train" not in data or "val" not in data:
-        raise SystemExit(f"{name}: training needs train and val splits, found {sorted(data)}")
+        raise common.UsageError(f"{name}: training needs train and val splits, found {sorted(data)}")
     return data
 
 
-def run(config, data, device):
-    """Trains (or, with --eval-only, loads) one model of task config.task and reports it.
-    Returns {"task", "best_epoch", "results": {split: metrics}, "dir"}."""
-    task = config.task
+def run(config, data, device, dist):
+    """Trains (or, with --eval-only, loads) one model of task config.task into config.out and
+    reports it. Returns ({split: metrics}, best epoch)."""
+    task, class_names = config.task, data["train"]["class_names"]
     common.seed_everything(config.seed)
     run_ = common.Run(config, SCRIPT)
     geometry = network_geometry(config)
-    class_names = data["train"]["class_names"]
     on_device = {k: common.to_device(v, device) for k, v in data.items()}
-    mean, std = common.channel_stats(on_device["train"]["images"])  # Sec. VIII normalisation
-    mean, std = mean.to(device), std.to(device)
-    model = build_model(config, len(class_names), geometry)
-    if config.transfer:
-        load_transfer_weights(model, config.transfer)
-    model = common.prepare_model(model, device, compile=config.compile)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[{task}] {n_params / 1e6:.2f}M parameters; network {geometry['input']} -> {geometry['output']} px "
-          f"(images {config.size} px); run folder {run_.dir}")
+    mean, std = (s.to(device) for s in common.channel_stats(on_device["train"]["images"]))  # Sec. VIII
+    net = build_model(config, len(class_names), geometry)
+    if config.transfer:  # hypothesis 1 (Sec. XVI.B): the U-Net of a segmentation checkpoint, frozen
+        weights = common.load_checkpoint(config.transfer, SCRIPT)["model"]
+        net.unet.load_state_dict({k[len("unet."):]: v for k, v in weights.items() if k.startswith("unet.")})
+        net.unet.requires_grad_(False)
+    in_use = net.branch_parameters(task)
+    for parameter in set(net.parameters()) - set(in_use):  # the branch the task never runs: not trained
+        parameter.requires_grad_(False)                     # (and DistributedDataParallel expects no grad)
+    model = common.prepare_model(net, device, compile=config.compile, dist=dist)
+    if run_.is_main:
+        print(f"[{task}] {sum(p.numel() for p in in_use) / 1e6:.2f}M parameters; network {geometry['input']} -> "
+              f"{geometry['output']} px (images {config.size} px); run folder {run_.dir}")
+    evaluated = net if dist.mode == "data" else model  # evaluation runs alike on every process: outside DDP
     if not config.eval_only:
-        train(model, on_device, config, task, geometry, mean, std, device, run_)
-    checkpoint = config.checkpoint if config.eval_only else run_.path("best.pt")
+        train(model, net, evaluated, on_device, config, task, geometry, mean, std, device, run_, dist)
+    checkpoint = Path(config.checkpoint) if config.eval_only else run_.path("best.pt")
     if not config.eval_only and not checkpoint.exists() and config.resume:  # resumed elsewhere, no new best
         checkpoint = Path(config.resume).with_name("best.pt")
     state = common.load_checkpoint(checkpoint, SCRIPT, map_location=device)
-    model.load_state_dict(state["model"])
-    results, outputs = {}, {}
-    for split in ("val", "test"):
-        if split in on_device:
-            results[split], outputs[split] = evaluate(model, on_device[split], config, task, geometry,
-                                                      mean, std, device)
-    shown = "test" if "test" in results else "val"
-    markdown = report_run(run_, task, results, outputs[shown], on_device[shown], class_names, vars(config))
-    print(markdown)
-    return {"task": task, "best_epoch": state.get("epoch"), "results": results, "dir": run_.dir,
-            "markdown": markdown}
+    common.load_model_state(model, state["model"])  # plain, --compile'd or DDP alike
+    if "norm_mean" in state:  # evaluate with the statistics the model was trained with
+        mean, std = state["norm_mean"].to(device), state["norm_std"].to(device)
+    results = {}
+    for split in ("val", "test") if "test" in on_device else ("val",):  # the figures show the last one
+        results[split], outputs = evaluate(evaluated, on_device[split], config, task, geometry, mean, std, device)
+    report_run(run_, config, results, outputs, on_device[split])
+    return results, state.get("epoch")
 
 
-def sub_config(args, parent, name, **changes):
+def with_changes(args, **changes):
     config = copy.copy(args)
-    config.out = str(Path(parent) / name)
-    for key, value in changes.items():
-        setattr(config, key, value)
+    vars(config).update(changes)
     return config
 
 
-def compare(args, data, device):
+def run_table(args, rows, device, dist):
+    """Every (row name, {argument: value}) x seed with common.run_rows, each model in <row>/ (<row>/seed_<s>/ with
+    several seeds) of --out. Returns (top Run, summary rows with mean, _se and per_seed)."""
+    seeds = common.seed_list(args)
+    top = common.Run(args, SCRIPT)
+    changes_of, datasets = dict(rows), {}
+
+    def train_and_evaluate(name, seed):
+        folder = top.dir / name / (f"seed_{seed}" if len(seeds) > 1 else "")
+        config = with_changes(args, out=str(folder), seed=seed, seeds=None, **changes_of[name])
+        if seed not in datasets:  # the synthetic data is drawn from the seed: one draw per seed
+            datasets[seed] = load_data(config)
+        results, best_epoch = run(config, datasets[seed], device, dist)
+        return {**flat_metrics(results), "best_epoch": best_epoch,
+                "class_names": list(datasets[seed]["train"]["class_names"])}
+
+    per_row = common.run_rows([(name, seed) for name, _ in rows for seed in seeds], train_and_evaluate, top, dist)
+    return top, common.summarize_rows(per_row)
+
+
+def single_task(args, device, dist):
+    """--task seg | cls | joint (Tables VI, IX, XIV), or --transfer (hypothesis 1)."""
+    seeds = common.seed_list(args)
+    if len(seeds) == 1:  # one model in --out itself, with its own results.json
+        config = with_changes(args, seed=seeds[0])
+        run(config, load_data(config), device, dist)
+        return
+    top, table = run_table(args, [(args.task, {})], device, dist)
+    publish(top, args, f"task {args.task}", task_table(args.task, table[0], table[0]["class_names"]),
+            test_metrics(table[0]), table)
+
+
+def compare(args, device, dist):
     """Separate segmentation and classification models vs the joint model (Sec. XVI, abstract)."""
-    top = common.Run(args, SCRIPT)
-    outcomes = {t: run(sub_config(args, top.dir, t, task=t), data, device) for t in TASKS}
-    rows, table = [], []
-    for t, label in (("seg", "separate segmentation"), ("cls", "separate classification"), ("joint", "joint")):
-        test = outcomes[t]["results"].get("test", outcomes[t]["results"]["val"])
-        row = {"row": label, "task": t, "best_epoch": outcomes[t]["best_epoch"], **test}
-        table.append(row)
-        rows.append({"Model": label + (f" (a = {args.alpha})" if t == "joint" else ""),
-                     "JAC": test.get("jaccard_post"), "BACC": test.get("balanced_accuracy"),
-                     "Thesis JAC": THESIS[t].get("jaccard_post"), "Thesis BACC": THESIS[t].get("balanced_accuracy")})
-    fmt = {c: "{:.1f}" for c in ("JAC", "BACC", "Thesis JAC", "Thesis BACC")}
-    title = "Test set, JAC after post-processing (%); thesis: ISIC 2017, its joint model at a = 0.8"
-    markdown = (f"# {SCRIPT}: separate vs joint models\n\n"
-                + common.markdown_table(rows, ["Model", "JAC", "BACC", "Thesis JAC", "Thesis BACC"], fmt, title=title)
-                + "\n\n" + "\n\n".join(outcomes[t]["markdown"].split("\n", 2)[2] for t in TASKS) + "\n")
-    split = "test" if "test" in data else "val"
-    joint = {k: v for k, v in table[-1].items() if k not in ("row", "task", "best_epoch")}
-    common.write_results(top.dir, SCRIPT, args.data, split, joint, table, vars(args), markdown)
-    figure_comparison(rows, top.figures / "separate_vs_joint.png")
-    print(markdown)
-    return markdown
+    labels = {"seg": "separate segmentation", "cls": "separate classification", "joint": "joint"}
+    top, table = run_table(args, [(t, {"task": t}) for t in TASKS], device, dist)
+    lines = [{"Model": labels[task] + (f" (a = {args.alpha:g})" if task == "joint" else ""),
+              "JAC": _cell(r, "jaccard_post"), "BACC": _cell(r, "balanced_accuracy"),
+              "Thesis JAC": THESIS[task].get("jaccard_post"), "Thesis BACC": THESIS[task].get("balanced_accuracy")}
+             for r, task in zip(table, TASKS)]
+    title = (f"Test set, JAC after post-processing (%); this run's joint model: a = {args.alpha:g}; "
+             "thesis: ISIC 2017, its joint model at a = 0.8 (Tables XI, XIV)")
+    body = (common.markdown_table(lines, ["Model", "JAC", "BACC", "Thesis JAC", "Thesis BACC"],
+                                  {"Thesis JAC": "{:.1f}", "Thesis BACC": "{:.1f}"}, title=title) + "\n\n"
+            + "\n\n".join(task_table(task, r, table[-1]["class_names"]) for r, task in zip(table, TASKS)))
+    for row, task in zip(table, TASKS):
+        row["task"], row["row"] = task, labels[task]
+    publish(top, args, "separate vs joint models", body, test_metrics(table[-1]), table)
+    figure_comparison(table, top.figures / "separate_vs_joint.png")
 
 
-def alpha_sweep(args, data, device):
-    """Table XI: one joint model per a, best epoch by Mean Performance on validation."""
-    top = common.Run(args, SCRIPT)
+def alpha_sweep(args, device, dist):
+    """Table XI: one joint model per a; Table XII is its best row by validation Mean Performance (the run's metrics)."""
     alphas = [float(a) for a in args.alpha_sweep.split(",") if a.strip()]
-    table, rows = [], []
-    for alpha in alphas:
-        outcome = run(sub_config(args, top.dir, f"alpha_{alpha:g}", alpha=alpha, task="joint"), data, device)
-        val, test = outcome["results"]["val"], outcome["results"].get("test", {})
-        table.append({"row": f"alpha={alpha:g}", "alpha": alpha, "epoch": outcome["best_epoch"], **val,
-                      **{f"test_{k}": v for k, v in test.items()}})
-        rows.append({"a": alpha, "Epoch": outcome["best_epoch"], "Mean Performance": val["mean_performance"],
-                     "JAC": val["jaccard_post"], "BACC": val["balanced_accuracy"],
-                     "Test MP": test.get("mean_performance", math.nan), "Test JAC": test.get("jaccard_post", math.nan),
-                     "Test BACC": test.get("balanced_accuracy", math.nan)})
-    columns = ["a", "Epoch", "Mean Performance", "JAC", "BACC", "Test MP", "Test JAC", "Test BACC"]
-    markdown = (f"# {SCRIPT}: a sweep\n\n" + common.markdown_table(
-        rows, columns, {c: "{:.1f}" for c in columns[2:]} | {"a": "{:g}"},
-        title="Table XI: values tested for a (validation at the best epoch; test alongside) (%)") + "\n")
-    best = max(table, key=lambda r: r["mean_performance"])
-    final = {k[len("test_"):]: v for k, v in best.items() if k.startswith("test_")} or {
-        k: v for k, v in best.items() if k not in ("row", "alpha", "epoch")}
-    common.write_results(top.dir, SCRIPT, args.data, "test", final, table, vars(args), markdown)
+    top, table = run_table(args, [(f"alpha_{a:g}", {"alpha": a, "task": "joint"}) for a in alphas], device, dist)
+    for row, alpha in zip(table, alphas):
+        row["row"], row["alpha"] = f"alpha={alpha:g}", alpha
+    columns = [("Epoch", "best_epoch"), ("Mean Performance", "val_mean_performance"), ("JAC", "val_jaccard_post"),
+               ("BACC", "val_balanced_accuracy"), ("Test MP", "mean_performance"), ("Test JAC", "jaccard_post"),
+               ("Test BACC", "balanced_accuracy")]
+    lines = [{"a": r["alpha"], **{h: _cell(r, k) for h, k in columns}} for r in table]
+    best = max(table, key=lambda r: r["val_mean_performance"])
+    body = (common.markdown_table(lines, ["a"] + [h for h, _ in columns], {"a": "{:g}"},
+                                  title="Table XI: values tested for a (validation at the best epoch; test "
+                                        "alongside) (%)")
+            + f"\nTable XII (best multi-task model): a = {best['alpha']:g}, the highest validation Mean Performance.")
+    publish(top, args, "a sweep", body, test_metrics(best), table)
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for key, label in (("mean_performance", "Mean Performance"), ("jaccard_post", "JAC"),
-                       ("balanced_accuracy", "BACC")):
-        ax.plot(alphas, [r[key] for r in table], marker="o", label=label)
-    ax.set_xlabel("a (Eq. 4)")
-    ax.set_ylabel("validation (%)")
+    for header, key in columns[1:4]:  # validation Mean Performance, JAC, BACC
+        ax.errorbar(alphas, [r[key] for r in table], yerr=[r.get(f"{key}_se", 0.0) for r in table],
+                    marker="o", capsize=3, label=header)
+    ax.set(xlabel="a (Eq. 4)", ylabel="validation (%)")
     ax.legend()
     common.save_figure(fig, top.figures / "alpha_sweep.png")
-    print(markdown)
-    return markdown
 
+
+# ========== Predict: a trained model on a user's own images (--predict, or from Python) ===========
+
+# every argument that shapes the network or its input and output: restored from a checkpoint
+UNET_ARCHITECTURE = ("width", "depth", "unet_padding", "input_size", "size", "batchnorm", "dropout",
+                     "border_mode", "closing_size")  # what --transfer takes over (the head is new)
+ARCHITECTURE = UNET_ARCHITECTURE + ("pool", "fc", "head_dropout")
+
+
+def load_model(checkpoint_path, device="cpu"):
+    """A common.Predictor for a best.pt / last.pt: the model rebuilt from the checkpoint's arguments, in eval mode."""
+    device = torch.device(device)
+    state = common.load_checkpoint(checkpoint_path, SCRIPT, map_location=device)
+    if "norm_mean" not in state:
+        raise common.CheckpointError(f"{checkpoint_path} has no normalisation statistics (written by an older "
+                                     "joint_unet.py); train the model again to predict with it")
+    args = with_changes(resolve_defaults(build_parser().parse_args([])), **state["args"])  # the training run's
+    class_names = state.get("class_names") or ["nevus", "melanoma", "seborrheic_keratosis"]
+    geometry = network_geometry(args)
+    model = build_model(args, len(class_names), geometry)
+    common.load_model_state(model, state["model"])
+    return common.Predictor(model=model.to(device).eval(), args=args, size=args.size, keep_aspect=True, device=device,
+                            norm=(state["norm_mean"].to(device), state["norm_std"].to(device)),
+                            class_names=class_names, mask_names=["skin", "lesion"], extra={"geometry": geometry})
+
+
+@torch.no_grad()
+def predict_batch(predictor, images):
+    """uint8 [B,3,S,S] -> {"mask": the post-processed lesion [B,S,S], "maps": {"entropy": of the lesion probability,
+    bits}, "rows": predicted class, probability per class}. A cls model does not segment: empty mask, no map."""
+    args, n = predictor.args, images.shape[0]
+    prob, mask, class_probs = infer(predictor.model, images, args, args.task, predictor.extra["geometry"],
+                                    *predictor.norm, predictor.device)
+    out = {"mask": torch.zeros(n, args.size, args.size, dtype=torch.long, device=images.device), "maps": {},
+           "rows": [{} for _ in range(n)]}
+    if prob is not None:
+        out["mask"] = mask.long()
+        # H(p) = -p log2 p - (1 - p) log2 (1 - p): 0 where the model is sure, 1 bit at p = 0.5
+        p = prob.clamp(1e-7, 1 - 1e-7)
+        out["maps"]["entropy"] = resize(-(p * p.log2() + (1 - p) * (1 - p).log2()), args.size, "bilinear")
+    for row, p in zip(out["rows"], class_probs.cpu() if class_probs is not None else ()):
+        row["predicted_class"] = predictor.class_names[int(p.argmax())]
+        row.update({f"p_{class_key(name)}": float(v) for name, v in zip(predictor.class_names, p)})
+    return out
+
+
+# ============================================== main ==============================================
 
 def main(argv=None):
     args = resolve_defaults(build_parser().parse_args(argv))
-    device = common.choose_device(args.device)
-    if args.eval_only:
+    if args.predict:  # a trained model on a user's images
         if not args.checkpoint:
-            raise SystemExit("--eval-only needs --checkpoint PATH")
-        saved = common.load_checkpoint(args.checkpoint, SCRIPT)["args"]
-        for key in ("task", "width", "depth", "unet_padding", "input_size", "size", "pool", "fc", "data"):
-            setattr(args, key, saved[key])  # the architecture comes from the checkpoint
-    if args.transfer:
-        saved = common.load_checkpoint(args.transfer, SCRIPT)["args"]
-        if saved["task"] == "cls":
-            raise SystemExit(f"--transfer needs a segmentation (or joint) checkpoint; {args.transfer} is cls")
-        for key in ("width", "depth", "unet_padding", "input_size", "size"):
-            setattr(args, key, saved[key])
+            raise common.UsageError("--predict needs --checkpoint PATH (a best.pt of a joint_unet.py run)")
+        predictor = load_model(args.checkpoint, common.choose_device(args.device))
+        count = common.predict_images_in(args.predict, predictor, predict_batch, args.out, recursive=args.recursive,
+                                         batch_size=args.batch_size or 16, script=SCRIPT)
+        if count == 0:
+            raise common.UsageError(f"--predict {args.predict}: no image could be read")
+        return count
+    if args.eval_only:  # the checkpoint's architecture and task over the command line's
+        if not args.checkpoint:
+            raise common.UsageError("--eval-only needs --checkpoint PATH")
+        common.restore_architecture(args, common.load_checkpoint(args.checkpoint, SCRIPT),
+                                    ARCHITECTURE + ("task", "data"))
     if args.resume:
-        if args.task == "compare" or args.alpha_sweep:
-            raise SystemExit("--resume continues one model: pass --task and the last.pt of its run folder")
-        if args.out is None:
-            args.out = str(Path(args.resume).parent)  # keep writing into the interrupted run's folder
-    data = load_data(args)
-    if args.task == "compare":
-        compare(args, data, device)
-    elif args.alpha_sweep:
-        alpha_sweep(args, data, device)
-    else:
-        run(args, data, device)
+        common.restore_architecture(args, common.load_checkpoint(args.resume, SCRIPT),
+                                    ARCHITECTURE + ("task", "alpha", "data"))
+        args.out = args.out or str(Path(args.resume).parent)  # keep writing into the interrupted run's folder
+    if (args.eval_only or args.resume) and (args.alpha_sweep or len(common.seed_list(args)) > 1):
+        raise common.UsageError("--eval-only and --resume work on one model: drop --alpha-sweep and --seeds")
+    if args.transfer:
+        state = common.load_checkpoint(args.transfer, SCRIPT)
+        if state["args"].get("task") == "cls":
+            raise common.UsageError(f"--transfer needs a segmentation (or joint) checkpoint; {args.transfer} is cls")
+        common.restore_architecture(args, state, UNET_ARCHITECTURE)
+    check_head(args, network_geometry(args))  # a bad --size / --pool / --input-size before any folder is made
+    rows = len(args.alpha_sweep.split(",")) if args.alpha_sweep else (3 if args.task == "compare" else 1)
+    dist = common.init_distributed(args, n_jobs=rows * len(common.seed_list(args)))  # torchrun, if any
+    device = common.choose_device(args.device)
+    experiment = compare if args.task == "compare" else alpha_sweep if args.alpha_sweep else single_task
+    experiment(args, device, dist)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -4,101 +4,84 @@ Reference: K. Ren, K. Zou, X. Liu, Y. Chen, X. Yuan, X. Shen, M. Wang, H. Fu, "U
 Mutual Learning for Joint Medical Image Classification and Segmentation", MICCAI 2023
 (../shared/papers/uml.txt). Authors' code: github.com/KarryRen/UML.
 
-Idea. Two encoders read the image: a VGG-16-style one for the diagnosis (f_i^c) and a Res2Net-style
-one for the segmentation (f_i^s). A Feature Mixer (Pairwise Channel Map Interaction, PCMI) mixes them
-into mutual features f_i^m. Evidential deep learning turns network outputs into Dirichlet
-distributions, which give a belief per class and one uncertainty mass, both for the image (the
-diagnosis) and for every pixel. A Mutual Feature Decoder reads f^m and gives a first evidential
-segmentation M = alpha^s with pixel-wise uncertainty U^s; the Uncertainty Navigator (UN) decodes the
-segmentation features under the guidance of M and U^s (where the mutual view is unsure it is damped
-by exp(-U^s)); the Uncertainty Instructor (UI) gates the classification features with the reliable
-segmentation feature r^s; the diagnosis is evidential too.
+Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) read the image;
+a Feature Mixer (Pairwise Channel Map Interaction, PCMI) mixes them into mutual features f_i^m.
+Evidential deep learning turns outputs into Dirichlet distributions: a belief per class and one
+uncertainty mass, for the image and for every pixel. A Mutual Feature Decoder turns f^m into a first
+evidential mask M = alpha^s with pixel-wise uncertainty U^s; the Uncertainty Navigator (UN) decodes
+the segmentation under the guidance of M and U^s; the Uncertainty Instructor (UI) gates the
+classification features with the reliable segmentation feature r^s; the diagnosis is evidential too.
 
 Paper -> code
-    Sec. 2 dual backbone ..................... VGGEncoder (f^c), Res2NetEncoder + Res2NetBottleneck (f^s)
-    Sec. 2 Feature Mixer / PCMI .............. PolarizedSelfAttention, PairwiseChannelMapInteraction
-    Eq. 1-2 belief b = e/S, uncertainty K/S .. evidential_opinion
-    Sec. 2.3 Step 1, Mutual Feature Decoder .. MutualFeatureDecoder (M = alpha^s, U^s)
-    Eq. 3 M^r = (s_1 + M) * exp(-U^s) ........ reliable_mask (used in UncertaintyNavigator)
-    Eq. 4 r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)) ... UncertaintyNavigator.forward
-    Eq. 5 r^c = f_4^c + Conv(d^3(r^s)) * f_4^c  ... reliable_classification_feature, UncertaintyInstructor
-    Eq. 6 L_mut = L_ice + l1 KL + l2 Dice ....... ice_loss, kl_loss, dice_loss, mutual_loss
-    Eq. 7 L_cls = L_ace + l_c KL ................ ace_loss, kl_loss, classification_loss
-    Eq. 8 L_seg = sum_i Dice(up(s_i), GT) ....... segmentation_loss
-    Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg . total_loss
-    KL annealing min(1, epoch / T) (TBraTS) ..... annealing_coefficient
-    Table 1 (EC, TBraTS, BCS, ECS, UML) ......... --method, --table1; model_spec
-    Table 2 (Gaussian noise sigma) .............. --noise-sigmas, --table2; evaluate(sigma=...)
-    Table 3 (BCS, +MD, +MD+UI, +MD+UI+UN) ....... --no-mutual-decoder/--no-uncertainty-instructor/
-                                                  --no-uncertainty-navigator, --table3
-    Fig. 3 (input+GT, belief+u, seg, pixel u; clean and noisy) ... figure_fig3 -> figures/fig3.png
+    Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder; ImageNet files: vgg16_key_table, res2net_key_table
+                               (copied by common.load_pretrained)
+    Sec. 2 Feature Mixer ..... PolarizedSelfAttention, PairwiseChannelMapInteraction (authors' mixer:
+                               1x1 projections, c_k/s_k channel pairs, polarized self-attention, 1x1 fusion)
+    Eq. 1-2 b = e/S, u = K/S . evidential_opinion
+    Step 1 ................... MutualFeatureDecoder (M = alpha^s, U^s)
+    Eq. 3 M^r = (s_1 + M) exp(-U^s), Eq. 4 r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)) ... UncertaintyNavigator
+    Eq. 5 r^c = f_4^c + Conv(d^3(r^s)) f_4^c ... reliable_classification_feature, UncertaintyInstructor
+    Eq. 6 L_mut = L_ice + l1 KL + l2 Dice ...... ice_loss, kl_loss, dice_loss, mutual_loss
+    Eq. 7 L_cls = L_ace + l_c KL ............... ace_loss, kl_loss, classification_loss
+    Eq. 8 L_seg = sum_i Dice(up(s_i), GT) ...... segmentation_loss (--eq8 sum | mean)
+    Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
+    Tables 1-3 ... ROWS (one ModelSpec per row), --table1/2/3;  Fig. 3 ... figure_fig3
 
-What PCMI computes as implemented (the paper only cites [26]; this follows the authors' released
-PairWiseFeatureMixer): at each level i, both maps are projected by 1x1 conv-BN-ReLU to the same C_i
-channels; the two stacks are interleaved channel by channel (channel 2k = classification map k,
-2k+1 = segmentation map k: the "pairs"); polarized self-attention (Liu et al. 2021) re-weights the
-2C_i interleaved maps, first per channel (a channel weight computed from both branches jointly:
-sigmoid(LN(W_z(W_v x . softmax(W_q x))))), then per pixel (sigmoid(softmax(GAP(W_q' x)) . W_v' x);
-the softmax over channels is the PSA paper's, the authors' copy omits it);
-a 1x1 conv-BN-ReLU fuses the 2C_i maps into the C_i mutual maps f_i^m. The interleaving is a fixed
-permutation: the learned 1x1 convolutions that follow would do the same job on any channel order, so
-the pairwise interaction itself is carried by the attention weights and the fusion conv.
+Metrics in two forms (results.json holds both; results.md names each column's form: FORMS_NOTE)
+    ours: f1 (positive class), dice_disc = rim + cup (REFUGE's disc), assd_* = MONAI's ASSD over the
+        images where both masks are non-empty (assd_*_undefined_images counts the others), ece on the
+        expected probability alpha/S (softmax for plain rows), ece_belief, uncertainty_auroc. Real
+        images: padding ignored, pixels of the --size canvas (the paper resizes to 256 x 256).
+    the paper's (the authors' evaluation code): f1_weighted (0.857 at ACC 0.853 with ~10 % glaucoma
+        cannot be a positive-class F1); dice_rim / assd_rim = label 1, which their code scores as
+        "disc"; assd_*_authors = medpy's assd, 10 px where either mask is empty (their medpy copy).
 
 Usage
     python uml.py                                   # UML on synthetic-fundus, CPU-sized, + noise rows
     python uml.py --data synthetic-breast           # I-SPY 1-like task (tumour + pCR)
-    python uml.py --data refuge --root /data/REFUGE # the paper's setting: 256 px, 100 epochs, batch 8
-    python uml.py --data ispy1 --root /data/ISPY1
-    python uml.py --table1                          # EC, TBraTS, BCS, ECS, UML
-    python uml.py --table2                          # BCS, ECS, UML at sigma 0, 0.01, 0.03, 0.05
-    python uml.py --table3                          # BCS, +MD, +MD+UI, +MD+UI+UN
-    python uml.py --method ecs                      # one baseline
-    python uml.py --no-uncertainty-navigator        # one ablation
+    python uml.py --data refuge --root /data/REFUGE --pretrained-vgg vgg16-397923af.pth \\
+        --pretrained-res2net res2net50_v1b_26w_4s-3cf99910.pth   # the paper's setting
+    python uml.py --table1 --seeds 0,1,2            # also --table2 (noise), --table3 (ablation)
+    python uml.py --method ecs ; python uml.py --no-uncertainty-navigator   # a baseline, an ablation
+    python uml.py --eq8 mean                        # the authors' Eq. 8
     python uml.py --eval-only --checkpoint runs/<run>/best.pt
-    python uml.py --quick --table1 --table2 --table3   # smoke test of every path
 
 Deviations and resolved ambiguities
-    - No pretrained weights (the paper uses ImageNet VGG-16 / Res2Net-50): everything trains from
-      scratch, widths scale with --width (paper-sized: --width 64, --res2net-blocks 3,4,6).
-    - The paper names VGG-16 for classification and Res2Net for segmentation; the authors' released
-      code swaps them (and later uses Res2Net for both). We follow the paper.
-    - Fundus segmentation: the evidential heads use K = 3 mutually exclusive classes per pixel
-      (background, rim, cup), one Dirichlet over K = 3; disc = rim + cup (mask >= 1) and cup are
-      evaluated as in REFUGE. (The authors' released evaluation scores label 1, the rim, as "disc".)
-    - s_1..s_4 are plain logits (softmax + Dice, Eq. 8), as in the authors' code; M is evidential.
-      The Dice of an evidential output uses its expected probability alpha/S (the authors apply a
-      softmax to the evidence). Dice losses average over all classes, background included, with
-      sums pooled over the batch.
-    - Eq. 8 is a sum over the four levels as printed (the authors' code averages them: /4).
-    - Eq. 4 is taken literally: r^s concatenates Conv(M^r) with the raw Cat(f_1^s, f_2^b) (the input
-      of the top decoder block); the segmentation itself is s_1. The same Eq. 3 gate is applied at
-      the bottom level (with d^3(M), d^3(U^s)), and the bottom feature Cat(f_4^s, f_4^m) is multiplied
-      by exp(-d^3(U^s)) ("U^s also guides the bottom feature"), as in the authors' code.
-    - "Combine the last mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv block is the
-      f_4^c of Eq. 5, and Cat(f_4^s, f_4^m) is the UN's bottom feature (authors' code).
-    - KL weights l1 = l_c = 1 are annealed by min(1, epoch / T) with T = half the epochs (authors'
-      config: 50 of 100); l2 = 1 (authors' code: L_ice + L_KL + L_Dice). Epochs count from 0.
-    - Baselines (not specified in the paper beyond one sentence each): EC = VGG encoder + evidential
-      head; TBraTS = Res2Net encoder + decoder with an evidential output (ice + KL + Dice); BCS = both
-      encoders, the feature mixer, the segmentation decoder without UN and a softmax classifier
-      (cross-entropy, Dice); ECS = BCS with both outputs evidential. Table 3's "+MD" rows are UML
-      with UN and/or UI switched off, so the classifier is evidential from "+MD" on.
-    - For non-evidential outputs (BCS) "belief" is the softmax probability and the image-level
-      uncertainty is 1 - max probability (only for the uncertainty AUROC / ECE columns).
-    - F1 is the positive (glaucoma / pCR) class's F1 (the authors' code reports a weighted F1).
-    - Model selection: the epoch with the best validation mean of ACC, F1 and the Dice scores (as in
-      the authors' code); test numbers are computed with those weights.
-    - Learning rate: Adam, initial 1e-4 on real data (Sec. 3), 1e-3 on the synthetic benchmarks (a
-      CPU-sized run has only ~1000 steps from scratch), with the authors' poly decay (power 0.9).
-    - Augmentation (flips, small rotations/scaling, colour jitter) is on by default; the paper is
-      silent. Noise of Table 2 is added on the [0, 1] scale before normalisation, not clipped.
+    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. The VGG
+      encoder has batch norm (torchvision's vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file.
+      The Res2Net stem's first conv has stride 1 (the file's: 2), as the authors, so f_1^s is at full
+      resolution like f_1^c; pretrained batch norms are trained (the authors freeze them).
+    - The paper names VGG-16 for classification and Res2Net for segmentation; the authors' code swaps
+      them (later: Res2Net for both). We follow the paper.
+    - Dice loss = 1 - Dice (class mean, background included, sums over the batch); the authors use
+      -log Dice. The Dice of an evidential output uses alpha/S (the authors: softmax of the evidence).
+    - Eq. 8 sums the four levels as printed; the authors' code divides by 4 (--eq8 mean): the paper's
+      form weighs L_seg 4x theirs.
+    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also
+      applied at the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code).
+      "Combine the last mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's
+      f_4^c (authors' code).
+    - PCMI: the authors' channel shuffle orders the maps c0, c4, ..., s0, s4, ...; we pair c_k with s_k
+      (equivalent up to the learned 1x1 convs that follow). Their PSA omits the spatial branch's
+      channel softmax; we keep the PSA paper's.
+    - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100).
+    - Adam 1e-4 on real data (Sec. 3), 1e-3 on the synthetic sets (from scratch, few CPU steps); as the
+      authors' adjust_lr: held for the first 30 % of the epochs (their 30/100), then poly decay (0.9)
+      per step, floored at 1e-5.
+    - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net
+      encoder-decoder, evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS =
+      both encoders, mixer, decoder without UN, softmax classifier and plain Dice; ECS = BCS with both
+      outputs evidential; Table 3's "+MD" rows are UML with UN and/or UI off. For softmax outputs the
+      image-level uncertainty is 1 - max probability.
+    - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small
+      rotation/scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1]
+      scale and clipped to [0, 1] before normalisation (authors).
 """
 import argparse
-import json
 import math
 import sys
-import time
-from pathlib import Path
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
 
 import matplotlib.pyplot as plt
 import torch
@@ -110,9 +93,13 @@ import common
 SCRIPT = "uml"
 DATASETS = {"synthetic": "synthetic-fundus", "synthetic-fundus": "synthetic-fundus",
             "synthetic-breast": "synthetic-breast", "refuge": "refuge", "ispy1": "ispy1", "folder": "folder"}
-METHODS = ("uml", "ec", "tbrats", "bcs", "ecs")
+# Defaults that depend on the data: the paper's values on real data (Sec. 3), CPU-sized otherwise.
+REAL_DEFAULTS = dict(size=256, epochs=100, lr=1e-4, width=64, res2net_blocks="3,4,6")
+SYNTHETIC_DEFAULTS = dict(size=64, epochs=40, lr=1e-3, width=8, res2net_blocks="1,1,1")
+QUICK_DEFAULTS = dict(size=32, epochs=1, width=4, res2net_blocks="1,1,1", n_train=16, n_val=8, n_test=8)
 ARCHITECTURE_ARGS = ("method", "mutual_decoder", "uncertainty_instructor", "uncertainty_navigator", "width",
-                     "res2net_blocks", "res2net_scale", "res2net_base_width", "size")
+                     "res2net_blocks", "res2net_scale", "res2net_base_width", "vgg_batch_norm", "size")
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # ==================================================================================================
 # Arguments
@@ -122,109 +109,103 @@ ARCHITECTURE_ARGS = ("method", "mutual_decoder", "uncertainty_instructor", "unce
 def build_parser():
     p = argparse.ArgumentParser(
         description="UML (Ren et al., MICCAI 2023): evidential joint classification and segmentation.",
-        epilog="Defaults marked [real/synthetic] take the paper's value on real data (Sec. 3) and a "
-               "CPU-sized value on the synthetic benchmarks.")
+        epilog=f"--size, --epochs, --lr, --width and --res2net-blocks default to the paper's values on real "
+               f"data {REAL_DEFAULTS} and to CPU-sized ones on the synthetic sets {SYNTHETIC_DEFAULTS}.")
     common.add_common_args(p, size=None, epochs=None, batch_size=8, lr=None, data="synthetic",
                            data_choices=sorted(DATASETS))
-    for action in p._actions:  # the shared flags whose default depends on the data (Sec. 3 vs CPU-sized)
-        real_vs_synthetic = {"size": "256 / 64", "epochs": "100 / 40", "lr": "1e-4 / 1e-3"}.get(action.dest)
-        if real_vs_synthetic:
-            action.help = action.help.split(" (default")[0] + f" [real / synthetic: {real_vs_synthetic}]"
-    p.add_argument("--method", choices=METHODS, default="uml",
-                   help="Table 1 row: uml, ec (evidential classification only), tbrats (evidential "
-                        "segmentation only), bcs (plain joint baseline), ecs (evidential joint)")
-    p.add_argument("--mutual-decoder", action=argparse.BooleanOptionalAction, default=True,
-                   help="MD of Table 3: Mutual Feature Decoder supervised by L_mut (Eq. 6); uml only")
-    p.add_argument("--uncertainty-instructor", action=argparse.BooleanOptionalAction, default=True,
-                   help="UI of Table 3 (Eq. 5); uml only")
-    p.add_argument("--uncertainty-navigator", action=argparse.BooleanOptionalAction, default=True,
-                   help="UN of Table 3 (Eq. 3-4; needs the mutual decoder); uml only")
-    p.add_argument("--table1", action="store_true", help="train and report every row of Table 1")
-    p.add_argument("--table2", action="store_true", help="Table 2: BCS, ECS, UML under input noise")
-    p.add_argument("--table3", action="store_true", help="Table 3: the ablation BCS, +MD, +MD+UI, +MD+UI+UN")
-    p.add_argument("--noise-sigmas", default="0,0.01,0.03,0.05",
-                   help="Gaussian noise std on the [0,1] input scale for Table 2 (Sec. 3); the main run "
-                        "is evaluated at every sigma (cheap: no training)")
-    p.add_argument("--width", type=int, default=None,
-                   help="base channel width of both encoders (VGG-16: 64) [real 64 / synthetic 8]")
-    p.add_argument("--res2net-blocks", default=None,
-                   help="bottleneck blocks in the three Res2Net stages (Res2Net-50: 3,4,6) "
-                        "[real 3,4,6 / synthetic 1,1,1]")
-    p.add_argument("--res2net-scale", type=int, default=4, help="Res2Net scale s (26w x 4s)")
-    p.add_argument("--res2net-base-width", type=int, default=26, help="Res2Net base width w (26w x 4s)")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam regulariser scale (Sec. 3)")
-    p.add_argument("--lr-power", type=float, default=0.9,
-                   help="poly decay lr (1 - step/steps)^power of the authors' code (the paper: 'initial "
-                        "learning rate'); 0 = constant")
-    p.add_argument("--loss-weights", type=float, nargs=3, default=(0.1, 0.5, 0.4),
-                   metavar=("W_MUT", "W_CLS", "W_SEG"), help="w^m, w^c, w^s of Eq. 9")
-    p.add_argument("--lambda-kl-mut", type=float, default=1.0, help="lambda_1^m of Eq. 6 (annealed)")
-    p.add_argument("--lambda-dice-mut", type=float, default=1.0, help="lambda_2^m of Eq. 6")
-    p.add_argument("--lambda-kl-cls", type=float, default=1.0, help="lambda^c of Eq. 7 (annealed)")
-    p.add_argument("--annealing-epochs", type=float, default=None,
-                   help="T of the KL annealing min(1, epoch/T) (TBraTS); default half of --epochs "
-                        "(authors' config: 50 of 100)")
-    p.add_argument("--deep-supervision", action=argparse.BooleanOptionalAction, default=True,
-                   help="Dice on all four UN outputs s_1..s_4 (Eq. 8); off = s_1 only")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="on-device flips, rotation, scaling, colour jitter (the paper is silent)")
-    p.add_argument("--n-train", type=int, default=None, help="synthetic sets: training images")
-    p.add_argument("--n-val", type=int, default=None, help="synthetic sets: validation images")
-    p.add_argument("--n-test", type=int, default=None, help="synthetic sets: test images")
-    p.add_argument("--figure-images", type=int, default=3, help="test images shown in Fig. 3")
+    add, on_off = p.add_argument, argparse.BooleanOptionalAction
+    add("--method", choices=("uml", "ec", "tbrats", "bcs", "ecs"), default="uml",
+        help="Table 1 row: uml, ec (evidential classification), tbrats (evidential segmentation), "
+             "bcs (plain joint baseline), ecs (evidential joint)")
+    add("--mutual-decoder", action=on_off, default=True, help="MD of Table 3 (Eq. 6); uml only")
+    add("--uncertainty-instructor", action=on_off, default=True, help="UI of Table 3 (Eq. 5); uml only")
+    add("--uncertainty-navigator", action=on_off, default=True, help="UN of Table 3 (Eq. 3-4; needs MD)")
+    for t, what in ((1, "EC, TBraTS, BCS, ECS, UML"), (2, "BCS, ECS, UML under noise"), (3, "BCS, +MD, +MD+UI, UML")):
+        add(f"--table{t}", action="store_true", help=f"Table {t}: train and report {what}")
+    add("--noise-sigmas", default="0,0.01,0.03,0.05",
+        help="Table 2 Gaussian noise std on the [0,1] scale; every trained row is evaluated at each")
+    add("--width", type=int, default=None, help="base width of both encoders (VGG-16, Res2Net-50: 64)")
+    add("--res2net-blocks", default=None, help="bottlenecks of Res2Net stages 1-3 (Res2Net-50: 3,4,6)")
+    add("--res2net-scale", type=int, default=4, help="Res2Net scale s (26w x 4s)")
+    add("--res2net-base-width", type=int, default=26, help="Res2Net base width w (26w x 4s)")
+    add("--vgg-batch-norm", action=on_off, default=None,
+        help="batch norm in the VGG encoder (vgg16_bn layout); default on, or as the --pretrained-vgg file")
+    add("--pretrained-vgg", metavar="PATH", help="ImageNet VGG weights: torchvision's vgg16-397923af.pth "
+        "(or vgg16_bn-6c64b313.pth); inputs then use the ImageNet mean and std")
+    add("--pretrained-res2net", metavar="PATH", help="ImageNet Res2Net weights: res2net50_v1b_26w_4s-3cf99910.pth")
+    add("--weight-decay", type=float, default=1e-5, help="Adam regulariser scale (Sec. 3)")
+    add("--lr-power", type=float, default=0.9, help="poly decay power (authors' code); 0 = constant")
+    add("--lr-hold-epochs", type=float, help="epochs at the initial rate (default 30%% of --epochs, authors')")
+    add("--lr-floor", type=float, default=1e-5, help="lower bound of the rate (authors' code)")
+    add("--loss-weights", type=float, nargs=3, default=(0.1, 0.5, 0.4), metavar=("W_MUT", "W_CLS", "W_SEG"),
+        help="w^m, w^c, w^s of Eq. 9")
+    add("--lambda-kl-mut", type=float, default=1.0, help="lambda_1^m of Eq. 6 (annealed)")
+    add("--lambda-dice-mut", type=float, default=1.0, help="lambda_2^m of Eq. 6")
+    add("--lambda-kl-cls", type=float, default=1.0, help="lambda^c of Eq. 7 (annealed)")
+    add("--annealing-epochs", type=float, help="T of the KL annealing min(1, epoch/T) (default epochs/2, authors')")
+    add("--deep-supervision", action=on_off, default=True, help="Eq. 8 over s_1..s_4; off = s_1 only")
+    add("--eq8", choices=("sum", "mean"), default="sum", help="Eq. 8: sum (the paper) or mean (authors' code)")
+    add("--augment", action=on_off, default=True, help="on-device flips, rotation, scaling, colour jitter")
+    add("--figure-images", type=int, default=3, help="test images shown in Fig. 3")
     return p
 
 
 def resolve_defaults(args):
-    """Fills the [real/synthetic] defaults; --quick shrinks everything to a smoke test."""
+    """Fills the data-dependent defaults; --quick shrinks everything to a smoke test."""
     args.dataset = DATASETS[args.data]
-    synthetic = args.dataset.startswith("synthetic")
+    common.fill_defaults(args, QUICK_DEFAULTS if args.quick else {},
+                         SYNTHETIC_DEFAULTS if args.dataset.startswith("synthetic") else REAL_DEFAULTS)
     if args.quick:
-        args.size = args.size or 32
-        args.epochs = args.epochs or 1
-        args.width = args.width or 4
-        args.res2net_blocks = args.res2net_blocks or "1,1,1"
-        args.n_train, args.n_val, args.n_test = args.n_train or 16, args.n_val or 8, args.n_test or 8
         args.figure_images = min(args.figure_images, 2)
-    args.size = args.size or (64 if synthetic else 256)
-    args.epochs = args.epochs or (40 if synthetic else 100)
-    args.lr = args.lr or (1e-3 if synthetic else 1e-4)  # from scratch, a few hundred CPU steps need more
-    args.width = args.width or (8 if synthetic else 64)
-    args.res2net_blocks = args.res2net_blocks or ("1,1,1" if synthetic else "3,4,6")
-    if args.annealing_epochs is None:
-        args.annealing_epochs = max(args.epochs / 2, 1.0)
+    args.annealing_epochs = args.annealing_epochs or max(args.epochs / 2, 1.0)
+    args.lr_hold_epochs = 0.3 * args.epochs if args.lr_hold_epochs is None else args.lr_hold_epochs
+    if args.vgg_batch_norm is None:  # follow the file: torchvision's vgg16_bn has running statistics
+        args.vgg_batch_norm = not args.pretrained_vgg or (
+            "features.1.running_var" in common.read_state_dict(args.pretrained_vgg, "--pretrained-vgg"))
     if args.res2net_scale < 2:
-        raise SystemExit("--res2net-scale must be at least 2 (one split passes through, the others are convolved)")
+        raise common.UsageError("--res2net-scale must be at least 2 (one split passes through, the others convolved)")
     if args.size % 8:
-        raise SystemExit(f"--size must be a multiple of 8 (three 2x down-samplings), not {args.size}")
+        raise common.UsageError(f"--size must be a multiple of 8 (three 2x down-samplings), not {args.size}")
     if args.method == "uml" and args.uncertainty_navigator and not args.mutual_decoder:
-        raise SystemExit("--uncertainty-navigator needs the mutual decoder (M and U^s come from it)")
+        raise common.UsageError("--uncertainty-navigator needs the mutual decoder (M and U^s come from it)")
+    paper_size = (args.width, args.res2net_blocks.replace(" ", ""), args.res2net_scale, args.res2net_base_width)
+    if (args.pretrained_vgg or args.pretrained_res2net) and paper_size != (64, "3,4,6", 4, 26):
+        raise common.UsageError("--pretrained-vgg/--pretrained-res2net need the paper-size encoders: --width 64 "
+                         f"--res2net-blocks 3,4,6 --res2net-scale 4 --res2net-base-width 26 (got {paper_size})")
     args.sigmas = [float(s) for s in str(args.noise_sigmas).split(",")]
     return args
 
 
 # ==================================================================================================
-# Model: dual backbone
+# Model: dual backbone (VGG-16 and Res2Net-50 v1b at --width 64) and its ImageNet weights
 # ==================================================================================================
 
 
-def conv_bn_relu(in_ch, out_ch, kernel=3):
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False),
-                         nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+def conv_bn(in_ch, out_ch, kernel=3, bias=False, batch_norm=True, relu=True, stride=1):
+    """Conv -> BN -> ReLU with named parts (".conv", ".bn"), the names the key tables below use."""
+    layers = OrderedDict(conv=nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=bias))
+    if batch_norm:
+        layers["bn"] = nn.BatchNorm2d(out_ch)
+    if relu:
+        layers["relu"] = nn.ReLU(inplace=True)
+    return nn.Sequential(layers)
 
 
 class VGGEncoder(nn.Module):
-    """First four VGG-16 blocks (2, 2, 3, 3 conv-BN-ReLU; widths w, 2w, 4w, 8w) -> f_1^c..f_4^c at
-    H, H/2, H/4, H/8 (the fifth block and the FC layers are not used, as in the authors' vgg16)."""
+    """The first four blocks of VGG-16 (2, 2, 3, 3 convs of widths w, 2w, 4w, 8w, max-pool between
+    blocks) -> f_1^c..f_4^c at H, H/2, H/4, H/8 (conv1_2, conv2_2, conv3_3, conv4_3). The fifth block
+    and the classifier are not used (the authors' vgg16 ends at conv4_3 too)."""
 
-    def __init__(self, width):
+    blocks = (2, 2, 3, 3)
+
+    def __init__(self, width, batch_norm=True):
         super().__init__()
         self.channels = [width, 2 * width, 4 * width, 8 * width]
         stages, in_ch = [], 3
-        for i, (n_convs, ch) in enumerate(zip((2, 2, 3, 3), self.channels)):
+        for i, (n_convs, ch) in enumerate(zip(self.blocks, self.channels)):
             layers = [nn.MaxPool2d(2)] if i else []
             for _ in range(n_convs):
-                layers.append(conv_bn_relu(in_ch, ch))
+                layers.append(conv_bn(in_ch, ch, bias=True, batch_norm=batch_norm))  # torchvision: bias on
                 in_ch = ch
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
@@ -239,56 +220,51 @@ class VGGEncoder(nn.Module):
 
 class Res2NetBottleneck(nn.Module):
     """Res2Net bottleneck (Gao et al. 2019): 1x1 conv to s splits of w' channels, hierarchical 3x3
-    convs y_1 = K_1(x_1), y_i = K_i(x_i + y_{i-1}), the last split passed through (pooled in the
-    first block of a stage, where the convs stride and there is no hierarchy), 1x1 conv to 4 planes,
-    residual."""
+    convs y_1 = K_1(x_1), y_i = K_i(x_i + y_{i-1}), the last split passed through (average-pooled in
+    the first block of a stage, whose convs stride and have no hierarchy), 1x1 conv, residual (v1b:
+    average-pool then 1x1 conv on the shortcut of a stage's first block)."""
 
     expansion = 4
 
     def __init__(self, in_ch, planes, stride=1, base_width=26, scale=4, first=False):
         super().__init__()
-        self.split = max(1, planes * base_width // 64)
-        self.scale, self.first = scale, first
+        self.split, self.first = max(1, planes * base_width // 64), first
         out_ch = planes * self.expansion
-        self.reduce = nn.Sequential(nn.Conv2d(in_ch, self.split * scale, 1, bias=False),
-                                    nn.BatchNorm2d(self.split * scale), nn.ReLU(inplace=True))
-        self.convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(self.split, self.split, 3, stride, 1, bias=False),
-                          nn.BatchNorm2d(self.split), nn.ReLU(inplace=True)) for _ in range(scale - 1))
+        self.reduce = conv_bn(in_ch, self.split * scale, 1)
+        self.convs = nn.ModuleList(conv_bn(self.split, self.split, stride=stride) for _ in range(scale - 1))
         self.pool = nn.AvgPool2d(3, stride, 1) if first else nn.Identity()
-        self.expand = nn.Sequential(nn.Conv2d(self.split * scale, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+        self.expand = conv_bn(self.split * scale, out_ch, 1, relu=False)
         self.shortcut = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
-                                          nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+        if first:
+            self.shortcut = nn.Sequential(OrderedDict(
+                pool=nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
+                proj=conv_bn(in_ch, out_ch, 1, relu=False)))
 
     def forward(self, x):
         splits = torch.split(self.reduce(x), self.split, dim=1)
         ys = []
         for i, conv in enumerate(self.convs):
-            xi = splits[i] if (i == 0 or self.first) else splits[i] + ys[-1]
-            ys.append(conv(xi))
+            ys.append(conv(splits[i] if (i == 0 or self.first) else splits[i] + ys[-1]))
         ys.append(self.pool(splits[-1]))
         return F.relu(self.expand(torch.cat(ys, dim=1)) + self.shortcut(x))
 
 
 class Res2NetEncoder(nn.Module):
-    """Res2Net-50-v1b-style encoder: a 3-conv stem at full resolution (f_1^s, w channels), max-pool,
-    then three stages of bottlenecks (planes w, 2w, 4w; strides 1, 2, 2) -> f_2^s..f_4^s with 4w, 8w,
-    16w channels at H/2, H/4, H/8 (the authors drop layer4 too)."""
+    """Res2Net-50 v1b: deep stem (three 3x3 convs: w/2, w/2, w), max-pool, three stages of bottlenecks
+    (planes w, 2w, 4w; strides 1, 2, 2) -> f_1^s (stem, H) and f_2^s..f_4^s (4w, 8w, 16w channels at
+    H/2, H/4, H/8). The fourth stage (layer4) is not used: the four levels end at H/8 (authors' code)."""
 
     def __init__(self, width, blocks=(3, 4, 6), base_width=26, scale=4):
         super().__init__()
         half = max(width // 2, 1)
-        self.stem = nn.Sequential(conv_bn_relu(3, half), conv_bn_relu(half, half), conv_bn_relu(half, width))
-        self.channels = [width]
-        stages, in_ch = [], width
+        self.stem = nn.Sequential(conv_bn(3, half), conv_bn(half, half), conv_bn(half, width))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.channels, stages, in_ch = [width], [], width
         for i, (n_blocks, planes) in enumerate(zip(blocks, (width, 2 * width, 4 * width))):
-            stride = 1 if i == 0 else 2
-            layers = [nn.MaxPool2d(3, 2, 1)] if i == 0 else []
+            layers = []
             for b in range(n_blocks):
-                layers.append(Res2NetBottleneck(in_ch, planes, stride if b == 0 else 1, base_width, scale,
-                                                first=b == 0))
+                layers.append(Res2NetBottleneck(in_ch, planes, (1 if i == 0 else 2) if b == 0 else 1,
+                                                base_width, scale, first=b == 0))
                 in_ch = planes * Res2NetBottleneck.expansion
             stages.append(nn.Sequential(*layers))
             self.channels.append(in_ch)
@@ -296,13 +272,64 @@ class Res2NetEncoder(nn.Module):
 
     def forward(self, x):
         features = [self.stem(x)]
-        for stage in self.stages:
+        features.append(self.stages[0](self.maxpool(features[0])))
+        for stage in self.stages[1:]:
             features.append(stage(features[-1]))
         return features  # f_1^s .. f_4^s
 
 
+# ImageNet weights: each standard file's keys -> ours, one explicit table per encoder, rows (their
+# prefix, our prefix, kind) with kind "conv", "conv+bias" or "bn" (common.KEY_TABLE_TENSORS).
+
+
+def vgg16_key_table(batch_norm):
+    """torchvision vgg16 / vgg16_bn `features.N` -> our VGGEncoder: the ten convs of blocks 1-4 (vgg16:
+    N = 0, 2, 5, 7, 10, 12, 14, 17, 19, 21; vgg16_bn: 0, 3, 7, 10, 14, 17, 20, 24, 27, 30, BatchNorm at
+    N + 1). Returns (table, unused key prefixes): block 5 and the classifier come after f_4^c."""
+    table, index = [], 0
+    for stage, n_convs in enumerate(VGGEncoder.blocks):
+        for j in range(n_convs):
+            ours = f"stages.{stage}.{j + (stage > 0)}"  # stages 1-3 start with their max-pool
+            table.append((f"features.{index}", f"{ours}.conv", "conv+bias"))
+            if batch_norm:
+                table.append((f"features.{index + 1}", f"{ours}.bn", "bn"))
+            index += 3 if batch_norm else 2          # conv (+ bn) + relu
+        index += 1                                   # max-pool
+    return table, tuple(f"features.{n}." for n in range(index, 64)) + ("classifier.",)
+
+
+def res2net_key_table(blocks, scale=4):
+    """res2net50_v1b_26w_4s -> our Res2NetEncoder, as (their conv, their norm, our conv_bn) triples:
+    the deep stem conv1.{0,3,6} with norms conv1.{1,4} and bn1, then per block of layer1-3 conv1/bn1,
+    convs.i/bns.i, conv3/bn3 and, in a stage's first block, downsample.1/.2 (downsample.0 is the v1b
+    average pool, no weights). Unused: layer4 (after layer3 = f_4^s) and fc."""
+    triples = [("conv1.0", "conv1.1", "stem.0"), ("conv1.3", "conv1.4", "stem.1"), ("conv1.6", "bn1", "stem.2")]
+    for stage, n_blocks in enumerate(blocks):
+        for b in range(n_blocks):
+            theirs, ours = f"layer{stage + 1}.{b}", f"stages.{stage}.{b}"
+            triples += [(f"{theirs}.conv1", f"{theirs}.bn1", f"{ours}.reduce")]
+            triples += [(f"{theirs}.convs.{i}", f"{theirs}.bns.{i}", f"{ours}.convs.{i}") for i in range(scale - 1)]
+            triples += [(f"{theirs}.conv3", f"{theirs}.bn3", f"{ours}.expand")]
+            if b == 0:
+                triples += [(f"{theirs}.downsample.1", f"{theirs}.downsample.2", f"{ours}.shortcut.proj")]
+    table = [row for conv, bn, ours in triples for row in ((conv, f"{ours}.conv", "conv"), (bn, f"{ours}.bn", "bn"))]
+    return table, ("layer4.", "fc.")
+
+
+def load_pretrained_encoders(model, args):
+    """--pretrained-vgg / --pretrained-res2net into whichever encoders the row has."""
+    blocks = [int(b) for b in args.res2net_blocks.split(",")]
+    for flag, path, encoder, (table, unused) in (
+            ("--pretrained-vgg", args.pretrained_vgg, model.cls_encoder, vgg16_key_table(args.vgg_batch_norm)),
+            ("--pretrained-res2net", args.pretrained_res2net, model.seg_encoder,
+             res2net_key_table(blocks, args.res2net_scale))):
+        if path and encoder is not None:
+            n = common.load_pretrained(encoder, common.read_state_dict(path, flag), table, unused, flag)
+            print(f"{flag}: loaded {n} tensors from {path} (the layers after f_4 are not used)")
+
+
 # ==================================================================================================
-# Model: Feature Mixer (PCMI)
+# Model: Feature Mixer (PCMI), evidential heads, decoders, UN, UI
 # ==================================================================================================
 
 
@@ -322,33 +349,27 @@ class PolarizedSelfAttention(nn.Module):
         value = self.channel_value(x).flatten(2)                            # [B, C/2, HW]
         query = self.channel_query(x).flatten(2).softmax(-1)                # [B, 1, HW]
         z = torch.bmm(value, query.transpose(1, 2)).unsqueeze(-1)           # [B, C/2, 1, 1]
-        channel_weight = torch.sigmoid(self.channel_norm(self.channel_up(z).flatten(1))).view(b, c, 1, 1)
-        x = channel_weight * x
+        channel_weighted = torch.sigmoid(self.channel_norm(self.channel_up(z).flatten(1))).view(b, c, 1, 1) * x
         # spatial-only branch: one weight per pixel from a softmax over the pooled channel query
-        value = self.spatial_value(x).flatten(2)                            # [B, C/2, HW]
-        query = self.spatial_query(x).mean((2, 3)).softmax(-1).unsqueeze(1)  # [B, 1, C/2]
+        value = self.spatial_value(channel_weighted).flatten(2)                         # [B, C/2, HW]
+        query = self.spatial_query(channel_weighted).mean((2, 3)).softmax(-1).unsqueeze(1)  # [B, 1, C/2]
         spatial_weight = torch.sigmoid(torch.bmm(query, value)).view(b, 1, h, w)
-        return x + spatial_weight * x
+        return channel_weighted + spatial_weight * channel_weighted
 
 
 class PairwiseChannelMapInteraction(nn.Module):
-    """One level of the Feature Mixer: (f_i^c, f_i^s) -> f_i^m (see the module docstring)."""
+    """One level of the Feature Mixer: (f_i^c, f_i^s) -> f_i^m."""
 
     def __init__(self, cls_ch, seg_ch, out_ch):
         super().__init__()
-        self.project_cls, self.project_seg = conv_bn_relu(cls_ch, out_ch, 1), conv_bn_relu(seg_ch, out_ch, 1)
+        self.project_cls, self.project_seg = conv_bn(cls_ch, out_ch, 1), conv_bn(seg_ch, out_ch, 1)
         self.attention = PolarizedSelfAttention(2 * out_ch)
-        self.fuse = conv_bn_relu(2 * out_ch, out_ch, 1)
+        self.fuse = conv_bn(2 * out_ch, out_ch, 1)
 
     def forward(self, f_cls, f_seg):
         pairs = torch.stack((self.project_cls(f_cls), self.project_seg(f_seg)), dim=2)  # [B, C, 2, H, W]
         pairs = pairs.flatten(1, 2)  # channel 2k = classification map k, 2k+1 = segmentation map k
         return self.fuse(self.attention(pairs))
-
-
-# ==================================================================================================
-# Model: evidential heads, decoders, UN, UI
-# ==================================================================================================
 
 
 def evidential_opinion(logits, dim=1):
@@ -395,46 +416,55 @@ class MutualFeatureDecoder(nn.Module):
 
 class UncertaintyNavigator(nn.Module):
     """Step 2: U-Net-like segmentation decoder giving s_1..s_4 and r^s. With navigate=False it is
-    the plain decoder of the baselines (no M / U^s; r^s = Cat(f_1^s, f_2^b))."""
+    the plain decoder of the baselines (no M / U^s; r^s = Cat(f_1^s, f_2^b)). Only what is used is
+    built (torchrun's DistributedDataParallel needs every parameter in the loss): s_2, s_3 with deep
+    supervision, s_4 with it or for the bottom gate, Conv(M^r) of r^s when the UI reads r^s."""
 
-    def __init__(self, seg_ch, mutual_bottom_ch, n_classes, navigate):
+    def __init__(self, seg_ch, mutual_bottom_ch, n_classes, navigate, deep_supervision=True, make_rs=True):
         super().__init__()
         w1, w2, w3, w4 = seg_ch[0], seg_ch[0] * 2, seg_ch[0] * 4, seg_ch[0] * 8
-        self.navigate = navigate
-        self.bottom = conv_bn_relu(seg_ch[3] + mutual_bottom_ch, w4, 1)
+        self.navigate, self.make_rs = navigate, make_rs
+        self.bottom = conv_bn(seg_ch[3] + mutual_bottom_ch, w4, 1)
         self.up3 = common.Up(w4, seg_ch[2], w3, mode="bilinear")
         self.up2 = common.Up(w3, seg_ch[1], w2, mode="bilinear")
         self.top = common.DoubleConv(seg_ch[0] + w2, w1)                     # Conv(Cat(f_1^s, f_2^b))
-        self.heads = nn.ModuleList(nn.Conv2d(c, n_classes, 1) for c in (w1, w2, w3, w4))
+        levels = [1] + ([2, 3] if deep_supervision else []) + ([4] if deep_supervision or navigate else [])
+        self.heads = nn.ModuleDict({f"s{i}": nn.Conv2d((w1, w2, w3, w4)[i - 1], n_classes, 1) for i in levels})
         if navigate:
-            self.mask_conv_bottom = conv_bn_relu(n_classes, w4, 1)
-            self.fuse_bottom = conv_bn_relu(2 * w4, w4, 1)
-            self.mask_conv_top = conv_bn_relu(n_classes, w1, 1)
+            self.mask_conv_bottom = conv_bn(n_classes, w4, 1)
+            self.fuse_bottom = conv_bn(2 * w4, w4, 1)
+            self.mask_conv_top = conv_bn(n_classes, w1, 1) if make_rs else None
         self.rs_channels = (w1 if navigate else 0) + seg_ch[0] + w2
 
-    def forward(self, seg, mutual_bottom=None, m=None, u=None):
-        x = seg[3] if mutual_bottom is None else torch.cat([seg[3], mutual_bottom], 1)
+    def head(self, level, d):
+        return self.heads[f"s{level}"](d) if f"s{level}" in self.heads else None
+
+    def forward(self, f_seg, f_mut_4=None, m=None, u=None):
+        f_1, f_2, f_3, f_4 = f_seg
+        # bottom level: Cat(f_4^s, f_4^m), damped by exp(-U^s) where the mutual view is unsure
+        bottom = f_4 if f_mut_4 is None else torch.cat([f_4, f_mut_4], 1)
         if self.navigate:
-            x = x * torch.exp(-down(u, 3))                     # U^s guides the bottom feature
-        x = self.bottom(x)
-        s4 = self.heads[3](x)
-        if self.navigate:                                      # Eq. 3-4 at the bottom level
-            m_r4 = reliable_mask(s4, down(m, 3), down(u, 3))
-            x = self.fuse_bottom(torch.cat([self.mask_conv_bottom(m_r4), x], 1))
-        x = self.up3(x, seg[2])
-        s3 = self.heads[2](x)
-        x = self.up2(x, seg[1])
-        s2 = self.heads[1](x)
-        f_2b = F.interpolate(x, size=seg[0].shape[-2:], mode="bilinear", align_corners=False)
-        top_in = torch.cat([seg[0], f_2b], 1)                 # Cat(f_1^s, f_2^b)
-        s1 = self.heads[0](self.top(top_in))
-        m_r = None
-        if self.navigate:
-            m_r = reliable_mask(s1, m, u)                      # Eq. 3
-            r_s = torch.cat([self.mask_conv_top(m_r), top_in], 1)  # Eq. 4
-        else:
-            r_s = top_in
-        return [s1, s2, s3, s4], r_s, m_r
+            m_4, u_4 = down(m, 3), down(u, 3)                                 # M, U^s at H/8
+            bottom = bottom * torch.exp(-u_4)
+        d_4 = self.bottom(bottom)
+        s_4 = self.head(4, d_4)
+        if self.navigate:                                                     # Eq. 3-4 at the bottom level
+            m_r_4 = reliable_mask(s_4, m_4, u_4)
+            d_4 = self.fuse_bottom(torch.cat([self.mask_conv_bottom(m_r_4), d_4], 1))
+        d_3 = self.up3(d_4, f_3)
+        s_3 = self.head(3, d_3)
+        d_2 = self.up2(d_3, f_2)
+        s_2 = self.head(2, d_2)
+        f_2_b = F.interpolate(d_2, size=f_1.shape[-2:], mode="bilinear", align_corners=False)  # f_2^b
+        skip_top = torch.cat([f_1, f_2_b], 1)                                 # Cat(f_1^s, f_2^b)
+        # s_1 comes from Cat(f_1^s, f_2^b) alone: the top-level M^r is made FROM s_1 (Eq. 3) and only
+        # flows into r^s, i.e. to the classifier through the UI; M and U^s reach s_1 via the bottom only.
+        s_1 = self.head(1, self.top(skip_top))
+        m_r = reliable_mask(s_1, m, u) if self.navigate else None             # Eq. 3: M^r
+        r_s = None
+        if self.make_rs:                                                      # Eq. 4: r^s
+            r_s = torch.cat([self.mask_conv_top(m_r), skip_top], 1) if self.navigate else skip_top
+        return [s_1, s_2, s_3, s_4], r_s, m_r
 
 
 class UncertaintyInstructor(nn.Module):
@@ -449,64 +479,105 @@ class UncertaintyInstructor(nn.Module):
         return reliable_classification_feature(f_cls, eta)
 
 
-def model_spec(method, mutual_decoder=True, instructor=True, navigator=True):
-    """Which components a Table 1 / Table 3 row uses (one model class, switched by flags)."""
-    if method == "ec":
-        return dict(cls=True, seg=False, evidential_cls=True, evidential_seg=False, md=False, ui=False, un=False)
-    if method == "tbrats":
-        return dict(cls=False, seg=True, evidential_cls=False, evidential_seg=True, md=False, ui=False, un=False)
-    if method in ("bcs", "ecs"):
-        ev = method == "ecs"
-        return dict(cls=True, seg=True, evidential_cls=ev, evidential_seg=ev, md=False, ui=False, un=False)
-    return dict(cls=True, seg=True, evidential_cls=True, evidential_seg=False,
-                md=mutual_decoder, ui=instructor, un=navigator and mutual_decoder)
+@dataclass(frozen=True)
+class ModelSpec:
+    """What one row of Tables 1/3 is made of (one model class, switched by these flags)."""
+    classify: bool = True            # VGG branch + classifier (absent in TBraTS)
+    segment: bool = True             # Res2Net branch + decoder (absent in EC)
+    evidential_cls: bool = True      # Dirichlet classifier (Eq. 1, 7); else softmax + cross-entropy
+    evidential_s1: bool = False      # the decoder's s_1 is evidential (TBraTS, ECS); UML's s_1 is plain
+    mutual_decoder: bool = True      # MD: evidential first mask M and U^s from f^m (Eq. 2, 6)
+    instructor: bool = True          # UI (Eq. 5)
+    navigator: bool = True           # UN guidance by M and U^s (Eq. 3-4)
+    deep_supervision: bool = True    # Eq. 8 over s_1..s_4 (TBraTS has none)
+
+    @property
+    def joint(self):
+        return self.classify and self.segment
+
+
+_OFF = dict(mutual_decoder=False, instructor=False, navigator=False)
+ROWS = {  # paper row name -> (slug for files and logs, spec)
+    "EC": ("ec", ModelSpec(segment=False, deep_supervision=False, **_OFF)),
+    "TBraTS": ("tbrats", ModelSpec(classify=False, evidential_cls=False, evidential_s1=True,
+                                   deep_supervision=False, **_OFF)),
+    "BCS": ("bcs", ModelSpec(evidential_cls=False, **_OFF)),
+    "ECS": ("ecs", ModelSpec(evidential_s1=True, **_OFF)),
+    "UML": ("uml", ModelSpec()),
+    "+MD": ("uml-md", ModelSpec(instructor=False, navigator=False)),
+    "+MD+UI": ("uml-md-ui", ModelSpec(navigator=False)),
+}
+TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"], 3: ["BCS", "+MD", "+MD+UI", "UML"]}
+
+
+def main_row(args):
+    """(name, slug, spec) of the row named by --method, the ablation flags and --deep-supervision."""
+    name = {"ec": "EC", "tbrats": "TBraTS", "bcs": "BCS", "ecs": "ECS", "uml": "UML"}[args.method]
+    slug, spec = ROWS[name]
+    if args.method == "uml":  # an ablation is the Table 3 row with the same components, if any
+        spec = replace(spec, mutual_decoder=args.mutual_decoder, instructor=args.uncertainty_instructor,
+                       navigator=args.uncertainty_navigator)
+        off = [k for k, on in (("md", spec.mutual_decoder), ("ui", spec.instructor), ("un", spec.navigator)) if not on]
+        name, slug = next(((n, s) for n, (s, r) in ROWS.items() if r == spec),
+                          ("UML" + "".join(f" -{k.upper()}" for k in off), "uml" + "".join(f"-no-{k}" for k in off)))
+    if not args.deep_supervision and spec.segment:
+        spec, name, slug = replace(spec, deep_supervision=False), name + " (s_1 only)", slug + "-no-ds"
+    return name, slug, spec
 
 
 class UMLNet(nn.Module):
     """Dual backbone -> Feature Mixer -> Mutual Feature Decoder -> UN (segmentation) -> UI
     (classification). Components absent from `spec` are not built (baselines, ablations)."""
 
-    def __init__(self, spec, n_classes, n_seg_classes, width, res2net_blocks, base_width=26, scale=4):
+    def __init__(self, spec, n_classes, n_seg_classes, width, res2net_blocks, base_width=26, scale=4,
+                 vgg_batch_norm=True):
         super().__init__()
         self.spec = spec
-        joint = spec["cls"] and spec["seg"]
-        self.cls_encoder = VGGEncoder(width) if spec["cls"] else None
-        self.seg_encoder = Res2NetEncoder(width, res2net_blocks, base_width, scale) if spec["seg"] else None
+        self.cls_encoder = VGGEncoder(width, vgg_batch_norm) if spec.classify else None
+        self.seg_encoder = Res2NetEncoder(width, res2net_blocks, base_width, scale) if spec.segment else None
         mix_ch = [width, 2 * width, 4 * width, 8 * width]
         self.mixer = None
-        if joint:
-            self.mixer = nn.ModuleList(PairwiseChannelMapInteraction(c, s, m) for c, s, m in
-                                       zip(self.cls_encoder.channels, self.seg_encoder.channels, mix_ch))
-        self.mutual_decoder = MutualFeatureDecoder(mix_ch, n_seg_classes) if spec["md"] else None
-        if spec["seg"]:
-            self.navigator = UncertaintyNavigator(self.seg_encoder.channels, mix_ch[3] if joint else 0,
-                                                  n_seg_classes, spec["un"])
-        if spec["cls"]:
+        if spec.joint:  # f_1^m..f_3^m only feed the mutual decoder; f_4^m also the UN and the classifier
+            self.mixer = nn.ModuleDict({str(i): PairwiseChannelMapInteraction(
+                self.cls_encoder.channels[i], self.seg_encoder.channels[i], mix_ch[i])
+                for i in (range(4) if spec.mutual_decoder else [3])})
+        self.mutual_decoder = MutualFeatureDecoder(mix_ch, n_seg_classes) if spec.mutual_decoder else None
+        if spec.segment:
+            self.navigator = UncertaintyNavigator(self.seg_encoder.channels, mix_ch[3] if spec.joint else 0,
+                                                  n_seg_classes, spec.navigator, spec.deep_supervision, spec.instructor)
+        if spec.classify:
             cls_ch = self.cls_encoder.channels[3]
-            self.cls_mix = common.DoubleConv(cls_ch + (mix_ch[3] if joint else 0), cls_ch)
-            self.instructor = UncertaintyInstructor(self.navigator.rs_channels, cls_ch) if spec["ui"] else None
+            self.cls_mix = common.DoubleConv(cls_ch + (mix_ch[3] if spec.joint else 0), cls_ch)
+            self.instructor = UncertaintyInstructor(self.navigator.rs_channels, cls_ch) if spec.instructor else None
             self.classifier = nn.Linear(cls_ch, n_classes)
 
     def forward(self, x):
         out = {}
         f_cls = self.cls_encoder(x) if self.cls_encoder is not None else None
         f_seg = self.seg_encoder(x) if self.seg_encoder is not None else None
-        f_mut = [mix(c, s) for mix, c, s in zip(self.mixer, f_cls, f_seg)] if self.mixer is not None else None
+        f_mut = {int(i): mix(f_cls[int(i)], f_seg[int(i)]) for i, mix in self.mixer.items()} if self.mixer else None
         m = u = None
         if self.mutual_decoder is not None:
-            m, u = self.mutual_decoder(f_mut)                                    # Step 1
+            m, u = self.mutual_decoder([f_mut[i] for i in range(4)])            # Step 1
             out["mutual_alpha"], out["mutual_uncertainty"] = m, u
         r_s = None
         if f_seg is not None:                                                    # Step 2
             out["seg"], r_s, out["reliable_mask"] = self.navigator(
                 f_seg, f_mut[3] if f_mut is not None else None, m, u)
         if f_cls is not None:                                                    # Step 3
-            f4 = f_cls[3] if f_mut is None else torch.cat([f_cls[3], f_mut[3]], 1)
-            f4 = self.cls_mix(f4)
+            f_4 = self.cls_mix(f_cls[3] if f_mut is None else torch.cat([f_cls[3], f_mut[3]], 1))
             if self.instructor is not None:
-                f4 = self.instructor(f4, r_s)
-            out["cls_logits"] = self.classifier(f4.mean((2, 3)))                 # GAP -> FC
+                f_4 = self.instructor(f_4, r_s)                                  # r^c (Eq. 5)
+            out["cls_logits"] = self.classifier(f_4.mean((2, 3)))                # GAP -> FC
         return out
+
+
+def build_model(spec, args, n_classes, n_seg_classes):
+    blocks = tuple(int(b) for b in str(args.res2net_blocks).split(","))
+    if len(blocks) != 3:
+        raise common.UsageError(f"--res2net-blocks needs three numbers, got {args.res2net_blocks!r}")
+    return UMLNet(spec, n_classes, n_seg_classes, args.width, blocks, args.res2net_base_width,
+                  args.res2net_scale, args.vgg_batch_norm)
 
 
 # ==================================================================================================
@@ -539,8 +610,7 @@ def kl_to_uniform_dirichlet(alpha, dim=1):
 def kl_loss(alpha, y):
     """L_KL of Eq. 6-7: KL(Dir(alpha~) || Dir(1)) with the target's evidence removed,
     alpha~ = y + (1 - y) * alpha (y one-hot along dim 1); mean over images / pixels."""
-    alpha_tilde = y + (1 - y) * alpha
-    return kl_to_uniform_dirichlet(alpha_tilde, dim=1).mean()
+    return kl_to_uniform_dirichlet(y + (1 - y) * alpha, dim=1).mean()
 
 
 def annealing_coefficient(epoch, annealing_epochs):
@@ -577,18 +647,17 @@ def classification_loss(logits, labels, evidential, kl_weight):
     return ace_loss(alpha, labels) + kl_weight * kl_loss(alpha, y)
 
 
-def segmentation_loss(seg, masks, evidential, deep_supervision, kl_weight, dice_weight):
-    """Eq. 8: L_seg = sum_i Dice(v^{i-1}(s_i), GT). With an evidential output (TBraTS, ECS) the
-    s_1 term is the evidential loss of Eq. 6's form instead of a plain Dice."""
-    size = masks.shape[-2:]
+def segmentation_loss(seg, masks, evidential, deep_supervision, kl_weight, dice_weight, reduction="sum"):
+    """Eq. 8: L_seg = sum_i Dice(v^{i-1}(s_i), GT) (reduction "mean": the authors' / 4). With an
+    evidential s_1 (TBraTS, ECS) its term is the evidential loss of Eq. 6's form."""
     if evidential:
-        alpha, _, _ = evidential_opinion(seg[0])
-        loss = evidential_segmentation_loss(alpha, masks, kl_weight, dice_weight)
+        terms = [evidential_segmentation_loss(evidential_opinion(seg[0])[0], masks, kl_weight, dice_weight)]
     else:
-        loss = dice_loss(seg[0].softmax(1), masks)
-    for s in (seg[1:] if deep_supervision else []):
-        loss = loss + dice_loss(F.interpolate(s, size=size, mode="bilinear", align_corners=False).softmax(1), masks)
-    return loss
+        terms = [dice_loss(seg[0].softmax(1), masks)]
+    for s in (seg[1:] if deep_supervision else []):                           # v^{i-1}(s_i)
+        terms.append(dice_loss(F.interpolate(s, size=masks.shape[-2:], mode="bilinear",
+                                             align_corners=False).softmax(1), masks))
+    return sum(terms) / (len(terms) if reduction == "mean" else 1)
 
 
 def total_loss(out, masks, labels, spec, args, epoch):
@@ -596,133 +665,94 @@ def total_loss(out, masks, labels, spec, args, epoch):
     Returns (L, [L_mut, L_cls, L_seg]) with absent terms as zeros."""
     w_mut, w_cls, w_seg = args.loss_weights
     anneal = annealing_coefficient(epoch, args.annealing_epochs)
-    zero = masks.new_zeros((), dtype=torch.float32)
-    l_mut = l_cls = l_seg = zero
-    if spec["md"]:
+    l_mut = l_cls = l_seg = masks.new_zeros((), dtype=torch.float32)
+    if spec.mutual_decoder:
         l_mut = mutual_loss(out["mutual_alpha"], masks, anneal * args.lambda_kl_mut, args.lambda_dice_mut)
-    if spec["cls"]:
-        l_cls = classification_loss(out["cls_logits"].float(), labels, spec["evidential_cls"],
-                                    anneal * args.lambda_kl_cls)
-    if spec["seg"]:
-        l_seg = segmentation_loss([s.float() for s in out["seg"]], masks, spec["evidential_seg"],
-                                  args.deep_supervision, anneal * args.lambda_kl_mut, args.lambda_dice_mut)
+    if spec.classify:
+        l_cls = classification_loss(out["cls_logits"].float(), labels, spec.evidential_cls, anneal * args.lambda_kl_cls)
+    if spec.segment:
+        seg = [s if s is None else s.float() for s in out["seg"]]     # s_2..s_4 are None without deep supervision
+        l_seg = segmentation_loss(seg, masks, spec.evidential_s1, spec.deep_supervision,
+                                  anneal * args.lambda_kl_mut, args.lambda_dice_mut, args.eq8)
     return w_mut * l_mut + w_cls * l_cls + w_seg * l_seg, torch.stack([l_mut, l_cls, l_seg])
 
 
 # ==================================================================================================
-# Training
+# Training and evaluation
 # ==================================================================================================
 
 
-def row_specs():
-    """Paper row name -> (slug, model spec). Table 3's last row is the full UML."""
-    return {
-        "EC": ("ec", model_spec("ec")), "TBraTS": ("tbrats", model_spec("tbrats")),
-        "BCS": ("bcs", model_spec("bcs")), "ECS": ("ecs", model_spec("ecs")),
-        "UML": ("uml", model_spec("uml")),
-        "+MD": ("uml-md", model_spec("uml", True, False, False)),
-        "+MD+UI": ("uml-md-ui", model_spec("uml", True, True, False)),
-    }
-
-
-def main_row(args):
-    """The row named by --method and the ablation flags (the run's headline metrics)."""
-    spec = model_spec(args.method, args.mutual_decoder, args.uncertainty_instructor, args.uncertainty_navigator)
-    for name, (slug, s) in row_specs().items():
-        if s == spec:
-            return name, slug, spec
-    slug = "uml" + "".join(f"-no-{k}" for k in ("md", "ui", "un") if not spec[k])
-    return slug.upper(), slug, spec
-
-
-def build_model(spec, args, n_classes, n_seg_classes):
-    blocks = tuple(int(b) for b in str(args.res2net_blocks).split(","))
-    if len(blocks) != 3:
-        raise SystemExit(f"--res2net-blocks needs three numbers, got {args.res2net_blocks!r}")
-    return UMLNet(spec, n_classes, n_seg_classes, args.width, blocks, args.res2net_base_width, args.res2net_scale)
-
-
 def model_input(images, norm, device, sigma=0.0, generator=None):
-    """uint8 -> [0,1] (+ Gaussian noise of std sigma, Table 2) -> normalised float, channels_last on CUDA."""
+    """uint8 -> [0,1] (+ Gaussian noise of std sigma, clipped to [0,1]: Table 2) -> normalised float."""
     x = common.to_float(images)
     if sigma > 0:
-        x = x + sigma * torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+        x = (x + sigma * noise).clamp(0, 1)                  # the authors clip the noisy image
     x = (x - norm[0].view(1, -1, 1, 1)) / norm[1].view(1, -1, 1, 1)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def train_row(model, slug, spec, args, data, norm, run, device, is_main, resume_state=None):
-    """Trains one row's model; returns it with the best-validation weights loaded."""
+def learning_rate_factor(step, total, hold, power, floor):
+    """The authors' adjust_lr as a factor of the initial rate: 1 for the first `hold` steps, then
+    poly decay (1 - (step - hold) / (total - hold))^power, never below `floor` (1e-5 / lr)."""
+    return max(max(1 - max(step - hold, 0) / max(total - hold, 1), 0.0) ** power, floor)
+
+
+def train_row(model, row, spec, args, data, norm, run, device, names, seed, resume_state=None, dist=None):
+    """Trains one row's model (data-parallel under torchrun's data mode: each rank takes its slice of
+    every batch); returns it with the best-validation weights loaded. `row` = (name, slug), `names` =
+    (last, best) checkpoint file names."""
+    (name, slug), dist = row, dist or common.Dist()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    train, val = data["train"], data["val"]
-    n_train = train["images"].shape[0]
+    n_train = data["train"]["images"].shape[0]
     drop_last = n_train >= args.batch_size
     steps = n_train // args.batch_size if drop_last else 1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # poly decay, one scheduler step per batch
-        optimizer, lambda step: max(1 - step / (steps * args.epochs), 0.0) ** args.lr_power)
-    last_name, best_name = ("last.pt", "best.pt") if is_main else (f"{slug}-last.pt", f"{slug}-best.pt")
-    start, best = 0, -math.inf
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(  # per batch
+        step, steps * args.epochs, steps * args.lr_hold_epochs, args.lr_power, args.lr_floor / args.lr))
+    start, best = 0, None
     if resume_state is not None:
         start, best = common.restore_state(resume_state, model, optimizer, scheduler)
-        best = -math.inf if best is None else best
         print(f"[{slug}] resumed after epoch {start}")
+    checkpoints = common.BestCheckpoint(run, *names, best_score=best)
     progress = common.Progress(steps * (args.epochs - start), every=args.log_every)
     generator = torch.Generator(device=device)
-    step = 0
     for epoch in range(start, args.epochs):
         model.train()
         progress.set_epoch(epoch)
-        generator.manual_seed(args.seed * 1000 + epoch)  # the shuffle of an epoch does not depend on resume
+        generator.manual_seed(seed * 1000 + epoch)      # the shuffle of an epoch does not depend on resume
         sums = torch.zeros(4, device=device)             # L, L_mut, L_cls, L_seg summed over the epoch
-        batches = common.iterate_batches(train, args.batch_size, shuffle=True, generator=generator,
+        batches = common.iterate_batches(data["train"], args.batch_size, shuffle=True, generator=generator,
                                          drop_last=drop_last)
-        while True:
-            tick = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            if args.augment:
-                batch = common.augment(batch, generator, flip=True, rotate=10.0, scale=0.05, color=0.05)
-            wait = time.perf_counter() - tick
+        if args.augment:                                 # on the device, image and mask together
+            batches = (common.augment(b, generator, flip=True, rotate=10.0, scale=0.05, color=0.05) for b in batches)
+        for batch, wait in common.timed(common.shard(b, dist) for b in batches):  # data mode: this rank's slice
             with common.autocast(device, args.amp):
                 out = model(model_input(batch["images"], norm, device))
-            masks = batch["masks"].long()
-            labels = batch["labels"] if spec["cls"] else None
-            loss, parts = total_loss(out, masks, labels, spec, args, epoch)
+            loss, parts = total_loss(out, batch["masks"].long(), batch["labels"] if spec.classify else None,
+                                     spec, args, epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             sums += torch.cat([loss.detach()[None], parts.detach()])
-            step += 1
             mean = progress.step(loss, images=batch["images"].shape[0], wait_s=wait)
             if mean is not None:
-                common.check_finite(mean, f"{slug} epoch {epoch} step {step}", run)
+                common.check_finite(mean, f"{slug} epoch {epoch} step {progress.steps}", run)
         epoch_means = (sums / steps).tolist()                # one host sync per epoch
         common.check_finite(epoch_means[0], f"{slug} epoch {epoch}", run)
-        val_metrics = evaluate(model, val, spec, data, norm, args, device, surface=False)["metrics"]
+        val_metrics, _ = evaluate(model, data["val"], spec, data, norm, args, device, seed=seed, surface=False)
         score = selection_score(val_metrics)
-        record = {"row": slug, "epoch": epoch + 1, "loss": epoch_means[0], "loss_mut": epoch_means[1],
-                  "loss_cls": epoch_means[2], "loss_seg": epoch_means[3], "val_score": score,
-                  **{f"val_{k}": v for k, v in val_metrics.items()}}
-        run.log(record)
-        state = common.checkpoint_state(model, optimizer, scheduler, epoch + 1, max(best, score), args)
-        state.update(row=slug, normalization=[norm[0].cpu(), norm[1].cpu()])
-        if score > best:
-            best = score
-            run.save(best_name, state)
-        run.save(last_name, state)
-        print(f"[{slug}] epoch {epoch + 1}/{args.epochs} loss {epoch_means[0]:.4f} val score {score:.4f}")
-    speed = progress.summary()
-    run.log({"row": slug, "event": "speed", **speed})
-    print(f"[{slug}] {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}% "
-          "(step time spent waiting for batches)")
-    plain_module(model).load_state_dict(common.load_checkpoint(run.path(best_name), SCRIPT, device)["model"])
-    return model
-
-
-def plain_module(model):
-    return getattr(model, "_orig_mod", model)  # torch.compile keeps the original module here
+        run.log({"row": slug, "seed": seed, "epoch": epoch + 1, "loss": epoch_means[0], "loss_mut": epoch_means[1],
+                 "loss_cls": epoch_means[2], "loss_seg": epoch_means[3], "lr": scheduler.get_last_lr()[0],
+                 "val_score": score, **{f"val_{k}": v for k, v in val_metrics.items()}})
+        best = max(checkpoints.best_score, score)
+        state = common.checkpoint_state(model, optimizer, scheduler, epoch + 1, best, args)
+        state.update(row=slug, row_name=name, spec=asdict(spec), seed=seed, class_names=list(data["class_names"]),
+                     mask_names=list(data["mask_names"]), normalization=[norm[0].cpu(), norm[1].cpu()])
+        checkpoints.save(state, score)                  # last.pt, and best.pt when the score improved
+        print(f"[{slug} seed {seed}] epoch {epoch + 1}/{args.epochs} loss {epoch_means[0]:.4f} val score {score:.4f}")
+    progress.report(slug, run, row=slug, seed=seed)
+    return checkpoints.load_best(model, device)
 
 
 def selection_score(metrics):
@@ -732,203 +762,185 @@ def selection_score(metrics):
     return sum(values) / len(values) if values else -math.inf
 
 
-# ==================================================================================================
-# Evaluation
-# ==================================================================================================
-
-
 def structures(mask_names):
-    """Evaluated structure -> function of the class-index mask. Fundus: disc = mask >= 1, cup."""
+    """Evaluated structure -> function of the class-index mask. Fundus: disc = rim + cup (REFUGE),
+    cup, and rim = label 1 (what the authors' code scores as "disc")."""
     names = [n.lower() for n in mask_names]
     if "cup" in names:
         cup = names.index("cup")
-        return {"disc": lambda m: m >= 1, "cup": lambda m: m == cup}
+        return {"disc": lambda m: m >= 1, "cup": lambda m: m == cup, "rim": lambda m: (m >= 1) & (m != cup)}
     if len(names) == 2:
         name = "tumor" if any(t in names[1] for t in ("tumo", "lesion", "foreground")) else names[1]
         return {name: lambda m: m == 1}
     return {n.replace(" ", "_"): (lambda m, k=k: m == k) for k, n in enumerate(names) if k > 0}
 
 
+def read_outputs(out, spec):
+    """Image-level and pixel-level outputs of one forward pass: expected class probability (alpha/S
+    or softmax), belief, image uncertainty u, segmentation s_1 (argmax) and pixel uncertainty."""
+    result = {}
+    if spec.classify:
+        logits = out["cls_logits"].float()
+        if spec.evidential_cls:
+            alpha, belief, u = evidential_opinion(logits)                       # Eq. 1
+            result.update(prob=alpha / alpha.sum(1, keepdim=True), belief=belief, uncertainty=u[:, 0])
+        else:
+            prob = logits.softmax(1)
+            result.update(prob=prob, belief=prob, uncertainty=1 - prob.max(1).values)
+    if spec.segment:
+        s_1 = out["seg"][0].float()
+        result["seg"] = s_1.argmax(1)
+        if spec.mutual_decoder:
+            result["pixel_uncertainty"] = out["mutual_uncertainty"][:, 0].float()  # U^s (Eq. 2)
+        elif spec.evidential_s1:
+            result["pixel_uncertainty"] = evidential_opinion(s_1)[2][:, 0]
+        else:
+            result["pixel_uncertainty"] = 1 - s_1.softmax(1).max(1).values
+    return result
+
+
 @torch.no_grad()
-def predict(model, split, spec, norm, args, device, sigma=0.0):
-    """Batched forward pass over a split. Returns CPU tensors: class probability / belief /
-    image-level uncertainty, predicted labels, segmentation and pixel-wise uncertainty."""
+def forward_split(model, split, spec, norm, args, device, sigma=0.0, seed=0):
+    """read_outputs over a whole split (batched), as CPU tensors; noise of std sigma (Table 2)."""
     model.eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed + 7919 + int(round(sigma * 1e4)))
-    keys = ("prob", "belief", "uncertainty", "seg", "pixel_uncertainty")
-    collected = {k: [] for k in keys}
+    generator = torch.Generator(device=device).manual_seed(seed + 7919 + int(round(sigma * 1e4)))
+    collected = {}
     for batch in common.iterate_batches(split, args.batch_size, shuffle=False):
         with common.autocast(device, args.amp):
             out = model(model_input(batch["images"], norm, device, sigma, generator))
-        if spec["cls"]:
-            logits = out["cls_logits"].float()
-            if spec["evidential_cls"]:
-                alpha, belief, u = evidential_opinion(logits)                   # Eq. 1
-                prob, u = alpha / alpha.sum(1, keepdim=True), u[:, 0]
-            else:
-                prob = belief = logits.softmax(1)
-                u = 1 - prob.max(1).values
-            collected["prob"].append(prob.cpu())
-            collected["belief"].append(belief.cpu())
-            collected["uncertainty"].append(u.cpu())
-        if spec["seg"]:
-            s1 = out["seg"][0].float()
-            collected["seg"].append(s1.argmax(1).to(torch.uint8).cpu())
-            if spec["md"]:
-                pixel_u = out["mutual_uncertainty"][:, 0]                         # U^s (Eq. 2)
-            elif spec["evidential_seg"]:
-                pixel_u = evidential_opinion(s1)[2][:, 0]
-            else:
-                pixel_u = 1 - s1.softmax(1).max(1).values
-            collected["pixel_uncertainty"].append(pixel_u.float().cpu())
-    return {k: torch.cat(v) if v else None for k, v in collected.items()}
+        for key, value in read_outputs(out, spec).items():
+            collected.setdefault(key, []).append(value.cpu())
+    return {k: torch.cat(v) for k, v in collected.items()}
 
 
-def evaluate(model, split, spec, data, norm, args, device, sigma=0.0, surface=True):
-    """Metrics of one split: acc, f1, uncertainty_auroc, ece; dice_/assd_ per structure."""
-    pred = predict(model, split, spec, norm, args, device, sigma)
-    metrics, undefined, extra = {}, {}, {}
-    if spec["cls"]:
+def evaluate(model, split, spec, data, norm, args, device, sigma=0.0, seed=0, surface=True):
+    """Flat metrics of one split in both forms (module docstring), and what the reliability figure needs."""
+    pred = forward_split(model, split, spec, norm, args, device, sigma, seed)
+    metrics, extra = {}, {}
+    if spec.classify:  # ECE on the expected probability alpha/S (softmax), ece_belief on the belief
         labels = split["labels"].cpu()
-        predicted = pred["prob"].argmax(1)
-        correct = predicted == labels
-        metrics["acc"] = common.accuracy(predicted, labels)
-        metrics["f1"] = common.f1_score(predicted, labels, n_classes=data["n_classes"], positive=1)
-        metrics["uncertainty_auroc"] = common.auroc(pred["uncertainty"], ~correct)
-        confidence = pred["belief"].gather(1, predicted[:, None])[:, 0]  # belief of the predicted class
-        metrics["ece"] = common.expected_calibration_error(confidence, correct)
-        extra.update(confidence=confidence, correct=correct)
-    if spec["seg"]:
+        metrics.update(common.classification_metrics(pred["prob"], labels, pred["uncertainty"],
+                                                     pred["belief"] if spec.evidential_cls else None, positive=1))
+        extra = dict(confidence=pred["prob"].max(1).values, correct=pred["prob"].argmax(1) == labels)
+    if spec.segment:
         masks = split["masks"].cpu()
+        if split.get("valid") is not None:  # letterboxed real images: what is predicted on the padding does not count
+            pred["seg"] = pred["seg"] * split["valid"].cpu()
         for name, select in data["structures"].items():
             p, t = select(pred["seg"]), select(masks)
             metrics[f"dice_{name}"] = common.dice(p, t).mean().item()
             if surface:
-                distances = common.assd(p, t)
-                finite = torch.isfinite(distances)
-                metrics[f"assd_{name}"] = distances[finite].mean().item() if finite.any() else math.nan
-                undefined[f"assd_{name}"] = int((~finite).sum())
-    return {"metrics": metrics, "undefined": undefined, **extra}
+                mean, undefined = common.finite_mean(common.assd(p, t))      # inf where one mask is empty
+                metrics.update({f"assd_{name}": mean, f"assd_{name}_undefined_images": undefined})
+                metrics[f"assd_{name}_authors"] = common.assd_medpy(p, t, empty=10.0).mean().item()
+    return metrics, extra
 
 
 # ==================================================================================================
 # Report: Tables 1-3 and Fig. 3
 # ==================================================================================================
 
-TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"], 3: ["BCS", "+MD", "+MD+UI", "UML"]}
+FORMS_NOTE = (
+    "Dice as a fraction, ASSD in pixels; mean ± standard error over seeds when there are several. "
+    "**Paper's forms** (the authors' evaluation code): F1 = support-weighted F1; for the fundus, DI_disc / "
+    "ASSD_disc = label 1, the rim (what their code scores as \"disc\"); ASSD = medpy's (mean of the two "
+    "directed mean distances), 10 px for an image where either mask is empty, mean over all images. "
+    "**Our forms**: F1+ = the positive class's F1; DI_disc = rim + cup (REFUGE's disc); ASSD = MONAI's "
+    "(both directions pooled), mean over the images where both masks are non-empty, 'undef.' counting "
+    "the others; AUROC(u, error) = how well the image-level uncertainty flags wrong diagnoses; ECE on "
+    "the expected probability (alpha/S or softmax) of the predicted class, ECE(belief) on its belief.\n")
 
 
-def metric_columns(data):
-    cols = ["acc", "f1"] + [f"{m}_{name}" for name in data["structures"] for m in ("dice", "assd")]
-    return cols + ["uncertainty_auroc", "ece"]
-
-
-def column_title(key):
-    titles = {"acc": "ACC", "f1": "F1", "uncertainty_auroc": "AUROC(u, error)", "ece": "ECE"}
-    return titles.get(key) or key.replace("dice_", "DI_").replace("assd_", "ASSD_")
+def metric_columns(structures, form):
+    """(metric key, column title) of the paper's table columns, in the paper's metric forms or ours."""
+    if form == "paper":
+        shown = {"disc": "rim", "cup": "cup"} if "rim" in structures else {s: s for s in structures}
+        return [("acc", "ACC"), ("f1_weighted", "F1")] + [
+            col for title, s in shown.items() for col in ((f"dice_{s}", f"DI_{title}"),
+                                                          (f"assd_{s}_authors", f"ASSD_{title}"))]
+    return [("acc", "ACC"), ("f1", "F1+")] + [
+        col for s in structures for col in ((f"dice_{s}", f"DI_{s}"), (f"assd_{s}", f"ASSD_{s}"))] + [
+        ("uncertainty_auroc", "AUROC(u, error)"), ("ece", "ECE"), ("ece_belief", "ECE(belief)")]
 
 
 def markdown_cell(row, key):
-    """3 decimals as in the paper; '\\' where the method has no such output; undefined ASSD counted."""
-    value = row.get(key)
-    if value is None:
+    """3 decimals as in the paper (± SE over seeds); '\\' where the row has no such output."""
+    if row.get(key) is None:
         return "\\"
-    n_undefined = row["undefined"].get(key, 0)
-    return (f"{value:.3f}" if math.isfinite(value) else "n/a") + (f" ({n_undefined} undef.)" if n_undefined else "")
+    undefined = row.get(key + "_undefined_images") or 0
+    return common.fmt_over_seeds(row, key, digits=3) + (f" ({undefined:g} undef.)" if undefined else "")
 
 
-def results_markdown(table, data, args):
-    columns = metric_columns(data)
-    parts = [f"# UML results: {args.dataset}, test split\n",
-             "Dice as a fraction, ASSD in pixels (mean over the images where both masks are non-empty; "
-             "'undef.' counts the others), as in the paper. AUROC(u, error) and ECE go beyond the paper: "
-             "how well the image-level uncertainty flags wrong diagnoses, and the calibration of the belief.\n"]
+def build_table(summary, args, main_name, specs):
+    """results.json "table": one dict per row of Tables 1-3 that this run produced (means over seeds);
+    a Table 2 row holds the metrics at its sigma (keyed "sigma=0.05/acc" in `summary`), unprefixed."""
+    by_name, clean = {r["row"]: r for r in summary}, min(args.sigmas, key=abs)
+    shown = {t: TABLE_ROWS[t] if getattr(args, f"table{t}") else ([main_name] if t < 3 else []) for t in (1, 2, 3)}
+    table = []
+    for table_no, sigmas in ((1, [clean]), (2, args.sigmas), (3, [clean])):
+        for sigma in sigmas:
+            prefix = "" if sigma == clean else f"sigma={sigma:.2f}/"
+            for name in [n for n in shown[table_no] if n in by_name]:
+                values = {k[len(prefix):]: v for k, v in by_name[name].items()
+                          if k.startswith(prefix) and (prefix or "/" not in k) and k not in ("row", "seeds", "rank")}
+                flags = {k: "✓" if getattr(specs[name], a) else "-" for k, a in
+                         (("MD", "mutual_decoder"), ("UI", "instructor"), ("UN", "navigator"))} if table_no == 3 else {}
+                table.append({"row": name if table_no != 2 else f"{name} sigma={sigma:.2f}", "table": table_no,
+                              "sigma": sigma, "Method": name, "seeds": by_name[name]["seeds"], **flags, **values})
+    return table
 
-    def add(rows, lead, title):
-        cells = [{**{c: r[c] for c in lead}, **{column_title(k): markdown_cell(r, k) for k in columns}} for r in rows]
-        parts.append(common.markdown_table(cells, lead + [column_title(k) for k in columns], title=title))
 
-    add([r for r in table if r["table"] == 1], ["Method"], "Table 1: classification and segmentation")
+def results_markdown(table, args):
+    """results.md: Table 1 in the paper's metric forms and in ours, Table 2 per sigma, Table 3."""
+    structures = list(dict.fromkeys(k[5:] for r in table for k in r if k.startswith("dice_")
+                                    and not k.endswith(("_se", "_undefined"))))  # disc, cup, rim / tumor
+    parts = [f"# UML results: {args.dataset}, test split\n", FORMS_NOTE]
+
+    def add(table_no, title, form, lead=("Method",), sigma=None):
+        rows = [r for r in table if r["table"] == table_no and sigma in (None, r["sigma"])]
+        columns = metric_columns(structures, form)
+        cells = [{**{c: r[c] for c in lead}, **{t: markdown_cell(r, k) for k, t in columns}} for r in rows]
+        if rows:
+            parts.append(common.markdown_table(cells, list(lead) + [t for _, t in columns], title=title))
+
+    add(1, "Table 1 (paper's metric forms)", "paper")
+    add(1, "Table 1, our metric forms", "ours")
     for sigma in sorted({r["sigma"] for r in table if r["table"] == 2}):
-        add([r for r in table if r["table"] == 2 and r["sigma"] == sigma], ["Method"],
-            f"Table 2: Gaussian noise sigma = {sigma:.2f}")
-    if any(r["table"] == 3 for r in table):
-        add([r for r in table if r["table"] == 3], ["MD", "UI", "UN"], "Table 3: ablation")
-    parts.append(f"Command: `{args.command}`\n")
-    return "\n".join(parts)
-
-
-def build_table(results, args, data, main_name):
-    """results.json "table": one dict per row of Tables 1-3 that this run produced."""
-    clean = min(args.sigmas, key=abs)
-
-    def record(name, table_no, sigma):
-        evaluation, spec = results[name][sigma], results[name]["spec"]
-        return {"row": name if table_no != 2 else f"{name} sigma={sigma:.2f}", "table": table_no, "sigma": sigma,
-                "Method": "UML (ours)" if name == "UML" else name,
-                **({k.upper(): "✓" if spec[k] else "-" for k in ("md", "ui", "un")} if table_no == 3 else {}),
-                **{k: evaluation["metrics"].get(k) for k in metric_columns(data)}, "undefined": evaluation["undefined"]}
-
-    chosen = {t: TABLE_ROWS[t] if getattr(args, f"table{t}") else ([main_name] if t < 3 else []) for t in (1, 2, 3)}
-    table = [record(n, 1, clean) for n in chosen[1] if n in results]
-    table += [record(n, 2, s) for s in args.sigmas for n in chosen[2] if n in results]
-    return table + [record(n, 3, clean) for n in chosen[3]]
+        add(2, f"Table 2: Gaussian noise sigma = {sigma:.2f} (paper's forms)", "paper", sigma=sigma)
+    add(3, "Table 3: ablation (paper's forms)", "paper", ("MD", "UI", "UN"))
+    return "\n".join(parts) + f"\nCommand: `{args.command}`\n"
 
 
 def figure_fig3(model, split, spec, data, norm, args, device, path):
     """Fig. 3: per image, a clean row and a noisy row (largest sigma): input + GT, belief and
     image-level uncertainty, segmentation, pixel-wise uncertainty."""
-    labels, n = split["labels"], split["images"].shape[0]
-    first_of_class = [int((labels == c).nonzero()[0]) for c in range(data["n_classes"])
-                      if labels is not None and (labels == c).any()]
-    picks = list(dict.fromkeys(first_of_class + list(range(n))))[:args.figure_images]
+    labels, structures = split["labels"], data["structures"]
+    picks = common.pick_examples(split["images"].shape[0], args.figure_images, labels)
     subset = {k: (v[picks] if torch.is_tensor(v) else v) for k, v in split.items()}
-    sigmas = (0.0, max(args.sigmas))
-    colours = ["yellow", "cyan", "magenta", "lime"]
+    identity = (torch.zeros_like(norm[0]), torch.ones_like(norm[1]))
     fig, axes = plt.subplots(2 * len(picks), 4, figsize=(13, 6.2 * len(picks)), squeeze=False)
-    for j, sigma in enumerate(sigmas):
-        pred = predict(model, subset, spec, norm, args, device, sigma)
+    for ax in axes.flat:                                                     # panels a row lacks stay blank
+        ax.set_axis_off()
+    for j, sigma in enumerate((0.0, max(args.sigmas))):
+        pred = forward_split(model, subset, spec, norm, args, device, sigma, args.seed)
         generator = torch.Generator(device=device).manual_seed(args.seed + 7919 + int(round(sigma * 1e4)))
-        shown = model_input(subset["images"], (torch.zeros_like(norm[0]), torch.ones_like(norm[1])), device,
-                            sigma, generator).float().cpu().clamp(0, 1)   # what the model saw, on [0, 1]
-        for i, index in enumerate(picks):
-            ax = axes[2 * i + j]
-            common.show_image(ax[0], shown[i])
-            for (name, select), colour in zip(data["structures"].items(), colours):
-                common.draw_contours(ax[0], select(subset["masks"][i].cpu()), colour, label=f"GT {name}")
+        shown = model_input(subset["images"], identity, device, sigma, generator).float().cpu()  # what the model saw
+        for i, (index, ax) in enumerate(zip(picks, axes[j::2])):           # image i: rows 2i (clean), 2i + 1
             truth = f", {data['class_names'][int(labels[index])]}" if labels is not None else ""
-            ax[0].set_title(f"{split['names'][index]}, sigma={sigma:.2f}{truth}", fontsize=9)
-            ax[0].legend(loc="lower right", fontsize=7)
-            for a in ax[1:]:
-                a.set_axis_off()
-            if spec["cls"]:
-                ax[1].set_axis_on()
-                values = pred["belief"][i].tolist() + [float(pred["uncertainty"][i])]
-                ax[1].bar(range(len(values)), values, color=["tab:blue"] * data["n_classes"] + ["tab:red"])
-                ax[1].set_xticks(range(len(values)), list(data["class_names"]) + ["uncertainty"], fontsize=8)
-                ax[1].set_ylim(0, 1)
-                ax[1].set_title("belief b_k and uncertainty u (Eq. 1)", fontsize=9)
-            if spec["seg"]:
-                common.show_image(ax[2], shown[i])
-                for (name, select), colour in zip(data["structures"].items(), colours):
-                    common.draw_contours(ax[2], select(pred["seg"][i]), colour, label=name)
-                ax[2].set_title("segmentation s_1", fontsize=9)
+            common.show_with_contours(ax[0], shown[i], {f"GT {n}": select(subset["masks"][i].cpu())
+                                                        for n, select in structures.items()},
+                                      f"{split['names'][index]}, sigma={sigma:.2f}{truth}", legend=True)
+            if spec.classify:
+                common.plot_bars(ax[1], list(data["class_names"]) + ["uncertainty"],
+                                 pred["belief"][i].tolist() + [float(pred["uncertainty"][i])],
+                                 ["tab:blue"] * data["n_classes"] + ["tab:red"], "belief b_k and uncertainty u (Eq. 1)")
+            if spec.segment:
+                segmentation = {n: select(pred["seg"][i]) for n, select in structures.items()}
+                common.show_with_contours(ax[2], shown[i], segmentation, "segmentation s_1")
                 common.plot_uncertainty(ax[3], pred["pixel_uncertainty"][i],
-                                        title="pixel-wise uncertainty" + (" U^s" if spec["md"] else ""))
+                                        title="pixel-wise uncertainty" + (" U^s" if spec.mutual_decoder else ""))
     fig.tight_layout()
     common.save_figure(fig, path)
-
-
-def plot_row_curves(run, slug):
-    """Loss and validation curves of one row (log.jsonl holds the records of every row)."""
-    lines = [line for line in run.path("log.jsonl").read_text().splitlines() if json.loads(line).get("row") == slug]
-    filtered = run.path(f".curves-{slug}.jsonl")
-    filtered.write_text("\n".join(lines) + "\n")
-    try:
-        common.plot_curves(filtered, ["loss", "loss_mut", "loss_cls", "loss_seg", "val_score"],
-                           run.figures / f"curves_{slug}.png")
-    finally:
-        filtered.unlink()
 
 
 # ==================================================================================================
@@ -936,82 +948,112 @@ def plot_row_curves(run, slug):
 # ==================================================================================================
 
 
-def load_data(args, device):
-    counts = (("n_train", args.n_train), ("n_val", args.n_val), ("n_test", args.n_test))
-    options = {k: v for k, v in counts if v is not None} if args.dataset.startswith("synthetic") else {}
-    splits = common.load_dataset(args.dataset, root=args.root, size=args.size, seed=args.seed,
-                                 cache=args.cache, **options)
+def load_data(args, device, seed):
+    options = common.synthetic_split_sizes(args) if args.dataset.startswith("synthetic") else {}
+    splits = common.load_dataset(args.dataset, root=args.root, size=args.size, seed=seed, cache=args.cache, **options)
     if "test" not in splits or ("train" not in splits and not args.eval_only):
-        raise SystemExit(f"{args.dataset}: uml.py needs a test split and, to train, a training split "
-                         f"(found {sorted(splits)}); a test-only set works with --eval-only --checkpoint")
+        raise common.UsageError(f"{args.dataset}: uml.py needs a test split and, to train, a training split "
+                                f"(found {sorted(splits)}); a test-only set works with --eval-only --checkpoint")
     if "val" not in splits and "train" in splits:
         print("no validation split: model selection on the training split")
         splits["val"] = splits["train"]
     reference = splits.get("train", splits["test"])
     if reference["masks"].dim() != 3:
-        raise SystemExit(f"{args.dataset}: uml.py needs one mask per image, got {tuple(reference['masks'].shape)}")
+        raise common.UsageError(f"{args.dataset}: uml.py needs one mask per image, "
+                                f"got {tuple(reference['masks'].shape)}")
     data = {k: common.to_device(v, device) for k, v in splits.items() if k in ("train", "val", "test")}
     data.update(n_classes=len(reference["class_names"]), n_seg_classes=len(reference["mask_names"]),
-                class_names=reference["class_names"], structures=structures(reference["mask_names"]))
+                class_names=reference["class_names"], mask_names=reference["mask_names"],
+                structures=structures(reference["mask_names"]))
     return data
+
+
+def load_model(checkpoint_path, device="cpu"):
+    """A trained row of any table, from its checkpoint, for predict_batch (library use and --predict)."""
+    checkpoint = common.load_checkpoint(checkpoint_path, SCRIPT, device)
+    spec = ModelSpec(**checkpoint["spec"])
+    model = build_model(spec, argparse.Namespace(**checkpoint["args"]), len(checkpoint["class_names"]),
+                        len(checkpoint["mask_names"]))
+    return common.predictor_from_checkpoint(checkpoint, model, device, keep_aspect=True, spec=spec)  # letterboxed
+
+
+@torch.no_grad()
+def predict_batch(predictor, images):
+    """uint8 [B,3,S,S] -> {"mask": s_1's classes (all background for EC, which does not segment),
+    "maps": {"uncertainty": pixel-wise U^s}, "rows": predicted class, belief per class and u}."""
+    spec, device = predictor.extra["spec"], torch.device(predictor.device)
+    with common.autocast(device, predictor.args.amp):
+        out = read_outputs(predictor.model(model_input(images, predictor.norm, device)), spec)
+    b, size = images.shape[0], images.shape[-1]
+    rows = [{"class": predictor.class_names[int(p.argmax())], "uncertainty": float(u),
+             **{f"belief_{n}": float(v) for n, v in zip(predictor.class_names, belief)}}
+            for p, belief, u in zip(out["prob"], out["belief"], out["uncertainty"])] if spec.classify else None
+    mask = out["seg"] if spec.segment else torch.zeros(b, size, size, dtype=torch.long, device=device)
+    return {"mask": mask, "maps": {"uncertainty": out["pixel_uncertainty"]} if spec.segment else {}, "rows": rows}
 
 
 def main(argv=None):
     args = resolve_defaults(build_parser().parse_args(argv))
     args.command = "python uml.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    common.seed_everything(args.seed)
+    if args.predict:
+        common.run_predict(args, load_model, predict_batch, SCRIPT)
+        return None
     device = common.choose_device(args.device)
-    resume_state = common.load_checkpoint(args.resume, SCRIPT, device) if args.resume else None
-    if resume_state is not None and args.out is None:
-        args.out = str(Path(args.resume).parent)  # keep best.pt and log.jsonl of the interrupted run
-    checkpoint = None
-    if args.eval_only:
-        if not args.checkpoint:
-            raise SystemExit("--eval-only needs --checkpoint PATH")
-        checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT, device)
-        for key in ARCHITECTURE_ARGS:  # the architecture comes from the checkpoint
-            setattr(args, key, checkpoint["args"][key])
-    run = common.Run(args, SCRIPT, device)
-    data = load_data(args, device)
-    if checkpoint is not None:
-        norm = tuple(t.float().to(device) for t in checkpoint["normalization"])
-    else:
-        norm = tuple(t.to(device) for t in common.channel_stats(data["train"]["images"]))
-
+    checkpoint = common.starting_checkpoint(args, SCRIPT, device, ARCHITECTURE_ARGS)  # its network, its args.out
     main_name, main_slug, main_spec = main_row(args)
-    rows = {**row_specs(), main_name: (main_slug, main_spec)}
-    wanted = [main_name] + [n for t in (1, 2, 3) if getattr(args, f"table{t}") for n in TABLE_ROWS[t]]
-    wanted = list(dict.fromkeys(wanted)) if checkpoint is None else [main_name]
-    if data["test"]["labels"] is None and any(rows[n][1]["cls"] for n in wanted):
-        raise SystemExit(f"{args.dataset} has no image labels; only --method tbrats can run on it")
+    if args.eval_only:  # any row's checkpoint (e.g. bcs-best.pt) says which row it is
+        main_name, main_slug, main_spec = checkpoint["row_name"], checkpoint["row"], ModelSpec(**checkpoint["spec"])
+    rows = {**ROWS, main_name: (main_slug, main_spec)}
+    wanted = [main_name] if args.eval_only else list(dict.fromkeys(
+        [main_name] + [n for t in (1, 2, 3) if getattr(args, f"table{t}") for n in TABLE_ROWS[t]]))
+    seeds = [checkpoint.get("seed", args.seed)] if args.eval_only else common.seed_list(args)
+    jobs = [(name, seed) for name in wanted for seed in seeds]
+    dist = common.init_distributed(args, len(jobs))
+    run, datasets = common.Run(args, SCRIPT, device), {}
 
-    results = {}
-    for name in wanted:
+    def train_and_evaluate(name, seed):
+        """One row of a table for one seed (data, initialisation and shuffling from `seed`)."""
         slug, spec = rows[name]
-        common.seed_everything(args.seed)  # every row starts from the same initialisation RNG
-        model = common.prepare_model(build_model(spec, args, data["n_classes"], data["n_seg_classes"]), device,
-                                     args.compile)
-        if checkpoint is not None:
-            plain_module(model).load_state_dict(checkpoint["model"])
-        else:
-            resume = resume_state if resume_state is not None and resume_state.get("row") == slug else None
-            model = train_row(model, slug, spec, args, data, norm, run, device, slug == main_slug, resume)
-            plot_row_curves(run, slug)
-        results[name] = {s: evaluate(model, data["test"], spec, data, norm, args, device, s) for s in args.sigmas}
-        results[name]["spec"] = spec
-        if slug == main_slug:
-            figure_fig3(model, data["test"], spec, data, norm, args, device, run.figures / "fig3.png")
-            if spec["cls"]:
-                clean = results[name][min(args.sigmas, key=abs)]
-                common.plot_reliability(clean["confidence"], clean["correct"], run.figures / "reliability.png")
+        data = datasets[seed] = datasets.get(seed) or load_data(args, device, seed)
+        if data["test"]["labels"] is None and spec.classify:
+            raise common.UsageError(f"{args.dataset} has no image labels; only --method tbrats can run on it")
+        model = build_model(spec, args, data["n_classes"], data["n_seg_classes"])
+        if args.eval_only:
+            norm = tuple(t.float().to(device) for t in checkpoint["normalization"])
+            common.load_model_state(model, checkpoint["model"])
+        else:  # ImageNet weights expect the ImageNet statistics; otherwise the training images'
+            imagenet = args.pretrained_vgg or args.pretrained_res2net
+            norm = tuple(torch.tensor(v, device=device) for v in IMAGENET_MEAN_STD) if imagenet else tuple(
+                t.to(device) for t in common.channel_stats(data["train"]["images"]))
+            load_pretrained_encoders(model, args)
+        model = common.prepare_model(model, device, args.compile, dist)
+        if not args.eval_only:  # files: last.pt / best.pt (main row), <row>-best.pt, <row>-seed<k>-best.pt
+            first = seed == seeds[0]
+            prefix = "" if name == main_name and first else f"{slug}-" + ("" if first else f"seed{seed}-")
+            resume = checkpoint if checkpoint is not None and (checkpoint.get("row"), checkpoint.get(
+                "seed", seeds[0])) == (slug, seed) else None
+            model = train_row(model, (name, slug), spec, args, data, norm, run, device,
+                              (prefix + "last.pt", prefix + "best.pt"), seed, resume, dist)
+        clean, metrics = min(args.sigmas, key=abs), {}
+        for sigma in args.sigmas:  # Table 2: the same model under noise; its metrics keyed "sigma=0.05/..."
+            values, extra = evaluate(model, data["test"], spec, data, norm, args, device, sigma, seed)
+            metrics.update({(k if sigma == clean else f"sigma={sigma:.2f}/{k}"): v for k, v in values.items()})
+            if name == main_name and seed == seeds[0] and sigma == clean and run.is_main:
+                figure_fig3(model, data["test"], spec, data, norm, args, device, run.figures / "fig3.png")
+                if spec.classify:
+                    common.plot_reliability(extra["confidence"], extra["correct"], run.figures / "reliability.png")
+        return metrics
 
-    table = build_table(results, args, data, main_name)
-    markdown = results_markdown(table, data, args)
-    metrics = results[main_name][min(args.sigmas, key=abs)]["metrics"]  # the main row on clean input
+    summary = common.summarize_rows(common.run_rows(jobs, train_and_evaluate, run, dist))
+    table = build_table(summary, args, main_name, {n: s for n, (_, s) in rows.items()})
+    markdown = results_markdown(table, args)
+    main_row_means = common.row_metrics(next(r for r in summary if r["row"] == main_name))  # the run's metrics
+    metrics = {k: v for k, v in main_row_means.items() if "/" not in k}                      # on clean inputs
     common.write_results(run.dir, SCRIPT, args.dataset, "test", metrics, table, args, markdown)
-    print(markdown + f"\nresults in {run.dir}")
+    if run.is_main:
+        print(markdown + f"\nresults in {run.dir}")
     return run.dir
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -14,66 +14,89 @@ L_i / sigma_i^2 + log sigma_i^2, with s_i = log sigma_i^2 trained with the netwo
 Region labels (r = 1..L, the channel order of f_s):  lumen, epithelial border, stroma. They are not
 mutually exclusive: the "epithelial border" label marks the whole region the border encloses (the
 gland), so a lumen pixel carries both lumen and border (containment), and stroma excludes both.
-Every pixel has a label vector S_p = (S^lumen, S^border, S^stroma) in {0,1}^3; V(S) = 1 only for
-    (0, 0, 1)  stroma                      (mask value 0)
-    (0, 1, 0)  epithelial border            (mask value 1)
-    (1, 1, 0)  lumen inside its border      (mask value 2)
-and V(S) = 0 for the five others: (0,0,0) no region, (1,0,0) lumen outside any border (breaks
-containment), (0,1,1), (1,0,1), (1,1,1) stroma together with gland labels (break exclusion). The same
-vectors are the targets of Ls, so Ls and Lt see the same ground truth.
+Every pixel has a label vector S_p = (S^lumen, S^border, S^stroma) in {0,1}^3 (LABEL_VECTORS lists
+all eight); V(S) = 1 only for (0,0,1) stroma, (0,1,0) border and (1,1,0) lumen inside its border.
+They are also the targets of Ls (Ls and Lt see the same ground truth). The key to Eq. 7: with only
+those three vectors valid, P_t is a 3-way softmax over (f_stroma, f_border, f_lumen + f_border).
 
 Equations -> code
-    Fig. 1     MultiLossFCN: Encoder, Decoder (ConvReLUBN blocks, 2x2 pooling, 2x2 up-sampling,
+    Fig. 1     MultiLossFCN: Encoder, Decoder (level_block, 2x2 pooling, 2x2 up-sampling,
                1x1 convolutions), class_head on the last encoder layer -> f_c, pixel_head on the last
                decoder layer -> f_s; log_sigma2 holds s_c, s_s, s_t, s_g (Implementation details)
     Eq. 1      combine_losses(..., uncertainty=False): sum_i lambda_i L_i
     Eq. 2      combine_losses(..., uncertainty=True): Lc + Ls + Lt + Lg, each uncertainty-weighted
     Eq. 3-5    classification_loss (the cross-entropy) + uncertainty_weighted (1/sigma^2 L + log sigma^2)
     Eq. 6      segmentation_loss (sigmoid cross-entropy over pixels and labels) + uncertainty_weighted
-    Eq. 7      hierarchical_log_probabilities: log P_t(S_p | x_p) over all 2^L label vectors, V, Z
+    Eq. 7      hierarchical_log_probabilities: log P_t(S | x_p) over all 2^L label vectors, V, Z;
+               region_log_probabilities: the same P_t on the three valid vectors
     Eq. 8      topology_loss + uncertainty_weighted
-    Eq. 9      geometry_loss (4-neighbourhood, B_pq = same ground-truth region) + uncertainty_weighted
+    Eq. 9      geometry_loss (N4 pairs, B_pq = same ground-truth region) + uncertainty_weighted
     Sec. 3     train (SGD, lr 1e-2, elastic + affine augmentation, 250x250 patches on GlaS),
-               evaluate (classification accuracy, pixel accuracy, object Dice, object Hausdorff)
+               evaluate (classification accuracy, pixel accuracy, GlaS object Dice and object
+               Hausdorff of the glands that regions_to_instances separates)
     Table 1    TABLE1 rows, --table1;   Fig. 2  --sweep;   Fig. 3  figure_predictions
 
 Usage
-    python uncertainty_multiloss.py                       # full model (Lc+Ls+Lt+Lg, learned sigma) on
-                                                          # synthetic glands, CPU-sized (~3 min, 2 cores)
-    python uncertainty_multiloss.py --table1              # the 11 rows of Table 1 (11 runs)
+    python uncertainty_multiloss.py                       # Lc+Ls+Lt+Lg, learned sigma; synthetic, CPU-sized
+    python uncertainty_multiloss.py --seeds 0,1,2         # the same, mean ± standard error over 3 seeds
+    python uncertainty_multiloss.py --table1 --seeds 0,1,2    # the 11 rows of Table 1
     python uncertainty_multiloss.py --sweep --epochs 20   # Fig. 2, both lambda sweeps (22 runs)
     python uncertainty_multiloss.py --losses c,s,t,g --weights 0.1,0.6,0.22,0.08 --no-uncertainty
-    python uncertainty_multiloss.py --data glas --root GlaS/  # Warwick-QU: 512 px, 250x250 patches
+    python uncertainty_multiloss.py --data glas --root GlaS/  # Warwick-QU: 512 px canvas, 250x250 patches
     python uncertainty_multiloss.py --eval-only --checkpoint runs/<run>/best.pt
+    python uncertainty_multiloss.py --predict my_images/ --checkpoint runs/<run>/best.pt
+    torchrun --nproc_per_node 4 uncertainty_multiloss.py --table1 --seeds 0,1,2   # rows shared out
+    torchrun --nproc_per_node 2 uncertainty_multiloss.py --data glas --root GlaS/ # one model, data-parallel
 
 Deviations (ambiguities resolved, and why)
-    - Eq. 6 prints only the positive term -S log P; the "sigmoid cross entropy" it names has both
-      terms, and the positive term alone is minimised by P = 1 everywhere, so both are used.
-    - Eq. 7-8: Z in the text sums "over r"; here P_t is a distribution over label vectors (the
-      "modified softmax" of [4]), Z sums P~ over all 2^L vectors (only the V = 1 ones contribute),
-      and Eq. 8's sum over r with S_p^r selects the ground-truth vector: Lt = -log P_t(S_p | x_p).
-      Read instead as per-label marginals, Eq. 8 would never penalise a border pixel for the lumen
-      vector (both have S^border = 1). Eq. 9 uses the same log P_t of the ground-truth vector.
-    - Sums over pixels (Eq. 6, 8, 9) are means over pixels and images, so the fixed lambdas of
-      Table 1 weigh terms of comparable size (a learned sigma^2 would absorb any constant anyway);
-      Lg keeps the sum over the 4 neighbours of each pixel (each neighbouring pair counts twice).
-    - Eq. 5 (the paper's approximation of Eq. 3-4) is what is trained, with + log sigma^2 and no
-      factor 1/2, as the paper writes it for every term.
-    - Not given by the paper, chosen here: two Conv3x3-ReLU-BN per level, max pooling with ceil
-      (250 -> 125 -> 63 -> 32 -> 16 as Fig. 1), up-sampling = nearest 2x then a 1x1 convolution
-      that halves the channels, cropped to the skip (Fig. 1's 1x1 convs also make both heads);
-      class logits = 1x1 conv on the last encoder layer averaged over space; base width 16 on
-      synthetic data (--width); SGD momentum 0.9 (--momentum; the paper says SGD only); s_i start
-      at 0 (sigma^2 = 1). The best epoch is picked on the validation split by the mean of the
-      cheap metrics (accuracy, pixel accuracy, pixel Dice of the gland mask) and tested.
+    - Eq. 6 prints only -S log P; the "sigmoid cross entropy" it names has both terms (the positive
+      one alone is minimised by P = 1 everywhere): both are used.
+    - Eq. 7-8: P_t is a distribution over label vectors (the "modified softmax" of [4]); Z sums P~
+      over all 2^L vectors (only V = 1 ones count), not "over r" as printed, and Eq. 8's sum over r
+      with S_p^r selects the ground-truth vector: Lt = -log P_t(S_p | x_p), one term per pixel (read
+      literally it counts a lumen pixel twice, S^lumen = S^border = 1; read as per-label marginals
+      it never penalises a border pixel for the lumen vector, both having S^border = 1).
+    - Eq. 9: the formula divides P_t of the ground-truth label at p and q, the sentence after it says
+      "log-sigmoid label probabilities". The formula's P_t is used (Lt's probabilities; zero for a
+      prediction constant inside each region), the sum over r collapsed as in Eq. 8. The log-sigmoid
+      reading, sum_r S_p^r |log sigmoid(f_r(x_p)) - log sigmoid(f_r(x_q))|, gives other values
+      (tests/test_uncertainty_multiloss.py::test_geometry_loss_eq9_reading works one case in both).
+    - Sums over pixels (Eq. 6, 8, 9) are means over pixels and images, so Table 1's fixed lambdas
+      weigh terms of comparable size (a learned sigma^2 absorbs any constant); Lg keeps the sum over
+      the 4 neighbours of each pixel (each neighbouring pair counts twice).
+    - Eq. 5 (the paper's approximation of Eq. 3-4) is trained, + log sigma^2 and no factor 1/2, as
+      written for every term. For fixed L_i, L_i e^-s_i + s_i is least at sigma_i^2 = L_i: 1/sigma_i^2
+      follows 1/L_i (the running training loss) and grows without bound as a loss goes to 0, bounded
+      only by the step size (s moves at most lr / (1 - momentum) per step); log.jsonl holds both per
+      epoch, figures/sigma2.png draws them.
+    - Augmentation (Sec. 3: "elastic and affine transforms"): random rotation, scaling and elastic
+      warp on every dataset; flips (--flip) and colour jitter (--color-jitter) only when asked for.
+    - Not in the paper, chosen here: two Conv3x3-ReLU-BN per level; max pooling with ceil (250 ->
+      125 -> 63 -> 32 -> 16 as Fig. 1); up-sampling = nearest 2x then a 1x1 convolution halving the
+      channels, cropped to the skip (Fig. 1's 1x1 convs also make both heads); class logits = 1x1
+      conv on the last encoder layer averaged over space; --width 16 on synthetic data; SGD momentum
+      0.9 (the paper says SGD only); s_i start at 0 (sigma^2 = 1); the epoch tested is the best on
+      the validation split by the mean of accuracy, pixel accuracy and the gland mask's pixel Dice.
     - Predicted regions: the most probable valid label vector under P_t (= the most probable valid
-      assignment of the independent sigmoids, so Ls-only models are decoded the same way); glands
-      = connected components (4-connected) of border U lumen, matched to the `instances`.
-    - A head whose loss has weight 0 is untrained; its metrics are "-" as in Table 1.
-    - CPU-sized synthetic default: 64x64 images, base width 16, 40 epochs, batch 8 (--data glas
-      switches to 512 px images, 250x250 patches, width 32, 100 epochs: REAL_DATA_DEFAULTS).
+      assignment of the independent sigmoids, so Ls-only models are decoded the same way).
+    - Glands as objects (the paper does not say how): regions_to_instances separates glands whose
+      borders touch (lumen components as markers, every gland pixel to its geodesically nearest
+      marker, a gland without lumen one object) and merges back the cells of a gland that is wide
+      where they meet (a fused gland with several lumens; --neck-ratio). Connected components of
+      border U lumen merge touching glands, capping object Dice even for a perfect region map
+      (README: the ceilings). Ground-truth objects are the datasets' gland instances.
+    - Segmentation metrics are reported for every run that trains the pixel head (any of Ls, Lt, Lg);
+      a head whose losses all have weight 0 is untrained and its metrics are "-" as in Table 1.
+    - Real data (GlaS, 775x522): images keep their aspect ratio on a zero-padded square canvas
+      (--size 512); training patches (250x250, Sec. 3) are cut inside each image's own pixels; pixel
+      accuracy, object Dice and object Hausdorff (in the dataset's pixels) are computed at the
+      original resolution (P_t mapped back with common.from_canvas, then decoded and split into
+      glands). The border band (GlaS gives instances only) is --border-width original pixels wide.
+    - CPU-sized synthetic default: 64x64 images, width 16, 40 epochs, batch 8; --help lists the
+      defaults that depend on --data (DATA_DEPENDENT).
 """
 import argparse
+import functools
 import math
 import time
 
@@ -90,13 +113,20 @@ matplotlib.use("Agg")
 SCRIPT = "uncertainty_multiloss"
 LOSS_NAMES = ("c", "s", "t", "g")  # classification, segmentation, topology, geometry
 LABELS = ("lumen", "border", "stroma")  # r = 1..L, channel order of f_s
-# All 2^L label vectors S = (S^lumen, S^border, S^stroma); vector v has index 4 S^lumen + 2 S^border + S^stroma.
-LABEL_VECTORS = torch.tensor([[(v >> 2) & 1, (v >> 1) & 1, v & 1] for v in range(8)], dtype=torch.float32)
-# V(S): stroma (0,0,1) = 1, border (0,1,0) = 2, lumen inside the border (1,1,0) = 6
-VALID = torch.zeros(8, dtype=torch.bool)
-VALID[[1, 2, 6]] = True
-MASK_TO_VECTOR = torch.tensor([1, 2, 6])  # mask value 0 stroma, 1 border, 2 lumen -> its vector
-VECTOR_TO_MASK = torch.tensor([0, 0, 1, 0, 0, 0, 2, 0])  # only the valid entries are ever used
+REGION_NAMES = ["stroma", "border", "lumen"]  # values of a region mask (0, 1, 2)
+# All 2^L label vectors S = (S^lumen, S^border, S^stroma); row v is vector v.
+LABEL_VECTORS = torch.tensor([
+    [0, 0, 0],  # 0: no region                        V = 0
+    [0, 0, 1],  # 1: stroma                           V = 1   (mask value 0)
+    [0, 1, 0],  # 2: epithelial border                V = 1   (mask value 1)
+    [0, 1, 1],  # 3: border and stroma                V = 0   (stroma excludes the gland)
+    [1, 0, 0],  # 4: lumen outside any border         V = 0   (lumen must lie inside its border)
+    [1, 0, 1],  # 5: lumen and stroma                 V = 0
+    [1, 1, 0],  # 6: lumen inside its border          V = 1   (mask value 2)
+    [1, 1, 1],  # 7: all three                        V = 0
+], dtype=torch.float32)
+VALID = torch.tensor([False, True, True, False, False, False, True, False])  # V(S) of each row
+MASK_TO_VECTOR = torch.tensor([1, 2, 6])  # region mask value (0 stroma, 1 border, 2 lumen) -> its row
 
 # Table 1: (row, weights lambda_c, lambda_s, lambda_t, lambda_g, uncertainty). Weight 0 = loss off.
 TABLE1 = [
@@ -119,98 +149,118 @@ PAPER_TABLE1 = [
     (0.95, 0.78, 0.80, 8.4), (0.94, 0.79, 0.81, 8.2), (0.95, 0.85, 0.87, 7.0),
 ]
 
+# Defaults that depend on the data: (synthetic, real data, --quick synthetic, --quick real data).
+# Real data (GlaS, 775x522) is letterboxed onto a 512 canvas and trained on 250x250 patches (Sec. 3),
+# 100 epochs of 70 images ~ the paper's x100 augmentation, a wider network; synthetic is CPU-sized.
+DATA_DEPENDENT = {
+    "size": (64, 512, 32, 32),
+    "epochs": (40, 100, 1, 1),
+    "batch_size": (8, 8, 4, 4),
+    "width": (16, 32, 4, 4),
+    "depth": (4, 4, 2, 2),
+    "patch": (0, 250, 0, 24),
+    "elastic": (2.0, 8.0, 2.0, 8.0),
+    "lambdas": ("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",) * 2 + ("0,0.5,1",) * 2,
+}
+# what a checkpoint must rebuild for --eval-only, --predict and --resume
+ARCHITECTURE = ("width", "depth", "size", "connectivity", "neck_ratio", "init_log_sigma2")
 
-# Defaults for real data (GlaS): images resized to 512 (GlaS is 775x522), trained on 250x250
-# patches (Sec. 3), 100 epochs of 70 images ~ the paper's x100 augmentation, a wider network.
-REAL_DATA_DEFAULTS = {"size": 512, "patch": 250, "width": 32, "epochs": 100, "elastic": 8.0}
 
+# ---- Arguments -----------------------------------------------------------------------------------
 
-# ----------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------
+def data_defaults_text():
+    rows = [f"  --{k.replace('_', '-'):<11} {v[0]!s:>6} {v[1]!s:>6} {v[2]!s:>6} {v[3]!s:>6}"
+            for k, v in DATA_DEPENDENT.items() if k != "lambdas"]
+    return ("defaults that depend on --data (a flag given on the command line always wins):\n"
+            "  flag         synth   real  quick  quick-real\n" + "\n".join(rows)
+            + "\n  --lambdas: 0,0.1,...,1 (0,0.5,1 with --quick)")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=data_defaults_text(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, size=64, epochs=40, batch_size=8, lr=1e-2, data="synthetic",
                            data_choices=["synthetic", "glas", "folder"])
     m = p.add_argument_group("method (paper: Sec. 2 and 3)")
-    m.add_argument("--losses", default="c,s,t,g",
-                   help="loss terms to train, from c (Eq. 3-5), s (Eq. 6), t (Eq. 7-8), g (Eq. 9); Eq. 2 uses all four")
-    m.add_argument("--weights", default=None,
-                   help="fixed lambda_i of Eq. 1, one per entry of --losses (default 1 each); only with --no-uncertainty")
+    m.add_argument("--losses", default="c,s,t,g", help="terms to train: c (Eq. 3-5), s (Eq. 6), t (Eq. 7-8), g (Eq. 9)")
+    m.add_argument("--weights", help="fixed lambda_i of Eq. 1 per entry of --losses (default 1); with --no-uncertainty")
     m.add_argument("--uncertainty", action=argparse.BooleanOptionalAction, default=True,
                    help="learn s_i = log sigma_i^2 per loss (Eq. 2-9); --no-uncertainty = fixed weights (Eq. 1)")
     m.add_argument("--init-log-sigma2", type=float, default=0.0, help="initial s_i = log sigma_i^2 (not given; 0 = sigma^2 1)")
     m.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (the paper: SGD, lr 1e-2, momentum not given)")
-    m.add_argument("--width", type=int, default=16, help="channels of the first level (not in the paper; CPU-sized)")
-    m.add_argument("--depth", type=int, default=4, help="number of 2x2 poolings (Fig. 1: 250 -> 16 is 4)")
-    m.add_argument("--patch", type=int, default=0,
-                   help="train on random square patches of this side (Sec. 3: 250 on GlaS); 0 = whole images")
-    m.add_argument("--elastic", type=float, default=2.0, help="elastic warp magnitude in pixels (Sec. 3: elastic transforms)")
+    m.add_argument("--width", type=int, help="channels of the first level (not in the paper)")
+    m.add_argument("--depth", type=int, help="number of 2x2 poolings (Fig. 1: 250 -> 16 is 4)")
+    m.add_argument("--patch", type=int, help="side of random square training patches (Sec. 3: 250); 0 = whole images")
+    m.add_argument("--elastic", type=float, help="elastic warp magnitude in pixels (Sec. 3: elastic transforms)")
     m.add_argument("--rotate", type=float, default=15.0, help="affine augmentation: rotation in degrees (Sec. 3)")
     m.add_argument("--scale", type=float, default=0.1, help="affine augmentation: scale fraction (Sec. 3)")
-    m.add_argument("--connectivity", type=int, default=4, choices=[4, 8], help="connectivity of predicted gland objects")
-    m.add_argument("--n-train", type=int, default=None, help="synthetic only: training images (default: common's)")
+    m.add_argument("--flip", action="store_true", help="also random flips (not in the paper; default off)")
+    m.add_argument("--color-jitter", type=float, default=0.0, help="colour jitter strength (not in the paper; 0 = off)")
+    m.add_argument("--border-width", type=int, help="GlaS: epithelial border band width, original pixels (common's 18)")
+    m.add_argument("--connectivity", type=int, default=4, choices=[4, 8], help="connectivity of lumen and gland components")
+    m.add_argument("--neck-ratio", type=float, default=0.3,
+                   help="regions_to_instances: two lumens' cells stay apart where the gland is thinner than this share "
+                        "of the thinner cell's thickness (0 = components of border U lumen, > 1 = one object per lumen)")
     m.add_argument("--table1", action="store_true", help="train and evaluate every row of Table 1")
-    m.add_argument("--sweep", action="store_true",
-                   help="Fig. 2: lambda Lc + (1 - lambda) Ls and Ls + lambda Lt + (1 - lambda) Lg over --lambdas")
-    m.add_argument("--lambdas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="lambda values of --sweep (Fig. 2)")
-    args = p.parse_args(argv)
-    if args.data != "synthetic":  # real data: Sec. 3's 250x250 patches; defaults; explicit flags still win
-        p.set_defaults(**REAL_DATA_DEFAULTS)
-    if args.quick:  # tiny smoke run (patches still cut on real data)
-        p.set_defaults(size=32, epochs=1, batch_size=4, width=4, depth=2, lambdas="0,0.5,1",
-                       patch=0 if args.data == "synthetic" else 24)
-    return p.parse_args(argv)
+    m.add_argument("--sweep", action="store_true", help="Fig. 2: λ Lc + (1-λ) Ls, Ls + λ Lt + (1-λ) Lg")
+    m.add_argument("--lambdas", help="lambda values of --sweep (Fig. 2; default 0,0.1,...,1)")
+    p.set_defaults(**{key: None for key in DATA_DEPENDENT})  # filled by apply_data_defaults
+    return apply_data_defaults(p.parse_args(argv))
+
+
+def apply_data_defaults(args):
+    """Fills each flag of DATA_DEPENDENT that the command line left unset with its value for the data."""
+    column = 2 * bool(args.quick) + (args.data != "synthetic")
+    for key, values in DATA_DEPENDENT.items():
+        if getattr(args, key) is None:
+            setattr(args, key, values[column])
+    return args
+
+
+def comma_floats(text, flag):
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise common.UsageError(f"{flag} takes comma-separated numbers, got {text!r}")
+
+
+def row_config(row, weights, uncertainty, losses=LOSS_NAMES):
+    """One run's loss configuration: {"row", "weights": {i: lambda_i}, "uncertainty"}; lambda_i = 0 switches L_i off."""
+    return {"row": row, "weights": {k: float(w) for k, w in zip(losses, weights) if w > 0}, "uncertainty": uncertainty}
 
 
 def config_from_args(args):
-    """One run's loss configuration: {"row", "weights": {i: lambda_i}, "uncertainty"}."""
+    """The configuration of --losses, --weights and --uncertainty, named after its terms."""
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     if not losses or any(s not in LOSS_NAMES for s in losses) or len(set(losses)) != len(losses):
-        raise SystemExit(f"--losses takes distinct terms from {','.join(LOSS_NAMES)}, got {args.losses!r}")
-    weights = [1.0] * len(losses) if args.weights is None else [float(w) for w in args.weights.split(",")]
+        raise common.UsageError(f"--losses takes distinct terms from {','.join(LOSS_NAMES)}, got {args.losses!r}")
+    weights = [1.0] * len(losses) if args.weights is None else comma_floats(args.weights, "--weights")
     if len(weights) != len(losses):
-        raise SystemExit(f"--weights needs one value per loss in --losses ({len(losses)}), got {args.weights!r}")
+        raise common.UsageError(f"--weights needs one value per loss in --losses ({len(losses)}), got {args.weights!r}")
     if args.weights is not None and args.uncertainty:
-        raise SystemExit("--weights are the fixed lambdas of Eq. 1: add --no-uncertainty")
-    weights = dict((k, w) for k, w in zip(losses, weights) if w > 0)  # lambda_i = 0 switches L_i off
-    if not weights:
-        raise SystemExit("--weights: at least one lambda must be positive")
-    name = " + ".join("L" + k for k in weights) + (" (uncertainty)" if args.uncertainty else "")
-    return {"row": name, "weights": weights, "uncertainty": args.uncertainty}
+        raise common.UsageError("--weights are the fixed lambdas of Eq. 1: add --no-uncertainty")
+    config = row_config("", weights, args.uncertainty, losses)
+    if not config["weights"]:
+        raise common.UsageError("--weights: at least one lambda must be positive")
+    config["row"] = " + ".join("L" + k for k in config["weights"]) + (" (uncertainty)" if args.uncertainty else "")
+    return config
 
 
-def row_config(row, weights, uncertainty):
-    return {"row": row, "weights": {k: float(w) for k, w in zip(LOSS_NAMES, weights) if w > 0}, "uncertainty": uncertainty}
-
-
-# ----------------------------------------------------------------------------------------------
-# Model (Fig. 1)
-# ----------------------------------------------------------------------------------------------
-
-
-class ConvReLUBN(nn.Sequential):
-    """Fig. 1's building block, in the legend's order: Conv 3x3 -> ReLU -> BN."""
-
-    def __init__(self, in_ch, out_ch):
-        super().__init__(nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(out_ch))
-
+# ---- Model (Fig. 1) ------------------------------------------------------------------------------
 
 def level_block(in_ch, out_ch):
-    return nn.Sequential(ConvReLUBN(in_ch, out_ch), ConvReLUBN(out_ch, out_ch))
+    """Two of Fig. 1's blocks, each in the legend's order: Conv 3x3 -> ReLU -> BN."""
+    return nn.Sequential(*(nn.Sequential(nn.Conv2d(c, out_ch, 3, padding=1), nn.ReLU(inplace=True),
+                                         nn.BatchNorm2d(out_ch)) for c in (in_ch, out_ch)))
 
 
 class Encoder(nn.Module):
-    """Levels of two ConvReLUBN separated by 2x2 max pooling (ceil: 250 -> 125 -> 63 -> 32 -> 16)."""
+    """Levels of two Conv-ReLU-BN separated by 2x2 max pooling (ceil: 250 -> 125 -> 63 -> 32 -> 16)."""
 
     def __init__(self, in_ch, width, depth):
         super().__init__()
         self.channels = [width * 2 ** i for i in range(depth + 1)]
-        ins = [in_ch] + self.channels[:-1]
-        self.levels = nn.ModuleList(level_block(i, o) for i, o in zip(ins, self.channels))
+        self.levels = nn.ModuleList(level_block(i, o) for i, o in zip([in_ch] + self.channels[:-1], self.channels))
         self.pool = nn.MaxPool2d(2, ceil_mode=True)
 
     def forward(self, x):
@@ -267,10 +317,7 @@ class MultiLossFCN(nn.Module):
         return class_logits, pixel_logits
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses (one function per term of the paper)
-# ----------------------------------------------------------------------------------------------
-
+# ---- Losses (one function per term of the paper) -------------------------------------------------
 
 def label_vector_targets(masks):
     """Ground truth S_p as (index of its label vector [B,H,W], binary maps S^r [B,L,H,W])."""
@@ -295,7 +342,7 @@ def segmentation_loss(pixel_logits, label_maps):
 
 
 def hierarchical_log_probabilities(pixel_logits):
-    """Eq. 7: log P_t(S | x_p) for every label vector S (dim 1, index as LABEL_VECTORS) [B,8,H,W].
+    """Eq. 7: log P_t(S | x_p) for every label vector S (dim 1, rows of LABEL_VECTORS) [B,8,H,W].
     P~_t(S) = V(S) prod_r exp(f_r(x_p) S^r);  Z = sum_S P~_t(S);  invalid vectors get log 0 = -inf."""
     vectors = LABEL_VECTORS.to(pixel_logits.device)
     # log prod_r exp(f_r S^r) = sum_r f_r S^r
@@ -306,19 +353,32 @@ def hierarchical_log_probabilities(pixel_logits):
     return energy.log_softmax(1)
 
 
+def region_log_probabilities(pixel_logits):
+    """Eq. 7 on the valid vectors only: log P_t of (stroma, border, lumen) [B,3,H,W], channel = mask value."""
+    return hierarchical_log_probabilities(pixel_logits)[:, MASK_TO_VECTOR.to(pixel_logits.device)]
+
+
 def topology_loss(log_pt, vector):
-    """Eq. 8 at sigma_t = 1: -log P_t(S_p | x_p) of the ground-truth label vector, mean over pixels."""
+    """Eq. 8 at sigma_t = 1: -log P_t(S_p | x_p) of the ground-truth label vector, mean over pixels
+    (each pixel once, lumen included: see Deviations)."""
     return -log_pt.gather(1, vector.unsqueeze(1)).mean()
 
 
 def geometry_loss(log_pt, vector):
-    """Eq. 9 at sigma_g = 1: sum_{q in N4(p)} B_pq |log P_t(S_p | x_p) - log P_t(S_p | x_q)|, mean
-    over pixels p; B_pq = 1 where p and q have the same ground-truth label vector, so S_q = S_p."""
-    log_p = log_pt.gather(1, vector.unsqueeze(1)).squeeze(1)  # log P_t(S_p | x_p)  [B,H,W]
-    same_h = (vector[:, :, 1:] == vector[:, :, :-1]).float()  # B_pq, q right of p
-    same_v = (vector[:, 1:, :] == vector[:, :-1, :]).float()  # B_pq, q below p
-    pairs = (same_h * (log_p[:, :, 1:] - log_p[:, :, :-1]).abs()).sum() + (same_v * (log_p[:, 1:] - log_p[:, :-1]).abs()).sum()
-    return 2 * pairs / vector.numel()  # every pair lies in N4(p) and in N4(q)
+    """Eq. 9 at sigma_g = 1: sum_{q in N4(p)} B_pq |log P_t(S_p | x_p) / P_t(S_p | x_q)|, mean over
+    pixels p; B_pq = 1 where p and q have the same ground-truth label vector (then S_q = S_p)."""
+    # log P_t(S_p | x_p) of each pixel's own ground-truth vector  [B,H,W]
+    log_p = log_pt.gather(1, vector.unsqueeze(1)).squeeze(1)
+    # B_pq for q the right neighbour and q the neighbour below p (the other two N4 directions are
+    # the same pairs seen from q)
+    b_right = (vector[:, :, 1:] == vector[:, :, :-1]).float()
+    b_below = (vector[:, 1:, :] == vector[:, :-1, :]).float()
+    # |log P_t(S_p|x_p) - log P_t(S_p|x_q)| over the pairs with B_pq = 1
+    right = (b_right * (log_p[:, :, 1:] - log_p[:, :, :-1]).abs()).sum()
+    below = (b_below * (log_p[:, 1:] - log_p[:, :-1]).abs()).sum()
+    # every unordered pair {p, q} is in N4(p) and in N4(q): it counts twice in the sum over p;
+    # normaliser: the number of pixels (sums over pixels are means, see Deviations)
+    return 2 * (right + below) / vector.numel()
 
 
 def loss_terms(class_logits, pixel_logits, labels, masks, active):
@@ -329,12 +389,11 @@ def loss_terms(class_logits, pixel_logits, labels, masks, active):
     vector, label_maps = label_vector_targets(masks)
     if "s" in active:
         terms["s"] = segmentation_loss(pixel_logits, label_maps)
-    if "t" in active or "g" in active:
-        log_pt = hierarchical_log_probabilities(pixel_logits)
-        if "t" in active:
-            terms["t"] = topology_loss(log_pt, vector)
-        if "g" in active:
-            terms["g"] = geometry_loss(log_pt, vector)
+    log_pt = hierarchical_log_probabilities(pixel_logits) if "t" in active or "g" in active else None
+    if "t" in active:
+        terms["t"] = topology_loss(log_pt, vector)
+    if "g" in active:
+        terms["g"] = geometry_loss(log_pt, vector)
     return terms
 
 
@@ -345,68 +404,72 @@ def combine_losses(terms, config, log_sigma2):
     return sum(config["weights"][k] * loss for k, loss in terms.items())
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
+# ---- Training ------------------------------------------------------------------------------------
 
 def random_patches(batch, side, generator):
-    """Sec. 3: one random side x side patch per image, cut on the device (no per-sample Python)."""
+    """Sec. 3: one random side x side patch per image, cut on the device (no per-sample Python);
+    with a `valid` map (letterboxed real images) the patch lies inside the image's own pixels
+    wherever the image is at least `side` wide, so padding is seen only around smaller images."""
     images = batch["images"]
     b, _, h, w = images.shape
     if side >= min(h, w):
         return batch
-    dev = images.device
-    top = (torch.rand(b, device=dev, generator=generator) * (h - side + 1)).long()
-    left = (torch.rand(b, device=dev, generator=generator) * (w - side + 1)).long()
+    dev, valid = images.device, batch.get("valid")
+    if valid is None:
+        valid = torch.ones(b, h, w, dtype=torch.bool, device=dev)
+    # first / last image row and column of each canvas
+    rows, cols = valid.any(2), valid.any(1)  # [B,H], [B,W]
+    first_y, first_x = rows.float().argmax(1).float(), cols.float().argmax(1).float()
+    last_y, last_x = h - 1 - rows.flip(1).float().argmax(1), w - 1 - cols.flip(1).float().argmax(1)
+    high_y = torch.maximum(first_y, (last_y - side + 1).float()).clamp(max=h - side)
+    high_x = torch.maximum(first_x, (last_x - side + 1).float()).clamp(max=w - side)
+    low_y, low_x = first_y.clamp(max=h - side), first_x.clamp(max=w - side)
+    u = torch.rand(b, 2, device=dev, generator=generator)
+    top = (low_y + u[:, 0] * (high_y - low_y + 1)).long().clamp(max=h - side)
+    left = (low_x + u[:, 1] * (high_x - low_x + 1)).long().clamp(max=w - side)
     rows = (top[:, None] + torch.arange(side, device=dev))[:, :, None]  # [B,P,1]
     cols = (left[:, None] + torch.arange(side, device=dev))[:, None, :]  # [B,1,P]
     n = torch.arange(b, device=dev)[:, None, None]
     out = dict(batch)
     out["images"] = images.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2).contiguous()
-    for key in ("masks", "instances"):
+    for key in ("masks", "instances", "valid"):
         if batch.get(key) is not None:
             out[key] = batch[key][n, rows, cols]
     return out
 
 
-def make_optimizer(model, args):
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-
-
-def checkpoint(model, optimizer, generator, epoch, best, args, config):
-    """common's checkpoint (weights incl. log sigma^2, optimiser, RNGs, batch generator) + the loss config."""
-    state = common.checkpoint_state(model, optimizer, None, epoch, best, args, generator=generator)
-    return {**state, "config": config}
-
-
-def train(model, optimizer, generator, data, stats, config, args, run, tag, start_epoch=0, best=-math.inf):
-    """Trains from start_epoch to args.epochs; a log line per epoch; keeps `<tag>last.pt` / `<tag>best.pt`."""
+def train(model, optimizer, generator, data, stats, config, args, run, tag, dist, start_epoch=0, best=-math.inf):
+    """Trains from start_epoch to args.epochs; a log line per epoch (loss terms, learned sigma^2 and
+    1/sigma^2, validation metrics); keeps `<tag>last.pt` / `<tag>best.pt`."""
     device, train_split = stats["device"], data["train"]
+    net = unwrap(model)  # the plain module: log sigma^2, evaluation
     active = list(config["weights"])
     n_train = len(train_split["names"])
     drop_last = n_train > args.batch_size  # no batch of one image for BatchNorm
     steps_per_epoch = n_train // args.batch_size if drop_last else 1
     progress = common.Progress(steps_per_epoch * (args.epochs - start_epoch), every=args.log_every)
-    history = []
+    history, norm = [], {"mean": stats["mean"].cpu(), "std": stats["std"].cpu()}
     for epoch in range(start_epoch, args.epochs):
         model.train()
         progress.set_epoch(epoch + 1)
         sums = torch.zeros(len(active) + 1, device=device)  # running sums on the device: total, each term
-        steps = 0
-        fetch = time.perf_counter()
+        steps, fetch = 0, time.perf_counter()
         for batch in common.iterate_batches(train_split, args.batch_size, shuffle=True, generator=generator,
                                             drop_last=drop_last):
-            batch = common.augment(batch, generator=generator, rotate=args.rotate, scale=args.scale,
-                                   elastic=args.elastic)
-            if args.patch:
+            if args.patch:  # cut first, then warp the patch (reflection padding then reflects tissue)
                 batch = random_patches(batch, args.patch, generator)
+            batch = common.augment(batch, generator=generator, flip=args.flip, rotate=args.rotate, scale=args.scale,
+                                   elastic=args.elastic, color=args.color_jitter)
+            batch = common.shard(batch, dist)  # data-parallel: this process's slice of the batch
             x = common.normalize(batch["images"], stats["mean"], stats["std"])
             wait = time.perf_counter() - fetch
             with common.autocast(device, args.amp):
                 class_logits, pixel_logits = model(x)
             terms = loss_terms(class_logits, pixel_logits, batch["labels"], batch["masks"], active)
-            total = combine_losses(terms, config, model.log_sigma2)
+            total = combine_losses(terms, config, net.log_sigma2)
+            if dist.mode == "data":  # DDP needs every parameter in the graph, unused heads included
+                total = total + 0.0 * (class_logits.float().sum() + pixel_logits.float().sum()
+                                       + sum(net.log_sigma2.values()))
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -418,148 +481,363 @@ def train(model, optimizer, generator, data, stats, config, args, run, tag, star
             fetch = time.perf_counter()
         means = (sums / max(steps, 1)).tolist()  # one host sync per epoch
         common.check_finite(means[0], f"{tag}epoch {epoch + 1} (end)", run)
-        record = {"row": config["row"], "epoch": epoch + 1, "loss": means[0]}
-        record.update({f"loss_{k}": v for k, v in zip(active, means[1:])})
-        if config["uncertainty"]:
-            record.update({f"sigma2_{k}": math.exp(model.log_sigma2[k].item()) for k in active})
-        val = evaluate(model, data["val"], stats, config, args, objects=False)
-        record.update({f"val_{k}": v for k, v in val.items()})
-        record["val_score"] = selection_score(val)
-        if record["val_score"] > best:
-            best = record["val_score"]
-            run.save(f"{tag}best.pt", checkpoint(model, optimizer, generator, epoch + 1, best, args, config))
-        run.save(f"{tag}last.pt", checkpoint(model, optimizer, generator, epoch + 1, best, args, config))
+        record = {"row": config["row"], "seed": args.seed, "epoch": epoch + 1, "loss": means[0],
+                  **{f"loss_{k}": v for k, v in zip(active, means[1:])}}
+        if config["uncertainty"]:  # Eq. 2: the learned sigma_i^2 and the weight 1/sigma_i^2 it gives L_i
+            for k in active:
+                sigma2 = math.exp(net.log_sigma2[k].item())
+                record.update({f"sigma2_{k}": sigma2, f"inv_sigma2_{k}": 1 / sigma2})
+        # data-parallel on CPU has no SyncBatchNorm: all ranks take rank 0's running statistics, so
+        # they validate the same model and agree on the best epoch
+        if dist.mode == "data" and dist.world_size > 1:
+            for buffer in net.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        val = evaluate(net, data["val"], stats, config, args, objects=False)
+        # model selection: the mean of the cheap validation metrics (accuracy, pixel accuracy, gland Dice)
+        record.update({f"val_{k}": v for k, v in val.items()}, val_score=sum(val.values()) / len(val))
+        improved = record["val_score"] > best
+        best = record["val_score"] if improved else best
+        # common's checkpoint (weights incl. log sigma^2, optimiser, RNGs, batch generator) + what
+        # --eval-only and --predict need: the loss config, the normalisation and the class names
+        state = {**common.checkpoint_state(model, optimizer, None, epoch + 1, best, args, generator=generator),
+                 "config": config, "norm": norm, "class_names": list(train_split["class_names"])}
+        if improved:
+            run.save(f"{tag}best.pt", state)
+        run.save(f"{tag}last.pt", state)
         run.log(record)
         history.append(record)
         print(f"[{config['row']}] epoch {epoch + 1}/{args.epochs} loss {means[0]:.4f} "
-              + " ".join(f"{k} {v:.3f}" for k, v in val.items()))
+              + " ".join(f"{k} {v:.3f}" for k, v in val.items()), flush=True)
     return history, progress.summary()
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
-
+# ---- Evaluation: regions, glands as objects, the metrics of Sec. 3 -------------------------------
 
 def decode_regions(pixel_logits):
     """Region map (0 stroma, 1 border, 2 lumen): the most probable valid label vector under P_t."""
-    vector = hierarchical_log_probabilities(pixel_logits).argmax(1)
-    return VECTOR_TO_MASK.to(vector.device)[vector]
+    return region_log_probabilities(pixel_logits).argmax(1)
+
+
+def _neighbours(x, fill):
+    """The 8 neighbours of every pixel of x [N,H,W] (`fill` outside): 8 [N,H,W] tensors, up, down,
+    left, right first, then up-left, up-right, down-left, down-right."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), value=fill)
+    offsets = [(0, 1), (2, 1), (1, 0), (1, 2), (0, 0), (0, 2), (2, 0), (2, 2)]
+    return [padded[:, dy:dy + h, dx:dx + w] for dy, dx in offsets]
+
+
+# the two edge neighbours through which each diagonal neighbour (index 4..7 above) is reached
+_DIAGONAL_VIA = ((0, 2), (0, 3), (1, 2), (1, 3))
+
+
+def _grow_markers(markers, gland):
+    """Every pixel of `gland` takes the label of the marker it reaches first when all markers grow at
+    once inside the gland, alternating 4- and 8-neighbour steps (octagonal distance; diagonal steps
+    only through a gland pixel, so no label jumps between glands touching at a corner). Ties take
+    the larger label; pixels of a gland without a marker stay 0."""
+    inside = _neighbours(gland, False)
+    diagonal_open = [inside[a] | inside[b] for a, b in _DIAGONAL_VIA]  # fixed: computed once
+    labels, step = markers, 0
+    while True:
+        near = _neighbours(labels, 0)
+        grown = labels
+        for neighbour in near[:4]:
+            grown = torch.maximum(grown, neighbour)
+        if step % 2:
+            for open_, neighbour in zip(diagonal_open, near[4:]):
+                grown = torch.maximum(grown, torch.where(open_, neighbour, 0))
+        grown = torch.where(gland & (labels == 0), grown, labels)
+        step += 1
+        if torch.equal(grown, labels):  # one host sync per step; evaluation only
+            return labels
+        labels = grown
+
+
+def _thickness(gland):
+    """Octagonal distance (in steps) of every gland pixel to the nearest stroma pixel, by repeated
+    erosion; outside the image counts as gland (a gland cut by the edge is not thin there)."""
+    depth = torch.zeros(gland.shape, dtype=torch.long, device=gland.device)
+    current, step = gland, 0
+    while current.any():
+        depth += current
+        eroded = current
+        for neighbour in _neighbours(current, True)[: 8 if step % 2 else 4]:
+            eroded = eroded & neighbour
+        if torch.equal(eroded, current):  # an image without stroma: nothing to measure from
+            break
+        current, step = eroded, step + 1
+    return depth
+
+
+def _renumber(labels):
+    """Labels [N,H,W] (any non-negative ids, 0 background) renumbered 1..k per image, keeping order."""
+    n = labels.shape[0]
+    foreground = labels > 0
+    stride = int(labels.max()) + 1
+    key = labels + torch.arange(n, device=labels.device).view(n, 1, 1) * stride
+    unique, inverse = torch.unique(key[foreground], return_inverse=True)
+    first = torch.searchsorted(unique, torch.arange(n, device=labels.device) * stride)  # each image's first id
+    out = torch.zeros_like(labels)
+    out[foreground] = inverse - first[foreground.nonzero()[:, 0]] + 1
+    return out
+
+
+def _merge_wide_junctions(cells, thickness, neck_ratio):
+    """Cells a, b of one gland become one object when the junction thickness (the largest
+    min(thickness) over 4-neighbour pixel pairs across the a|b boundary: the saddle between them) is
+    at least `neck_ratio` times the smaller of the two cells' largest thickness; transitive merges."""
+    n = cells.shape[0]
+    stride = int(cells.max()) + 1
+    ids = torch.where(cells > 0, cells + torch.arange(n, device=cells.device).view(n, 1, 1) * stride, 0)
+    total = n * stride  # global cell ids over the batch
+    peak = torch.zeros(total, dtype=torch.long, device=cells.device).scatter_reduce(
+        0, ids.flatten(), thickness.flatten(), "amax")
+    # 4-neighbour pixel pairs (right, down) that straddle two different cells
+    a = torch.cat([ids[:, :, :-1].flatten(), ids[:, :-1, :].flatten()])
+    b = torch.cat([ids[:, :, 1:].flatten(), ids[:, 1:, :].flatten()])
+    pair_thickness = torch.minimum(torch.cat([thickness[:, :, :-1].flatten(), thickness[:, :-1, :].flatten()]),
+                                   torch.cat([thickness[:, :, 1:].flatten(), thickness[:, 1:, :].flatten()]))
+    across = (a > 0) & (b > 0) & (a != b)
+    low, high = torch.minimum(a, b)[across], torch.maximum(a, b)[across]
+    pairs, which = torch.unique(low * total + high, return_inverse=True)
+    saddle = torch.zeros(len(pairs), dtype=torch.long, device=cells.device).scatter_reduce(
+        0, which, pair_thickness[across], "amax")
+    low, high = pairs // total, pairs % total
+    wide = saddle.double() >= neck_ratio * torch.minimum(peak[low], peak[high]).double()
+    low, high = low[wide], high[wide]
+    root = torch.arange(total, device=cells.device)
+    while True:  # every cell ends with the smallest id of its merged group
+        new = root.scatter_reduce(0, low, root[high], "amin").scatter_reduce(0, high, root[low], "amin")
+        new = new[new]  # pointer jumping
+        if torch.equal(new, root):
+            break
+        root = new
+    return _renumber(torch.where(cells > 0, root[ids], 0))
+
+
+def regions_to_instances(regions, connectivity=4, neck_ratio=0.3):
+    """Gland instances [N,H,W] int64 (0 background, 1..k per image) from region maps [N,H,W] or
+    [H,W] (0 stroma, 1 border, 2 lumen), separating glands whose borders touch; batched on the
+    regions' device. neck_ratio 0 merges every touching cell (= connected components of border U
+    lumen, except that a lumen-free part joins its neighbour); > 1 never merges."""
+    single = regions.dim() == 2
+    regions = regions.unsqueeze(0) if single else regions
+    gland = regions >= 1
+    # markers: the connected components of lumen (one lumen per gland in the GlaS annotation)
+    markers = common.label_components(regions == 2, connectivity=connectivity).long()
+    # every gland pixel (border U lumen) joins its geodesically nearest marker
+    cells = _grow_markers(markers.int(), gland).long()
+    unreached = gland & (cells == 0)  # glands without any lumen: one object per component
+    components = common.label_components(unreached, connectivity=connectivity).long()
+    cells = torch.where(unreached, markers.flatten(1).amax(1).view(-1, 1, 1) + components, cells)
+    # a fused gland with several lumens (GlaS annotates it as one object) is thick where its lumens'
+    # cells meet, two glands that merely touch meet in a narrow neck
+    instances = _merge_wide_junctions(_renumber(cells), _thickness(gland), neck_ratio)
+    return instances[0] if single else instances
 
 
 @torch.no_grad()
 def predict(model, split, stats, args):
+    """Class probabilities [N,K] and P_t of (stroma, border, lumen) [N,3,H,W], on the device."""
     model.eval()
     classes, regions = [], []
     for batch in common.iterate_batches(split, args.batch_size, shuffle=False):
         x = common.normalize(batch["images"], stats["mean"], stats["std"])
         with common.autocast(stats["device"], args.amp):
             class_logits, pixel_logits = model(x)
-        classes.append(class_logits.argmax(1))  # sigma_c rescales f_c only: same argmax (Eq. 3)
-        regions.append(decode_regions(pixel_logits.float()))
+        classes.append(class_logits.float().softmax(1))  # sigma_c rescales f_c only: same argmax (Eq. 3)
+        regions.append(region_log_probabilities(pixel_logits.float()).exp())
     return torch.cat(classes), torch.cat(regions)
+
+
+def _pixel_accuracy(regions, masks, valid=None):
+    """Per image share of right pixels, over the image's own pixels when a letterbox `valid` map is given."""
+    right = (regions == masks.to(regions.device).long())
+    if valid is None:
+        return right.double().flatten(1).mean(1).cpu()
+    return ((right & valid).flatten(1).sum(1).double() / valid.flatten(1).sum(1).clamp_min(1)).cpu()
+
+
+def _object_scores(regions, truth, args):
+    """GlaS object Dice and object Hausdorff per image of the glands regions_to_instances finds."""
+    glands = regions_to_instances(regions, args.connectivity, args.neck_ratio)
+    return common.object_dice(glands, truth), common.object_hausdorff(glands, truth)
 
 
 @torch.no_grad()
 def evaluate(model, split, stats, config, args, objects=True):
     """Sec. 3 metrics of the trained heads: classification accuracy, pixel accuracy of the 3-region
-    map, and (objects=True) GlaS object Dice / Hausdorff of the gland components."""
-    classes, regions = predict(model, split, stats, args)
+    map, and GlaS object Dice / Hausdorff of the glands (objects=True) or the gland mask's pixel Dice
+    (model selection); at the original resolution when the split keeps it (GlaS: full_masks,
+    full_instances), else at the model's size."""
+    class_prob, region_prob = predict(model, split, stats, args)
     out = {}
     if "c" in config["weights"]:
-        out["accuracy"] = common.accuracy(classes, split["labels"])
-    if "s" in config["weights"] or "t" in config["weights"]:
-        masks = split["masks"].to(regions.device)
-        out["pixel_accuracy"] = common.pixel_accuracy(regions, masks).mean().item()
+        out["accuracy"] = common.accuracy(class_prob.argmax(1), split["labels"])
+    if not any(k in config["weights"] for k in "stg"):  # Ls, Lt and Lg train f_s; else "-" as in Table 1
+        return out
+    if objects and split.get("full_instances") is not None and split.get("sizes") is not None:
+        # back to each image's own pixels: P_t cropped out of the canvas and resized, then decoded
+        scores = []
+        for i, (h, w) in enumerate(split["sizes"].tolist()):
+            regions = common.from_canvas(region_prob[i], h, w, "bilinear").argmax(0)[None]  # [1,h,w]
+            scores.append((_pixel_accuracy(regions, split["full_masks"][i][None]),
+                           *_object_scores(regions, split["full_instances"][i][None].to(regions.device), args)))
+        accuracy, dice, hausdorff = (torch.cat(s) for s in zip(*scores))
+    else:
+        regions = region_prob.argmax(1)
+        valid = None if split.get("valid") is None else split["valid"].to(regions.device).bool()
+        accuracy = _pixel_accuracy(regions, split["masks"], valid)
         if objects:
-            glands = common.label_components(regions >= 1, connectivity=args.connectivity)
-            truth = split["instances"].to(regions.device)
-            out["object_dice"] = common.object_dice(glands, truth).mean().item()
-            hd = common.object_hausdorff(glands, truth)
-            finite = hd[torch.isfinite(hd)]
-            out["object_hausdorff"] = finite.mean().item() if len(finite) else math.inf
-            out["hausdorff_undefined"] = int((~torch.isfinite(hd)).sum())
-        else:
-            out["gland_dice"] = common.dice(regions >= 1, masks >= 1).mean().item()
+            dice, hausdorff = _object_scores(regions, split["instances"].to(regions.device), args)
+    out["pixel_accuracy"] = accuracy.mean().item()
+    if objects:
+        finite = hausdorff[torch.isfinite(hausdorff)]
+        out["object_dice"] = dice.mean().item()
+        out["object_hausdorff"] = finite.mean().item() if len(finite) else math.inf
+        out["hausdorff_undefined"] = int((~torch.isfinite(hausdorff)).sum())
+    else:
+        gland, truth = regions >= 1, split["masks"].to(regions.device) >= 1
+        if valid is not None:  # padding is stroma in both: leave it out
+            gland, truth = gland & valid, truth & valid
+        out["gland_dice"] = common.dice(gland, truth).mean().item()
     return out
 
 
-def selection_score(metrics):
-    keys = [k for k in ("accuracy", "pixel_accuracy", "gland_dice") if k in metrics]
-    return sum(metrics[k] for k in keys) / len(keys)
-
-
-# ----------------------------------------------------------------------------------------------
-# One run = one row of a table
-# ----------------------------------------------------------------------------------------------
-
-
-def build_model(args, device):
-    model = MultiLossFCN(args.width, args.depth, init_log_sigma2=args.init_log_sigma2)
-    return common.prepare_model(model, device, compile=args.compile)
-
+# ---- One job = one row of a table for one seed ---------------------------------------------------
 
 def unwrap(model):
-    return getattr(model, "_orig_mod", model)  # the module inside a torch.compile wrapper
+    """The plain module inside torch.compile (`_orig_mod`) and DistributedDataParallel (`module`)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
+
+
+def build_model(args, device, dist=None):
+    model = MultiLossFCN(args.width, args.depth, init_log_sigma2=args.init_log_sigma2)
+    return common.prepare_model(model, device, compile=args.compile, dist=dist)
 
 
 def test_row(model, split, stats, config, args):
-    """One table row: the configuration (lambdas or learned sigma^2) and the test metrics."""
-    row = {"row": config["row"], "uncertainty": config["uncertainty"],
+    """One table row for one seed: the configuration (lambdas, learned sigma^2) and the test metrics."""
+    row = {"uncertainty": config["uncertainty"],
            **{f"lambda_{k}": config["weights"].get(k, 0.0) for k in LOSS_NAMES},
-           **evaluate(model, split, stats, config, args)}
+           **evaluate(unwrap(model), split, stats, config, args)}
     if config["uncertainty"]:
-        row.update({f"sigma2_{k}": math.exp(model.log_sigma2[k].item()) for k in config["weights"]})
+        row.update({f"sigma2_{k}": math.exp(unwrap(model).log_sigma2[k].item()) for k in config["weights"]})
     return row
 
 
-def run(config, args, data, stats, out, tag=""):
-    """Trains one configuration, reloads its best epoch and tests it: one row of Table 1 / Fig. 2."""
-    common.seed_everything(args.seed)
-    model = build_model(args, stats["device"])
-    optimizer = make_optimizer(model, args)
-    generator = torch.Generator(device=stats["device"]).manual_seed(args.seed)  # batches, augmentation
+def load_data(args, seed):
+    """The dataset for one seed (synthetic data is generated from it; real data's train/val split
+    is seeded), moved to the device, with the normalisation statistics of its training split."""
+    name = "synthetic-glands" if args.data == "synthetic" else args.data
+    options = {}
+    if args.data == "synthetic":  # --quick: a small set, unless --n-train / --n-val / --n-test say otherwise
+        options = {"n_train": 12, "n_val": 4, "n_test": 6} if args.quick else {}
+        options.update({k: getattr(args, k) for k in ("n_train", "n_val", "n_test") if getattr(args, k) is not None})
+    elif args.data == "glas" and args.border_width:
+        options["border_width"] = args.border_width
+    data = common.load_dataset(name, root=args.root, size=args.size, seed=seed, cache=args.cache, **options)
+    for split in ("train", "val", "test"):
+        if split not in data or data[split].get("labels") is None:
+            raise common.UsageError(f"--data {args.data}: needs train/val/test splits with benign/malignant labels")
+        if int(data[split]["masks"].max()) > 2 or data[split]["masks"].dim() != 3:
+            raise common.UsageError(f"--data {args.data}: masks must be [N,H,W] with 0 stroma, 1 border, 2 lumen")
+        if data[split].get("instances") is None:  # e.g. --data folder: glands separated as predictions are
+            data[split]["instances"] = regions_to_instances(data[split]["masks"], args.connectivity, args.neck_ratio)
+    device = common.choose_device(args.device)
+    data = {k: common.to_device(v, device) for k, v in data.items()}
+    mean, std = common.channel_stats(data["train"]["images"])
+    return data, {"device": device, "mean": mean.to(device), "std": std.to(device)}
+
+
+def run_job(config, seed, args, out, tag, dist, data_for):
+    """Trains one configuration with one seed (data, initialisation, shuffling and augmentation all
+    seeded by it), reloads its best epoch and tests it: (metrics, history) of one table row."""
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
+    data, stats = data_for(seed)
+    common.seed_everything(seed)
+    model = build_model(args, stats["device"], dist)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)  # Sec. 3: SGD, lr 1e-2
+    generator = torch.Generator(device=stats["device"]).manual_seed(seed)  # batches, patches, augmentation
     start, best = 0, -math.inf
     if args.resume and not tag:
         state = common.load_checkpoint(args.resume, SCRIPT)
         start, best = common.restore_state(state, model, optimizer, generator=generator)
         print(f"resumed from {args.resume} after epoch {start}")
-    history, speed = train(model, optimizer, generator, data, stats, config, args, out, tag, start, best)
+    history, speed = train(model, optimizer, generator, data, stats, config, args, out, tag, dist, start, best)
     if out.path(f"{tag}best.pt").exists():
-        unwrap(model).load_state_dict(common.load_checkpoint(out.path(f"{tag}best.pt"), SCRIPT)["model"])
-    row = test_row(model, data["test"], stats, config, args)
-    metrics = {k: v for k, v in row.items() if k not in ("row", "uncertainty") and not k.startswith("lambda_")}
-    row.update(speed)
-    out.log({"row": config["row"], "test": metrics, **speed})
-    print(f"[{config['row']}] test " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-          + f" | {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}%")
-    return row, model, history
+        common.load_model_state(model, common.load_checkpoint(out.path(f"{tag}best.pt"), SCRIPT)["model"])
+    metrics = test_row(model, data["test"], stats, config, args)
+    print(f"[{config['row']}, seed {seed}] test " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                          if not k.startswith(("lambda_", "uncertainty")))
+          + f" | {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}%", flush=True)
+    return {**metrics, **speed}, history
 
 
-# ----------------------------------------------------------------------------------------------
-# Report: tables and figures
-# ----------------------------------------------------------------------------------------------
+# ---- Predict: a trained model on one's own images (--predict, or load_model + predict_batch) ---
+
+def load_model(checkpoint_path, device="cpu"):
+    """A common.Predictor from a best.pt / last.pt of this script: the network as trained (its
+    architecture from the checkpoint's arguments), the training normalisation and the class names."""
+    state = common.load_checkpoint(checkpoint_path, SCRIPT)
+    if "config" not in state or "norm" not in state:
+        raise common.CheckpointError(f"{checkpoint_path} holds no loss configuration or normalisation")
+    args = argparse.Namespace(**state["args"])
+    device = torch.device(device)
+    model = MultiLossFCN(args.width, args.depth, init_log_sigma2=args.init_log_sigma2)
+    common.load_model_state(model, state["model"])
+    model = model.to(device).eval()
+    norm = (state["norm"]["mean"].to(device), state["norm"]["std"].to(device))
+    return common.Predictor(model=model, args=args, norm=norm, size=args.size, keep_aspect=True, device=device,
+                            class_names=state.get("class_names") or ["benign", "malignant"],
+                            mask_names=list(REGION_NAMES), extra={"config": state["config"]})
 
 
-def fmt(value, digits=2):
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+@torch.no_grad()
+def predict_batch(predictor, images_uint8):
+    """uint8 [B,3,S,S] -> {"mask": regions (0 stroma, 1 border, 2 lumen), "instances": glands
+    (regions_to_instances), "maps": {"entropy": predictive entropy of P_t}, "rows": predicted class,
+    probability per class name and number of glands per image}."""
+    args, model = predictor.args, predictor.model
+    x = common.normalize(images_uint8.to(predictor.device), *predictor.norm)
+    with common.autocast(predictor.device, getattr(args, "amp", True)):
+        class_logits, pixel_logits = model(x)
+    class_prob = class_logits.float().softmax(1)  # [B,K]
+    log_p = region_log_probabilities(pixel_logits.float())  # [B,3,S,S]
+    regions = log_p.argmax(1)  # decode_regions
+    instances = regions_to_instances(regions, args.connectivity, args.neck_ratio)
+    entropy = -(log_p.exp() * log_p).sum(1)  # H(P_t) in nats; 0 <= H <= log 3
+    rows = [{"predicted_class": predictor.class_names[int(p.argmax())],
+             **{f"p_{name}": float(p[k]) for k, name in enumerate(predictor.class_names)}, "n_glands": int(g.max())}
+            for p, g in zip(class_prob, instances)]
+    return {"mask": regions, "instances": instances, "maps": {"entropy": entropy}, "rows": rows}
 
+
+# ---- Report: tables and figures ------------------------------------------------------------------
 
 def table_markdown(rows, title, digits=3):
-    lines = [f"## {title}", "",
-             "| Loss | λc | λs | λt | λg | Classification accuracy | Pixel accuracy | Object Dice | Hausdorff distance |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    seeds = rows[0].get("seeds", []) if rows else []
+    lines = [f"## {title}", ""]
+    if len(seeds) > 1:
+        lines += [f"Mean ± standard error over {len(seeds)} seeds ({', '.join(map(str, seeds))}).", ""]
+    lines += ["| Loss | λc | λs | λt | λg | Classification accuracy | Pixel accuracy | Object Dice | Hausdorff distance |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["uncertainty"]:  # learned weights: show the effective 1/sigma^2 when known
+        if r["uncertainty"]:  # learned weights: the effective 1/sigma^2 (of the seed mean of sigma^2) when known
             lam = [("0" if not r[f"lambda_{k}"] else f"1/σ²={1 / r[f'sigma2_{k}']:.2f}" if f"sigma2_{k}" in r
                     else "learned") for k in LOSS_NAMES]
         else:
             lam = [f"{r[f'lambda_{k}']:.2g}" for k in LOSS_NAMES]
-        hd = fmt(r.get("object_hausdorff"), 1)
+        # 'mean ± SE' over seeds (the plain value for one seed); '–' for an untrained head
+        scores = [common.fmt_over_seeds(r, k, digits=d) if r.get(k) is not None else "–"
+                  for k, d in (("accuracy", digits), ("pixel_accuracy", digits), ("object_dice", digits),
+                               ("object_hausdorff", 1))]
         if r.get("hausdorff_undefined"):
-            hd += f" ({r['hausdorff_undefined']} undefined)"
-        scores = [fmt(r.get(k), digits) for k in ("accuracy", "pixel_accuracy", "object_dice")]
-        lines.append(f"| {r['row']} | " + " | ".join(lam + scores) + f" | {hd} |")
+            scores[-1] += f" ({r['hausdorff_undefined']:g} undefined)"
+        lines.append(f"| {r['row']} | " + " | ".join(lam + scores) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -571,139 +849,161 @@ def paper_table_markdown():
 
 
 def figure_predictions(model, split, stats, args, path, n=4):
-    """Fig. 3: image, ground truth and prediction; lumen purple, border yellow, stroma black."""
+    """Fig. 3: image, ground truth, predicted regions (lumen purple, border yellow, stroma black)
+    and the predicted glands as regions_to_instances separates them (one colour per object)."""
     subset = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in split.items()}
-    classes, regions = predict(model, subset, stats, args)
+    class_prob, region_prob = predict(unwrap(model), subset, stats, args)
+    regions = region_prob.argmax(1)
+    glands = regions_to_instances(regions, args.connectivity, args.neck_ratio).cpu()
     names = subset["class_names"]
     palette = torch.tensor([[0, 0, 0], [240, 220, 40], [130, 60, 170]], dtype=torch.uint8)
+    objects = torch.cat([torch.zeros(1, 3, dtype=torch.uint8),  # background black, then fixed random colours
+                         torch.randint(60, 256, (int(glands.max()) + 1, 3), generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.uint8)])
     k = subset["images"].shape[0]
-    fig, axes = plt.subplots(3, k, figsize=(2.6 * k, 7.8), squeeze=False)
+    fig, axes = plt.subplots(4, k, figsize=(2.6 * k, 10.4), squeeze=False)
     for i in range(k):
         common.show_image(axes[0, i], subset["images"][i])
-        axes[0, i].set_title(f"{names[int(subset['labels'][i])]} (predicted {names[int(classes[i])]})", fontsize=8)
-        axes[1, i].imshow(palette[subset["masks"][i].cpu().long()].numpy())
-        axes[2, i].imshow(palette[regions[i].cpu().long()].numpy())
-        for a in axes[:, i]:
-            a.set_xticks([]), a.set_yticks([])
-    for a, name in zip(axes[1:, 0], ("ground truth", "prediction")):
+        axes[0, i].set_title(f"{names[int(subset['labels'][i])]} (predicted {names[int(class_prob[i].argmax())]})",
+                             fontsize=8)
+        for a, picture in zip(axes[1:, i], (palette[subset["masks"][i].cpu().long()], palette[regions[i].cpu().long()],
+                                            objects[glands[i].long()])):
+            a.imshow(picture.numpy())
+        axes[3, i].set_title(f"{int(glands[i].max())} glands", fontsize=8)
+    for a in axes.flat:
+        a.set_xticks([]), a.set_yticks([])
+    for a, name in zip(axes[1:, 0], ("ground truth", "prediction", "predicted glands")):
         a.set_ylabel(name)
-    fig.suptitle("Fig. 3: lumen (purple), epithelial border (yellow), stroma (black)")
+    fig.suptitle("Fig. 3: lumen (purple), epithelial border (yellow), stroma (black); glands as objects")
     common.save_figure(fig, path)
 
 
 def figure_sigma2(histories, path):
-    """Learned sigma_i^2 of every loss over the epochs, one panel per uncertainty-trained run."""
+    """Eq. 2's learned weights over the epochs: 1/sigma_i^2 of every loss (solid) beside 1/L_i, the
+    inverse of its epoch-mean training loss (dashed), which the optimum sigma_i^2 = L_i tracks; one
+    panel per uncertainty-trained run (first seed)."""
     histories = [h for h in histories if h and any(k.startswith("sigma2_") for k in h[0])]
     if not histories:
         return
     fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.5), squeeze=False)
     for ax, history in zip(axes[0], histories):
-        for key in [k for k in history[0] if k.startswith("sigma2_")]:
-            ax.plot([r["epoch"] for r in history], [r[key] for r in history], marker="o", label=f"σ²_{key[-1]}")
-        ax.set(title=history[0]["row"], xlabel="epoch", ylabel="learned σ²", yscale="log")
-        ax.legend()
+        epochs = [r["epoch"] for r in history]
+        for j, name in enumerate(k[len("sigma2_"):] for k in history[0] if k.startswith("sigma2_")):
+            ax.plot(epochs, [1 / r[f"sigma2_{name}"] for r in history], marker="o", ms=3, color=f"C{j}",
+                    label=f"1/σ²_{name}")
+            ax.plot(epochs, [1 / max(r[f"loss_{name}"], 1e-12) for r in history], ls="--", color=f"C{j}",
+                    label=f"1/L_{name}")
+        ax.set(title=history[0]["row"], xlabel="epoch", ylabel="weight", yscale="log")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     common.save_figure(fig, path)
 
 
 def figure_sweep(rows, lambdas, keys, title, path):
+    """Fig. 2: test scores against lambda, with standard-error bars over seeds when there are several."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for key, label in keys:
-        points = [(lam, r[key]) for lam, r in zip(lambdas, rows) if r.get(key) is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        points = [(lam, r[key], r.get(f"{key}_se", 0.0)) for lam, r in zip(lambdas, rows) if r.get(key) is not None]
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    capsize=3, label=label)
     ax.set(xlabel="λ", ylabel="test score", title=title)
     ax.legend()
     common.save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
+
+def jobs_of(args):
+    """The rows the command asks for: [(row name, loss configuration, checkpoint tag prefix)]."""
+    if args.table1:
+        return [(name, row_config(name, weights, uncertainty), f"table1-{i + 1}-")
+                for i, (name, weights, uncertainty) in enumerate(TABLE1)]
+    if args.sweep:
+        lambdas = comma_floats(args.lambdas, "--lambdas")
+        return ([(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", row_config("", (lam, 1 - lam, 0, 0), False), f"sweep-cs-{lam:g}-")
+                 for lam in lambdas]
+                + [(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", row_config("", (0, 1, lam, 1 - lam), False),
+                    f"sweep-tg-{lam:g}-") for lam in lambdas])
+    config = config_from_args(args)
+    return [(config["row"], config, "")]
 
 
-def load_data(args):
-    name = "synthetic-glands" if args.data == "synthetic" else args.data
-    options = {}
-    if args.data == "synthetic" and (args.quick or args.n_train):
-        options = {"n_train": 12, "n_val": 4, "n_test": 6} if args.quick else {"n_train": args.n_train}
-    data = common.load_dataset(name, root=args.root, size=args.size, seed=args.seed, cache=args.cache, **options)
-    for split in ("train", "val", "test"):
-        if split not in data or data[split].get("labels") is None:
-            raise SystemExit(f"--data {args.data}: needs train/val/test splits with benign/malignant labels")
-        if int(data[split]["masks"].max()) > 2 or data[split]["masks"].dim() != 3:
-            raise SystemExit(f"--data {args.data}: masks must be [N,H,W] with 0 stroma, 1 border, 2 lumen")
-        if data[split].get("instances") is None:  # e.g. --data folder: glands = components of border U lumen
-            data[split]["instances"] = common.label_components(data[split]["masks"] >= 1, connectivity=args.connectivity)
-    return data
+def eval_only(args):
+    """--eval-only: the test metrics of a checkpoint, rebuilt with its own architecture; the model and data."""
+    state = common.load_checkpoint(args.checkpoint, SCRIPT)
+    if "config" not in state:
+        raise common.CheckpointError(f"{args.checkpoint} holds no loss configuration (not this script's)")
+    common.restore_architecture(args, state, ARCHITECTURE)
+    data, stats = load_data(args, args.seed)
+    model = build_model(args, stats["device"])
+    common.load_model_state(model, state["model"])
+    row = {"row": state["config"]["row"], **test_row(model, data["test"], stats, state["config"], args)}
+    return common.summarize_rows({row["row"]: [{**row, "seed": args.seed, "rank": 0}]}), model, data, stats
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.resume and (args.table1 or args.sweep):
-        raise SystemExit("--resume continues a single run, not --table1 / --sweep")
-    if args.eval_only and not args.checkpoint:
-        raise SystemExit("--eval-only needs --checkpoint PATH (a best.pt or last.pt of this script)")
-    config = config_from_args(args)
-    common.seed_everything(args.seed)
-    device = common.choose_device(args.device)
+    for flag, given in (("--predict", args.predict), ("--eval-only", args.eval_only)):
+        if given and not args.checkpoint:
+            raise common.UsageError(f"{flag} needs --checkpoint PATH (a best.pt or last.pt of this script)")
+    if args.predict:
+        predictor = load_model(args.checkpoint, common.choose_device(args.device))
+        if not common.predict_images_in(args.predict, predictor, predict_batch, args.out, recursive=args.recursive,
+                                        batch_size=args.batch_size, script=SCRIPT):
+            raise common.UsageError(f"--predict {args.predict}: no image could be read")
+        return None
+    seeds = common.seed_list(args)
+    if args.resume:
+        if args.table1 or args.sweep or len(seeds) > 1:
+            raise common.UsageError("--resume continues a single run of one seed, not --table1 / --sweep / --seeds")
+        common.restore_architecture(args, common.load_checkpoint(args.resume, SCRIPT), ARCHITECTURE)
+    jobs = [] if args.eval_only else jobs_of(args)
+    dist = common.init_distributed(args, n_jobs=max(1, len(jobs) * len(seeds)))
     out = common.Run(args, SCRIPT)
-    data = load_data(args)
-    data = {k: common.to_device(v, device) for k, v in data.items()}
-    mean, std = common.channel_stats(data["train"]["images"])
-    stats = {"device": device, "mean": mean.to(device), "std": std.to(device)}
-
+    data_for = functools.cache(lambda seed: load_data(args, seed))  # one dataset per seed, shared by its rows
+    histories, model = {}, None
     if args.eval_only:
-        state = common.load_checkpoint(args.checkpoint, SCRIPT)
-        if "config" not in state:
-            raise SystemExit(f"{args.checkpoint} holds no loss configuration (not a checkpoint of this script's train())")
-        trained, config = argparse.Namespace(**state["args"]), state["config"]
-        model = build_model(trained, device)
-        unwrap(model).load_state_dict(state["model"])
-        rows, histories, main_model = [test_row(model, data["test"], stats, config, args)], [], model
-    elif args.table1:
-        rows, histories = [], []
-        for i, (name, weights, uncertainty) in enumerate(TABLE1):
-            last = i == len(TABLE1) - 1  # the proposed model keeps last.pt / best.pt
-            row, model, history = run(row_config(name, weights, uncertainty), args, data, stats, out,
-                                      tag="" if last else f"table1-{i + 1}-")
-            rows.append(row)
-            histories.append(history)
-        main_model = model
-    elif args.sweep:
-        lambdas = [float(v) for v in args.lambdas.split(",")]
-        sweep_cs, sweep_tg = [], []
-        for lam in lambdas:
-            row, _, _ = run(row_config(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", (lam, 1 - lam, 0, 0), False),
-                            args, data, stats, out, tag=f"sweep-cs-{lam:g}-")
-            sweep_cs.append(row)
-        for lam in lambdas:
-            row, model, _ = run(row_config(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", (0, 1, lam, 1 - lam), False),
-                                args, data, stats, out, tag=f"sweep-tg-{lam:g}-")
-            sweep_tg.append(row)
-        figure_sweep(sweep_cs, lambdas, [("accuracy", "classification accuracy"), ("pixel_accuracy", "pixel accuracy")],
-                     "λ Lc + (1-λ) Ls", out.figures / "fig2_lambda_Lc_Ls.png")
-        figure_sweep(sweep_tg, lambdas, [("pixel_accuracy", "pixel accuracy"), ("object_dice", "object Dice")],
-                     "Ls + λ Lt + (1-λ) Lg", out.figures / "fig2_lambda_Lt_Lg.png")
-        rows, histories, main_model = sweep_cs + sweep_tg, [], None
+        table, model, data, stats = eval_only(args)
+        main_row = table[0]["row"]
     else:
-        row, main_model, history = run(config, args, data, stats, out)
-        rows, histories = [row], [history]
+        main_row = None if args.sweep else jobs[-1][0]  # its first seed keeps last.pt / best.pt, draws Fig. 3
+        by_name = {name: (config, prefix) for name, config, prefix in jobs}
 
-    if main_model is not None:
-        figure_predictions(main_model, data["test"], stats, args, out.figures / "fig3_predictions.png")
-    figure_sigma2(histories, out.figures / "sigma2.png")
-    main_row = rows[-1] if not args.sweep else {}
-    metric_keys = ["accuracy", "pixel_accuracy", "object_dice", "object_hausdorff"] + [f"sigma2_{k}" for k in LOSS_NAMES]
-    metrics = {k: main_row[k] for k in metric_keys if k in main_row}
+        def train_and_evaluate(name, seed):
+            config, prefix = by_name[name]
+            tag = "" if name == main_row and seed == seeds[0] else f"{prefix}seed{seed}-"
+            metrics, history = run_job({**config, "row": name}, seed, args, out, tag, dist, data_for)
+            return {**metrics, "history": history}
+
+        per_row = common.run_rows([(name, seed) for name, _, _ in jobs for seed in seeds], train_and_evaluate, out, dist)
+        histories = {name: [entry.pop("history") for entry in entries] for name, entries in per_row.items()}
+        table = common.summarize_rows(per_row)
+        if out.is_main and main_row is not None and out.path("best.pt").exists():
+            data, stats = data_for(seeds[0])
+            model = load_model(out.path("best.pt"), stats["device"]).model
+    if out.is_main:
+        if model is not None:
+            figure_predictions(model, data["test"], stats, args, out.figures / "fig3_predictions.png")
+        figure_sigma2([h[0] for h in histories.values()], out.figures / "sigma2.png")
+        if args.sweep:  # the first half of the table sweeps Lc / Ls, the second Lt / Lg
+            n, lambdas = len(table) // 2, comma_floats(args.lambdas, "--lambdas")
+            figure_sweep(table[:n], lambdas, [("accuracy", "classification accuracy"), ("pixel_accuracy", "pixel accuracy")],
+                         "λ Lc + (1-λ) Ls", out.figures / "fig2_lambda_Lc_Ls.png")
+            figure_sweep(table[n:], lambdas, [("pixel_accuracy", "pixel accuracy"), ("object_dice", "object Dice")],
+                         "Ls + λ Lt + (1-λ) Lg", out.figures / "fig2_lambda_Lt_Lg.png")
+    main_entry = next((r for r in table if r["row"] == main_row), {})
+    keys = ["accuracy", "pixel_accuracy", "object_dice", "object_hausdorff"] + [f"sigma2_{k}" for k in LOSS_NAMES]
+    metrics = {key + s: main_entry[key + s] for key in keys if key in main_entry for s in ("", "_se")}
     title = "Fig. 2 sweeps" if args.sweep else ("Table 1" if args.table1 else "Test set")
-    markdown = table_markdown(rows, f"{title} ({args.data}, test split)")
+    markdown = table_markdown(table, f"{title} ({args.data}, test split)")
     if not args.sweep:  # Fig. 2 has no numbers to compare with
         markdown += "\n" + paper_table_markdown()
-    common.write_results(out.dir, SCRIPT, args.data, "test", metrics, rows, vars(args), markdown)
-    print(markdown)
-    print(f"results in {out.dir}")
+    config = {**vars(args), "seeds": seeds, "world_size": dist.world_size}
+    common.write_results(out.dir, SCRIPT, args.data, "test", metrics, table, config, markdown)
+    if out.is_main:
+        print(f"{markdown}\nresults in {out.dir}")
     return out.dir
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -5,7 +5,9 @@ Official layouts are built as small trees in a temporary folder, with the pitfal
 spaces in CSV cells); every assertion is on what `load_dataset` returns.
 """
 
+import gzip
 import os
+import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -200,6 +202,51 @@ def test_channel_stats_normalize_to_float():
 
 
 # ---------------------------------------------------------------------------------------------
+# Letterbox: aspect ratio kept, and back to the original size
+# ---------------------------------------------------------------------------------------------
+
+
+def _disc(height, width, cy, cx, radius):
+    yy, xx = np.mgrid[:height, :width]
+    return ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2).astype(np.uint8)
+
+
+def test_letterbox_box_worked_examples():
+    assert common.letterbox_box(522, 775, 128) == (21, 0, 86, 128)  # GlaS: 522 * 128 / 775 = 86.2
+    assert common.letterbox_box(775, 522, 128) == (0, 21, 128, 86)
+    assert common.letterbox_box(16, 20, 20) == (2, 0, 16, 20)
+    assert common.letterbox_box(5, 10, 9) == (2, 0, 5, 9)  # 4.5 rounds half up to 5
+    assert common.letterbox_box(1, 1000, 8) == (3, 0, 1, 8)  # never thinner than one pixel
+    assert common.letterbox_box(64, 64, 64) == (0, 0, 64, 64)
+
+
+def test_letterbox_keeps_discs_round_and_from_canvas_restores_the_size():
+    disc = torch.from_numpy(_disc(300, 500, 150, 200, 60))  # a 121-pixel disc in a wide image
+    canvas = common.letterbox(disc, 100, "nearest")  # scale 0.2: the disc is about 24 pixels across
+    assert canvas.shape == (100, 100) and canvas.dtype == torch.uint8
+    rows, cols = canvas.any(1).nonzero()[:, 0], canvas.any(0).nonzero()[:, 0]
+    height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+    assert height == width and 23 <= height <= 26  # round stays round (a squash would give 24 x 16)
+    assert not canvas[:20].any() and not canvas[80:].any()  # 300 x 500 -> 60 x 100 at rows 20..79
+    back = common.from_canvas(canvas, 300, 500)  # integer input -> nearest
+    assert back.shape == (300, 500) and back.dtype == torch.uint8
+    overlap = (back.bool() & disc.bool()).sum() / (back.bool() | disc.bool()).sum()
+    assert overlap > 0.9
+    # an image the canvas holds at scale 1 goes there and back unchanged, any dtype
+    instances = torch.randint(0, 300, (2, 20, 32), dtype=torch.int32)
+    boxed = common.letterbox(instances, 32, "nearest")
+    assert torch.equal(boxed[:, 6:26], instances) and not boxed[:, :6].any()
+    assert torch.equal(common.from_canvas(boxed, 20, 32), instances)
+    image = torch.randint(0, 256, (3, 20, 32), dtype=torch.uint8)
+    assert torch.equal(common.letterbox(image, 32)[:, 6:26], image)
+    # a float map comes back bilinear, a constant stays constant
+    prob = torch.full((2, 64, 64), 0.25)
+    assert torch.allclose(common.from_canvas(prob, 300, 500), torch.full((2, 300, 500), 0.25))
+    shrunk = common.letterbox(torch.full((3, 300, 500), 200, dtype=torch.uint8), 100)
+    assert shrunk.dtype == torch.uint8 and (shrunk[:, 20:80] == 200).all() and not shrunk[:, :20].any()
+
+
+# ---------------------------------------------------------------------------------------------
 # Official layouts: small trees in a temporary folder
 # ---------------------------------------------------------------------------------------------
 
@@ -207,6 +254,12 @@ def test_channel_stats_normalize_to_float():
 def _rgb(path, size=(20, 16), value=100):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
+
+
+def _rgb_from(path, grey):
+    """A greyscale array saved as an RGB JPEG (what plt.imsave with the grey colour map writes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.stack([grey] * 3, -1)).save(path, quality=75)
 
 
 def _grey(path, array):
@@ -242,92 +295,192 @@ def _xlsx(path, rows):
         z.writestr("xl/worksheets/sheet1.xml", f"<worksheet {ns}><sheetData>{''.join(cells)}</sheetData></worksheet>")
 
 
-def _refuge(tmp_path, test_by_folder=True):
+_REFUGE_ZIPS = {  # each zip unpacked into a folder named after it, as the issue found users do
+    "Training400": "REFUGE-Training400/Training400",
+    "Annotation-Training400": "Annotation-Training400/Annotation-Training400",
+    "REFUGE-Validation400": "REFUGE-Validation400/REFUGE-Validation400",
+    "REFUGE-Validation400-GT": "REFUGE-Validation400-GT/REFUGE-Validation400-GT",
+    "Test400": "REFUGE-Test400/Test400", "REFUGE-Test-GT": "REFUGE-Test-GT/REFUGE-Test-GT"}
+
+
+def _refuge(tmp_path, test_by_folder=True, wrapped=False):
     root = tmp_path / "REFUGE" / "REFUGE"  # doubled top folder
+    at = lambda component: root / (_REFUGE_ZIPS[component] if wrapped else component)  # noqa: E731
     for cls, ids in (("Glaucoma", ["g0001"]), ("Non-Glaucoma", ["n0001", "n0002"])):
         for i in ids:
-            _rgb(root / "Training400" / cls / f"{i}.jpg")
-            _grey(root / "Annotation-Training400" / "Disc_Cup_Masks" / cls / f"{i}.bmp", _disc_mask())
+            _rgb(at("Training400") / cls / f"{i}.jpg")
+            _grey(at("Annotation-Training400") / "Disc_Cup_Masks" / cls / f"{i}.bmp", _disc_mask())
     (root / "__MACOSX" / "Training400").mkdir(parents=True)
     (root / "__MACOSX" / "Training400" / "._g0001.jpg").write_bytes(b"junk")
     for i in ("V0001", "V0002"):
-        _rgb(root / "REFUGE-Validation400" / f"{i}.jpg")
-        _grey(root / "REFUGE-Validation400-GT" / "Disc_Cup_Masks" / f"{i}.bmp", _disc_mask())
-    _xlsx(root / "REFUGE-Validation400-GT" / "Fovea_locations.xlsx",
+        _rgb(at("REFUGE-Validation400") / f"{i}.jpg")
+        _grey(at("REFUGE-Validation400-GT") / "Disc_Cup_Masks" / f"{i}.bmp", _disc_mask())
+    _xlsx(at("REFUGE-Validation400-GT") / "Fovea_locations.xlsx",
           [["ID", "ImgName", "Fovea_X", "Fovea_Y", "Glaucoma Label"],
            [1, "V0001.jpg", 10.5, 8.0, 1], [2, "V0002.jpg", 9.0, 7.5, 0]])
     for i, g in (("T0001", "G"), ("T0002", "N"), ("T0003", "N")):
-        _rgb(root / "Test400" / f"{i}.jpg")
-        folder = root / "REFUGE-Test-GT" / "Disc_Cup_Masks" / (g if test_by_folder else "")
+        _rgb(at("Test400") / f"{i}.jpg")
+        folder = at("REFUGE-Test-GT") / "Disc_Cup_Masks" / (g if test_by_folder else "")
         _grey(folder / f"{i}.bmp", _disc_mask())
     if not test_by_folder:
-        _xlsx(root / "REFUGE-Test-GT" / "Glaucoma_label_and_Fovea_location.xlsx",
+        _xlsx(at("REFUGE-Test-GT") / "Glaucoma_label_and_Fovea_location.xlsx",
               [["ImgName", "Fovea_X", "Fovea_Y", "Label(Glaucoma=1)"],
                ["T0001.jpg", 1, 1, 0], ["T0002.jpg", 1, 1, 1], ["T0003.jpg", 1, 1, 0]])
     return tmp_path / "REFUGE"
 
 
-@pytest.mark.parametrize("test_by_folder", [True, False])
-def test_refuge_layout(tmp_path, test_by_folder):
-    d = common.load_dataset("refuge", root=_refuge(tmp_path, test_by_folder), size=20, cache=tmp_path / "cache")
+@pytest.mark.parametrize("test_by_folder, wrapped", [(True, False), (False, False), (True, True)])
+def test_refuge_layout(tmp_path, test_by_folder, wrapped):
+    root = _refuge(tmp_path, test_by_folder, wrapped)
+    d = common.load_dataset("refuge", root=root, size=20, cache=tmp_path / "cache")
     assert {k: len(v["names"]) for k, v in d.items()} == {"train": 3, "val": 2, "test": 3}
     assert d["train"]["names"] == ["g0001", "n0001", "n0002"] and d["train"]["labels"].tolist() == [1, 0, 0]
     assert d["val"]["labels"].tolist() == [1, 0]
     assert d["test"]["labels"].tolist() == ([1, 0, 0] if test_by_folder else [0, 1, 0])
     classes = np.where(_disc_mask() < 64, 2, np.where(_disc_mask() < 192, 1, 0)).astype(np.uint8)  # 0 cup, 128 rim
-    expected = torch.from_numpy(np.array(Image.fromarray(classes).resize((20, 20), Image.NEAREST)))
+    # 20 x 16 letterboxed at 20: width kept, 16 rows centred at rows 2..17, 2 zero rows above and below
+    expected = torch.zeros(20, 20, dtype=torch.uint8)
+    expected[2:18] = torch.from_numpy(classes)
     assert torch.equal(d["val"]["masks"][0], expected) and set(d["test"]["masks"].unique().tolist()) == {0, 1, 2}
     assert d["train"]["images"].shape == (3, 3, 20, 20) and d["train"]["mask_names"] == ["background", "rim", "cup"]
+    assert d["train"]["sizes"].tolist() == [[16, 20]] * 3 and d["train"]["sizes"].dtype == torch.int64
+    assert d["val"]["valid"][0].sum(1).tolist() == [0, 0] + [20] * 16 + [0, 0]
+    assert (d["train"]["images"][:, :, :2] == 0).all() and (d["train"]["images"][:, :, 2:18] == 100).all()
+    if not test_by_folder:  # a label workbook that is not an .xlsx is named
+        (root / "REFUGE" / "REFUGE-Validation400-GT" / "Fovea_locations.xlsx").write_bytes(b"ID;ImgName\n")
+        with pytest.raises(common.DatasetError, match=r"cannot read '.*Fovea_locations.xlsx' as an .xlsx workbook"):
+            common.load_dataset("refuge", root=root, size=20, cache=tmp_path / "cache")
+    if wrapped:  # a second copy of one folder elsewhere: an error naming both
+        _rgb(root / "REFUGE" / "old" / "Training400" / "Glaucoma" / "g0001.jpg")
+        with pytest.raises(common.DatasetError, match=r"two candidates for 'Training400': '.*old/Training400' and "
+                                                      r"'.*REFUGE-Training400/Training400'"):
+            common.load_dataset("refuge", root=root, size=20, cache=tmp_path / "cache")
 
 
-def _isic2017(tmp_path):
+def _isic2017(tmp_path, tags=("Training", "Validation", "Test_v2"), csv=True):
     root = tmp_path / "isic"
     labels = {"Training": [("ISIC_0000001", "0.0", "0.0"), ("ISIC_0000002", "1.0", "0.0"),
                            ("ISIC_0000003", "0.0", "1.0")],
-              "Validation": [("ISIC_0000010", "0.0", "0.0")], "Test_v2": [("ISIC_0000020", "1.0", "0.0")]}
-    for tag, rows in labels.items():
+              "Validation": [("ISIC_0000010", "0.0", "0.0")],
+              "Test_v2": [("ISIC_0000020", "1.0", "0.0"), ("ISIC_0000021", "0.0", "0.0")]}
+    for tag in tags:
+        rows = labels[tag]
+        # the training zip unpacked into a folder of its own name (the thesis author's notebooks)
+        data = root / f"ISIC-2017_{tag}_Data" / (f"ISIC-2017_{tag}_Data" if tag == "Training" else "")
         for image_id, _, _ in rows:
-            _rgb(root / f"ISIC-2017_{tag}_Data" / f"{image_id}.jpg")
-            _rgb(root / f"ISIC-2017_{tag}_Data" / f"{image_id}_superpixels.png")
+            _rgb(data / f"{image_id}.jpg")
+            _rgb(data / f"{image_id}_superpixels.png")
             mask = np.zeros((16, 20), np.uint8)
             mask[4:12, 5:15] = 255
             _grey(root / f"ISIC-2017_{tag}_Part1_GroundTruth" / f"{image_id}_Segmentation.PNG", mask)
-        (root / f"ISIC-2017_{tag}_Data" / f"ISIC-2017_{tag}_Data_metadata.csv").write_text("image_id,age\n")
-        (root / f"ISIC-2017_{tag}_Part3_GroundTruth.csv").write_text(
-            "image_id,melanoma,seborrheic_keratosis\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+        (data / f"ISIC-2017_{tag}_Data_metadata.csv").write_text("image_id,age\n")
+        if csv:
+            (root / f"ISIC-2017_{tag}_Part3_GroundTruth.csv").write_text(
+                "image_id,melanoma,seborrheic_keratosis\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
     return root
 
 
 def test_isic2017_layout(tmp_path):
     d = common.load_dataset("isic2017", root=_isic2017(tmp_path), size=20, cache=tmp_path / "cache")
     assert d["train"]["labels"].tolist() == [0, 1, 2] and d["val"]["labels"].tolist() == [0]
-    assert d["test"]["labels"].tolist() == [1] and d["train"]["names"][0] == "ISIC_0000001"
+    assert d["test"]["labels"].tolist() == [1, 0] and d["train"]["names"][0] == "ISIC_0000001"
     assert d["train"]["masks"].shape == (3, 20, 20) and set(d["train"]["masks"].unique().tolist()) == {0, 1}
     assert d["train"]["class_names"] == ["nevus", "melanoma", "seborrheic_keratosis"]
+    # exclude: ids of another dataset's training images leave the test split (any case, with extension)
+    e = common.load_dataset("isic2017", root=tmp_path / "isic", size=20, cache=tmp_path / "cache",
+                            exclude=["isic_0000020.JPG", "ISIC_9999999"])
+    assert e["test"]["names"] == ["ISIC_0000021"] and e["test"]["removed_overlap"] == ["ISIC_0000020"]
+    assert e["test"]["labels"].tolist() == [0] and e["test"]["images"].shape[0] == 1
 
 
-def test_isic_multi_both_layouts(tmp_path):
-    a = tmp_path / "a"
-    for i, k in enumerate([2, 3, 2, 2, 2]):
-        _rgb(a / "inputs" / f"ISIC_000000{i}.jpg")
+def test_isic2017_test_set_alone(tmp_path, capsys):
+    root = _isic2017(tmp_path, tags=("Test_v2",), csv=False)
+    with pytest.raises(common.DatasetError, match=r"no file 'ISIC-2017_Test_v2_Part3_GroundTruth.csv'"):
+        common.load_dataset("isic2017", root=root, size=20, cache=tmp_path / "cache")
+    d = common.load_dataset("isic2017", root=root, size=20, cache=tmp_path / "cache", need_labels=False)
+    assert list(d) == ["test"] and d["test"]["names"] == ["ISIC_0000020", "ISIC_0000021"]
+    assert d["test"]["labels"] is None and "going on without them" in capsys.readouterr().err
+
+
+def _lesion_mask(path, rows):
+    mask = np.zeros((16, 20), np.uint8)
+    mask[2:rows, 3:12] = 255
+    _grey(path, mask)
+
+
+def test_isic_multi_ribeiro_layout_single_mask_images_are_the_test_set(tmp_path):
+    a = tmp_path / "a" / "ISIC Archive"
+    counts = [2, 3, 2, 1, 2, 2, 1]  # five multi-mask images (the training pool) and two single-mask ones
+    for i, k in enumerate(counts):
+        _rgb(a / "inputs" / "inputs" / f"ISIC_000000{i}.jpg")  # doubled folder
         for j in range(1, k + 1):
-            mask = np.zeros((16, 20), np.uint8)
-            mask[2:10 + j, 3:12] = 255
-            _grey(a / "targets" / f"ISIC_000000{i}_segmentation_{j}.png", mask)
-    d = common.load_dataset("isic-multi", root=a, size=16, cache=tmp_path / "cache")
-    assert list(d) == ["train", "val"] and [len(d[s]["names"]) for s in d] == [4, 1]  # 80 / 20
+            _lesion_mask(a / "targets" / f"ISIC_000000{i}_segmentation_{j}.png", 10 + j)
+    d = common.load_dataset("isic-multi", root=tmp_path / "a", size=16, cache=tmp_path / "cache")
+    assert list(d) == ["train", "val", "test"] and [len(d[s]["names"]) for s in d] == [4, 1, 2]  # 80 / 20
     counts = torch.cat([d["train"]["n_annotations"], d["val"]["n_annotations"]]).tolist()
     merged = sorted(zip(d["train"]["names"] + d["val"]["names"], counts))
     assert [n for _, n in merged] == [2, 3, 2, 2, 2] and d["train"]["masks"].shape[1:] == (3, 16, 16)
     two = d["train"]["n_annotations"] == 2
     assert not d["train"]["masks"][two, 2].any() and d["train"]["masks"][:, :2].flatten(2).any(2).all()
-    b = tmp_path / "b" / "ISIC_MultiAnnot"
-    for i in range(3):
-        _rgb(b / f"ISIC_000010{i}.JPG")
-        for suffix in ("A1_T1_S1_0", "A2_T3_S2_0", "ST_T1_S1_0", "MV_T1_S1_0"):
-            _grey(b / f"ISIC_000010{i}_{suffix}.png", np.full((16, 20), 255, np.uint8))
+    test = d["test"]
+    assert test["names"] == ["ISIC_0000003", "ISIC_0000006"] and test["masks"].shape == (2, 1, 16, 16)
+    assert test["n_annotations"].tolist() == [1, 1] and test["removed_overlap"] == []
+    assert set(test["masks"].unique().tolist()) == {0, 1}
+
+
+def test_isic_multi_split_lists_with_foreign_paths(tmp_path):
+    a = tmp_path / "data"
+    for i, k in enumerate([2, 2, 3, 1, 1]):
+        _rgb(a / "inputs" / f"ISIC_000000{i}.jpg")
+        for j in range(1, k + 1):
+            _lesion_mask(a / "targets" / f"ISIC_000000{i}_segmentation_{j}.png", 10 + j)
+    far = "/home/someone/Skin Data/isic archive"  # the authors' machine; a space inside the path
+
+    def line(i, k):
+        return " ".join([f"{far}/inputs/ISIC_000000{i}.jpg"] +
+                        [f"{far}/targets/ISIC_000000{i}_segmentation_{j}.png" for j in range(1, k + 1)])
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "train_isic_titans_full.txt").write_text(line(0, 2) + "\n" + line(2, 3) + "\n\n")
+    (lists / "validation_isic_titans_full.txt").write_text(line(1, 2) + "\n")
+    (lists / "test_isic_titans_2000.txt").write_text(line(3, 1) + "\n" + line(4, 1) + "\n" + line(0, 1) + "\n")
+    d = common.load_dataset("isic-multi", root=a, size=16, cache=tmp_path / "cache", splits=lists)
+    assert d["train"]["names"] == ["ISIC_0000000", "ISIC_0000002"] and d["val"]["names"] == ["ISIC_0000001"]
+    assert d["train"]["n_annotations"].tolist() == [2, 3] and d["train"]["masks"].shape == (2, 3, 16, 16)
+    # ISIC_0000000 is listed for test too: removed from the test split and recorded
+    assert d["test"]["names"] == ["ISIC_0000003", "ISIC_0000004"]
+    assert d["test"]["removed_overlap"] == ["ISIC_0000000"] and d["test"]["masks"].shape == (2, 1, 16, 16)
+    # the lists found under the dataset folder, any depth, work the same
+    (a / "meta" / "splits").mkdir(parents=True)
+    for f in lists.iterdir():
+        (a / "meta" / "splits" / f.name).write_text(f.read_text())
+    e = common.load_dataset("isic-multi", root=a, size=16, cache=tmp_path / "cache")
+    assert e["val"]["names"] == ["ISIC_0000001"] and e["test"]["removed_overlap"] == ["ISIC_0000000"]
+    # a listed file that is absent is named
+    (lists / "validation_isic_titans_full.txt").write_text(line(1, 2) + "\n" + line(7, 2) + "\n")
+    with pytest.raises(common.DatasetError, match=r"3 file\(s\) listed in '.*validation_isic_titans_full.txt' are "
+                                                  r"not in the dataset folder: ISIC_0000007.jpg, "
+                                                  r"ISIC_0000007_segmentation_1.png"):
+        common.load_dataset("isic-multi", root=a, size=16, cache=tmp_path / "cache", splits=lists)
+
+
+def test_isic_multi_annot_plus_plus(tmp_path, capsys):
+    b = tmp_path / "b" / "IMA++" / "IMA++"
+    for i in range(4):
+        _rgb(b / "images" / f"ISIC_000010{i}.JPG")
+        suffixes = ["A01_T1_S1", "A02_T3_S2", "ST_T1_S1", "MV_T1_S1"] if i < 3 else ["A05_T2_S1"]
+        for suffix in suffixes:
+            _grey(b / "masks" / f"ISIC_000010{i}_{suffix}.png", np.full((16, 20), 255, np.uint8))
+    # annotator A01 segmented ISIC_0000100 twice: one annotator, counted once
+    _grey(b / "masks" / "ISIC_0000100_A01_T2_S1.png", np.zeros((16, 20), np.uint8))
     e = common.load_dataset("isic-multi", root=tmp_path / "b", size=16, cache=tmp_path / "cache")
     assert torch.cat([e["train"]["n_annotations"], e["val"]["n_annotations"]]).tolist() == [2, 2, 2]
+    assert e["test"]["names"] == ["ISIC_0000103"] and e["test"]["n_annotations"].tolist() == [1]
+    out = capsys.readouterr().out
+    assert "ISIC_0000100: annotator A01 has 2 masks, keeping 'ISIC_0000100_A01_T1_S1.png'" in out
+    first = e["train"] if "ISIC_0000100" in e["train"]["names"] else e["val"]
+    k = first["names"].index("ISIC_0000100")
+    assert first["masks"][k, :2][:, first["valid"][k] == 1].all()  # the kept A01 mask is the full one
 
 
 def test_ph2_layout(tmp_path):
@@ -345,29 +498,41 @@ def test_ph2_layout(tmp_path):
     d = common.load_dataset("ph2", root=tmp_path / "data", size=16, cache=tmp_path / "cache")
     assert list(d) == ["test"] and d["test"]["names"] == ["IMD002", "IMD003", "IMD010"]
     assert d["test"]["labels"].tolist() == [0, 2, 1]
-    resized = np.array(Image.fromarray(mask).resize((16, 16), Image.NEAREST)) > 0
-    assert torch.equal(d["test"]["masks"], torch.from_numpy(resized).to(torch.uint8).expand(3, 16, 16))
+    # 20 x 16 -> 16 x 13 (round(16 * 16 / 20) = 12.8 -> 13 rows, top = 1): nearest keeps the square
+    expected = torch.zeros(16, 16, dtype=torch.uint8)
+    expected[1:14] = torch.from_numpy(np.array(Image.fromarray(mask).resize((16, 13), Image.NEAREST)) > 0)
+    assert torch.equal(d["test"]["masks"], expected.expand(3, 16, 16))
+    assert d["test"]["sizes"].tolist() == [[16, 20]] * 3 and d["test"]["removed_overlap"] == []
+    # a txt that does not parse never blocks segmentation-only use: a warning, no labels
+    (tmp_path / "data" / "PH2Dataset" / "PH2_dataset.txt").write_text("|| Name || Asymmetry ||\n|| IMD002 || 0 ||\n")
+    e = common.load_dataset("ph2", root=tmp_path / "data", size=16, cache=tmp_path / "cache")
+    assert e["test"]["labels"] is None and torch.equal(e["test"]["masks"], d["test"]["masks"])
+    with pytest.raises(common.DatasetError, match=r"ph2: .*PH2_dataset.txt' has no header row with columns 'Name' "
+                                                  r"and 'Clinical Diagnosis'"):
+        common.load_dataset("ph2", root=tmp_path / "data", size=16, cache=tmp_path / "cache", need_labels=True)
 
 
 def test_dermofit_layout(tmp_path):
     root = tmp_path / "data"
     for cls, ids in (("AK", ["a1", "A2"]), ("MEL", ["m5"])):
         for i in ids:
-            _rgb(root / "originalImages" / cls / i / f"{i}.png")
-            _grey(root / "originalMasks" / cls / i.upper() / f"{i.upper()}mask.png", np.full((16, 20), 255, np.uint8))
+            _rgb(root / "originalImages" / "originalImages" / cls / i / f"{i}.png")  # doubled
+            _grey(root / "masks_zip" / "originalMasks" / cls / i.upper() / f"{i.upper()}mask.png",  # in a zip's folder
+                  np.full((16, 20), 255, np.uint8))
     d = common.load_dataset("dermofit", root=root, size=16, cache=tmp_path / "cache")
     assert d["test"]["class_names"] == ["AK", "MEL"] and d["test"]["labels"].tolist() == [0, 0, 1]
-    assert d["test"]["masks"].min() == 1
+    assert d["test"]["masks"][d["test"]["valid"] == 1].min() == 1 and d["test"]["masks"][d["test"]["valid"] == 0].max() == 0
 
 
-def _glas(root, n_train=12):
-    instance = np.zeros((32, 32), np.uint8)
-    instance[2:12, 2:12] = 1  # a 10x10 gland
-    instance[15:30, 15:25] = 2
+def _glas(root, n_train=12, instance=None):
+    if instance is None:
+        instance = np.zeros((32, 32), np.uint8)
+        instance[2:12, 2:12] = 1  # a 10x10 gland
+        instance[15:30, 15:25] = 2
     rows = ["name, patient ID, grade (GlaS), grade (Sirinukunwattana et al. 2015)"]
     for prefix, n in (("train", n_train), ("testA", 2), ("testB", 1)):
         for i in range(1, n + 1):
-            _rgb(root / f"{prefix}_{i}.bmp", (32, 32))
+            _rgb(root / f"{prefix}_{i}.bmp", instance.shape[::-1])
             _grey(root / f"{prefix}_{i}_anno.bmp", instance)
             rows.append(f"{prefix}_{i}, {i}, {' malignant' if i % 2 else ' benign'}, adenomatous")
     (root / "Grade.csv").write_bytes(("\r".join(rows) + "\r").encode())  # CR-only line ends
@@ -387,6 +552,35 @@ def test_glas_layout_regions_from_instances(tmp_path):
     assert inst.dtype == torch.int32 and inst.unique().tolist() == [0, 1, 2]
     assert int((m[2:12, 2:12] == 2).sum()) == 64 and int((m[2:12, 2:12] == 1).sum()) == 36  # 1 px ring
     assert int((m == 0).sum()) == 32 * 32 - 100 - 150
+
+
+def test_glas_round_glands_stay_round_and_full_resolution_maps(tmp_path):
+    from scipy import ndimage
+    root = tmp_path / "data" / "GlaS" / "GlaS"  # doubled folder
+    instance = (_disc(60, 96, 30, 30, 12) + 2 * _disc(60, 96, 28, 70, 9)).astype(np.uint8)  # 96 wide, 60 high
+    _glas(root, n_train=7, instance=instance)
+    d = common.load_dataset("glas", root=tmp_path / "data", size=48, cache=tmp_path / "cache", border_width=3)
+    test = d["test"]
+    assert test["sizes"].tolist() == [[60, 96]] * 3 and test["valid"][0].sum(1).tolist() == [0] * 9 + [48] * 30 + [0] * 9
+    # on the canvas (scale 1/2) each disc keeps a square bounding box, about half its diameter both ways
+    for k, diameter in ((1, 25), (2, 19)):
+        on = test["instances"][0] == k
+        rows, cols = on.any(1).nonzero()[:, 0], on.any(0).nonzero()[:, 0]
+        assert int(rows[-1] - rows[0]) == int(cols[-1] - cols[0]) and abs(int(rows[-1] - rows[0]) + 1 - diameter / 2) <= 2
+        back = common.from_canvas(test["instances"][0], 60, 96) == k
+        truth = torch.from_numpy(instance == k)
+        assert (back & truth).sum() / (back | truth).sum() > 0.85
+    # original resolution: instances as stored, regions by the border rule in original pixels (scipy oracle)
+    assert all(torch.equal(f, torch.from_numpy(instance.astype(np.int32))) for f in test["full_instances"])
+    lumen = sum(ndimage.binary_erosion(instance == k, np.ones((7, 7)), border_value=1) for k in (1, 2))
+    expected = torch.from_numpy(((instance > 0).astype(np.uint8) + lumen).astype(np.uint8))
+    assert all(torch.equal(m, expected) for m in test["full_masks"]) and test["full_masks"][0].dtype == torch.uint8
+    assert torch.equal(test["masks"][0], common.letterbox(expected, 48, "nearest"))
+    assert len(d["val"]["full_instances"]) == 1 and "full_instances" not in d["train"]  # val/test only
+    # the cache key covers border_width: a wider border, less lumen
+    e = common.load_dataset("glas", root=tmp_path / "data", size=48, cache=tmp_path / "cache", border_width=5)
+    assert int((e["test"]["full_masks"][0] == 2).sum()) < int((expected == 2).sum())
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
 def test_folder_and_ispy1_layouts(tmp_path):
@@ -412,6 +606,157 @@ def test_folder_and_ispy1_layouts(tmp_path):
     assert i["val"]["labels"].tolist() == [1] and i["val"]["class_names"] == ["non_pcr", "pcr"]
 
 
+def _nifti(path, data, dtype="<i2", code=4, slope=0.0, inter=0.0, gz=False, sizeof=348):
+    """A single-file NIfTI-1 image written by hand: the 348-byte header (sizeof_hdr, dim at 40,
+    datatype/bitpix at 70, vox_offset at 108, scl_slope/scl_inter at 112, magic at 344), 4 bytes
+    of extension flag, then the voxels with i fastest (data given as [k, j, i])."""
+    e = dtype[0]
+    header = bytearray(348)
+    struct.pack_into(e + "i", header, 0, sizeof)
+    nz, ny, nx = data.shape
+    struct.pack_into(e + "8h", header, 40, 3, nx, ny, nz, 1, 1, 1, 1)
+    struct.pack_into(e + "2h", header, 70, code, np.dtype(dtype).itemsize * 8)
+    struct.pack_into(e + "8f", header, 76, 1, 1, 1, 2, 0, 0, 0, 0)
+    struct.pack_into(e + "3f", header, 108, 352.0, slope, inter)
+    header[344:348] = b"n+1\0"
+    raw = bytes(header) + bytes(4) + np.ascontiguousarray(data).astype(dtype).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def test_nifti_reader_byte_order_types_scaling_gzip(tmp_path):
+    data = np.arange(2 * 3 * 4).reshape(2, 3, 4)  # [k, j, i]
+    for i, (dtype, code, gz) in enumerate([("<i2", 4, False), (">i2", 4, True), ("<f4", 16, True),
+                                           (">u2", 512, False), ("<u1", 2, False), (">f8", 64, True)]):
+        _nifti(tmp_path / f"v{i}.nii", data, dtype, code, slope=2.0, inter=-5.0, gz=gz)
+        volume = common._read_nifti("ispy1", tmp_path / f"v{i}.nii")
+        assert volume.dtype == np.float32 and np.array_equal(volume, data * 2.0 - 5.0), dtype
+    _nifti(tmp_path / "plain.nii", data, slope=0.0, inter=7.0)  # slope 0 means "no scaling"
+    assert np.array_equal(common._read_nifti("ispy1", tmp_path / "plain.nii"), data)
+    _nifti(tmp_path / "two.nii", data, sizeof=540)
+    with pytest.raises(common.DatasetError, match=r"two.nii' is not a NIfTI-1 file \(NIfTI-2\)"):
+        common._read_nifti("ispy1", tmp_path / "two.nii")
+    (tmp_path / "junk.nii").write_bytes(b"not an image" * 40)
+    with pytest.raises(common.DatasetError, match=r"junk.nii' is not a NIfTI-1 file"):
+        common._read_nifti("ispy1", tmp_path / "junk.nii")
+
+
+_ISPY_PATIENTS = {1001: 0, 1002: 1, 1003: 0, 1004: 0, 1005: 1, 1006: 0, 1007: 1, 1008: 0}
+
+
+def _ispy_download(root, short=1008, mismatch=None, columns=("SUBJECTID", "PCR")):
+    """(a): 8 patients, volumes 12 (i) x 10 (j) x 16 (k) slices, tumour blocks on slices 3..14
+    with the largest area on slice 9 (patient 1003: 0..12, largest on 2; patient `short`: only
+    7 tumour slices, 6..12). The image is a ramp along i, so orientation is visible."""
+    download = root / "ISPY_Download" / "ISPY_Download"  # doubled
+    for n, (subject, pcr) in enumerate(_ISPY_PATIENTS.items()):
+        volume = np.tile(np.arange(12, dtype=np.int16) * 10, (16, 10, 1))  # [k, j, i]: grows with i
+        mask = np.zeros((16, 10, 12), np.uint8)
+        first, last, peak = (6, 12, 9) if subject == short else (0, 12, 2) if subject == 1003 else (3, 14, 9)
+        mask[first:last + 1, 3:6, 2:5] = 1
+        mask[peak, 2:8, 1:9] = 1  # the largest area
+        ext = ".nii.gz" if n % 2 else ".nii"
+        _nifti(download / "Dataset ISPY" / f"ISPY_{subject}" / f"DCEMRI_1{ext}", volume, "<i2" if n % 3 else ">i2")
+        if subject == mismatch:
+            mask = mask[:, :, :11]
+        _nifti(download / "Tumor_segmentation_new" / f"ISPY_{subject}_tumor_mask{ext}", mask, "<u1", code=2, gz=n % 2)
+    _xlsx(download / "outcome_new.xlsx", [list(columns)] + [[s, p] for s, p in _ISPY_PATIENTS.items()])
+    return root
+
+
+def test_ispy1_nifti_download_split_by_patient(tmp_path, capsys):
+    root = _ispy_download(tmp_path / "data")
+    d = common.load_dataset("ispy1", root=root, size=12, cache=tmp_path / "cache", seed=3)
+    assert "ISPY_1008: 7 slice(s) with tumour" in capsys.readouterr().err
+    names = [n for s in d.values() for n in s["names"]]
+    assert len(names) == 7 * 10 + 7 and len(set(names)) == len(names)
+    slices = {n for n in names if n.startswith("ISPY_1001_")}
+    assert slices == {f"ISPY_1001_s{k}" for k in range(4, 14)}  # from peak - 5 upwards: 4..13
+    assert {n for n in names if n.startswith("ISPY_1003_")} == {f"ISPY_1003_s{k}" for k in range(10)}
+    assert {n for n in names if n.startswith("ISPY_1008_")} == {f"ISPY_1008_s{k}" for k in range(6, 13)}
+    patients = [{n.rsplit("_s", 1)[0] for n in d[s]["names"]} for s in ("train", "val", "test")]
+    assert [len(p) for p in patients] == [6, 1, 1] and not (patients[0] & patients[1] or patients[0] & patients[2])
+    for split in d.values():
+        for name, label in zip(split["names"], split["labels"].tolist()):
+            assert label == _ISPY_PATIENTS[int(name[5:9])]
+    # orientation: rows are j, columns i (the ramp grows to the right); 12 x 10 -> rows 1..10 of 12
+    image, mask = d["train"]["images"][0], d["train"]["masks"][0]
+    assert d["train"]["sizes"][0].tolist() == [10, 12] and d["train"]["valid"][0].sum(1).tolist() == [0] + [12] * 10 + [0]
+    assert (image[:, 1:11, 1:] > image[:, 1:11, :-1]).all() and (image[:, 1:11] == image[:, 1:2]).all()
+    assert image[0, 5, 0] == 0 and image[0, 5, 11] == 255  # each slice stretched to 0..255
+    assert set(mask.unique().tolist()) <= {0, 1} and mask[1 + 3:1 + 6, 2:5].all()
+    again = common.load_dataset("ispy1", root=root, size=12, cache=tmp_path / "cache", seed=3)
+    assert again["test"]["names"] == d["test"]["names"]  # seeded
+
+
+def test_ispy1_bad_input(tmp_path):
+    def load(root):
+        return common.load_dataset("ispy1", root=root, size=12, cache=tmp_path / "cache")
+
+    root = _ispy_download(tmp_path / "shape", mismatch=1002)
+    with pytest.raises(common.DatasetError, match=r"image '.*ISPY_1002/DCEMRI_1.nii.gz' has shape \(12, 10, 16\) "
+                                                  r"but its mask '.*ISPY_1002_tumor_mask.nii.gz' has \(11, 10, 16\)"):
+        load(root)
+    root = _ispy_download(tmp_path / "columns", columns=("SUBJECTID", "pCR response"))
+    with pytest.raises(common.DatasetError, match=r"outcome_new.xlsx' has no header row with columns 'SUBJECTID' "
+                                                  r"and 'PCR'"):
+        load(root)
+    root = _ispy_download(tmp_path / "missing")
+    next((root / "ISPY_Download").rglob("ISPY_1004_tumor_mask.nii*")).unlink()
+    with pytest.raises(common.DatasetError, match=r"SUBJECTID 1004 of '.*outcome_new.xlsx' has no "
+                                                  r"'.*Tumor_segmentation_new/ISPY_1004_tumor_mask.nii\[.gz\]'"):
+        load(root)
+
+
+def test_ispy1_patient_split_in_the_papers_proportions():
+    labels = [0] * 114 + [1] * 43  # 157 patients, 43 pCR (UML Sec. 3)
+    split = {"names": [f"ISPY_{1000 + p}_s{k}" for p in range(157) for k in range(10)],
+             "labels": torch.tensor([labels[p] for p in range(157) for _ in range(10)])}
+    train, val, test = common._split_by_patient("ispy1", split, 0, (1230, 170, 170))
+    assert [len(s["names"]) for s in (train, val, test)] == [1230, 170, 170]
+    assert 4 <= int(val["labels"].sum()) // 10 <= 5 and 4 <= int(test["labels"].sum()) // 10 <= 5  # 43 * 17 / 157
+    groups = [{n.rsplit("_s", 1)[0] for n in s["names"]} for s in (train, val, test)]
+    assert sum(map(len, groups)) == 157 and len(set.union(*groups)) == 157
+
+
+def test_ispy1_preprocessed_jpeg_tree(tmp_path):
+    root = tmp_path / "data" / "ISPY_Dataset"
+    plan = {"Train": [(1001, 0), (1002, 1)], "Valid": [(1003, 0)], "Test": [(1004, 1)]}
+    for split, patients in plan.items():
+        for subject, pcr in patients:
+            for k in (7, 8):
+                ramp = np.tile(np.linspace(0, 255, 24).astype(np.uint8), (20, 1))
+                _rgb_from(root / split / "images" / f"ispy_{subject}" / f"ispy_{subject}_{pcr}_s{k}_img.jpg", ramp)
+                mask = np.zeros((20, 24), np.uint8)
+                mask[5:15, 6:16] = 255
+                _rgb_from(root / split / "masks" / f"ispy_{subject}" / f"ispy_{subject}_{pcr}_s{k}_msk.jpg", mask)
+    d = common.load_dataset("ispy1", root=tmp_path / "data", size=24, cache=tmp_path / "cache")
+    assert d["train"]["names"] == ["ISPY_1001_s7", "ISPY_1001_s8", "ISPY_1002_s7", "ISPY_1002_s8"]
+    assert d["train"]["labels"].tolist() == [0, 0, 1, 1] and d["test"]["labels"].tolist() == [1, 1]
+    assert d["val"]["names"] == ["ISPY_1003_s7", "ISPY_1003_s8"]
+    masks = d["train"]["masks"]
+    assert set(masks.unique().tolist()) == {0, 1}  # lossy JPEG masks thresholded, never 0..255
+    expected = torch.zeros(24, 24, dtype=torch.uint8)
+    expected[2 + 5:2 + 15, 6:16] = 1  # 24 x 20 -> rows 2..21
+    assert (masks == expected).float().mean() > 0.98
+
+
+def test_ispy1_folder_layout_split_by_patient(tmp_path):
+    root = tmp_path / "data"
+    for p in range(6):
+        for k in (3, 4):
+            _rgb(root / "train" / "images" / f"P{p}_s{k}.png")
+            _grey(root / "train" / "masks" / f"P{p}_s{k}.png", np.full((16, 20), 255 * (k == 3), np.uint8))
+    (root / "labels.csv").write_text("name,label\n" + "".join(f"P{p}_s{k},{p % 2}\n" for p in range(6) for k in (3, 4)))
+    before = sorted(root.rglob("*"))
+    d = common.load_dataset("ispy1", root=root, size=16, cache=tmp_path / "cache", seed=1)
+    patients = [{n.split("_")[0] for n in d[s]["names"]} for s in ("train", "val", "test")]
+    assert [len(p) for p in patients] == [4, 1, 1] and len(set.union(*patients)) == 6
+    assert all(len(d[s]["names"]) == 2 * len(p) for s, p in zip(("train", "val", "test"), patients))
+    assert sorted(root.rglob("*")) == before  # nothing written into the dataset
+    assert set(d["train"]["masks"].unique().tolist()) == {0, 1}
+
+
 def test_cache_is_reused_and_never_inside_the_dataset(tmp_path):
     root, cache = tmp_path / "data", tmp_path / "cache"
     _rgb(root / "test" / "images" / "x.bmp", value=10)
@@ -426,7 +771,7 @@ def test_cache_is_reused_and_never_inside_the_dataset(tmp_path):
     second = common.load_dataset("folder", root=root, size=8, cache=cache)
     assert torch.equal(second["test"]["images"], first["test"]["images"])
     os.utime(root / "test" / "images" / "x.bmp", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
-    assert int(common.load_dataset("folder", root=root, size=8, cache=cache)["test"]["images"].min()) == 200
+    assert int(common.load_dataset("folder", root=root, size=8, cache=cache)["test"]["images"].max()) == 200
     with pytest.raises(common.DatasetError, match="inside the dataset"):
         common.load_dataset("folder", root=root, size=8, cache=root / ".cache")
 

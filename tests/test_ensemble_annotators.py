@@ -37,6 +37,19 @@ def test_subsets_one_annotation_per_image_and_every_annotation_once(mode):
         assert counts.min() > 0.8 * counts.mean()
 
 
+@pytest.mark.parametrize("mode", ["uniform", "first"])
+def test_subsets_follow_the_priorities_as_in_the_docstring_example(mode):
+    """The same generator draws the priorities; slot a goes to the subset with the a-th lowest one."""
+    n_ann = torch.tensor([2, 3, 1, 5])
+    subset_of = ea.non_contradictory_subsets(n_ann, 5, torch.Generator().manual_seed(7), mode)
+    priority = torch.rand(4, 5, generator=torch.Generator().manual_seed(7)).tolist()
+    for n in range(4):
+        allowed = range(5) if mode == "uniform" else range(int(n_ann[n]))
+        order = sorted(allowed, key=lambda i: priority[n][i])
+        expected = order[:int(n_ann[n])] + [-1] * (5 - int(n_ann[n]))
+        assert subset_of[n].tolist() == expected
+
+
 def test_subsets_first_mode_puts_the_only_two_annotations_in_c1_c2():
     subset = ea.non_contradictory_subsets(torch.tensor([2] * 30), 5, torch.Generator().manual_seed(1), "first")
     assert sorted(subset[:, :2].flatten().unique().tolist()) == [0, 1]
@@ -151,7 +164,7 @@ def test_meta_train_step_updates_with_the_weighted_loss():
     grads = torch.autograd.grad((weights * loss_u).sum(), list(model.parameters()))
     expected = [p.detach() - 0.5 * g for p, g in zip(model.parameters(), grads)]
     args = type("Args", (), {"lr": 0.5, "mc_samples": 1})
-    ea.meta_train_step(model, optimizer, {"x": x, "y": y}, {"x": x, "y": y}, args)
+    ea.train_step(model, optimizer, {"x": x, "y": y}, args, batch_c={"x": x, "y": y})
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-5)
 
@@ -171,6 +184,33 @@ def test_fusion_rules_on_hand_values():
     # image: u = (2.5, 3.5), alpha = (1/2.5, 1/3.5) / (1/2.5 + 1/3.5) = (7/12, 5/12)
     image = ea.fuse_predictions(probs, log_vars, "image")
     torch.testing.assert_close(image, torch.tensor([[[0.8 * 7 / 12 + 0.2 * 5 / 12, 0.6 * 7 / 12 + 0.4 * 5 / 12]]]))
+
+
+def test_image_level_fusion_is_finite_for_huge_log_variances():
+    """Row I with log s^2 in [100, 200]: exp overflows float32 (the old 1 / exp(.).mean() gave NaN);
+    the weights must equal alpha_i = (1/u_i) / sum_j (1/u_j), u_i = mean_q s_iq^2, computed in float64,
+    where exp(200) ~ 7e86 still fits."""
+    gen = torch.Generator().manual_seed(5)
+    log_vars = 102 + 98 * torch.rand(3, 2, 4, 4, generator=gen)        # [M=3, N=2, 4, 4]
+    log_vars[1, 0] = log_vars[:, 0].min(0).values - 2                    # model 1 surest on image 0
+    probs = torch.rand(3, 2, 4, 4, generator=gen)
+    naive = 1.0 / torch.exp(log_vars).mean((2, 3))                      # 1 / inf = 0 for every model ...
+    assert (naive == 0).all() and torch.isnan(naive / naive.sum(0)).all()  # ... and 0 / 0 = NaN
+    fused = ea.fuse_predictions(probs, log_vars, "image")
+    u = torch.exp(log_vars.double()).mean((2, 3))                       # u_i [M,N], float64
+    alpha = (1 / u) / (1 / u).sum(0)
+    assert torch.isfinite(fused).all()
+    assert alpha[1, 0] > 0.75 and log_vars.min() >= 100                 # not just uniform weights
+    expected = (alpha[:, :, None, None] * probs.double()).sum(0)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_pixel_level_fusion_is_finite_for_huge_log_variances():
+    log_vars = torch.tensor([[[[150.0]]], [[[151.0]]]])                # s^2 = e^150, e^151
+    probs = torch.tensor([[[[0.9]]], [[[0.1]]]])
+    alpha0 = 1 / (1 + math.exp(-1.0))                                   # (1/e^150) / (1/e^150 + 1/e^151)
+    torch.testing.assert_close(ea.fuse_predictions(probs, log_vars, "pixel"),
+                               torch.tensor([[[0.9 * alpha0 + 0.1 * (1 - alpha0)]]]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +322,13 @@ def test_quick_run_writes_both_tables_and_figures(tmp_path):
     assert all(math.isfinite(r["nll"]) and math.isfinite(r["brier"]) for r in table2)
     weights = {r["row"]: r for r in results["table"] if r["table"] == "fig3-4"}
     assert set(weights) == set("BCDEF")
-    assert all(0 <= r[k] <= 1 for r in weights.values() for k in ("zero_weight_inconsistent", "zero_weight_consistent"))
+    shares = [r[k] for r in weights.values() for k in ("zero_weight_inconsistent", "zero_weight_consistent")]
+    assert all(v is None or 0 <= v <= 1 for v in shares)   # None: no INC pixel among the 16 sampled
+    assert sum(v is not None for v in shares) >= 5
+    assert all(r["annotations"] == 16 for r in weights.values())   # --quick samples 2 batches of 8
+    modes = {r["row"]: r for r in results["table"] if r["table"] == "meta-mode"}
+    assert set(modes) == set("BCDEF")
+    assert all(0 <= r[k] <= 1 for r in modes.values() for k in ("tv_train_vs_eval", "tv_train_redraw", "zero_flip"))
     main_row = next(r for r in table1 if r["row"] == "I" and r["test_set"] == "test" and r["reference"] == "annotation")
     assert main_row["jaccard"] == pytest.approx(metrics["jaccard"])
     markdown = (out / "results.md").read_text()
@@ -300,18 +346,115 @@ def test_quick_run_writes_both_tables_and_figures(tmp_path):
     assert [r["jaccard"] for r in table1_again] == pytest.approx([r["jaccard"] for r in table1])
 
 
-def test_resume_trains_only_what_is_left(tmp_path):
-    first = tmp_path / "first"
-    ea.main(["--quick", "--out", str(first), "--device", "cpu", "--no-baselines"])
+@pytest.fixture(scope="module")
+def quick_ensemble(tmp_path_factory):
+    """One --quick --no-baselines run (rows B-F and the fusions) shared by the tests below."""
+    out = tmp_path_factory.mktemp("quick") / "run"
+    ea.main(["--quick", "--out", str(out), "--device", "cpu", "--no-baselines"])
+    return out
+
+
+def test_resume_trains_only_what_is_left(tmp_path, quick_ensemble):
+    first = quick_ensemble
     state = torch.load(first / "last.pt", weights_only=True)
-    assert state["row"] == "F" and state["epoch"] == 1 and state["done"] == ["B", "C", "D", "E"]
+    assert state["job"] == "F@0" and state["epoch"] == 1 and sorted(state["finished"]) == ["B@0", "C@0", "D@0", "E@0"]
     resumed = tmp_path / "resumed"
     ea.main(["--quick", "--out", str(resumed), "--device", "cpu", "--no-baselines", "--epochs", "2",
              "--resume", str(first / "last.pt")])
-    logged = [(r["row"], r["epoch"]) for r in map(json.loads, (resumed / "log.jsonl").read_text().splitlines())]
+    logged = [(r["row"], r["epoch"]) for r in map(json.loads, (resumed / "log.jsonl").read_text().splitlines())
+              if "epoch" in r]
     assert logged == [("F", 2)]   # rows B-E were finished; F continues at its second epoch
     rows = {r["row"] for r in json.loads((resumed / "results.json").read_text())["table"] if r["table"] == "1"}
     assert rows == set("BCDEFGHI")
+
+
+def tiny_training_sets(seed=0):
+    """Six 6x6 training images with 2-3 annotations (squares of different sizes) and their sets."""
+    gen = torch.Generator().manual_seed(seed)
+    n_ann = torch.tensor([2, 3, 2, 2, 3, 2])
+    masks = torch.zeros(6, 5, 6, 6, dtype=torch.uint8)
+    for n in range(6):
+        for a in range(int(n_ann[n])):
+            top, side = int(torch.randint(0, 2, (1,), generator=gen)), int(torch.randint(2, 5, (1,), generator=gen))
+            masks[n, a, top:top + side, 1:1 + side] = 1
+    images = torch.randint(0, 256, (6, 3, 6, 6), generator=gen, dtype=torch.uint8)
+    train = {"images": images, "masks": masks, "n_annotations": n_ann}
+    args = type("Args", (), {"seed": seed, "subsets": "uniform", "kappa_threshold": -1.0, "staple_iterations": 3})
+    return train, ea.build_training_sets(train, 5, args)
+
+
+def test_weight_consistency_counts_zero_weights_on_inc_and_agreeing_pixels(monkeypatch):
+    """All of U in one batch; the weights are stubbed as 1 on lesion pixels and 0 on background, so
+    the shares follow from the masks alone, counted here pixel by pixel."""
+    train, sets = tiny_training_sets()
+    monkeypatch.setattr(ea, "training_weights", lambda model, x_u, y_u, x_c, y_c, args, mode="train": y_u.float())
+    n_union = len(sets["U"]["images"])
+    args = type("Args", (), {"seed": 0, "batch_size": n_union, "clean_batch_size": 2, "weight_samples": n_union})
+    row = ea.table_rows(5, baselines=False)[2]                       # model 2 trusts C_3
+    got = ea.weight_consistency(None, row, sets, args, torch.zeros(3), torch.ones(3))
+    counts = {"inc": [0, 0, 0.0], "agree": [0, 0, 0.0]}              # pixels, zero-weight pixels, weight sum
+    for n in range(6):
+        trusted = [a for a in range(5) if sets["subset_of"][n, a] == 2]
+        if not trusted:
+            continue
+        reference = train["masks"][n, trusted[0]]
+        for a in range(int(train["n_annotations"][n])):
+            annotation = train["masks"][n, a]
+            for i in range(6):
+                for j in range(6):
+                    key = "inc" if annotation[i, j] != reference[i, j] else "agree"
+                    weight = float(annotation[i, j])
+                    counts[key][0] += 1
+                    counts[key][1] += weight == 0
+                    counts[key][2] += weight
+    assert counts["inc"][0] > 0
+    assert got["zero_weight_inconsistent"] == pytest.approx(counts["inc"][1] / counts["inc"][0])
+    assert got["zero_weight_consistent"] == pytest.approx(counts["agree"][1] / counts["agree"][0])
+    ratio = (counts["inc"][2] / counts["inc"][0]) / (counts["agree"][2] / counts["agree"][0])
+    assert got["mean_weight_ratio"] == pytest.approx(ratio)
+    assert got["inconsistent_pixels"] == counts["inc"][0] and got["annotations"] == n_union
+
+
+def test_ratio_and_se_on_hand_values():
+    # batches (a, n) = (1, 2), (3, 4), (2, 2): R = 6 / 8; residuals a - R n = -0.5, 0, 0.5
+    ratio, se = ea.ratio_and_se(torch.tensor([1.0, 3.0, 2.0]), torch.tensor([2.0, 4.0, 2.0]))
+    assert ratio == pytest.approx(0.75)
+    assert se == pytest.approx(math.sqrt(0.5 / 6) / (8 / 3))
+    assert math.isnan(ea.ratio_and_se(torch.zeros(2), torch.zeros(2))[0])
+
+
+def test_meta_mode_effect_is_zero_without_batchnorm_and_dropout_and_not_with_them():
+    train, sets = tiny_training_sets(1)
+    args = type("Args", (), {"seed": 0, "batch_size": 4, "clean_batch_size": 3, "lr": 0.1, "mc_samples": 2})
+    row = ea.table_rows(5, baselines=False)[0]
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    plain = nn.Conv2d(3, 2, 1)                                   # no BatchNorm, no dropout
+    with torch.no_grad():
+        plain.bias[1] = -40.0                                    # sigma ~ 0: MC samples do not matter
+    effect = ea.meta_mode_effect(plain, row, sets, args, mean, std)
+    assert effect["tv_train_vs_eval"] == pytest.approx(0, abs=1e-6) and effect["zero_flip"] == 0
+    torch.manual_seed(0)
+    fcn = ea.BayesianResidualFCN(width=4, depth=1, dropout=0.5, dropout_layers=1)
+    with torch.no_grad():
+        fcn.head.bias[1] = -40.0
+    effect = ea.meta_mode_effect(fcn, row, sets, args, mean, std)
+    assert effect["tv_train_vs_eval"] > 0.01 and effect["tv_eval_redraw"] == pytest.approx(0, abs=1e-6)
+    assert effect["tv_train_redraw"] > 0                         # other dropout masks
+    assert not fcn.training
+
+
+def test_make_batch_picks_one_used_annotation_per_image():
+    masks = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
+    masks[0, 0], masks[1, :2] = 1, 1                            # used slots are all ones, unused zeros
+    batch = {"images": torch.zeros(2, 3, 2, 2, dtype=torch.uint8), "masks": masks,
+             "n_annotations": torch.tensor([1, 2])}
+    for seed in range(20):
+        out = ea.make_batch(batch, torch.Generator().manual_seed(seed), torch.zeros(3), torch.ones(3),
+                            pick_annotation=True, augment=False)
+        assert out["y"].shape == (2, 2, 2) and (out["y"] == 1).all()
+    single = ea.make_batch({"images": batch["images"], "masks": masks[:, 0]}, torch.Generator(), torch.zeros(3),
+                           torch.ones(3), pick_annotation=False, augment=False)
+    assert torch.equal(single["y"], masks[:, 0])
 
 
 def test_training_weights_leave_batchnorm_statistics_alone():
@@ -324,3 +467,173 @@ def test_training_weights_leave_batchnorm_statistics_alone():
     assert weights.shape == (3, 16, 16) and weights.sum().item() == pytest.approx(1.0, abs=1e-5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables over seeds, --predict, the paper's protocol on a tiny ISIC Archive tree
+# ------------------------------------------------------------------------------------------------
+
+def test_quick_seeds_give_means_and_standard_errors_over_seeds(tmp_path):
+    out = tmp_path / "seeds"
+    ea.main(["--quick", "--out", str(out), "--device", "cpu", "--no-baselines", "--seeds", "0,1"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1]
+    row = next(r for r in results["table"] if r["table"] == "1" and r["row"] == "I" and r["test_set"] == "test"
+               and r["reference"] == "annotation")
+    values = [entry["jaccard"] for entry in row["per_seed"]]
+    assert [entry["seed"] for entry in row["per_seed"]] == [0, 1]
+    assert row["jaccard"] == pytest.approx((values[0] + values[1]) / 2)
+    assert row["jaccard_se"] == pytest.approx(abs(values[0] - values[1]) / 2)   # sd / sqrt(2) for two values
+    assert results["metrics"]["jaccard"] == pytest.approx(row["jaccard"])
+    assert results["metrics"]["jaccard_se"] == pytest.approx(row["jaccard_se"])
+    nll = next(r for r in results["table"] if r["table"] == "2" and r["row"] == "F" and r["test_set"] == "test"
+               and r["reference"] == "annotation")
+    nll_values = [entry["nll"] for entry in nll["per_seed"]]
+    assert nll_values[0] != nll_values[1] and nll["nll"] == pytest.approx(sum(nll_values) / 2)
+    assert results["metrics"]["nll_se"] == pytest.approx(abs(nll_values[0] - nll_values[1]) / 2)
+    trained = {r["row"]: r for r in results["table"] if r["table"] == "training"}
+    assert set(trained) == set("BCDEF") and all(r["rank"] == [0, 0] for r in trained.values())
+    assert "mean ± standard error over the seeds 0, 1" in (out / "results.md").read_text()
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert sorted(best["models"]) == ["0", "1"] and sorted(best["models"]["1"]) == list("BCDEF")
+
+
+def write_image(path, size, mode="RGB", fmt=None):
+    from PIL import Image
+    width, height = size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.random.default_rng(width * height).integers(0, 255, (height, width, len(mode)), dtype=np.uint8)
+    Image.fromarray(array[..., 0] if mode == "L" else array, mode).save(path, fmt)
+
+
+def test_quick_train_then_predict_a_folder_of_odd_images(tmp_path, quick_ensemble):
+    from PIL import Image
+    run = quick_ensemble
+    images = tmp_path / "images"
+    images.mkdir()
+    write_image(images / "wide.jpg", (97, 61))
+    write_image(images / "grey.png", (50, 80), "L")
+    write_image(images / "alpha.png", (33, 47), "RGBA")
+    write_image(images / "UPPER.BMP", (40, 40), fmt="BMP")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "predicted"
+    count = ea.main(["--predict", str(images), "--checkpoint", str(run / "best.pt"), "--out", str(out),
+                     "--device", "cpu"])
+    assert count == 4
+    sizes = {"wide": (97, 61), "grey": (50, 80), "alpha": (33, 47), "UPPER": (40, 40)}
+    for stem, size in sizes.items():
+        with Image.open(out / f"{stem}_mask.png") as mask:
+            assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 1}
+        for name in ("aleatoric", "epistemic"):
+            values = np.load(out / f"{stem}_{name}.npy")
+            assert values.shape == size[::-1] and np.isfinite(values).all() and (values >= 0).all()
+        assert (out / f"{stem}_overlay.png").exists()
+    lines = (out / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "image,width,height,lesion_area_fraction,mean_aleatoric,mean_epistemic"
+    assert len(lines) == 5 and all(0 <= float(line.split(",")[3]) <= 1 for line in lines[1:])
+    assert "broken.png" in (out / "errors.txt").read_text()
+    assert not list(out.glob("broken*")) and not list(out.glob("notes*"))
+    with pytest.raises(ea.common.CheckpointError, match="no trained ensemble"):
+        ea.load_model(run / "last.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"script": "uml", "model": {}}, foreign)
+    with pytest.raises(ea.common.CheckpointError, match="uml.py, not of ensemble_annotators.py"):
+        ea.main(["--predict", str(images), "--checkpoint", str(foreign), "--out", str(tmp_path / "p2")])
+
+
+def test_predict_batch_masks_are_the_fused_lesion_of_the_run(quick_ensemble):
+    predictor = ea.load_model(quick_ensemble / "best.pt")
+    assert predictor.extra["fusion"] == "image" and predictor.size == 32
+    predictor.extra["fusion"] = "pixel"   # what a run with --fusion pixel stores
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    out = ea.predict_batch(predictor, images)
+    probs, log_vars = zip(*[ea.predict(m, images, *predictor.norm, "cpu", predictor.args)
+                            for m in predictor.model.values()])
+    fused = ea.fuse_predictions(torch.stack(probs), torch.stack(log_vars), "pixel")
+    assert torch.equal(out["mask"], (fused > 0.5).long())
+    alpha = torch.softmax(-torch.stack(log_vars), 0)
+    torch.testing.assert_close(out["maps"]["aleatoric"], (alpha * torch.stack(log_vars).exp()).sum(0), rtol=1e-4, atol=1e-6)
+    assert [set(r) for r in out["rows"]] == [{"lesion_area_fraction", "mean_aleatoric", "mean_epistemic"}] * 3
+
+
+def test_canvas_content_is_the_letterbox_box():
+    canvas = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    canvas[0, :, 2:6, :] = 9          # a wide image: rows 2..5
+    canvas[1, 1, 3, 4] = 1            # one non-zero pixel
+    content = ea.canvas_content(canvas)
+    assert content[0].sum() == 32 and content[0, 2:6].all()
+    assert content[1].sum() == 1 and content[1, 3, 4]
+
+
+def isic_archive_tree(root):
+    """Ribeiro et al.'s layout: ten images with two masks (the training pool), three with one (the
+    ISIC test set); non-square images; masks that nearly agree (kappa >= 0.5 for row J)."""
+    from PIL import Image
+    for i in range(13):
+        write_image(root / "inputs" / f"ISIC_000000{i:02d}.jpg", (30, 22))
+        for k in range(1 if i >= 10 else 2):
+            mask = np.zeros((22, 30), np.uint8)
+            mask[5:16 + k, 8:20] = 255
+            (root / "targets").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / "targets" / f"ISIC_000000{i:02d}_segmentation_{k}.png")
+
+
+def test_the_papers_protocol_on_a_tiny_isic_archive(tmp_path):
+    from PIL import Image
+    archive = tmp_path / "archive"
+    isic_archive_tree(archive)
+    isic2017 = tmp_path / "isic2017"       # only the Test_v2 folders; one image also sits in the pool
+    for image_id in ("ISIC_00000001", "ISIC_00000099"):
+        write_image(isic2017 / "ISIC-2017_Test_v2_Data" / f"{image_id}.jpg", (30, 22))
+        mask = np.zeros((22, 30), np.uint8)
+        mask[4:12, 5:15] = 255
+        (isic2017 / "ISIC-2017_Test_v2_Part1_GroundTruth").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(isic2017 / "ISIC-2017_Test_v2_Part1_GroundTruth" / f"{image_id}_segmentation.png")
+    argv = ["--data", "isic-multi", "--root", str(archive), "--test", f"isic2017={isic2017}", "--quick",
+            "--cache", str(tmp_path / "cache"), "--device", "cpu", "--no-baselines", "--size", "16"]
+    args = ea.resolve_defaults(ea.build_parser().parse_args(argv))
+    train, val, tests, removed = ea.load_data(args, 0)
+    single = {f"ISIC_000000{i}" for i in (10, 11, 12)}
+    assert set(tests["isic"]["names"]) == single                          # single-mask images: the test set
+    assert not single & set(train["names"] + val["names"]) and len(train["names"]) + len(val["names"]) == 10
+    assert (train["n_annotations"] == 2).all() and train["valid"] is not None
+    assert tests["isic2017"]["names"] == ["ISIC_00000099"] and removed["isic2017"] == ["ISIC_00000001"]
+    assert list(tests) == ["isic", "isic2017"]
+    out = tmp_path / "run"
+    ea.main(argv + ["--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["split"] == "isic" and results["metrics"]["removed_overlap_isic2017"] == 1
+    assert results["metrics"]["removed_overlap_isic"] == 0
+    overlap = {r["row"]: r for r in results["table"] if r["table"] == "overlap"}
+    assert overlap["isic2017"]["removed_names"] == ["ISIC_00000001"]
+    assert {r["test_set"] for r in results["table"] if r["table"] == "1"} == {"isic", "isic2017"}
+    assert "Test images removed" in (out / "results.md").read_text()
+    with pytest.raises(ea.common.UsageError, match="NAME=ROOT"):
+        ea.main(argv[:4] + ["--test", "ph3=/x", "--out", str(tmp_path / "bad")])
+
+
+def test_torchrun_shares_out_the_base_models_and_equals_one_process(tmp_path, quick_ensemble):
+    """Two gloo processes, rows mode: the base models are trained on both ranks, and every table row
+    equals the single-process run's."""
+    import os
+    import subprocess
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(Path(ea.__file__)), "--quick", "--device", "cpu", "--no-baselines", "--out", str(out)],
+                   check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)
+    two = json.loads((out / "results.json").read_text())
+    one = json.loads((quick_ensemble / "results.json").read_text())
+
+    def by_key(results):
+        return {(r["table"], r["row"], r["test_set"], r["reference"]): r for r in results["table"]}
+    two_rows, one_rows = by_key(two), by_key(one)
+    assert two_rows.keys() == one_rows.keys()
+    for key, row in one_rows.items():
+        for metric in ("jaccard", "nll", "brier", "zero_weight_inconsistent", "val_jaccard"):
+            if metric in row:
+                assert two_rows[key][metric] == row[metric], (key, metric)
+    ranks = [r["rank"][0] for r in two["table"] if r["table"] == "training"]
+    assert ranks == [0, 1, 0, 1, 0] and json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert (out / "last-rank0.pt").exists() and (out / "last-rank1.pt").exists()

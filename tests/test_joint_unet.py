@@ -1,9 +1,13 @@
 """Tests of joint_unet.py: losses on hand-computed values, the pre- and post-processing steps on
 crafted masks (scipy as the reference), the U-Net geometry, where the gradients of Eq. 4 go, and
 --quick runs end to end (compare = seg + cls + joint, transfer, a-sweep, eval-only, resume)."""
+import csv
 import importlib
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -74,13 +79,103 @@ def test_valid_unet_maps_572_to_388_and_the_head_sits_on_the_28x28_bottom():
         ["--unet-padding", "valid"]))) == {"input": 252, "output": 68, "bottleneck": 8}
 
 
-def test_thesis_configuration_has_table_x_parameter_count():
-    # width 32 (Table V), 3x3 pool on 28x28x512 -> 9x9x512, FC 1024: Table X's "50M" parameters
-    model = ju.MultiTaskUNet(3, 32, 4, "valid", 0.5, 28, 3, 1024, 0.5)
-    head = sum(p.numel() for p in model.classifier.parameters())
-    total = sum(p.numel() for p in model.parameters())
+def _unet_parameters_by_hand(width, depth):
+    """The original U-Net without BatchNorm, RGB in, one logit out: 3x3 convolutions with biases,
+    2x2 up-convolutions, a final 1x1 convolution."""
+    conv = lambda cin, cout, k: k * k * cin * cout + cout  # noqa: E731
+    ch = [width * 2 ** level for level in range(depth + 1)]
+    total = conv(3, ch[0], 3) + conv(ch[0], ch[0], 3)
+    for level in range(depth):  # contracting path
+        total += conv(ch[level], ch[level + 1], 3) + conv(ch[level + 1], ch[level + 1], 3)
+    for level in reversed(range(depth)):  # expanding path: up-convolution to half, then two 3x3
+        total += conv(ch[level + 1], ch[level + 1] // 2, 2)
+        total += conv(ch[level + 1] // 2 + ch[level], ch[level], 3) + conv(ch[level], ch[level], 3)
+    return total + conv(ch[0], 1, 1)
+
+
+def test_thesis_unet_has_no_batchnorm_and_the_parameter_counts_of_tables_iv_v_x():
+    args = ju.resolve_defaults(ju.build_parser().parse_args(["--data", "isic2017"]))
+    assert args.batchnorm is False and args.width == 32 and args.pool == 3 and args.fc == 1024
+    model = ju.build_model(args, 3, ju.network_geometry(args))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    unet = count(model.unet.parameters())
+    assert unet == _unet_parameters_by_hand(32, 4) == 7_760_097
+    assert f"{unet / 1e6:.0f}M" == "8M" and int(unet / 1e6) == 7  # Table V: "7M" (width 32)
+    # Table IV's baseline, width 64: the original U-Net's 31M
+    baseline = ju.thesis_unet(64, 4, "valid", batchnorm=False)
+    assert count(baseline.parameters()) == _unet_parameters_by_hand(64, 4) == 31_031_745
+    assert f"{count(baseline.parameters()) / 1e6:.0f}M" == "31M"
+    head = count(model.classifier.parameters())
+    # width 32 (Table V), 3x3 pool on 28x28x512 -> 9x9x512, FC 1024: Table VII's "42M" FC layer
     assert head == 9 * 9 * 512 * 1024 + 1024 + 1024 * 3 + 3
-    assert 49e6 < total < 51e6
+    assert f"{(unet + head) / 1e6:.0f}M" == "50M"  # Table X: the multi-task model's 50M parameters
+    # the parameter count of the branch a task runs: seg = the U-Net, cls = encoder + head
+    assert count(model.branch_parameters("seg")) == unet
+    assert count(model.branch_parameters("joint")) == unet + head
+    encoder = count(model.unet.inc.parameters()) + count(model.unet.downs.parameters())
+    assert count(model.branch_parameters("cls")) == encoder + head
+    assert f"{encoder / 1e6:.1f}M" == "4.7M"  # Table VII prints 4.5M for the encoder
+    # --batchnorm puts it back (after every convolution: 18 in the U-Net of depth 4)
+    with_bn = ju.build_model(ju.resolve_defaults(ju.build_parser().parse_args(["--data", "isic2017", "--batchnorm"])),
+                             3, ju.network_geometry(args))
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in with_bn.modules()) == 18
+
+
+def test_quick_fills_only_the_flags_left_unset():
+    parse = lambda argv: ju.resolve_defaults(ju.build_parser().parse_args(argv))  # noqa: E731
+    quick = parse(["--quick"])
+    assert (quick.fc, quick.pool, quick.width, quick.size, quick.epochs) == (32, 2, 4, 32, 1)
+    explicit = parse(["--quick", "--fc", "64", "--pool", "1", "--width", "6", "--size", "48", "--epochs", "3"])
+    assert (explicit.fc, explicit.pool, explicit.width, explicit.size, explicit.epochs) == (64, 1, 6, 48, 3)
+    assert parse([]).fc == 1024 and parse([]).pool == 3
+
+
+def test_a_pool_larger_than_the_bottleneck_is_refused_not_clamped():
+    args = ju.resolve_defaults(ju.build_parser().parse_args(["--quick", "--pool", "3"]))  # 32 px: 2x2 bottom
+    with pytest.raises(common.UsageError, match="--pool 3 does not fit the 2x2 bottleneck"):
+        ju.build_model(args, 3, ju.network_geometry(args))
+    with pytest.raises(ValueError):
+        ju.ClassificationHead(64, 2, 3, pool=3)
+
+
+def _valid_sides_step_by_step(n, depth):
+    """The valid U-Net's sides by walking the layers: (bottleneck, output), or None if a map vanishes
+    or a pooling meets an odd side."""
+    side = n - 4
+    for _ in range(depth):
+        if side <= 0 or side % 2:
+            return None
+        side = side // 2 - 4
+    bottleneck = side
+    for _ in range(depth):
+        if side <= 0:
+            return None
+        side = 2 * side - 4
+    return (bottleneck, side) if bottleneck > 0 and side > 0 else None
+
+
+def test_valid_geometry_closed_form_matches_the_layer_walk():
+    for depth in (1, 2, 3, 4, 5):
+        walked = {n: _valid_sides_step_by_step(n, depth) for n in range(1, 1200)}
+        fitting = {n: sides for n, sides in walked.items() if sides is not None}
+        closed = {g["input"]: g for g in map(lambda b: ju.valid_geometry(depth, b), range(1, 700)) if g["output"] > 0}
+        for n, (bottleneck, output) in fitting.items():  # every input that fits is n = 2^d (b + 8) - 4
+            assert closed[n]["bottleneck"] == bottleneck and closed[n]["output"] == output
+            assert n - output == 12 * 2 ** depth - 8
+        assert set(fitting) == {n for n in closed if n < 1200}
+        assert min(fitting) == ju.valid_geometry(depth, 3 if depth == 1 else 4)["input"]
+    # the smallest input whose output covers --size, for every size: the closed form's b is minimal
+    outputs = {n: sides[1] for n in range(1, 700) if (sides := _valid_sides_step_by_step(n, 4))}
+    for size in range(1, 400):
+        args = ju.resolve_defaults(ju.build_parser().parse_args(["--unet-padding", "valid", "--size", str(size)]))
+        geometry = ju.network_geometry(args)
+        assert geometry["input"] == min(n for n, out in outputs.items() if out >= size)
+        assert geometry["output"] == outputs[geometry["input"]]
+    assert ju.valid_geometry(4, 28) == {"input": 572, "output": 388, "bottleneck": 28}
+    with pytest.raises(common.UsageError, match="572"):
+        ju.network_geometry(ju.resolve_defaults(ju.build_parser().parse_args(
+            ["--unet-padding", "valid", "--input-size", "570"])))
 
 
 def _grads(task, alpha):
@@ -105,6 +200,67 @@ def test_alpha_one_leaves_the_classifier_without_gradient_and_alpha_zero_the_dec
     assert decoder == 0.0 and classifier > 0 and encoder > 0
     classifier, decoder, encoder = _grads("joint", 0.5)
     assert decoder > 0 and classifier > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedule (Sec. XV.A) and augmentation
+# --------------------------------------------------------------------------------------------
+
+def _keras_reduce_lr_on_plateau(losses, lr, factor, patience, min_delta=1e-4):
+    """Keras' ReduceLROnPlateau.on_epoch_end (mode min, cooldown 0, min_lr 0), written out plainly:
+    the learning rate in force after each epoch."""
+    best, wait, out = math.inf, 0, []
+    for loss in losses:
+        if loss < best - min_delta:
+            best, wait = loss, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                lr, wait = lr * factor, 0
+        out.append(lr)
+    return out
+
+
+def _our_schedule(losses, patience=5):
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1e-3)
+    scheduler = ju.keras_reduce_lr_on_plateau(optimizer, 0.8, patience)
+    out = []
+    for loss in losses:
+        scheduler.step(loss)
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def test_learning_rate_drops_as_keras_reduce_lr_on_plateau():
+    # a flat loss: Keras drops after 5 stale epochs, i.e. after epochs 6, 11, 16 (torch's own
+    # ReduceLROnPlateau(patience=5) would drop after epochs 7, 13, 19)
+    lrs = _our_schedule([1.0] * 18)
+    drops = [epoch for epoch in range(2, 19) if lrs[epoch - 1] < lrs[epoch - 2]]
+    assert drops == [6, 11, 16]
+    assert lrs[-1] == pytest.approx(1e-3 * 0.8 ** 3)
+    # a made-up loss curve: improvements, improvements below min_delta (1e-4, stale for Keras), plateaus
+    losses = [1.0, 0.9, 0.95, 0.9, 0.89995, 0.91, 0.92, 0.85, 0.85, 0.86, 0.87, 0.849, 0.86, 0.86,
+              0.86, 0.86, 0.86, 0.86, 0.86, 0.84, 0.85, 0.85, 0.85, 0.85, 0.85, 0.85, 0.85]
+    expected = _keras_reduce_lr_on_plateau(losses, 1e-3, 0.8, 5)
+    assert _our_schedule(losses) == pytest.approx(expected, rel=1e-12)
+    assert len(set(expected)) == 4  # the sequence does exercise three drops
+    assert _our_schedule(losses, patience=2) == pytest.approx(_keras_reduce_lr_on_plateau(losses, 1e-3, 0.8, 2))
+
+
+def test_flips_and_right_angle_rotations_move_image_and_mask_together():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 6, 6), dtype=torch.uint8)  # no symmetry of its own
+    mask = (image[0] > 127).to(torch.uint8)
+    batch = {"images": image.expand(400, 3, 6, 6).clone(), "masks": mask.expand(400, 6, 6).clone()}
+    generator = torch.Generator().manual_seed(1)
+    out = ju.flips_and_right_angle_rotations(batch, generator)
+    assert torch.equal(out["masks"], (out["images"][:, 0] > 127).to(torch.uint8))  # still aligned
+    symmetries = {torch.rot90(t, k, (-2, -1)).numpy().tobytes()
+                  for k in range(4) for t in (image, image.flip(-1))}
+    seen = [x.numpy().tobytes() for x in out["images"]]
+    assert set(seen) == symmetries and len(symmetries) == 8  # all 8, nothing else
+    assert min(seen.count(s) for s in symmetries) > 25       # roughly uniform (50 expected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +365,31 @@ def test_postprocess_and_resolution_restore_on_a_crafted_prediction():
     assert torch.equal(ju.restore_resolution(post, 34), post)
 
 
+class _AllLesion(torch.nn.Module):
+    """A stand-in network that calls every pixel lesion."""
+
+    def forward(self, x, segment=True, classify=True):
+        return torch.full((x.shape[0], x.shape[-2], x.shape[-1]), 10.0), None
+
+
+def test_jaccard_of_letterboxed_images_counts_only_the_image_pixels():
+    args = ju.resolve_defaults(ju.build_parser().parse_args(["--task", "seg", "--size", "16"]))
+    truth = torch.zeros(2, 16, 16, dtype=torch.uint8)
+    truth[:, 6:10] = 1                        # 64 lesion pixels
+    valid = torch.zeros(2, 16, 16, dtype=torch.uint8)
+    valid[:, 4:12] = 1                        # a wide image: rows 4..11 of the canvas hold it (128 pixels)
+    split = {"images": torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "masks": truth, "valid": valid,
+             "labels": torch.zeros(2, dtype=torch.long), "class_names": CLASSES}
+    geometry = ju.network_geometry(args)
+    metrics, outputs = ju.evaluate(_AllLesion(), split, args, "seg", geometry, torch.zeros(3), torch.ones(3), "cpu")
+    # every image pixel called lesion: JAC = 64 / 128, not 64 / 256 (the padding is not the image)
+    assert metrics["jaccard_post"] == pytest.approx(50.0) and metrics["jaccard"] == pytest.approx(50.0)
+    assert torch.equal(outputs["pred_post"], valid.bool())
+    split["valid"] = None  # synthetic data: the whole canvas is the image
+    assert ju.evaluate(_AllLesion(), split, args, "seg", geometry, torch.zeros(3), torch.ones(3),
+                       "cpu")[0]["jaccard_post"] == pytest.approx(25.0)
+
+
 # --------------------------------------------------------------------------------------------
 # End to end (--quick)
 # --------------------------------------------------------------------------------------------
@@ -246,10 +427,13 @@ def test_quick_compare_writes_the_three_task_tables(compare_run):
     assert joint["mean_performance"] == pytest.approx((joint["balanced_accuracy"] + joint["jaccard_post"]) / 2)
     top = _results(compare_run)
     assert [row["row"] for row in top["table"]] == ["separate segmentation", "separate classification", "joint"]
-    assert set(top["metrics"]) == expected["joint"]
+    assert set(top["metrics"]) == expected["joint"] | {f"{k}_se" for k in expected["joint"]}
+    assert top["metrics"]["jaccard_post"] == pytest.approx(joint["jaccard_post"])  # one seed: the joint model's
+    assert top["metrics"]["jaccard_post_se"] == 0.0
     assert (compare_run / "figures" / "separate_vs_joint.png").stat().st_size > 0
     markdown = (compare_run / "results.md").read_text()
-    for title in ("Table VI", "Table IX", "Table XIV", "Table XIII", "70.6", "64.1", "66.3", "59.6"):
+    for title in ("Table VI", "Table IX", "Table XIV", "Table XIII", "70.6", "64.1", "66.3", "59.6",
+                  "joint (a = 0.8)", "this run's joint model: a = 0.8"):
         assert title in markdown
 
 
@@ -275,8 +459,12 @@ def test_quick_alpha_sweep_writes_table_xi(tmp_path):
     assert [row["row"] for row in results["table"]] == ["alpha=0.3", "alpha=0.8"]
     assert [row["alpha"] for row in results["table"]] == [0.3, 0.8]
     for row in results["table"]:
-        assert row["epoch"] == 1 and math.isfinite(row["mean_performance"])
-    assert "Table XI" in (tmp_path / "sweep" / "results.md").read_text()
+        assert row["best_epoch"] == 1 and math.isfinite(row["mean_performance"])
+    # Table XII: the row with the best validation Mean Performance; its test numbers are the metrics
+    best = max(results["table"], key=lambda row: row["val_mean_performance"])
+    assert results["metrics"]["mean_performance"] == best["mean_performance"]
+    markdown = (tmp_path / "sweep" / "results.md").read_text()
+    assert "Table XI" in markdown and f"Table XII (best multi-task model): a = {best['alpha']:g}" in markdown
     assert (tmp_path / "sweep" / "figures" / "alpha_sweep.png").stat().st_size > 0
     assert (tmp_path / "sweep" / "alpha_0.8" / "results.json").exists()
 
@@ -299,3 +487,193 @@ def test_quick_valid_unet_runs_end_to_end(tmp_path):
     assert set(results["metrics"]) == SEG_KEYS | CLS_KEYS | {"mean_performance"}
     config = json.loads((tmp_path / "valid" / "config.json").read_text())["args"]
     assert config["unet_padding"] == "valid" and config["size"] == 32
+
+
+def test_quick_compile_trains_reloads_the_best_checkpoint_and_evaluates(tmp_path):
+    if shutil.which("gcc") is None and shutil.which("cc") is None and shutil.which("clang") is None:
+        pytest.skip("torch.compile's CPU backend (inductor) needs a C compiler; none on PATH")
+    # depth 2 and one batch shape everywhere (12 images: 2 training steps, one evaluation batch per
+    # split) keep inductor's compile time, which dominates, to one training and one evaluation graph
+    ju.main(["--quick", "--task", "seg", "--depth", "2", "--batch-size", "12", "--compile", "--device", "cpu",
+             "--out", str(tmp_path / "compiled")])
+    results = _results(tmp_path / "compiled")
+    assert set(results["metrics"]) == SEG_KEYS
+    saved = torch.load(tmp_path / "compiled" / "best.pt", weights_only=True)["model"]
+    assert saved and not any(k.startswith("_orig_mod.") for k in saved)  # plain keys: loads anywhere
+    # the plain model evaluates the checkpoint to the same numbers
+    ju.main(["--quick", "--eval-only", "--checkpoint", str(tmp_path / "compiled" / "best.pt"),
+             "--out", str(tmp_path / "plain")])
+    assert _results(tmp_path / "plain")["metrics"] == pytest.approx(results["metrics"], abs=1e-4)
+
+
+def test_eval_only_rebuilds_the_checkpoints_architecture(tmp_path):
+    # trained with constant border padding, valid U-Net, width 2, a 3 px closing ...
+    ju.main(["--quick", "--task", "seg", "--unet-padding", "valid", "--border-mode", "constant", "--width", "2",
+             "--closing-size", "3", "--out", str(tmp_path / "trained")])
+    # ... and evaluated with a command line that says none of it (same padding, mirror, width 4, 5 px)
+    ju.main(["--quick", "--eval-only", "--checkpoint", str(tmp_path / "trained" / "best.pt"),
+             "--out", str(tmp_path / "evaluated")])
+    used = json.loads((tmp_path / "evaluated" / "config.json").read_text())["args"]
+    assert (used["border_mode"], used["unet_padding"], used["width"], used["closing_size"], used["task"]) == (
+        "constant", "valid", 2, 3, "seg")
+    assert _results(tmp_path / "evaluated")["metrics"] == pytest.approx(_results(tmp_path / "trained")["metrics"])
+
+
+def test_quick_seeds_give_means_and_standard_errors_over_seeds(tmp_path):
+    ju.main(["--quick", "--task", "joint", "--seeds", "0,1", "--out", str(tmp_path / "seeds")])
+    results = _results(tmp_path / "seeds")
+    (row,) = results["table"]
+    assert results["seeds"] == row["seeds"] == [0, 1] and [entry["seed"] for entry in row["per_seed"]] == [0, 1]
+    for key in ("jaccard_post", "balanced_accuracy", "mean_performance", "val_mean_performance"):
+        # each seed's value is that seed's own model's (its results.json), and the mean and SE are by hand
+        a, b = (_results(tmp_path / "seeds" / "joint" / f"seed_{s}") for s in (0, 1))
+        per_seed = [entry[key] for entry in row["per_seed"]]
+        if not key.startswith("val_"):
+            assert per_seed == pytest.approx([a["metrics"][key], b["metrics"][key]])
+        assert row[key] == pytest.approx((per_seed[0] + per_seed[1]) / 2, rel=1e-5)
+        assert row[f"{key}_se"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2, rel=1e-5)  # std(ddof=1) / sqrt(2)
+    assert results["metrics"]["jaccard_post"] == row["jaccard_post"]
+    assert results["metrics"]["jaccard_post_se"] == row["jaccard_post_se"]
+    # the two seeds drew different synthetic data (the generator is seeded too)
+    assert a["metrics"] != b["metrics"]
+    markdown = (tmp_path / "seeds" / "results.md").read_text()
+    assert "over 2 seeds" in markdown and f"{row['jaccard_post']:.1f} ± {row['jaccard_post_se']:.1f}" in markdown
+
+
+# --------------------------------------------------------------------------------------------
+# --predict and the library functions
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("joint_unet_predict") / "joint"
+    ju.main(["--quick", "--task", "joint", "--epochs", "4", "--out", str(out)])
+    return out
+
+
+def _user_images(folder):
+    """Odd sizes and formats, a corrupt image and a text file; returns {file: (width, height)}."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (61, 97, 3), dtype=np.uint8)).save(folder / "wide.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 255, (80, 50), dtype=np.uint8), mode="L").save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (40, 30, 4), dtype=np.uint8), mode="RGBA").save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 255, (33, 33, 3), dtype=np.uint8)).save(folder / "UPPER.BMP")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    (folder / "notes.txt").write_text("not an image")
+    return {"wide.jpg": (97, 61), "grey.png": (50, 80), "alpha.png": (30, 40), "UPPER.BMP": (33, 33)}
+
+
+def test_quick_predict_writes_masks_maps_and_rows_for_a_folder(joint_run, tmp_path):
+    sizes = _user_images(tmp_path / "images")
+    ju.main(["--predict", str(tmp_path / "images"), "--checkpoint", str(joint_run / "best.pt"),
+             "--out", str(tmp_path / "pred")])
+    out = tmp_path / "pred"
+    for name, (width, height) in sizes.items():
+        stem = Path(name).stem
+        mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
+        assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 1}
+        entropy = np.load(out / f"{stem}_entropy.npy")
+        assert entropy.shape == (height, width) and entropy.dtype == np.float32
+        assert np.all(entropy >= 0) and np.all(entropy <= 1 + 1e-6)  # bits of a binary prediction
+        assert (out / f"{stem}_overlay.png").exists() and (out / f"{stem}_entropy.png").exists()
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "width", "height", "predicted_class"] + [f"p_{c}" for c in CLASSES]
+    assert sorted(r["image"] for r in rows) == sorted(sizes)
+    for r in rows:
+        assert (int(r["width"]), int(r["height"])) == sizes[r["image"]]
+        probabilities = [float(r[f"p_{c}"]) for c in CLASSES]
+        assert sum(probabilities) == pytest.approx(1, abs=1e-4)
+        assert r["predicted_class"] == CLASSES[int(np.argmax(probabilities))]
+    errors = (out / "errors.txt").read_text()
+    assert "broken.png" in errors and "notes.txt" not in errors
+    assert not list(out.glob("broken*")) and not list(out.glob("notes*"))
+
+
+def test_predict_refuses_another_scripts_checkpoint(joint_run, tmp_path):
+    state = torch.load(joint_run / "best.pt", weights_only=True)
+    torch.save({**state, "script": "uml"}, tmp_path / "uml_best.pt")
+    with pytest.raises(common.CheckpointError, match="uml.py, not of joint_unet.py"):
+        ju.main(["--predict", str(tmp_path), "--checkpoint", str(tmp_path / "uml_best.pt"),
+                 "--out", str(tmp_path / "pred")])
+    # as a command: one line on stderr, exit code 2, no traceback
+    done = subprocess.run([sys.executable, str(Path(ju.__file__)), "--predict", str(tmp_path), "--checkpoint",
+                           str(tmp_path / "uml_best.pt"), "--out", str(tmp_path / "pred2")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "uml.py" in done.stderr
+
+
+def test_predicting_the_runs_own_test_images_gives_the_masks_of_its_evaluation(joint_run, tmp_path):
+    predictor = ju.load_model(joint_run / "best.pt")
+    args = predictor.args
+    test = ju.load_data(args)["test"]
+    folder = tmp_path / "test_images"
+    folder.mkdir()
+    for i in range(len(test["names"])):
+        Image.fromarray(test["images"][i].permute(1, 2, 0).numpy()).save(folder / f"case_{i:03d}.png")
+    ju.main(["--predict", str(folder), "--checkpoint", str(joint_run / "best.pt"), "--out", str(tmp_path / "pred")])
+    metrics, outputs = ju.evaluate(predictor.model, test, args, args.task, predictor.extra["geometry"],
+                                   *predictor.norm, "cpu")
+    masks = np.stack([np.asarray(Image.open(tmp_path / "pred" / f"case_{i:03d}_mask.png"))
+                      for i in range(len(test["names"]))])
+    np.testing.assert_array_equal(masks, outputs["pred_post"].numpy().astype(np.uint8))
+    assert 0 < masks.mean() < 1  # not a trivial all-skin or all-lesion answer
+    with open(tmp_path / "pred" / "predictions.csv", newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: r["image"])
+    probabilities = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
+    np.testing.assert_allclose(probabilities, outputs["probs"].numpy(), atol=1e-5)
+    # the same through the library call on the tensors themselves
+    direct = ju.predict_batch(predictor, test["images"])
+    assert torch.equal(direct["mask"].bool(), outputs["pred_post"])
+    # and the evaluation's JAC is that of these masks
+    truth = test["masks"] > 0
+    assert 100 * common.jaccard(torch.from_numpy(masks).bool(), truth).mean().item() == pytest.approx(
+        metrics["jaccard_post"])
+
+
+def _isic2017_tree(root):
+    """A tiny ISIC 2017 layout with wide (40 x 24) images, every class in every split."""
+    rng = np.random.default_rng(3)
+    splits = {"Training": 6, "Validation": 3, "Test_v2": 3}
+    number = 0
+    for tag, n in splits.items():
+        rows = []
+        for i in range(n):
+            number += 1
+            image_id = f"ISIC_{number:07d}"
+            image = rng.integers(60, 120, (24, 40, 3), dtype=np.uint8)
+            mask = np.zeros((24, 40), np.uint8)
+            mask[6:18, 8 + i:30 - i] = 255
+            image[mask > 0] //= 3                                   # a dark lesion
+            (root / f"ISIC-2017_{tag}_Data").mkdir(parents=True, exist_ok=True)
+            (root / f"ISIC-2017_{tag}_Part1_GroundTruth").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / f"ISIC-2017_{tag}_Data" / f"{image_id}.jpg", quality=95)
+            Image.fromarray(mask).save(root / f"ISIC-2017_{tag}_Part1_GroundTruth" / f"{image_id}_segmentation.png")
+            rows.append(f"{image_id},{float(i % 3 == 1)},{float(i % 3 == 2)}\n")
+        (root / f"ISIC-2017_{tag}_Part3_GroundTruth.csv").write_text("image_id,melanoma,seborrheic_keratosis\n"
+                                                                      + "".join(rows))
+    return root
+
+
+def test_quick_isic2017_layout_trains_the_thesis_unet_on_letterboxed_images(tmp_path):
+    root = _isic2017_tree(tmp_path / "isic")
+    ju.main(["--quick", "--data", "isic2017", "--root", str(root), "--task", "joint", "--cache", str(tmp_path / "cache"),
+             "--out", str(tmp_path / "run")])
+    results = _results(tmp_path / "run")
+    assert set(results["metrics"]) == SEG_KEYS | CLS_KEYS | {"mean_performance"}
+    used = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
+    assert (used["batchnorm"], used["unet_padding"], used["size"]) == (False, "valid", 32)  # the thesis' U-Net
+    predictor = ju.load_model(tmp_path / "run" / "best.pt")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+    # evaluation counts only the image's pixels: predictions on the letterbox padding are dropped
+    data = common.load_dataset("isic2017", root=root, size=32, cache=tmp_path / "cache")
+    _, outputs = ju.evaluate(predictor.model, data["test"], predictor.args, "joint", predictor.extra["geometry"],
+                             *predictor.norm, "cpu")
+    assert not (outputs["pred_post"] & ~data["test"]["valid"].bool()).any()
+    # a wide user image comes back at its own size
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray(np.full((24, 40, 3), 90, np.uint8)).save(folder / "wide.png")
+    ju.main(["--predict", str(folder), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "p")])
+    assert np.asarray(Image.open(tmp_path / "p" / "wide_mask.png")).shape == (24, 40)

@@ -1,5 +1,6 @@
 """Tests of uml.py: evidential quantities and losses against plain second computations, Eq. 3 / Eq. 5
 on hand tensors, the component switches, and --quick end-to-end runs of every table."""
+import argparse
 import json
 import math
 import sys
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import importlib  # noqa: E402
 
 uml = importlib.import_module("uml")
+common = importlib.import_module("common")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +102,15 @@ def test_kl_is_zero_when_alpha_tilde_is_one():
     masks = torch.tensor([[[0, 2], [1, 1]]])
     y = torch.nn.functional.one_hot(masks, 3).permute(0, 3, 1, 2).float()
     assert uml.kl_loss(1 + 4 * y, y).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_learning_rate_is_held_then_decays_to_the_floor():
+    # 100 steps, held for 30 (the authors' 30 of 100 epochs), power 0.9, floor 1e-5 / 1e-4
+    assert uml.learning_rate_factor(0, 100, 30, 0.9, 0.1) == 1.0
+    assert uml.learning_rate_factor(30, 100, 30, 0.9, 0.1) == 1.0
+    assert uml.learning_rate_factor(65, 100, 30, 0.9, 0.1) == pytest.approx(0.5 ** 0.9)
+    assert uml.learning_rate_factor(99, 100, 30, 0.9, 0.1) == 0.1            # floored
+    assert uml.learning_rate_factor(50, 100, 0, 1.0, 0.0) == pytest.approx(0.5)
 
 
 def test_annealing_coefficient():
@@ -208,19 +219,288 @@ def test_instructor_carries_classification_gradient_into_segmentation():
         g = model.navigator.top[0].weight.grad
         return 0.0 if g is None else g.abs().sum().item()
 
-    assert grad_norm(uml.model_spec("uml")) > 0          # UI: r^s feeds the classifier
-    assert grad_norm(uml.model_spec("uml", True, False, False)) == 0.0  # no UI: no path
+    assert grad_norm(uml.ROWS["UML"][1]) > 0          # UI: r^s feeds the classifier
+    assert grad_norm(uml.ROWS["+MD"][1]) == 0.0       # no UI: no path
 
 
 def test_model_spec_switches_components():
-    model = uml.UMLNet(uml.model_spec("uml", True, True, False), 2, 3, 4, (1, 1, 1))
+    model = uml.UMLNet(uml.ROWS["+MD+UI"][1], 2, 3, 4, (1, 1, 1))
     out = model(torch.randn(1, 3, 32, 32))
     assert model.mutual_decoder is not None and not model.navigator.navigate and out["reliable_mask"] is None
     assert out["mutual_alpha"].shape == (1, 3, 32, 32) and out["mutual_uncertainty"].shape == (1, 1, 32, 32)
-    bcs = uml.UMLNet(uml.model_spec("bcs"), 2, 3, 4, (1, 1, 1))
-    assert bcs.mutual_decoder is None and bcs.instructor is None and bcs.mixer is not None
-    ec = uml.UMLNet(uml.model_spec("ec"), 2, 3, 4, (1, 1, 1))
+    bcs = uml.UMLNet(uml.ROWS["BCS"][1], 2, 3, 4, (1, 1, 1))
+    assert bcs.mutual_decoder is None and bcs.instructor is None and list(bcs.mixer) == ["3"]  # f_4^m only
+    tbrats = uml.UMLNet(uml.ROWS["TBraTS"][1], 2, 3, 4, (1, 1, 1))
+    assert list(tbrats.navigator.heads) == ["s1"]                      # no deep supervision: s_1 only
+    no_ui = uml.UMLNet(uml.replace(uml.ROWS["UML"][1], instructor=False), 2, 3, 4, (1, 1, 1))
+    assert no_ui.navigator.mask_conv_top is None and no_ui.navigator(  # r^s only when the UI reads it
+        no_ui.seg_encoder(torch.randn(1, 3, 32, 32)), torch.randn(1, 32, 4, 4), torch.rand(1, 3, 32, 32) + 1,
+        torch.rand(1, 1, 32, 32))[1] is None
+    for name, (_, spec) in uml.ROWS.items():   # every parameter of every row reaches the loss (DDP needs it)
+        torch.manual_seed(0)
+        model = uml.UMLNet(spec, 2, 3, 4, (1, 1, 1))
+        args = argparse.Namespace(loss_weights=(0.1, 0.5, 0.4), annealing_epochs=2, lambda_kl_mut=1.0,
+                                  lambda_dice_mut=1.0, lambda_kl_cls=1.0, eq8="sum")
+        loss, _ = uml.total_loss(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 3, (2, 32, 32)),
+                                 torch.tensor([0, 1]), spec, args, epoch=1)
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters()), name
+    ec = uml.UMLNet(uml.ROWS["EC"][1], 2, 3, 4, (1, 1, 1))
     assert ec.seg_encoder is None and ec.mixer is None and "seg" not in ec(torch.randn(1, 3, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics in the paper's forms (issue 11)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_f1_weighted_hand_case():
+    target = torch.tensor([0, 0, 0, 0, 1, 1])
+    pred = torch.tensor([0, 0, 1, 0, 1, 0])
+    # class 0: TP 3, FP 1, FN 1 -> F1 6/8; class 1: TP 1, FP 1, FN 1 -> F1 1/2; supports 4 and 2
+    assert common.f1_weighted(pred, target, 2) == pytest.approx(4 / 6 * 0.75 + 2 / 6 * 0.5)
+    assert common.f1_score(pred, target, 2, positive=1) == pytest.approx(0.5)
+    # a class never predicted nor present gets weight 0; an all-wrong prediction scores 0
+    assert common.f1_weighted(torch.tensor([1, 1]), torch.tensor([0, 0]), 3) == 0.0
+
+
+def medpy_assd_with_scipy(pred, target):
+    """medpy.metric.binary.assd written with scipy: mean of the two directed means (4-connected boundary)."""
+    import numpy as np
+    from scipy import ndimage
+
+    def directed(a, b):
+        cross = ndimage.generate_binary_structure(2, 1)
+        border_a = a ^ ndimage.binary_erosion(a, cross)
+        border_b = b ^ ndimage.binary_erosion(b, cross)
+        return ndimage.distance_transform_edt(~border_b)[border_a].mean()
+    a, b = np.asarray(pred, bool), np.asarray(target, bool)
+    return 0.5 * (directed(a, b) + directed(b, a))
+
+
+def test_assd_authors_form_and_empty_convention():
+    target = torch.zeros(1, 5, 5, dtype=torch.bool)
+    target[0, 1:4, 1:4] = True                      # 3x3 block: 8 boundary pixels around the centre
+    pred = torch.zeros(1, 5, 5, dtype=torch.bool)
+    pred[0, 2, 2] = True                            # the centre pixel alone
+    # pred -> target: 1; target -> pred: 4 edges at 1, 4 corners at sqrt 2 -> (4 + 4 sqrt 2) / 8
+    medpy = 0.5 * (1 + (4 + 4 * math.sqrt(2)) / 8)
+    assert common.assd_medpy(pred, target).item() == pytest.approx(medpy, abs=1e-9)
+    assert common.assd_medpy(pred, target).item() == pytest.approx(medpy_assd_with_scipy(pred[0], target[0]), abs=1e-9)
+    assert common.assd(pred, target).item() == pytest.approx((1 + 4 + 4 * math.sqrt(2)) / 9, abs=1e-9)  # pooled
+    empty = torch.zeros(1, 5, 5, dtype=torch.bool)
+    # the authors' medpy copy: an empty mask gives distances of 10 px, so ASSD 10 (both empty too)
+    assert common.assd_medpy(empty, target).tolist() == [10.0] and common.assd_medpy(empty, empty).tolist() == [10.0]
+    assert common.assd(empty, target).tolist() == [math.inf] and common.assd(empty, empty).tolist() == [0.0]
+
+
+class FixedOutputs(nn.Module):
+    """A stand-in model that returns given outputs (evaluate's arithmetic on hand cases)."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        return self.out
+
+
+def test_evaluate_reports_both_metric_forms_on_a_hand_case():
+    # two 8x8 fundus images: masks 0 background, 1 rim, 2 cup
+    masks = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    masks[:, 2:6, 2:6] = 1
+    masks[:, 3:5, 3:5] = 2
+    predicted = masks.clone().long()
+    predicted[1] = 0                                # image 1: nothing found
+    seg = torch.nn.functional.one_hot(predicted, 3).permute(0, 3, 1, 2).float() * 10
+    logits = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # evidential: predicts class 0, then class 1
+    split = {"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "masks": masks, "labels": torch.tensor([0, 0])}
+    data = {"n_classes": 2, "structures": uml.structures(["background", "rim", "cup"])}
+    args = argparse.Namespace(batch_size=2, amp=False, seed=0)
+    model = FixedOutputs({"cls_logits": logits, "seg": [seg], "mutual_uncertainty": torch.zeros(2, 1, 8, 8)})
+    norm = (torch.zeros(3), torch.ones(3))
+    metrics, _ = uml.evaluate(model, split, uml.ROWS["UML"][1], data, norm, args, torch.device("cpu"))
+    assert metrics["dice_rim"] == pytest.approx(0.5) and metrics["dice_disc"] == pytest.approx(0.5)
+    assert metrics["assd_rim"] == 0.0 and metrics["assd_rim_undefined_images"] == 1     # ours: left out, counted
+    assert metrics["assd_rim_authors"] == pytest.approx(5.0)                    # authors': (0 + 10) / 2
+    assert metrics["acc"] == 0.5 and metrics["f1_weighted"] == pytest.approx(2 / 3)  # F1_0 = 2/3 has all the support
+    alpha = torch.nn.functional.softplus(logits) + 1
+    confidence = (alpha / alpha.sum(1, keepdim=True)).max(1).values          # expected probability alpha/S
+    assert metrics["ece"] == pytest.approx(common.expected_calibration_error(confidence, torch.tensor([True, False])))
+    belief = (alpha - 1) / alpha.sum(1, keepdim=True)
+    assert metrics["ece_belief"] == pytest.approx(common.expected_calibration_error(belief.max(1).values,
+                                                                                    torch.tensor([True, False])))
+    bcs, _ = uml.evaluate(model, split, uml.ROWS["BCS"][1], data, norm, args, torch.device("cpu"))
+    softmax = logits.softmax(1).max(1).values
+    assert bcs["ece"] == pytest.approx(common.expected_calibration_error(softmax, torch.tensor([True, False])))
+    assert "ece_belief" not in bcs
+
+
+def test_noisy_inputs_are_clipped_to_unit_range():
+    images = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 4, 3).contiguous()
+    identity = (torch.zeros(3), torch.ones(3))
+    generator = torch.Generator().manual_seed(0)
+    x = uml.model_input(images, identity, torch.device("cpu"), sigma=5.0, generator=generator)
+    assert x.min().item() == 0.0 and x.max().item() == 1.0          # clipped, as the authors do
+    clean = uml.model_input(images, identity, torch.device("cpu"))
+    assert torch.allclose(clean[0, 0, 0], torch.tensor([0.0, 128 / 255, 1.0]))
+    norm = (torch.full((3,), 0.5), torch.full((3,), 0.25))          # normalisation comes after the clip
+    y = uml.model_input(images, norm, torch.device("cpu"), 5.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(y, (x - 0.5) / 0.25)
+
+
+def test_tbrats_has_no_deep_supervision_and_eq8_mean_divides_by_four():
+    assert not uml.ROWS["TBraTS"][1].deep_supervision and uml.ROWS["UML"][1].deep_supervision
+    torch.manual_seed(4)
+    masks = torch.randint(0, 3, (2, 8, 8))
+    seg = [torch.randn(2, 3, 8 // 2 ** i, 8 // 2 ** i) for i in range(4)]
+    args = argparse.Namespace(loss_weights=(0.1, 0.5, 0.4), annealing_epochs=2, lambda_kl_mut=1.0,
+                              lambda_dice_mut=1.0, lambda_kl_cls=1.0, eq8="sum")
+    loss, parts = uml.total_loss({"seg": seg}, masks, None, uml.ROWS["TBraTS"][1], args, epoch=1)
+    alpha = torch.nn.functional.softplus(seg[0]) + 1
+    only_s1 = uml.evidential_segmentation_loss(alpha, masks, 0.5, 1.0)          # anneal 1/2
+    assert loss.item() == pytest.approx(0.4 * only_s1.item(), rel=1e-6) and parts[2].item() == pytest.approx(only_s1.item())
+    total = uml.segmentation_loss(seg, masks, False, True, 1.0, 1.0, "sum")
+    assert uml.segmentation_loss(seg, masks, False, True, 1.0, 1.0, "mean").item() == pytest.approx(total.item() / 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet weights in the standard files' layouts (issue 18)
+# ---------------------------------------------------------------------------------------------
+
+
+def unused_tensor(*shape):
+    """A tensor of the real shape backed by one number (the unused layers would be hundreds of MB)."""
+    return torch.zeros(1).expand(*shape)
+
+
+def torchvision_vgg16_state(batch_norm=False):
+    """torchvision's vgg16 (vgg16-397923af.pth) / vgg16_bn key layout: features.N = conv, [bn], relu, pools."""
+    generator, state, index, in_ch = torch.Generator().manual_seed(0), {}, 0, 3
+    for position, ch in enumerate([64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]):
+        if ch == "M":
+            index += 1
+            continue
+        used = position < 13                                           # blocks 1-4
+        make = (lambda *s: torch.randn(*s, generator=generator) * 0.05) if used else unused_tensor
+        state[f"features.{index}.weight"], state[f"features.{index}.bias"] = make(ch, in_ch, 3, 3), make(ch)
+        if batch_norm:
+            state.update({f"features.{index + 1}.weight": make(ch), f"features.{index + 1}.bias": make(ch),
+                          f"features.{index + 1}.running_mean": make(ch),
+                          f"features.{index + 1}.running_var": (make(ch).abs() + 0.5) if used else unused_tensor(ch)})
+        index += 3 if batch_norm else 2
+        in_ch = ch
+    for name, shape in (("classifier.0", (4096, 25088)), ("classifier.3", (4096, 4096)), ("classifier.6", (1000, 4096))):
+        state[f"{name}.weight"], state[f"{name}.bias"] = unused_tensor(*shape), unused_tensor(shape[0])
+    return state
+
+
+def res2net50_v1b_state():
+    """res2net50_v1b_26w_4s-3cf99910.pth key layout (Res2Net-PretrainedModels' res2net_v1b.py)."""
+    generator, state = torch.Generator().manual_seed(1), {}
+
+    def bn(prefix, ch, used=True):
+        make = (lambda: torch.rand(ch, generator=generator) + 0.5) if used else (lambda: unused_tensor(ch))
+        state.update({f"{prefix}.{k}": make() for k in ("weight", "bias", "running_mean", "running_var")})
+        state[f"{prefix}.num_batches_tracked"] = torch.tensor(0)
+
+    def conv(prefix, *shape, used=True):
+        state[f"{prefix}.weight"] = torch.randn(*shape, generator=generator) * 0.05 if used else unused_tensor(*shape)
+
+    conv("conv1.0", 32, 3, 3, 3), bn("conv1.1", 32), conv("conv1.3", 32, 32, 3, 3), bn("conv1.4", 32)
+    conv("conv1.6", 64, 32, 3, 3), bn("bn1", 64)
+    inplanes = 64
+    for layer, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), 1):
+        width, used = planes * 26 // 64, layer < 4
+        for b in range(blocks):
+            p = f"layer{layer}.{b}"
+            conv(f"{p}.conv1", width * 4, inplanes, 1, 1, used=used), bn(f"{p}.bn1", width * 4, used)
+            for i in range(3):
+                conv(f"{p}.convs.{i}", width, width, 3, 3, used=used), bn(f"{p}.bns.{i}", width, used)
+            conv(f"{p}.conv3", planes * 4, width * 4, 1, 1, used=used), bn(f"{p}.bn3", planes * 4, used)
+            if b == 0:
+                conv(f"{p}.downsample.1", planes * 4, inplanes, 1, 1, used=used), bn(f"{p}.downsample.2", planes * 4, used)
+            inplanes = planes * 4
+    state["fc.weight"], state["fc.bias"] = unused_tensor(1000, 2048), unused_tensor(1000)
+    return state
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_vgg16_file_loads_into_the_paper_size_encoder(batch_norm):
+    state = torchvision_vgg16_state(batch_norm)
+    encoder = uml.VGGEncoder(64, batch_norm).eval()
+    table, unused = uml.vgg16_key_table(batch_norm)
+    assert common.load_pretrained(encoder, state, table, unused, "--pretrained-vgg") == (60 if batch_norm else 20)  # 10 convs: w, b (+ 4 bn)
+    x = torch.randn(1, 3, 16, 16)
+    y = torch.nn.functional.conv2d(x, state["features.0.weight"], state["features.0.bias"], padding=1)
+    if batch_norm:
+        y = torch.nn.functional.batch_norm(y, state["features.1.running_mean"], state["features.1.running_var"],
+                                           state["features.1.weight"], state["features.1.bias"])
+    assert torch.allclose(encoder.stages[0][0](x), y.relu(), atol=1e-5)   # first layer = the file's conv
+    conv4_3 = "features.30" if batch_norm else "features.21"    # f_4^c's conv, by its index in the file
+    assert torch.equal(encoder.stages[3][3].conv.bias, state[conv4_3 + ".bias"])
+
+
+def test_res2net_file_loads_into_the_paper_size_encoder():
+    state = res2net50_v1b_state()
+    encoder = uml.Res2NetEncoder(64, (3, 4, 6)).eval()
+    table, unused = uml.res2net_key_table((3, 4, 6))
+    n = common.load_pretrained(encoder, state, table, unused, "--pretrained-res2net")
+    used = [k for k in state if not k.startswith(("layer4.", "fc.")) and not k.endswith("num_batches_tracked")]
+    assert n == len(used) == len(encoder.state_dict()) - sum(k.endswith("num_batches_tracked") for k in encoder.state_dict())
+    x = torch.randn(1, 3, 16, 16)
+    y = torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, state["conv1.0.weight"], padding=1),
+                                       state["conv1.1.running_mean"], state["conv1.1.running_var"],
+                                       state["conv1.1.weight"], state["conv1.1.bias"])
+    assert torch.allclose(encoder.stem[0](x), y.relu(), atol=1e-5)
+    assert torch.equal(encoder.stages[2][0].shortcut.proj.conv.weight, state["layer3.0.downsample.1.weight"])
+    assert torch.equal(encoder.stages[1][3].convs[2].bn.running_var, state["layer2.3.bns.2.running_var"])
+
+
+def test_pretrained_errors_name_the_key():
+    table, unused = uml.res2net_key_table((3, 4, 6))
+    encoder = uml.Res2NetEncoder(64, (3, 4, 6))
+    renamed = res2net50_v1b_state()
+    renamed["layer2.0.conv.1.weight"] = renamed.pop("layer2.0.convs.1.weight")
+    with pytest.raises(common.UsageError, match="'layer2.0.convs.1.weight'"):
+        common.load_pretrained(encoder, renamed, table, unused, "--pretrained-res2net")
+    reshaped = res2net50_v1b_state()
+    reshaped["layer1.2.conv3.weight"] = torch.zeros(256, 104, 3, 3)
+    with pytest.raises(common.UsageError, match=r"'layer1.2.conv3.weight' has shape \(256, 104, 3, 3\)"):
+        common.load_pretrained(encoder, reshaped, table, unused, "--pretrained-res2net")
+    extra = res2net50_v1b_state()
+    extra["layer3.1.se.weight"] = torch.zeros(4)
+    with pytest.raises(common.UsageError, match="'layer3.1.se.weight'"):
+        common.load_pretrained(encoder, extra, table, unused, "--pretrained-res2net")
+    table, unused = uml.vgg16_key_table(batch_norm=True)       # a plain vgg16 file into the bn layout
+    with pytest.raises(common.UsageError, match="'features.1.weight'"):
+        common.load_pretrained(uml.VGGEncoder(64, True), torchvision_vgg16_state(False), table, unused, "--pretrained-vgg")
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(torchvision_vgg16_state(False), folder / "vgg16-397923af.pth")
+    torch.save(res2net50_v1b_state(), folder / "res2net50_v1b_26w_4s-3cf99910.pth")
+    return folder / "vgg16-397923af.pth", folder / "res2net50_v1b_26w_4s-3cf99910.pth"
+
+
+def test_pretrained_flags_load_for_every_method(weight_files):
+    vgg, res2net = weight_files
+    args = uml.resolve_defaults(uml.build_parser().parse_args(
+        ["--width", "64", "--res2net-blocks", "3,4,6", "--pretrained-vgg", str(vgg), "--pretrained-res2net", str(res2net)]))
+    assert args.vgg_batch_norm is False                         # follows the plain vgg16 file
+    vgg_state, res2net_state = torch.load(vgg, weights_only=True), torch.load(res2net, weights_only=True)
+    for method in ("EC", "TBraTS", "BCS", "ECS", "UML"):
+        model = uml.build_model(uml.ROWS[method][1], args, 2, 3)
+        uml.load_pretrained_encoders(model, args)
+        if model.cls_encoder is not None:
+            assert torch.equal(model.cls_encoder.stages[1][1].conv.weight, vgg_state["features.5.weight"])
+        if model.seg_encoder is not None:
+            assert torch.equal(model.seg_encoder.stem[2].bn.weight, res2net_state["bn1.weight"])
+        assert (model.cls_encoder is None) == (method == "TBraTS") and (model.seg_encoder is None) == (method == "EC")
+    with pytest.raises(common.UsageError, match="paper-size encoders"):
+        uml.resolve_defaults(uml.build_parser().parse_args(["--pretrained-vgg", str(vgg)]))  # synthetic width 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +520,8 @@ def all_tables(tmp_path_factory):
 def test_quick_tables_write_every_row(all_tables):
     results = json.loads((all_tables / "results.json").read_text())
     assert results["script"] == "uml" and results["data"] == "synthetic-fundus"
-    for key in ("acc", "f1", "dice_disc", "assd_disc", "dice_cup", "assd_cup", "uncertainty_auroc", "ece"):
+    for key in ("acc", "f1", "f1_weighted", "dice_disc", "assd_disc", "dice_cup", "assd_cup", "dice_rim",
+                "assd_rim", "assd_disc_authors", "assd_rim_authors", "uncertainty_auroc", "ece", "ece_belief"):
         assert key in results["metrics"]
     for key in ("acc", "f1", "dice_disc", "dice_cup", "ece"):
         assert math.isfinite(results["metrics"][key])
@@ -250,13 +531,15 @@ def test_quick_tables_write_every_row(all_tables):
     assert noise <= rows                                      # --table2 writes all noise rows
     assert {(3, n) for n in ("BCS", "+MD", "+MD+UI", "UML")} <= rows
     by_row = {(r["table"], r["row"]): r for r in results["table"]}
-    assert by_row[(1, "EC")]["dice_disc"] is None and by_row[(1, "TBraTS")]["acc"] is None
+    assert "dice_disc" not in by_row[(1, "EC")] and "acc" not in by_row[(1, "TBraTS")]  # shown as '\\'
+    for key in ("f1_weighted", "dice_rim", "assd_rim_authors", "assd_cup_authors", "assd_cup_undefined_images", "ece"):
+        assert key in by_row[(1, "BCS")] and key in by_row[(1, "UML")]   # both metric forms, every row
+    assert "ece_belief" in by_row[(1, "UML")] and "ece_belief" not in by_row[(1, "BCS")]  # softmax: no belief
     assert by_row[(3, "+MD+UI")]["UN"] == "-" and by_row[(3, "UML")]["UN"] == "✓"
     markdown = (all_tables / "results.md").read_text()
-    for title in ("Table 1", "Table 2: Gaussian noise sigma = 0.05", "Table 3"):
+    for title in ("Table 1 (paper's metric forms)", "Table 1, our metric forms", "Table 2: Gaussian noise sigma = 0.05",
+                  "Table 3", "support-weighted F1"):
         assert title in markdown
-    for slug in ("ec", "tbrats", "bcs", "ecs", "uml", "uml-md", "uml-md-ui"):
-        assert (all_tables / "figures" / f"curves_{slug}.png").stat().st_size > 0
     assert (all_tables / "figures" / "fig3.png").stat().st_size > 0
     assert (all_tables / "best.pt").exists() and (all_tables / "bcs-best.pt").exists()
     log = [json.loads(line) for line in (all_tables / "log.jsonl").read_text().splitlines()]
@@ -285,7 +568,7 @@ def test_quick_breast_ablation_and_resume(tmp_path):
 
 
 def test_navigator_needs_mutual_decoder():
-    with pytest.raises(SystemExit):
+    with pytest.raises(common.UsageError):
         uml.main(QUICK + ["--no-mutual-decoder"])
 
 
@@ -299,3 +582,100 @@ def test_quick_refuge_layout_headline_command(tmp_path):
     assert results["data"] == "refuge" and results["config"]["lr"] == 1e-4  # the paper's value on real data
     assert {"acc", "f1", "dice_disc", "assd_disc", "dice_cup", "assd_cup"} <= set(results["metrics"])
     assert [r["row"] for r in results["table"] if r["table"] == 2] == ["UML sigma=0.00", "UML sigma=0.05"]
+
+
+def test_refuge_metrics_ignore_the_letterbox_padding(tmp_path):
+    from test_data import _refuge
+
+    data = uml.load_data(argparse.Namespace(dataset="refuge", root=str(_refuge(tmp_path)), size=32, cache=tmp_path / "c",
+                                            n_train=None, n_val=None, n_test=None, eval_only=False), torch.device("cpu"), 0)
+    split = data["test"]
+    assert split["valid"] is not None and (split["valid"] == 0).any()     # the test images are letterboxed
+    everywhere = torch.full((3, 3, 32, 32), -10.0)
+    everywhere[:, 2] = 10.0                                                # "cup" on every pixel, padding included
+    model = FixedOutputs({"cls_logits": torch.zeros(3, 2), "seg": [everywhere], "mutual_uncertainty": torch.zeros(3, 1, 32, 32)})
+    args = argparse.Namespace(batch_size=4, amp=False, seed=0)
+    metrics, _ = uml.evaluate(model, split, uml.ROWS["UML"][1], data, (torch.zeros(3), torch.ones(3)), args, torch.device("cpu"))
+    cup = (split["masks"] == 2)
+    expected = (2 * cup.sum((1, 2)) / (cup.sum((1, 2)) + split["valid"].sum((1, 2)))).double().mean()
+    assert metrics["dice_cup"] == pytest.approx(expected.item())          # the valid region counts, not the canvas
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds and --predict (issues 15 and 17)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_seeds_give_means_and_standard_errors(tmp_path):
+    out = tmp_path / "seeds"
+    uml.main(QUICK + ["--seeds", "0,1", "--noise-sigmas", "0", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    row = results["table"][0]
+    assert row["seeds"] == [0, 1] and [r["seed"] for r in row["per_seed"]] == [0, 1]
+    for key in ("acc", "f1_weighted", "dice_cup", "assd_cup_authors", "ece"):
+        a, b = (r[key] for r in row["per_seed"])
+        assert results["metrics"][key] == pytest.approx((a + b) / 2)
+        assert results["metrics"][key + "_se"] == pytest.approx(abs(a - b) / 2, rel=1e-5)  # std(ddof=1)/sqrt(2)
+    assert (out / "best.pt").exists() and (out / "uml-seed1-best.pt").exists()
+
+
+def write_test_images(folder):
+    """Images a user might have: odd sizes, greyscale, RGBA, a corrupt file and a text file."""
+    from PIL import Image
+    import numpy as np
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).save(folder / "wide.png")
+    Image.fromarray(rng.integers(0, 255, (31, 20), dtype=np.uint8)).save(folder / "tall_grey.JPG")
+    Image.fromarray(rng.integers(0, 255, (29, 41, 4), dtype=np.uint8), mode="RGBA").save(folder / "alpha.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "notes.txt").write_text("not an image")
+    return {"wide": (53, 37), "tall_grey": (20, 31), "alpha": (41, 29)}
+
+
+def test_predict_a_folder_of_user_images(all_tables, tmp_path):
+    from PIL import Image
+    import csv
+    import numpy as np
+
+    sizes = write_test_images(tmp_path / "images")
+    out = tmp_path / "predicted"
+    uml.main(["--predict", str(tmp_path / "images"), "--checkpoint", str(all_tables / "best.pt"), "--out", str(out),
+              "--device", "cpu"])
+    for stem, (w, h) in sizes.items():
+        mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 1, 2}       # background / rim / cup
+        assert np.load(out / f"{stem}_uncertainty.npy").shape == (h, w)         # pixel-wise U^s
+        assert (out / f"{stem}_overlay.png").exists()
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "width", "height", "class", "uncertainty", "belief_non_glaucoma", "belief_glaucoma"]
+    assert {(r["image"], int(r["width"]), int(r["height"])) for r in rows} == {
+        (f"{stem}.{'JPG' if 'grey' in stem else 'png'}", w, h) for stem, (w, h) in sizes.items()}
+    assert len(rows) == 3 and all(0 < float(r["uncertainty"]) <= 1 for r in rows)
+    for r in rows:   # Eq. 1: beliefs and u sum to one
+        assert sum(float(v) for k, v in r.items() if k.startswith("belief_")) + float(r["uncertainty"]) == pytest.approx(1, abs=1e-5)
+    assert "broken.png" in (out / "errors.txt").read_text() and "notes" not in (out / "errors.txt").read_text()
+    other = tmp_path / "other.pt"
+    torch.save({"script": "joint_unet", "model": {}, "args": {}}, other)
+    with pytest.raises(common.CheckpointError, match="joint_unet"):
+        uml.main(["--predict", str(tmp_path / "images"), "--checkpoint", str(other), "--out", str(tmp_path / "o2")])
+
+
+def test_predicting_the_test_images_gives_the_evaluation_masks(all_tables, tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    predictor = uml.load_model(all_tables / "best.pt")
+    args = predictor.args
+    data = uml.load_data(argparse.Namespace(**{**vars(args), "eval_only": True}), torch.device("cpu"), args.seed)
+    folder = tmp_path / "test-images"
+    folder.mkdir()
+    for name, image in zip(data["test"]["names"], data["test"]["images"]):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+    uml.main(["--predict", str(folder), "--checkpoint", str(all_tables / "best.pt"), "--out", str(tmp_path / "p")])
+    evaluated = uml.forward_split(predictor.model, data["test"], predictor.extra["spec"], predictor.norm, args,
+                                  torch.device("cpu"))["seg"]
+    for name, expected in zip(data["test"]["names"], evaluated):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "p" / f"{name}_mask.png")), expected.numpy())

@@ -1,16 +1,21 @@
-"""Tests of uncertainty_multiloss.py: the losses on hand-computed cases, the model's shapes and block
-order, and the script end to end with --quick (single run, --table1, --sweep, --eval-only, --resume)."""
+"""Tests of uncertainty_multiloss.py: the losses on hand-computed cases (Eq. 9 in both readings), the
+model's shapes and block order, glands as objects (regions_to_instances), and the script end to end
+with --quick (single run, --seeds, --table1, --sweep, --eval-only, --resume, --predict, GlaS layout)."""
+import csv
 import importlib
 import json
 import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 um = importlib.import_module("uncertainty_multiloss")
+common = importlib.import_module("common")
 
 # f_s at one pixel, channel order (lumen, border, stroma)
 F_PIXEL = (1.0, 0.5, -0.3)
@@ -179,6 +184,98 @@ def test_random_patches_cut_images_and_masks_alike():
     assert torch.equal(out["instances"], expected)
 
 
+
+
+def log_sigmoid(x):
+    return -math.log(1 + math.exp(-x))
+
+
+def test_geometry_loss_eq9_reading():
+    """Eq. 9's formula (P_t, used) against its sentence ("log-sigmoid label probabilities") on one
+    pair: two neighbouring lumen pixels p, q with logits (lumen, border, stroma)."""
+    f_p, f_q = (1.0, 0.5, -0.3), (0.2, 1.5, 0.4)
+    logits = torch.tensor([f_p, f_q]).T.reshape(1, 3, 1, 2)
+    vector, _ = um.label_vector_targets(torch.tensor([[[2, 2]]], dtype=torch.uint8))
+    # P_t reading: log P_t(lumen | x) = (f_lum + f_bor) - log(e^f_str + e^f_bor + e^(f_lum + f_bor))
+    log_pt_p = 1.5 - math.log(math.exp(-0.3) + math.exp(0.5) + math.exp(1.5))  # -0.427343
+    log_pt_q = 1.7 - math.log(math.exp(0.4) + math.exp(1.5) + math.exp(1.7))   # -0.737768
+    # the pair is in N4(p) and N4(q): 2 |difference| over the 2 pixels
+    pt_reading = 2 * abs(log_pt_p - log_pt_q) / 2
+    assert pt_reading == pytest.approx(0.310425, abs=1e-6)
+    log_pt = um.hierarchical_log_probabilities(logits)
+    assert um.geometry_loss(log_pt, vector).item() == pytest.approx(pt_reading, abs=1e-6)
+    # log-sigmoid reading: sum_r S_p^r |log sigmoid(f_r(x_p)) - log sigmoid(f_r(x_q))|, S = (1, 1, 0)
+    sigmoid_reading = 2 * sum(abs(log_sigmoid(a) - log_sigmoid(b)) for a, b, s in zip(f_p, f_q, (1, 1, 0)) if s) / 2
+    assert sigmoid_reading == pytest.approx(0.557541, abs=1e-6)  # the other reading: 1.8x larger here
+    assert abs(um.geometry_loss(log_pt, vector).item() - sigmoid_reading) > 0.2
+
+
+def test_region_probabilities_are_a_three_way_softmax():
+    torch.manual_seed(0)
+    f = torch.randn(2, 3, 4, 5)  # channels (lumen, border, stroma)
+    three_way = torch.stack([f[:, 2], f[:, 1], f[:, 0] + f[:, 1]], 1).log_softmax(1)  # (stroma, border, lumen)
+    assert torch.allclose(um.region_log_probabilities(f), three_way, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Glands as objects: regions_to_instances
+# ------------------------------------------------------------------------------------------------
+
+YY, XX = torch.meshgrid(torch.arange(40.0), torch.arange(64.0), indexing="ij")
+
+
+def disc(cy, cx, r):
+    return (YY - cy) ** 2 + (XX - cx) ** 2 <= r * r
+
+
+def touching_glands(distance=24):
+    """Two glands of radius 12 touching (centres `distance` apart; 23 presses them together along a
+    7-pixel contact), each pixel to the nearer centre as an annotator draws them; border band 4 px,
+    lumen inside."""
+    a, b = disc(20, 16, 12), disc(20, 16 + distance, 12)
+    nearer_a = (YY - 20) ** 2 + (XX - 16) ** 2 <= (YY - 20) ** 2 + (XX - 16 - distance) ** 2
+    truth = torch.where(a & (nearer_a | ~b), 1, torch.where(b, 2, 0))
+    regions = (truth > 0).to(torch.uint8) + (disc(20, 16, 8) | disc(20, 16 + distance, 8)).to(torch.uint8)
+    return regions, truth
+
+
+def test_touching_glands_are_two_objects_with_a_perfect_region_map():
+    regions, truth = touching_glands()
+    merged = common.label_components(regions >= 1)
+    assert int(merged.max()) == 1 and common.object_dice(merged, truth).item() < 0.8  # the old extraction
+    glands = um.regions_to_instances(regions)
+    assert glands.shape == regions.shape and int(glands.max()) == 2
+    assert common.object_dice(glands, truth).item() >= 0.98
+    assert common.object_hausdorff(glands, truth).item() <= 2.0
+    # the limit of --neck-ratio 0.3: glands pressed along a contact wider than ~0.6 of their thickness
+    # merge (as a fused gland would); a ratio above 1 (every lumen its own object) splits them
+    pressed, truth = touching_glands(23)
+    assert int(um.regions_to_instances(pressed).max()) == 1
+    assert common.object_dice(um.regions_to_instances(pressed, neck_ratio=2.0), truth).item() >= 0.98
+
+
+def test_fused_gland_with_two_lumens_and_a_gland_without_lumen_stay_one_object_each():
+    fused = disc(20, 14, 12) | disc(20, 30, 12)  # overlapping shapes: thick where the two lumens' cells meet
+    no_lumen = disc(20, 56, 6)
+    regions = (fused | no_lumen).to(torch.uint8) + (disc(20, 14, 6) | disc(20, 30, 6)).to(torch.uint8)
+    glands = um.regions_to_instances(regions)
+    assert int(glands.max()) == 2
+    assert glands[fused].unique().numel() == 1 and glands[no_lumen].unique().numel() == 1
+    assert int(um.regions_to_instances(regions, neck_ratio=2.0).max()) == 3  # every lumen its own object
+    # neck_ratio 0: the connected components of border U lumen
+    assert torch.equal(um.regions_to_instances(regions, neck_ratio=0.0) > 0, regions >= 1)
+    assert int(um.regions_to_instances(regions, neck_ratio=0.0).max()) == 2
+    # edge cases: an image that is all gland (no stroma to measure thickness from) and one without glands
+    full = torch.ones(1, 10, 12, dtype=torch.uint8)
+    full[0, 3:5, 3:5] = 2
+    assert int(um.regions_to_instances(full).max()) == 1
+    assert int(um.regions_to_instances(torch.zeros(1, 5, 5, dtype=torch.uint8)).max()) == 0
+    # batched = one image at a time
+    touching, _ = touching_glands()
+    batch = um.regions_to_instances(torch.stack([regions, touching]))
+    assert torch.equal(batch[0], glands) and torch.equal(batch[1], um.regions_to_instances(touching))
+
+
 # ------------------------------------------------------------------------------------------------
 # End to end (--quick)
 # ------------------------------------------------------------------------------------------------
@@ -188,37 +285,131 @@ def read(path):
     return json.loads(Path(path).read_text())
 
 
-def test_quick_default_run_eval_only_and_resume(tmp_path):
+def test_quick_default_run_eval_only_resume_and_predict(tmp_path):
     cpu = ["--quick", "--device", "cpu"]  # bitwise-repeatable evaluation for the eval-only comparison
     run_dir = um.main(cpu + ["--out", str(tmp_path / "run")])
     results = read(run_dir / "results.json")
     metrics = results["metrics"]
-    assert set(metrics) == {"accuracy", "pixel_accuracy", "object_dice", "object_hausdorff",
-                            "sigma2_c", "sigma2_s", "sigma2_t", "sigma2_g"}
+    names = ["accuracy", "pixel_accuracy", "object_dice", "object_hausdorff", "sigma2_c", "sigma2_s", "sigma2_t", "sigma2_g"]
+    assert set(metrics) == set(names) | {f"{k}_se" for k in names}
     assert all(math.isfinite(v) for v in metrics.values())
-    assert 0 <= metrics["pixel_accuracy"] <= 1 and metrics["sigma2_c"] > 0
+    assert 0 <= metrics["pixel_accuracy"] <= 1 and metrics["sigma2_c"] > 0 and metrics["accuracy_se"] == 0
     for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "results.md"):
         assert (run_dir / name).exists()
     assert (run_dir / "figures" / "fig3_predictions.png").exists() and (run_dir / "figures" / "sigma2.png").exists()
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert all(f"sigma2_{k}" in log[0] for k in um.LOSS_NAMES)
+    epochs = [r for r in log if "epoch" in r]
+    assert all(epochs[0][f"inv_sigma2_{k}"] == pytest.approx(1 / epochs[0][f"sigma2_{k}"]) for k in um.LOSS_NAMES)
     evaluated = um.main(cpu + ["--eval-only", "--checkpoint", str(run_dir / "best.pt"), "--out", str(tmp_path / "eval")])
     again = read(evaluated / "results.json")["metrics"]
     for k in metrics:  # the test metrics of the best checkpoint, recomputed from the file
-        assert again[k] == pytest.approx(metrics[k], rel=1e-5)
+        assert again[k] == pytest.approx(metrics[k], rel=1e-5, abs=1e-9)
     resumed = um.main(cpu + ["--epochs", "2", "--resume", str(run_dir / "last.pt"), "--out", str(tmp_path / "resumed")])
     epochs = [json.loads(line).get("epoch") for line in (resumed / "log.jsonl").read_text().splitlines()]
-    assert epochs[0] == 2
+    assert [e for e in epochs if e is not None] == [2]
+
+    # --predict on a folder of odd images, a corrupt file and a text file
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (61, 97, 3), dtype=np.uint8)).save(images / "wide.jpg")
+    Image.fromarray(rng.integers(0, 255, (80, 50), dtype=np.uint8)).save(images / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (33, 45, 4), dtype=np.uint8)).save(images / "rgba.PNG")
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "predicted"
+    assert um.main(["--predict", str(images), "--checkpoint", str(run_dir / "best.pt"), "--out", str(out),
+                    "--device", "cpu"]) is None
+    sizes = {"wide": (97, 61), "grey": (50, 80), "rgba": (45, 33)}
+    for stem, size in sizes.items():
+        mask = Image.open(out / f"{stem}_mask.png")
+        assert mask.size == size and set(np.unique(np.asarray(mask))) <= {0, 1, 2}
+        instances = np.asarray(Image.open(out / f"{stem}_instances.png"))
+        assert instances.shape == size[::-1] and instances.dtype in (np.uint16, np.int32)
+        assert np.load(out / f"{stem}_entropy.npy").shape == size[::-1]
+        assert (np.load(out / f"{stem}_entropy.npy") <= math.log(3) + 1e-5).all()
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert sorted(r["image"] for r in rows) == ["grey.png", "rgba.PNG", "wide.jpg"]
+    assert list(rows[0]) == ["image", "width", "height", "predicted_class", "p_benign", "p_malignant", "n_glands"]
+    for r in rows:
+        assert r["predicted_class"] in ("benign", "malignant")
+        assert float(r["p_benign"]) + float(r["p_malignant"]) == pytest.approx(1, abs=1e-4)
+        stem = Path(r["image"]).stem
+        assert int(r["n_glands"]) == int(np.asarray(Image.open(out / f"{stem}_instances.png")).max())
+    assert "broken.png" in (out / "errors.txt").read_text() and not list(out.glob("broken*")) and not list(out.glob("notes*"))
+    # predicting the run's own test images gives the regions its evaluation decoded
+    args = um.parse_args(cpu)
+    data, stats = um.load_data(args, 0)
+    own = tmp_path / "own"
+    own.mkdir()
+    for i in range(3):
+        Image.fromarray(data["test"]["images"][i].permute(1, 2, 0).numpy()).save(own / f"test_{i}.png")
+    um.main(["--predict", str(own), "--checkpoint", str(run_dir / "best.pt"), "--out", str(tmp_path / "own_out"),
+             "--device", "cpu"])
+    predictor = um.load_model(run_dir / "best.pt")
+    _, region_prob = um.predict(predictor.model, data["test"], stats, args)
+    for i in range(3):
+        predicted = np.asarray(Image.open(tmp_path / "own_out" / f"test_{i}_mask.png"))
+        assert np.array_equal(predicted, region_prob[i].argmax(0).numpy())
+    # library use: load_model + predict_batch, and another script's checkpoint refused
+    predictor = um.load_model(run_dir / "best.pt")
+    canvas = torch.stack([common.letterbox(torch.from_numpy(np.array(Image.open(images / "wide.jpg"))).permute(2, 0, 1),
+                                           predictor.size)])
+    batch = um.predict_batch(predictor, canvas)
+    assert batch["mask"].shape == (1, predictor.size, predictor.size) and batch["rows"][0]["n_glands"] >= 0
+    foreign = dict(torch.load(run_dir / "best.pt", weights_only=True), script="uml")
+    torch.save(foreign, tmp_path / "uml.pt")
+    with pytest.raises(common.CheckpointError, match="uml"):
+        um.load_model(tmp_path / "uml.pt")
 
 
-def test_quick_fixed_weights_subset(tmp_path):
+def test_quick_two_seeds_mean_and_standard_error(tmp_path):
+    run_dir = um.main(["--quick", "--seeds", "0,1", "--device", "cpu", "--out", str(tmp_path / "seeds")])
+    results = read(run_dir / "results.json")
+    row = results["table"][0]
+    assert row["seeds"] == [0, 1] and [e["seed"] for e in row["per_seed"]] == [0, 1]
+    for key in ("accuracy", "pixel_accuracy", "object_dice", "sigma2_t"):
+        a, b = (e[key] for e in row["per_seed"])
+        assert row[key] == pytest.approx((a + b) / 2, rel=1e-5)
+        # standard error of two values: sample std (ddof 1) / sqrt(2) = |a - b| / 2
+        assert row[f"{key}_se"] == pytest.approx(abs(a - b) / 2, rel=1e-4)
+        assert results["metrics"][key] == pytest.approx(row[key]) and results["metrics"][f"{key}_se"] == pytest.approx(row[f"{key}_se"])
+    assert row["per_seed"][0]["object_dice"] != row["per_seed"][1]["object_dice"]  # the seed changes data and model
+    assert "Mean ± standard error over 2 seeds" in (run_dir / "results.md").read_text()
+    assert (run_dir / "seed1-best.pt").exists() and (run_dir / "best.pt").exists()
+
+    # torchrun, 2 processes (gloo): rows mode shares the seeds out and equals the 1-process table;
+    # data mode trains one model data-parallel; each writes one run folder
+    import os
+    import subprocess
+    script = str(Path(um.__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                "--quick", "--device", "cpu"]
+    subprocess.run(torchrun + ["--seeds", "0,1", "--out", str(tmp_path / "rows")], check=True, env=env,
+                   capture_output=True, timeout=600)
+    shared = read(tmp_path / "rows" / "results.json")["table"][0]
+    assert [e["rank"] for e in shared["per_seed"]] == [0, 1]
+    for mine, theirs in zip(row["per_seed"], shared["per_seed"]):
+        for key in ("accuracy", "pixel_accuracy", "object_dice", "object_hausdorff", "sigma2_c"):
+            assert theirs[key] == pytest.approx(mine[key], rel=1e-6)
+    subprocess.run(torchrun + ["--out", str(tmp_path / "data")], check=True, env=env, capture_output=True, timeout=600)
+    config = read(tmp_path / "data" / "config.json")
+    assert config["world_size"] == 2 and config["parallel"] == "data"
+    assert math.isfinite(read(tmp_path / "data" / "results.json")["metrics"]["object_dice"])
+
+
+def test_quick_fixed_weights_subset_and_pixel_head_metrics(tmp_path):
     run_dir = um.main(["--quick", "--losses", "s,g", "--weights", "0.7,0.3", "--no-uncertainty",
                        "--out", str(tmp_path / "run")])
     results = read(run_dir / "results.json")
-    assert set(results["metrics"]) == {"pixel_accuracy", "object_dice", "object_hausdorff"}
+    assert {k for k in results["metrics"] if not k.endswith("_se")} == {"pixel_accuracy", "object_dice", "object_hausdorff"}
     row = results["table"][0]
-    assert (row["lambda_c"], row["lambda_s"], row["lambda_t"], row["lambda_g"]) == (0.0, 0.7, 0.0, 0.3)
-    with pytest.raises(SystemExit):
+    assert (row["lambda_c"], row["lambda_s"], row["lambda_t"], row["lambda_g"]) == pytest.approx((0.0, 0.7, 0.0, 0.3))
+    # Lg alone trains the pixel head too: its segmentation is reported
+    run_dir = um.main(["--quick", "--losses", "c,g", "--out", str(tmp_path / "cg")])
+    assert {"accuracy", "pixel_accuracy", "object_dice"} <= set(read(run_dir / "results.json")["metrics"])
+    with pytest.raises(common.UsageError):
         um.main(["--quick", "--weights", "0.5,0.5", "--out", str(tmp_path / "bad")])
 
 
@@ -229,10 +420,11 @@ def test_quick_table1_writes_all_rows(tmp_path):
     assert [r["row"] for r in rows] == [name for name, _, _ in um.TABLE1]
     assert "accuracy" in rows[0] and "pixel_accuracy" not in rows[0]  # Lc only: no segmentation
     assert "accuracy" not in rows[1] and "object_dice" in rows[1]  # Ls only: no classification
-    assert rows[7]["lambda_s"] == 0.6 and not rows[7]["uncertainty"]
+    assert rows[7]["lambda_s"] == pytest.approx(0.6) and not rows[7]["uncertainty"]
     assert all(f"sigma2_{k}" in rows[-1] for k in um.LOSS_NAMES) and "sigma2_t" not in rows[8]
     assert set(results["metrics"]) >= {"accuracy", "pixel_accuracy", "object_dice", "object_hausdorff", "sigma2_g"}
     assert "Table 1" in (run_dir / "results.md").read_text()
+    assert (run_dir / "best.pt").exists() and (run_dir / "table1-1-seed0-best.pt").exists()
 
 
 def test_quick_sweep_writes_both_plots(tmp_path):
@@ -245,10 +437,9 @@ def test_quick_sweep_writes_both_plots(tmp_path):
     assert rows[3]["lambda_t"] == 0.0 and rows[3]["lambda_g"] == 1.0
 
 
-def test_quick_glas_layout_with_patches(tmp_path):
-    """A tiny tree in the GlaS layout (train_N.bmp + _anno.bmp, testA/testB, Grade.csv): the real-data
-    path with its 250-pixel patch default replaced by --quick's 24."""
-    from PIL import Image
+def test_quick_glas_layout_keeps_the_aspect_ratio(tmp_path):
+    """A tiny tree in the GlaS layout (train_N.bmp + _anno.bmp, testA/testB, Grade.csv) of 30x40
+    images: the real-data path (letterbox canvas, patches, metrics at the original resolution)."""
     root = tmp_path / "GlaS"
     root.mkdir()
     rows = ["name,patient ID,grade (GlaS),grade (Sirinukunwattana et al. 2015)"]
@@ -264,18 +455,34 @@ def test_quick_glas_layout_with_patches(tmp_path):
         rows.append(f"{name},{k},{'benign' if k % 2 else 'malignant'},x")
     (root / "Grade.csv").write_text("\n".join(rows) + "\n")
     run_dir = um.main(["--quick", "--data", "glas", "--root", str(root), "--cache", str(tmp_path / "cache"),
-                       "--out", str(tmp_path / "run")])
+                       "--border-width", "2", "--out", str(tmp_path / "run")])
     config = read(run_dir / "config.json")["args"]
-    assert config["patch"] == 24 and config["size"] == 32
+    assert config["patch"] == 24 and config["size"] == 32 and config["width"] == 4
     results = read(run_dir / "results.json")
     assert results["data"] == "glas" and math.isfinite(results["metrics"]["object_dice"])
+    # a perfect prediction scored the way evaluate does, at the original 30x40: object Dice 1
+    data = common.load_dataset("glas", root=root, size=32, cache=tmp_path / "cache", border_width=2)
+    test = data["test"]
+    h, w = test["sizes"][0].tolist()
+    assert (h, w) == (30, 40) and test["images"].shape[-1] == 32
+    regions = test["full_masks"][0][None].long()
+    dice, hd = um._object_scores(regions, test["full_instances"][0][None], um.parse_args([]))
+    assert dice.item() == pytest.approx(1.0) and hd.item() == 0.0
 
 
-def test_loss_configuration_from_flags():
+def test_arguments_and_loss_configuration():
     config = um.config_from_args(um.parse_args(["--losses", "c,s,t", "--weights", "0,0.7,0.3", "--no-uncertainty"]))
     assert config == {"row": "Ls + Lt", "weights": {"s": 0.7, "t": 0.3}, "uncertainty": False}  # lambda = 0 is off
     default = um.config_from_args(um.parse_args([]))
     assert default["uncertainty"] and list(default["weights"]) == list(um.LOSS_NAMES)  # Eq. 2
     for bad in (["--losses", "c,x"], ["--losses", "c,s", "--weights", "1", "--no-uncertainty"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(common.UsageError):
             um.config_from_args(um.parse_args(bad))
+    # the defaults that depend on --data: one parse, explicit flags win, all listed by --help
+    synthetic, real = um.parse_args([]), um.parse_args(["--data", "glas", "--root", "x"])
+    assert (synthetic.size, synthetic.patch, synthetic.width, synthetic.epochs) == (64, 0, 16, 40)
+    assert (real.size, real.patch, real.width, real.epochs, real.elastic) == (512, 250, 32, 100, 8.0)
+    assert um.parse_args(["--data", "glas", "--size", "256"]).size == 256
+    assert not synthetic.flip and synthetic.color_jitter == 0  # Sec. 3: elastic + affine only
+    help_text = um.data_defaults_text()
+    assert "512" in help_text and "250" in help_text
