@@ -129,7 +129,20 @@ def test_lesion_annotators_disagree_by_the_documented_amount():
         iu = torch.triu_indices(len(m), len(m), 1)
         pairwise.append((inter / union)[iu[0], iu[1]].mean())
     mean_jaccard = torch.stack(pairwise).mean()
-    assert 0.74 < mean_jaccard < 0.88  # documented: 0.81
+    assert 0.53 < mean_jaccard < 0.67  # documented: 0.60 (400 images)
+    # Cohen's kappa per annotation pair (Ribeiro et al.: 0.67 on the ISIC Archive)
+    kappas = []
+    for i in range(200):
+        m = masks[i, : n[i]].flatten(1).float()
+        for a in range(len(m)):
+            for b in range(a + 1, len(m)):
+                agree = (m[a] == m[b]).float().mean()
+                chance = m[a].mean() * m[b].mean() + (1 - m[a].mean()) * (1 - m[b].mean())
+                kappas.append((agree - chance) / (1 - chance))
+    assert 0.60 < torch.stack(kappas).mean() < 0.74  # documented: 0.67
+    edge = truth.bool()
+    touches = edge[:, 0].any(1) | edge[:, -1].any(1) | edge[:, :, 0].any(1) | edge[:, :, -1].any(1)
+    assert 0.22 < touches.float().mean() < 0.40  # 30 % pushed over the frame
     shifted = common.load_dataset("synthetic-lesions", size=64, domain_shift=True, n_train=2, n_val=2, n_test=40)
     assert set(shifted) == {"train", "val", "test", "test_shift"}
     blue = lambda s: s["images"][:, 2].float().mean() / s["images"][:, 0].float().mean()  # noqa: E731
