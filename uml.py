@@ -27,14 +27,11 @@ Paper -> code
     Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
     Tables 1-3 ... ROWS (one ModelSpec per row), --table1/2/3;  Fig. 3 ... figure_fig3
 
-Metrics in two forms (results.json holds both; results.md names each column's form: FORMS_NOTE)
-    ours: f1 (positive class), dice_disc = rim + cup (REFUGE's disc), assd_* = MONAI's ASSD over the
-        images where both masks are non-empty (assd_*_undefined_images counts the others), ece on the
-        expected probability alpha/S (softmax for plain rows), ece_belief, uncertainty_auroc. Real
-        images: padding ignored, pixels of the --size canvas (the paper resizes to 256 x 256).
-    the paper's (the authors' evaluation code): f1_weighted (0.857 at ACC 0.853 with ~10 % glaucoma
-        cannot be a positive-class F1); dice_rim / assd_rim = label 1, which their code scores as
-        "disc"; assd_*_authors = medpy's assd, 10 px where either mask is empty (their medpy copy).
+Metrics in two forms, both in results.json (FORMS_NOTE, written above the tables in results.md, defines them)
+    ours: f1 (positive class), dice_disc = rim + cup (REFUGE's disc), assd_* (MONAI's, over the images where both
+        masks are non-empty; assd_*_undefined_images counts the others), ece (alpha/S), ece_belief, uncertainty_auroc;
+    the paper's (the authors' evaluation code): f1_weighted (0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
+        positive-class F1), dice_rim / assd_rim (label 1, their "disc"), assd_*_authors (medpy's; 10 px if a mask is empty).
 
 Usage
     python uml.py                                   # UML on synthetic-fundus, CPU-sized, + noise rows
@@ -47,35 +44,35 @@ Usage
     python uml.py --eval-only --checkpoint runs/<run>/best.pt
 
 Deviations and resolved ambiguities
-    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. The VGG
-      encoder has batch norm (torchvision's vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file.
-      The Res2Net stem's first conv has stride 1 (the file's: 2), as the authors, so f_1^s is at full
-      resolution like f_1^c; pretrained batch norms are trained (the authors freeze them).
-    - The paper names VGG-16 for classification and Res2Net for segmentation; the authors' code swaps
-      them (later: Res2Net for both). We follow the paper.
-    - Dice loss = 1 - Dice (class mean, background included, sums over the batch); the authors use
-      -log Dice. The Dice of an evidential output uses alpha/S (the authors: softmax of the evidence).
-    - Eq. 8 sums the four levels as printed; the authors' code divides by 4 (--eq8 mean): the paper's
-      form weighs L_seg 4x theirs.
-    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also
-      applied at the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code).
-      "Combine the last mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's
-      f_4^c (authors' code).
+    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. The VGG encoder
+      has batch norm (torchvision's vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file. The Res2Net stem's
+      first conv has stride 1 (the file's: 2), as the authors, so f_1^s is at full resolution like f_1^c;
+      pretrained batch norms are trained (the authors freeze them).
+    - The paper names VGG-16 for classification and Res2Net for segmentation; the authors' code swaps them
+      (later: Res2Net for both). We follow the paper.
+    - Dice loss = 1 - Dice (class mean, background included, sums over the batch); the authors use -log Dice.
+      The Dice of an evidential output uses alpha/S (the authors: softmax of the evidence).
+    - Eq. 8 sums the four levels as printed; the authors' code divides by 4 (--eq8 mean): the paper's form
+      weighs L_seg 4x theirs.
+    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied
+      at the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last
+      mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
     - PCMI: the authors' channel shuffle orders the maps c0, c4, ..., s0, s4, ...; we pair c_k with s_k
-      (equivalent up to the learned 1x1 convs that follow). Their PSA omits the spatial branch's
-      channel softmax; we keep the PSA paper's.
+      (equivalent up to the learned 1x1 convs that follow). Their PSA omits the spatial branch's channel
+      softmax; we keep the PSA paper's.
     - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100).
     - Adam 1e-4 on real data (Sec. 3), 1e-3 on the synthetic sets (from scratch, few CPU steps); as the
-      authors' adjust_lr: held for the first 30 % of the epochs (their 30/100), then poly decay (0.9)
-      per step, floored at 1e-5.
-    - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net
-      encoder-decoder, evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS =
-      both encoders, mixer, decoder without UN, softmax classifier and plain Dice; ECS = BCS with both
-      outputs evidential; Table 3's "+MD" rows are UML with UN and/or UI off. For softmax outputs the
-      image-level uncertainty is 1 - max probability.
+      authors' adjust_lr: held for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step,
+      floored at 1e-5.
+    - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net encoder-decoder,
+      evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer,
+      decoder without UN, softmax classifier and plain Dice; ECS = BCS with both outputs evidential; Table 3's
+      "+MD" rows are UML with UN and/or UI off. For softmax outputs the image-level uncertainty is 1 - max prob.
     - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small
-      rotation/scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1]
-      scale and clipped to [0, 1] before normalisation (authors).
+      rotation/scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale and
+      clipped to [0, 1] before normalisation (authors).
+    - Real images are letterboxed into the --size canvas (the paper resizes to 256 x 256); metrics are taken
+      on the canvas with the padding ignored.
 """
 import argparse
 import math
@@ -101,10 +98,7 @@ ARCHITECTURE_ARGS = ("method", "mutual_decoder", "uncertainty_instructor", "unce
                      "res2net_blocks", "res2net_scale", "res2net_base_width", "vgg_batch_norm", "size")
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-# ==================================================================================================
-# Arguments
-# ==================================================================================================
-
+# ========================================== Arguments =============================================
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -176,10 +170,7 @@ def resolve_defaults(args):
     return args
 
 
-# ==================================================================================================
-# Model: dual backbone (VGG-16 and Res2Net-50 v1b at --width 64) and its ImageNet weights
-# ==================================================================================================
-
+# === Model: dual backbone (VGG-16 and Res2Net-50 v1b at --width 64) and its ImageNet weights ======
 
 def conv_bn(in_ch, out_ch, kernel=3, bias=False, batch_norm=True, relu=True, stride=1):
     """Conv -> BN -> ReLU with named parts (".conv", ".bn"), the names the key tables below use."""
@@ -328,10 +319,7 @@ def load_pretrained_encoders(model, args):
             print(f"{flag}: loaded {n} tensors from {path} (the layers after f_4 are not used)")
 
 
-# ==================================================================================================
-# Model: Feature Mixer (PCMI), evidential heads, decoders, UN, UI
-# ==================================================================================================
-
+# =============== Model: Feature Mixer (PCMI), evidential heads, decoders, UN, UI ==================
 
 class PolarizedSelfAttention(nn.Module):
     """Sequential polarized self-attention (Liu et al. 2021), as in the authors' feature mixer."""
@@ -580,10 +568,7 @@ def build_model(spec, args, n_classes, n_seg_classes):
                   args.res2net_scale, args.vgg_batch_norm)
 
 
-# ==================================================================================================
-# Losses (Eq. 6-9)
-# ==================================================================================================
-
+# ======================================= Losses (Eq. 6-9) =========================================
 
 def ace_loss(alpha, labels):
     """Eq. 7, L_ace: adjusted cross-entropy sum_k y_k (psi(S) - psi(alpha_k)), mean over images."""
@@ -677,10 +662,7 @@ def total_loss(out, masks, labels, spec, args, epoch):
     return w_mut * l_mut + w_cls * l_cls + w_seg * l_seg, torch.stack([l_mut, l_cls, l_seg])
 
 
-# ==================================================================================================
-# Training and evaluation
-# ==================================================================================================
-
+# =================================== Training and evaluation ======================================
 
 def model_input(images, norm, device, sigma=0.0, generator=None):
     """uint8 -> [0,1] (+ Gaussian noise of std sigma, clipped to [0,1]: Table 2) -> normalised float."""
@@ -836,9 +818,7 @@ def evaluate(model, split, spec, data, norm, args, device, sigma=0.0, seed=0, su
     return metrics, extra
 
 
-# ==================================================================================================
-# Report: Tables 1-3 and Fig. 3
-# ==================================================================================================
+# ================================ Report: Tables 1-3 and Fig. 3 ===================================
 
 FORMS_NOTE = (
     "Dice as a fraction, ASSD in pixels; mean ± standard error over seeds when there are several. "
@@ -943,10 +923,7 @@ def figure_fig3(model, split, spec, data, norm, args, device, path):
     common.save_figure(fig, path)
 
 
-# ==================================================================================================
-# main
-# ==================================================================================================
-
+# ============================================= main ===============================================
 
 def load_data(args, device, seed):
     options = common.synthetic_split_sizes(args) if args.dataset.startswith("synthetic") else {}
