@@ -27,11 +27,11 @@ Paper -> code
     Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
     Tables 1-3 ... ROWS (one ModelSpec per row), --table1/2/3;  Fig. 3 ... figure_fig3
 
-Metrics in two forms, both in results.json (FORMS_NOTE, written above the tables in results.md, defines them)
-    ours: f1 (positive class), dice_disc = rim + cup (REFUGE's disc), assd_* (MONAI's, over the images where both
-        masks are non-empty; assd_*_undefined_images counts the others), ece (alpha/S), ece_belief, uncertainty_auroc;
+Metrics in two forms, both in results.json (FORMS_NOTE, above the tables in results.md, defines them)
+    ours: f1 (positive class), dice_disc = rim + cup (REFUGE's disc), assd_* (MONAI's, over images with both
+        masks non-empty; assd_*_undefined_images counts the rest), ece (alpha/S), ece_belief, uncertainty_auroc;
     the paper's (the authors' evaluation code): f1_weighted (0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
-        positive-class F1), dice_rim / assd_rim (label 1, their "disc"), assd_*_authors (medpy's; 10 px if a mask is empty).
+        positive-class F1), dice_rim / assd_rim (label 1, their "disc"), assd_*_authors (medpy's, 10 px if empty).
 
 Usage
     python uml.py                                   # UML on synthetic-fundus, CPU-sized, + noise rows
