@@ -570,18 +570,20 @@ def build_model(spec, args, n_classes, n_seg_classes):
 
 # ======================================= Losses (Eq. 6-9) =========================================
 
+def one_hot(labels, like):
+    """Class indices [B] or [B,H,W] -> one-hot y with the classes along dim 1 (K and dtype of `like`)."""
+    return F.one_hot(labels.long(), like.shape[1]).movedim(-1, 1).to(like.dtype)
+
+
 def ace_loss(alpha, labels):
-    """Eq. 7, L_ace: adjusted cross-entropy sum_k y_k (psi(S) - psi(alpha_k)), mean over images."""
-    y = F.one_hot(labels, alpha.shape[1]).to(alpha.dtype)
+    """Eq. 7, L_ace: adjusted cross-entropy sum_k y_k (psi(S) - psi(alpha_k)), mean over images (and pixels)."""
     strength = alpha.sum(1, keepdim=True)
-    return (y * (torch.digamma(strength) - torch.digamma(alpha))).sum(1).mean()
+    return (one_hot(labels, alpha) * (torch.digamma(strength) - torch.digamma(alpha))).sum(1).mean()
 
 
 def ice_loss(alpha, masks):
-    """Eq. 6, L_ice: the same digamma form per pixel (alpha [B,K,H,W], masks [B,H,W]), pixel mean."""
-    y = F.one_hot(masks.long(), alpha.shape[1]).permute(0, 3, 1, 2).to(alpha.dtype)
-    strength = alpha.sum(1, keepdim=True)
-    return (y * (torch.digamma(strength) - torch.digamma(alpha))).sum(1).mean()
+    """Eq. 6, L_ice: L_ace per pixel (alpha [B,K,H,W], masks [B,H,W]), pixel mean."""
+    return ace_loss(alpha, masks)
 
 
 def kl_to_uniform_dirichlet(alpha, dim=1):
@@ -605,7 +607,7 @@ def annealing_coefficient(epoch, annealing_epochs):
 
 def dice_loss(prob, masks, eps=1e-5):
     """Soft Dice loss 1 - mean_k 2 sum(p y) / (sum p + sum y) (prob [B,K,H,W], masks [B,H,W])."""
-    y = F.one_hot(masks.long(), prob.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
+    y = one_hot(masks, prob)
     intersection = (prob * y).sum((0, 2, 3))
     total = prob.sum((0, 2, 3)) + y.sum((0, 2, 3))
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()
@@ -613,9 +615,9 @@ def dice_loss(prob, masks, eps=1e-5):
 
 def evidential_segmentation_loss(alpha, masks, kl_weight, dice_weight):
     """L_ice + kl_weight * L_KL + dice_weight * Dice(alpha / S), the TBraTS loss (Eq. 6's form)."""
-    y = F.one_hot(masks.long(), alpha.shape[1]).permute(0, 3, 1, 2).to(alpha.dtype)
-    prob = alpha / alpha.sum(1, keepdim=True)
-    return ice_loss(alpha, masks) + kl_weight * kl_loss(alpha, y) + dice_weight * dice_loss(prob, masks)
+    prob = alpha / alpha.sum(1, keepdim=True)                                # alpha / S
+    return (ice_loss(alpha, masks) + kl_weight * kl_loss(alpha, one_hot(masks, alpha))
+            + dice_weight * dice_loss(prob, masks))
 
 
 def mutual_loss(m, masks, kl_weight, dice_weight):
@@ -627,18 +629,16 @@ def classification_loss(logits, labels, evidential, kl_weight):
     """Eq. 7: L_cls = L_ace(alpha^c, label) + l_c L_KL(alpha^c); cross-entropy for BCS."""
     if not evidential:
         return F.cross_entropy(logits, labels)
-    alpha, _, _ = evidential_opinion(logits)
-    y = F.one_hot(labels, alpha.shape[1]).to(alpha.dtype)
-    return ace_loss(alpha, labels) + kl_weight * kl_loss(alpha, y)
+    alpha = evidential_opinion(logits)[0]
+    return ace_loss(alpha, labels) + kl_weight * kl_loss(alpha, one_hot(labels, alpha))
 
 
 def segmentation_loss(seg, masks, evidential, deep_supervision, kl_weight, dice_weight, reduction="sum"):
     """Eq. 8: L_seg = sum_i Dice(v^{i-1}(s_i), GT) (reduction "mean": the authors' / 4). With an
     evidential s_1 (TBraTS, ECS) its term is the evidential loss of Eq. 6's form."""
-    if evidential:
-        terms = [evidential_segmentation_loss(evidential_opinion(seg[0])[0], masks, kl_weight, dice_weight)]
-    else:
-        terms = [dice_loss(seg[0].softmax(1), masks)]
+    s_1 = seg[0]
+    terms = [evidential_segmentation_loss(evidential_opinion(s_1)[0], masks, kl_weight, dice_weight) if evidential
+             else dice_loss(s_1.softmax(1), masks)]
     for s in (seg[1:] if deep_supervision else []):                           # v^{i-1}(s_i)
         terms.append(dice_loss(F.interpolate(s, size=masks.shape[-2:], mode="bilinear",
                                              align_corners=False).softmax(1), masks))
