@@ -681,9 +681,8 @@ def learning_rate_factor(step, total, hold, power, floor):
 
 
 def train_row(model, row, spec, args, data, norm, run, device, names, seed, resume_state=None, dist=None):
-    """Trains one row's model (data-parallel under torchrun's data mode: each rank takes its slice of
-    every batch); returns it with the best-validation weights loaded. `row` = (name, slug), `names` =
-    (last, best) checkpoint file names."""
+    """Trains one row's model and returns it with the best-validation weights (under torchrun's data mode
+    each rank takes its slice of every batch). `row` = (name, slug); `names` = (last, best) file names."""
     (name, slug), dist = row, dist or common.Dist()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_train = data["train"]["images"].shape[0]
@@ -710,8 +709,7 @@ def train_row(model, row, spec, args, data, norm, run, device, names, seed, resu
         for batch, wait in common.timed(common.shard(b, dist) for b in batches):  # data mode: this rank's slice
             with common.autocast(device, args.amp):
                 out = model(model_input(batch["images"], norm, device))
-            loss, parts = total_loss(out, batch["masks"].long(), batch["labels"] if spec.classify else None,
-                                     spec, args, epoch)
+            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, args, epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -772,12 +770,9 @@ def read_outputs(out, spec):
     if spec.segment:
         s_1 = out["seg"][0].float()
         result["seg"] = s_1.argmax(1)
-        if spec.mutual_decoder:
-            result["pixel_uncertainty"] = out["mutual_uncertainty"][:, 0].float()  # U^s (Eq. 2)
-        elif spec.evidential_s1:
-            result["pixel_uncertainty"] = evidential_opinion(s_1)[2][:, 0]
-        else:
-            result["pixel_uncertainty"] = 1 - s_1.softmax(1).max(1).values
+        result["pixel_uncertainty"] = (out["mutual_uncertainty"][:, 0].float() if spec.mutual_decoder  # U^s (Eq. 2)
+                                       else evidential_opinion(s_1)[2][:, 0] if spec.evidential_s1
+                                       else 1 - s_1.softmax(1).max(1).values)
     return result
 
 
@@ -852,15 +847,14 @@ def markdown_cell(row, key):
 
 
 def build_table(summary, args, main_name, specs):
-    """results.json "table": one dict per row of Tables 1-3 that this run produced (means over seeds);
-    a Table 2 row holds the metrics at its sigma (keyed "sigma=0.05/acc" in `summary`), unprefixed."""
-    by_name, clean = {r["row"]: r for r in summary}, min(args.sigmas, key=abs)
-    shown = {t: TABLE_ROWS[t] if getattr(args, f"table{t}") else ([main_name] if t < 3 else []) for t in (1, 2, 3)}
-    table = []
-    for table_no, sigmas in ((1, [clean]), (2, args.sigmas), (3, [clean])):
-        for sigma in sigmas:
+    """results.json "table": one dict per row of Tables 1-3 that this run produced (means over seeds); a
+    Table 2 row holds the metrics at its sigma (keyed "sigma=0.05/acc" in `summary`), unprefixed."""
+    by_name, clean, table = {r["row"]: r for r in summary}, min(args.sigmas, key=abs), []
+    for table_no in (1, 2, 3):
+        names = TABLE_ROWS[table_no] if getattr(args, f"table{table_no}") else [main_name] if table_no < 3 else []
+        for sigma in args.sigmas if table_no == 2 else [clean]:
             prefix = "" if sigma == clean else f"sigma={sigma:.2f}/"
-            for name in [n for n in shown[table_no] if n in by_name]:
+            for name in [n for n in names if n in by_name]:
                 values = {k[len(prefix):]: v for k, v in by_name[name].items()
                           if k.startswith(prefix) and (prefix or "/" not in k) and k not in ("row", "seeds", "rank")}
                 flags = {k: "✓" if getattr(specs[name], a) else "-" for k, a in
@@ -874,20 +868,16 @@ def results_markdown(table, args):
     """results.md: Table 1 in the paper's metric forms and in ours, Table 2 per sigma, Table 3."""
     structures = list(dict.fromkeys(k[5:] for r in table for k in r if k.startswith("dice_")
                                     and not k.endswith(("_se", "_undefined"))))  # disc, cup, rim / tumor
+    sections = [(1, None, "Table 1 (paper's metric forms)", "paper"), (1, None, "Table 1, our metric forms", "ours")]
+    sections += [(2, sigma, f"Table 2: Gaussian noise sigma = {sigma:.2f} (paper's forms)", "paper")
+                 for sigma in sorted({r["sigma"] for r in table if r["table"] == 2})]
     parts = [f"# UML results: {args.dataset}, test split\n", FORMS_NOTE]
-
-    def add(table_no, title, form, lead=("Method",), sigma=None):
+    for table_no, sigma, title, form in sections + [(3, None, "Table 3: ablation (paper's forms)", "paper")]:
         rows = [r for r in table if r["table"] == table_no and sigma in (None, r["sigma"])]
-        columns = metric_columns(structures, form)
+        lead, columns = ["MD", "UI", "UN"] if table_no == 3 else ["Method"], metric_columns(structures, form)
         cells = [{**{c: r[c] for c in lead}, **{t: markdown_cell(r, k) for k, t in columns}} for r in rows]
         if rows:
-            parts.append(common.markdown_table(cells, list(lead) + [t for _, t in columns], title=title))
-
-    add(1, "Table 1 (paper's metric forms)", "paper")
-    add(1, "Table 1, our metric forms", "ours")
-    for sigma in sorted({r["sigma"] for r in table if r["table"] == 2}):
-        add(2, f"Table 2: Gaussian noise sigma = {sigma:.2f} (paper's forms)", "paper", sigma=sigma)
-    add(3, "Table 3: ablation (paper's forms)", "paper", ("MD", "UI", "UN"))
+            parts.append(common.markdown_table(cells, lead + [t for _, t in columns], title=title))
     return "\n".join(parts) + f"\nCommand: `{args.command}`\n"
 
 
