@@ -4,17 +4,16 @@ Reference: K. Ren, K. Zou, X. Liu, Y. Chen, X. Yuan, X. Shen, M. Wang, H. Fu, "U
 Mutual Learning for Joint Medical Image Classification and Segmentation", MICCAI 2023
 (../shared/papers/uml.txt). Authors' code: github.com/KarryRen/UML.
 
-Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) read the image;
-a Feature Mixer (Pairwise Channel Map Interaction, PCMI) mixes them into mutual features f_i^m.
-Evidential deep learning turns outputs into Dirichlet distributions: a belief per class and one
-uncertainty mass, for the image and for every pixel. A Mutual Feature Decoder turns f^m into a first
-evidential mask M = alpha^s with pixel-wise uncertainty U^s; the Uncertainty Navigator (UN) decodes
-the segmentation under the guidance of M and U^s; the Uncertainty Instructor (UI) gates the
-classification features with the reliable segmentation feature r^s; the diagnosis is evidential too.
+Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) read the image; a
+Feature Mixer (Pairwise Channel Map Interaction, PCMI) mixes them into mutual features f_i^m. Evidential deep
+learning turns outputs into Dirichlet distributions: a belief per class and one uncertainty mass, for the image
+and for every pixel. A Mutual Feature Decoder turns f^m into a first evidential mask M = alpha^s with pixel-wise
+uncertainty U^s; the Uncertainty Navigator (UN) decodes the segmentation under the guidance of M and U^s; the
+Uncertainty Instructor (UI) gates the classification features with the reliable segmentation feature r^s; the
+diagnosis is evidential too.
 
 Paper -> code
     Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder; ImageNet files: vgg16_key_table, res2net_key_table
-                               (copied by common.load_pretrained)
     Sec. 2 Feature Mixer ..... PolarizedSelfAttention, PairwiseChannelMapInteraction (authors' mixer:
                                1x1 projections, c_k/s_k channel pairs, polarized self-attention, 1x1 fusion)
     Eq. 1-2 b = e/S, u = K/S . evidential_opinion
@@ -52,8 +51,7 @@ Deviations and resolved ambiguities
       (later: Res2Net for both). We follow the paper.
     - Dice loss = 1 - Dice (class mean, background included, sums over the batch); the authors use -log Dice.
       The Dice of an evidential output uses alpha/S (the authors: softmax of the evidence).
-    - Eq. 8 sums the four levels as printed; the authors' code divides by 4 (--eq8 mean): the paper's form
-      weighs L_seg 4x theirs.
+    - Eq. 8 sums the four levels as printed, so L_seg weighs 4x the authors' code's, which divides by 4 (--eq8 mean).
     - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied
       at the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last
       mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
@@ -61,9 +59,8 @@ Deviations and resolved ambiguities
       (equivalent up to the learned 1x1 convs that follow). Their PSA omits the spatial branch's channel
       softmax; we keep the PSA paper's.
     - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100).
-    - Adam 1e-4 on real data (Sec. 3), 1e-3 on the synthetic sets (from scratch, few CPU steps); as the
-      authors' adjust_lr: held for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step,
-      floored at 1e-5.
+    - Adam 1e-4 on real data (Sec. 3), 1e-3 on the synthetic sets (from scratch, few CPU steps); the authors'
+      adjust_lr: held for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step, floor 1e-5.
     - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net encoder-decoder,
       evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer,
       decoder without UN, softmax classifier and plain Dice; ECS = BCS with both outputs evidential; Table 3's
@@ -204,8 +201,7 @@ class VGGEncoder(nn.Module):
     def forward(self, x):
         features = []
         for stage in self.stages:
-            x = stage(x)
-            features.append(x)
+            features.append(x := stage(x))
         return features  # f_1^c .. f_4^c
 
 
@@ -271,8 +267,6 @@ class Res2NetEncoder(nn.Module):
 
 # ImageNet weights: each standard file's keys -> ours, one explicit table per encoder, rows (their
 # prefix, our prefix, kind) with kind "conv", "conv+bias" or "bn" (common.KEY_TABLE_TENSORS).
-
-
 def vgg16_key_table(batch_norm):
     """torchvision vgg16 / vgg16_bn `features.N` -> our VGGEncoder: the ten convs of blocks 1-4 (vgg16:
     N = 0, 2, 5, 7, 10, 12, 14, 17, 19, 21; vgg16_bn: 0, 3, 7, 10, 14, 17, 20, 24, 27, 30, BatchNorm at
@@ -309,12 +303,11 @@ def res2net_key_table(blocks, scale=4):
 
 def load_pretrained_encoders(model, args):
     """--pretrained-vgg / --pretrained-res2net into whichever encoders the row has."""
-    blocks = [int(b) for b in args.res2net_blocks.split(",")]
-    for flag, path, encoder, (table, unused) in (
-            ("--pretrained-vgg", args.pretrained_vgg, model.cls_encoder, vgg16_key_table(args.vgg_batch_norm)),
-            ("--pretrained-res2net", args.pretrained_res2net, model.seg_encoder,
-             res2net_key_table(blocks, args.res2net_scale))):
+    for flag, path, encoder in (("--pretrained-vgg", args.pretrained_vgg, model.cls_encoder),
+                                ("--pretrained-res2net", args.pretrained_res2net, model.seg_encoder)):
         if path and encoder is not None:
+            table, unused = (vgg16_key_table(args.vgg_batch_norm) if encoder is model.cls_encoder else
+                             res2net_key_table([len(stage) for stage in encoder.stages], args.res2net_scale))
             n = common.load_pretrained(encoder, common.read_state_dict(path, flag), table, unused, flag)
             print(f"{flag}: loaded {n} tensors from {path} (the layers after f_4 are not used)")
 
@@ -500,8 +493,7 @@ TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"]
 
 def main_row(args):
     """(name, slug, spec) of the row named by --method, the ablation flags and --deep-supervision."""
-    name = {"ec": "EC", "tbrats": "TBraTS", "bcs": "BCS", "ecs": "ECS", "uml": "UML"}[args.method]
-    slug, spec = ROWS[name]
+    name, (slug, spec) = next((n, row) for n, row in ROWS.items() if row[0] == args.method)  # slug = --method
     if args.method == "uml":  # an ablation is the Table 3 row with the same components, if any
         spec = replace(spec, mutual_decoder=args.mutual_decoder, instructor=args.uncertainty_instructor,
                        navigator=args.uncertainty_navigator)
@@ -520,7 +512,6 @@ class UMLNet(nn.Module):
     def __init__(self, spec, n_classes, n_seg_classes, width, res2net_blocks, base_width=26, scale=4,
                  vgg_batch_norm=True):
         super().__init__()
-        self.spec = spec
         self.cls_encoder = VGGEncoder(width, vgg_batch_norm) if spec.classify else None
         self.seg_encoder = Res2NetEncoder(width, res2net_blocks, base_width, scale) if spec.segment else None
         mix_ch = [width, 2 * width, 4 * width, 8 * width]
