@@ -515,11 +515,10 @@ class UMLNet(nn.Module):
         self.cls_encoder = VGGEncoder(width, vgg_batch_norm) if spec.classify else None
         self.seg_encoder = Res2NetEncoder(width, res2net_blocks, base_width, scale) if spec.segment else None
         mix_ch = [width, 2 * width, 4 * width, 8 * width]
-        self.mixer = None
-        if spec.joint:  # f_1^m..f_3^m only feed the mutual decoder; f_4^m also the UN and the classifier
-            self.mixer = nn.ModuleDict({str(i): PairwiseChannelMapInteraction(
-                self.cls_encoder.channels[i], self.seg_encoder.channels[i], mix_ch[i])
-                for i in (range(4) if spec.mutual_decoder else [3])})
+        # f_1^m..f_3^m only feed the mutual decoder; f_4^m also the UN and the classifier
+        self.mixer = nn.ModuleDict({str(i): PairwiseChannelMapInteraction(
+            self.cls_encoder.channels[i], self.seg_encoder.channels[i], mix_ch[i])
+            for i in (range(4) if spec.mutual_decoder else [3])}) if spec.joint else None
         self.mutual_decoder = MutualFeatureDecoder(mix_ch, n_seg_classes) if spec.mutual_decoder else None
         if spec.segment:
             self.navigator = UncertaintyNavigator(self.seg_encoder.channels, mix_ch[3] if spec.joint else 0,
