@@ -4,17 +4,16 @@ Reference: K. Ren, K. Zou, X. Liu, Y. Chen, X. Yuan, X. Shen, M. Wang, H. Fu, "U
 Mutual Learning for Joint Medical Image Classification and Segmentation", MICCAI 2023
 (../shared/papers/uml.txt). Authors' code: github.com/KarryRen/UML.
 
-Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) read the image;
-a Feature Mixer (Pairwise Channel Map Interaction, PCMI) mixes them into mutual features f_i^m.
-Evidential deep learning turns outputs into Dirichlet distributions: a belief per class and one
-uncertainty mass, for the image and for every pixel. A Mutual Feature Decoder turns f^m into a first
-evidential mask M = alpha^s with pixel-wise uncertainty U^s; the Uncertainty Navigator (UN) decodes
-the segmentation under the guidance of M and U^s; the Uncertainty Instructor (UI) gates the
-classification features with the reliable segmentation feature r^s; the diagnosis is evidential too.
+Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) read the image; a
+Feature Mixer (Pairwise Channel Map Interaction, PCMI) mixes them into mutual features f_i^m. Evidential deep
+learning turns outputs into Dirichlet distributions: a belief per class and one uncertainty mass, for the image
+and for every pixel. A Mutual Feature Decoder turns f^m into a first evidential mask M = alpha^s with pixel-wise
+uncertainty U^s; the Uncertainty Navigator (UN) decodes the segmentation under the guidance of M and U^s; the
+Uncertainty Instructor (UI) gates the classification features with the reliable segmentation feature r^s; the
+diagnosis is evidential too.
 
 Paper -> code
     Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder; ImageNet files: vgg16_key_table, res2net_key_table
-                               (copied by common.load_pretrained)
     Sec. 2 Feature Mixer ..... PolarizedSelfAttention, PairwiseChannelMapInteraction (authors' mixer:
                                1x1 projections, c_k/s_k channel pairs, polarized self-attention, 1x1 fusion)
     Eq. 1-2 b = e/S, u = K/S . evidential_opinion
@@ -27,14 +26,11 @@ Paper -> code
     Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
     Tables 1-3 ... ROWS (one ModelSpec per row), --table1/2/3;  Fig. 3 ... figure_fig3
 
-Metrics in two forms (results.json holds both; results.md names each column's form: FORMS_NOTE)
-    ours: f1 (positive class), dice_disc = rim + cup (REFUGE's disc), assd_* = MONAI's ASSD over the
-        images where both masks are non-empty (assd_*_undefined_images counts the others), ece on the
-        expected probability alpha/S (softmax for plain rows), ece_belief, uncertainty_auroc. Real
-        images: padding ignored, pixels of the --size canvas (the paper resizes to 256 x 256).
-    the paper's (the authors' evaluation code): f1_weighted (0.857 at ACC 0.853 with ~10 % glaucoma
-        cannot be a positive-class F1); dice_rim / assd_rim = label 1, which their code scores as
-        "disc"; assd_*_authors = medpy's assd, 10 px where either mask is empty (their medpy copy).
+Metrics in two forms, both in results.json (FORMS_NOTE, above the tables in results.md, defines them)
+    ours: f1 (positive class), dice_disc = rim + cup (REFUGE's disc), assd_* (MONAI's, over images with both
+        masks non-empty; assd_*_undefined_images counts the rest), ece (alpha/S), ece_belief, uncertainty_auroc;
+    the paper's (the authors' evaluation code): f1_weighted (0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
+        positive-class F1), dice_rim / assd_rim (label 1, their "disc"), assd_*_authors (medpy's, 10 px if empty).
 
 Usage
     python uml.py                                   # UML on synthetic-fundus, CPU-sized, + noise rows
@@ -47,35 +43,33 @@ Usage
     python uml.py --eval-only --checkpoint runs/<run>/best.pt
 
 Deviations and resolved ambiguities
-    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. The VGG
-      encoder has batch norm (torchvision's vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file.
-      The Res2Net stem's first conv has stride 1 (the file's: 2), as the authors, so f_1^s is at full
-      resolution like f_1^c; pretrained batch norms are trained (the authors freeze them).
-    - The paper names VGG-16 for classification and Res2Net for segmentation; the authors' code swaps
-      them (later: Res2Net for both). We follow the paper.
-    - Dice loss = 1 - Dice (class mean, background included, sums over the batch); the authors use
-      -log Dice. The Dice of an evidential output uses alpha/S (the authors: softmax of the evidence).
-    - Eq. 8 sums the four levels as printed; the authors' code divides by 4 (--eq8 mean): the paper's
-      form weighs L_seg 4x theirs.
-    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also
-      applied at the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code).
-      "Combine the last mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's
-      f_4^c (authors' code).
+    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. The VGG encoder
+      has batch norm (torchvision's vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file. The Res2Net stem's
+      first conv has stride 1 (the file's: 2), as the authors, so f_1^s is at full resolution like f_1^c;
+      pretrained batch norms are trained (the authors freeze them).
+    - The paper names VGG-16 for classification and Res2Net for segmentation; the authors' code swaps them
+      (later: Res2Net for both). We follow the paper.
+    - Dice loss = 1 - Dice (class mean, background included, sums over the batch); the authors use -log Dice.
+      The Dice of an evidential output uses alpha/S (the authors: softmax of the evidence).
+    - Eq. 8 sums the four levels as printed, so L_seg weighs 4x the authors' code's, which divides by 4 (--eq8 mean).
+    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied
+      at the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last
+      mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
     - PCMI: the authors' channel shuffle orders the maps c0, c4, ..., s0, s4, ...; we pair c_k with s_k
-      (equivalent up to the learned 1x1 convs that follow). Their PSA omits the spatial branch's
-      channel softmax; we keep the PSA paper's.
+      (equivalent up to the learned 1x1 convs that follow). Their PSA omits the spatial branch's channel
+      softmax; we keep the PSA paper's.
     - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100).
-    - Adam 1e-4 on real data (Sec. 3), 1e-3 on the synthetic sets (from scratch, few CPU steps); as the
-      authors' adjust_lr: held for the first 30 % of the epochs (their 30/100), then poly decay (0.9)
-      per step, floored at 1e-5.
-    - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net
-      encoder-decoder, evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS =
-      both encoders, mixer, decoder without UN, softmax classifier and plain Dice; ECS = BCS with both
-      outputs evidential; Table 3's "+MD" rows are UML with UN and/or UI off. For softmax outputs the
-      image-level uncertainty is 1 - max probability.
+    - Adam 1e-4 on real data (Sec. 3), 1e-3 on the synthetic sets (from scratch, few CPU steps); the authors'
+      adjust_lr: held for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step, floor 1e-5.
+    - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net encoder-decoder,
+      evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer,
+      decoder without UN, softmax classifier and plain Dice; ECS = BCS with both outputs evidential; Table 3's
+      "+MD" rows are UML with UN and/or UI off. For softmax outputs the image-level uncertainty is 1 - max prob.
     - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small
-      rotation/scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1]
-      scale and clipped to [0, 1] before normalisation (authors).
+      rotation/scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale and
+      clipped to [0, 1] before normalisation (authors).
+    - Real images are letterboxed into the --size canvas (the paper resizes to 256 x 256); metrics are taken
+      on the canvas with the padding ignored.
 """
 import argparse
 import math
@@ -101,10 +95,7 @@ ARCHITECTURE_ARGS = ("method", "mutual_decoder", "uncertainty_instructor", "unce
                      "res2net_blocks", "res2net_scale", "res2net_base_width", "vgg_batch_norm", "size")
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-# ==================================================================================================
-# Arguments
-# ==================================================================================================
-
+# ========================================== Arguments =============================================
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -176,10 +167,7 @@ def resolve_defaults(args):
     return args
 
 
-# ==================================================================================================
-# Model: dual backbone (VGG-16 and Res2Net-50 v1b at --width 64) and its ImageNet weights
-# ==================================================================================================
-
+# === Model: dual backbone (VGG-16 and Res2Net-50 v1b at --width 64) and its ImageNet weights ======
 
 def conv_bn(in_ch, out_ch, kernel=3, bias=False, batch_norm=True, relu=True, stride=1):
     """Conv -> BN -> ReLU with named parts (".conv", ".bn"), the names the key tables below use."""
@@ -213,8 +201,7 @@ class VGGEncoder(nn.Module):
     def forward(self, x):
         features = []
         for stage in self.stages:
-            x = stage(x)
-            features.append(x)
+            features.append(x := stage(x))
         return features  # f_1^c .. f_4^c
 
 
@@ -280,8 +267,6 @@ class Res2NetEncoder(nn.Module):
 
 # ImageNet weights: each standard file's keys -> ours, one explicit table per encoder, rows (their
 # prefix, our prefix, kind) with kind "conv", "conv+bias" or "bn" (common.KEY_TABLE_TENSORS).
-
-
 def vgg16_key_table(batch_norm):
     """torchvision vgg16 / vgg16_bn `features.N` -> our VGGEncoder: the ten convs of blocks 1-4 (vgg16:
     N = 0, 2, 5, 7, 10, 12, 14, 17, 19, 21; vgg16_bn: 0, 3, 7, 10, 14, 17, 20, 24, 27, 30, BatchNorm at
@@ -318,20 +303,16 @@ def res2net_key_table(blocks, scale=4):
 
 def load_pretrained_encoders(model, args):
     """--pretrained-vgg / --pretrained-res2net into whichever encoders the row has."""
-    blocks = [int(b) for b in args.res2net_blocks.split(",")]
-    for flag, path, encoder, (table, unused) in (
-            ("--pretrained-vgg", args.pretrained_vgg, model.cls_encoder, vgg16_key_table(args.vgg_batch_norm)),
-            ("--pretrained-res2net", args.pretrained_res2net, model.seg_encoder,
-             res2net_key_table(blocks, args.res2net_scale))):
+    for flag, path, encoder in (("--pretrained-vgg", args.pretrained_vgg, model.cls_encoder),
+                                ("--pretrained-res2net", args.pretrained_res2net, model.seg_encoder)):
         if path and encoder is not None:
+            table, unused = (vgg16_key_table(args.vgg_batch_norm) if encoder is model.cls_encoder else
+                             res2net_key_table([len(stage) for stage in encoder.stages], args.res2net_scale))
             n = common.load_pretrained(encoder, common.read_state_dict(path, flag), table, unused, flag)
             print(f"{flag}: loaded {n} tensors from {path} (the layers after f_4 are not used)")
 
 
-# ==================================================================================================
-# Model: Feature Mixer (PCMI), evidential heads, decoders, UN, UI
-# ==================================================================================================
-
+# =============== Model: Feature Mixer (PCMI), evidential heads, decoders, UN, UI ==================
 
 class PolarizedSelfAttention(nn.Module):
     """Sequential polarized self-attention (Liu et al. 2021), as in the authors' feature mixer."""
@@ -512,8 +493,7 @@ TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"]
 
 def main_row(args):
     """(name, slug, spec) of the row named by --method, the ablation flags and --deep-supervision."""
-    name = {"ec": "EC", "tbrats": "TBraTS", "bcs": "BCS", "ecs": "ECS", "uml": "UML"}[args.method]
-    slug, spec = ROWS[name]
+    name, (slug, spec) = next((n, row) for n, row in ROWS.items() if row[0] == args.method)  # slug = --method
     if args.method == "uml":  # an ablation is the Table 3 row with the same components, if any
         spec = replace(spec, mutual_decoder=args.mutual_decoder, instructor=args.uncertainty_instructor,
                        navigator=args.uncertainty_navigator)
@@ -532,15 +512,13 @@ class UMLNet(nn.Module):
     def __init__(self, spec, n_classes, n_seg_classes, width, res2net_blocks, base_width=26, scale=4,
                  vgg_batch_norm=True):
         super().__init__()
-        self.spec = spec
         self.cls_encoder = VGGEncoder(width, vgg_batch_norm) if spec.classify else None
         self.seg_encoder = Res2NetEncoder(width, res2net_blocks, base_width, scale) if spec.segment else None
         mix_ch = [width, 2 * width, 4 * width, 8 * width]
-        self.mixer = None
-        if spec.joint:  # f_1^m..f_3^m only feed the mutual decoder; f_4^m also the UN and the classifier
-            self.mixer = nn.ModuleDict({str(i): PairwiseChannelMapInteraction(
-                self.cls_encoder.channels[i], self.seg_encoder.channels[i], mix_ch[i])
-                for i in (range(4) if spec.mutual_decoder else [3])})
+        # f_1^m..f_3^m only feed the mutual decoder; f_4^m also the UN and the classifier
+        self.mixer = nn.ModuleDict({str(i): PairwiseChannelMapInteraction(
+            self.cls_encoder.channels[i], self.seg_encoder.channels[i], mix_ch[i])
+            for i in (range(4) if spec.mutual_decoder else [3])}) if spec.joint else None
         self.mutual_decoder = MutualFeatureDecoder(mix_ch, n_seg_classes) if spec.mutual_decoder else None
         if spec.segment:
             self.navigator = UncertaintyNavigator(self.seg_encoder.channels, mix_ch[3] if spec.joint else 0,
@@ -580,23 +558,22 @@ def build_model(spec, args, n_classes, n_seg_classes):
                   args.res2net_scale, args.vgg_batch_norm)
 
 
-# ==================================================================================================
-# Losses (Eq. 6-9)
-# ==================================================================================================
+# ======================================= Losses (Eq. 6-9) =========================================
+
+def one_hot(labels, like):
+    """Class indices [B] or [B,H,W] -> one-hot y with the classes along dim 1 (K and dtype of `like`)."""
+    return F.one_hot(labels.long(), like.shape[1]).movedim(-1, 1).to(like.dtype)
 
 
 def ace_loss(alpha, labels):
-    """Eq. 7, L_ace: adjusted cross-entropy sum_k y_k (psi(S) - psi(alpha_k)), mean over images."""
-    y = F.one_hot(labels, alpha.shape[1]).to(alpha.dtype)
+    """Eq. 7, L_ace: adjusted cross-entropy sum_k y_k (psi(S) - psi(alpha_k)), mean over images (and pixels)."""
     strength = alpha.sum(1, keepdim=True)
-    return (y * (torch.digamma(strength) - torch.digamma(alpha))).sum(1).mean()
+    return (one_hot(labels, alpha) * (torch.digamma(strength) - torch.digamma(alpha))).sum(1).mean()
 
 
 def ice_loss(alpha, masks):
-    """Eq. 6, L_ice: the same digamma form per pixel (alpha [B,K,H,W], masks [B,H,W]), pixel mean."""
-    y = F.one_hot(masks.long(), alpha.shape[1]).permute(0, 3, 1, 2).to(alpha.dtype)
-    strength = alpha.sum(1, keepdim=True)
-    return (y * (torch.digamma(strength) - torch.digamma(alpha))).sum(1).mean()
+    """Eq. 6, L_ice: L_ace per pixel (alpha [B,K,H,W], masks [B,H,W]), pixel mean."""
+    return ace_loss(alpha, masks)
 
 
 def kl_to_uniform_dirichlet(alpha, dim=1):
@@ -620,7 +597,7 @@ def annealing_coefficient(epoch, annealing_epochs):
 
 def dice_loss(prob, masks, eps=1e-5):
     """Soft Dice loss 1 - mean_k 2 sum(p y) / (sum p + sum y) (prob [B,K,H,W], masks [B,H,W])."""
-    y = F.one_hot(masks.long(), prob.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
+    y = one_hot(masks, prob)
     intersection = (prob * y).sum((0, 2, 3))
     total = prob.sum((0, 2, 3)) + y.sum((0, 2, 3))
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()
@@ -628,9 +605,9 @@ def dice_loss(prob, masks, eps=1e-5):
 
 def evidential_segmentation_loss(alpha, masks, kl_weight, dice_weight):
     """L_ice + kl_weight * L_KL + dice_weight * Dice(alpha / S), the TBraTS loss (Eq. 6's form)."""
-    y = F.one_hot(masks.long(), alpha.shape[1]).permute(0, 3, 1, 2).to(alpha.dtype)
-    prob = alpha / alpha.sum(1, keepdim=True)
-    return ice_loss(alpha, masks) + kl_weight * kl_loss(alpha, y) + dice_weight * dice_loss(prob, masks)
+    prob = alpha / alpha.sum(1, keepdim=True)                                # alpha / S
+    return (ice_loss(alpha, masks) + kl_weight * kl_loss(alpha, one_hot(masks, alpha))
+            + dice_weight * dice_loss(prob, masks))
 
 
 def mutual_loss(m, masks, kl_weight, dice_weight):
@@ -642,18 +619,16 @@ def classification_loss(logits, labels, evidential, kl_weight):
     """Eq. 7: L_cls = L_ace(alpha^c, label) + l_c L_KL(alpha^c); cross-entropy for BCS."""
     if not evidential:
         return F.cross_entropy(logits, labels)
-    alpha, _, _ = evidential_opinion(logits)
-    y = F.one_hot(labels, alpha.shape[1]).to(alpha.dtype)
-    return ace_loss(alpha, labels) + kl_weight * kl_loss(alpha, y)
+    alpha = evidential_opinion(logits)[0]
+    return ace_loss(alpha, labels) + kl_weight * kl_loss(alpha, one_hot(labels, alpha))
 
 
 def segmentation_loss(seg, masks, evidential, deep_supervision, kl_weight, dice_weight, reduction="sum"):
     """Eq. 8: L_seg = sum_i Dice(v^{i-1}(s_i), GT) (reduction "mean": the authors' / 4). With an
     evidential s_1 (TBraTS, ECS) its term is the evidential loss of Eq. 6's form."""
-    if evidential:
-        terms = [evidential_segmentation_loss(evidential_opinion(seg[0])[0], masks, kl_weight, dice_weight)]
-    else:
-        terms = [dice_loss(seg[0].softmax(1), masks)]
+    s_1 = seg[0]
+    terms = [evidential_segmentation_loss(evidential_opinion(s_1)[0], masks, kl_weight, dice_weight) if evidential
+             else dice_loss(s_1.softmax(1), masks)]
     for s in (seg[1:] if deep_supervision else []):                           # v^{i-1}(s_i)
         terms.append(dice_loss(F.interpolate(s, size=masks.shape[-2:], mode="bilinear",
                                              align_corners=False).softmax(1), masks))
@@ -677,10 +652,7 @@ def total_loss(out, masks, labels, spec, args, epoch):
     return w_mut * l_mut + w_cls * l_cls + w_seg * l_seg, torch.stack([l_mut, l_cls, l_seg])
 
 
-# ==================================================================================================
-# Training and evaluation
-# ==================================================================================================
-
+# =================================== Training and evaluation ======================================
 
 def model_input(images, norm, device, sigma=0.0, generator=None):
     """uint8 -> [0,1] (+ Gaussian noise of std sigma, clipped to [0,1]: Table 2) -> normalised float."""
@@ -699,9 +671,8 @@ def learning_rate_factor(step, total, hold, power, floor):
 
 
 def train_row(model, row, spec, args, data, norm, run, device, names, seed, resume_state=None, dist=None):
-    """Trains one row's model (data-parallel under torchrun's data mode: each rank takes its slice of
-    every batch); returns it with the best-validation weights loaded. `row` = (name, slug), `names` =
-    (last, best) checkpoint file names."""
+    """Trains one row's model and returns it with the best-validation weights (under torchrun's data mode
+    each rank takes its slice of every batch). `row` = (name, slug); `names` = (last, best) file names."""
     (name, slug), dist = row, dist or common.Dist()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_train = data["train"]["images"].shape[0]
@@ -728,8 +699,7 @@ def train_row(model, row, spec, args, data, norm, run, device, names, seed, resu
         for batch, wait in common.timed(common.shard(b, dist) for b in batches):  # data mode: this rank's slice
             with common.autocast(device, args.amp):
                 out = model(model_input(batch["images"], norm, device))
-            loss, parts = total_loss(out, batch["masks"].long(), batch["labels"] if spec.classify else None,
-                                     spec, args, epoch)
+            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, args, epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -790,12 +760,9 @@ def read_outputs(out, spec):
     if spec.segment:
         s_1 = out["seg"][0].float()
         result["seg"] = s_1.argmax(1)
-        if spec.mutual_decoder:
-            result["pixel_uncertainty"] = out["mutual_uncertainty"][:, 0].float()  # U^s (Eq. 2)
-        elif spec.evidential_s1:
-            result["pixel_uncertainty"] = evidential_opinion(s_1)[2][:, 0]
-        else:
-            result["pixel_uncertainty"] = 1 - s_1.softmax(1).max(1).values
+        result["pixel_uncertainty"] = (out["mutual_uncertainty"][:, 0].float() if spec.mutual_decoder  # U^s (Eq. 2)
+                                       else evidential_opinion(s_1)[2][:, 0] if spec.evidential_s1
+                                       else 1 - s_1.softmax(1).max(1).values)
     return result
 
 
@@ -836,9 +803,7 @@ def evaluate(model, split, spec, data, norm, args, device, sigma=0.0, seed=0, su
     return metrics, extra
 
 
-# ==================================================================================================
-# Report: Tables 1-3 and Fig. 3
-# ==================================================================================================
+# ================================ Report: Tables 1-3 and Fig. 3 ===================================
 
 FORMS_NOTE = (
     "Dice as a fraction, ASSD in pixels; mean ± standard error over seeds when there are several. "
@@ -872,15 +837,14 @@ def markdown_cell(row, key):
 
 
 def build_table(summary, args, main_name, specs):
-    """results.json "table": one dict per row of Tables 1-3 that this run produced (means over seeds);
-    a Table 2 row holds the metrics at its sigma (keyed "sigma=0.05/acc" in `summary`), unprefixed."""
-    by_name, clean = {r["row"]: r for r in summary}, min(args.sigmas, key=abs)
-    shown = {t: TABLE_ROWS[t] if getattr(args, f"table{t}") else ([main_name] if t < 3 else []) for t in (1, 2, 3)}
-    table = []
-    for table_no, sigmas in ((1, [clean]), (2, args.sigmas), (3, [clean])):
-        for sigma in sigmas:
+    """results.json "table": one dict per row of Tables 1-3 that this run produced (means over seeds); a
+    Table 2 row holds the metrics at its sigma (keyed "sigma=0.05/acc" in `summary`), unprefixed."""
+    by_name, clean, table = {r["row"]: r for r in summary}, min(args.sigmas, key=abs), []
+    for table_no in (1, 2, 3):
+        names = TABLE_ROWS[table_no] if getattr(args, f"table{table_no}") else [main_name] if table_no < 3 else []
+        for sigma in args.sigmas if table_no == 2 else [clean]:
             prefix = "" if sigma == clean else f"sigma={sigma:.2f}/"
-            for name in [n for n in shown[table_no] if n in by_name]:
+            for name in [n for n in names if n in by_name]:
                 values = {k[len(prefix):]: v for k, v in by_name[name].items()
                           if k.startswith(prefix) and (prefix or "/" not in k) and k not in ("row", "seeds", "rank")}
                 flags = {k: "✓" if getattr(specs[name], a) else "-" for k, a in
@@ -894,20 +858,16 @@ def results_markdown(table, args):
     """results.md: Table 1 in the paper's metric forms and in ours, Table 2 per sigma, Table 3."""
     structures = list(dict.fromkeys(k[5:] for r in table for k in r if k.startswith("dice_")
                                     and not k.endswith(("_se", "_undefined"))))  # disc, cup, rim / tumor
+    sections = [(1, None, "Table 1 (paper's metric forms)", "paper"), (1, None, "Table 1, our metric forms", "ours")]
+    sections += [(2, sigma, f"Table 2: Gaussian noise sigma = {sigma:.2f} (paper's forms)", "paper")
+                 for sigma in sorted({r["sigma"] for r in table if r["table"] == 2})]
     parts = [f"# UML results: {args.dataset}, test split\n", FORMS_NOTE]
-
-    def add(table_no, title, form, lead=("Method",), sigma=None):
+    for table_no, sigma, title, form in sections + [(3, None, "Table 3: ablation (paper's forms)", "paper")]:
         rows = [r for r in table if r["table"] == table_no and sigma in (None, r["sigma"])]
-        columns = metric_columns(structures, form)
+        lead, columns = ["MD", "UI", "UN"] if table_no == 3 else ["Method"], metric_columns(structures, form)
         cells = [{**{c: r[c] for c in lead}, **{t: markdown_cell(r, k) for k, t in columns}} for r in rows]
         if rows:
-            parts.append(common.markdown_table(cells, list(lead) + [t for _, t in columns], title=title))
-
-    add(1, "Table 1 (paper's metric forms)", "paper")
-    add(1, "Table 1, our metric forms", "ours")
-    for sigma in sorted({r["sigma"] for r in table if r["table"] == 2}):
-        add(2, f"Table 2: Gaussian noise sigma = {sigma:.2f} (paper's forms)", "paper", sigma=sigma)
-    add(3, "Table 3: ablation (paper's forms)", "paper", ("MD", "UI", "UN"))
+            parts.append(common.markdown_table(cells, lead + [t for _, t in columns], title=title))
     return "\n".join(parts) + f"\nCommand: `{args.command}`\n"
 
 
@@ -943,10 +903,7 @@ def figure_fig3(model, split, spec, data, norm, args, device, path):
     common.save_figure(fig, path)
 
 
-# ==================================================================================================
-# main
-# ==================================================================================================
-
+# ============================================= main ===============================================
 
 def load_data(args, device, seed):
     options = common.synthetic_split_sizes(args) if args.dataset.startswith("synthetic") else {}
