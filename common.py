@@ -2433,7 +2433,8 @@ def _synthetic_lesions(n, size, gen, annotators=False, shift=False, annotator_ge
     n_hairs = torch.where(hairy, torch.randint(2, _HAIR_SLOTS + 1, (n,), generator=gen), 0)
     if shift:
         n_hairs = n_hairs.clamp(max=4)
-    hair_angle, hair_curve = _uniform(gen, (n, _HAIR_SLOTS), -math.pi, math.pi), 1.5 * torch.randn(n, _HAIR_SLOTS, generator=gen)
+    hair_angle = _uniform(gen, (n, _HAIR_SLOTS), -math.pi, math.pi)
+    hair_curve = 1.5 * torch.randn(n, _HAIR_SLOTS, generator=gen)
     hair_length = _uniform(gen, (n, _HAIR_SLOTS), 0.4, 1.6)
     hair_width = _uniform(gen, (n, _HAIR_SLOTS), 0.006, 0.012).clamp_min(0.8 / size)
     at = _uniform(gen, (n, _HAIR_SLOTS), -math.pi, math.pi)  # where a border hair starts
@@ -2491,7 +2492,8 @@ def _synthetic_lesions(n, size, gen, annotators=False, shift=False, annotator_ge
         marks = torch.maximum(line, ticks.float()) * _col(ruler[sl])
         img = _lerp(img, torch.tensor([0.08, 0.08, 0.1]), 0.85 * marks)
         r_img = torch.sqrt(yy ** 2 + xx ** 2)
-        lit = 1 + _col(light[sl]) * (_col(torch.cos(light_angle[sl])) * xx + _col(torch.sin(light_angle[sl])) * yy) / math.sqrt(2)
+        towards = _col(torch.cos(light_angle[sl])) * xx + _col(torch.sin(light_angle[sl])) * yy  # in [-sqrt 2, sqrt 2]
+        lit = 1 + _col(light[sl]) * towards / math.sqrt(2)
         scope = 1 - _col(vignette[sl]) * torch.sigmoid((r_img - _col(vignette_radius[sl])) / 0.03)
         img = img * (lit * scope * (1 - 0.15 * r_img ** 2))[:, None]
         images.append(_finish(img, gen, size, blur_max=2.0 if shift else 1.0, noise_std=0.035 if shift else 0.015))

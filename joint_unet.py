@@ -51,10 +51,11 @@ Deviations (ambiguities resolved, and why)
     - a defaults to 0.8, the thesis' final joint model (Tables XI, XII, XIV), so the default comparison sets like
       beside like; Table X's baseline is --alpha 0.5.
     - BatchNorm: the original U-Net the thesis builds has none (seg trains at batch 2): none on real data;
-      --batchnorm adds it. The synthetic CPU default keeps it: there (64 px, width 8, 10 epochs, one seed) seg is as
-      good without (test JAC 94.6 vs 95.1) but joint classifies worse (test BACC 40.1 vs 49.8, val Mean Performance
-      70.2 vs 76.7); the README gives the 3-seed command. Init (unprinted): He normal, biases 0, as the original U-Net
-      (torch's default shrinks the signal ~six-fold per layer through 18 ReLU convolutions); the head keeps torch's.
+      --batchnorm adds it. The synthetic CPU default keeps it: there (the earlier, easier lesions; 64 px, width 8,
+      10 epochs, one seed) seg was as good without (test JAC 94.6 vs 95.1) but joint classified worse (test BACC
+      40.1 vs 49.8, val Mean Performance 70.2 vs 76.7); the README gives the 3-seed command. Init (unprinted): He
+      normal, biases 0, as the original U-Net (torch's default shrinks the signal ~six-fold per layer through 18
+      ReLU convolutions); the head keeps torch's.
     - Head pooling: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom) without printing the
       winner. Table X's 50M parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC
       1024, the default (Table VII's "10...42M": FC 256...1024); Table VIII's baseline is --pool 2. Too large a pool
