@@ -832,8 +832,9 @@ def markdown_cell(row, key):
     """3 decimals as in the paper (± SE over seeds); '\\' where the row has no such output."""
     if row.get(key) is None:
         return "\\"
-    undefined = row.get(key + "_undefined_images") or 0
-    return common.fmt_over_seeds(row, key, digits=3) + (f" ({undefined:g} undef.)" if undefined else "")
+    undefined = row.get(key + "_undefined_images") or 0  # a mean over seeds when there are several
+    per_seed = " per seed" if len(row.get("seeds") or []) > 1 else ""
+    return common.fmt_over_seeds(row, key, digits=3) + (f" ({undefined:.3g} undef.{per_seed})" if undefined else "")
 
 
 def build_table(summary, args, main_name, specs):
