@@ -704,7 +704,9 @@ def cli(main, argv=None):
     """Runs `main(argv)` as a command: an expected error (UsageError, DatasetError, NonFiniteLossError,
     CheckpointError) prints one message `<script>: error: ...` on stderr and exits with code 2, without
     a traceback unless --debug is on the command line or COMMON_DEBUG=1 is set. Any other exception
-    keeps its traceback (it is a bug). Every script ends with
+    keeps its traceback (it is a bug). After an expected error, a run folder the command had just
+    started and written nothing into but config.json is removed again (`_remove_empty_runs`), so the
+    corrected command can use the same --out. Every script ends with
     `if __name__ == "__main__": common.cli(main)`."""
     words = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in words or os.environ.get("COMMON_DEBUG", "") not in ("", "0")
@@ -712,6 +714,7 @@ def cli(main, argv=None):
         main(argv) if argv is not None else main()
         finish_distributed(wait=True)
     except _expected_errors() as error:
+        _remove_empty_runs()
         if debug:
             raise
         print(f"{Path(sys.argv[0]).name or 'python'}: error: {error}", file=sys.stderr, flush=True)
@@ -1014,6 +1017,29 @@ def _script_name(script):
 _RUN_FILES = ("config.json", "results.json", "results.md", "log.jsonl")  # with *.pt: what a run writes
 
 
+_NEW_RUNS = []  # run folders this process started (see _remove_empty_runs)
+
+
+def _remove_empty_runs():
+    """After an expected error (a wrong --root, say): for each run folder this process started in which
+    the run wrote nothing but its config.json (no log line, result, checkpoint or figure), removes that
+    config.json, the empty figures/ and the folder if it is then empty, so that the same command,
+    corrected, is not refused for an --out that "already holds a run". Other files stay."""
+    for folder in _NEW_RUNS:
+        if not (folder / "config.json").is_file():
+            continue
+        written = [p for p in folder.iterdir() if p.name in _RUN_FILES[1:] or p.suffix == ".pt"]
+        figures = folder / "figures"
+        if written or (figures.is_dir() and any(figures.iterdir())):
+            continue
+        (folder / "config.json").unlink()
+        if figures.is_dir():
+            figures.rmdir()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    _NEW_RUNS.clear()
+
+
 def _holds_run(folder):
     folder = Path(folder)
     return folder.is_dir() and (any((folder / n).exists() for n in _RUN_FILES[:2]) or any(folder.glob("*.pt")))
@@ -1082,6 +1108,8 @@ class Run:
             if overwrite:
                 for old in [self.dir / n for n in _RUN_FILES] + list(self.dir.glob("*.pt")):
                     old.unlink(missing_ok=True)
+            if not _holds_run(self.dir):  # a new run: cli removes it again if it fails before writing anything
+                _NEW_RUNS.append(self.dir)
             self.figures.mkdir(parents=True, exist_ok=True)
             _atomic_write_text(self.dir / "config.json", json.dumps(config, indent=2) + "\n")
         if collective:

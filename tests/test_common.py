@@ -701,6 +701,28 @@ def test_cli_turns_expected_errors_into_one_message(capsys, monkeypatch):
     assert seen == [["--quick"]]
 
 
+def test_cli_removes_a_new_run_folder_that_failed_before_writing_anything(tmp_path, capsys):
+    def main_failing_after(write):
+        def main(argv=None):
+            run = common.Run(argparse.Namespace(out=str(tmp_path / "run"), device="cpu"), "toy")
+            write(run)
+            raise common.DatasetError("refuge: dataset folder /nope does not exist")
+        return main
+
+    with pytest.raises(SystemExit):  # only config.json and an empty figures/: removed, the command can be rerun
+        common.cli(main_failing_after(lambda run: None), [])
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")  # a folder that was there keeps what it held
+    with pytest.raises(SystemExit):
+        common.cli(main_failing_after(lambda run: None), [])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]
+    with pytest.raises(SystemExit):  # a run that logged or saved something keeps its folder
+        common.cli(main_failing_after(lambda run: run.log({"epoch": 1})), [])
+    assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "log.jsonl").exists()
+    capsys.readouterr()
+
+
 # --------------------------------------------------------------------------------------------------
 # Tables over seeds, and torchrun (rows shared out; one model data-parallel)
 # --------------------------------------------------------------------------------------------------
