@@ -710,6 +710,7 @@ def cli(main, argv=None):
     `if __name__ == "__main__": common.cli(main)`."""
     words = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in words or os.environ.get("COMMON_DEBUG", "") not in ("", "0")
+    _NEW_RUNS.clear()  # only the folders this command starts
     try:
         main(argv) if argv is not None else main()
         finish_distributed(wait=True)
