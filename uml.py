@@ -51,7 +51,8 @@ Deviations and resolved ambiguities
       (later: Res2Net for both). We follow the paper.
     - Dice loss = 1 - Dice (class mean, background included, sums over the batch); the authors use -log Dice.
       The Dice of an evidential output uses alpha/S (the authors: softmax of the evidence).
-    - Eq. 8 sums the four levels as printed, so L_seg weighs 4x the authors' code's, which divides by 4 (--eq8 mean).
+    - Eq. 8 sums the four levels as printed, so L_seg weighs 4x the authors' code's, which divides by 4 (--eq8 mean;
+      on the synthetic default over seeds 0-2 the mean left one seed without a learnt cup: README).
     - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied
       at the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last
       mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
