@@ -90,14 +90,14 @@ Deviations and resolved ambiguities
       not mention normalisation), so in training mode a model's output for one image, and the meta
       weights, depend on the other images of its batch. The meta step (Eq. 1) runs in training mode
       (batch statistics, dropout on) because Eq. 2 reuses its forward pass of U; the parent code has
-      neither BatchNorm nor dropout. meta_mode_effect measures the effect on every run: on the
-      synthetic set after one epoch (rows B-F, seed 0), eval mode moves 32-89% of a batch's weight
-      mass (total variation), against 15-23% (train) and 9-13% (eval) for a redraw of the dropout
-      masks and MC samples; 5-58% of the pixels are zero-weight in one mode only.
+      neither BatchNorm nor dropout. meta_mode_effect measures the effect on every run: for the
+      selected synthetic base models (rows B-F, mean over seeds 0-2), eval mode moves 32-54% of a
+      batch's weight mass (total variation), against 18-23% (train) and 7-9% (eval) for a redraw of
+      the dropout masks and MC samples; 14-22% of the pixels are zero-weight in one mode only.
     - Fig. 3-4 show the selected (best-validation) models' weights, computed as in training (train
       mode, a batch of U), not those of iteration 100K. "Fig. 3-4 in numbers" adds the share of
       zero-weight pixels on inconsistent and on agreeing pixels over --weight-samples 512 annotations
-      of U per base model, ± SE over batches (~3 points on the synthetic set; 6-9 with 64 before).
+      of U per base model, ± SE over batches (3-5 points on the synthetic set, one seed).
     - On-device flips, small rotations and colour jitter (common.augment; the paper is silent) on the
       training batches and, each its own draw, the clean C_i batches (--no-augment-clean: not those).
     - Images are normalised with the training split's per-channel mean and std (Sec. 3.1, "across the
