@@ -5,7 +5,7 @@ Everything here is used by at least two of `ensemble_annotators.py`, `uncertaint
 stays in its script. Run-time dependencies: the standard library, torch, numpy, PIL, matplotlib.
 
 Part 1: networks, metrics, run bookkeeping
-    1. Networks            DoubleConv, ResidualBlock, Down, Up, center_crop, UNet
+    1. Networks            DoubleConv, conv_bn, ResidualBlock, Down, Up, center_crop, UNet
     2. Overlap and calibration metrics   jaccard, dice, nll, brier, pixel_accuracy
     3. Surface distances   hausdorff (max or percentile), assd  (MONAI's conventions)
     4. Objects             label_components, object_dice, object_hausdorff (GlaS definitions)
@@ -18,7 +18,8 @@ Part 1: networks, metrics, run bookkeeping
                            synthetic_split_sizes, fill_defaults, seed_everything, choose_device,
                            autocast, prepare_model, load_model_state, restore_architecture,
                            starting_checkpoint (--eval-only / --resume), read_state_dict +
-                           load_pretrained (ImageNet files by an explicit key table), Run (refuses
+                           load_pretrained (ImageNet files by an explicit key table:
+                           vgg16_key_table, res2net_key_table), Run (refuses
                            to overwrite a run), load_checkpoint, checkpoint_state / restore_state,
                            BestCheckpoint (last.pt / best.pt, best weights kept), check_finite, Progress (.report: the speed line), timed (batches with
                            their data wait), markdown_table, fmt_mean_se, write_results
@@ -56,8 +57,9 @@ Part 2: data
     names, numeric sort, image and mask reading, .xlsx via zipfile); 9 the official layouts, one
     reader each (refuge, isic2017, isic-multi with Ribeiro et al.'s split lists, ph2, dermofit,
     glas, folder, ispy1); 10 `load_dataset`, the disk cache, seeded splits, `exclude` and the
-    test-overlap check; 11 batches, augmentation and normalisation on the device (`to_device`,
-    `iterate_batches`, `augment`, `to_float`, `channel_stats`, `normalize`).
+    test-overlap check, `mask_structures` (what a mask is scored on); 11 batches, augmentation and
+    normalisation on the device (`to_device`, `iterate_batches`, `augment`, `to_float`,
+    `channel_stats`, `normalize`).
 """
 import argparse
 import atexit
@@ -135,6 +137,17 @@ class DoubleConv(nn.Sequential):
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         super().__init__(*layers)
+
+
+def conv_bn(in_ch, out_ch, kernel=3, bias=False, batch_norm=True, relu=True, stride=1):
+    """Conv -> BN -> ReLU with named parts (".conv", ".bn"), the names that key tables
+    (vgg16_key_table, res2net_key_table) use."""
+    layers = collections.OrderedDict(conv=nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=bias))
+    if batch_norm:
+        layers["bn"] = nn.BatchNorm2d(out_ch)
+    if relu:
+        layers["relu"] = nn.ReLU(inplace=True)
+    return nn.Sequential(layers)
 
 
 class ResidualBlock(nn.Module):
@@ -952,6 +965,42 @@ def load_pretrained(module, state, table, unused, flag):
         for key, value in loaded.items():
             ours[key].copy_(value)
     return len(loaded)
+
+
+# ImageNet files -> encoders built from conv_bn (uml.py's VGGEncoder and Res2NetEncoder): one explicit
+# key table per file, rows (their prefix, our prefix, kind) with kind "conv", "conv+bias" or "bn".
+def vgg16_key_table(batch_norm, blocks=(2, 2, 3, 3)):
+    """torchvision vgg16 / vgg16_bn `features.N` -> a VGGEncoder (stages.i.j): the ten convs of blocks 1-4 (vgg16:
+    N = 0, 2, 5, 7, 10, 12, 14, 17, 19, 21; vgg16_bn: 0, 3, 7, 10, 14, 17, 20, 24, 27, 30, BatchNorm at
+    N + 1). Returns (table, unused key prefixes): block 5 and the classifier come after f_4^c."""
+    table, index = [], 0
+    for stage, n_convs in enumerate(blocks):
+        for j in range(n_convs):
+            ours = f"stages.{stage}.{j + (stage > 0)}"  # stages 1-3 start with their max-pool
+            table.append((f"features.{index}", f"{ours}.conv", "conv+bias"))
+            if batch_norm:
+                table.append((f"features.{index + 1}", f"{ours}.bn", "bn"))
+            index += 3 if batch_norm else 2          # conv (+ bn) + relu
+        index += 1                                   # max-pool
+    return table, tuple(f"features.{n}." for n in range(index, 64)) + ("classifier.",)
+
+
+def res2net_key_table(blocks, scale=4):
+    """res2net50_v1b_26w_4s -> a Res2NetEncoder, as (their conv, their norm, our conv_bn) triples:
+    the deep stem conv1.{0,3,6} with norms conv1.{1,4} and bn1, then per block of layer1-3 conv1/bn1,
+    convs.i/bns.i, conv3/bn3 and, in a stage's first block, downsample.1/.2 (downsample.0 is the v1b
+    average pool, no weights). Unused: layer4 (after layer3 = f_4^s) and fc."""
+    triples = [("conv1.0", "conv1.1", "stem.0"), ("conv1.3", "conv1.4", "stem.1"), ("conv1.6", "bn1", "stem.2")]
+    for stage, n_blocks in enumerate(blocks):
+        for b in range(n_blocks):
+            theirs, ours = f"layer{stage + 1}.{b}", f"stages.{stage}.{b}"
+            triples += [(f"{theirs}.conv1", f"{theirs}.bn1", f"{ours}.reduce")]
+            triples += [(f"{theirs}.convs.{i}", f"{theirs}.bns.{i}", f"{ours}.convs.{i}") for i in range(scale - 1)]
+            triples += [(f"{theirs}.conv3", f"{theirs}.bn3", f"{ours}.expand")]
+            if b == 0:
+                triples += [(f"{theirs}.downsample.1", f"{theirs}.downsample.2", f"{ours}.shortcut.proj")]
+    table = [row for conv, bn, ours in triples for row in ((conv, f"{ours}.conv", "conv"), (bn, f"{ours}.bn", "bn"))]
+    return table, ("layer4.", "fc.")
 
 
 def _plain(value):
@@ -4093,6 +4142,21 @@ def _load_real(name, root, size, seed, cache, options):
         split.setdefault("mask_names", list(spec["masks"] or []))
         _complete(split)
     return data
+
+
+def mask_structures(mask_names):
+    """The structures a segmentation is scored on: {name: function of a class-index mask -> bool mask}.
+    Fundus (a "cup" class): disc = rim + cup (REFUGE's disc), cup, and rim = label 1 (what the UML
+    authors' code scores as "disc"); binary: the foreground ("tumor" for a tumour or lesion); else
+    one per foreground class."""
+    names = [n.lower() for n in mask_names]
+    if "cup" in names:
+        cup = names.index("cup")
+        return {"disc": lambda m: m >= 1, "cup": lambda m: m == cup, "rim": lambda m: (m >= 1) & (m != cup)}
+    if len(names) == 2:
+        name = "tumor" if any(t in names[1] for t in ("tumo", "lesion", "foreground")) else names[1]
+        return {name: lambda m: m == 1}
+    return {n.replace(" ", "_"): (lambda m, k=k: m == k) for k, n in enumerate(names) if k > 0}
 
 
 # ---------------------------------------------------------------------------------------------

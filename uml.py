@@ -13,7 +13,7 @@ Uncertainty Instructor (UI) gates the classification features with the reliable 
 diagnosis is evidential too.
 
 Paper -> code
-    Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder; ImageNet files: vgg16_key_table, res2net_key_table
+    Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder; ImageNet files: common.vgg16_key_table etc.
     Sec. 2 Feature Mixer ..... PolarizedSelfAttention, PairwiseChannelMapInteraction (authors' mixer:
                                1x1 projections, c_k/s_k channel pairs, polarized self-attention, 1x1 fusion)
     Eq. 1-2 b = e/S, u = K/S . evidential_opinion
@@ -170,16 +170,6 @@ def resolve_defaults(args):
 
 # === Model: dual backbone (VGG-16 and Res2Net-50 v1b at --width 64) and its ImageNet weights ======
 
-def conv_bn(in_ch, out_ch, kernel=3, bias=False, batch_norm=True, relu=True, stride=1):
-    """Conv -> BN -> ReLU with named parts (".conv", ".bn"), the names the key tables below use."""
-    layers = OrderedDict(conv=nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=bias))
-    if batch_norm:
-        layers["bn"] = nn.BatchNorm2d(out_ch)
-    if relu:
-        layers["relu"] = nn.ReLU(inplace=True)
-    return nn.Sequential(layers)
-
-
 class VGGEncoder(nn.Module):
     """The first four blocks of VGG-16 (2, 2, 3, 3 convs of widths w, 2w, 4w, 8w, max-pool between
     blocks) -> f_1^c..f_4^c at H, H/2, H/4, H/8 (conv1_2, conv2_2, conv3_3, conv4_3). The fifth block
@@ -194,7 +184,7 @@ class VGGEncoder(nn.Module):
         for i, (n_convs, ch) in enumerate(zip(self.blocks, self.channels)):
             layers = [nn.MaxPool2d(2)] if i else []
             for _ in range(n_convs):
-                layers.append(conv_bn(in_ch, ch, bias=True, batch_norm=batch_norm))  # torchvision: bias on
+                layers.append(common.conv_bn(in_ch, ch, bias=True, batch_norm=batch_norm))  # torchvision: bias on
                 in_ch = ch
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
@@ -218,15 +208,15 @@ class Res2NetBottleneck(nn.Module):
         super().__init__()
         self.split, self.first = max(1, planes * base_width // 64), first
         out_ch = planes * self.expansion
-        self.reduce = conv_bn(in_ch, self.split * scale, 1)
-        self.convs = nn.ModuleList(conv_bn(self.split, self.split, stride=stride) for _ in range(scale - 1))
+        self.reduce = common.conv_bn(in_ch, self.split * scale, 1)
+        self.convs = nn.ModuleList(common.conv_bn(self.split, self.split, stride=stride) for _ in range(scale - 1))
         self.pool = nn.AvgPool2d(3, stride, 1) if first else nn.Identity()
-        self.expand = conv_bn(self.split * scale, out_ch, 1, relu=False)
+        self.expand = common.conv_bn(self.split * scale, out_ch, 1, relu=False)
         self.shortcut = nn.Identity()
         if first:
             self.shortcut = nn.Sequential(OrderedDict(
                 pool=nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
-                proj=conv_bn(in_ch, out_ch, 1, relu=False)))
+                proj=common.conv_bn(in_ch, out_ch, 1, relu=False)))
 
     def forward(self, x):
         splits = torch.split(self.reduce(x), self.split, dim=1)
@@ -245,7 +235,7 @@ class Res2NetEncoder(nn.Module):
     def __init__(self, width, blocks=(3, 4, 6), base_width=26, scale=4):
         super().__init__()
         half = max(width // 2, 1)
-        self.stem = nn.Sequential(conv_bn(3, half), conv_bn(half, half), conv_bn(half, width))
+        self.stem = nn.Sequential(common.conv_bn(3, half), common.conv_bn(half, half), common.conv_bn(half, width))
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.channels, stages, in_ch = [width], [], width
         for i, (n_blocks, planes) in enumerate(zip(blocks, (width, 2 * width, 4 * width))):
@@ -266,49 +256,13 @@ class Res2NetEncoder(nn.Module):
         return features  # f_1^s .. f_4^s
 
 
-# ImageNet weights: each standard file's keys -> ours, one explicit table per encoder, rows (their
-# prefix, our prefix, kind) with kind "conv", "conv+bias" or "bn" (common.KEY_TABLE_TENSORS).
-def vgg16_key_table(batch_norm):
-    """torchvision vgg16 / vgg16_bn `features.N` -> our VGGEncoder: the ten convs of blocks 1-4 (vgg16:
-    N = 0, 2, 5, 7, 10, 12, 14, 17, 19, 21; vgg16_bn: 0, 3, 7, 10, 14, 17, 20, 24, 27, 30, BatchNorm at
-    N + 1). Returns (table, unused key prefixes): block 5 and the classifier come after f_4^c."""
-    table, index = [], 0
-    for stage, n_convs in enumerate(VGGEncoder.blocks):
-        for j in range(n_convs):
-            ours = f"stages.{stage}.{j + (stage > 0)}"  # stages 1-3 start with their max-pool
-            table.append((f"features.{index}", f"{ours}.conv", "conv+bias"))
-            if batch_norm:
-                table.append((f"features.{index + 1}", f"{ours}.bn", "bn"))
-            index += 3 if batch_norm else 2          # conv (+ bn) + relu
-        index += 1                                   # max-pool
-    return table, tuple(f"features.{n}." for n in range(index, 64)) + ("classifier.",)
-
-
-def res2net_key_table(blocks, scale=4):
-    """res2net50_v1b_26w_4s -> our Res2NetEncoder, as (their conv, their norm, our conv_bn) triples:
-    the deep stem conv1.{0,3,6} with norms conv1.{1,4} and bn1, then per block of layer1-3 conv1/bn1,
-    convs.i/bns.i, conv3/bn3 and, in a stage's first block, downsample.1/.2 (downsample.0 is the v1b
-    average pool, no weights). Unused: layer4 (after layer3 = f_4^s) and fc."""
-    triples = [("conv1.0", "conv1.1", "stem.0"), ("conv1.3", "conv1.4", "stem.1"), ("conv1.6", "bn1", "stem.2")]
-    for stage, n_blocks in enumerate(blocks):
-        for b in range(n_blocks):
-            theirs, ours = f"layer{stage + 1}.{b}", f"stages.{stage}.{b}"
-            triples += [(f"{theirs}.conv1", f"{theirs}.bn1", f"{ours}.reduce")]
-            triples += [(f"{theirs}.convs.{i}", f"{theirs}.bns.{i}", f"{ours}.convs.{i}") for i in range(scale - 1)]
-            triples += [(f"{theirs}.conv3", f"{theirs}.bn3", f"{ours}.expand")]
-            if b == 0:
-                triples += [(f"{theirs}.downsample.1", f"{theirs}.downsample.2", f"{ours}.shortcut.proj")]
-    table = [row for conv, bn, ours in triples for row in ((conv, f"{ours}.conv", "conv"), (bn, f"{ours}.bn", "bn"))]
-    return table, ("layer4.", "fc.")
-
-
 def load_pretrained_encoders(model, args):
     """--pretrained-vgg / --pretrained-res2net into whichever encoders the row has."""
     for flag, path, encoder in (("--pretrained-vgg", args.pretrained_vgg, model.cls_encoder),
                                 ("--pretrained-res2net", args.pretrained_res2net, model.seg_encoder)):
         if path and encoder is not None:
-            table, unused = (vgg16_key_table(args.vgg_batch_norm) if encoder is model.cls_encoder else
-                             res2net_key_table([len(stage) for stage in encoder.stages], args.res2net_scale))
+            table, unused = (common.vgg16_key_table(args.vgg_batch_norm) if encoder is model.cls_encoder else
+                             common.res2net_key_table([len(stage) for stage in encoder.stages], args.res2net_scale))
             n = common.load_pretrained(encoder, common.read_state_dict(path, flag), table, unused, flag)
             print(f"{flag}: loaded {n} tensors from {path} (the layers after f_4 are not used)")
 
@@ -344,9 +298,9 @@ class PairwiseChannelMapInteraction(nn.Module):
 
     def __init__(self, cls_ch, seg_ch, out_ch):
         super().__init__()
-        self.project_cls, self.project_seg = conv_bn(cls_ch, out_ch, 1), conv_bn(seg_ch, out_ch, 1)
+        self.project_cls, self.project_seg = common.conv_bn(cls_ch, out_ch, 1), common.conv_bn(seg_ch, out_ch, 1)
         self.attention = PolarizedSelfAttention(2 * out_ch)
-        self.fuse = conv_bn(2 * out_ch, out_ch, 1)
+        self.fuse = common.conv_bn(2 * out_ch, out_ch, 1)
 
     def forward(self, f_cls, f_seg):
         pairs = torch.stack((self.project_cls(f_cls), self.project_seg(f_seg)), dim=2)  # [B, C, 2, H, W]
@@ -406,16 +360,16 @@ class UncertaintyNavigator(nn.Module):
         super().__init__()
         w1, w2, w3, w4 = seg_ch[0], seg_ch[0] * 2, seg_ch[0] * 4, seg_ch[0] * 8
         self.navigate, self.make_rs = navigate, make_rs
-        self.bottom = conv_bn(seg_ch[3] + mutual_bottom_ch, w4, 1)
+        self.bottom = common.conv_bn(seg_ch[3] + mutual_bottom_ch, w4, 1)
         self.up3 = common.Up(w4, seg_ch[2], w3, mode="bilinear")
         self.up2 = common.Up(w3, seg_ch[1], w2, mode="bilinear")
         self.top = common.DoubleConv(seg_ch[0] + w2, w1)                     # Conv(Cat(f_1^s, f_2^b))
         levels = [1] + ([2, 3] if deep_supervision else []) + ([4] if deep_supervision or navigate else [])
         self.heads = nn.ModuleDict({f"s{i}": nn.Conv2d((w1, w2, w3, w4)[i - 1], n_classes, 1) for i in levels})
         if navigate:
-            self.mask_conv_bottom = conv_bn(n_classes, w4, 1)
-            self.fuse_bottom = conv_bn(2 * w4, w4, 1)
-            self.mask_conv_top = conv_bn(n_classes, w1, 1) if make_rs else None
+            self.mask_conv_bottom = common.conv_bn(n_classes, w4, 1)
+            self.fuse_bottom = common.conv_bn(2 * w4, w4, 1)
+            self.mask_conv_top = common.conv_bn(n_classes, w1, 1) if make_rs else None
         self.rs_channels = (w1 if navigate else 0) + seg_ch[0] + w2
 
     def head(self, level, d):
@@ -733,19 +687,6 @@ def selection_score(metrics):
     return sum(values) / len(values) if values else -math.inf
 
 
-def structures(mask_names):
-    """Evaluated structure -> function of the class-index mask. Fundus: disc = rim + cup (REFUGE),
-    cup, and rim = label 1 (what the authors' code scores as "disc")."""
-    names = [n.lower() for n in mask_names]
-    if "cup" in names:
-        cup = names.index("cup")
-        return {"disc": lambda m: m >= 1, "cup": lambda m: m == cup, "rim": lambda m: (m >= 1) & (m != cup)}
-    if len(names) == 2:
-        name = "tumor" if any(t in names[1] for t in ("tumo", "lesion", "foreground")) else names[1]
-        return {name: lambda m: m == 1}
-    return {n.replace(" ", "_"): (lambda m, k=k: m == k) for k, n in enumerate(names) if k > 0}
-
-
 def read_outputs(out, spec):
     """Image-level and pixel-level outputs of one forward pass: expected class probability (alpha/S
     or softmax), belief, image uncertainty u, segmentation s_1 (argmax) and pixel uncertainty."""
@@ -923,7 +864,7 @@ def load_data(args, device, seed):
     data = {k: common.to_device(v, device) for k, v in splits.items() if k in ("train", "val", "test")}
     data.update(n_classes=len(reference["class_names"]), n_seg_classes=len(reference["mask_names"]),
                 class_names=reference["class_names"], mask_names=reference["mask_names"],
-                structures=structures(reference["mask_names"]))
+                structures=common.mask_structures(reference["mask_names"]))
     return data
 
 

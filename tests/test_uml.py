@@ -315,7 +315,7 @@ def test_evaluate_reports_both_metric_forms_on_a_hand_case():
     seg = torch.nn.functional.one_hot(predicted, 3).permute(0, 3, 1, 2).float() * 10
     logits = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # evidential: predicts class 0, then class 1
     split = {"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "masks": masks, "labels": torch.tensor([0, 0])}
-    data = {"n_classes": 2, "structures": uml.structures(["background", "rim", "cup"])}
+    data = {"n_classes": 2, "structures": common.mask_structures(["background", "rim", "cup"])}
     args = argparse.Namespace(batch_size=2, amp=False, seed=0)
     model = FixedOutputs({"cls_logits": logits, "seg": [seg], "mutual_uncertainty": torch.zeros(2, 1, 8, 8)})
     norm = (torch.zeros(3), torch.ones(3))
@@ -429,7 +429,7 @@ def res2net50_v1b_state():
 def test_vgg16_file_loads_into_the_paper_size_encoder(batch_norm):
     state = torchvision_vgg16_state(batch_norm)
     encoder = uml.VGGEncoder(64, batch_norm).eval()
-    table, unused = uml.vgg16_key_table(batch_norm)
+    table, unused = common.vgg16_key_table(batch_norm)
     assert common.load_pretrained(encoder, state, table, unused, "--pretrained-vgg") == (60 if batch_norm else 20)  # 10 convs: w, b (+ 4 bn)
     x = torch.randn(1, 3, 16, 16)
     y = torch.nn.functional.conv2d(x, state["features.0.weight"], state["features.0.bias"], padding=1)
@@ -444,7 +444,7 @@ def test_vgg16_file_loads_into_the_paper_size_encoder(batch_norm):
 def test_res2net_file_loads_into_the_paper_size_encoder():
     state = res2net50_v1b_state()
     encoder = uml.Res2NetEncoder(64, (3, 4, 6)).eval()
-    table, unused = uml.res2net_key_table((3, 4, 6))
+    table, unused = common.res2net_key_table((3, 4, 6))
     n = common.load_pretrained(encoder, state, table, unused, "--pretrained-res2net")
     used = [k for k in state if not k.startswith(("layer4.", "fc.")) and not k.endswith("num_batches_tracked")]
     assert n == len(used) == len(encoder.state_dict()) - sum(k.endswith("num_batches_tracked") for k in encoder.state_dict())
@@ -458,7 +458,7 @@ def test_res2net_file_loads_into_the_paper_size_encoder():
 
 
 def test_pretrained_errors_name_the_key():
-    table, unused = uml.res2net_key_table((3, 4, 6))
+    table, unused = common.res2net_key_table((3, 4, 6))
     encoder = uml.Res2NetEncoder(64, (3, 4, 6))
     renamed = res2net50_v1b_state()
     renamed["layer2.0.conv.1.weight"] = renamed.pop("layer2.0.convs.1.weight")
@@ -472,7 +472,7 @@ def test_pretrained_errors_name_the_key():
     extra["layer3.1.se.weight"] = torch.zeros(4)
     with pytest.raises(common.UsageError, match="'layer3.1.se.weight'"):
         common.load_pretrained(encoder, extra, table, unused, "--pretrained-res2net")
-    table, unused = uml.vgg16_key_table(batch_norm=True)       # a plain vgg16 file into the bn layout
+    table, unused = common.vgg16_key_table(batch_norm=True)       # a plain vgg16 file into the bn layout
     with pytest.raises(common.UsageError, match="'features.1.weight'"):
         common.load_pretrained(uml.VGGEncoder(64, True), torchvision_vgg16_state(False), table, unused, "--pretrained-vgg")
 
