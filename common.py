@@ -5,7 +5,9 @@ Everything here is used by at least two of `ensemble_annotators.py`, `uncertaint
 stays in its script. Run-time dependencies: the standard library, torch, numpy, PIL, matplotlib.
 
 Part 1: networks, metrics, run bookkeeping
-    1. Networks            DoubleConv, conv_bn, ResidualBlock, Down, Up, center_crop, UNet
+    1. Networks            DoubleConv, ResidualBlock, Down, Up, center_crop, UNet; ImageNet
+                           backbones: conv_bn, VGGEncoder, Res2NetEncoder and the key tables of
+                           their weight files (vgg16_key_table, res2net_key_table)
     2. Overlap and calibration metrics   jaccard, dice, nll, brier, pixel_accuracy
     3. Surface distances   hausdorff (max or percentile), assd  (MONAI's conventions)
     4. Objects             label_components, object_dice, object_hausdorff (GlaS definitions)
@@ -18,8 +20,7 @@ Part 1: networks, metrics, run bookkeeping
                            synthetic_split_sizes, fill_defaults, seed_everything, choose_device,
                            autocast, prepare_model, load_model_state, restore_architecture,
                            starting_checkpoint (--eval-only / --resume), read_state_dict +
-                           load_pretrained (ImageNet files by an explicit key table:
-                           vgg16_key_table, res2net_key_table), Run (refuses
+                           load_pretrained (ImageNet files by an explicit key table), Run (refuses
                            to overwrite a run), load_checkpoint, checkpoint_state / restore_state,
                            BestCheckpoint (last.pt / best.pt, best weights kept), check_finite, Progress (.report: the speed line), timed (batches with
                            their data wait), markdown_table, fmt_mean_se, write_results
@@ -139,17 +140,6 @@ class DoubleConv(nn.Sequential):
         super().__init__(*layers)
 
 
-def conv_bn(in_ch, out_ch, kernel=3, bias=False, batch_norm=True, relu=True, stride=1):
-    """Conv -> BN -> ReLU with named parts (".conv", ".bn"), the names that key tables
-    (vgg16_key_table, res2net_key_table) use."""
-    layers = collections.OrderedDict(conv=nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=bias))
-    if batch_norm:
-        layers["bn"] = nn.BatchNorm2d(out_ch)
-    if relu:
-        layers["relu"] = nn.ReLU(inplace=True)
-    return nn.Sequential(layers)
-
-
 class ResidualBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut: relu(F(x) + skip(x))."""
 
@@ -247,6 +237,141 @@ class UNet(nn.Module):
 
     def forward(self, x):
         return self.decode(self.encode(x))
+
+
+# ImageNet backbones (uml.py's dual backbone): VGG-16 and Res2Net-50 v1b encoders up to their fourth
+# level, built from conv_bn so that the standard weight files load by an explicit key table.
+
+def conv_bn(in_ch, out_ch, kernel=3, bias=False, batch_norm=True, relu=True, stride=1):
+    """Conv -> BN -> ReLU with named parts (".conv", ".bn"), the names the key tables below use."""
+    layers = collections.OrderedDict(conv=nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, bias=bias))
+    if batch_norm:
+        layers["bn"] = nn.BatchNorm2d(out_ch)
+    if relu:
+        layers["relu"] = nn.ReLU(inplace=True)
+    return nn.Sequential(layers)
+
+
+class VGGEncoder(nn.Module):
+    """The first four blocks of VGG-16 (2, 2, 3, 3 convs of widths w, 2w, 4w, 8w, max-pool between
+    blocks) -> f_1^c..f_4^c at H, H/2, H/4, H/8 (conv1_2, conv2_2, conv3_3, conv4_3). The fifth block
+    and the classifier are not used (UML's authors' vgg16 ends at conv4_3 too)."""
+
+    blocks = (2, 2, 3, 3)
+
+    def __init__(self, width, batch_norm=True):
+        super().__init__()
+        self.channels = [width, 2 * width, 4 * width, 8 * width]
+        stages, in_ch = [], 3
+        for i, (n_convs, ch) in enumerate(zip(self.blocks, self.channels)):
+            layers = [nn.MaxPool2d(2)] if i else []
+            for _ in range(n_convs):
+                layers.append(conv_bn(in_ch, ch, bias=True, batch_norm=batch_norm))  # torchvision: bias on
+                in_ch = ch
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x):
+        features = []
+        for stage in self.stages:
+            features.append(x := stage(x))
+        return features  # f_1^c .. f_4^c
+
+
+class Res2NetBottleneck(nn.Module):
+    """Res2Net bottleneck (Gao et al. 2019): 1x1 conv to s splits of w' channels, hierarchical 3x3
+    convs y_1 = K_1(x_1), y_i = K_i(x_i + y_{i-1}), the last split passed through (average-pooled in
+    the first block of a stage, whose convs stride and have no hierarchy), 1x1 conv, residual (v1b:
+    average-pool then 1x1 conv on the shortcut of a stage's first block)."""
+
+    expansion = 4
+
+    def __init__(self, in_ch, planes, stride=1, base_width=26, scale=4, first=False):
+        super().__init__()
+        self.split, self.first = max(1, planes * base_width // 64), first
+        out_ch = planes * self.expansion
+        self.reduce = conv_bn(in_ch, self.split * scale, 1)
+        self.convs = nn.ModuleList(conv_bn(self.split, self.split, stride=stride) for _ in range(scale - 1))
+        self.pool = nn.AvgPool2d(3, stride, 1) if first else nn.Identity()
+        self.expand = conv_bn(self.split * scale, out_ch, 1, relu=False)
+        self.shortcut = nn.Identity()
+        if first:
+            self.shortcut = nn.Sequential(collections.OrderedDict(
+                pool=nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
+                proj=conv_bn(in_ch, out_ch, 1, relu=False)))
+
+    def forward(self, x):
+        splits = torch.split(self.reduce(x), self.split, dim=1)
+        ys = []
+        for i, conv in enumerate(self.convs):
+            ys.append(conv(splits[i] if (i == 0 or self.first) else splits[i] + ys[-1]))
+        ys.append(self.pool(splits[-1]))
+        return F.relu(self.expand(torch.cat(ys, dim=1)) + self.shortcut(x))
+
+
+class Res2NetEncoder(nn.Module):
+    """Res2Net-50 v1b: deep stem (three 3x3 convs: w/2, w/2, w), max-pool, three stages of bottlenecks
+    (planes w, 2w, 4w; strides 1, 2, 2) -> f_1^s (stem, H) and f_2^s..f_4^s (4w, 8w, 16w channels at
+    H/2, H/4, H/8). The fourth stage (layer4) is not used: the four levels end at H/8 (UML authors' code)."""
+
+    def __init__(self, width, blocks=(3, 4, 6), base_width=26, scale=4):
+        super().__init__()
+        half = max(width // 2, 1)
+        self.stem = nn.Sequential(conv_bn(3, half), conv_bn(half, half), conv_bn(half, width))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.channels, stages, in_ch = [width], [], width
+        for i, (n_blocks, planes) in enumerate(zip(blocks, (width, 2 * width, 4 * width))):
+            layers = []
+            for b in range(n_blocks):
+                layers.append(Res2NetBottleneck(in_ch, planes, (1 if i == 0 else 2) if b == 0 else 1,
+                                                base_width, scale, first=b == 0))
+                in_ch = planes * Res2NetBottleneck.expansion
+            stages.append(nn.Sequential(*layers))
+            self.channels.append(in_ch)
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        features.append(self.stages[0](self.maxpool(features[0])))
+        for stage in self.stages[1:]:
+            features.append(stage(features[-1]))
+        return features  # f_1^s .. f_4^s
+
+
+# Their standard ImageNet files -> these encoders: one explicit key table per file (for load_pretrained),
+# rows (their prefix, our prefix, kind) with kind "conv", "conv+bias" or "bn".
+def vgg16_key_table(batch_norm):
+    """torchvision vgg16 / vgg16_bn `features.N` -> a VGGEncoder (stages.i.j): the ten convs of blocks 1-4 (vgg16:
+    N = 0, 2, 5, 7, 10, 12, 14, 17, 19, 21; vgg16_bn: 0, 3, 7, 10, 14, 17, 20, 24, 27, 30, BatchNorm at
+    N + 1). Returns (table, unused key prefixes): block 5 and the classifier come after f_4^c."""
+    table, index = [], 0
+    for stage, n_convs in enumerate(VGGEncoder.blocks):
+        for j in range(n_convs):
+            ours = f"stages.{stage}.{j + (stage > 0)}"  # stages 1-3 start with their max-pool
+            table.append((f"features.{index}", f"{ours}.conv", "conv+bias"))
+            if batch_norm:
+                table.append((f"features.{index + 1}", f"{ours}.bn", "bn"))
+            index += 3 if batch_norm else 2          # conv (+ bn) + relu
+        index += 1                                   # max-pool
+    return table, tuple(f"features.{n}." for n in range(index, 64)) + ("classifier.",)
+
+
+def res2net_key_table(blocks, scale=4):
+    """res2net50_v1b_26w_4s -> a Res2NetEncoder, as (their conv, their norm, our conv_bn) triples:
+    the deep stem conv1.{0,3,6} with norms conv1.{1,4} and bn1, then per block of layer1-3 conv1/bn1,
+    convs.i/bns.i, conv3/bn3 and, in a stage's first block, downsample.1/.2 (downsample.0 is the v1b
+    average pool, no weights). Unused: layer4 (after layer3 = f_4^s) and fc."""
+    triples = [("conv1.0", "conv1.1", "stem.0"), ("conv1.3", "conv1.4", "stem.1"), ("conv1.6", "bn1", "stem.2")]
+    for stage, n_blocks in enumerate(blocks):
+        for b in range(n_blocks):
+            theirs, ours = f"layer{stage + 1}.{b}", f"stages.{stage}.{b}"
+            triples += [(f"{theirs}.conv1", f"{theirs}.bn1", f"{ours}.reduce")]
+            triples += [(f"{theirs}.convs.{i}", f"{theirs}.bns.{i}", f"{ours}.convs.{i}") for i in range(scale - 1)]
+            triples += [(f"{theirs}.conv3", f"{theirs}.bn3", f"{ours}.expand")]
+            if b == 0:
+                triples += [(f"{theirs}.downsample.1", f"{theirs}.downsample.2", f"{ours}.shortcut.proj")]
+    table = [row for conv, bn, ours in triples for row in ((conv, f"{ours}.conv", "conv"), (bn, f"{ours}.bn", "bn"))]
+    return table, ("layer4.", "fc.")
 
 
 # ==================================================================================================
@@ -965,42 +1090,6 @@ def load_pretrained(module, state, table, unused, flag):
         for key, value in loaded.items():
             ours[key].copy_(value)
     return len(loaded)
-
-
-# ImageNet files -> encoders built from conv_bn (uml.py's VGGEncoder and Res2NetEncoder): one explicit
-# key table per file, rows (their prefix, our prefix, kind) with kind "conv", "conv+bias" or "bn".
-def vgg16_key_table(batch_norm, blocks=(2, 2, 3, 3)):
-    """torchvision vgg16 / vgg16_bn `features.N` -> a VGGEncoder (stages.i.j): the ten convs of blocks 1-4 (vgg16:
-    N = 0, 2, 5, 7, 10, 12, 14, 17, 19, 21; vgg16_bn: 0, 3, 7, 10, 14, 17, 20, 24, 27, 30, BatchNorm at
-    N + 1). Returns (table, unused key prefixes): block 5 and the classifier come after f_4^c."""
-    table, index = [], 0
-    for stage, n_convs in enumerate(blocks):
-        for j in range(n_convs):
-            ours = f"stages.{stage}.{j + (stage > 0)}"  # stages 1-3 start with their max-pool
-            table.append((f"features.{index}", f"{ours}.conv", "conv+bias"))
-            if batch_norm:
-                table.append((f"features.{index + 1}", f"{ours}.bn", "bn"))
-            index += 3 if batch_norm else 2          # conv (+ bn) + relu
-        index += 1                                   # max-pool
-    return table, tuple(f"features.{n}." for n in range(index, 64)) + ("classifier.",)
-
-
-def res2net_key_table(blocks, scale=4):
-    """res2net50_v1b_26w_4s -> a Res2NetEncoder, as (their conv, their norm, our conv_bn) triples:
-    the deep stem conv1.{0,3,6} with norms conv1.{1,4} and bn1, then per block of layer1-3 conv1/bn1,
-    convs.i/bns.i, conv3/bn3 and, in a stage's first block, downsample.1/.2 (downsample.0 is the v1b
-    average pool, no weights). Unused: layer4 (after layer3 = f_4^s) and fc."""
-    triples = [("conv1.0", "conv1.1", "stem.0"), ("conv1.3", "conv1.4", "stem.1"), ("conv1.6", "bn1", "stem.2")]
-    for stage, n_blocks in enumerate(blocks):
-        for b in range(n_blocks):
-            theirs, ours = f"layer{stage + 1}.{b}", f"stages.{stage}.{b}"
-            triples += [(f"{theirs}.conv1", f"{theirs}.bn1", f"{ours}.reduce")]
-            triples += [(f"{theirs}.convs.{i}", f"{theirs}.bns.{i}", f"{ours}.convs.{i}") for i in range(scale - 1)]
-            triples += [(f"{theirs}.conv3", f"{theirs}.bn3", f"{ours}.expand")]
-            if b == 0:
-                triples += [(f"{theirs}.downsample.1", f"{theirs}.downsample.2", f"{ours}.shortcut.proj")]
-    table = [row for conv, bn, ours in triples for row in ((conv, f"{ours}.conv", "conv"), (bn, f"{ours}.bn", "bn"))]
-    return table, ("layer4.", "fc.")
 
 
 def _plain(value):

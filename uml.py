@@ -1,19 +1,18 @@
 """Uncertainty-informed Mutual Learning (UML) for joint medical image classification and segmentation.
 
-Reference: K. Ren, K. Zou, X. Liu, Y. Chen, X. Yuan, X. Shen, M. Wang, H. Fu, "Uncertainty-Informed
-Mutual Learning for Joint Medical Image Classification and Segmentation", MICCAI 2023
-(../shared/papers/uml.txt). Authors' code: github.com/KarryRen/UML.
+Reference: K. Ren, K. Zou, X. Liu, Y. Chen, X. Yuan, X. Shen, M. Wang, H. Fu, "Uncertainty-Informed Mutual Learning
+for Joint Medical Image Classification and Segmentation", MICCAI 2023 (../shared/papers/uml.txt). Authors' code:
+github.com/KarryRen/UML.
 
-Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) read the image; a
-Feature Mixer (Pairwise Channel Map Interaction, PCMI) mixes them into mutual features f_i^m. Evidential deep
-learning turns outputs into Dirichlet distributions: a belief per class and one uncertainty mass, for the image
-and for every pixel. A Mutual Feature Decoder turns f^m into a first evidential mask M = alpha^s with pixel-wise
-uncertainty U^s; the Uncertainty Navigator (UN) decodes the segmentation under the guidance of M and U^s; the
-Uncertainty Instructor (UI) gates the classification features with the reliable segmentation feature r^s; the
-diagnosis is evidential too.
+Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) read the image; a Feature Mixer
+(Pairwise Channel Map Interaction, PCMI) mixes them into mutual features f_i^m. Evidential deep learning turns outputs
+into Dirichlet distributions: a belief per class and one uncertainty mass, per image and per pixel. A Mutual Feature
+Decoder turns f^m into a first evidential mask M = alpha^s with pixel-wise uncertainty U^s; the Uncertainty Navigator
+(UN) decodes the segmentation guided by M and U^s; the Uncertainty Instructor (UI) gates the classification features
+with the reliable segmentation feature r^s; the diagnosis is evidential too.
 
 Paper -> code
-    Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder; ImageNet files: common.vgg16_key_table etc.
+    Sec. 2 dual backbone ..... common.VGGEncoder, common.Res2NetEncoder; ImageNet: load_pretrained_encoders
     Sec. 2 Feature Mixer ..... PolarizedSelfAttention, PairwiseChannelMapInteraction (authors' mixer:
                                1x1 projections, c_k/s_k channel pairs, polarized self-attention, 1x1 fusion)
     Eq. 1-2 b = e/S, u = K/S . evidential_opinion
@@ -43,39 +42,37 @@ Usage
     python uml.py --eval-only --checkpoint runs/<run>/best.pt
 
 Deviations and resolved ambiguities
-    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. The VGG encoder
-      has batch norm (torchvision's vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file. The Res2Net stem's
-      first conv has stride 1 (the file's: 2), as the authors, so f_1^s is at full resolution like f_1^c;
-      pretrained batch norms are trained (the authors freeze them).
-    - The paper names VGG-16 for classification and Res2Net for segmentation; the authors' code swaps them
-      (later: Res2Net for both). We follow the paper.
-    - Dice loss = 1 - Dice (class mean, background included, sums over the batch); the authors use -log Dice.
-      The Dice of an evidential output uses alpha/S (the authors: softmax of the evidence).
-    - Eq. 8 sums the four levels as printed, so L_seg weighs 4x the authors' code's, which divides by 4 (--eq8 mean;
-      on the synthetic default over seeds 0-2 the mean left one seed without a learnt cup: README).
-    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied
-      at the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last
-      mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
-    - PCMI: the authors' channel shuffle orders the maps c0, c4, ..., s0, s4, ...; we pair c_k with s_k
-      (equivalent up to the learned 1x1 convs that follow). Their PSA omits the spatial branch's channel
-      softmax; we keep the PSA paper's.
+    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. VGG has batch norm
+      (vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file. The Res2Net stem's first conv has stride 1 (the
+      file's: 2), as the authors', so f_1^s is at full resolution like f_1^c; pretrained batch norms are trained
+      (the authors freeze them).
+    - The paper: VGG-16 classifies, Res2Net segments; the authors' code swaps them (later: Res2Net for both). We
+      follow the paper.
+    - Dice loss = 1 - Dice (class mean, background included, sums over the batch; authors: -log Dice), on alpha/S
+      for an evidential output (authors: softmax of the evidence).
+    - Eq. 8 sums the four levels as printed: L_seg weighs 4x the authors' (--eq8 mean divides by 4; on the
+      synthetic default over seeds 0-2 the mean left one seed without a learnt cup: README).
+    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied at
+      the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last mutual
+      layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
+    - PCMI pairs c_k with s_k (the authors' shuffle orders c0, c4, ..., s0, s4, ...: equivalent up to the learned
+      1x1 convs that follow); PSA keeps its paper's channel softmax in the spatial branch (the authors omit it).
     - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100).
-    - Adam 1e-4 on real data (Sec. 3), 1e-3 on the synthetic sets (from scratch, few CPU steps); the authors'
-      adjust_lr: held for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step, floor 1e-5.
+    - Adam 1e-4 on real data (Sec. 3), 1e-3 on synthetic sets (from scratch, few CPU steps); the authors' adjust_lr:
+      held for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step, floor 1e-5.
     - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net encoder-decoder,
-      evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer,
-      decoder without UN, softmax classifier and plain Dice; ECS = BCS with both outputs evidential; Table 3's
-      "+MD" rows are UML with UN and/or UI off. For softmax outputs the image-level uncertainty is 1 - max prob.
-    - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small
-      rotation/scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale and
-      clipped to [0, 1] before normalisation (authors).
-    - Real images are letterboxed into the --size canvas (the paper resizes to 256 x 256); metrics are taken
-      on the canvas with the padding ignored.
+      evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer, decoder
+      without UN, softmax classifier, plain Dice; ECS = BCS with both outputs evidential; Table 3's "+MD" rows are
+      UML with UN and/or UI off. A softmax output's image-level uncertainty is 1 - max prob.
+    - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small rotation and
+      scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale and clipped to [0, 1]
+      before normalisation (authors).
+    - Real images are letterboxed into the --size canvas (paper: resized to 256 x 256); metrics are taken on the
+      canvas, padding ignored.
 """
 import argparse
 import math
 import sys
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 
 import matplotlib.pyplot as plt
@@ -168,93 +165,7 @@ def resolve_defaults(args):
     return args
 
 
-# === Model: dual backbone (VGG-16 and Res2Net-50 v1b at --width 64) and its ImageNet weights ======
-
-class VGGEncoder(nn.Module):
-    """The first four blocks of VGG-16 (2, 2, 3, 3 convs of widths w, 2w, 4w, 8w, max-pool between
-    blocks) -> f_1^c..f_4^c at H, H/2, H/4, H/8 (conv1_2, conv2_2, conv3_3, conv4_3). The fifth block
-    and the classifier are not used (the authors' vgg16 ends at conv4_3 too)."""
-
-    blocks = (2, 2, 3, 3)
-
-    def __init__(self, width, batch_norm=True):
-        super().__init__()
-        self.channels = [width, 2 * width, 4 * width, 8 * width]
-        stages, in_ch = [], 3
-        for i, (n_convs, ch) in enumerate(zip(self.blocks, self.channels)):
-            layers = [nn.MaxPool2d(2)] if i else []
-            for _ in range(n_convs):
-                layers.append(common.conv_bn(in_ch, ch, bias=True, batch_norm=batch_norm))  # torchvision: bias on
-                in_ch = ch
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.ModuleList(stages)
-
-    def forward(self, x):
-        features = []
-        for stage in self.stages:
-            features.append(x := stage(x))
-        return features  # f_1^c .. f_4^c
-
-
-class Res2NetBottleneck(nn.Module):
-    """Res2Net bottleneck (Gao et al. 2019): 1x1 conv to s splits of w' channels, hierarchical 3x3
-    convs y_1 = K_1(x_1), y_i = K_i(x_i + y_{i-1}), the last split passed through (average-pooled in
-    the first block of a stage, whose convs stride and have no hierarchy), 1x1 conv, residual (v1b:
-    average-pool then 1x1 conv on the shortcut of a stage's first block)."""
-
-    expansion = 4
-
-    def __init__(self, in_ch, planes, stride=1, base_width=26, scale=4, first=False):
-        super().__init__()
-        self.split, self.first = max(1, planes * base_width // 64), first
-        out_ch = planes * self.expansion
-        self.reduce = common.conv_bn(in_ch, self.split * scale, 1)
-        self.convs = nn.ModuleList(common.conv_bn(self.split, self.split, stride=stride) for _ in range(scale - 1))
-        self.pool = nn.AvgPool2d(3, stride, 1) if first else nn.Identity()
-        self.expand = common.conv_bn(self.split * scale, out_ch, 1, relu=False)
-        self.shortcut = nn.Identity()
-        if first:
-            self.shortcut = nn.Sequential(OrderedDict(
-                pool=nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
-                proj=common.conv_bn(in_ch, out_ch, 1, relu=False)))
-
-    def forward(self, x):
-        splits = torch.split(self.reduce(x), self.split, dim=1)
-        ys = []
-        for i, conv in enumerate(self.convs):
-            ys.append(conv(splits[i] if (i == 0 or self.first) else splits[i] + ys[-1]))
-        ys.append(self.pool(splits[-1]))
-        return F.relu(self.expand(torch.cat(ys, dim=1)) + self.shortcut(x))
-
-
-class Res2NetEncoder(nn.Module):
-    """Res2Net-50 v1b: deep stem (three 3x3 convs: w/2, w/2, w), max-pool, three stages of bottlenecks
-    (planes w, 2w, 4w; strides 1, 2, 2) -> f_1^s (stem, H) and f_2^s..f_4^s (4w, 8w, 16w channels at
-    H/2, H/4, H/8). The fourth stage (layer4) is not used: the four levels end at H/8 (authors' code)."""
-
-    def __init__(self, width, blocks=(3, 4, 6), base_width=26, scale=4):
-        super().__init__()
-        half = max(width // 2, 1)
-        self.stem = nn.Sequential(common.conv_bn(3, half), common.conv_bn(half, half), common.conv_bn(half, width))
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.channels, stages, in_ch = [width], [], width
-        for i, (n_blocks, planes) in enumerate(zip(blocks, (width, 2 * width, 4 * width))):
-            layers = []
-            for b in range(n_blocks):
-                layers.append(Res2NetBottleneck(in_ch, planes, (1 if i == 0 else 2) if b == 0 else 1,
-                                                base_width, scale, first=b == 0))
-                in_ch = planes * Res2NetBottleneck.expansion
-            stages.append(nn.Sequential(*layers))
-            self.channels.append(in_ch)
-        self.stages = nn.ModuleList(stages)
-
-    def forward(self, x):
-        features = [self.stem(x)]
-        features.append(self.stages[0](self.maxpool(features[0])))
-        for stage in self.stages[1:]:
-            features.append(stage(features[-1]))
-        return features  # f_1^s .. f_4^s
-
+# ======= Model: dual backbone (common.VGGEncoder, common.Res2NetEncoder), ImageNet weights ========
 
 def load_pretrained_encoders(model, args):
     """--pretrained-vgg / --pretrained-res2net into whichever encoders the row has."""
@@ -467,8 +378,8 @@ class UMLNet(nn.Module):
     def __init__(self, spec, n_classes, n_seg_classes, width, res2net_blocks, base_width=26, scale=4,
                  vgg_batch_norm=True):
         super().__init__()
-        self.cls_encoder = VGGEncoder(width, vgg_batch_norm) if spec.classify else None
-        self.seg_encoder = Res2NetEncoder(width, res2net_blocks, base_width, scale) if spec.segment else None
+        self.cls_encoder = common.VGGEncoder(width, vgg_batch_norm) if spec.classify else None
+        self.seg_encoder = common.Res2NetEncoder(width, res2net_blocks, base_width, scale) if spec.segment else None
         mix_ch = [width, 2 * width, 4 * width, 8 * width]
         # f_1^m..f_3^m only feed the mutual decoder; f_4^m also the UN and the classifier
         self.mixer = nn.ModuleDict({str(i): PairwiseChannelMapInteraction(

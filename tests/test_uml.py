@@ -201,7 +201,7 @@ def test_pcmi_interleaves_channel_maps():
 
 def test_encoders_give_four_levels():
     x = torch.randn(2, 3, 32, 32)
-    vgg, res2net = uml.VGGEncoder(4), uml.Res2NetEncoder(4, (1, 2, 1))
+    vgg, res2net = common.VGGEncoder(4), common.Res2NetEncoder(4, (1, 2, 1))
     for encoder in (vgg, res2net):
         features = encoder(x)
         assert [f.shape[-1] for f in features] == [32, 16, 8, 4]
@@ -428,7 +428,7 @@ def res2net50_v1b_state():
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_vgg16_file_loads_into_the_paper_size_encoder(batch_norm):
     state = torchvision_vgg16_state(batch_norm)
-    encoder = uml.VGGEncoder(64, batch_norm).eval()
+    encoder = common.VGGEncoder(64, batch_norm).eval()
     table, unused = common.vgg16_key_table(batch_norm)
     assert common.load_pretrained(encoder, state, table, unused, "--pretrained-vgg") == (60 if batch_norm else 20)  # 10 convs: w, b (+ 4 bn)
     x = torch.randn(1, 3, 16, 16)
@@ -443,7 +443,7 @@ def test_vgg16_file_loads_into_the_paper_size_encoder(batch_norm):
 
 def test_res2net_file_loads_into_the_paper_size_encoder():
     state = res2net50_v1b_state()
-    encoder = uml.Res2NetEncoder(64, (3, 4, 6)).eval()
+    encoder = common.Res2NetEncoder(64, (3, 4, 6)).eval()
     table, unused = common.res2net_key_table((3, 4, 6))
     n = common.load_pretrained(encoder, state, table, unused, "--pretrained-res2net")
     used = [k for k in state if not k.startswith(("layer4.", "fc.")) and not k.endswith("num_batches_tracked")]
@@ -459,7 +459,7 @@ def test_res2net_file_loads_into_the_paper_size_encoder():
 
 def test_pretrained_errors_name_the_key():
     table, unused = common.res2net_key_table((3, 4, 6))
-    encoder = uml.Res2NetEncoder(64, (3, 4, 6))
+    encoder = common.Res2NetEncoder(64, (3, 4, 6))
     renamed = res2net50_v1b_state()
     renamed["layer2.0.conv.1.weight"] = renamed.pop("layer2.0.convs.1.weight")
     with pytest.raises(common.UsageError, match="'layer2.0.convs.1.weight'"):
@@ -474,7 +474,7 @@ def test_pretrained_errors_name_the_key():
         common.load_pretrained(encoder, extra, table, unused, "--pretrained-res2net")
     table, unused = common.vgg16_key_table(batch_norm=True)       # a plain vgg16 file into the bn layout
     with pytest.raises(common.UsageError, match="'features.1.weight'"):
-        common.load_pretrained(uml.VGGEncoder(64, True), torchvision_vgg16_state(False), table, unused, "--pretrained-vgg")
+        common.load_pretrained(common.VGGEncoder(64, True), torchvision_vgg16_state(False), table, unused, "--pretrained-vgg")
 
 
 @pytest.fixture(scope="module")
