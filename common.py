@@ -22,10 +22,12 @@ Part 1: networks, metrics, run bookkeeping
                            starting_checkpoint (--eval-only / --resume), read_state_dict +
                            load_pretrained (ImageNet files by an explicit key table), Run (refuses
                            to overwrite a run), load_checkpoint, checkpoint_state / restore_state,
-                           BestCheckpoint (last.pt / best.pt, best weights kept), check_finite, Progress (.report: the speed line), timed (batches with
-                           their data wait), markdown_table, fmt_mean_se, write_results
+                           BestCheckpoint (last.pt / best.pt, best weights kept), poly_lr_factor,
+                           optimizer_step, check_finite, Progress (.report: the speed line), timed
+                           (batches with their data wait), markdown_table, fmt_mean_se, write_results
     7. Figures             show_image, draw_contours, plot_uncertainty, show_with_contours,
-                           plot_bars, pick_examples, save_figure, plot_curves, plot_reliability
+                           plot_bars, blank_grid, pick_examples, save_figure, plot_curves,
+                           plot_reliability
     8. Seeds and processes run_rows, summarize_rows, fmt_over_seeds, row_metrics (tables over rows x
                            seeds); torchrun: Dist, init_distributed, finish_distributed,
                            wrap_data_parallel, shard
@@ -58,9 +60,10 @@ Part 2: data
     names, numeric sort, image and mask reading, .xlsx via zipfile); 9 the official layouts, one
     reader each (refuge, isic2017, isic-multi with Ribeiro et al.'s split lists, ph2, dermofit,
     glas, folder, ispy1); 10 `load_dataset`, the disk cache, seeded splits, `exclude` and the
-    test-overlap check, `mask_structures` (what a mask is scored on); 11 batches, augmentation and
-    normalisation on the device (`to_device`, `iterate_batches`, `augment`, `to_float`,
-    `channel_stats`, `normalize`).
+    test-overlap check, `load_splits_on_device` (a run's splits on its device), `mask_structures`
+    (what a mask is scored on); 11 batches, augmentation and normalisation on the device
+    (`to_device`, `iterate_batches`, `augment`, `to_float`, `channel_stats`, `input_statistics`,
+    `normalize`).
 """
 import argparse
 import atexit
@@ -1402,6 +1405,23 @@ class BestCheckpoint:
         return model
 
 
+def poly_lr_factor(step, total, hold, power, floor):
+    """A poly learning-rate schedule as a factor of the initial rate (for LambdaLR): 1 for the first
+    `hold` steps, then (1 - (step - hold) / (total - hold))^power, never below `floor` (UML's authors'
+    adjust_lr: hold 30 % of the steps, power 0.9, floor 1e-5 / lr)."""
+    return max(max(1 - max(step - hold, 0) / max(total - hold, 1), 0.0) ** power, floor)
+
+
+def optimizer_step(optimizer, loss, scheduler=None):
+    """One plain update: gradients cleared (set to None), `loss` back-propagated, optimiser stepped, then
+    the scheduler when it steps per batch."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
@@ -1409,7 +1429,9 @@ class NonFiniteLossError(RuntimeError):
 def check_finite(loss, step, run=None):
     """Raises NonFiniteLossError if `loss` (tensor or float) is not finite. Call it on the running mean
     at log time, not every step (it synchronises with the device). Checkpoints are written only at
-    epoch ends, so the last good one stays on disk."""
+    epoch ends, so the last good one stays on disk. None (Progress.step between its log lines) passes."""
+    if loss is None:
+        return None
     value = loss.detach().float().mean().item() if isinstance(loss, torch.Tensor) else float(loss)
     if math.isfinite(value):
         return value
@@ -1538,11 +1560,11 @@ def fmt_mean_se(mean, se, percent=False, digits=None):
     return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
 
 
-def write_results(run_dir, script, data, split, metrics, table, config, markdown, seeds=None):
+def write_results(run_dir, script, data, split, metrics, table, config, markdown, seeds=None, show=False):
     """results.json = {"script", "data", "split", "seeds", "metrics", "table", "config"} (non-finite
     numbers as null; `seeds` defaults to seed_list of the config) and results.md = `markdown`, both
     written atomically (by the writing process only, under torchrun; every process gets the results
-    dict back)."""
+    dict back). `show`: the writing process also prints the markdown and the run folder."""
     run_dir = Path(run_dir)
     config_dict = vars(config) if isinstance(config, argparse.Namespace) else dict(config or {})
     if seeds is None and ("seeds" in config_dict or "seed" in config_dict):
@@ -1556,6 +1578,8 @@ def write_results(run_dir, script, data, split, metrics, table, config, markdown
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     _atomic_write_text(run_dir / "results.md", markdown if markdown.endswith("\n") else markdown + "\n")
+    if show:
+        print(markdown + f"\nresults in {run_dir}")
     return results
 
 
@@ -1620,6 +1644,15 @@ def plot_bars(ax, names, values, colors=None, title=None, ylim=(0, 1)):
     ax.set_ylim(*ylim)
     if title:
         ax.set_title(title, fontsize=9)
+
+
+def blank_grid(n_rows, n_cols, figsize):
+    """(figure, axes [n_rows, n_cols]) with every axis switched off, so that a panel left unused stays blank."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=figsize, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return fig, axes
 
 
 def pick_examples(n_images, count, labels=None):
@@ -4233,6 +4266,28 @@ def _load_real(name, root, size, seed, cache, options):
     return data
 
 
+def load_splits_on_device(name, args, device, seed, script, one_mask=False):
+    """A run's "train", "val" and "test" splits on `device`, for a script that trains, selects on "val"
+    and tests: synthetic sets sized by --n-train/--n-val/--n-test; without a "val" split, selection on
+    "train"; a test-only set only with --eval-only; `one_mask`: one mask per image. Adds n_classes,
+    n_seg_classes, class_names and mask_names (of the training split, else the test split)."""
+    options = synthetic_split_sizes(args) if name.startswith("synthetic") else {}
+    splits = load_dataset(name, root=args.root, size=args.size, seed=seed, cache=args.cache, **options)
+    if "test" not in splits or ("train" not in splits and not args.eval_only):
+        raise UsageError(f"{name}: {script} needs a test split and, to train, a training split "
+                         f"(found {sorted(splits)}); a test-only set works with --eval-only --checkpoint")
+    if "val" not in splits and "train" in splits:
+        print("no validation split: model selection on the training split")
+        splits["val"] = splits["train"]
+    reference = splits.get("train", splits["test"])
+    if one_mask and reference["masks"].dim() != 3:
+        raise UsageError(f"{name}: {script} needs one mask per image, got {tuple(reference['masks'].shape)}")
+    data = {k: to_device(v, device) for k, v in splits.items() if k in ("train", "val", "test")}
+    data.update(n_classes=len(reference["class_names"]), n_seg_classes=len(reference["mask_names"]),
+                class_names=reference["class_names"], mask_names=reference["mask_names"])
+    return data
+
+
 def mask_structures(mask_names):
     """The structures a segmentation is scored on: {name: function of a class-index mask -> bool mask}.
     Fundus (a "cup" class): disc = rim + cup (REFUGE's disc), cup, and rim = label 1 (what the UML
@@ -4359,6 +4414,17 @@ def channel_stats(images):
     mean = total / count
     std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
     return mean.float(), std.float()
+
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def input_statistics(images, device, imagenet=False):
+    """(mean, std) per channel on `device` that a model's inputs are normalised with: ImageNet's when it
+    starts from ImageNet weights (they expect them), else those of `images` (channel_stats)."""
+    if imagenet:
+        return tuple(torch.tensor(v, device=device) for v in IMAGENET_MEAN_STD)
+    return tuple(t.to(device) for t in channel_stats(images))
 
 
 def normalize(images, mean, std):

@@ -75,7 +75,6 @@ import math
 import sys
 from dataclasses import asdict, dataclass, replace
 
-import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -91,7 +90,6 @@ SYNTHETIC_DEFAULTS = dict(size=64, epochs=40, lr=1e-3, width=8, res2net_blocks="
 QUICK_DEFAULTS = dict(size=32, epochs=1, width=4, res2net_blocks="1,1,1", n_train=16, n_val=8, n_test=8)
 ARCHITECTURE_ARGS = ("method", "mutual_decoder", "uncertainty_instructor", "uncertainty_navigator", "width",
                      "res2net_blocks", "res2net_scale", "res2net_base_width", "vgg_batch_norm", "size")
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # ========================================== Arguments =============================================
 
@@ -530,12 +528,6 @@ def model_input(images, norm, device, sigma=0.0, generator=None):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def learning_rate_factor(step, total, hold, power, floor):
-    """The authors' adjust_lr as a factor of the initial rate: 1 for the first `hold` steps, then
-    poly decay (1 - (step - hold) / (total - hold))^power, never below `floor` (1e-5 / lr)."""
-    return max(max(1 - max(step - hold, 0) / max(total - hold, 1), 0.0) ** power, floor)
-
-
 def train_row(model, row, spec, args, data, norm, run, device, names, seed, resume_state=None, dist=None):
     """Trains one row's model and returns it with the best-validation weights (under torchrun's data mode
     each rank takes its slice of every batch). `row` = (name, slug); `names` = (last, best) file names."""
@@ -544,7 +536,7 @@ def train_row(model, row, spec, args, data, norm, run, device, names, seed, resu
     n_train = data["train"]["images"].shape[0]
     drop_last = n_train >= args.batch_size
     steps = n_train // args.batch_size if drop_last else 1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(  # per batch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: common.poly_lr_factor(  # authors' adjust_lr
         step, steps * args.epochs, steps * args.lr_hold_epochs, args.lr_power, args.lr_floor / args.lr))
     start, best = 0, None
     if resume_state is not None:
@@ -566,14 +558,10 @@ def train_row(model, row, spec, args, data, norm, run, device, names, seed, resu
             with common.autocast(device, args.amp):
                 out = model(model_input(batch["images"], norm, device))
             loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, args, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            common.optimizer_step(optimizer, loss, scheduler)                  # the rate decays per batch
             sums += torch.cat([loss.detach()[None], parts.detach()])
-            mean = progress.step(loss, images=batch["images"].shape[0], wait_s=wait)
-            if mean is not None:
-                common.check_finite(mean, f"{slug} epoch {epoch} step {progress.steps}", run)
+            running = progress.step(loss, images=batch["images"].shape[0], wait_s=wait)  # None between log lines
+            common.check_finite(running, f"{slug} epoch {epoch} step {progress.steps}", run)
         epoch_means = (sums / steps).tolist()                # one host sync per epoch
         common.check_finite(epoch_means[0], f"{slug} epoch {epoch}", run)
         val_metrics, _ = evaluate(model, data["val"], spec, data, norm, args, device, seed=seed, surface=False)
@@ -732,9 +720,7 @@ def figure_fig3(model, split, spec, data, norm, args, device, path):
     picks = common.pick_examples(split["images"].shape[0], args.figure_images, labels)
     subset = {k: (v[picks] if torch.is_tensor(v) else v) for k, v in split.items()}
     identity = (torch.zeros_like(norm[0]), torch.ones_like(norm[1]))
-    fig, axes = plt.subplots(2 * len(picks), 4, figsize=(13, 6.2 * len(picks)), squeeze=False)
-    for ax in axes.flat:                                                     # panels a row lacks stay blank
-        ax.set_axis_off()
+    fig, axes = common.blank_grid(2 * len(picks), 4, figsize=(13, 6.2 * len(picks)))  # panels a row lacks stay blank
     for j, sigma in enumerate((0.0, max(args.sigmas))):
         pred = forward_split(model, subset, spec, norm, args, device, sigma, args.seed)
         generator = torch.Generator(device=device).manual_seed(args.seed + 7919 + int(round(sigma * 1e4)))
@@ -760,22 +746,8 @@ def figure_fig3(model, split, spec, data, norm, args, device, path):
 # ============================================= main ===============================================
 
 def load_data(args, device, seed):
-    options = common.synthetic_split_sizes(args) if args.dataset.startswith("synthetic") else {}
-    splits = common.load_dataset(args.dataset, root=args.root, size=args.size, seed=seed, cache=args.cache, **options)
-    if "test" not in splits or ("train" not in splits and not args.eval_only):
-        raise common.UsageError(f"{args.dataset}: uml.py needs a test split and, to train, a training split "
-                                f"(found {sorted(splits)}); a test-only set works with --eval-only --checkpoint")
-    if "val" not in splits and "train" in splits:
-        print("no validation split: model selection on the training split")
-        splits["val"] = splits["train"]
-    reference = splits.get("train", splits["test"])
-    if reference["masks"].dim() != 3:
-        raise common.UsageError(f"{args.dataset}: uml.py needs one mask per image, "
-                                f"got {tuple(reference['masks'].shape)}")
-    data = {k: common.to_device(v, device) for k, v in splits.items() if k in ("train", "val", "test")}
-    data.update(n_classes=len(reference["class_names"]), n_seg_classes=len(reference["mask_names"]),
-                class_names=reference["class_names"], mask_names=reference["mask_names"],
-                structures=common.mask_structures(reference["mask_names"]))
+    data = common.load_splits_on_device(args.dataset, args, device, seed, "uml.py", one_mask=True)
+    data["structures"] = common.mask_structures(data["mask_names"])
     return data
 
 
@@ -832,10 +804,9 @@ def main(argv=None):
         if args.eval_only:
             norm = tuple(t.float().to(device) for t in checkpoint["normalization"])
             common.load_model_state(model, checkpoint["model"])
-        else:  # ImageNet weights expect the ImageNet statistics; otherwise the training images'
-            imagenet = args.pretrained_vgg or args.pretrained_res2net
-            norm = tuple(torch.tensor(v, device=device) for v in IMAGENET_MEAN_STD) if imagenet else tuple(
-                t.to(device) for t in common.channel_stats(data["train"]["images"]))
+        else:
+            norm = common.input_statistics(data["train"]["images"], device,
+                                           imagenet=args.pretrained_vgg or args.pretrained_res2net)
             load_pretrained_encoders(model, args)
         model = common.prepare_model(model, device, args.compile, dist)
         if not args.eval_only:  # files: last.pt / best.pt (main row), <row>-best.pt, <row>-seed<k>-best.pt
@@ -860,9 +831,7 @@ def main(argv=None):
     markdown = results_markdown(table, args)
     main_row_means = common.row_metrics(next(r for r in summary if r["row"] == main_name))  # the run's metrics
     metrics = {k: v for k, v in main_row_means.items() if "/" not in k}                      # on clean inputs
-    common.write_results(run.dir, SCRIPT, args.dataset, "test", metrics, table, args, markdown)
-    if run.is_main:
-        print(markdown + f"\nresults in {run.dir}")
+    common.write_results(run.dir, SCRIPT, args.dataset, "test", metrics, table, args, markdown, show=True)
     return run.dir
 
 

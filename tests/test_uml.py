@@ -106,11 +106,11 @@ def test_kl_is_zero_when_alpha_tilde_is_one():
 
 def test_learning_rate_is_held_then_decays_to_the_floor():
     # 100 steps, held for 30 (the authors' 30 of 100 epochs), power 0.9, floor 1e-5 / 1e-4
-    assert uml.learning_rate_factor(0, 100, 30, 0.9, 0.1) == 1.0
-    assert uml.learning_rate_factor(30, 100, 30, 0.9, 0.1) == 1.0
-    assert uml.learning_rate_factor(65, 100, 30, 0.9, 0.1) == pytest.approx(0.5 ** 0.9)
-    assert uml.learning_rate_factor(99, 100, 30, 0.9, 0.1) == 0.1            # floored
-    assert uml.learning_rate_factor(50, 100, 0, 1.0, 0.0) == pytest.approx(0.5)
+    assert common.poly_lr_factor(0, 100, 30, 0.9, 0.1) == 1.0
+    assert common.poly_lr_factor(30, 100, 30, 0.9, 0.1) == 1.0
+    assert common.poly_lr_factor(65, 100, 30, 0.9, 0.1) == pytest.approx(0.5 ** 0.9)
+    assert common.poly_lr_factor(99, 100, 30, 0.9, 0.1) == 0.1            # floored
+    assert common.poly_lr_factor(50, 100, 0, 1.0, 0.0) == pytest.approx(0.5)
 
 
 def test_annealing_coefficient():
