@@ -1,8 +1,12 @@
 """Shared pieces of the four paper scripts: networks, metrics, run bookkeeping and data.
 
 Everything here is used by at least two of `ensemble_annotators.py`, `uncertainty_multiloss.py`,
-`joint_unet.py` and `uml.py`; anything specific to one paper (its model, losses, fusion rule)
-stays in its script. Run-time dependencies: the standard library, torch, numpy, PIL, matplotlib.
+`joint_unet.py` and `uml.py`, with two kinds of exceptions: a dataset's reader and split glue serve
+the scripts that read that dataset, and the published ImageNet backbones (VGG-16, Res2Net-50 v1b and
+their weight files' key tables) live here although only uml.py composes them, because they are
+standard networks, not UML's contribution, like UNet. Anything specific to one paper (its model,
+losses, fusion rule) stays in its script. Run-time dependencies: the standard library, torch, numpy,
+PIL, matplotlib.
 
 Part 1: networks, metrics, run bookkeeping
     1. Networks            DoubleConv, ResidualBlock, Down, Up, center_crop, UNet; ImageNet

@@ -366,9 +366,7 @@ def train_step(model, optimizer, batch, args, batch_c=None):
         weights, loss_u = spatial_weight_maps(model, batch["x"], batch["y"], batch_c["x"], batch_c["y"],
                                               args.lr, args.mc_samples)
         loss = (weights * loss_u).sum()  # -sum_q W_q Y_q log Y_q (sampled), W sums to 1 over the batch
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    common.optimizer_step(optimizer, loss)
     return loss.detach()
 
 
@@ -752,9 +750,7 @@ def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
                                common.normalize(clean["images"][:args.clean_batch_size], mean, std),
                                clean["masks"][:args.clean_batch_size], args)
     reference = y_u[slot_trusted_by[model_index]]
-    fig, axes = plt.subplots(4, n_models + 1, figsize=(2.2 * (n_models + 1), 9.2))
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes = common.blank_grid(4, n_models + 1, figsize=(2.2 * (n_models + 1), 9.2))
     common.show_image(axes[0, 0], train["images"][n])
     axes[0, 0].set_title("training image")
     for i in range(n_models):

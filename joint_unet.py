@@ -553,9 +553,7 @@ def train(model, net, evaluated, data, args, task, geometry, mean, std, device, 
             wait = time.perf_counter() - tick
             with common.autocast(device, args.amp):
                 losses = training_step(model, x, batch["masks"], batch["labels"], task, alpha, weights, geometry)
-            optimizer.zero_grad(set_to_none=True)
-            losses[0].backward()
-            optimizer.step()
+            common.optimizer_step(optimizer, losses[0])
             totals += torch.stack(losses).detach()
             running = progress.step(loss=losses[0], images=x.shape[0], wait_s=wait)  # syncs every --log-every
             if running is not None:

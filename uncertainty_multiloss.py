@@ -470,9 +470,7 @@ def train(model, optimizer, generator, data, stats, config, args, run, tag, dist
             if dist.mode == "data":  # DDP needs every parameter in the graph, unused heads included
                 total = total + 0.0 * (class_logits.float().sum() + pixel_logits.float().sum()
                                        + sum(net.log_sigma2.values()))
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            common.optimizer_step(optimizer, total)
             sums += torch.stack([total.detach()] + [terms[k].detach() for k in active])
             steps += 1
             shown = progress.step(loss=total.detach(), images=x.shape[0], wait_s=wait)  # syncs only when it prints
