@@ -2602,8 +2602,8 @@ def _synthetic_lesions(n, size, gen, annotators=False, shift=False, annotator_ge
     Jaccard 0.60, mean Jaccard of an annotation with the truth 0.70; 30 % of the lesions touch
     the frame. Separability: the Bayes rule on the drawn features is right for about 83 % of
     images (the majority class alone: 68.6 %); the images hide part of that. What the scripts reach
-    on it (defaults, mean ± SE over seeds 0-2, README): joint_unet's segmentation JAC 87.8 ± 0.9 %
-    against the truth and classification BACC 53.0 ± 3.7 % (chance 33 %); ensemble_annotators' rows
+    on it (defaults, mean ± SE over seeds 0-2, README): joint_unet's segmentation JAC 87.9 ± 0.6 %
+    against the truth and classification BACC 51.8 ± 5.0 % (chance 33 %); ensemble_annotators' rows
     50-60 % in domain, the consensus-trained ones (MV, STAPLE) 6-8 points below the fusions.
     shift=True (test_shift): other skin tone and white balance, lesions 1.25x larger, no
     dermoscope frame, fewer hairs, more blur and noise (a stand-in for PH2 / DermoFit).
