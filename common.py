@@ -70,7 +70,7 @@ Part 2: data
     `normalize`).
 """
 import argparse
-import atexit
+import shutil
 import collections
 import contextlib
 import csv
@@ -88,6 +88,7 @@ import re
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 import zipfile
@@ -379,6 +380,55 @@ def res2net_key_table(blocks, scale=4):
                 triples += [(f"{theirs}.downsample.1", f"{theirs}.downsample.2", f"{ours}.shortcut.proj")]
     table = [row for conv, bn, ours in triples for row in ((conv, f"{ours}.conv", "conv"), (bn, f"{ours}.bn", "bn"))]
     return table, ("layer4.", "fc.")
+
+
+def read_state_dict(path, flag):
+    """The tensors of a weights file (e.g. ImageNet weights; a {"state_dict": ...} wrapper is opened),
+    read with weights_only=True; UsageError naming `flag` when it is missing or not a state dict."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # missing, corrupt, or not a plain tensor file
+        raise UsageError(f"{flag} {path}: cannot read it as a PyTorch state dict ({error})") from error
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UsageError(f"{flag} {path}: not a state dict of tensors")
+    return state
+
+
+# The tensors behind one row of a key table, by the kind of layer the row names
+KEY_TABLE_TENSORS = {"conv": ("weight",), "conv+bias": ("weight", "bias"),
+                     "bn": ("weight", "bias", "running_mean", "running_var")}
+
+
+def load_pretrained(module, state, table, unused, flag):
+    """Copies a weights file's tensors into `module` by an explicit key table: rows (their prefix, our
+    prefix, kind in KEY_TABLE_TENSORS). Every table key must be in the file with our shape, every file
+    key in the table or under an `unused` prefix, and every tensor of `module` covered (batch norm
+    step counters aside): anything else is an error naming the key, never a partial load. Returns
+    the number of tensors copied."""
+    ours, loaded = module.state_dict(), {}
+    for theirs_prefix, ours_prefix, kind in table:
+        for name in KEY_TABLE_TENSORS[kind]:
+            theirs, target = f"{theirs_prefix}.{name}", f"{ours_prefix}.{name}"
+            if theirs not in state:
+                raise UsageError(f"{flag}: the file has no key {theirs!r} (expected for {target})")
+            if state[theirs].shape != ours[target].shape:
+                raise UsageError(f"{flag}: {theirs!r} has shape {tuple(state[theirs].shape)}, "
+                                 f"{target} needs {tuple(ours[target].shape)}")
+            loaded[target] = state[theirs]
+    used = {f"{t}.{n}" for t, _, kind in table for n in KEY_TABLE_TENSORS[kind]}
+    extra = [k for k in state if k not in used and not k.startswith(tuple(unused))
+             and not k.endswith("num_batches_tracked")]
+    if extra:
+        raise UsageError(f"{flag}: the file's key {extra[0]!r} ({len(extra)} unexpected in all) has no place in "
+                         "the model: not the expected file, or a layout option (e.g. batch norm) that does not fit it")
+    uncovered = [k for k in ours if k not in loaded and not k.endswith("num_batches_tracked")]
+    if uncovered:  # a table missing one of our tensors is a bug in the table, not a user error
+        raise RuntimeError(f"key table misses {uncovered[:3]}")
+    with torch.no_grad():
+        for key, value in loaded.items():
+            ours[key].copy_(value)
+    return len(loaded)
 
 
 # ==================================================================================================
@@ -827,768 +877,7 @@ def finite_mean(values):
 
 
 # ==================================================================================================
-# 6. Run bookkeeping
-# ==================================================================================================
-
-
-class UsageError(Exception):
-    """A bad flag or input a user can fix (raised by scripts instead of SystemExit("...")); `cli`
-    prints its message and exits with code 2."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable (corrupt, truncated) or written by another script."""
-
-
-def _expected_errors():
-    # DatasetError lives in Part 2 (data), defined further down this file
-    return (UsageError, CheckpointError, NonFiniteLossError, DatasetError)
-
-
-def cli(main, argv=None):
-    """Runs `main(argv)` as a command: an expected error (UsageError, DatasetError, NonFiniteLossError,
-    CheckpointError) prints one message `<script>: error: ...` on stderr and exits with code 2, without
-    a traceback unless --debug is on the command line or COMMON_DEBUG=1 is set. Any other exception
-    keeps its traceback (it is a bug). After an expected error, a run folder the command had just
-    started and written nothing into but config.json is removed again (`_remove_empty_runs`), so the
-    corrected command can use the same --out. Every script ends with
-    `if __name__ == "__main__": common.cli(main)`."""
-    words = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in words or os.environ.get("COMMON_DEBUG", "") not in ("", "0")
-    _NEW_RUNS.clear()  # only the folders this command starts
-    try:
-        main(argv) if argv is not None else main()
-        finish_distributed(wait=True)
-    except _expected_errors() as error:
-        _remove_empty_runs()
-        if debug:
-            raise
-        print(f"{Path(sys.argv[0]).name or 'python'}: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        finish_distributed(wait=False)
-
-
-def add_common_args(parser, *, size, epochs, batch_size, lr, data="synthetic", data_choices=None):
-    """Adds the shared flags of DESIGN.md (same names and meaning in every script)."""
-    g = parser.add_argument_group("shared options")
-    g.add_argument("--data", default=data, choices=data_choices,
-                   help=f"dataset: the embedded synthetic benchmark or an official layout (default {data})")
-    g.add_argument("--root", default=None, help="dataset folder (real datasets only)")
-    g.add_argument("--size", type=int, default=size, help=f"image side in pixels (default {size})")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
-    g.add_argument("--batch-size", type=int, default=batch_size, help=f"batch size (default {batch_size})")
-    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto takes CUDA when present (default auto)")
-    g.add_argument("--out", default=None, help="run folder (default runs/<script>-<data>-<time>)")
-    g.add_argument("--quick", action="store_true", help="tiny smoke run of every code path")
-    g.add_argument("--resume", default=None, metavar="PATH", help="continue training from a last.pt")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
-    g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint for --eval-only or --predict")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (no effect on CPU; default on)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--cache", default=".cache", metavar="DIR", help="preprocessing cache (default .cache)")
-    g.add_argument("--log-every", type=int, default=20, metavar="N",
-                   help="steps between progress lines and loss checks (default 20)")
-    g.add_argument("--seeds", type=_seeds_flag, default=None, metavar="0,1,2",
-                   help="train and evaluate every row once per seed; tables give mean ± standard error "
-                        "over seeds (default: only --seed)")
-    for split, what in (("train", "training"), ("val", "validation"), ("test", "test")):
-        g.add_argument(f"--n-{split}", type=int, default=None, metavar="N",
-                       help=f"synthetic data only: number of {what} images (default: the generator's)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="reuse an --out folder that already holds a run, replacing its files")
-    g.add_argument("--predict", default=None, metavar="PATH",
-                   help="predict an image file or a folder of images with --checkpoint (writes masks, "
-                        "overlays, uncertainty maps and predictions.csv)")
-    g.add_argument("--recursive", action="store_true", help="--predict: also read the folder's sub-folders")
-    g.add_argument("--parallel", choices=["rows", "data"], default=None,
-                   help="under torchrun: share out rows x seeds across processes (rows) or train one model "
-                        "data-parallel (data); default rows when the run has several rows or seeds, else data")
-    g.add_argument("--debug", action="store_true", help="show the Python traceback of expected errors too")
-    return parser
-
-
-def _seeds_flag(text):
-    """argparse type of --seeds: '0,1,2' -> [0, 1, 2] (distinct integers)."""
-    try:
-        seeds = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, e.g. 0,1,2, not {text!r}")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers, e.g. 0,1,2, not {text!r}")
-    return seeds
-
-
-def seed_list(args):
-    """The seeds a run trains each row with: --seeds when given, else [--seed]."""
-    seeds = getattr(args, "seeds", None)
-    if seeds is None:
-        seed = getattr(args, "seed", 0)
-        return [] if seed is None else [int(seed)]
-    return _seeds_flag(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
-
-
-def synthetic_split_sizes(args):
-    """load_dataset's split-size options from --n-train/--n-val/--n-test (those given): for the
-    synthetic benchmarks only (a real dataset has its own splits)."""
-    return {k: getattr(args, k) for k in ("n_train", "n_val", "n_test") if getattr(args, k, None) is not None}
-
-
-def fill_defaults(args, *tables):
-    """Sets every argument that is still None to its value in the first of `tables` (dicts) that has
-    it: defaults that depend on the data or on --quick, e.g. fill_defaults(args, QUICK, SYNTHETIC)."""
-    for table in tables:
-        for key, value in table.items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
-    return args
-
-
-def seed_everything(seed):
-    """Seeds python's random, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def choose_device(name="auto"):
-    """'auto' -> CUDA when available, else CPU; 'cuda' without CUDA is an error, not a silent CPU run."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} was asked for, but this torch ({torch.__version__}) sees no "
-                         "CUDA device; use --device cpu or auto, or install a CUDA build of torch")
-    dist = _DIST["dist"]
-    if device.type == "cuda" and device.index is None and dist is not None and dist.world_size > 1:
-        device = torch.device("cuda", dist.local_rank)  # torchrun: one GPU per process
-    return device
-
-
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA when enabled; a no-op context elsewhere (CPU runs stay in float32)."""
-    device = torch.device(device)
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def prepare_model(model, device, compile=False, dist=None):
-    """Moves the model to the device, channels_last on CUDA, DistributedDataParallel when `dist` is in
-    data mode (wrap_data_parallel), torch.compile when asked (around DDP, as torch recommends)."""
-    device = torch.device(device)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if dist is not None:
-        model = wrap_data_parallel(model, dist)
-    if compile:
-        model = torch.compile(model)
-    return model
-
-
-def _unwrap(model):
-    """The plain module inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-
-
-def load_model_state(model, state_dict, strict=True):
-    """Loads `state_dict` into `model` whether either side is plain, torch.compile'd (keys prefixed
-    `_orig_mod.`) or wrapped in DistributedDataParallel (`module.`), in any combination: the prefixes
-    are stripped from the saved keys and the weights loaded into the plain module inside `model`."""
-    def plain_key(key):
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        return key
-    return _unwrap(model).load_state_dict({plain_key(k): v for k, v in state_dict.items()}, strict=strict)
-
-
-def restore_architecture(args, checkpoint, keys):
-    """Copies the argument names `keys` from checkpoint["args"] onto `args`, so --eval-only, --predict,
-    --transfer and --resume rebuild the network the checkpoint was trained with. Prints each value
-    that differs from the command line's; returns {key: (command line value, checkpoint value)}."""
-    saved = checkpoint.get("args") or {}
-    changed = {}
-    for key in keys:
-        if key not in saved:
-            continue
-        current = getattr(args, key, None)
-        if _plain(current) != saved[key]:
-            changed[key] = (current, saved[key])
-            print(f"--{key.replace('_', '-')}: using the checkpoint's {saved[key]!r} (command line: {current!r})")
-        setattr(args, key, saved[key])
-    return changed
-
-
-def starting_checkpoint(args, script, device="cpu", keys=()):
-    """The checkpoint a run starts from: --checkpoint with --eval-only (required there), --resume to
-    continue training, else None. Its architecture arguments `keys` are copied onto `args`
-    (restore_architecture), and --resume without --out keeps writing into the interrupted run's folder."""
-    if getattr(args, "eval_only", False) and not args.checkpoint:
-        raise UsageError("--eval-only needs --checkpoint PATH")
-    if getattr(args, "resume", None) and args.out is None:
-        args.out = str(Path(args.resume).parent)  # its best.pt and log.jsonl go on
-    path = args.checkpoint if getattr(args, "eval_only", False) else getattr(args, "resume", None)
-    if not path:
-        return None
-    checkpoint = load_checkpoint(path, script, device)
-    restore_architecture(args, checkpoint, keys)
-    return checkpoint
-
-
-def read_state_dict(path, flag):
-    """The tensors of a weights file (e.g. ImageNet weights; a {"state_dict": ...} wrapper is opened),
-    read with weights_only=True; UsageError naming `flag` when it is missing or not a state dict."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # missing, corrupt, or not a plain tensor file
-        raise UsageError(f"{flag} {path}: cannot read it as a PyTorch state dict ({error})") from error
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UsageError(f"{flag} {path}: not a state dict of tensors")
-    return state
-
-
-# The tensors behind one row of a key table, by the kind of layer the row names
-KEY_TABLE_TENSORS = {"conv": ("weight",), "conv+bias": ("weight", "bias"),
-                     "bn": ("weight", "bias", "running_mean", "running_var")}
-
-
-def load_pretrained(module, state, table, unused, flag):
-    """Copies a weights file's tensors into `module` by an explicit key table: rows (their prefix, our
-    prefix, kind in KEY_TABLE_TENSORS). Every table key must be in the file with our shape, every file
-    key in the table or under an `unused` prefix, and every tensor of `module` covered (batch norm
-    step counters aside): anything else is an error naming the key, never a partial load. Returns
-    the number of tensors copied."""
-    ours, loaded = module.state_dict(), {}
-    for theirs_prefix, ours_prefix, kind in table:
-        for name in KEY_TABLE_TENSORS[kind]:
-            theirs, target = f"{theirs_prefix}.{name}", f"{ours_prefix}.{name}"
-            if theirs not in state:
-                raise UsageError(f"{flag}: the file has no key {theirs!r} (expected for {target})")
-            if state[theirs].shape != ours[target].shape:
-                raise UsageError(f"{flag}: {theirs!r} has shape {tuple(state[theirs].shape)}, "
-                                 f"{target} needs {tuple(ours[target].shape)}")
-            loaded[target] = state[theirs]
-    used = {f"{t}.{n}" for t, _, kind in table for n in KEY_TABLE_TENSORS[kind]}
-    extra = [k for k in state if k not in used and not k.startswith(tuple(unused))
-             and not k.endswith("num_batches_tracked")]
-    if extra:
-        raise UsageError(f"{flag}: the file's key {extra[0]!r} ({len(extra)} unexpected in all) has no place in "
-                         "the model: not the expected file, or a layout option (e.g. batch norm) that does not fit it")
-    uncovered = [k for k in ours if k not in loaded and not k.endswith("num_batches_tracked")]
-    if uncovered:  # a table missing one of our tensors is a bug in the table, not a user error
-        raise RuntimeError(f"key table misses {uncovered[:3]}")
-    with torch.no_grad():
-        for key, value in loaded.items():
-            ours[key].copy_(value)
-    return len(loaded)
-
-
-def _plain(value):
-    """JSON-able and weights_only-loadable version of an argument value."""
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
-
-
-def _json_ready(value):
-    """Like _plain, but non-finite floats become None so the file is strict JSON."""
-    value = _plain(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    return value
-
-
-def _atomic_write_text(path, text):
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _append_line(path, line):
-    """Appends `line` to `path` with one write() on an O_APPEND descriptor: the kernel moves to the
-    end and writes in one step, so lines appended by several processes at once never interleave."""
-    data = line.encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, data)
-        if written != len(data):  # regular files on local disks never write short; say so if one did
-            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
-    finally:
-        os.close(fd)
-
-
-def _git_commit():
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=5)
-        return result.stdout.strip() or None if result.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _script_name(script):
-    return Path(str(script)).name.removesuffix(".py")
-
-
-_RUN_FILES = ("config.json", "results.json", "results.md", "log.jsonl")  # with *.pt: what a run writes
-
-
-_NEW_RUNS = []  # run folders this process started (see _remove_empty_runs)
-
-
-def _remove_empty_runs():
-    """After an expected error (a wrong --root, say): for each run folder this process started in which
-    the run wrote nothing but its config.json (no log line, result, checkpoint or figure), removes that
-    config.json, the empty figures/ and the folder if it is then empty, so that the same command,
-    corrected, is not refused for an --out that "already holds a run". Other files stay."""
-    for folder in _NEW_RUNS:
-        if not (folder / "config.json").is_file():
-            continue
-        written = [p for p in folder.iterdir() if p.name in _RUN_FILES[1:] or p.suffix == ".pt"]
-        figures = folder / "figures"
-        if written or (figures.is_dir() and any(figures.iterdir())):
-            continue
-        (folder / "config.json").unlink()
-        if figures.is_dir():
-            figures.rmdir()
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    _NEW_RUNS.clear()
-
-
-def _holds_run(folder):
-    folder = Path(folder)
-    return folder.is_dir() and (any((folder / n).exists() for n in _RUN_FILES[:2]) or any(folder.glob("*.pt")))
-
-
-class Run:
-    """A run folder: config.json, log.jsonl, checkpoints, results and figures/.
-
-    Run(args, script) creates args.out (default runs/<script>-<data>-<YYYYmmdd-HHMMSS>, then stored
-    back in args.out) and writes config.json with all arguments, library versions, the device, the
-    git commit of the code when there is one and the number of processes (`world_size`).
-
-    A folder that already holds a run (config.json, results.json or a *.pt) is refused, so nothing a
-    user has is lost, unless `args.resume` is a checkpoint inside it (the run continues: files are
-    appended to or replaced as training goes on) or `args.overwrite` is set (config.json, log.jsonl,
-    results.* and *.pt of the old run are deleted first).
-
-    Under torchrun (section 8) only the writing process writes files. `is_main` is asked anew at
-    every call (it is not fixed when the Run is made): True for rank 0, and, in rows mode, while a
-    job of `run_rows` runs, for the rank running that job -- so a job on rank 1 writes its own
-    checkpoints and log lines into the run folder made by rank 0 (or into its own sub-run folder).
-    Rank 0 writes what belongs to the whole run: config.json (here), and, after run_rows returns,
-    results, figures and the per-job "job" log records. `save`, `log`, `write_results`,
-    `save_figure` and `plot_curves` do nothing on a process that does not write; in data mode `save`
-    waits for rank 0 to finish writing, so every rank can read the checkpoint after it (call `save`
-    on every process, not under `if run.is_main`).
-
-    Jobs on different ranks share log.jsonl: each record is one os.write() of the whole line on a
-    descriptor opened with O_APPEND, which local file systems (ext4, xfs, tmpfs, ...) apply as one
-    append, so lines never interleave (processes on several machines appending to one file over NFS
-    are not covered: give such runs a local --out). A record logged inside a run_rows job gets the
-    job's "seed" when it has none, so two seeds of one row stay apart in the log. Files of different
-    jobs in one folder need different names: include the seed (see `current_job`).
-    """
-
-    def __init__(self, args, script, device=None):
-        self.script = _script_name(script)
-        collective = _collective()
-        if getattr(args, "out", None) is None:
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            if collective:  # every process must agree on the folder: take rank 0's clock
-                stamp = _broadcast(stamp)
-            args.out = str(Path("runs") / f"{self.script}-{getattr(args, 'data', 'data')}-{stamp}")
-        self.dir = Path(args.out)
-        self.figures = self.dir / "figures"
-        overwrite = self._check_free(args)
-        if collective:
-            _barrier()  # every rank has checked the folder before rank 0 writes into it
-        device = torch.device(device) if device is not None else choose_device(getattr(args, "device", "auto"))
-        dist = _DIST["dist"]
-        config = {
-            "script": self.script,
-            "args": _json_ready(vars(args)),
-            "device": str(device),
-            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available()
-                            else platform.processor() or platform.machine()),
-            "world_size": dist.world_size if dist is not None else 1,
-            "parallel": dist.mode if dist is not None else "single",
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "numpy": np.__version__, "matplotlib": matplotlib.__version__},
-            "git_commit": _git_commit(),
-            "command": " ".join(sys.argv),
-            "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        }
-        if self.is_main:
-            if overwrite:
-                for old in [self.dir / n for n in _RUN_FILES] + list(self.dir.glob("*.pt")):
-                    old.unlink(missing_ok=True)
-            if not _holds_run(self.dir):  # a new run: cli removes it again if it fails before writing anything
-                _NEW_RUNS.append(self.dir)
-            self.figures.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.dir / "config.json", json.dumps(config, indent=2) + "\n")
-        if collective:
-            _barrier()  # the folder exists (and --overwrite has cleared it) before any rank's job writes
-
-    @property
-    def is_main(self):
-        """Whether this process writes files now (see the class docstring): rank 0, or the rank that
-        runs the current run_rows job in rows mode; always True without torchrun."""
-        return _writes_files()
-
-    def _check_free(self, args):
-        """Raises UsageError when the folder holds a run that this one is not meant to continue or
-        replace; returns True when --overwrite will replace it."""
-        if not _holds_run(self.dir):
-            return False
-        resume = getattr(args, "resume", None)
-        if resume and Path(resume).resolve().parent == self.dir.resolve():
-            return False
-        if getattr(args, "overwrite", False):
-            return True
-        raise UsageError(f"--out {self.dir} already holds a run (config.json, results or checkpoints); "
-                         f"pass --resume {self.dir / 'last.pt'} to continue it, --overwrite to replace it, "
-                         "or another --out")
-
-    def path(self, name):
-        return self.dir / name
-
-    def log(self, record):
-        """Appends one JSON line (the record plus a unix time; inside a run_rows job also the job's
-        "seed" when the record has none) to log.jsonl, as one O_APPEND write (see the class docstring)."""
-        if not self.is_main:
-            return
-        job = current_job()
-        if job is not None and "seed" not in record:
-            record = {**record, "seed": job.seed}
-        line = json.dumps(_json_ready({**record, "time": round(time.time(), 3)}), allow_nan=False) + "\n"
-        _append_line(self.dir / "log.jsonl", line)
-
-    def save(self, name, state):
-        """Atomic torch.save of `state` (plus "script") to <dir>/<name>: a temporary file, then a rename,
-        so an interrupted write never leaves a truncated checkpoint."""
-        path = self.dir / name
-        if self.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({**state, "script": self.script}, tmp)
-            os.replace(tmp, path)
-        if _collective():
-            _barrier()  # data mode: the other ranks may read the file once this returns
-        return path
-
-
-def load_checkpoint(path, script, map_location="cpu"):
-    """torch.load(weights_only=True) of a checkpoint written by Run.save; CheckpointError for a
-    missing, unreadable (corrupt or truncated) file or another script's checkpoint."""
-    path, script = Path(path), _script_name(script)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (expected a last.pt or best.pt in a "
-                              f"run folder of {script}.py)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # corrupt file, or objects a plain checkpoint never holds
-        raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {error}") from error
-    if not isinstance(state, dict) or "script" not in state:
-        raise CheckpointError(f"{path} is not a checkpoint written by this project's scripts")
-    if state["script"] != script:
-        raise CheckpointError(f"{path} is a checkpoint of {state['script']}.py, not of {script}.py: "
-                              f"pass a checkpoint written by {script}.py")
-    return state
-
-
-def _rng_state():
-    """RNG states as tensors and plain lists so they load with weights_only=True."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": [version, list(internal), gauss_next]}
-
-
-def _set_rng_state(rng):
-    torch.set_rng_state(rng["torch"].cpu())
-    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-    npst = rng["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].cpu().numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
-    version, internal, gauss_next = rng["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def checkpoint_state(model, optimizer, scheduler, epoch, best, args, rng=True, generator=None):
-    """What a checkpoint holds: weights, optimiser and scheduler states, `epoch` = number of epochs
-    completed, the best validation metric, the arguments as plain types, the RNG states and, when
-    given, the state of the torch.Generator that shuffles batches."""
-    state = {"model": _unwrap(model).state_dict(),
-             "optimizer": optimizer.state_dict() if optimizer is not None else None,
-             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "epoch": int(epoch),
-             "best": _plain(best),
-             "args": _plain(vars(args) if isinstance(args, argparse.Namespace) else dict(args or {}))}
-    if rng:
-        state["rng"] = _rng_state()
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
-
-
-def restore_state(state, model, optimizer=None, scheduler=None, generator=None):
-    """Loads what checkpoint_state saved into the given objects (the model through load_model_state,
-    so plain, compiled and DDP models all load); returns (epoch, best)."""
-    load_model_state(model, state["model"])
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if "rng" in state:
-        _set_rng_state(state["rng"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"].cpu())
-    return state["epoch"], state.get("best")
-
-
-class BestCheckpoint:
-    """The epoch-end checkpoints of one training run in `run` (a Run): `save(state, score)` writes
-    `last` every epoch and `best` when `score` beats the best so far (higher is better; `best_score`
-    continues a resumed run), keeping the best weights in memory as well, so that `load_best(model)`
-    needs no file another process may still be writing (torchrun rows mode); after a resume that
-    trained no further epoch it reads them from `best`."""
-
-    def __init__(self, run, last="last.pt", best="best.pt", best_score=None):
-        self.run, self.last, self.best = run, last, best
-        self.best_score = -math.inf if best_score is None else best_score
-        self.best_weights = None
-
-    def save(self, state, score):
-        if score > self.best_score:
-            self.best_score = score
-            self.best_weights = {k: v.detach().clone() for k, v in state["model"].items()}
-            self.run.save(self.best, state)
-        self.run.save(self.last, state)
-
-    def load_best(self, model, device="cpu"):
-        weights = self.best_weights
-        if weights is None:
-            weights = load_checkpoint(self.run.path(self.best), self.run.script, device)["model"]
-        load_model_state(model, weights)
-        return model
-
-
-def poly_lr_factor(step, total, hold, power, floor):
-    """A poly learning-rate schedule as a factor of the initial rate (for LambdaLR): 1 for the first
-    `hold` steps, then (1 - (step - hold) / (total - hold))^power, never below `floor` (UML's authors'
-    adjust_lr: hold 30 % of the steps, power 0.9, floor 1e-5 / lr)."""
-    return max(max(1 - max(step - hold, 0) / max(total - hold, 1), 0.0) ** power, floor)
-
-
-def optimizer_step(optimizer, loss, scheduler=None):
-    """One plain update: gradients cleared (set to None), `loss` back-propagated, optimiser stepped, then
-    the scheduler when it steps per batch."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step."""
-
-
-def check_finite(loss, step, run=None):
-    """Raises NonFiniteLossError if `loss` (tensor or float) is not finite. Call it on the running mean
-    at log time, not every step (it synchronises with the device). Checkpoints are written only at
-    epoch ends, so the last good one stays on disk. None (Progress.step between its log lines) passes."""
-    if loss is None:
-        return None
-    value = loss.detach().float().mean().item() if isinstance(loss, torch.Tensor) else float(loss)
-    if math.isfinite(value):
-        return value
-    where = "no checkpoint was written yet"
-    if run is not None:
-        run.log({"event": "non_finite_loss", "step": str(step), "loss": str(value)})
-        if run.path("last.pt").exists():
-            where = f"the last good checkpoint is {run.path('last.pt')}"
-    raise NonFiniteLossError(f"loss is {value} at step {step}; stopping ({where}). "
-                             "Try a lower --lr or check the data.")
-
-
-class Progress:
-    """A progress line every `every` steps (and at the last), at most one per `min_interval` seconds:
-
-        epoch 3 step 120/400 loss 0.4312 img/s 812.5 data-wait 3% eta 2:41
-
-    `.step(loss, images, wait_s)` takes the step's loss as a tensor (summed on the device, read once per
-    printed line, so there is no host sync per step), the number of images and the seconds spent waiting
-    for the batch. It returns the mean loss since the last line when it printed (for check_finite),
-    else None (also None when no loss was given). A skipped line keeps summing, so a NaN is never lost:
-    with one Progress per epoch (`total_steps` = steps per epoch) the last step always prints, so the
-    epoch's loss is checked before its checkpoint is written. `total_steps` is what the ETA counts to.
-    """
-
-    def __init__(self, total_steps, every=20, epoch=None, min_interval=1.0, file=None):
-        self.total, self.every, self.epoch, self.min_interval = total_steps, max(1, every), epoch, min_interval
-        self.file = file or sys.stdout
-        self.steps = self.images = 0
-        self.wait = 0.0
-        self.start = self.last_print = time.perf_counter()
-        self._loss_sum, self._loss_n = None, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def step(self, loss=None, images=0, wait_s=0.0):
-        self.steps += 1
-        self.images += images
-        self.wait += wait_s
-        if loss is not None:
-            loss = loss.detach().float() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._loss_n += 1
-        now = time.perf_counter()
-        due = self.steps % self.every == 0 and now - self.last_print >= self.min_interval
-        if not (due or self.steps == self.total):
-            return None
-        mean = None
-        if self._loss_n:
-            mean = self._loss_sum.item() / self._loss_n  # the one host sync of this window
-            self._loss_sum, self._loss_n = None, 0
-        elapsed = max(now - self.start, 1e-9)
-        eta = elapsed / self.steps * max(self.total - self.steps, 0)
-        parts = [f"epoch {self.epoch}" if self.epoch is not None else None,
-                 f"step {self.steps}/{self.total}",
-                 f"loss {mean:.4f}" if mean is not None else None,
-                 f"img/s {self.images / elapsed:.1f}",
-                 f"data-wait {100 * self.wait / elapsed:.0f}%",
-                 f"eta {int(eta // 60)}:{int(eta % 60):02d}"]
-        print(" ".join(p for p in parts if p), file=self.file, flush=True)
-        self.last_print = now
-        return mean
-
-    def summary(self):
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"images_per_s": self.images / elapsed, "data_wait_share": self.wait / elapsed,
-                "steps": self.steps, "seconds": elapsed}
-
-    def report(self, label, run=None, **record):
-        """Prints `[label] N img/s, data wait P%` and logs {"event": "speed", **record, **summary} to
-        `run` (a Run) when given; returns the summary."""
-        speed = self.summary()
-        if run is not None:
-            run.log({**record, "event": "speed", **speed})
-        print(f"[{label}] {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}% "
-              "(step time spent waiting for batches)", flush=True)
-        return speed
-
-
-def timed(batches):
-    """Yields (batch, seconds spent waiting for it) from an iterable of batches: the time inside its
-    next() (slicing, augmentation, whatever the generator does), not the caller's step; the data
-    wait that Progress.step takes."""
-    batches = iter(batches)
-    while True:
-        tick = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:
-            return
-        yield batch, time.perf_counter() - tick
-
-
-def _format_cell(value, fmt):
-    if value is None:
-        return "–"
-    if callable(fmt):
-        return fmt(value)
-    if fmt is not None:
-        return fmt.format(value)
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else ("inf" if math.isinf(value) else f"{value:.4g}")
-    return str(value)
-
-
-def markdown_table(rows, columns, formats=None, title=None):
-    """Markdown table of `rows` (dicts) in the order of `columns`; `formats` maps a column to a format
-    string ("{:.1f}") or a function. Missing cells are "–"."""
-    formats = formats or {}
-    lines = [f"### {title}", ""] if title else []
-    lines.append("| " + " | ".join(columns) + " |")
-    lines.append("|" + "|".join("---" for _ in columns) + "|")
-    for row in rows:
-        lines.append("| " + " | ".join(_format_cell(row.get(c), formats.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def fmt_mean_se(mean, se, percent=False, digits=None):
-    """'82.1 ± 0.4'. percent multiplies by 100 (1 decimal); otherwise `digits` decimals, by default 1
-    from 10 up, 2 from 1 up, 3 below."""
-    if mean is None or not math.isfinite(mean):
-        return "n/a"
-    scale = 100.0 if percent else 1.0
-    if digits is None:
-        digits = 1 if percent or abs(mean) >= 10 else (2 if abs(mean) >= 1 else 3)
-    return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
-
-
-def write_results(run_dir, script, data, split, metrics, table, config, markdown, seeds=None, show=False):
-    """results.json = {"script", "data", "split", "seeds", "metrics", "table", "config"} (non-finite
-    numbers as null; `seeds` defaults to seed_list of the config) and results.md = `markdown`, both
-    written atomically (by the writing process only, under torchrun; every process gets the results
-    dict back). `show`: the writing process also prints the markdown and the run folder."""
-    run_dir = Path(run_dir)
-    config_dict = vars(config) if isinstance(config, argparse.Namespace) else dict(config or {})
-    if seeds is None and ("seeds" in config_dict or "seed" in config_dict):
-        seeds = seed_list(argparse.Namespace(**config_dict))
-    results = {"script": _script_name(script), "data": data, "split": split, "seeds": _plain(seeds),
-               "metrics": {str(k): _json_ready(v) for k, v in metrics.items()},
-               "table": [_json_ready(row) for row in table],
-               "config": _json_ready(config_dict)}
-    if not _writes_files():
-        return results
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(run_dir / "results.md", markdown if markdown.endswith("\n") else markdown + "\n")
-    if show:
-        print(markdown + f"\nresults in {run_dir}")
-    return results
-
-
-# ==================================================================================================
-# 7. Figures (matplotlib, Agg backend; PNG files)
+# 6. Figures: the drawing pieces of the scripts' paper figures (matplotlib, Agg backend)
 # ==================================================================================================
 
 
@@ -1666,35 +955,6 @@ def pick_examples(n_images, count, labels=None):
     return list(dict.fromkeys(first + list(range(n_images))))[:count]
 
 
-def save_figure(fig, path):
-    """Saves a PNG (folders created) and closes the figure."""
-    import matplotlib.pyplot as plt
-    path = Path(path)
-    if _writes_files():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def plot_curves(log_path, keys, out_png):
-    """One panel per key of log.jsonl against the epoch (records without the key are skipped)."""
-    import matplotlib.pyplot as plt
-    if not _writes_files():  # under torchrun only the writing process draws
-        return Path(out_png)
-    records = [json.loads(line) for line in Path(log_path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(r["epoch"], r[key]) for r in records if "epoch" in r and r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), marker=".")
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, out_png)
-
-
 def plot_reliability(confidence, correct, out_png, n_bins=10):
     """Reliability diagram: accuracy per confidence bin against the diagonal, with the ECE."""
     import matplotlib.pyplot as plt
@@ -1713,328 +973,821 @@ def plot_reliability(confidence, correct, out_png, n_bins=10):
     return save_figure(fig, out_png)
 
 
-# ==================================================================================================
-# 8. Seeds and processes: the table runner over rows x seeds, and torchrun
+# ================================================================================================
+# Part 2: the run kit
 #
-#    A table is a list of jobs (row name, seed); run_rows trains and evaluates each one and
-#    summarize_rows turns the per-seed metrics into means and standard errors over seeds.
-#    Under `torchrun --nproc_per_node N script.py ...` (torch.distributed.run; env RANK, WORLD_SIZE,
-#    LOCAL_RANK) a run works in one of two modes, chosen by init_distributed:
-#      rows: whole jobs are shared out (job i -> rank i % N); each rank trains its jobs alone (no
-#            collective inside a job) and the per-seed results are gathered to every rank, so a
-#            table equals the single-process table (same seeds, same thread count);
-#      data: one model trained data-parallel: DistributedDataParallel (gradients averaged over
-#            ranks), every rank taking its slice of each device-resident batch (shard).
-#    The rule: `--parallel rows|data` when given; otherwise rows when the run has more than one job
-#    (rows x seeds, `n_jobs`), data when it has one. Python objects (results, the run folder's name)
-#    travel over gloo: the default group on CPU, a separate gloo group next to NCCL on GPUs, so
-#    nothing is pickled into CUDA memory. One process writes each file (see Run): rank 0 the run's
-#    own files, and in rows mode the rank running a job that job's checkpoints and log lines.
-# ==================================================================================================
+#    A command is one run folder; a run is a list of jobs (table row x seed), each with its own
+#    sub-folder <out>/<row>-seed<seed>/ holding last.pt, best.pt and, once it finished, result.json.
+#    The script writes its training step itself; this part gives it the rest:
+#
+#        args = common.parse_args(parser, SCRIPT, argv, resolve)  # every flag checked; --resume DIR
+#        run = common.open_run(args, SCRIPT, n_jobs)              # the folder, exclusively; torchrun
+#        table = common.run_jobs(run, jobs, train_and_test)       # None on torchrun ranks > 0
+#          inside a job:  start, best = common.resume(job, model, optimizer, scheduler)
+#                         best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler)
+#                         common.load_best(job, model)
+#        common.write_results(run, metrics, table, markdown)
+#
+#    torchrun: `open_run` joins the process group and picks a mode: "rows" (job i on rank i % N)
+#    when the run has several jobs, "data" (one model, DistributedDataParallel, each rank a slice of
+#    every batch: `prepare_model`, `shard`) when it has one, or as --parallel says. `run_jobs`,
+#    `prepare_model` and `shard` are the only code that knows about ranks.
+# ================================================================================================
+
+# --------------------------------------------------------------------------------------------------
+# 7. Errors and the command line
+# --------------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A bad flag or input a user can fix: `cli` prints it on one line and exits with code 2."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that is missing, unreadable (corrupt, truncated) or written by another script."""
+
+
+class NonFiniteLossError(UsageError):
+    """The loss, or a learned quantity, is no longer finite; the message names the epoch and step."""
+
+
+_NEW_RUN = {}  # the run folder this process created: {"dir", "created"} (see _forget_empty_run)
+
+
+def cli(main, argv=None):
+    """Runs `main(argv)` as a command: an expected error (UsageError and its kinds, DatasetError)
+    prints `<script>: error: ...` and exits with code 2, without a traceback unless --debug is
+    given or COMMON_DEBUG=1 is set; a run folder in which nothing but config.json was written is
+    removed again, so that the corrected command can use the same --out. Any other exception keeps
+    its traceback (it is a bug)."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in words or os.environ.get("COMMON_DEBUG", "") not in ("", "0")
+    try:
+        main(argv) if argv is not None else main()
+        _leave_torchrun(wait=True)
+    except (UsageError, DatasetError) as error:
+        _forget_empty_run()
+        if debug:
+            raise
+        print(f"{Path(sys.argv[0]).name or 'python'}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        _leave_torchrun(wait=False)
+
+
+def checked(kind, low=None, above=None, high=None):
+    """argparse type: a finite `kind` (int or float) >= low, > above, <= high; anything else is an
+    argparse error (one line, exit 2) saying what was expected."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, not {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+        for fails, what in ((low is not None and value < low, f">= {low}"), (above is not None and value <= above,
+                            f"> {above}"), (high is not None and value > high, f"<= {high}")):
+            if fails:
+                raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, NONNEGATIVE_INT = checked(int, low=1), checked(int, low=0)
+POSITIVE, NONNEGATIVE = checked(float, above=0), checked(float, low=0)
+
+
+def _seeds_flag(text):
+    """argparse type of --seeds: '0,1,2' -> [0, 1, 2] (distinct integers >= 0)."""
+    try:
+        seeds = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        seeds = None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0 such as 0,1,2, not {text!r}")
+    return seeds
+
+
+def add_common_args(parser, *, size, epochs, batch_size, lr, data="synthetic", data_choices=None):
+    """Adds the shared flags of DESIGN.md (same names and meaning in every script), each checked."""
+    g = parser.add_argument_group("shared options")
+    add = g.add_argument
+    add("--data", default=data, choices=data_choices, help=f"the synthetic benchmark or a dataset (default {data})")
+    add("--root", help="dataset folder (real datasets only)")
+    add("--size", type=checked(int, low=8), default=size, help=f"image side in pixels (default {size})")
+    add("--epochs", type=POSITIVE_INT, default=epochs, help=f"training epochs (default {epochs})")
+    add("--batch-size", type=POSITIVE_INT, default=batch_size, help=f"batch size (default {batch_size})")
+    add("--lr", type=POSITIVE, default=lr, help=f"learning rate (default {lr})")
+    add("--seed", type=NONNEGATIVE_INT, default=0, help="random seed (default 0)")
+    add("--seeds", type=_seeds_flag, metavar="0,1,2",
+        help="train and test every row once per seed; tables give mean ± standard error over seeds")
+    for split, what in (("train", "training"), ("val", "validation"), ("test", "test")):
+        add(f"--n-{split}", type=POSITIVE_INT, metavar="N", help=f"synthetic data: number of {what} images")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto takes CUDA when present")
+    add("--out", help="run folder, new or empty (default runs/<script>-<data>-<time>)")
+    add("--resume", metavar="DIR", help="continue the run in DIR (or the run of a checkpoint inside it)")
+    add("--quick", action="store_true", help="tiny smoke run of every code path")
+    add("--eval-only", action="store_true", help="test --checkpoint without training")
+    add("--checkpoint", metavar="PATH", help="a best.pt for --eval-only or --predict")
+    add("--predict", metavar="PATH", help="an image or a folder of images to segment with --checkpoint")
+    add("--recursive", action="store_true", help="--predict: also read sub-folders")
+    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (default on)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--cache", default=".cache", metavar="DIR", help="preprocessing cache (default .cache)")
+    add("--log-every", type=POSITIVE_INT, default=20, metavar="N", help="steps between progress lines")
+    add("--parallel", choices=["rows", "data"], help="torchrun: share out the jobs (rows) or split each batch "
+        "(data); default rows when the run has several jobs")
+    add("--debug", action="store_true", help="show the traceback of expected errors too")
+    return parser
+
+
+_MAY_CHANGE_ON_RESUME = {"device", "log_every", "epochs", "debug", "resume", "out"}
+
+
+def parse_args(parser, script, argv=None, resolve=None):
+    """argv -> args, every flag checked by its type, then `resolve(args)` (the script's defaults that
+    depend on the data or --quick, and its checks across flags). With --resume DIR (or a checkpoint
+    inside DIR) the arguments are those of DIR/config.json: a flag given beside it that differs from
+    them is refused, naming it, except --device, --log-every and a larger --epochs."""
+    parser.allow_abbrev = False  # a flag is known by its full name (see `given`)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.resume is None:
+        if args.eval_only and not args.checkpoint or args.predict and not args.checkpoint:
+            raise UsageError(f"--{'predict' if args.predict else 'eval-only'} needs --checkpoint PATH "
+                             f"(a best.pt written by {script}.py)")
+        return resolve(args) if resolve else args
+    if args.eval_only or args.predict:
+        raise UsageError("--resume continues training; it cannot be combined with --eval-only or --predict")
+    folder, config = _run_of(args.resume, script)
+    options = parser._option_string_actions
+    given = {options[w.split("=", 1)[0]].dest for w in argv if w.split("=", 1)[0] in options}
+    saved = config["args"]
+    differ = sorted(d for d in given - _MAY_CHANGE_ON_RESUME if _plain(getattr(args, d)) != saved.get(d))
+    if "out" in given and Path(args.out).resolve() != folder.resolve():
+        differ.append("out")
+    if "epochs" in given and args.epochs < saved["epochs"]:
+        differ.append("epochs (it may only grow)")
+    if differ:
+        raise UsageError(f"--resume {args.resume}: " + ", ".join(f"--{d.replace('_', '-')}" for d in differ)
+                         + " differ from the run's config.json; drop them to continue the run as it was started")
+    resumed = argparse.Namespace(**{**vars(args), **saved})
+    for key in given & {"device", "log_every", "epochs", "debug"}:
+        setattr(resumed, key, getattr(args, key))
+    resumed.resume = resumed.out = str(folder)
+    return resumed
+
+
+def _run_of(path, script):
+    """(run folder, its config.json) of --resume PATH: the folder itself or one holding the checkpoint."""
+    path = Path(path)
+    for folder in [path] + list(path.parents)[:2]:
+        if (folder / "config.json").is_file():
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            if config.get("script") != script:
+                raise UsageError(f"--resume {path}: a run of {config.get('script')}.py, not of {script}.py")
+            return folder, config
+    raise UsageError(f"--resume {path}: no config.json there or above; expected a run folder written by {script}.py")
+
+
+def restore_architecture(args, checkpoint, keys):
+    """Copies the argument names `keys` from checkpoint["args"] onto `args`, so that --eval-only and
+    --predict rebuild the network the checkpoint was trained with; prints each value that changes."""
+    saved = checkpoint.get("args") or {}
+    for key in (k for k in keys if k in saved):
+        if _plain(getattr(args, key, None)) != saved[key]:
+            print(f"--{key.replace('_', '-')}: using the checkpoint's {saved[key]!r} (command line: "
+                  f"{getattr(args, key, None)!r})")
+        setattr(args, key, saved[key])
+    return args
+
+
+def fill_defaults(args, *tables):
+    """Sets every argument that is still None to its value in the first of `tables` that has it."""
+    for table in tables:
+        for key, value in table.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    return args
+
+
+def seed_list(args):
+    """The seeds every row is trained with: --seeds when given, else [--seed]."""
+    return list(args.seeds) if getattr(args, "seeds", None) else [int(getattr(args, "seed", 0))]
+
+
+def synthetic_split_sizes(args):
+    """load_dataset's split sizes from --n-train/--n-val/--n-test (the synthetic benchmarks only)."""
+    return {k: getattr(args, k) for k in ("n_train", "n_val", "n_test") if getattr(args, k, None) is not None}
+
+
+def seed_everything(seed):
+    """Seeds python's random, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def choose_device(name="auto", local_rank=0):
+    """'auto' -> CUDA when available, else CPU; 'cuda' without CUDA is an error, not a silent CPU run."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda was asked for, but this torch ({torch.__version__}) sees no CUDA "
+                         "device; use --device cpu or auto, or install a CUDA build of torch")
+    cuda = name != "cpu" and torch.cuda.is_available()
+    return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA when enabled; a no-op context elsewhere (CPU runs stay in float32)."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _plain(value):
+    """JSON-able, weights_only-loadable form of a value: tensors and numpy numbers become Python ones."""
+    if torch.is_tensor(value):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _json_ready(value):
+    """_plain with NaN and infinities as None (results.json, log.jsonl are strict JSON)."""
+    value = _plain(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return value
+
+
+def _atomic_write_text(path, text):
+    """A temporary file unique to this process, then a rename: never half a file, never another's."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _append_line(path, line):
+    """One write() on an O_APPEND descriptor: lines of several processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. The run folder, jobs and torchrun
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Dist:
-    """Where this process stands: `rank` of `world_size` processes, `local_rank` its GPU on its machine
-    (LOCAL_RANK, modulo the number of GPUs in rows mode), `mode` "single" (no torchrun), "rows" or "data"; `group` is the gloo group used for Python
-    objects and barriers (None: the default group)."""
+    """This process under torchrun: `rank` of `world_size`, its GPU `local_rank`, `mode` "single",
+    "rows" or "data", and the gloo `group` used for Python objects (None: the default group)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     mode: str = "single"
-    backend: str = None
     group: object = None
 
+
+@dataclasses.dataclass
+class Run:
+    """A run folder: config.json, log.jsonl, figures/, results.json/.md and one sub-folder per job."""
+    dir: Path
+    script: str
+    args: argparse.Namespace
+    device: torch.device
+    dist: Dist
+
     @property
-    def is_main(self):
-        return self.rank == 0
+    def figures(self):
+        return self.dir / "figures"
 
 
-_DIST = {"dist": None, "in_job": False, "job": None}  # the process's Dist; the run_rows job running
+@dataclasses.dataclass
+class Job:
+    """One table row x seed. `dir` holds its last.pt, best.pt and result.json; `log` appends a line
+    (with its row and seed) to the run's log.jsonl. (On data-parallel ranks > 0, `dir` and the log
+    are a private scratch copy: the run's own files are written by rank 0 only.)"""
+    row: str
+    seed: int
+    index: int
+    run: Run
+    dir: Path
+    log_file: Path
+
+    @property
+    def name(self):
+        return f"{re.sub(r'[^A-Za-z0-9.+=-]+', '_', str(self.row))}-seed{self.seed}"
+
+    def log(self, **record):
+        line = {"row": str(self.row), "seed": self.seed, **record, "time": round(time.time(), 3)}
+        _append_line(self.log_file, json.dumps(_json_ready(line), allow_nan=False) + "\n")
 
 
-Job = collections.namedtuple("Job", ["row", "seed", "index"])
-Job.__doc__ = """The run_rows job running in this process: its row name, its seed and its index in the job list."""
+def open_run(args, script, n_jobs=1):
+    """The run folder of `args`: with --resume the existing one; otherwise --out (default
+    runs/<script>-<data>-<time>), which must not exist or be empty and is claimed exclusively
+    (config.json created with O_EXCL: two runs never share a folder). Joins torchrun first when
+    WORLD_SIZE > 1 (see the part's header); config.json records the arguments, versions, device,
+    git commit and processes. Nothing that was in the folder is ever deleted or replaced."""
+    dist = _join_torchrun(args, n_jobs)
+    device = choose_device(args.device, dist.local_rank)
+    folder = Path(args.out) if args.out else Path("runs") / (
+        f"{script}-{args.data}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if not args.resume and dist.rank == 0:
+        _claim(folder, {"script": script, "args": _json_ready(vars(args)), "device": str(device),
+                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine(),
+                        "world_size": dist.world_size, "parallel": dist.mode,
+                        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                     "numpy": np.__version__, "matplotlib": matplotlib.__version__},
+                        "git_commit": _git_commit(), "command": " ".join(sys.argv),
+                        "started": datetime.datetime.now().isoformat(timespec="seconds")})
+    if dist.world_size > 1:
+        folder = Path(_broadcast(str(folder), dist))  # rank 0's name (its clock), once it exists
+    args.out = str(folder)
+    return Run(folder, script, args, device, dist)
 
 
-def current_job():
-    """The run_rows job this process is running now, as Job(row, seed, index), or None outside
-    run_rows (in a run_rows nested inside a job: the inner job). Jobs of several seeds (and, under
-    torchrun rows mode, of several ranks at once) write into one run folder, so a file a job writes
-    there must carry its seed as well as its row, e.g.
+def _new_folder(folder, hint=""):
+    """Creates `folder`, or takes it when it exists empty; True when it was created."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file; name a new or empty folder")
+    try:
+        folder.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        if any(folder.iterdir()):
+            raise UsageError(f"--out {folder} is not empty; choose another --out or remove that folder{hint}")
+        return False
+    except OSError as error:
+        raise UsageError(f"--out {folder}: cannot create it ({error.strerror})")
 
-        job = common.current_job()
-        run.save(f"{job.row}-seed{job.seed}-best.pt", state)
 
-    (or each job makes its own sub-run folder, e.g. <out>/<row>-seed<seed>)."""
-    return _DIST["job"]
+def _claim(folder, config):
+    created = _new_folder(folder, " (to continue the run there, pass --resume instead)")
+    try:
+        fd = os.open(folder / "config.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise UsageError(f"--out {folder} was just taken by another run; choose another --out")
+    except OSError as error:
+        raise UsageError(f"--out {folder}: cannot write there ({error.strerror})")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2) + "\n")
+    (folder / "figures").mkdir()
+    _NEW_RUN.update(dir=folder, created=created)
 
 
-def init_distributed(args, n_jobs=None):
-    """Joins the torchrun process group when WORLD_SIZE > 1 (NCCL with one GPU per process when the
-    run uses CUDA, gloo on CPU) and picks the mode (see the rule above; `n_jobs` defaults to the
-    number of seeds). Without torchrun returns Dist() (mode "single"). Call it once, first in main."""
+def _forget_empty_run():
+    """After an expected error: a run folder this process created holding only config.json and empty
+    folders loses them again (the user's own files never: `_claim` took an empty folder only)."""
+    folder = _NEW_RUN.pop("dir", None)
+    if folder is None or any(p.is_file() and p.name != "config.json" for p in folder.rglob("*")):
+        return
+    (folder / "config.json").unlink(missing_ok=True)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        sub.rmdir()
+    if _NEW_RUN.pop("created"):
+        folder.rmdir()
+
+
+def _git_commit():
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=5)
+        return done.stdout.strip() or None if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_jobs(run, jobs, train_and_test):
+    """Runs every job (row, seed) of a table: `train_and_test(job)` returns a flat dict of numbers
+    (and strings), kept in the job's result.json. A job whose result.json exists (finished before a
+    --resume) is not run again; the others start with every generator seeded with the job's seed.
+    torchrun rows mode: job i on rank i % N; data mode: every rank runs every job. Returns the table
+    of `summarize_rows` on the process that writes the run's files (rank 0), None on the others."""
+    dist, n = run.dist, len(jobs)
+    jobs = [Job(row, int(seed), i, run, None, run.dir / "log.jsonl") for i, (row, seed) in enumerate(jobs)]
+    failure = None
+    for job in jobs:
+        job.dir = run.dir / job.name
+        if (dist.mode == "rows" and job.index % dist.world_size != dist.rank) or (job.dir / "result.json").exists():
+            continue
+        if dist.mode == "data" and dist.rank > 0:  # same steps as rank 0; its files go to a scratch copy
+            scratch = Path(tempfile.mkdtemp(prefix=f"{run.script}-rank{dist.rank}-"))
+            if job.dir.is_dir():
+                shutil.copytree(job.dir, scratch / job.name)
+            job.dir, job.log_file = scratch / job.name, scratch / "log.jsonl"
+        print(f"[job {job.index + 1}/{n}] {job.row}, seed {job.seed}" + (f", rank {dist.rank}" * (dist.mode == "rows")))
+        seed_everything(job.seed)
+        started = time.perf_counter()
+        try:
+            result = _plain(dict(train_and_test(job)))
+        except Exception as error:  # rows mode: tell the other ranks before stopping
+            if dist.mode != "rows":
+                raise
+            failure = (error, f"rank {dist.rank}, {job.row} seed {job.seed}: {error}")
+            break
+        if dist.rank == 0 or dist.mode == "rows":
+            job.dir.mkdir(exist_ok=True)
+            record = {"row": str(job.row), "seed": job.seed, "rank": dist.rank if dist.mode == "rows" else
+                      ("all" if dist.mode == "data" else 0), "seconds": round(time.perf_counter() - started, 1),
+                      "metrics": result}
+            _atomic_write_text(job.dir / "result.json", json.dumps(record, indent=1) + "\n")
+    if dist.world_size > 1:  # also the barrier after which rank 0 reads every job's result
+        import torch.distributed as td
+        failures = [None] * dist.world_size
+        td.all_gather_object(failures, failure and failure[1], group=dist.group)
+        if failure:
+            raise failure[0]
+        if any(failures):
+            raise UsageError(f"another process failed ({next(f for f in failures if f)})")
+        if dist.rank > 0:
+            return None
+    per_row = {}
+    for job in jobs:
+        done = json.loads((job.dir / "result.json").read_text(encoding="utf-8"))
+        per_row.setdefault(job.row, []).append({**done["metrics"], "seed": job.seed, "rank": done["rank"]})
+    return summarize_rows(per_row)
+
+
+def job_folder(run, row, seed):
+    """The folder of the job (row, seed) of `run`, e.g. to load another row's best.pt."""
+    return run.dir / Job(row, seed, -1, run, None, None).name
+
+
+def _join_torchrun(args, n_jobs):
+    """Joins the torchrun process group when WORLD_SIZE > 1 (NCCL with one GPU per process on CUDA,
+    gloo on CPU) and picks the mode; Dist() without torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        _DIST["dist"] = Dist()
-        return _DIST["dist"]
+        return Dist()
     import torch.distributed as td
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    wanted = getattr(args, "device", "auto")
-    if wanted == "cuda" and not torch.cuda.is_available():
-        choose_device(wanted)  # raises the UsageError
-    cuda = wanted != "cpu" and torch.cuda.is_available()
-    n_jobs = len(seed_list(args)) if n_jobs is None else int(n_jobs)
-    mode = getattr(args, "parallel", None) or ("rows" if n_jobs > 1 else "data")
-    if mode not in ("rows", "data"):
-        raise UsageError(f"--parallel must be rows or data, not {mode!r}")
+    cuda = choose_device(args.device).type == "cuda"
+    mode = args.parallel or ("rows" if n_jobs > 1 else "data")
     if cuda:
-        # rows mode may put several processes on one GPU; NCCL (data mode) needs one GPU per process
-        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if mode == "data" and per_machine > torch.cuda.device_count():
-            raise UsageError(f"--parallel data needs one GPU per process: {per_machine} processes, "
-                             f"{torch.cuda.device_count()} GPUs (lower --nproc_per_node, or use rows mode)")
-        local_rank %= torch.cuda.device_count()
+        if mode == "data" and int(os.environ.get("LOCAL_WORLD_SIZE", world)) > torch.cuda.device_count():
+            raise UsageError("--parallel data needs one GPU per process: lower --nproc_per_node, or use rows")
+        local_rank %= torch.cuda.device_count()  # rows mode may share a GPU between processes
         torch.cuda.set_device(local_rank)
-    backend = "nccl" if cuda else "gloo"
     if not td.is_initialized():
-        td.init_process_group(backend=backend)
-        atexit.register(lambda: td.is_initialized() and td.destroy_process_group())
-    group = td.new_group(backend="gloo") if backend == "nccl" else None
-    dist = Dist(rank, world, local_rank, mode, backend, group)
-    _DIST["dist"] = dist
-    if dist.is_main:
-        what = (f"{n_jobs} jobs (rows x seeds) shared out" if mode == "rows"
-                else "one model data-parallel, each batch split across processes")
-        print(f"torchrun: {world} processes ({backend}), mode {mode}: {what}", flush=True)
-        if mode == "rows" and n_jobs < world:
-            print(f"torchrun: only {n_jobs} jobs for {world} processes; {world - n_jobs} will wait", flush=True)
+        td.init_process_group(backend="nccl" if cuda else "gloo")
+    dist = Dist(rank, world, local_rank, mode, td.new_group(backend="gloo") if cuda else None)
+    if rank == 0:
+        print(f"torchrun: {world} processes, mode {mode}: " + (f"{n_jobs} jobs shared out" if mode == "rows"
+              else "one model, each batch split across processes"), flush=True)
     return dist
 
 
-def finish_distributed(wait):
-    """Leaves the torchrun process group while the interpreter is fully alive (`common.cli` calls it
-    when main returns). `wait`: first a barrier, so that no process tears down its gloo connections
-    while another one is still writing results (a process that left early could abort at exit with
-    "terminate called without an active exception"). No-op without torchrun."""
+def _leave_torchrun(wait):
+    """Leaves the process group while the interpreter is whole (after a barrier when `wait`)."""
     import torch.distributed as td
-    if not (td.is_available() and td.is_initialized()):
-        return
-    try:
-        if wait:
-            _barrier()
-    finally:
-        td.destroy_process_group()
+    if td.is_available() and td.is_initialized():
+        try:
+            if wait:
+                td.barrier()
+        finally:
+            td.destroy_process_group()
 
 
-def _dist():
-    return _DIST["dist"] or Dist()
-
-
-def _collective():
-    """True when every process runs this code together (data mode, or outside a rows-mode job)."""
-    dist = _dist()
-    return dist.world_size > 1 and not (dist.mode == "rows" and _DIST["in_job"])
-
-
-def _writes_files():
-    """The process that writes run files: rank 0, or in rows mode the rank running the current job."""
-    dist = _dist()
-    return dist.world_size == 1 or dist.is_main or (dist.mode == "rows" and _DIST["in_job"])
-
-
-def _barrier():
-    import torch.distributed as td
-    td.barrier(group=_dist().group)
-
-
-def _broadcast(obj):
-    """Rank 0's `obj` on every process."""
+def _broadcast(obj, dist):
     import torch.distributed as td
     box = [obj]
-    td.broadcast_object_list(box, src=0, group=_dist().group)
+    td.broadcast_object_list(box, src=0, group=dist.group)
     return box[0]
 
 
-def wrap_data_parallel(model, dist=None):
-    """In data mode: DistributedDataParallel around `model` (already on its device), after turning its
-    BatchNorm layers into SyncBatchNorm on GPUs so the batch statistics are those of the whole batch.
-    On CPU, SyncBatchNorm does not exist in torch: BatchNorm normalises each process's slice and the
-    running statistics are rank 0's (DDP broadcasts buffers from rank 0 at every forward). In any
-    other mode the model itself is returned. Build the optimiser after this call."""
-    dist = dist or _dist()
-    if dist.world_size == 1 or dist.mode != "data":
-        return model
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
-    return nn.parallel.DistributedDataParallel(model)
+def prepare_model(model, run):
+    """The model on the run's device: channels_last on CUDA; in data mode DistributedDataParallel
+    (SyncBatchNorm on GPUs; on CPU each rank normalises its slice, rank 0's running statistics);
+    torch.compile with --compile. Build the optimiser after this call."""
+    model = model.to(run.device)
+    if run.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if run.dist.mode == "data":
+        if run.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.index
+                                                    is not None else None, find_unused_parameters=True)
+    return torch.compile(model) if run.args.compile else model
 
 
-def shard(batch, dist=None):
-    """In data mode, this process's contiguous slice of every per-image entry of a batch dict (tensors
-    along dim 0, lists of the batch's length); other entries are kept. The batch size stays global:
-    DDP averages the ranks' mean gradients, which equals the whole batch's mean gradient when the
-    batch divides evenly (use drop_last and a batch size that is a multiple of the process count)."""
-    dist = dist or _dist()
-    if dist.world_size == 1 or dist.mode != "data":
+def shard(batch, dist):
+    """In data mode this rank's contiguous slice of every per-image entry of a batch dict (so the
+    ranks' mean gradients average to the whole batch's when it divides evenly); else the batch."""
+    if dist.mode != "data":
         return batch
-    n = next((v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), None)
-    if n is None:
-        return batch
+    n = next(v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0)
     base, extra = divmod(n, dist.world_size)
     start = dist.rank * base + min(dist.rank, extra)
-    stop = start + base + (1 if dist.rank < extra else 0)
-    out = {}
-    for key, value in batch.items():
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
-            out[key] = value[start:stop]
-        elif isinstance(value, (list, tuple)) and len(value) == n:
-            out[key] = value[start:stop]
-        else:
-            out[key] = value
-    return out
+    stop = start + base + (dist.rank < extra)
+    return {k: v[start:stop] if (torch.is_tensor(v) and v.dim() > 0 or isinstance(v, (list, tuple)))
+            and len(v) == n else v for k, v in batch.items()}
 
 
-def _to_cpu(value):
-    if torch.is_tensor(value):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
+# --------------------------------------------------------------------------------------------------
+# 9. Checkpoints: last.pt every epoch, best.pt when the validation score improves, resume
+# --------------------------------------------------------------------------------------------------
 
 
-def run_rows(jobs, train_and_evaluate, run=None, dist=None):
-    """Trains and evaluates every job (row_name, seed) of a table: `train_and_evaluate(row_name, seed)`
-    returns a dict of metrics (numbers; other values are kept but not averaged). Before each job all
-    random generators are seeded with `seed` (seed_everything); the function seeds its own data
-    generation and shuffling from `seed` too. Each per-seed dict gets "seed" and "rank" (the process
-    that trained it; "all" in data mode, 0 without torchrun). In rows mode job i runs on rank
-    i % world_size and the results are gathered to EVERY rank, so all ranks return the same value:
-    {row_name: [per-seed dicts in job order]}, rows in order of first appearance. A failing job
-    stops the run on every rank. `run` (a Run) logs one record per job (rank 0, after the gather).
-
-    While a job runs, `current_job()` gives its (row, seed, index), and in rows mode the rank running
-    it is the process that writes files (Run.is_main): the job saves its checkpoints and logs its
-    lines itself, into the one run folder, under names that include its seed."""
-    dist = dist or _dist()
-    outer_job = _DIST["in_job"]  # run_rows inside a job (e.g. base models of one row) runs locally
-    outer_job_id = _DIST["job"]
-    shared = dist.world_size > 1 and dist.mode == "rows" and not outer_job
-    rank_tag = dist.rank if dist.world_size > 1 and dist.mode == "rows" else ("all" if dist.world_size > 1 else 0)
-    jobs = [(row, int(seed)) for row, seed in jobs]
-    mine, failure, own_error = {}, None, None
-    for i, (row, seed) in enumerate(jobs):
-        if shared and i % dist.world_size != dist.rank:
-            continue
-        print(f"[job {i + 1}/{len(jobs)}] {row}, seed {seed}" + (f", rank {dist.rank}" if shared else ""), flush=True)
-        seed_everything(seed)
-        started = time.perf_counter()
-        _DIST["in_job"], _DIST["job"] = True, Job(row, seed, i)  # in rows mode this rank writes the job's files
-        try:
-            result = train_and_evaluate(row, seed)
-        except Exception as error:
-            if not shared:
-                raise
-            own_error, failure = error, (type(error).__name__, f"rank {dist.rank}, {row} seed {seed}: {error}")
-            break
-        finally:
-            _DIST["in_job"], _DIST["job"] = outer_job, outer_job_id
-        mine[i] = ({**_to_cpu(dict(result)), "seed": seed, "rank": rank_tag}, round(time.perf_counter() - started, 1))
-    if shared:
-        import torch.distributed as td
-        gathered = [None] * dist.world_size
-        td.all_gather_object(gathered, (mine, failure), group=dist.group)
-        if own_error is not None:
-            raise own_error
-        failures = [f for _, f in gathered if f is not None]
-        if failures:
-            kind = {c.__name__: c for c in _expected_errors()}.get(failures[0][0], RuntimeError)
-            raise kind(f"another process failed ({failures[0][1]})")
-        mine = {i: r for part, _ in gathered for i, r in part.items()}
-    per_row = {}
-    for i, (row, seed) in enumerate(jobs):
-        result, seconds = mine[i]
-        per_row.setdefault(row, []).append(result)
-        if run is not None:
-            run.log({"event": "job", "row": str(row), "seed": seed, "rank": result["rank"], "seconds": seconds})
-    return per_row
+def _unwrap(model):
+    """The plain module inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
 
 
-def _number(value):
-    """float of a metric value (int, float, one-element tensor or numpy scalar); None if it is not one."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if torch.is_tensor(value) and value.numel() == 1:
-        return float(value.item())
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return float(value)
-    return None
+def load_model_state(model, state_dict, strict=True):
+    """Loads weights into the plain module inside `model`, whatever wrapper prefixes the keys carry."""
+    def plain_key(key):
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        return key
+    return _unwrap(model).load_state_dict({plain_key(k): v for k, v in state_dict.items()}, strict=strict)
+
+
+def _rng_state():
+    """The RNG states as tensors and plain lists, so that they load with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def _set_rng_state(rng):
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save(job, epoch, score, best, model, optimizer=None, scheduler=None, **extra):
+    """End of epoch `epoch` (counted from 1): writes the job's last.pt, and best.pt when `score`
+    (higher is better) beats `best` or no best.pt exists yet; returns the best score. A checkpoint
+    holds the weights, optimiser, scheduler, RNG states, epoch, best score, arguments and `extra`.
+    Each file is written to a temporary name and renamed, and only with finite parameters and
+    buffers: otherwise the run stops (NonFiniteLossError), the previous files intact."""
+    weights = _unwrap(model).state_dict()
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteLossError(f"{job.name}: after epoch {epoch} {bad[0]} is not finite ({len(bad)} tensors "
+                                 f"in all); not saved, the last good checkpoint is {job.dir / 'last.pt'}. "
+                                 "Try a lower --lr or check the data.")
+    improved = (math.isfinite(score) and score > best) or not (job.dir / "best.pt").exists()
+    best = score if improved and math.isfinite(score) else best
+    state = {"script": job.run.script, "row": str(job.row), "seed": job.seed, "epoch": int(epoch), "score": float(score),
+             "best": float(best), "model": weights, "optimizer": optimizer and optimizer.state_dict(),
+             "scheduler": scheduler and scheduler.state_dict(), "rng": _rng_state(),
+             "args": _plain(vars(job.run.args)), **extra}
+    job.dir.mkdir(parents=True, exist_ok=True)
+    for name in ("best.pt", "last.pt") if improved else ("last.pt",):
+        tmp = job.dir / f".{name}.{os.getpid()}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, job.dir / name)
+    return best
+
+
+def resume(job, model, optimizer=None, scheduler=None):
+    """(epochs done, best score) of the job: (0, -inf) for a fresh one; after an interruption its
+    last.pt's weights, optimiser, scheduler and RNG states are loaded."""
+    if not (job.dir / "last.pt").exists():
+        return 0, -math.inf
+    state = load_checkpoint(job.dir / "last.pt", job.run.script)
+    load_model_state(model, state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    print(f"[{job.name}] resumed after epoch {state['epoch']} (best score {state['best']:.4f})", flush=True)
+    return state["epoch"], state["best"]
+
+
+def load_best(job, model):
+    """Loads the job's best.pt weights into `model`; returns the checkpoint."""
+    state = load_checkpoint(job.dir / "best.pt", job.run.script)
+    load_model_state(model, state["model"])
+    return state
+
+
+def load_checkpoint(path, script, map_location="cpu"):
+    """torch.load(weights_only=True) of a checkpoint written by `save`; CheckpointError for a missing,
+    unreadable (corrupt or truncated) file or another script's checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (expected a best.pt or last.pt in a job "
+                              f"folder of a {script}.py run)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # corrupt file, or objects a plain checkpoint never holds
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {error}") from error
+    if not isinstance(state, dict) or "script" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint written by this project's scripts")
+    if state["script"] != script:
+        raise CheckpointError(f"{path} is a checkpoint of {state['script']}.py, not of {script}.py: "
+                              f"pass a checkpoint written by {script}.py")
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. The progress line
+# --------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One job's training progress. `for batch in progress.epoch(epoch, batches)` times the wait for
+    each batch; `progress.step(loss, n_images)` sums the loss on the device and every `every` steps
+    (and at an epoch's last) prints
+
+        [UML-seed0] epoch 3 step 40/50 loss 0.4312 img/s 812.5 data-wait 3% eta 2:41
+
+    reading the running mean once (the only host sync) and stopping the run (NonFiniteLossError) when
+    it is not finite, naming the epoch and step as the log numbers them (both from 1)."""
+
+    def __init__(self, job, steps_per_epoch, epochs, start_epoch=0, every=20):
+        self.job, self.per_epoch, self.every = job, steps_per_epoch, every
+        self.remaining = steps_per_epoch * (epochs - start_epoch)
+        self.steps = self.images = 0
+        self.wait = 0.0
+        self.start = time.perf_counter()
+        self.window, self.count = 0.0, 0
+
+    def epoch(self, epoch, batches):
+        self.current, self.in_epoch = epoch + 1, 0
+        batches = iter(batches)
+        while True:
+            tick = time.perf_counter()
+            batch = next(batches, None)
+            self.wait += time.perf_counter() - tick
+            if batch is None:
+                return
+            yield batch
+
+    def step(self, loss, images):
+        self.steps, self.in_epoch, self.images = self.steps + 1, self.in_epoch + 1, self.images + images
+        self.window, self.count = self.window + loss.detach().float(), self.count + 1
+        if self.in_epoch % self.every and self.in_epoch != self.per_epoch:
+            return
+        mean = float(self.window) / self.count
+        self.window, self.count = 0.0, 0
+        if not math.isfinite(mean):
+            last = self.job.dir / "last.pt"
+            raise NonFiniteLossError(f"{self.job.name}: loss is {mean} at epoch {self.current} step {self.in_epoch}; "
+                                     "stopping (" + (f"the last good checkpoint is {last}" if last.exists() else
+                                                     "no checkpoint was written yet") + "). Try a lower --lr.")
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        eta = elapsed / self.steps * max(self.remaining - self.steps, 0)
+        print(f"[{self.job.name}] epoch {self.current} step {self.in_epoch}/{self.per_epoch} loss {mean:.4f} "
+              f"img/s {self.images / elapsed:.1f} data-wait {100 * self.wait / elapsed:.0f}% "
+              f"eta {int(eta // 60)}:{int(eta % 60):02d}", flush=True)
+
+    def report(self):
+        """Prints and logs the job's images per second and data-wait share; returns them."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        speed = {"images_per_s": self.images / elapsed, "data_wait_share": self.wait / elapsed}
+        print(f"[{self.job.name}] {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}% "
+              "(step time spent waiting for batches)", flush=True)
+        self.job.log(event="speed", **speed)
+        return speed
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. Tables, results and figures
+# --------------------------------------------------------------------------------------------------
 
 
 def summarize_rows(per_row):
-    """Table rows from run_rows' {row_name: [per-seed dicts]}: each row is
-    {"row", <metric>: mean over seeds, <metric>_se: standard error (std with ddof=1 / sqrt(n); 0 for one
-    seed), "seeds", "rank" (per seed), "per_seed"} for every numeric metric. Non-finite or missing
-    values are left out of the mean and counted in <metric>_undefined. Non-numeric values are copied
-    when all seeds agree."""
+    """Table rows from {row: [per-seed metric dicts]}: per row {"row", <metric>: mean over seeds,
+    <metric>_se: sample std (ddof 1) / sqrt(n), 0 for one seed, "seeds", "rank", "per_seed"}.
+    Non-finite or missing values are left out of the mean and counted in <metric>_undefined;
+    non-numeric values are kept when all seeds agree."""
     table = []
     for name, entries in per_row.items():
-        keys = []
-        for entry in entries:
-            keys += [k for k in entry if k not in keys and k not in ("seed", "rank")]
         row = {"row": name}
-        for key in keys:
-            values = [entry.get(key) for entry in entries]
-            numbers = [_number(v) for v in values]
-            if all(n is not None or v is None for n, v in zip(numbers, values)) and any(n is not None for n in numbers):
-                numbers = [math.nan if n is None else n for n in numbers]
+        for key in dict.fromkeys(k for e in entries for k in e if k not in ("seed", "rank")):
+            values = [e.get(key) for e in entries]
+            if all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+                    and any(v is not None for v in values):
+                numbers = [math.nan if v is None else float(v) for v in values]
                 row[key], row[f"{key}_se"] = mean_and_se(numbers)
-                undefined = sum(not math.isfinite(n) for n in numbers)
+                undefined = sum(not math.isfinite(v) for v in numbers)
                 if undefined:
                     row[f"{key}_undefined"] = undefined
-            elif all(_plain(v) == _plain(values[0]) for v in values):
+            elif all(v == values[0] for v in values):
                 row[key] = values[0]
-        row["seeds"] = [entry["seed"] for entry in entries]
-        row["rank"] = [entry["rank"] for entry in entries]
-        row["per_seed"] = entries
-        table.append(row)
+        table.append({**row, "seeds": [e["seed"] for e in entries], "rank": [e["rank"] for e in entries],
+                      "per_seed": entries})
     return table
 
 
-def fmt_over_seeds(row, key, percent=False, digits=None):
-    """A table cell of a summarize_rows row: 'mean ± SE' over several seeds, the plain value for one
-    seed (a standard error of one value would read as certainty)."""
-    mean = row.get(key)
-    if len(row.get("seeds", [])) > 1:
-        return fmt_mean_se(mean, row.get(f"{key}_se", math.nan), percent=percent, digits=digits)
+def row_metrics(row):
+    """A summarize_rows row without its bookkeeping: what results.json's "metrics" holds."""
+    return {k: v for k, v in row.items() if k not in ("row", "seeds", "rank", "per_seed")}
+
+
+def fmt_mean_se(mean, se, percent=False, digits=None):
+    """'82.1 ± 0.4'; percent multiplies by 100 (1 decimal); else `digits`, by default 1 from 10 up,
+    2 from 1 up, 3 below. 'n/a' for a missing or non-finite mean."""
     if mean is None or not math.isfinite(mean):
         return "n/a"
-    if digits is None:
-        digits = 1 if percent or abs(mean) >= 10 else (2 if abs(mean) >= 1 else 3)
-    return f"{mean * (100.0 if percent else 1.0):.{digits}f}"
+    digits = digits if digits is not None else 1 if percent or abs(mean) >= 10 else 2 if abs(mean) >= 1 else 3
+    scale = 100.0 if percent else 1.0
+    return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
 
 
-_ROW_BOOKKEEPING = ("row", "seeds", "rank", "per_seed")
+def fmt_over_seeds(row, key, percent=False, digits=None):
+    """A summarize_rows cell: 'mean ± SE' over several seeds, the plain value for one."""
+    text = fmt_mean_se(row.get(key), row.get(f"{key}_se", math.nan), percent, digits)
+    return text if len(row.get("seeds", [])) > 1 else text.split(" ± ")[0]
 
 
-def row_metrics(row):
-    """The metrics of a summarize_rows row (means, _se and _undefined), without its bookkeeping
-    ("row", "seeds", "rank", "per_seed"): what results.json's "metrics" holds for the main row."""
-    return {k: v for k, v in row.items() if k not in _ROW_BOOKKEEPING}
+def markdown_table(rows, columns, formats=None, title=None):
+    """Markdown table of `rows` (dicts) in the order of `columns`; `formats` maps a column to a format
+    string ("{:.1f}") or a function. Missing cells are "–"."""
+    def cell(value, fmt):
+        if value is None:
+            return "–"
+        if fmt is not None:
+            return fmt(value) if callable(fmt) else fmt.format(value)
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    formats = formats or {}
+    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(columns) + " |",
+                                                        "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c), formats.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
-# ==================================================================================================
-# 9. Predict: a trained model on a user's own images (--predict)
+def write_results(run, metrics, table, markdown, split="test"):
+    """results.json {"script", "data", "split", "seeds", "metrics", "table", "config"} (non-finite
+    numbers as null) and results.md = `markdown`, each written atomically; prints the markdown."""
+    args = run.args
+    results = {"script": run.script, "data": getattr(args, "dataset", args.data), "split": split,
+               "seeds": seed_list(args), "metrics": _json_ready(metrics), "table": _json_ready(table),
+               "config": _json_ready(vars(args))}
+    _atomic_write_text(run.dir / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    _atomic_write_text(run.dir / "results.md", markdown.rstrip("\n") + "\n")
+    print(markdown + f"\nresults in {run.dir}", flush=True)
+    return results
+
+
+def save_figure(fig, path):
+    """Saves a PNG (folders created) and closes the figure."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_curves(job, keys, out_png):
+    """One panel per key of the job's log.jsonl records against the epoch."""
+    import matplotlib.pyplot as plt
+    records = [json.loads(line) for line in job.log_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [r for r in records if (r.get("row"), r.get("seed")) == (str(job.row), job.seed)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["epoch"], r[key]) for r in records if "epoch" in r and r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker=".")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. Predict: a trained model on a user's own images (--predict)
 #
 #    The script gives a Predictor (its model and what the checkpoint says about the input) and a
 #    predict_batch(predictor, images_uint8 [B,3,S,S]) -> {"mask", "instances"?, "maps", "rows"};
 #    predict_images_in reads the images, brings them to the model's input the way training did,
 #    maps every output back to each image's own size and writes the files.
-# ==================================================================================================
+# --------------------------------------------------------------------------------------------------
 
 _PREDICT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # contour colours of classes 1, 2, ... in the overlay (class 0 is background / stroma: no contour)
@@ -2075,14 +1828,11 @@ def predictor_from_checkpoint(checkpoint, model, device="cpu", keep_aspect=True,
 
 
 def run_predict(args, load_model, predict_batch, script):
-    """--predict PATH --checkpoint CKPT of a script's main: load_model(CKPT, device) then
-    predict_images_in(PATH, ...) into --out; UsageError without --checkpoint or when no image could
-    be read. Returns the number of images predicted."""
-    if not args.checkpoint:
-        raise UsageError(f"--predict needs --checkpoint PATH (a best.pt of {_script_name(script)}.py)")
-    predictor = load_model(args.checkpoint, choose_device(getattr(args, "device", "auto")))
+    """--predict PATH --checkpoint CKPT of a script's main: load_model(CKPT, device), then
+    predict_images_in(PATH, ...) into --out; UsageError when no image could be read."""
+    predictor = load_model(args.checkpoint, choose_device(args.device))
     count = predict_images_in(args.predict, predictor, predict_batch, args.out, script=script,
-                              recursive=getattr(args, "recursive", False), batch_size=getattr(args, "batch_size", 8))
+                              recursive=args.recursive, batch_size=args.batch_size)
     if not count:
         raise UsageError(f"--predict {args.predict}: no image could be read (see errors.txt)")
     return count
@@ -2141,13 +1891,20 @@ def _list_images(path, recursive):
 
 def _output_names(items):
     """Each input's output base name, relative to the output folder: `<stem>` (in its sub-folder when
-    recursive), or `<stem>_<ext>` when two files of one folder share a stem (a.png and a.jpg)."""
-    stems = {}
+    recursive); `<stem>_<ext>` when two files of one folder share a stem (a.png, a.jpg), then a
+    number until the name is taken by no other input (a_png.bmp beside a.png: a_png_2), letter case
+    ignored, so that two inputs never share an output."""
+    stems = collections.Counter((rel.parent, rel.stem.lower()) for _, rel in items)
+    names, taken = [], set()
     for _, rel in items:
-        key = (rel.parent, rel.stem.lower())
-        stems[key] = stems.get(key, 0) + 1
-    return [rel.parent / (rel.stem if stems[(rel.parent, rel.stem.lower())] == 1
-                          else f"{rel.stem}_{rel.suffix.lstrip('.').lower()}") for _, rel in items]
+        name = rel.stem if stems[(rel.parent, rel.stem.lower())] == 1 else f"{rel.stem}_{rel.suffix[1:].lower()}"
+        candidate, k = name, 1
+        while (rel.parent, candidate.lower()) in taken:
+            k += 1
+            candidate = f"{name}_{k}"
+        taken.add((rel.parent, candidate.lower()))
+        names.append(rel.parent / candidate)
+    return names
 
 
 def _label_edges(labels):
@@ -2180,63 +1937,31 @@ def _colour_map(values):
     return (matplotlib.colormaps["magma"](np.nan_to_num(scaled))[..., :3] * 255).round().astype(np.uint8)
 
 
-def _csv_value(value):
-    if torch.is_tensor(value):
-        value = value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
-
-
 def predict_images_in(path, predictor, predict_batch, out_dir=None, *, recursive=False, batch_size=8,
                       script="script"):
     """Predicts every image file at `path` (a file or a folder; png, jpg, jpeg, bmp, tif, tiff in any
     letter case; sub-folders when `recursive`, mirrored in the output) with
     `predict_batch(predictor, images_uint8 [B,3,S,S] on predictor.device)` and writes into `out_dir`
-    (default runs/<script>-predict-<time>), per image `<stem>`, at the image's own width x height:
-      <stem>_mask.png        class indices (8-bit, mode L) of "mask" (nearest neighbour);
-      <stem>_instances.png   16-bit instance ids of "instances", when predict_batch gives them;
-      <stem>_overlay.png     the image with the contours of every class > 0 (and of each instance);
-      <stem>_<map>.npy/.png  each float map of "maps" (bilinear), as float32 and in magma colours;
-    and predictions.csv (image, width, height, then the keys of "rows") and errors.txt (the files that
-    could not be read, also named on stderr and skipped; empty when none). Nothing is overwritten: a
-    name that exists is refused before anything is written. Returns the number of images predicted
-    (the caller exits non-zero when it is 0)."""
+    (new or empty, as a run's; default runs/<script>-predict-<time>), at each image's own size:
+      <name>_mask.png        class indices (8-bit) of "mask";  <name>_instances.png  16-bit "instances";
+      <name>_overlay.png     the image with the contours of every class > 0 (and of each instance);
+      <name>_<map>.npy/.png  each float map of "maps", as float32 and in magma colours;
+    and predictions.csv (image, width, height, then the keys of "rows") and errors.txt (unreadable
+    files, also named on stderr). Every <name> is decided first (`_output_names`). Returns the
+    number of images predicted (the caller exits non-zero when it is 0)."""
     items = _list_images(path, recursive)
     if not items:
         raise UsageError(f"--predict {path}: no image files ({', '.join(_PREDICT_EXTENSIONS)})"
                          + ("" if recursive else "; add --recursive to read sub-folders"))
-    if out_dir is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path("runs") / f"{_script_name(script)}-predict-{stamp}"
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir or Path("runs") / f"{script}-predict-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     source = Path(path).resolve()
     if source.is_dir() and (out_dir.resolve() == source or source in out_dir.resolve().parents):
         raise UsageError(f"--out {out_dir} lies inside the images' folder {path}: choose another --out "
                          "(nothing is written into an input folder)")
+    _new_folder(out_dir)
     names = _output_names(items)
-    clash = [out_dir / n for n in ("predictions.csv", "errors.txt") if (out_dir / n).exists()]
     for name in names:
-        folder = out_dir / name.parent
-        for suffix in ("_mask.png", "_instances.png", "_overlay.png"):
-            if (folder / (name.name + suffix)).exists():
-                clash.append(folder / (name.name + suffix))
-        if folder.is_dir():
-            clash += [p for p in folder.glob("*.npy") if p.name.startswith(name.name + "_")]
-    if clash:
-        raise UsageError(f"--out {out_dir} already holds predictions ({clash[0]}"
-                         + (f" and {len(clash) - 1} more" if len(clash) > 1 else "")
-                         + "); choose another --out, nothing was written")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def new_file(path):  # never replace a file (e.g. a map name equal to another output's)
-        if path.exists():
-            raise UsageError(f"{path} exists; not overwriting it (choose another --out)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
     size, rows, errors, count = predictor.size, [], [], 0
     batch_size = max(1, int(batch_size))
     for start in range(0, len(items), batch_size):
@@ -2263,37 +1988,35 @@ def predict_images_in(path, predictor, predict_batch, out_dir=None, *, recursive
             mask = back(out["mask"], "nearest").round().long()
             if int(mask.min()) < 0 or int(mask.max()) > 255:
                 raise ValueError(f"predict_batch gave class indices outside 0..255 ({int(mask.min())}..{int(mask.max())})")
-            Image.fromarray(mask.numpy().astype(np.uint8), mode="L").save(new_file(base.with_name(base.name + "_mask.png")))
+            Image.fromarray(mask.numpy().astype(np.uint8), mode="L").save(f"{base}_mask.png")
             instances = None
             if out.get("instances") is not None:
                 instances = back(out["instances"], "nearest").round().long().clamp(0, 65535)
-                Image.fromarray(instances.numpy().astype(np.uint16)).save(
-                    new_file(base.with_name(base.name + "_instances.png")))
-            Image.fromarray(_contour_overlay(image, mask, instances)).save(
-                new_file(base.with_name(base.name + "_overlay.png")))
+                Image.fromarray(instances.numpy().astype(np.uint16)).save(f"{base}_instances.png")
+            Image.fromarray(_contour_overlay(image, mask, instances)).save(f"{base}_overlay.png")
             for map_name, values in (out.get("maps") or {}).items():
                 values = back(values.float(), "bilinear")
-                np.save(new_file(base.with_name(f"{base.name}_{map_name}.npy")), values.numpy().astype(np.float32))
-                Image.fromarray(_colour_map(values)).save(new_file(base.with_name(f"{base.name}_{map_name}.png")))
+                np.save(f"{base}_{map_name}.npy", values.numpy().astype(np.float32))
+                Image.fromarray(_colour_map(values)).save(f"{base}_{map_name}.png")
             extra = (out.get("rows") or [{}] * len(images))[b]
             rows.append({"image": rel.as_posix(), "width": w, "height": h,
-                         **{str(k): _csv_value(v) for k, v in extra.items()}})
+                         **{str(k): f"{v:.6g}" if isinstance(v, float) else v for k, v in _plain(extra).items()}})
             count += 1
     columns = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(new_file(out_dir / "predictions.csv"), "w", newline="", encoding="utf-8") as f:
+    with open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns or ["image", "width", "height"])
         writer.writeheader()
         writer.writerows(rows)
-    new_file(out_dir / "errors.txt").write_text("".join(e + "\n" for e in errors), encoding="utf-8")
+    (out_dir / "errors.txt").write_text("".join(e + "\n" for e in errors), encoding="utf-8")
     print(f"predicted {count} of {len(items)} images into {out_dir}"
           + (f"; {len(errors)} unreadable, listed in {out_dir / 'errors.txt'}" if errors else ""), flush=True)
     return count
 
 
 # ================================================================================================
-# Part 2: data
+# Part 3: data
 # ================================================================================================
 
 class DatasetError(ValueError):

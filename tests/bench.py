@@ -1,5 +1,5 @@
 """Speed benchmark: each script's model at paper scale, fed by this project's data pipeline and by
-the DataLoader + PIL per-sample pipeline that users would otherwise write (issue 16).
+the DataLoader + PIL per-sample pipeline that users would otherwise write .
 
     python tests/bench.py                                   # every script, the default device
     python tests/bench.py --device cuda --out bench.json    # the GPU run of the README's speed table
@@ -121,6 +121,12 @@ class Bench:
     notes: list = field(default_factory=list)
 
 
+def _on_device(model, device, compile):
+    """common.prepare_model outside a run: one process, the benchmark's device, compiled when asked."""
+    run = argparse.Namespace(device=torch.device(device), dist=common.Dist(), args=argparse.Namespace(compile=compile))
+    return common.prepare_model(model, run)
+
+
 def _attr(module, *names):
     """The first of `names` that `module` defines; a clear error naming the adapter otherwise."""
     for name in names:
@@ -173,7 +179,7 @@ def adapter_uml(opts, device):
     pool = _pool("synthetic-fundus", args.size, opts.pool)
     spec = uml.ROWS["UML"][1] if hasattr(uml, "ROWS") else _attr(uml, "model_spec")("uml")  # the full UML row
     model = _attr(uml, "build_model")(spec, args, len(pool["class_names"]), len(pool["mask_names"]))
-    model = common.prepare_model(model, device, opts.compile)
+    model = _on_device(model, device, opts.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     norm = tuple(t.to(device) for t in common.channel_stats(pool["images"]))
     total_loss = _attr(uml, "total_loss")
@@ -203,7 +209,7 @@ def adapter_joint_unet(opts, device):
     geometry = _attr(ju, "network_geometry")(args)
     pool = _pool("synthetic-lesions", args.size, opts.pool)
     n_classes = len(pool["class_names"])
-    model = common.prepare_model(_attr(ju, "build_model")(args, n_classes, geometry), device, opts.compile)
+    model = _on_device(_attr(ju, "build_model")(args, n_classes, geometry), device, opts.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     norm = tuple(t.to(device) for t in common.channel_stats(pool["images"]))
     weights = torch.ones(n_classes, device=device)
@@ -240,7 +246,7 @@ def adapter_ensemble_annotators(opts, device):
     args = _script_args(ea, argv)
     pool = _pool("synthetic-lesions", args.size, opts.pool, annotators=True)
     model = _attr(ea, "BayesianResidualFCN")(args.width, args.depth, args.dropout, args.dropout_layers)
-    model = common.prepare_model(model, device, False)  # the meta step differentiates twice: no compile
+    model = _on_device(model, device, False)  # the meta step differentiates twice: no compile
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     norm = tuple(t.to(device) for t in common.channel_stats(pool["images"]))
@@ -289,7 +295,7 @@ def adapter_uncertainty_multiloss(opts, device):
     args = _script_args(um, ["--data", "glas"] + (["--quick"] if opts.quick else []))
     pool = _pool("synthetic-glands", args.size, opts.pool)
     model = _attr(um, "MultiLossFCN")(args.width, args.depth, init_log_sigma2=args.init_log_sigma2)
-    model = common.prepare_model(model, device, opts.compile)
+    model = _on_device(model, device, opts.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     norm = tuple(t.to(device) for t in common.channel_stats(pool["images"]))
     config = _attr(um, "config_from_args")(args)  # the full model: Lc + Ls + Lt + Lg, learned sigma
@@ -364,7 +370,7 @@ def check_schedule(script, command):
 
 
 def print_schedules(scripts, summary=None):
-    print("## Real-data schedules (issue 16, item 2): run each from the project root, time with `time`\n")
+    print("## Real-data schedules : run each from the project root, time with `time`\n")
     for script in scripts:
         command, what = SCHEDULES[script]
         problem = check_schedule(script, command)
@@ -642,7 +648,7 @@ def run_script(script, opts, device, workers, tmp):
 def markdown(rows, device_name):
     head = ["script", "model input", "batch", "loss", "pipeline", "workers", "img/s", "data wait",
             "peak memory", "project / best loader"]
-    lines = [f"Training speed on {device_name} (`python tests/bench.py`, issue 16)\n",
+    lines = [f"Training speed on {device_name} (`python tests/bench.py`)\n",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -699,7 +705,7 @@ def parse_args(argv=None):
                    help="processes writing the files")
     p.add_argument("--tmp", default=None, help="parent folder of the temporary image folder")
     p.add_argument("--print-schedules", action="store_true",
-                   help="print each script's real-data schedule command (issue 16, item 2) and exit")
+                   help="print each script's real-data schedule command and exit")
     args = p.parse_args(argv)
     args.scripts = [s.strip() for s in args.scripts.split(",") if s.strip()]
     unknown = [s for s in args.scripts if s not in SCRIPTS]

@@ -299,208 +299,450 @@ def test_object_metrics_match_the_glas_reference_on_random_glands():
 # --------------------------------------------------------------------------------------------------
 
 
-def make_args(out, **extra):
-    parser = common.add_common_args(argparse.ArgumentParser(), size=32, epochs=2, batch_size=4, lr=0.05)
-    args = parser.parse_args(["--out", str(out), "--device", "cpu", "--no-amp"])
-    for key, value in extra.items():
-        setattr(args, key, value)
-    return args
+SCRIPT_TOY = "toy"
 
 
-def test_common_args_and_run_folder(tmp_path):
-    args = make_args(tmp_path / "run")
-    assert (args.data, args.size, args.epochs, args.batch_size, args.lr) == ("synthetic", 32, 2, 4, 0.05)
-    assert args.amp is False and args.log_every == 20 and args.cache == ".cache" and args.resume is None
-    assert (args.seeds, args.n_train, args.n_val, args.n_test, args.predict, args.parallel) == (None,) * 6
-    assert not (args.overwrite or args.recursive or args.debug)
-    assert common.seed_list(args) == [0]
-    parser = common.add_common_args(argparse.ArgumentParser(), size=32, epochs=2, batch_size=4, lr=0.05)
-    parsed = parser.parse_args(["--seeds", "3,1,2", "--n-train", "10", "--n-val", "4", "--n-test", "5"])
-    assert common.seed_list(parsed) == [3, 1, 2] and (parsed.n_train, parsed.n_val, parsed.n_test) == (10, 4, 5)
-    for bad in ("1,x", "1,1"):
-        with pytest.raises(SystemExit):  # argparse: message and exit code 2
-            parser.parse_args(["--seeds", bad])
-    run = common.Run(args, "toy.py")
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+def toy_parser(epochs=3):
+    return common.add_common_args(argparse.ArgumentParser(prog="toy.py"), size=32, epochs=epochs, batch_size=4,
+                                  lr=0.05)
+
+
+def toy_main(argv, stop=None, nan_at=None, lr_scale=1.0):
+    """A small script written as the four are: the step in the loop, common.save / resume / load_best,
+    jobs over rows x seeds. `stop` = (row, seed, epoch): raise KeyboardInterrupt after that epoch's
+    save (a kill); `nan_at` = (epoch, step): the loss becomes NaN there (epochs and steps from 1)."""
+    args = common.parse_args(toy_parser(), SCRIPT_TOY, argv)
+    jobs = [(row, seed) for row in ("A", "B") for seed in common.seed_list(args)]
+    run = common.open_run(args, SCRIPT_TOY, len(jobs))
+
+    def train_and_test(job):
+        data = torch.Generator().manual_seed(100 + job.seed)
+        x, y = torch.randn(24, 3, generator=data), torch.randn(24, 1, generator=data)
+        model = common.prepare_model(nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2),
+                                                   nn.Linear(8, 1)), run)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr * lr_scale)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        start, best = common.resume(job, model, optimizer, scheduler)
+        progress = common.Progress(job, 6, args.epochs, start, every=args.log_every)
+        for epoch in range(start, args.epochs):
+            model.train()
+            shuffle = torch.Generator().manual_seed(1000 * job.seed + epoch)
+            for step, index in enumerate(progress.epoch(epoch, torch.randperm(24, generator=shuffle).split(4))):
+                # the numpy and python generators feed a jitter: resume must restore their states too
+                jitter = float(np.random.randn()) * 0.01 + random.random() * 0.01
+                loss = ((model(x[index] + jitter) - y[index]) ** 2).mean()
+                if nan_at == (epoch + 1, step + 1):
+                    loss = loss * math.nan
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.step(loss, len(index))
+            scheduler.step()
+            model.eval()
+            with torch.no_grad():
+                score = -((model(x) - y) ** 2).mean().item() + (0.3 if job.row == "B" and epoch == 0 else 0)
+            job.log(epoch=epoch + 1, val_score=score)
+            best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler, note="toy")
+            if stop == (job.row, job.seed, epoch + 1):
+                raise KeyboardInterrupt
+        progress.report()
+        best_state = common.load_best(job, model)
+        model.eval()
+        with torch.no_grad():
+            return {"mse": ((model(x) - y) ** 2).mean().item(), "best_epoch": best_state["epoch"],
+                    "weight": model[0].weight[0, 0].item()}
+
+    table = common.run_jobs(run, jobs, train_and_test)
+    if table is not None:
+        common.write_results(run, common.row_metrics(table[0]), table, common.markdown_table(table, ["row", "mse"]))
+    return run.dir
+
+
+def run_cli(main, argv, capsys):
+    """(exit code, stderr) of `main` run as a command through common.cli."""
+    try:
+        common.cli(main, argv)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+def tables_of(folder):
+    return [[{k: v for k, v in e.items() if k != "rank"} for e in r["per_seed"]]
+            for r in json.loads((folder / "results.json").read_text())["table"]]
+
+
+def test_shared_flags_and_their_checks(tmp_path, capsys):
+    args = common.parse_args(toy_parser(), SCRIPT_TOY, ["--out", str(tmp_path / "r"), "--seeds", "3,1,2"])
+    assert (args.data, args.size, args.epochs, args.batch_size, args.lr, args.log_every) == ("synthetic", 32, 3, 4,
+                                                                                             0.05, 20)
+    assert common.seed_list(args) == [3, 1, 2] and common.seed_list(argparse.Namespace(seed=4, seeds=None)) == [4]
+    # every bad value is one argparse line and exit 2, before anything is written
+    for bad in (["--batch-size", "0"], ["--batch-size", "-1"], ["--lr", "-1"], ["--lr", "nan"], ["--lr", "inf"],
+                ["--lr", "0"], ["--epochs", "0"], ["--epochs", "-1"], ["--size", "4"], ["--seeds", "1,1"],
+                ["--seeds", "1,x"], ["--seed", "-2"], ["--log-every", "0"], ["--n-train", "0"], ["--overwrite"]):
+        code, err = run_cli(lambda argv: toy_main(argv), bad + ["--out", str(tmp_path / "bad")], capsys)
+        assert code == 2 and "error: " in err and "Traceback" not in err, bad
+        assert not (tmp_path / "bad").exists()
+    assert "must be > 0, not -1" in run_cli(lambda argv: toy_main(argv), ["--lr", "-1"], capsys)[1]
+    assert "expected a finite number, not 'nan'" in run_cli(lambda argv: toy_main(argv), ["--lr", "nan"], capsys)[1]
+    assert common.checked(float, low=0, high=1)("1") == 1.0  # the bounds themselves are allowed
+    with pytest.raises(argparse.ArgumentTypeError, match="must be <= 1, not 1.5"):
+        common.checked(float, low=0, high=1)("1.5")
+    with pytest.raises(common.UsageError, match="--eval-only needs --checkpoint"):
+        common.parse_args(toy_parser(), SCRIPT_TOY, ["--eval-only"])
+    with pytest.raises(common.UsageError, match="--predict needs --checkpoint"):
+        common.parse_args(toy_parser(), SCRIPT_TOY, ["--predict", "x.png"])
+
+
+def test_run_folder_is_new_or_empty_and_never_loses_a_users_file(tmp_path, capsys):
+    # a folder holding a user's own files is refused, the files untouched; no --overwrite exists
+    for name in ("imagenet_vgg16.pt", "results.md", "log.jsonl"):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).write_text("mine")
+        code, err = run_cli(lambda argv: toy_main(argv), ["--out", str(folder), "--epochs", "1"], capsys)
+        assert code == 2 and "is not empty; choose another --out or remove that folder" in err
+        assert [p.name for p in folder.iterdir()] == [name] and (folder / name).read_text() == "mine"
+    (tmp_path / "file").write_text("mine")
+    for out, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "cannot create it")):
+        code, err = run_cli(lambda argv: toy_main(argv), ["--out", str(out)], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "empty").mkdir()  # an empty folder is taken
+    folder = toy_main(["--out", str(tmp_path / "empty"), "--epochs", "1", "--device", "cpu", "--no-amp"])
+    config = json.loads((folder / "config.json").read_text())
     assert config["script"] == "toy" and config["args"]["lr"] == 0.05 and config["device"] == "cpu"
-    assert config["world_size"] == 1 and config["parallel"] == "single" and run.is_main
-    assert config["versions"]["torch"] == torch.__version__
-    assert run.figures.is_dir()
-    run.log({"epoch": 1, "loss": torch.tensor(0.5), "hd": math.inf})
-    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
-    assert record["epoch"] == 1 and record["loss"] == 0.5 and record["hd"] is None and "time" in record
-    assert common.choose_device("auto").type in ("cpu", "cuda")
-    if not torch.cuda.is_available():
-        with pytest.raises(common.UsageError, match="--device cuda"):
-            common.choose_device("cuda")
+    assert (config["world_size"], config["parallel"], config["versions"]["torch"]) == (1, "single", torch.__version__)
+    assert sorted(p.name for p in folder.iterdir()) == ["A-seed0", "B-seed0", "config.json", "figures",
+                                                       "log.jsonl", "results.json", "results.md"]
+    assert sorted(p.name for p in (folder / "A-seed0").iterdir()) == ["best.pt", "last.pt", "result.json"]
 
 
-def tiny_model():
-    return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 1))
+def _claim_in_a_process(folder, start, queue):
+    start.wait()
+    try:
+        common.open_run(argparse.Namespace(out=str(folder), resume=None, device="cpu", data="synthetic",
+                                           parallel=None, compile=False), "toy")
+        queue.put("ok")
+    except common.UsageError as error:
+        queue.put(str(error))
 
 
-def train(run_dir, epochs, resume=None, stop_after=None, nan_at_step=None, reseed=0):
-    """A tiny training loop written the way the scripts write theirs (Run, Progress, check_finite,
-    checkpoint_state / restore_state, a torch.Generator for the shuffling)."""
-    args = make_args(run_dir, log_every=2, resume=resume)
-    common.seed_everything(reseed)
-    data_rng = torch.Generator().manual_seed(123)
-    x, y = torch.randn(24, 3, generator=data_rng), torch.randn(24, 1, generator=data_rng)
-    common.seed_everything(args.seed)
-    model = tiny_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    shuffle = torch.Generator().manual_seed(args.seed)
-    run = common.Run(args, "toy")
-    start, best = 0, math.inf
-    if resume is not None:
-        start, best = common.restore_state(common.load_checkpoint(resume, "toy"), model, optimizer, scheduler,
-                                           generator=shuffle)
-    step = start * 6
-    for epoch in range(start, epochs):
-        progress = common.Progress(6, every=args.log_every, epoch=epoch + 1, min_interval=0.0, file=io.StringIO())
-        for batch in torch.randperm(24, generator=shuffle).split(4):
-            step += 1
-            # the numpy and python generators feed a jitter, so their states must be restored too
-            jitter = float(np.random.randn()) * 0.01 + random.random() * 0.01
-            loss = ((model(x[batch] + jitter) - y[batch]) ** 2).mean()
-            if step == nan_at_step:
-                loss = loss * math.nan
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            mean = progress.step(loss, images=len(batch))
-            if mean is not None:
-                common.check_finite(mean, f"{step} (epoch {epoch + 1})", run)
-        scheduler.step()
-        best = min(best, mean)
-        run.log({"epoch": epoch + 1, "loss": mean})
-        run.save("last.pt", common.checkpoint_state(model, optimizer, scheduler, epoch + 1, best, args,
-                                                    generator=shuffle))
-        if stop_after == epoch + 1:
-            break
-    return model
+def test_two_runs_started_at_once_never_share_a_folder(tmp_path):
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        folder = tmp_path / f"race{attempt}"
+        if attempt == 2:
+            folder.mkdir()  # an empty folder given to both
+        start, queue = context.Event(), context.Queue()
+        workers = [context.Process(target=_claim_in_a_process, args=(folder, start, queue)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        start.set()
+        for worker in workers:
+            worker.join(60)
+        answers = sorted(queue.get(timeout=10) for _ in workers)
+        assert answers.count("ok") == 1, answers
+        assert all("not empty" in a or "just taken by another run" in a for a in answers if a != "ok")
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    straight = train(tmp_path / "a", epochs=2)
-    train(tmp_path / "b", epochs=2, stop_after=1)
-    # a fresh process would start from other RNG states: scramble them before resuming
-    resumed = train(tmp_path / "b", epochs=2, resume=tmp_path / "b" / "last.pt", reseed=999)
-    for p, q in zip(straight.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(p, q)
-    state = common.load_checkpoint(tmp_path / "b" / "last.pt", "toy")
-    assert state["epoch"] == 2 and state["scheduler"]["last_epoch"] == 2 and state["args"]["lr"] == 0.05
+def test_an_expected_error_after_the_folder_was_made_leaves_no_trace(tmp_path, capsys):
+    def failing(argv):
+        run = common.open_run(common.parse_args(toy_parser(), SCRIPT_TOY, argv), SCRIPT_TOY)
+        raise common.DatasetError(f"refuge: dataset folder /nope does not exist ({run.dir.name})")
+
+    assert run_cli(failing, ["--out", str(tmp_path / "new")], capsys)[0] == 2
+    assert not (tmp_path / "new").exists()  # the corrected command can use the same --out
+    (tmp_path / "empty").mkdir()
+    assert run_cli(failing, ["--out", str(tmp_path / "empty")], capsys)[0] == 2
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())  # it was there: it stays
+
+
+def test_resume_of_a_multi_seed_run_equals_the_uninterrupted_run(tmp_path, capsys):
+    straight = toy_main(["--out", str(tmp_path / "a"), "--seeds", "0,1", "--device", "cpu"])
+    with pytest.raises(KeyboardInterrupt):  # killed in the second seed of row B, after its 2nd epoch
+        toy_main(["--out", str(tmp_path / "b"), "--seeds", "0,1", "--device", "cpu"], stop=("B", 1, 2))
+    finished = {p: p.read_bytes() for p in (tmp_path / "b").glob("*-seed0/*")}
+    assert len(finished) == 6 and not (tmp_path / "b" / "B-seed1" / "result.json").exists()
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)  # a fresh process starts from other states
+    # a checkpoint inside the run names the run too; the finished jobs are kept as they were
+    resumed = toy_main(["--resume", str(tmp_path / "b" / "B-seed1" / "last.pt")])
+    assert resumed == tmp_path / "b" and tables_of(straight) == tables_of(resumed)
+    assert all(p.read_bytes() == data for p, data in finished.items())
+    assert "[B-seed1] resumed after epoch 2" in capsys.readouterr().out
+    # row B's best epoch is 1 (its score is lifted there): after the resume no epoch improved, yet
+    # the test used best.pt of epoch 1, written before the interruption
+    b_row = json.loads((tmp_path / "b" / "results.json").read_text())["table"][1]
+    assert [e["best_epoch"] for e in b_row["per_seed"]] == [1, 1]
+    epochs = [(r["row"], r["seed"], r["epoch"]) for r in map(json.loads, (tmp_path / "b" / "log.jsonl")
+                                                             .read_text().splitlines()) if "epoch" in r]
+    assert epochs == [(row, seed, e) for row in "AB" for seed in (0, 1) for e in (1, 2, 3)]
+
+
+def test_flags_beside_resume_must_agree_with_the_run(tmp_path, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        toy_main(["--out", str(tmp_path / "r"), "--lr", "0.01", "--device", "cpu"], stop=("A", 0, 1))
+    for bad, named in ((["--lr", "0.5"], "--lr"), (["--lr", "0.05"], "--lr"), (["--epochs", "2"], "--epochs"),
+                       (["--out", str(tmp_path / "other")], "--out"), (["--seeds", "0,1"], "--seeds")):
+        code, err = run_cli(lambda argv: toy_main(argv), ["--resume", str(tmp_path / "r")] + bad, capsys)
+        assert code == 2 and f"{named}" in err and "differ from the run's config.json" in err, bad
+    code, err = run_cli(lambda argv: toy_main(argv), ["--resume", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "no config.json" in err
+    # --device, --log-every and a larger --epochs may change; the optimiser keeps the run's rate
+    folder = toy_main(["--resume", str(tmp_path / "r"), "--lr", "0.01", "--device", "cpu", "--log-every", "2",
+                       "--epochs", "4"])
+    state = common.load_checkpoint(folder / "A-seed0" / "last.pt", "toy")
+    assert state["epoch"] == 4 and state["optimizer"]["param_groups"][0]["initial_lr"] == 0.01
+    assert state["args"]["epochs"] == 4 and state["args"]["lr"] == 0.01 and state["note"] == "toy"
+
+
+def test_a_non_finite_loss_stops_naming_epoch_and_step_as_the_log_does(tmp_path, capsys):
+    code, err = run_cli(lambda argv: toy_main(argv, nan_at=(2, 3)), ["--out", str(tmp_path / "r"), "--log-every",
+                                                                      "2", "--device", "cpu"], capsys)
+    # NaN at epoch 2 step 3; seen at the next progress line, step 4
+    assert code == 2 and "A-seed0: loss is nan at epoch 2 step 4" in err and err.count("\n") == 1
+    assert common.load_checkpoint(tmp_path / "r" / "A-seed0" / "last.pt", "toy")["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()
+            if "epoch" in json.loads(line)] == [1]
+
+
+def test_a_checkpoint_is_only_written_with_finite_weights_and_buffers(tmp_path):
+    run = common.open_run(common.parse_args(toy_parser(), SCRIPT_TOY, ["--out", str(tmp_path / "r")]), SCRIPT_TOY)
+    job = common.Job("A", 0, 0, run, tmp_path / "r" / "A-seed0", tmp_path / "r" / "log.jsonl")
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    assert common.save(job, 1, 0.5, -math.inf, model) == 0.5
+    assert common.save(job, 2, 0.4, 0.5, model) == 0.5               # not better: best.pt stays epoch 1
+    assert common.save(job, 3, math.nan, 0.5, model) == 0.5          # a NaN score never becomes the best
+    assert common.load_checkpoint(job.dir / "best.pt", "toy")["epoch"] == 1
+    model[1].running_var[2] = math.inf                               # what a diverged step leaves
+    with pytest.raises(common.NonFiniteLossError, match=r"after epoch 4 1\.running_var is not finite"):
+        common.save(job, 4, 0.9, 0.5, model)
+    last = common.load_checkpoint(job.dir / "last.pt", "toy")
+    assert last["epoch"] == 3 and all(torch.isfinite(v).all() for v in last["model"].values())
+    assert sorted(p.name for p in job.dir.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
 
 
 def test_checkpoint_round_trip_and_refusal(tmp_path):
-    args = make_args(tmp_path)
-    run = common.Run(args, "uml")
-    model = tiny_model()
+    run = common.open_run(common.parse_args(toy_parser(), "uml", ["--out", str(tmp_path / "r")]), "uml")
+    job = common.Job("A", 0, 0, run, tmp_path / "r" / "A-seed0", tmp_path / "r" / "log.jsonl")
+    model = nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3)).sum().backward()
     optimizer.step()
     common.seed_everything(5)
-    path = run.save("last.pt", common.checkpoint_state(model, optimizer, None, 3, 0.25, args))
+    common.save(job, 3, 0.25, -math.inf, model, optimizer)
     after_save = (torch.rand(3), np.random.rand(), random.random())
-    assert not list(tmp_path.glob("*.tmp"))
-    # loads with weights_only=True (RNG states stored as tensors and plain lists)
-    state = torch.load(path, weights_only=True)
-    copy = tiny_model()
+    copy = nn.Linear(3, 2)
     copy_optimizer = torch.optim.SGD(copy.parameters(), lr=0.1, momentum=0.9)
-    epoch, best = common.restore_state(common.load_checkpoint(path, "uml.py"), copy, copy_optimizer)
-    assert (epoch, best) == (3, 0.25)
-    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), copy.state_dict().values()))
+    assert common.resume(job, copy, copy_optimizer) == (3, 0.25)      # weights, optimiser and RNG states
+    assert torch.equal(copy.weight, model.weight)
     assert torch.equal(copy_optimizer.state_dict()["state"][0]["momentum_buffer"],
                        optimizer.state_dict()["state"][0]["momentum_buffer"])
-    assert torch.equal(torch.rand(3), after_save[0])
-    assert (np.random.rand(), random.random()) == after_save[1:]
-    assert state["script"] == "uml"
+    assert torch.equal(torch.rand(3), after_save[0]) and (np.random.rand(), random.random()) == after_save[1:]
+    path = job.dir / "last.pt"
+    assert torch.load(path, weights_only=True)["script"] == "uml"
     with pytest.raises(common.CheckpointError, match=r"uml\.py.*joint_unet\.py"):
         common.load_checkpoint(path, "joint_unet")
     with pytest.raises(common.CheckpointError, match="missing.pt"):
         common.load_checkpoint(tmp_path / "missing.pt", "uml")
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(common.CheckpointError, match=r"cannot read checkpoint .*truncated\.pt \(corrupt or truncated"):
-        common.load_checkpoint(truncated, "uml")
+    (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(common.CheckpointError, match=r"truncated\.pt \(corrupt or truncated"):
+        common.load_checkpoint(tmp_path / "truncated.pt", "uml")
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     with pytest.raises(common.CheckpointError, match="not a checkpoint written by this project"):
         common.load_checkpoint(tmp_path / "foreign.pt", "uml")
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    with pytest.raises(common.NonFiniteLossError, match=r"step 10 \(epoch 2\)"):
-        train(tmp_path, epochs=3, nan_at_step=9)  # detected at the log step after it (every 2 steps)
-    state = common.load_checkpoint(tmp_path / "last.pt", "toy")
-    assert state["epoch"] == 1  # the last good checkpoint, readable
-    assert "non_finite_loss" in (tmp_path / "log.jsonl").read_text()
-    with pytest.raises(common.NonFiniteLossError, match="step 7"):
-        common.check_finite(torch.tensor([1.0, math.inf]), 7)
-    assert common.check_finite(torch.tensor(2.5), 1) == 2.5
-
-
-def test_progress_line():
-    out = io.StringIO()
-    progress = common.Progress(4, every=2, epoch=3, min_interval=0.0, file=out)
-    returned = [progress.step(torch.tensor(v), images=8, wait_s=0.0) for v in (1.0, 2.0, 3.0, 5.0)]
-    assert returned == [None, 1.5, None, 4.0]  # mean loss of each window, at the printed steps
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("epoch 3 step 2/4 loss 1.5000 img/s ") and "data-wait 0%" in lines[0]
-    assert lines[1].startswith("epoch 3 step 4/4 loss 4.0000") and lines[1].endswith("eta 0:00")
-    summary = progress.summary()
-    assert summary["images_per_s"] > 0 and summary["data_wait_share"] == 0.0
-
-
-def test_progress_report_and_timed_batches(tmp_path, capsys):
+def test_progress_line_and_report(tmp_path, capsys):
     import time as time_module
+    run = common.open_run(common.parse_args(toy_parser(), SCRIPT_TOY, ["--out", str(tmp_path / "r")]), SCRIPT_TOY)
+    job = common.Job("UML", 0, 0, run, tmp_path / "r" / "UML-seed0", tmp_path / "r" / "log.jsonl")
+    progress = common.Progress(job, 4, epochs=5, start_epoch=2, every=3)
 
-    def slow_batches():
-        for i in range(3):
-            time_module.sleep(0.02)       # the time a batch takes to make counts as waiting
-            yield i
+    def slow(values):
+        for v in values:
+            time_module.sleep(0.02)  # making a batch counts as waiting
+            yield v
 
-    waits = []
-    for batch, wait in common.timed(slow_batches()):
-        waits.append(wait)
-        time_module.sleep(0.01)           # the caller's step does not
-    assert len(waits) == 3 and all(0.015 < w < 0.5 for w in waits)
-    assert list(common.timed([])) == [] and [b for b, _ in common.timed([4, 5])] == [4, 5]
-    progress = common.Progress(2, every=10, file=io.StringIO())
-    progress.step(torch.tensor(1.0), images=6, wait_s=0.0)
-    args = argparse.Namespace(out=str(tmp_path / "run"), data="synthetic")
-    run = common.Run(args, "toy", "cpu")
-    speed = progress.report("bcs", run, row="bcs", seed=1)
-    assert set(speed) == {"images_per_s", "data_wait_share", "steps", "seconds"} and speed["steps"] == 1
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("[bcs] ") and "img/s, data wait 0%" in line
-    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
-    assert (record["event"], record["row"], record["seed"], record["steps"]) == ("speed", "bcs", 1, 1)
+    for value in progress.epoch(2, slow([1.0, 2.0, 3.0, 5.0])):
+        progress.step(torch.tensor(value), 8)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[UML-seed0] epoch 3 step 3/4 loss 2.0000 img/s ")   # steps 1-3
+    assert lines[1].startswith("[UML-seed0] epoch 3 step 4/4 loss 5.0000") and "eta 0:0" in lines[1]  # 8 of 12 left
+    assert len(lines) == 2
+    speed = progress.report()
+    assert speed["images_per_s"] > 0 and 0.3 < speed["data_wait_share"] <= 1
+    record = json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])
+    assert (record["event"], record["row"], record["seed"]) == ("speed", "UML", 0)
 
 
-def test_tables_and_results(tmp_path):
+def test_summarize_rows_by_hand_and_results_files(tmp_path):
+    per_row = {"A": [{"dice": 0.70, "hd": 4.0, "task": "seg", "seed": 2, "rank": 0},
+                     {"dice": 0.80, "hd": 2.0, "task": "seg", "seed": 0, "rank": 0},
+                     {"dice": 0.90, "hd": 3.0, "task": "seg", "seed": 1, "rank": 0}],
+               "B": [{"dice": 0.4, "hd": math.inf, "seed": 2, "rank": 1}, {"dice": 0.5, "hd": 2.0, "seed": 0, "rank": 0},
+                     {"dice": 0.6, "hd": 3.0, "seed": 1, "rank": 1}]}
+    a, b = common.summarize_rows(per_row)
+    # A: dice 0.70, 0.80, 0.90 -> mean 0.80, sample std 0.10, SE 0.10 / sqrt(3); hd 4, 2, 3 -> 3, SE 1/sqrt(3)
+    assert a["dice"] == pytest.approx(0.80) and a["dice_se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert a["hd"] == pytest.approx(3.0) and a["hd_se"] == pytest.approx(1 / math.sqrt(3)) and "hd_undefined" not in a
+    # B: hd inf, 2, 3 -> the two defined values: mean 2.5, std 0.7071, SE 0.5; one undefined
+    assert b["hd"] == pytest.approx(2.5) and b["hd_se"] == pytest.approx(0.5) and b["hd_undefined"] == 1
+    assert a["task"] == "seg" and a["seeds"] == [2, 0, 1] and b["rank"] == [1, 0, 1] and a["per_seed"][1]["dice"] == 0.8
+    assert common.row_metrics(a) == pytest.approx({"dice": 0.8, "dice_se": 0.1 / math.sqrt(3), "hd": 3.0,
+                                                   "hd_se": 1 / math.sqrt(3), "task": "seg"})
+    assert common.fmt_over_seeds(a, "dice", percent=True) == "80.0 ± 5.8"
+    assert common.fmt_over_seeds({"seeds": [0], "dice": 0.8, "dice_se": 0.0}, "dice", percent=True) == "80.0"
+    assert common.fmt_mean_se(0.8213, 0.0042, percent=True) == "82.1 ± 0.4"
+    assert common.fmt_mean_se(7.123, 0.31) == "7.12 ± 0.31" and common.fmt_mean_se(math.inf, 0.1) == "n/a"
     rows = [{"row": "A", "dice": 0.8123, "hd": math.inf}, {"row": "B", "dice": 0.9, "hd": 4.25}]
     table = common.markdown_table(rows, ["row", "dice", "hd", "n"], formats={"dice": "{:.1%}"}, title="T")
     assert table == ("### T\n\n| row | dice | hd | n |\n|---|---|---|---|\n"
                      "| A | 81.2% | inf | – |\n| B | 90.0% | 4.25 | – |\n")
-    assert common.fmt_mean_se(0.8213, 0.0042, percent=True) == "82.1 ± 0.4"
-    assert common.fmt_mean_se(7.123, 0.31) == "7.12 ± 0.31"
-    common.write_results(tmp_path, "uml.py", "synthetic", "test", {"dice": torch.tensor(0.5), "hd": math.inf},
-                         rows, {"lr": 0.1, "out": tmp_path}, table)
-    results = json.loads((tmp_path / "results.json").read_text())
+    run = common.open_run(common.parse_args(toy_parser(), "uml", ["--out", str(tmp_path / "r"), "--seeds", "2,0,1"]),
+                          "uml")
+    common.write_results(run, {"dice": torch.tensor(0.5), "hd": math.inf}, [a, b], table)
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert set(results) == {"script", "data", "split", "seeds", "metrics", "table", "config"}
-    assert results["seeds"] is None  # a config without seed or seeds
-    assert results["script"] == "uml" and results["metrics"] == {"dice": 0.5, "hd": None}
-    assert results["table"][1] == {"row": "B", "dice": 0.9, "hd": 4.25}
-    assert (tmp_path / "results.md").read_text() == table
+    assert results["script"] == "uml" and results["seeds"] == [2, 0, 1] and results["metrics"] == {"dice": 0.5,
+                                                                                                   "hd": None}
+    assert results["table"][1]["per_seed"][0]["hd"] is None and (tmp_path / "r" / "results.md").read_text() == table
 
 
-def test_row_metrics_drop_the_bookkeeping():
-    per_row = {"A": [{"dice": 0.5, "seed": 0, "rank": 0}, {"dice": 0.7, "seed": 1, "rank": 0}]}
-    row = common.summarize_rows(per_row)[0]
-    assert common.row_metrics(row) == pytest.approx({"dice": 0.6, "dice_se": 0.1})
-    assert common.fmt_over_seeds(row, "dice", digits=3) == "0.600 ± 0.100"
+TORCHRUN_PROGRAM = '''
+# The toy script of test_common.py under torchrun: rows mode (2 rows x 3 seeds shared out), then one
+# model data-parallel (one job).
+import sys
+sys.path.insert(0, {tests!r})
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)
+import test_common
+out, mode = sys.argv[1], sys.argv[2]
+if mode == "rows":
+    test_common.toy_main(["--out", out, "--seeds", "0,1,2", "--device", "cpu", "--epochs", "2"])
+else:
+    test_common.ddp_main(["--out", out, "--device", "cpu"])
+'''
+
+
+class WithAnUnusedHead(nn.Module):
+    """A baseline that leaves a component out: DDP must not need every parameter used."""
+    def __init__(self):
+        super().__init__()
+        self.body, self.unused_head = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)), nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def ddp_main(argv):
+    """One job trained data-parallel: 3 SGD steps on a batch of 8 split over the ranks."""
+    args = common.parse_args(toy_parser(epochs=1), SCRIPT_TOY, argv)
+    run = common.open_run(args, SCRIPT_TOY, n_jobs=1)
+
+    def train_and_test(job):
+        torch.manual_seed(0)
+        model = common.prepare_model(WithAnUnusedHead(), run)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(1)
+        batch = {"x": torch.randn(8, 3, generator=gen), "y": torch.randn(8, 1, generator=gen)}
+        for _ in range(3):
+            part = common.shard(batch, run.dist)
+            loss = ((model(part["x"]) - part["y"]) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        common.save(job, 1, 0.0, -math.inf, model)
+        return {"rank_seen": float(run.dist.rank)}
+
+    table = common.run_jobs(run, [("ddp", 0)], train_and_test)
+    if table is not None:
+        common.write_results(run, {}, table, "ddp")
+
+
+def test_torchrun_rows_equal_one_process_and_data_parallel_equals_whole_batch(tmp_path):
+    import os
+    import subprocess
+    program = tmp_path / "program.py"
+    program.write_text(TORCHRUN_PROGRAM.format(tests=str(Path(__file__).resolve().parent),
+                                               root=str(Path(common.__file__).resolve().parent)))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    for mode in ("rows", "data"):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(program), str(tmp_path / mode), mode], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run([sys.executable, str(program), str(tmp_path / "one"), "rows"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert tables_of(tmp_path / "rows") == tables_of(tmp_path / "one")  # bitwise: same seeds, one thread
+    two = json.loads((tmp_path / "rows" / "results.json").read_text())["table"]
+    assert two[0]["rank"] == [0, 1, 0] and two[1]["rank"] == [1, 0, 1]  # job i on rank i % 2
+    config = json.loads((tmp_path / "rows" / "config.json").read_text())
+    assert (config["world_size"], config["parallel"]) == (2, "rows")
+    log = [json.loads(line) for line in (tmp_path / "rows" / "log.jsonl").read_text().splitlines()]
+    assert sorted((r["row"], r["seed"], r["epoch"]) for r in log if "epoch" in r) == \
+        [(row, seed, e) for row in "AB" for seed in (0, 1, 2) for e in (1, 2)]  # both ranks' lines, whole
+    data = json.loads((tmp_path / "data" / "results.json").read_text())
+    assert data["table"][0]["per_seed"][0]["rank"] == "all" and data["table"][0]["rank_seen"] == 0.0
+    assert json.loads((tmp_path / "data" / "config.json").read_text())["parallel"] == "data"
+    weights = common.load_checkpoint(tmp_path / "data" / "ddp-seed0" / "best.pt", "toy")["model"]
+    torch.manual_seed(0)  # the same 3 SGD steps in one process on the whole batch of 8
+    model = WithAnUnusedHead()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, generator=gen), torch.randn(8, 1, generator=gen)
+    for _ in range(3):
+        loss = ((model(x) - y) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert set(weights) == set(model.state_dict())  # saved without DDP's "module." prefix
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
+    assert sum((weights[k] - v).abs().sum() for k, v in initial.items()) > 1e-3  # the steps did train
+
+
+def test_shard_slices_per_image_entries():
+    batch = {"images": torch.arange(10), "names": list("abcdefghij"), "size": 32}
+    parts = [common.shard(batch, common.Dist(rank=r, world_size=3, mode="data")) for r in range(3)]
+    assert [p["images"].tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert parts[1]["names"] == ["e", "f", "g"] and parts[2]["size"] == 32
+    assert common.shard(batch, common.Dist(rank=1, world_size=3, mode="rows")) is batch
+
+
+def test_load_model_state_across_compile_and_ddp_prefixes():
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    plain = source.state_dict()
+    for prefix in ("", "_orig_mod.", "module.", "module._orig_mod."):  # torch.compile, DDP, both
+        saved = {prefix + k: v for k, v in plain.items()}
+        for target in (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)),
+                       torch.compile(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)))):
+            common.load_model_state(target, saved)
+            assert all(torch.equal(a, b) for a, b in zip(common._unwrap(target).state_dict().values(), plain.values()))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        common.load_model_state(nn.Sequential(nn.Linear(3, 4)), {"0.weight": plain["0.weight"]})
+
+
+def test_restore_architecture_and_fill_defaults(capsys):
+    args = argparse.Namespace(width=8, padding="same", blocks=[1, 2], lr=0.1)
+    checkpoint = {"args": {"width": 16, "padding": "same", "blocks": [1, 2], "lr": 0.5}}
+    common.restore_architecture(args, checkpoint, ["width", "padding", "blocks", "absent"])
+    assert (args.width, args.padding, args.blocks, args.lr) == (16, "same", [1, 2], 0.1)  # lr not asked for
+    assert not hasattr(args, "absent")
+    assert capsys.readouterr().out.strip() == "--width: using the checkpoint's 16 (command line: 8)"
+    args = argparse.Namespace(size=None, epochs=7, lr=None, width=None)
+    common.fill_defaults(args, {"size": 32}, {"size": 256, "epochs": 100, "lr": 1e-4})
+    assert (args.size, args.epochs, args.lr, args.width) == (32, 7, 1e-4, None)  # set values stay
+    sizes = argparse.Namespace(n_train=12, n_val=None, n_test=0)
+    assert common.synthetic_split_sizes(sizes) == {"n_train": 12, "n_test": 0}   # only the flags given
 
 
 def test_figures(tmp_path):
@@ -512,16 +754,15 @@ def test_figures(tmp_path):
     common.draw_contours(axes[0], mask, "lime", label="truth")
     common.plot_uncertainty(axes[1], torch.rand(16, 16), title="entropy")
     paths = [common.save_figure(fig, tmp_path / "figures" / "sample.png")]
-    (tmp_path / "log.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "loss": 0.5}\n')
-    paths.append(common.plot_curves(tmp_path / "log.jsonl", ["loss"], tmp_path / "curves.png"))
+    run = common.open_run(common.parse_args(toy_parser(), SCRIPT_TOY, ["--out", str(tmp_path / "r")]), SCRIPT_TOY)
+    job = common.Job("A", 0, 0, run, tmp_path / "r" / "A-seed0", tmp_path / "r" / "log.jsonl")
+    for epoch, loss in ((1, 1.0), (2, 0.5)):
+        job.log(epoch=epoch, loss=loss)
+    paths.append(common.plot_curves(job, ["loss"], tmp_path / "curves.png"))
     paths.append(common.plot_reliability(torch.rand(100), torch.rand(100) < 0.5, tmp_path / "rel.png"))
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-# --------------------------------------------------------------------------------------------------
-# Errors, run folders that already hold a run, checkpoints of wrapped models
-# --------------------------------------------------------------------------------------------------
 
 
 def test_figure_helpers(tmp_path):
@@ -540,111 +781,6 @@ def test_figure_helpers(tmp_path):
     assert [t.get_text() for t in axes[1].get_xticklabels()] == ["a", "b", "u"]
     assert common.save_figure(fig, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
-
-def test_run_refuses_a_folder_that_holds_a_run(tmp_path):
-    out = tmp_path / "run"
-    run = common.Run(make_args(out), "toy")
-    run.log({"epoch": 1})
-    run.save("best.pt", {"model": {}})
-    for name in ("config.json", "best.pt"):  # either file marks the folder as a run
-        with pytest.raises(common.UsageError, match=r"already holds a run.*--resume .*last\.pt.*--overwrite"):
-            common.Run(make_args(out), "toy")
-        if name == "config.json":
-            (out / "config.json").unlink()
-    assert (out / "best.pt").exists() and (out / "log.jsonl").exists()  # nothing was touched
-    common.Run(make_args(out, resume=str(out / "last.pt")), "toy")  # continuing that run is allowed
-    assert (out / "log.jsonl").exists()
-    with pytest.raises(common.UsageError):  # a checkpoint of another folder does not continue this one
-        common.Run(make_args(out, resume=str(tmp_path / "other" / "last.pt")), "toy")
-    common.Run(make_args(out, overwrite=True), "toy")  # --overwrite: the old run's files are gone
-    assert not (out / "best.pt").exists() and not (out / "log.jsonl").exists() and (out / "config.json").exists()
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("mine")
-    common.Run(make_args(tmp_path / "empty"), "toy")  # a folder without a run is fine
-    assert (tmp_path / "empty" / "notes.txt").read_text() == "mine"
-
-
-class TwoLayers(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def test_load_model_state_across_compile_and_ddp_prefixes():
-    torch.manual_seed(0)
-    source = TwoLayers()
-    plain = source.state_dict()
-    compiled_keys = {"_orig_mod." + k: v for k, v in plain.items()}      # torch.compile'd model's keys
-    ddp_keys = {"module." + k: v for k, v in plain.items()}              # DistributedDataParallel's keys
-    both = {"module._orig_mod." + k: v for k, v in plain.items()}
-    for saved in (plain, compiled_keys, ddp_keys, both):
-        for target in (TwoLayers(), torch.compile(TwoLayers())):  # compiling is lazy: no compiler needed
-            common.load_model_state(target, saved)
-            assert all(torch.equal(a, b) for a, b in zip(common._unwrap(target).state_dict().values(), plain.values()))
-    with pytest.raises(RuntimeError, match="Missing key"):
-        common.load_model_state(TwoLayers(), {"body.0.weight": plain["body.0.weight"]})
-    # checkpoint_state of a compiled model saves plain keys; restore_state loads them into a compiled model
-    state = common.checkpoint_state(torch.compile(source), None, None, 1, 0.0, {}, rng=False)
-    assert set(state["model"]) == set(plain)
-    target = torch.compile(TwoLayers())
-    assert common.restore_state(state, target) == (1, 0.0)
-    assert torch.equal(common._unwrap(target).body[0].weight, source.body[0].weight)
-
-
-def test_restore_architecture(capsys):
-    args = argparse.Namespace(width=8, padding="same", blocks=[1, 2], lr=0.1)
-    checkpoint = {"args": {"width": 16, "padding": "same", "blocks": [1, 2], "lr": 0.5}}
-    changed = common.restore_architecture(args, checkpoint, ["width", "padding", "blocks", "absent"])
-    assert changed == {"width": (8, 16)}
-    assert (args.width, args.padding, args.blocks, args.lr) == (16, "same", [1, 2], 0.1)  # lr not asked for
-    assert not hasattr(args, "absent")
-    assert capsys.readouterr().out.strip() == "--width: using the checkpoint's 16 (command line: 8)"
-
-
-def test_fill_defaults_takes_the_first_table_that_has_the_key():
-    args = argparse.Namespace(size=None, epochs=7, lr=None, width=None)
-    common.fill_defaults(args, {"size": 32}, {"size": 256, "epochs": 100, "lr": 1e-4})
-    assert (args.size, args.epochs, args.lr, args.width) == (32, 7, 1e-4, None)  # set values stay
-    sizes = argparse.Namespace(n_train=12, n_val=None, n_test=0)
-    assert common.synthetic_split_sizes(sizes) == {"n_train": 12, "n_test": 0}   # only the flags given
-    assert common.synthetic_split_sizes(argparse.Namespace()) == {}
-
-
-def test_starting_checkpoint(tmp_path, capsys):
-    args = argparse.Namespace(out=str(tmp_path / "first"), data="synthetic", width=8, lr=0.1)
-    run = common.Run(args, "toy", "cpu")
-    run.save("last.pt", {"model": {}, "args": {"width": 16, "lr": 0.5}})
-    fresh = argparse.Namespace(eval_only=False, checkpoint=None, resume=None, out=None, width=8)
-    assert common.starting_checkpoint(fresh, "toy") is None and fresh.out is None
-    resume = argparse.Namespace(eval_only=False, checkpoint=None, resume=str(run.path("last.pt")), out=None, width=8)
-    assert common.starting_checkpoint(resume, "toy", keys=["width"])["args"]["width"] == 16
-    assert resume.width == 16 and resume.out == str(tmp_path / "first")  # the interrupted run's folder
-    with pytest.raises(common.UsageError, match="--eval-only needs --checkpoint"):
-        common.starting_checkpoint(argparse.Namespace(eval_only=True, checkpoint=None, resume=None, out=None), "toy")
-    evaluate = argparse.Namespace(eval_only=True, checkpoint=str(run.path("last.pt")), resume=None, out=None)
-    assert common.starting_checkpoint(evaluate, "toy")["args"]["lr"] == 0.5 and evaluate.out is None
-    with pytest.raises(common.CheckpointError, match="toy"):
-        common.starting_checkpoint(evaluate, "other")
-
-
-def test_best_checkpoint_keeps_last_and_best(tmp_path):
-    run = common.Run(argparse.Namespace(out=str(tmp_path / "run"), data="synthetic"), "toy", "cpu")
-    model = nn.Linear(2, 1)
-    checkpoints = common.BestCheckpoint(run, "a-last.pt", "a-best.pt")
-    for epoch, (value, score) in enumerate([(1.0, 0.5), (2.0, 0.7), (3.0, 0.6)]):
-        nn.init.constant_(model.weight, value)
-        checkpoints.save({"model": model.state_dict(), "epoch": epoch + 1}, score)
-    assert checkpoints.best_score == 0.7
-    assert common.load_checkpoint(run.path("a-best.pt"), "toy")["epoch"] == 2      # the best epoch
-    assert common.load_checkpoint(run.path("a-last.pt"), "toy")["epoch"] == 3      # the last one
-    assert checkpoints.load_best(model).weight.flatten().tolist() == [2.0, 2.0]    # in memory
-    resumed = common.BestCheckpoint(run, "a-last.pt", "a-best.pt", best_score=0.7)
-    resumed.save({"model": nn.Linear(2, 1).state_dict(), "epoch": 4}, 0.65)       # no better: best.pt stays
-    nn.init.constant_(model.weight, 0.0)
-    assert resumed.load_best(model).weight.flatten().tolist() == [2.0, 2.0]        # read from a-best.pt
 
 
 def test_pretrained_weights_by_key_table(tmp_path):
@@ -669,6 +805,7 @@ def test_pretrained_weights_by_key_table(tmp_path):
     torch.save({"a": 1}, tmp_path / "numbers.pth")
     with pytest.raises(common.UsageError, match="not a state dict of tensors"):
         common.read_state_dict(tmp_path / "numbers.pth", "--weights")
+
 
 
 def test_cli_turns_expected_errors_into_one_message(capsys, monkeypatch):
@@ -700,235 +837,6 @@ def test_cli_turns_expected_errors_into_one_message(capsys, monkeypatch):
     common.cli(lambda argv=None: seen.append(argv), ["--quick"])
     assert seen == [["--quick"]]
 
-
-def test_cli_removes_a_new_run_folder_that_failed_before_writing_anything(tmp_path, capsys):
-    def main_failing_after(write):
-        def main(argv=None):
-            run = common.Run(argparse.Namespace(out=str(tmp_path / "run"), device="cpu"), "toy")
-            write(run)
-            raise common.DatasetError("refuge: dataset folder /nope does not exist")
-        return main
-
-    with pytest.raises(SystemExit):  # only config.json and an empty figures/: removed, the command can be rerun
-        common.cli(main_failing_after(lambda run: None), [])
-    assert not (tmp_path / "run").exists()
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "notes.txt").write_text("mine")  # a folder that was there keeps what it held
-    with pytest.raises(SystemExit):
-        common.cli(main_failing_after(lambda run: None), [])
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]
-    with pytest.raises(SystemExit):  # a run that logged or saved something keeps its folder
-        common.cli(main_failing_after(lambda run: run.log({"epoch": 1})), [])
-    assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "log.jsonl").exists()
-    capsys.readouterr()
-
-
-# --------------------------------------------------------------------------------------------------
-# Tables over seeds, and torchrun (rows shared out; one model data-parallel)
-# --------------------------------------------------------------------------------------------------
-
-
-def test_current_job_names_each_seeds_files_apart(tmp_path):
-    run = common.Run(make_args(tmp_path / "run"), "toy")
-    seen = []
-
-    def train_and_evaluate(row, seed):
-        job = common.current_job()
-        seen.append(tuple(job))
-        if row == "outer":  # a run_rows nested in a job sees its own job, then the outer one again
-            inner = common.run_rows([("inner", 7)], lambda r, s: {"x": float(tuple(common.current_job()) == (r, s, 0))})
-            assert inner["inner"][0]["x"] == 1.0 and common.current_job() == job
-        run.save(f"{job.row}-seed{job.seed}-best.pt", {"seed": seed, "row": row})
-        run.log({"row": row, "epoch": 1})  # gets the job's seed
-        return {"x": 1.0}
-
-    jobs = [("A", 0), ("A", 1), ("outer", 3)]
-    common.run_rows(jobs, train_and_evaluate, run)
-    assert seen == [("A", 0, 0), ("A", 1, 1), ("outer", 3, 2)] and common.current_job() is None
-    for row, seed in jobs:  # the two seeds of row A wrote two files, each its own
-        state = common.load_checkpoint(run.path(f"{row}-seed{seed}-best.pt"), "toy")
-        assert (state["row"], state["seed"]) == (row, seed)
-    records = [json.loads(line) for line in run.path("log.jsonl").read_text().splitlines()]
-    assert [(r["row"], r["seed"]) for r in records if r.get("epoch") == 1] == [("A", 0), ("A", 1), ("outer", 3)]
-    run.log({"row": "after"})
-    assert "seed" not in json.loads(run.path("log.jsonl").read_text().splitlines()[-1])
-
-
-def test_run_rows_and_summarize_rows_by_hand(tmp_path):
-    calls = []
-
-    def train_and_evaluate(row, seed):
-        calls.append((row, seed))
-        draw = torch.rand(1).item()  # run_rows seeds every generator with the job's seed first
-        torch.manual_seed(seed)
-        assert draw == torch.rand(1).item()
-        dice = {("A", 0): 0.80, ("A", 1): 0.90, ("A", 2): 0.70, ("B", 0): 0.50, ("B", 1): 0.60, ("B", 2): 0.40}
-        hd = math.inf if (row, seed) == ("B", 2) else 2.0 + seed
-        return {"dice": dice[(row, seed)], "hd": torch.tensor(hd), "epochs": 3, "task": "seg",
-                "note": f"seed {seed}"}
-
-    run = common.Run(make_args(tmp_path / "run"), "toy")
-    jobs = [(row, seed) for row in ("A", "B") for seed in (2, 0, 1)]
-    per_row = common.run_rows(jobs, train_and_evaluate, run)
-    assert calls == jobs and list(per_row) == ["A", "B"]
-    assert [e["seed"] for e in per_row["A"]] == [2, 0, 1] and {e["rank"] for e in per_row["B"]} == {0}
-    table = common.summarize_rows(per_row)
-    a, b = table
-    # A: dice 0.70, 0.80, 0.90 -> mean 0.80, sample std 0.10, SE 0.10 / sqrt(3) = 0.057735
-    assert a["row"] == "A" and a["dice"] == pytest.approx(0.80) and a["dice_se"] == pytest.approx(0.1 / math.sqrt(3))
-    # A: hd 4, 2, 3 -> mean 3, std 1, SE 1/sqrt(3)
-    assert a["hd"] == pytest.approx(3.0) and a["hd_se"] == pytest.approx(1 / math.sqrt(3)) and "hd_undefined" not in a
-    # B: hd inf (seed 2), 2, 3 -> mean of the two defined values 2.5, std 0.7071, SE 0.5; one undefined
-    assert b["hd"] == pytest.approx(2.5) and b["hd_se"] == pytest.approx(0.5) and b["hd_undefined"] == 1
-    assert b["dice"] == pytest.approx(0.5) and b["dice_se"] == pytest.approx(0.1 / math.sqrt(3))
-    assert a["epochs"] == 3 and a["epochs_se"] == 0.0 and a["task"] == "seg" and "note" not in a
-    assert a["seeds"] == [2, 0, 1] and a["rank"] == [0, 0, 0] and a["per_seed"][1]["dice"] == 0.80
-    assert common.fmt_over_seeds(a, "dice", percent=True) == "80.0 ± 5.8"
-    assert common.fmt_over_seeds({"row": "x", "seeds": [0], "dice": 0.8, "dice_se": 0.0}, "dice", percent=True) == "80.0"
-    jobs_logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [(r["row"], r["seed"]) for r in jobs_logged] == jobs
-    common.write_results(tmp_path / "run", "toy", "synthetic", "test", {}, table, {"seed": 0, "seeds": [2, 0, 1]}, "t")
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["seeds"] == [2, 0, 1]  # results.json records the seeds of the table
-    written = results["table"]
-    assert written[1]["per_seed"][0]["hd"] is None and written[0]["per_seed"][2]["seed"] == 1
-
-
-TORCHRUN_PROGRAM = '''
-# A table's rows (rows mode), then one model data-parallel (data mode), in one torchrun launch.
-import argparse, sys
-sys.path.insert(0, {root!r})
-import torch
-import torch.nn as nn
-import common
-
-torch.set_num_threads(1)
-modes, out = sys.argv[1].split(","), sys.argv[2]
-parser = common.add_common_args(argparse.ArgumentParser(), size=8, epochs=1, batch_size=8, lr=0.1)
-
-
-def toy_model():
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
-
-
-def fit(model, x, y, steps, dist=None):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(steps):
-        part = common.shard({{"x": x, "y": y}}, dist) if dist is not None else {{"x": x, "y": y}}
-        loss = ((model(part["x"]) - part["y"]) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model
-
-
-args = parser.parse_args(["--device", "cpu", "--seeds", "0,1,2", "--out", out + "/rows"])
-dist = common.init_distributed(args, n_jobs=6)  # rows mode: 2 rows x 3 seeds
-if "rows" in modes:
-    run = common.Run(args, "toy")
-
-    def job(row, seed):
-        gen = torch.Generator().manual_seed(seed)
-        x, y = torch.randn(16, 3, generator=gen), torch.randn(16, 1, generator=gen)
-        model = fit(toy_model(), x, y * (2.0 if row == "b" else 1.0), steps=5)
-        sub = common.Run(argparse.Namespace(out=f"{{out}}/rows/{{row}}-seed{{seed}}", device="cpu"), "toy")
-        sub.save("best.pt", common.checkpoint_state(model, None, None, 1, 0.0, {{}}, rng=False))
-        back = common.load_checkpoint(sub.path("best.pt"), "toy")["model"]  # written by this job's rank
-        # the job's own files in the ONE run folder made by rank 0: this job's rank writes them
-        assert run.is_main and common.current_job()[:2] == (row, seed)
-        run.save(f"{{row}}-seed{{seed}}-best.pt", common.checkpoint_state(model, None, None, 1, 0.0, {{}}, rng=False))
-        for k in range(20):  # long lines from both ranks at once into one log.jsonl
-            run.log({{"row": row, "event": "trained", "rank": dist.rank, "k": k, "pad": "x" * 10000}})
-        return {{"loss": ((model(x) - y) ** 2).mean().item(), "w": back["0.weight"][0, 0].item()}}
-
-    per_row = common.run_rows([(r, s) for r in ("a", "b") for s in common.seed_list(args)], job, run)
-    assert run.is_main == (dist.rank == 0) and common.current_job() is None  # the run's files: rank 0
-    common.write_results(run.dir, "toy", "synthetic", "test", {{}}, common.summarize_rows(per_row), args, "rows")
-if "data" in modes:
-    dist.mode = "data"  # what init_distributed picks for a run of one job (or --parallel data)
-    args.out = out + "/ddp"
-    torch.manual_seed(0)
-    model = common.wrap_data_parallel(toy_model(), dist)
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 3, generator=gen), torch.randn(8, 1, generator=gen)
-    fit(model, x, y, steps=3, dist=dist)
-    run = common.Run(args, "toy")
-    run.save("last.pt", common.checkpoint_state(model, None, None, 3, 0.0, args, rng=False))
-    state = common.load_checkpoint(run.path("last.pt"), "toy")  # every rank reads it after the save
-    common.write_results(run.dir, "toy", "synthetic", "test", {{"rank_read": dist.rank}}, [], args, "data")
-'''
-
-
-def test_torchrun_rows_equal_one_process_and_data_parallel_equals_whole_batch(tmp_path, monkeypatch):
-    import os
-    import runpy
-    import subprocess
-    program = tmp_path / "toy_program.py"
-    program.write_text(TORCHRUN_PROGRAM.format(root=str(Path(common.__file__).resolve().parent)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(program), "rows,data", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    # the same table in this (single) process
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(sys, "argv", [str(program), "rows", str(tmp_path / "one")])
-    runpy.run_path(str(program), run_name="__main__")
-    assert common._DIST["dist"].mode == "single"
-
-    one = json.loads((tmp_path / "one" / "rows" / "results.json").read_text())["table"]
-    two = json.loads((tmp_path / "two" / "rows" / "results.json").read_text())["table"]
-    assert len(one) == len(two) == 2
-    for r1, r2 in zip(one, two):
-        for key in ("row", "loss", "loss_se", "w", "w_se", "seeds"):
-            assert r1[key] == r2[key]  # bitwise: same seeds, same thread count
-        assert [{k: v for k, v in e.items() if k != "rank"} for e in r1["per_seed"]] == \
-               [{k: v for k, v in e.items() if k != "rank"} for e in r2["per_seed"]]
-    # jobs (a,0) (a,1) (a,2) (b,0) (b,1) (b,2) -> ranks i % 2
-    assert two[0]["rank"] == [0, 1, 0] and two[1]["rank"] == [1, 0, 1] and one[0]["rank"] == [0, 0, 0]
-    config = json.loads((tmp_path / "two" / "rows" / "config.json").read_text())
-    assert config["world_size"] == 2 and config["parallel"] == "rows"
-    assert len(list((tmp_path / "two" / "rows").glob("*/best.pt"))) == 6  # each job's rank wrote its sub-run
-    for row, seed in [(r, s) for r in "ab" for s in (0, 1, 2)]:  # and its own checkpoint in the run folder
-        state = common.load_checkpoint(tmp_path / "two" / "rows" / f"{row}-seed{seed}-best.pt", "toy")
-        assert state["epoch"] == 1
-    log = [json.loads(line) for line in (tmp_path / "two" / "rows" / "log.jsonl").read_text().splitlines()]
-    trained = [(r["row"], r["seed"], r["rank"], r["k"]) for r in log if r.get("event") == "trained"]
-    assert all(len(r["pad"]) == 10000 for r in log if r.get("event") == "trained")  # no line cut into
-    expected = [(r, s, (3 * "ab".index(r) + i) % 2, k) for r in "ab" for i, s in enumerate((0, 1, 2)) for k in range(20)]
-    assert sorted(trained) == sorted(expected)  # rank 1's jobs logged too, each line whole
-    assert [(r["row"], r["seed"], r["rank"]) for r in log if r.get("event") == "job"] == \
-           [(r, s, (3 * "ab".index(r) + i) % 2) for r in "ab" for i, s in enumerate((0, 1, 2))]
-
-    config = json.loads((tmp_path / "two" / "ddp" / "config.json").read_text())
-    assert config["world_size"] == 2 and config["parallel"] == "data"
-    assert json.loads((tmp_path / "two" / "ddp" / "results.json").read_text())["metrics"] == {"rank_read": 0}
-    weights = common.load_checkpoint(tmp_path / "two" / "ddp" / "last.pt", "toy")["model"]
-    # the same 3 SGD steps in one process on the whole batch of 8
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 3, generator=gen), torch.randn(8, 1, generator=gen)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        loss = ((model(x) - y) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert set(weights) == set(model.state_dict())  # saved without DDP's "module." prefix
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6)
-    assert sum((weights[k] - v).abs().sum() for k, v in initial.items()) > 1e-3  # the steps did train
-
-
-def test_shard_slices_per_image_entries():
-    batch = {"images": torch.arange(10), "names": list("abcdefghij"), "size": 32}
-    parts = [common.shard(batch, common.Dist(rank=r, world_size=3, mode="data")) for r in range(3)]
-    assert [p["images"].tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
-    assert parts[1]["names"] == ["e", "f", "g"] and parts[2]["size"] == 32
-    assert common.shard(batch, common.Dist(rank=1, world_size=3, mode="rows")) is batch
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -973,8 +881,6 @@ def test_predictor_from_checkpoint_and_run_predict(tmp_path):
                               device="cpu", recursive=False, batch_size=4)
     assert common.run_predict(args, load_model, predict_batch, "toy.py") == 1
     assert np.asarray(Image.open(tmp_path / "out" / "x_mask.png")).shape == (9, 12)
-    with pytest.raises(common.UsageError, match=r"--predict needs --checkpoint PATH \(a best.pt of toy.py\)"):
-        common.run_predict(argparse.Namespace(**{**vars(args), "checkpoint": None}), load_model, predict_batch, "toy")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "y.png").write_bytes(b"not a png")
     with pytest.raises(common.UsageError, match="no image could be read"):

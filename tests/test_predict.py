@@ -127,7 +127,7 @@ def test_predict_folder_writes_every_output_at_each_images_size(folder, tmp_path
     assert not list(out.glob("e_corrupt*")) and not list(out.glob("notes*")) and not (out / "sub").exists()
 
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(common.UsageError, match="already holds predictions"):
+    with pytest.raises(common.UsageError, match="is not empty; choose another --out"):
         common.predict_images_in(folder, predictor(), fake_predict_batch, out, script="uml")
     assert sorted(p.name for p in out.iterdir()) == before  # nothing written, nothing replaced
 
@@ -169,3 +169,21 @@ def test_predict_counts_zero_when_nothing_is_readable_and_names_twins_apart(tmp_
     assert common.predict_images_in(twins, predictor(), fake_predict_batch, tmp_path / "t") == 2
     assert Image.open(tmp_path / "t" / "x_jpg_mask.png").size == (12, 14)
     assert Image.open(tmp_path / "t" / "x_png_mask.png").size == (12, 10)
+
+
+def test_outputs_of_inputs_that_would_collide_get_distinct_names(tmp_path, capsys):
+    # a.png -> a_png, a.jpg -> a_jpg, and a_png.bmp, whose own stem is a_png, -> a_png_2: every name is
+    # decided before anything is written, so the run neither stops halfway nor overwrites an output
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, height in (("a.png", 10), ("a.jpg", 14), ("a_png.bmp", 18), ("A_PNG_2.tif", 22)):
+        Image.fromarray(two_halves(height, 12)).save(images / name)
+    assert common.predict_images_in(images, predictor(), fake_predict_batch, tmp_path / "out") == 4
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert {r["image"]: int(r["height"]) for r in rows} == {"a.png": 10, "a.jpg": 14, "a_png.bmp": 18,
+                                                            "A_PNG_2.tif": 22}
+    sizes = {p.name: Image.open(p).size[1] for p in (tmp_path / "out").glob("*_mask.png")}
+    assert sizes == {"a_png_mask.png": 10, "a_jpg_mask.png": 14, "a_png_2_mask.png": 18, "A_PNG_2_2_mask.png": 22}
+    with pytest.raises(common.UsageError, match="cannot create it"):  # an --out that cannot be made: one line
+        (tmp_path / "file").write_text("x")
+        common.predict_images_in(images, predictor(), fake_predict_batch, tmp_path / "file" / "out")
