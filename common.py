@@ -8,10 +8,11 @@ standard networks, not UML's contribution, like UNet. Anything specific to one p
 losses, fusion rule) stays in its script. Run-time dependencies: the standard library, torch, numpy,
 PIL, matplotlib.
 
-Part 1: networks, metrics, run bookkeeping
+Part 1: what a student reads beside a script
     1. Networks            DoubleConv, ResidualBlock, Down, Up, center_crop, UNet; ImageNet
-                           backbones: conv_bn, VGGEncoder, Res2NetEncoder and the key tables of
-                           their weight files (vgg16_key_table, res2net_key_table)
+                           backbones: conv_bn, VGGEncoder, Res2NetEncoder, the key tables of their
+                           weight files (vgg16_key_table, res2net_key_table), read_state_dict and
+                           load_pretrained (a weight file by an explicit key table)
     2. Overlap and calibration metrics   jaccard, dice, nll, brier, pixel_accuracy
     3. Surface distances   hausdorff (max or percentile), assd  (MONAI's conventions)
     4. Objects             label_components, object_dice, object_hausdorff (GlaS definitions)
@@ -20,29 +21,29 @@ Part 1: networks, metrics, run bookkeeping
                            classification_metrics (all of them from probabilities), mean_and_se,
                            finite_mean (mean of the defined values, the others counted);
                            assd_medpy (medpy's ASSD form with the UML authors' empty-mask value)
-    6. Run bookkeeping     errors (UsageError, CheckpointError, cli), add_common_args, seed_list,
-                           synthetic_split_sizes, fill_defaults, seed_everything, choose_device,
-                           autocast, prepare_model, load_model_state, restore_architecture,
-                           starting_checkpoint (--eval-only / --resume), read_state_dict +
-                           load_pretrained (ImageNet files by an explicit key table), Run (refuses
-                           to overwrite a run), load_checkpoint, checkpoint_state / restore_state,
-                           BestCheckpoint (last.pt / best.pt, best weights kept), poly_lr_factor,
-                           optimizer_step, check_finite, Progress (.report: the speed line), timed
-                           (batches with their data wait), markdown_table, fmt_mean_se, write_results
-    7. Figures             show_image, draw_contours, plot_uncertainty, show_with_contours,
-                           plot_bars, blank_grid, pick_examples, save_figure, plot_curves,
-                           plot_reliability
-    8. Seeds and processes run_rows, summarize_rows, fmt_over_seeds, row_metrics (tables over rows x
-                           seeds); torchrun: Dist, init_distributed, finish_distributed,
-                           wrap_data_parallel, shard
-    9. Predict             Predictor, predictor_from_checkpoint (a script's load_model),
-                           run_predict (--predict in a script's main), predict_images_in (a user's
-                           own images -> masks, overlays, uncertainty maps, predictions.csv)
+    6. Figures             show_image, draw_contours, plot_uncertainty, show_with_contours,
+                           plot_bars, blank_grid, pick_examples, plot_reliability
     Conventions: segmentation metrics take batched tensors `[N,H,W]` (a single `[H,W]` image is
     treated as N = 1) on any device and return one value per image as a CPU tensor;
     classification metrics return Python floats.
 
-Part 2: data
+Part 2: the run kit (the script writes its own training step; see the part's header)
+    7. Command line        UsageError, CheckpointError, NonFiniteLossError, cli, checked (typed
+                           flags), add_common_args, parse_args (--resume DIR), restore_architecture,
+                           fill_defaults, seed_list, synthetic_split_sizes, seed_everything,
+                           choose_device, autocast
+    8. Runs and jobs       open_run (a new or empty folder, claimed exclusively), Run, Job,
+                           run_jobs (rows x seeds, finished jobs kept, torchrun), job_folder,
+                           prepare_model, shard, mean_over_ranks (torchrun's data mode)
+    9. Checkpoints         save (last.pt, best.pt), resume, load_best, load_checkpoint,
+                           load_model_state, unwrap
+    10. Progress           Progress (the progress line, the NaN stop, images/s, data wait)
+    11. Results            summarize_rows, row_metrics, fmt_mean_se, fmt_over_seeds,
+                           markdown_table, write_results, save_figure, plot_curves
+    12. Predict            Predictor, run_predict, predict_images_in (a user's own images ->
+                           masks, overlays, uncertainty maps, predictions.csv)
+
+Part 3: data
     One entry point, `load_dataset(name, root=None, size=128, seed=0, cache=None, **options)`,
     returns a dict of splits ("train", "val", "test"; a test-only dataset returns only "test").
     A split is a plain dict of CPU tensors and lists:
@@ -104,7 +105,7 @@ from PIL import Image
 
 
 # ================================================================================================
-# Part 1: networks, metrics, run bookkeeping
+# Part 1: networks, metrics, figures
 # ================================================================================================
 
 matplotlib.use("Agg")  # figures are files; never open a window (headless servers, CI)
@@ -989,8 +990,8 @@ def plot_reliability(confidence, correct, out_png, n_bins=10):
 #        common.write_results(run, metrics, table, markdown)
 #
 #    torchrun: `open_run` joins the process group and picks a mode: "rows" (job i on rank i % N)
-#    when the run has several jobs, "data" (one model, DistributedDataParallel, each rank a slice of
-#    every batch: `prepare_model`, `shard`) when it has one, or as --parallel says. `run_jobs`,
+#    when the run has several jobs, "data" (one model, gradients averaged over the ranks, each rank a
+#    slice of every batch: `prepare_model`, `shard`) when it has one, or as --parallel says. `run_jobs`,
 #    `prepare_model` and `shard` are the only code that knows about ranks.
 # ================================================================================================
 
@@ -1022,6 +1023,7 @@ def cli(main, argv=None):
     its traceback (it is a bug)."""
     words = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in words or os.environ.get("COMMON_DEBUG", "") not in ("", "0")
+    _NEW_RUN.clear()  # only a folder this command makes
     try:
         main(argv) if argv is not None else main()
         _leave_torchrun(wait=True)
@@ -1045,7 +1047,8 @@ def checked(kind, low=None, above=None, high=None):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, not {text!r}")
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, not {text!r}")
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
         for fails, what in ((low is not None and value < low, f">= {low}"), (above is not None and value <= above,
@@ -1061,29 +1064,32 @@ POSITIVE_INT, NONNEGATIVE_INT = checked(int, low=1), checked(int, low=0)
 POSITIVE, NONNEGATIVE = checked(float, above=0), checked(float, low=0)
 
 
-def _seeds_flag(text):
-    """argparse type of --seeds: '0,1,2' -> [0, 1, 2] (distinct integers >= 0)."""
-    try:
-        seeds = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        seeds = None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0 such as 0,1,2, not {text!r}")
-    return seeds
+def checked_list(kind, distinct=False, **bounds):
+    """argparse type of a comma-separated list ('0,0.01,0.05' -> [0.0, 0.01, 0.05]): one or more
+    items, each as `checked(kind, **bounds)` says, all different when `distinct`."""
+    item = checked(kind, **bounds)
+
+    def parse(text):
+        values = [item(t) for t in str(text).split(",") if t.strip()]
+        if not values or distinct and len(set(values)) != len(values):
+            what = "distinct comma-separated values" if distinct else "comma-separated values"
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}")
+        return values
+    return parse
 
 
 def add_common_args(parser, *, size, epochs, batch_size, lr, data="synthetic", data_choices=None):
     """Adds the shared flags of DESIGN.md (same names and meaning in every script), each checked."""
     g = parser.add_argument_group("shared options")
     add = g.add_argument
-    add("--data", default=data, choices=data_choices, help=f"the synthetic benchmark or a dataset (default {data})")
+    add("--data", default=data, choices=data_choices, help=f"synthetic benchmark or dataset (default {data})")
     add("--root", help="dataset folder (real datasets only)")
     add("--size", type=checked(int, low=8), default=size, help=f"image side in pixels (default {size})")
     add("--epochs", type=POSITIVE_INT, default=epochs, help=f"training epochs (default {epochs})")
     add("--batch-size", type=POSITIVE_INT, default=batch_size, help=f"batch size (default {batch_size})")
     add("--lr", type=POSITIVE, default=lr, help=f"learning rate (default {lr})")
     add("--seed", type=NONNEGATIVE_INT, default=0, help="random seed (default 0)")
-    add("--seeds", type=_seeds_flag, metavar="0,1,2",
+    add("--seeds", type=checked_list(int, distinct=True, low=0), metavar="0,1,2",
         help="train and test every row once per seed; tables give mean ± standard error over seeds")
     for split, what in (("train", "training"), ("val", "validation"), ("test", "test")):
         add(f"--n-{split}", type=POSITIVE_INT, metavar="N", help=f"synthetic data: number of {what} images")
@@ -1114,6 +1120,7 @@ def parse_args(parser, script, argv=None, resolve=None):
     inside DIR) the arguments are those of DIR/config.json: a flag given beside it that differs from
     them is refused, naming it, except --device, --log-every and a larger --epochs."""
     parser.allow_abbrev = False  # a flag is known by its full name (see `given`)
+    parser.error = _refuse      # one line through `cli`, not argparse's usage block
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.resume is None:
@@ -1142,6 +1149,10 @@ def parse_args(parser, script, argv=None, resolve=None):
     return resumed
 
 
+def _refuse(message):
+    raise UsageError(message)
+
+
 def _run_of(path, script):
     """(run folder, its config.json) of --resume PATH: the folder itself or one holding the checkpoint."""
     path = Path(path)
@@ -1151,7 +1162,7 @@ def _run_of(path, script):
             if config.get("script") != script:
                 raise UsageError(f"--resume {path}: a run of {config.get('script')}.py, not of {script}.py")
             return folder, config
-    raise UsageError(f"--resume {path}: no config.json there or above; expected a run folder written by {script}.py")
+    raise UsageError(f"--resume {path}: no config.json there or above; expected a run folder of {script}.py")
 
 
 def restore_architecture(args, checkpoint, keys):
@@ -1208,31 +1219,20 @@ def autocast(device, enabled=True):
     return contextlib.nullcontext()
 
 
-def _plain(value):
-    """JSON-able, weights_only-loadable form of a value: tensors and numpy numbers become Python ones."""
+def _plain(value, finite=False):
+    """JSON-able, weights_only-loadable form of a value: tensors and numpy numbers become Python
+    ones; `finite`: NaN and infinities become None (results.json and log.jsonl are strict JSON)."""
     if torch.is_tensor(value):
         value = value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, finite) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
-def _json_ready(value):
-    """_plain with NaN and infinities as None (results.json, log.jsonl are strict JSON)."""
-    value = _plain(value)
-    if isinstance(value, float) and not math.isfinite(value):
+        return {str(k): _plain(v, finite) for k, v in value.items()}
+    if isinstance(value, float) and finite and not math.isfinite(value):
         return None
-    if isinstance(value, list):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    return value
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _atomic_write_text(path, text):
@@ -1284,22 +1284,23 @@ class Run:
 @dataclasses.dataclass
 class Job:
     """One table row x seed. `dir` holds its last.pt, best.pt and result.json; `log` appends a line
-    (with its row and seed) to the run's log.jsonl. (On data-parallel ranks > 0, `dir` and the log
-    are a private scratch copy: the run's own files are written by rank 0 only.)"""
+    (with its row and seed) to the run's log.jsonl; figures drawn inside the job go to `figures`.
+    (On data-parallel ranks > 0 these are a private scratch copy: rank 0 writes the run's files.)"""
     row: str
     seed: int
     index: int
     run: Run
     dir: Path
     log_file: Path
+    figures: Path = None
 
     @property
     def name(self):
-        return f"{re.sub(r'[^A-Za-z0-9.+=-]+', '_', str(self.row))}-seed{self.seed}"
+        return self.dir.name  # <row>-seed<seed>
 
     def log(self, **record):
         line = {"row": str(self.row), "seed": self.seed, **record, "time": round(time.time(), 3)}
-        _append_line(self.log_file, json.dumps(_json_ready(line), allow_nan=False) + "\n")
+        _append_line(self.log_file, json.dumps(_plain(line, finite=True), allow_nan=False) + "\n")
 
 
 def open_run(args, script, n_jobs=1):
@@ -1312,17 +1313,24 @@ def open_run(args, script, n_jobs=1):
     device = choose_device(args.device, dist.local_rank)
     folder = Path(args.out) if args.out else Path("runs") / (
         f"{script}-{args.data}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    config = {"script": script, "args": _plain(vars(args), finite=True), "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else platform.processor() or platform.machine(), "world_size": dist.world_size, "parallel": dist.mode,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                           "numpy": np.__version__, "matplotlib": matplotlib.__version__},
+              "git_commit": _git_commit(), "command": " ".join(sys.argv),
+              "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    refused = None
     if not args.resume and dist.rank == 0:
-        _claim(folder, {"script": script, "args": _json_ready(vars(args)), "device": str(device),
-                        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine(),
-                        "world_size": dist.world_size, "parallel": dist.mode,
-                        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                     "numpy": np.__version__, "matplotlib": matplotlib.__version__},
-                        "git_commit": _git_commit(), "command": " ".join(sys.argv),
-                        "started": datetime.datetime.now().isoformat(timespec="seconds")})
-    if dist.world_size > 1:
-        folder = Path(_broadcast(str(folder), dist))  # rank 0's name (its clock), once it exists
+        try:
+            _claim(folder, config)
+        except UsageError as error:
+            refused = str(error)
+    if dist.world_size > 1:  # rank 0's folder (its clock) once it exists, or why it was refused
+        folder, refused = _broadcast((str(folder), refused), dist)
+    if refused:
+        raise UsageError(refused)
+    folder = Path(folder)
     args.out = str(folder)
     return Run(folder, script, args, device, dist)
 
@@ -1385,18 +1393,19 @@ def run_jobs(run, jobs, train_and_test):
     torchrun rows mode: job i on rank i % N; data mode: every rank runs every job. Returns the table
     of `summarize_rows` on the process that writes the run's files (rank 0), None on the others."""
     dist, n = run.dist, len(jobs)
-    jobs = [Job(row, int(seed), i, run, None, run.dir / "log.jsonl") for i, (row, seed) in enumerate(jobs)]
-    failure = None
+    jobs = [Job(row, int(seed), i, run, job_folder(run, row, seed), run.dir / "log.jsonl", run.figures)
+            for i, (row, seed) in enumerate(jobs)]
+    failure, scratch = None, None
     for job in jobs:
-        job.dir = run.dir / job.name
-        if (dist.mode == "rows" and job.index % dist.world_size != dist.rank) or (job.dir / "result.json").exists():
+        if (dist.mode == "rows" and job.index % dist.world_size != dist.rank) or _finished(job):
             continue
         if dist.mode == "data" and dist.rank > 0:  # same steps as rank 0; its files go to a scratch copy
-            scratch = Path(tempfile.mkdtemp(prefix=f"{run.script}-rank{dist.rank}-"))
+            scratch = scratch or Path(tempfile.mkdtemp(prefix=f"{run.script}-rank{dist.rank}-"))
             if job.dir.is_dir():
                 shutil.copytree(job.dir, scratch / job.name)
-            job.dir, job.log_file = scratch / job.name, scratch / "log.jsonl"
-        print(f"[job {job.index + 1}/{n}] {job.row}, seed {job.seed}" + (f", rank {dist.rank}" * (dist.mode == "rows")))
+            job.dir, job.log_file, job.figures = scratch / job.name, scratch / "log.jsonl", scratch / "figures"
+        where = f", rank {dist.rank}" if dist.mode == "rows" else ""
+        print(f"[job {job.index + 1}/{n}] {job.row}, seed {job.seed}{where}", flush=True)
         seed_everything(job.seed)
         started = time.perf_counter()
         try:
@@ -1408,10 +1417,12 @@ def run_jobs(run, jobs, train_and_test):
             break
         if dist.rank == 0 or dist.mode == "rows":
             job.dir.mkdir(exist_ok=True)
-            record = {"row": str(job.row), "seed": job.seed, "rank": dist.rank if dist.mode == "rows" else
-                      ("all" if dist.mode == "data" else 0), "seconds": round(time.perf_counter() - started, 1),
-                      "metrics": result}
+            rank = dist.rank if dist.mode == "rows" else "all" if dist.mode == "data" else 0
+            record = {"row": str(job.row), "seed": job.seed, "epochs": run.args.epochs, "rank": rank,
+                      "seconds": round(time.perf_counter() - started, 1), "metrics": result}
             _atomic_write_text(job.dir / "result.json", json.dumps(record, indent=1) + "\n")
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     if dist.world_size > 1:  # also the barrier after which rank 0 reads every job's result
         import torch.distributed as td
         failures = [None] * dist.world_size
@@ -1429,9 +1440,16 @@ def run_jobs(run, jobs, train_and_test):
     return summarize_rows(per_row)
 
 
+def _finished(job):
+    """Whether the job's result.json exists for this run's --epochs (a --resume with more epochs
+    continues finished jobs from their last.pt)."""
+    path = job.dir / "result.json"
+    return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("epochs") == job.run.args.epochs
+
+
 def job_folder(run, row, seed):
-    """The folder of the job (row, seed) of `run`, e.g. to load another row's best.pt."""
-    return run.dir / Job(row, seed, -1, run, None, None).name
+    """The folder of the job (row, seed): <out>/<row>-seed<seed>/, the row's name made safe."""
+    return run.dir / (re.sub(r"[^A-Za-z0-9.+=-]+", "_", str(row)).strip("_") + f"-seed{int(seed)}")
 
 
 def _join_torchrun(args, n_jobs):
@@ -1477,18 +1495,40 @@ def _broadcast(obj, dist):
 
 
 def prepare_model(model, run):
-    """The model on the run's device: channels_last on CUDA; in data mode DistributedDataParallel
-    (SyncBatchNorm on GPUs; on CPU each rank normalises its slice, rank 0's running statistics);
-    torch.compile with --compile. Build the optimiser after this call."""
+    """The model on the run's device: channels_last on CUDA; torch.compile with --compile. In data
+    mode every rank starts from rank 0's weights and each gradient is averaged over the ranks as
+    backward accumulates it (what DistributedDataParallel does, without its bucketing, so that a
+    baseline that leaves a head unused or a loss weight used outside forward needs no change);
+    BatchNorm is SyncBatchNorm on GPUs, and on CPU each rank normalises its slice (rank 0's
+    running statistics are the ones saved)."""
     model = model.to(run.device)
     if run.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if run.dist.mode == "data":
+        import torch.distributed as td
         if run.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.index
-                                                    is not None else None, find_unused_parameters=True)
+        for parameter in model.parameters():
+            td.broadcast(parameter.data, src=0)
+            parameter.register_post_accumulate_grad_hook(_average_gradient)
     return torch.compile(model) if run.args.compile else model
+
+
+def mean_over_ranks(value, dist):
+    """In data mode the mean of a tensor over the ranks (e.g. the epoch loss a plateau schedule reads,
+    so that every rank takes the same step); else the tensor itself."""
+    if dist.mode != "data":
+        return value
+    import torch.distributed as td
+    value = value.clone()
+    td.all_reduce(value)
+    return value / dist.world_size
+
+
+def _average_gradient(parameter):
+    import torch.distributed as td
+    td.all_reduce(parameter.grad)
+    parameter.grad /= td.get_world_size()
 
 
 def shard(batch, dist):
@@ -1509,11 +1549,9 @@ def shard(batch, dist):
 # --------------------------------------------------------------------------------------------------
 
 
-def _unwrap(model):
-    """The plain module inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-    return model
+def unwrap(model):
+    """The plain module inside torch.compile (`._orig_mod`): its weights, its own attributes."""
+    return getattr(model, "_orig_mod", model)
 
 
 def load_model_state(model, state_dict, strict=True):
@@ -1522,14 +1560,15 @@ def load_model_state(model, state_dict, strict=True):
         while key.startswith(("module.", "_orig_mod.")):
             key = key.split(".", 1)[1]
         return key
-    return _unwrap(model).load_state_dict({plain_key(k): v for k, v in state_dict.items()}, strict=strict)
+    return unwrap(model).load_state_dict({plain_key(k): v for k, v in state_dict.items()}, strict=strict)
 
 
 def _rng_state():
     """The RNG states as tensors and plain lists, so that they load with weights_only=True."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
             "python": [version, list(internal), gauss_next]}
 
@@ -1544,13 +1583,14 @@ def _set_rng_state(rng):
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save(job, epoch, score, best, model, optimizer=None, scheduler=None, **extra):
+def save(job, epoch, score, best, model, optimizer=None, scheduler=None, generator=None, **extra):
     """End of epoch `epoch` (counted from 1): writes the job's last.pt, and best.pt when `score`
     (higher is better) beats `best` or no best.pt exists yet; returns the best score. A checkpoint
-    holds the weights, optimiser, scheduler, RNG states, epoch, best score, arguments and `extra`.
+    holds the weights, optimiser, scheduler, RNG states (and a script's own torch.Generator), epoch,
+    best score, arguments and `extra`.
     Each file is written to a temporary name and renamed, and only with finite parameters and
     buffers: otherwise the run stops (NonFiniteLossError), the previous files intact."""
-    weights = _unwrap(model).state_dict()
+    weights = unwrap(model).state_dict()
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteLossError(f"{job.name}: after epoch {epoch} {bad[0]} is not finite ({len(bad)} tensors "
@@ -1558,9 +1598,10 @@ def save(job, epoch, score, best, model, optimizer=None, scheduler=None, **extra
                                  "Try a lower --lr or check the data.")
     improved = (math.isfinite(score) and score > best) or not (job.dir / "best.pt").exists()
     best = score if improved and math.isfinite(score) else best
-    state = {"script": job.run.script, "row": str(job.row), "seed": job.seed, "epoch": int(epoch), "score": float(score),
-             "best": float(best), "model": weights, "optimizer": optimizer and optimizer.state_dict(),
+    state = {"script": job.run.script, "row": str(job.row), "seed": job.seed, "epoch": int(epoch),
+             "score": float(score), "best": float(best), "model": weights, "optimizer": optimizer and optimizer.state_dict(),
              "scheduler": scheduler and scheduler.state_dict(), "rng": _rng_state(),
+             "generator": generator and generator.get_state(),
              "args": _plain(vars(job.run.args)), **extra}
     job.dir.mkdir(parents=True, exist_ok=True)
     for name in ("best.pt", "last.pt") if improved else ("last.pt",):
@@ -1570,9 +1611,9 @@ def save(job, epoch, score, best, model, optimizer=None, scheduler=None, **extra
     return best
 
 
-def resume(job, model, optimizer=None, scheduler=None):
+def resume(job, model, optimizer=None, scheduler=None, generator=None):
     """(epochs done, best score) of the job: (0, -inf) for a fresh one; after an interruption its
-    last.pt's weights, optimiser, scheduler and RNG states are loaded."""
+    last.pt's weights, optimiser, scheduler and RNG states (and `generator`'s) are loaded."""
     if not (job.dir / "last.pt").exists():
         return 0, -math.inf
     state = load_checkpoint(job.dir / "last.pt", job.run.script)
@@ -1582,6 +1623,8 @@ def resume(job, model, optimizer=None, scheduler=None):
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
+    if generator is not None:
+        generator.set_state(state["generator"])
     print(f"[{job.name}] resumed after epoch {state['epoch']} (best score {state['best']:.4f})", flush=True)
     return state["epoch"], state["best"]
 
@@ -1655,9 +1698,9 @@ class Progress:
         self.window, self.count = 0.0, 0
         if not math.isfinite(mean):
             last = self.job.dir / "last.pt"
-            raise NonFiniteLossError(f"{self.job.name}: loss is {mean} at epoch {self.current} step {self.in_epoch}; "
-                                     "stopping (" + (f"the last good checkpoint is {last}" if last.exists() else
-                                                     "no checkpoint was written yet") + "). Try a lower --lr.")
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise NonFiniteLossError(f"{self.job.name}: loss is {mean} at epoch {self.current} step "
+                                     f"{self.in_epoch}; stopping ({kept}). Try a lower --lr.")
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         eta = elapsed / self.steps * max(self.remaining - self.steps, 0)
         print(f"[{self.job.name}] epoch {self.current} step {self.in_epoch}/{self.per_epoch} loss {mean:.4f} "
@@ -1668,7 +1711,8 @@ class Progress:
         """Prints and logs the job's images per second and data-wait share; returns them."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         speed = {"images_per_s": self.images / elapsed, "data_wait_share": self.wait / elapsed}
-        print(f"[{self.job.name}] {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}% "
+        print(f"[{self.job.name}] {speed['images_per_s']:.1f} img/s, "
+              f"data wait {100 * speed['data_wait_share']:.0f}% "
               "(step time spent waiting for batches)", flush=True)
         self.job.log(event="speed", **speed)
         return speed
@@ -1745,8 +1789,8 @@ def write_results(run, metrics, table, markdown, split="test"):
     numbers as null) and results.md = `markdown`, each written atomically; prints the markdown."""
     args = run.args
     results = {"script": run.script, "data": getattr(args, "dataset", args.data), "split": split,
-               "seeds": seed_list(args), "metrics": _json_ready(metrics), "table": _json_ready(table),
-               "config": _json_ready(vars(args))}
+               "seeds": seed_list(args), "metrics": _plain(metrics, finite=True),
+               "table": _plain(table, finite=True), "config": _plain(vars(args), finite=True)}
     _atomic_write_text(run.dir / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
     _atomic_write_text(run.dir / "results.md", markdown.rstrip("\n") + "\n")
     print(markdown + f"\nresults in {run.dir}", flush=True)
@@ -1810,21 +1854,6 @@ class Predictor:
     class_names: list = None
     mask_names: list = None
     extra: dict = dataclasses.field(default_factory=dict)
-
-
-def predictor_from_checkpoint(checkpoint, model, device="cpu", keep_aspect=True, **extra):
-    """The Predictor of a script's load_model: `model` (built as checkpoint["args"] say) gets the
-    checkpoint's weights and goes to `device` in eval mode; args (a Namespace), the training
-    normalisation checkpoint["normalization"] = (mean, std), size (args.size), class_names and
-    mask_names come from the checkpoint; `extra` is what the script's predict_batch needs."""
-    device = torch.device(device)
-    load_model_state(model, checkpoint["model"])
-    args = argparse.Namespace(**checkpoint["args"])
-    norm = checkpoint.get("normalization")
-    return Predictor(model=model.to(device).eval(), args=args, size=args.size, keep_aspect=keep_aspect,
-                     norm=None if norm is None else tuple(torch.as_tensor(t).float().to(device) for t in norm),
-                     device=device, class_names=checkpoint.get("class_names"),
-                     mask_names=checkpoint.get("mask_names"), extra=extra)
 
 
 def run_predict(args, load_model, predict_batch, script):
@@ -1987,7 +2016,7 @@ def predict_images_in(path, predictor, predict_batch, out_dir=None, *, recursive
             base = out_dir / name
             mask = back(out["mask"], "nearest").round().long()
             if int(mask.min()) < 0 or int(mask.max()) > 255:
-                raise ValueError(f"predict_batch gave class indices outside 0..255 ({int(mask.min())}..{int(mask.max())})")
+                raise ValueError(f"predict_batch gave classes outside 0..255 ({int(mask.min())}..{int(mask.max())})")
             Image.fromarray(mask.numpy().astype(np.uint8), mode="L").save(f"{base}_mask.png")
             instances = None
             if out.get("instances") is not None:

@@ -20,7 +20,7 @@ Paper -> code
     Eq. 5 U ~ N(f, s^2), 10 MC samples (Kendall & Gal) . aleatoric_loss
     Eq. 3 Y = sigmoid(U) ............................... aleatoric_loss (log_sigmoid), predict
     Eq. 1 W* = argmin_W sum_{n in C_i} L_ce(theta(W)) .. spatial_weight_maps (the meta objective)
-    Eq. 2 L = -sum_q W_mnq Y_mnq log Y_nq .............. train_step (the weighted real step)
+    Eq. 2 L = -sum_q W_mnq Y_mnq log Y_nq .............. meta_weighted_loss; the step in train_row
     Eq. 4 Y = sum_i alpha_i Y_i (G, H, I) .............. fusion_weights, fuse_predictions
     Sec. 3.3 MC dropout (5 layers, p 0.3, 15 passes) ... BayesianResidualFCN(dropout), predict(mc_passes)
     Eq. 6, 7 NLL and Brier score ....................... common.nll, common.brier (in evaluate)
@@ -32,7 +32,7 @@ Paper -> code
     Fig. 3-4 in numbers (zero weights on INC pixels) ... weight_consistency
     The meta step's BatchNorm / dropout mode (measured)  meta_mode_effect (beyond the paper)
     Sec. 3.1 protocol: ISIC / PH2 / DermoFit test sets . load_data (overlap removed and counted)
-    Tables over seeds, base models across processes .... train_job, evaluate_job, summarize_entries
+    Tables over seeds, base models across processes .... main (common.run_jobs), evaluate_seed, summarize_entries
     --predict: fused lesion, aleatoric and epistemic maps load_model, predict_batch
     Example test predictions and uncertainties ......... figure_predictions (beyond the paper)
 
@@ -43,17 +43,21 @@ Usage
     python ensemble_annotators.py ... --test ph2=...,dermofit=...,isic2017=/data/ISIC2017  # + ISIC 2017 Test
     python ensemble_annotators.py --seeds 0,1,2          # every row per seed: mean ± SE over seeds
     torchrun --nproc_per_node 4 ensemble_annotators.py   # base models and baselines shared out (rows mode)
+    python ensemble_annotators.py --resume runs/<run>    # continue an interrupted run (finished jobs kept)
     python ensemble_annotators.py --no-baselines         # only B-F, the fusions G-I and Table 2
     python ensemble_annotators.py --subsets first        # C_1..C_{M_n} instead of a uniform deal
-    python ensemble_annotators.py --eval-only --checkpoint runs/<run>/best.pt
-    python ensemble_annotators.py --predict images/ --checkpoint runs/<run>/best.pt   # a user's images
+    python ensemble_annotators.py --eval-only --checkpoint runs/<run>/ensemble-seed0/best.pt
+    python ensemble_annotators.py --predict images/ --checkpoint runs/<run>/ensemble-seed0/best.pt  # own images
     python ensemble_annotators.py --quick                # smoke test of every path (seconds)
 Every run gives Table 1 (Jaccard %) and Table 2 (NLL, Brier) per test set. The paper's protocol (Sec.
 3.1): train on the ISIC Archive images with 2+ masks (80/20 train/val); test on its single-mask images
 ("isic", Ribeiro et al.'s 2,000-image test set; their lists with --splits), PH2 and DermoFit, without
 the images that sit in the training pool (counted: metrics removed_overlap_<set>, "overlap" table
 rows). ISIC 2017's test split is an optional extra set only (much of it sits in the training pool).
-Library use: predictor = load_model("runs/<run>/best.pt"); out = predict_batch(predictor, images_uint8).
+A run folder holds one sub-folder per trained row and seed (<row>-seed<seed>/: last.pt, best.pt, result.json)
+and one per seed's tables (ensemble-seed<seed>/); ensemble-seed<first seed>/best.pt holds the whole ensemble
+(every seed's trained rows), the checkpoint of --eval-only and --predict.
+Library use: predictor = load_model("runs/<run>/ensemble-seed0/best.pt"); out = predict_batch(predictor, images).
 
 Deviations and resolved ambiguities
     - Subsets: Sec. 2.2 deals image n's M_n annotations to C_1..C_{M_n}; Sec. 3.1 partitions "randomly
@@ -120,12 +124,9 @@ Deviations and resolved ambiguities
 """
 
 import argparse
-import functools
 import math
 import string
-import time
 import types
-from pathlib import Path
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
@@ -149,6 +150,14 @@ QUICK = dict(size=32, epochs=1, width=4, n_train=12, n_val=6, n_test=6)
 
 # ==================== Arguments ====================================================================
 
+def below_one(text):
+    """argparse type of a probability or momentum: a finite number in [0, 1)."""
+    value = common.checked(float, low=0)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be < 1, not {text}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -156,7 +165,8 @@ def build_parser():
                f"{PAPER_DEFAULTS}) and CPU-sized values on the synthetic default ({SYNTHETIC_DEFAULTS}).")
     common.add_common_args(parser, size=None, epochs=None, batch_size=None, lr=None,
                            data_choices=["synthetic", "isic-multi", "folder"])
-    p = parser.add_argument_group("D-LEMA (defaults: the paper's on real data, CPU-sized on synthetic)")
+    count, p = common.POSITIVE_INT, parser.add_argument_group(
+        "D-LEMA (defaults: the paper's on real data, CPU-sized on synthetic)")
     p.add_argument("--test", default="", metavar="NAME=ROOT,...",
                    help="test-only sets besides isic-multi's single-mask ISIC test set (Sec. 3.1): ph2=/d/PH2,"
                         "dermofit=/d/DermoFit, beyond the paper isic2017=/d/ISIC2017; training-pool images removed")
@@ -165,27 +175,31 @@ def build_parser():
                         "test_dermofit.txt); found under --root when not given")
     p.add_argument("--fusion", choices=["equal", "pixel", "image"], default="image",
                    help="fusion rule of the main metrics, Table 2's deep ensemble and --predict (Eq. 4; row I)")
-    p.add_argument("--clean-batch-size", type=int, default=None, help="images of C_i per meta step, Eq. 1 (64; synthetic 8)")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (Sec. 3.2: 0.99; synthetic 0.9)")
-    p.add_argument("--weight-decay", type=float, default=5e-5, help="SGD weight decay (Sec. 3.2, typo fixed)")
-    p.add_argument("--width", type=int, default=None, help="channels of the first level (32; synthetic 8)")
-    p.add_argument("--depth", type=int, default=None, help="down-sampling steps of the encoder-decoder (4; synthetic 3)")
-    p.add_argument("--mc-samples", type=int, default=10, help="logit samples of the aleatoric loss (Sec. 3.2)")
-    p.add_argument("--dropout", type=float, default=0.3, help="MC dropout probability (Sec. 3.3)")
-    p.add_argument("--dropout-layers", type=int, default=5, help="dropout layers in the centre (Sec. 3.3)")
-    p.add_argument("--mc-passes", type=int, default=15, help="MC dropout forward passes (Sec. 3.3)")
+    p.add_argument("--clean-batch-size", type=count, default=None,
+                   help="images of C_i per meta step, Eq. 1 (64; synthetic 8)")
+    p.add_argument("--momentum", type=below_one, default=None, help="SGD momentum (Sec. 3.2: 0.99; synthetic 0.9)")
+    p.add_argument("--weight-decay", type=common.NONNEGATIVE, default=5e-5,
+                   help="SGD weight decay (Sec. 3.2, typo fixed)")
+    p.add_argument("--width", type=count, default=None, help="channels of the first level (32; synthetic 8)")
+    p.add_argument("--depth", type=count, default=None,
+                   help="down-sampling steps of the encoder-decoder (4; synthetic 3)")
+    p.add_argument("--mc-samples", type=count, default=10, help="logit samples of the aleatoric loss (Sec. 3.2)")
+    p.add_argument("--dropout", type=below_one, default=0.3, help="MC dropout probability (Sec. 3.3)")
+    p.add_argument("--dropout-layers", type=common.NONNEGATIVE_INT, default=5,
+                   help="dropout layers in the centre (Sec. 3.3)")
+    p.add_argument("--mc-passes", type=count, default=15, help="MC dropout forward passes (Sec. 3.3)")
     p.add_argument("--subsets", choices=["uniform", "first"], default="uniform",
                    help="deal image n's annotations to M_n random subsets (Sec. 3.1) or to C_1..C_{M_n} (Sec. 2.2)")
-    p.add_argument("--kappa-threshold", type=float, default=0.5,
+    p.add_argument("--kappa-threshold", type=common.checked(float, low=-1, high=1), default=0.5,
                    help="row J keeps images whose mean pairwise Cohen's kappa reaches this (Ribeiro et al.)")
-    p.add_argument("--staple-iterations", type=int, default=50, help="EM iterations of STAPLE (row STAPLE)")
+    p.add_argument("--staple-iterations", type=count, default=50, help="EM iterations of STAPLE (row STAPLE)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also train rows A, J, MV and STAPLE (off: only the ensemble B.. and its fusions)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="on-device flips, small rotations, colour jitter of training batches (paper silent)")
     p.add_argument("--augment-clean", action=argparse.BooleanOptionalAction, default=True,
                    help="augment the clean C_i batches of Eq. 1 too (needs --augment; paper silent)")
-    p.add_argument("--weight-samples", type=int, default=512, metavar="N",
+    p.add_argument("--weight-samples", type=count, default=512, metavar="N",
                    help="annotations of U sampled per base model for 'Fig. 3-4 in numbers'")
     p.add_argument("--normalize", choices=["train", "per-dataset"], default="train",
                    help="channel statistics for test sets: the training set's or each set's own (Sec. 3.1)")
@@ -193,7 +207,8 @@ def build_parser():
 
 
 def resolve_defaults(args):
-    """Fills the arguments left at None with the paper's values (real data) or the CPU-sized ones."""
+    """Fills the arguments left at None with the paper's values (real data) or the CPU-sized ones, and
+    checks the flags against each other (common.UsageError: one line, exit 2, nothing written)."""
     defaults = dict(SYNTHETIC_DEFAULTS if args.data == "synthetic" else PAPER_DEFAULTS)
     if args.quick:
         defaults.update(size=QUICK["size"], epochs=QUICK["epochs"], width=QUICK["width"])
@@ -204,6 +219,18 @@ def resolve_defaults(args):
     if (args.dropout_layers + 1) // 2 > args.depth + 1 or args.dropout_layers // 2 > args.depth:
         raise common.UsageError(f"--dropout-layers {args.dropout_layers} do not fit a network of --depth {args.depth} "
                                 f"(at most {2 * args.depth + 1})")
+    if args.size < 2 ** args.depth:
+        raise common.UsageError(f"--size {args.size} is smaller than the 2^{args.depth} = {2 ** args.depth} pixels "
+                                f"that --depth {args.depth} down-samples by; lower --depth or raise --size")
+    parse_test_sets(args.test)  # NAME=ROOT pairs of known test sets
+    if args.parallel == "data":
+        raise common.UsageError("--parallel data is not supported: the meta step differentiates through a "
+                                "virtual update, which DistributedDataParallel does not; torchrun shares out the "
+                                "base models and baselines instead (--parallel rows, the default)")
+    args.parallel = "rows"  # torchrun: one job (row x seed) per process at a time, even for a single job
+    if args.compile:  # common.prepare_model would compile the network
+        print("--compile is not used: the meta step differentiates twice, which torch.compile does not support")
+        args.compile = False
     return args
 
 
@@ -357,17 +384,11 @@ def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr,
     return weights.detach(), loss_u
 
 
-def train_step(model, optimizer, batch, args, batch_c=None):
-    """One SGD step. A base model (batch_c: a batch of C_i): Eq. 2, the W-weighted aleatoric loss of a
-    batch of U. Rows A, J, MV, STAPLE (no batch_c): the mean aleatoric loss against one mask per image."""
-    if batch_c is None:
-        loss = pixel_loss(model, batch["x"], batch["y"], args.mc_samples).mean()
-    else:
-        weights, loss_u = spatial_weight_maps(model, batch["x"], batch["y"], batch_c["x"], batch_c["y"],
-                                              args.lr, args.mc_samples)
-        loss = (weights * loss_u).sum()  # -sum_q W_q Y_q log Y_q (sampled), W sums to 1 over the batch
-    common.optimizer_step(optimizer, loss)
-    return loss.detach()
+def meta_weighted_loss(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples):
+    """Eq. 2, a base model's training loss: the W-weighted aleatoric loss of a batch of U, its weights W
+    from the meta step on a batch of C_i (Eq. 1). W sums to 1 over the batch, so the sum is a mean."""
+    weights, loss_u = spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples)
+    return (weights * loss_u).sum()  # -sum_q W_q Y_q log Y_q (sampled)
 
 
 # ==================== Training data of every row, and the training loop ============================
@@ -396,7 +417,8 @@ def build_training_sets(train, n_models, args):
     sets["all"] = {"images": images, "masks": masks, "n_annotations": n_ann}
     sets["kept"] = {"images": images[kept], "masks": masks[kept], "n_annotations": n_ann[kept]}
     sets["MV"] = {"images": images, "masks": majority_vote(masks, n_ann)}
-    sets["STAPLE"] = {"images": images, "masks": (staple(masks, n_ann, args.staple_iterations)[0] > 0.5).to(torch.uint8)}
+    staple_masks = (staple(masks, n_ann, args.staple_iterations)[0] > 0.5).to(torch.uint8)
+    sets["STAPLE"] = {"images": images, "masks": staple_masks}
     return sets
 
 
@@ -451,46 +473,63 @@ def steps_per_epoch(sets, args):
     return max(1, sets["U"]["images"].shape[0] // args.batch_size)
 
 
-def train_row(row, model, sets, val, args, run, device, mean, std, progress, start_epoch=0, optimizer=None, best=None,
-              seed=0):
-    """Trains one row's model; yields after each epoch and ends with the weights of the best validation
-    Jaccard (Sec. 3.1). Every row takes the same number of SGD steps per epoch, one pass over U."""
-    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                             weight_decay=args.weight_decay)
-    best = best if best is not None else {"jaccard": -1.0, "state": None, "epoch": 0}
-    steps, meta = steps_per_epoch(sets, args), row.kind == "meta"
-    for epoch in range(start_epoch, args.epochs):
+def training_batches(row, data, args, generator):
+    """One epoch of a row's training batches, one pass over U: a base model gets a batch of U and one
+    of its trusted subset C_i per step (Eq. 1-2), rows A, J, MV and STAPLE a batch of their own split."""
+    meta = row.kind == "meta"
+    batches = endless(data.sets["U" if meta else row.source], args.batch_size, generator)
+    clean_batches = endless(data.sets[row.source], args.clean_batch_size, generator) if meta else None
+    for _ in range(steps_per_epoch(data.sets, args)):
+        batch = make_batch(next(batches), generator, data.mean, data.std,
+                           pick_annotation=row.kind == "random annotation", augment=args.augment)
+        batch_c = make_batch(next(clean_batches), generator, data.mean, data.std, pick_annotation=False,
+                             augment=args.augment and args.augment_clean) if meta else None
+        yield batch, batch_c
+
+
+def train_row(job, cache):
+    """run_jobs' job: trains one row of Table 1 (job.row) for one seed and keeps the weights of the
+    best validation Jaccard (Sec. 3.1) in the job's best.pt, with the normalisation. Every row takes
+    the same number of SGD steps per epoch, one pass over U. Returns {"val_jaccard", "best_epoch",
+    "images_per_s", "data_wait_share"}."""
+    run, args = job.run, job.run.args
+    data = seed_data(args, job.seed, run.device, cache)
+    rows = table_rows(data.n_models, args.baselines)
+    row_index = [row.name for row in rows].index(job.row)
+    row = rows[row_index]
+    model = common.prepare_model(build_model(row_index, args, job.seed, data.foreground), run)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    start, best = common.resume(job, model, optimizer)
+    steps = steps_per_epoch(data.sets, args)
+    progress = common.Progress(job, steps, args.epochs, start, every=args.log_every)
+    for epoch in range(start, args.epochs):
         # a generator per (row, epoch) makes the batches repeatable across --resume
-        generator = torch.Generator(device).manual_seed(seed * 100003 + sum(map(ord, row.name)) * 1009 + epoch)
-        # base models: weighted batches of U, the meta objective on batches of C_i
-        batches = endless(sets["U" if meta else row.source], args.batch_size, generator)
-        clean_batches = endless(sets[row.source], args.clean_batch_size, generator) if meta else None
+        generator = torch.Generator(run.device).manual_seed(
+            job.seed * 100003 + sum(map(ord, row.name)) * 1009 + epoch)
         model.train()
-        progress.set_epoch(f"{row.name} {epoch + 1}/{args.epochs}")
-        running = torch.zeros((), device=device)
-        waited = time.perf_counter()
-        for step in range(1, steps + 1):
-            batch = make_batch(next(batches), generator, mean, std, pick_annotation=row.kind == "random annotation",
-                               augment=args.augment)
-            batch_c = make_batch(next(clean_batches), generator, mean, std, pick_annotation=False,
-                                 augment=args.augment and args.augment_clean) if meta else None
-            wait = time.perf_counter() - waited
-            with common.autocast(device, args.amp):
-                loss = train_step(model, optimizer, batch, args, batch_c)
-            running = running + loss
-            mean_loss = progress.step(loss, images=len(batch["x"]), wait_s=wait)
-            if mean_loss is not None:
-                common.check_finite(mean_loss, f"{row.name} epoch {epoch + 1} step {step}", run)
-            waited = time.perf_counter()
-        val_jaccard = float(common.jaccard(predict(model, val["images"], mean, std, device, args)[0] > 0.5,
-                                           val["reference"]).mean()) * 100
-        train_loss = common.check_finite(running / steps, f"{row.name} epoch {epoch + 1}", run)
-        run.log({"row": row.name, "seed": seed, "epoch": epoch + 1, "loss": train_loss, "val_jaccard": val_jaccard})
-        if val_jaccard > best["jaccard"]:
-            best = {"jaccard": val_jaccard, "epoch": epoch + 1,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        yield epoch + 1, optimizer, best
-    model.load_state_dict(best["state"])
+        running = torch.zeros((), device=run.device)
+        for batch, batch_c in progress.epoch(epoch, training_batches(row, data, args, generator)):
+            with common.autocast(run.device, args.amp):
+                if row.kind == "meta":  # Eq. 1-2: U's pixels weighted for C_i, the weighted loss of U
+                    loss = meta_weighted_loss(model, batch["x"], batch["y"], batch_c["x"], batch_c["y"],
+                                              args.lr, args.mc_samples)
+                else:  # rows A, J, MV, STAPLE: the mean aleatoric loss (Eq. 5) against one mask per image
+                    loss = pixel_loss(model, batch["x"], batch["y"], args.mc_samples).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running = running + loss.detach()
+            progress.step(loss, len(batch["x"]))
+        # model selection: the validation Jaccard against one random annotation per image (Sec. 3.1)
+        val_prob, _ = predict(model, data.val["images"], data.mean, data.std, run.device, args)
+        val_jaccard = float(common.jaccard(val_prob > 0.5, data.val["reference"]).mean()) * 100
+        job.log(epoch=epoch + 1, loss=float(running / steps), val_jaccard=val_jaccard)
+        best = common.save(job, epoch + 1, val_jaccard, best, model, optimizer,
+                           normalization=[data.mean.cpu(), data.std.cpu()])
+    speed = progress.report()
+    selected = common.load_best(job, model)
+    return {"val_jaccard": selected["score"], "best_epoch": selected["epoch"], **speed}
 
 
 # ==================== Evaluation: prediction, fusion (Eq. 4), Tables 1 and 2 =======================
@@ -578,7 +617,8 @@ def evaluate(models, rows, test_sets, train_stats, args, device):
     fusions = fusion_rows(len(base))
     main_row = main_fusion_row(len(base), args.fusion)
     # Table 1 in the paper's order: A, the base models, the fusions G-I, J; beyond the paper MV, STAPLE
-    methods = ([(r.name, r.method) for r in rows if r.name == "A"] + [(r.name, r.method) for r in rows if r.kind == "meta"]
+    methods = ([(r.name, r.method) for r in rows if r.name == "A"]
+               + [(r.name, r.method) for r in rows if r.kind == "meta"]
                + [(name, method) for name, method, _ in fusions]
                + [(r.name, r.method) for r in rows if r.kind != "meta" and r.name != "A"])
     table1, table2, outputs = [], [], {}
@@ -834,7 +874,8 @@ def load_data(args, seed):
                                          exclude=training_ids, need_labels=False, **options)["test"]
     for split in data.values():
         if split["masks"].dim() == 3:  # one annotation per image
-            split["masks"], split["n_annotations"] = split["masks"][:, None], torch.ones(len(split["masks"]), dtype=torch.long)
+            split["masks"] = split["masks"][:, None]
+            split["n_annotations"] = torch.ones(len(split["masks"]), dtype=torch.long)
     generator = torch.Generator().manual_seed(seed + 1)
     val = data["val"]  # model selection: one random annotation per validation image (Sec. 3.1)
     pick = (torch.rand(len(val["masks"]), generator=generator) * val["n_annotations"]).long()
@@ -868,7 +909,7 @@ def channel_stats_of(split):
     return mean.float(), std.float()
 
 
-def build_model(row_index, args, seed, device, foreground=None):
+def build_model(row_index, args, seed, foreground=None):
     """The network of the row at `row_index` of table_rows, initialised from its own seed (the deep
     ensemble's diversity comes from these different initialisations and subsets). `foreground`: the
     lesion share of the training annotations; the logit's bias starts at its log-odds (Deviations)."""
@@ -877,17 +918,27 @@ def build_model(row_index, args, seed, device, foreground=None):
     if foreground is not None:
         with torch.no_grad():  # sigmoid(f) starts at the prior foreground share, not at 0.5
             model.head.bias[0] = math.log(foreground / (1 - foreground))
-    return common.prepare_model(model, device)
+    return model
 
 
-def ensemble_of(states, rows, args, seed, device):
-    """The networks of one seed's rows as a ModuleDict, from their weights {row name: state dict}."""
+def ensemble_of(states, rows, args, seed):
+    """The networks of one seed's rows as a ModuleDict (eval mode), from their weights {row name: state dict}."""
     models = nn.ModuleDict()
     for k, row in enumerate(rows):
-        models[row.name] = build_model(k, args, seed, device)
+        models[row.name] = build_model(k, args, seed)
         common.load_model_state(models[row.name], states[row.name])
-        models[row.name].eval()
-    return models
+    return models.eval()
+
+
+def weights_of_seed(ensemble_weights, seed):
+    """{row name: state dict} of one seed's networks in an ensemble checkpoint's "model" (keys
+    seed<seed>.<row>.<parameter>)."""
+    states = {}
+    for key, value in ensemble_weights.items():
+        seed_key, row, name = key.split(".", 2)
+        if seed_key == f"seed{seed}":
+            states.setdefault(row, {})[name] = value
+    return states
 
 
 def seed_data(args, seed, device, cache):
@@ -905,66 +956,27 @@ def seed_data(args, seed, device, cache):
     return cache[seed]
 
 
-def job_key(row_name, seed):
-    return f"{row_name}@{seed}"
+def trained_rows(run, rows, seed):
+    """{row name: best.pt} of one seed's trained rows, read from their jobs' folders."""
+    return {row.name: common.load_checkpoint(common.job_folder(run, row.name, seed) / "best.pt", SCRIPT)
+            for row in rows}
 
 
-def read_resume(path):
-    """The jobs a --resume continues: the finished models and the unfinished jobs of the last.pt at
-    `path` and of its sibling last-rank<r>.pt files (torchrun), {job key: state}."""
-    finished, unfinished, first = {}, {}, None
-    for file in [Path(path)] + sorted(p for p in Path(path).parent.glob("last-rank*.pt") if p != Path(path)):
-        state = common.load_checkpoint(file, SCRIPT)
-        first = first or state
-        finished.update(state["finished"])
-        if state.get("job") is not None and state["job"] not in finished:
-            unfinished[state["job"]] = state
-    return first, finished, unfinished
-
-
-def train_job(row_name, seed, context):
-    """run_rows' job: trains one row of one seed and returns {"val_jaccard", "best_epoch", "state"
-    (the selected weights), "norm", speed}. A resumed run returns a finished job's weights without
-    training and continues an unfinished one from its last epoch. last.pt (last-rank<r>.pt under
-    torchrun) is written after every epoch: this process's finished models and the current job."""
-    args, run, device, dist = context["args"], context["run"], context["device"], context["dist"]
-    data = seed_data(args, seed, device, context["data"])
-    rows = table_rows(data.n_models, args.baselines)
-    row_index = [row.name for row in rows].index(row_name)
-    key, speed = job_key(row_name, seed), {}
-    if key not in context["finished"]:
-        model = build_model(row_index, args, seed, device, foreground=data.foreground)
-        optimizer, best, start = None, None, 0
-        resumed = context["unfinished"].get(key)
-        if resumed is not None:
-            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                        weight_decay=args.weight_decay)
-            start, _ = common.restore_state(resumed, model, optimizer)
-            best = {"jaccard": resumed["best"], "epoch": resumed["best_epoch"], "state": resumed["best_state"]}
-        last = "last.pt" if dist.world_size == 1 else f"last-rank{dist.rank}.pt"
-        progress = common.Progress((args.epochs - start) * steps_per_epoch(data.sets, args), every=args.log_every)
-        for epoch, optimizer, best in train_row(rows[row_index], model, data.sets, data.val, args, run, device,
-                                                data.mean, data.std, progress, start, optimizer, best, seed):
-            state = common.checkpoint_state(model, optimizer, None, epoch, best["jaccard"], args)
-            run.save(last, {**state, "job": key, "best_epoch": best["epoch"], "best_state": best["state"],
-                            "finished": context["finished"]})  # in rows mode the job's own rank writes it
-        speed = {k: v for k, v in progress.summary().items() if k in ("images_per_s", "data_wait_share")}
-        context["finished"][key] = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                    "best": {"jaccard": best["jaccard"], "epoch": best["epoch"]}}
-    done = context["finished"][key]
-    return {"val_jaccard": done["best"]["jaccard"], "best_epoch": done["best"]["epoch"], **speed,
-            "state": done["model"], "norm": [data.mean.cpu(), data.std.cpu()]}
-
-
-def evaluate_job(_tables, seed, context):
-    """run_rows' job for one seed's tables: Tables 1 and 2, Fig. 3-4 in numbers and the meta step's
-    mode, from the trained weights; the figures for the first seed. Returns {"entries": [...]}."""
-    args, run, device = context["args"], context["run"], context["device"]
-    data = seed_data(args, seed, device, context["data"])
-    rows = table_rows(data.n_models, args.baselines)
-    args = argparse.Namespace(**{**vars(args), "seed": seed})  # the sampling of Fig. 3-4 in numbers
-    models = ensemble_of({row.name: context["states"][job_key(row.name, seed)] for row in rows}, rows, args, seed, device)
-    table1, table2, outputs = evaluate(models, rows, data.tests, (data.mean, data.std), args, device)
+def evaluate_seed(job, cache, checkpoint=None):
+    """run_jobs' job for one seed's tables: Tables 1 and 2, Fig. 3-4 in numbers and the meta step's
+    mode, from the trained rows' best.pt (or an --eval-only checkpoint). The first seed's job draws the
+    figures and, after training, writes the whole ensemble (every seed's rows) to its best.pt, the
+    checkpoint of --eval-only and --predict. Returns {"entries": [table entries]}."""
+    run, seeds = job.run, common.seed_list(job.run.args)
+    data = seed_data(run.args, job.seed, run.device, cache)
+    rows = table_rows(data.n_models, run.args.baselines)
+    args = argparse.Namespace(**{**vars(run.args), "seed": job.seed})  # the sampling of Fig. 3-4 in numbers
+    if checkpoint is None:
+        states = {name: state["model"] for name, state in trained_rows(run, rows, job.seed).items()}
+    else:
+        states = weights_of_seed(checkpoint["model"], job.seed)
+    models = common.prepare_model(ensemble_of(states, rows, args, job.seed), run)
+    table1, table2, outputs = evaluate(models, rows, data.tests, (data.mean, data.std), args, run.device)
     base_rows = [row for row in rows if row.kind == "meta"]
     entries = table1 + table2
     for row in base_rows:
@@ -976,13 +988,21 @@ def evaluate_job(_tables, seed, context):
     for name, removed in data.removed.items():  # Sec. 3.1 protocol: test images also in train/val
         entries.append({"table": "overlap", "row": name, "method": "removed from the test set", "test_set": name,
                         "reference": "-", "removed": len(removed), "removed_names": removed})
-    if seed == context["seeds"][0]:
+    if job.seed == seeds[0]:
         for index in sorted({0, min(3, data.n_models - 1)}):  # the paper shows models 0 (Fig. 3) and 3 (Fig. 4)
             row = base_rows[index]
             figure_weight_maps(models[row.name], row, data.n_models, data.sets, args, data.mean, data.std,
                                run.figures / f"fig{3 if index == 0 else 4}_weight_maps_model{index}.png")
         first_test = list(data.tests)[0]
         figure_predictions(data.tests[first_test], outputs[first_test], run.figures / "predictions.png")
+        if checkpoint is None:  # the ensemble: one module holding every seed's trained rows
+            trained = {seed: trained_rows(run, rows, seed) for seed in seeds}
+            ensemble = nn.ModuleDict({f"seed{seed}": ensemble_of({name: state["model"] for name, state in
+                                                                  trained[seed].items()}, rows, args, seed)
+                                      for seed in seeds})
+            norm = {str(seed): trained[seed][rows[0].name]["normalization"] for seed in seeds}
+            common.save(job, args.epochs, math.nan, -math.inf, ensemble, seeds=seeds, n_models=data.n_models,
+                        norm=norm)
     return {"entries": entries}
 
 
@@ -1013,7 +1033,8 @@ def report_markdown(args, seeds, n_models, main_row, first_test, table):
     weight_lines = [{"row": e["row"], "method": e["method"],
                      "w = 0 on INC (%)": share(e, "zero_weight_inconsistent"),
                      "w = 0 where agreeing (%)": share(e, "zero_weight_consistent"),
-                     "mean w, INC / agreeing": common.fmt_over_seeds(e, "mean_weight_ratio", digits=2)} for e in weights]
+                     "mean w, INC / agreeing": common.fmt_over_seeds(e, "mean_weight_ratio", digits=2)}
+                    for e in weights]
     mode_lines = [{"row": e["row"], "method": e["method"],
                    **{label: common.fmt_over_seeds(e, key, percent=True) for key, label in MODE_LABELS.items()}}
                   for e in table if e["table"] == "meta-mode"]
@@ -1052,16 +1073,17 @@ ARCHITECTURE = ("data", "size", "width", "depth", "dropout", "dropout_layers", "
 
 
 def load_ensemble_checkpoint(path):
-    """A best.pt of this script: every seed's trained rows ("models"), normalisation ("norm"), seeds."""
+    """The ensemble checkpoint of a run (ensemble-seed<first seed>/best.pt): every seed's trained rows
+    ("model", keys seed<seed>.<row>.<parameter>), their normalisation ("norm"), "seeds", "n_models"."""
     state = common.load_checkpoint(path, SCRIPT)
-    if not all(key in state for key in ("models", "norm", "seeds", "n_models")):
-        raise common.CheckpointError(f"{path} holds no trained ensemble (pass the best.pt of a finished run; "
-                                     "a last.pt only continues training with --resume)")
+    if not all(key in state for key in ("norm", "seeds", "n_models")):
+        raise common.CheckpointError(f"{path} holds no trained ensemble (pass the ensemble-seed<first seed>/best.pt "
+                                     "of a finished run; a row's own best.pt holds one network)")
     return state
 
 
 def load_model(checkpoint_path, device="cpu"):
-    """A trained ensemble for prediction (`predictor = ensemble_annotators.load_model("runs/<run>/best.pt")`):
+    """A trained ensemble for prediction (`ensemble_annotators.load_model("runs/<run>/ensemble-seed0/best.pt")`):
     the base models of the checkpoint's first seed, its input size, normalisation and fusion rule."""
     state = load_ensemble_checkpoint(checkpoint_path)
     args = resolve_defaults(build_parser().parse_args([]))
@@ -1069,7 +1091,7 @@ def load_model(checkpoint_path, device="cpu"):
     device = torch.device(device)
     rows = [row for row in table_rows(state["n_models"], args.baselines) if row.kind == "meta"]
     seed = state["seeds"][0]
-    models = ensemble_of({row.name: state["models"][str(seed)][row.name] for row in rows}, rows, args, seed, device)
+    models = ensemble_of(weights_of_seed(state["model"], seed), rows, args, seed).to(device)
     mean, std = (t.to(device) for t in state["norm"][str(seed)])
     return common.Predictor(model=models, args=args, norm=(mean, std), size=args.size, keep_aspect=True,
                             device=device, class_names=[], mask_names=["background", "lesion"],
@@ -1117,66 +1139,36 @@ def predict_batch(predictor, images_uint8):
 # ==================== main =========================================================================
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    predict_batch_size = args.batch_size or 8
-    args = resolve_defaults(args)
-    if args.predict:  # --predict PATH --checkpoint RUN/best.pt: masks, uncertainty maps and predictions.csv
-        if not args.checkpoint:
-            raise common.UsageError("--predict needs --checkpoint RUN/best.pt (a run of ensemble_annotators.py)")
-        predictor = load_model(args.checkpoint, common.choose_device(args.device))
-        count = common.predict_images_in(args.predict, predictor, predict_batch, args.out, recursive=args.recursive,
-                                         batch_size=predict_batch_size, script=SCRIPT)
-        if count == 0:
-            raise common.UsageError(f"--predict {args.predict}: no image could be read")
-        return count
-    if args.parallel == "data":
-        raise common.UsageError("--parallel data is not supported: the meta step differentiates through a "
-                                "virtual update, which DistributedDataParallel does not; torchrun shares out the "
-                                "base models and baselines instead (--parallel rows, the default)")
-    checkpoint, finished, unfinished = None, {}, {}
-    if args.eval_only:
-        if not args.checkpoint:
-            raise common.UsageError("--eval-only needs --checkpoint RUN/best.pt")
+    args = common.parse_args(build_parser(), SCRIPT, argv, resolve_defaults)
+    if args.predict:  # --predict PATH --checkpoint RUN/ensemble-seed0/best.pt: masks, uncertainty maps, CSV
+        return common.run_predict(args, load_model, predict_batch, SCRIPT)
+    checkpoint = None
+    if args.eval_only:  # the checkpoint's ensemble, architecture and seeds; no training
         checkpoint = load_ensemble_checkpoint(args.checkpoint)
         common.restore_architecture(args, checkpoint, ARCHITECTURE)
-    if args.resume:
-        resumed, finished, unfinished = read_resume(args.resume)
-        common.restore_architecture(args, resumed, ARCHITECTURE)
-    seeds = [int(seed) for seed in checkpoint["seeds"]] if checkpoint else common.seed_list(args)
-    dist = common.init_distributed(args, n_jobs=5 * len(seeds))  # rows mode: the base models are jobs
-    device = common.choose_device(args.device)
-    run = common.Run(args, SCRIPT, device)
-    context = {"args": args, "run": run, "device": device, "dist": dist, "data": {}, "seeds": seeds,
-               "finished": finished, "unfinished": unfinished}
-    first = seed_data(args, seeds[0], device, context["data"])
+        args.seeds = [int(seed) for seed in checkpoint["seeds"]]
+    seeds = common.seed_list(args)
+    # the jobs of step 1 (their count only names the torchrun mode: M = 5 annotation slots, ISIC and synthetic)
+    run = common.open_run(args, SCRIPT, n_jobs=len(seeds) * (5 + 4 * args.baselines))
+    cache = {}
+    first = seed_data(args, seeds[0], run.device, cache)
     rows = table_rows(first.n_models, args.baselines)
-    if args.compile:
-        print("--compile is not used: the meta step differentiates twice, which torch.compile does not support")
 
     # 1. every trained row of every seed: one job each, shared out across processes under torchrun
-    if checkpoint is not None:
-        states = {job_key(row.name, seed): checkpoint["models"][str(seed)][row.name] for seed in seeds for row in rows}
-        training = []
-    else:
-        jobs = [(row.name, seed) for seed in seeds for row in rows]
-        trained = common.run_rows(jobs, functools.partial(train_job, context=context), run, dist)
-        states = {job_key(row, entry["seed"]): entry.pop("state") for row, entries in trained.items() for entry in entries}
-        norms = {str(entry["seed"]): entry.pop("norm") for entries in trained.values() for entry in entries}
+    training = []
+    if checkpoint is None:
+        trained = common.run_jobs(run, [(row.name, seed) for seed in seeds for row in rows],
+                                  lambda job: train_row(job, cache))
         training = [{"table": "training", "test_set": "val", "reference": "annotation", **row}
-                    for row in common.summarize_rows(trained)]
-        best = common.checkpoint_state(ensemble_of({row.name: states[job_key(row.name, seeds[0])] for row in rows},
-                                                   rows, args, seeds[0], "cpu"), None, None, args.epochs, None, args,
-                                       rng=False)
-        run.save("best.pt", {**best, "seeds": seeds, "n_models": first.n_models, "norm": norms,
-                             "models": {str(seed): {row.name: states[job_key(row.name, seed)] for row in rows}
-                                        for seed in seeds}})
-    context["states"] = states
-
-    # 2. every seed's tables (Table 1, Table 2, Fig. 3-4 in numbers, the meta step's mode)
-    evaluated = common.run_rows([("tables", seed) for seed in seeds], functools.partial(evaluate_job, context=context),
-                                None, dist)
-    table = summarize_entries([[{**entry, "seed": result["seed"], "rank": result["rank"]} for entry in result["entries"]]
-                               for result in evaluated["tables"]]) + training
+                    for row in trained or []]  # None on torchrun's other processes
+    # 2. every seed's tables from the trained rows' best.pt (Table 1, Table 2, Fig. 3-4 in numbers, meta mode)
+    evaluated = common.run_jobs(run, [("ensemble", seed) for seed in seeds],
+                                lambda job: evaluate_seed(job, cache, checkpoint))
+    if evaluated is None:  # torchrun: the other processes
+        return None
+    per_seed = [[{**entry, "seed": result["seed"], "rank": result["rank"]} for entry in result["entries"]]
+                for result in evaluated[0]["per_seed"]]  # the "ensemble" jobs' results, one per seed
+    table = summarize_entries(per_seed) + training
 
     # the main metrics: the run's fusion row (Table 1) and the deep ensemble (Table 2) on ISIC (synthetic: "test")
     first_test = list(first.tests)[0]
@@ -1193,10 +1185,7 @@ def main(argv=None):
     speeds = [e["images_per_s"] for e in training if e.get("images_per_s") is not None]
     metrics["images_per_s"] = sum(speeds) / len(speeds) if speeds else None
     markdown = report_markdown(args, seeds, first.n_models, main_row, first_test, table)
-    common.write_results(run.dir, SCRIPT, args.data, first_test, metrics, table, args, markdown, seeds=seeds)
-    if dist.is_main:
-        print(markdown)
-        print(f"results in {run.dir}")
+    common.write_results(run, metrics, table, markdown, split=first_test)
     return run.dir
 
 

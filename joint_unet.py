@@ -36,12 +36,14 @@ Usage
     python joint_unet.py --task joint     # one joint model (Table XIV); with --alpha 0.5 Table X's baseline
     python joint_unet.py --task seg       # Table VI;  --task cls: Table IX
     python joint_unet.py --alpha-sweep 0.1,0.3,0.5,0.7,0.8,0.9       # Table XI (and XII: its best row)
-    python joint_unet.py --task seg --out runs/seg && python joint_unet.py --transfer runs/seg/best.pt  # Sec. XVI.B
+    python joint_unet.py --task seg --out runs/seg && python joint_unet.py --transfer runs/seg/seg-seed0/best.pt
+                                          # Sec. XVI.B
     python joint_unet.py --data isic2017 --root /data/ISIC2017 --device cuda  # the thesis' settings: valid U-Net
                                           # 572 -> 388, no BatchNorm, width 32, batch 2/8/8, 100 epochs
-    python joint_unet.py --eval-only --checkpoint runs/x/best.pt
+    python joint_unet.py --eval-only --checkpoint runs/x/joint-seed0/best.pt
+    python joint_unet.py --resume runs/x  # continue an interrupted run: finished models kept
     python joint_unet.py --seeds 0,1,2    # any of the above over three seeds: mean ± SE
-    python joint_unet.py --predict images/ --checkpoint runs/x/best.pt   # masks, entropy maps, class probabilities
+    python joint_unet.py --predict images/ --checkpoint runs/x/joint-seed0/best.pt  # masks, entropy, classes
     torchrun --standalone --nproc_per_node 4 joint_unet.py --seeds 0,1,2  # rows x seeds shared out over the GPUs
                                           # (one model on N GPUs: data-parallel)
 
@@ -84,9 +86,6 @@ Deviations (ambiguities resolved, and why)
 """
 import argparse
 import copy
-import math
-import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -104,6 +103,9 @@ PAPER_BATCH = {"seg": 2, "cls": 8, "joint": 8}  # Tables V, VIII, X
 
 # =========================================== Arguments ============================================
 
+UNIT = common.checked(float, low=0, high=1)  # a weight or a dropout probability in [0, 1]
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -114,32 +116,39 @@ def build_parser():
     add = parser.add_argument
     add("--task", choices=TASKS + ("compare",), help="seg (Table VI), cls (Table IX), joint (Table XIV), or "
         "compare: all three side by side (Sec. XVI). Default: compare, or joint with --alpha-sweep / --transfer")
-    add("--alpha", type=float, default=0.8, help="a of Eq. 4, the segmentation loss' weight: 0.8, the thesis' "
+    add("--alpha", type=UNIT, default=0.8, help="a of Eq. 4, the segmentation loss' weight: 0.8, the thesis' "
         "final joint model (Tables XI, XII, XIV); Table X's baseline is 0.5")
-    add("--alpha-sweep", help="comma-separated a values, one joint model each (Table XI: 0.1,0.3,0.5,0.7,0.8,0.9)")
+    add("--alpha-sweep", type=common.checked_list(float, distinct=True, low=0, high=1), metavar="A,A,...",
+        help="comma-separated a values, one joint model each (Table XI: 0.1,0.3,0.5,0.7,0.8,0.9)")
     add("--transfer", metavar="CHECKPOINT", help="hypothesis 1 (Sec. XVI.B): freeze a seg model's U-Net, train a head")
     # model (Sec. V, VI, Table VII); None = the data's default (DATA_DEFAULTS)
-    add("--width", type=int, help="first U-Net block's filters (Table V: 32; Table IV baseline 64). Synthetic: 8")
-    add("--depth", type=int, default=4, help="down-sampling steps of the U-Net (Sec. V: 4)")
+    add("--width", type=common.POSITIVE_INT, help="first U-Net block's filters (Table V: 32; Table IV baseline "
+        "64). Synthetic: 8")
+    add("--depth", type=common.POSITIVE_INT, default=4, help="down-sampling steps of the U-Net (Sec. V: 4)")
     add("--unet-padding", choices=("same", "valid"), help="valid: the original U-Net, 572 in -> 388 out "
         "(Sec. V), default on real data; same: output = input, default on synthetic data")
-    add("--input-size", type=int, help="valid U-Net input; default: the least covering --size (388: 572, Sec. VIII)")
+    add("--input-size", type=common.POSITIVE_INT, help="valid U-Net input; default: the least covering --size "
+        "(388: 572, Sec. VIII)")
     add("--border-mode", choices=("reflect", "constant"), default="reflect", help="Sec. VIII border: mirror or mean")
     add("--batchnorm", action=argparse.BooleanOptionalAction, default=False,
         help="BatchNorm after every U-Net convolution (the thesis' original U-Net has none)")
-    add("--dropout", type=float, default=0.5, help="dropout at the end of the contracting path (Table V)")
-    add("--pool", type=int, help="max-pool size = stride of the head (Table VII: 7..14 outputs of 28; 3 gives "
-        "Table X's 50M parameters; Table VIII baseline: 2). Default 3 (2 with --quick); must fit the bottleneck")
-    add("--fc", type=int, help="units of the first FC layer (Table VII: 256-1024). Default 1024 (32 with --quick)")
-    add("--head-dropout", type=float, default=0.5, help="both dropouts of the head (Table VII)")
+    add("--dropout", type=UNIT, default=0.5, help="dropout at the end of the contracting path (Table V)")
+    add("--pool", type=common.POSITIVE_INT, help="max-pool size = stride of the head (Table VII: 7..14 outputs of "
+        "28; 3 gives Table X's 50M parameters; Table VIII baseline: 2). Default 3 (2 with --quick); must fit the "
+        "bottleneck")
+    add("--fc", type=common.POSITIVE_INT, help="units of the first FC layer (Table VII: 256-1024). Default 1024 (32 "
+        "with --quick)")
+    add("--head-dropout", type=UNIT, default=0.5, help="both dropouts of the head (Table VII)")
     # training (Sec. X, XV.A) and post-processing (Sec. IX)
     add("--class-weights", action=argparse.BooleanOptionalAction, default=True, help="weigh Eq. 3 by Eq. 12's W_c")
-    add("--lr-factor", type=float, default=0.8, help="lr multiplier on a plateau (Sec. XV.A)")
-    add("--lr-patience", type=int, default=5, help="epochs without a lower training loss before the lr drops")
+    add("--lr-factor", type=common.POSITIVE, default=0.8, help="lr multiplier on a plateau, below 1 (Sec. XV.A)")
+    add("--lr-patience", type=common.POSITIVE_INT, default=5,
+        help="epochs without a lower training loss before the lr drops")
     add("--augment", choices=("flips-rot90", "affine", "none"), default="flips-rot90", help="Tables V, VIII say "
         "only 'True': flips-rot90 = random flips and right-angle rotations (the author's code); affine = "
         "common.augment (flips, +-15 deg, +-10%% scale, colour)")
-    add("--closing-size", type=int, default=5, help="side of the closing's square structuring element (Sec. IX)")
+    add("--closing-size", type=common.POSITIVE_INT, default=5,
+        help="side of the closing's square structuring element, odd (Sec. IX)")
     return parser
 
 
@@ -151,17 +160,19 @@ DATA_DEFAULTS = {"unet_padding": ("same", "valid"), "width": (8, 32), "epochs": 
 
 
 def resolve_defaults(args):
-    """Fills the data-dependent defaults (see the parser's epilog) and the --quick overrides."""
+    """Fills the data-dependent defaults (see the parser's epilog) and the --quick overrides; checks across flags."""
     experiment = args.alpha_sweep or args.transfer
     args.task = args.task or ("joint" if experiment else "compare")
     if experiment and args.task != "joint":
         raise common.UsageError("--alpha-sweep and --transfer train joint models; drop --task or use --task joint")
     if args.alpha_sweep and args.transfer:
         raise common.UsageError("--alpha-sweep and --transfer are separate experiments; run them one at a time")
-    if args.closing_size < 1 or args.closing_size % 2 == 0:
+    if args.eval_only and (args.alpha_sweep or len(common.seed_list(args)) > 1):
+        raise common.UsageError("--eval-only tests one model: drop --alpha-sweep and --seeds")
+    if args.closing_size % 2 == 0:
         raise common.UsageError("--closing-size must be odd (a centred square structuring element)")
-    if args.lr_patience < 1:
-        raise common.UsageError("--lr-patience must be at least 1 (epochs without a lower loss before the lr drops)")
+    if args.lr_factor >= 1:
+        raise common.UsageError(f"--lr-factor must be below 1 (it lowers the lr on a plateau), not {args.lr_factor}")
     real = args.data != "synthetic"
     # --quick's values first (they win over the data's), then the data's; explicit flags are kept
     for key, value in [*(QUICK.items() if args.quick else ()), *((k, v[real]) for k, v in DATA_DEFAULTS.items())]:
@@ -169,12 +180,14 @@ def resolve_defaults(args):
             setattr(args, key, value)
     if args.size is None:
         args.size = (388 if args.unet_padding == "valid" else 384) if real else 64
+    if args.batch_size is None and (not real or args.predict):  # real data trains with each task's own (Tables)
+        args.batch_size = 16
     return args
 
 
 def batch_size_for(args, task):
-    """The batch size of a task: --batch-size, else 16 on synthetic data, else Tables V/VIII/X."""
-    return args.batch_size or (16 if args.data == "synthetic" else PAPER_BATCH[task])
+    """The batch size of a task: --batch-size (16 on synthetic data by default), else Tables V / VIII / X."""
+    return args.batch_size if args.batch_size is not None else PAPER_BATCH[task]
 
 
 # ======================================= Model (Sec. V-VII) =======================================
@@ -522,68 +535,55 @@ def keras_reduce_lr_on_plateau(optimizer, factor, patience):
                                                       threshold=1e-4, threshold_mode="abs")
 
 
-def train(model, net, evaluated, data, args, task, geometry, mean, std, device, run, dist):
+def train(job, model, net, data, args, geometry, mean, std):
     """Sec. X / XV.A: Adam, shuffled augmented batches, the lr schedule, validation and checkpoint every epoch, the
-    best kept. `model` trains (maybe compiled, or DDP: every process augments alike, takes its slice), `net` inside."""
-    train_split, n = data["train"], len(data["train"]["class_names"])
-    weights = (class_weights(train_split["labels"], n) if args.class_weights else torch.ones(n)).to(device)
+    best kept (common.save; common.resume continues an interrupted job). `model` trains (maybe compiled, or DDP),
+    `net` is the plain module inside it."""
+    run, task, train_split = job.run, args.task, data["train"]
+    class_names = train_split["class_names"]
+    n = len(class_names)
+    weights = (class_weights(train_split["labels"], n) if args.class_weights else torch.ones(n)).to(run.device)
     alpha = 0.0 if args.transfer else args.alpha
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     scheduler = keras_reduce_lr_on_plateau(optimizer, args.lr_factor, args.lr_patience)
-    start_epoch, best = (common.restore_state(common.load_checkpoint(args.resume, SCRIPT), model, optimizer, scheduler)
-                         if args.resume else (0, None))
-    best = -math.inf if best is None else best
+    start, best = common.resume(job, model, optimizer, scheduler)
     batch_size = batch_size_for(args, task)
     steps = -(-train_split["images"].shape[0] // batch_size)
-    progress = common.Progress(steps * (args.epochs - start_epoch), every=args.log_every)
-    generator = torch.Generator(device=device)
-    for epoch in range(start_epoch, args.epochs):
+    progress = common.Progress(job, steps, args.epochs, start, every=args.log_every)
+    generator = torch.Generator(device=run.device)
+    for epoch in range(start, args.epochs):
         model.train()
         if args.transfer:
             net.unet.eval()  # frozen: keep its BatchNorm statistics and no dropout
         generator.manual_seed(args.seed * 1000 + epoch)  # repeatable epochs, also after --resume
-        progress.set_epoch(epoch + 1)
-        totals = torch.zeros(3, device=device)           # sums of L, L_seg, L_cls over the epoch
-        tick = time.perf_counter()
-        for step, batch in enumerate(common.iterate_batches(train_split, batch_size, shuffle=True,
-                                                            generator=generator)):
-            batch = common.shard(augment(batch, args, generator), dist)  # this process's slice (data mode)
+        totals = torch.zeros(3, device=run.device)       # sums of L, L_seg, L_cls over the epoch
+        batches = (augment(b, args, generator) for b in common.iterate_batches(train_split, batch_size, shuffle=True,
+                                                                               generator=generator))
+        for batch in progress.epoch(epoch, batches):
+            batch = common.shard(batch, run.dist)  # this process's slice (torchrun data mode)
             x = preprocess(batch["images"], mean, std, geometry, args.border_mode)
-            wait = time.perf_counter() - tick
-            with common.autocast(device, args.amp):
-                losses = training_step(model, x, batch["masks"], batch["labels"], task, alpha, weights, geometry)
-            common.optimizer_step(optimizer, losses[0])
-            totals += torch.stack(losses).detach()
-            running = progress.step(loss=losses[0], images=x.shape[0], wait_s=wait)  # syncs every --log-every
-            if running is not None:
-                common.check_finite(running, f"epoch {epoch + 1} step {step + 1}", run)
-            tick = time.perf_counter()
-        if dist.mode == "data":  # the mean over all processes' slices: every process steps the same lr
-            torch.distributed.all_reduce(totals)
-            totals /= dist.world_size
+            with common.autocast(run.device, args.amp):
+                loss, loss_seg, loss_cls = training_step(model, x, batch["masks"], batch["labels"], task, alpha,
+                                                         weights, geometry)  # Eq. 4
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            totals += torch.stack([loss, loss_seg, loss_cls]).detach()
+            progress.step(loss, x.shape[0])
+        totals = common.mean_over_ranks(totals, run.dist)  # torchrun data mode: every process steps the same lr
         loss, loss_seg, loss_cls = (totals / steps).tolist()
-        common.check_finite(loss, f"epoch {epoch + 1}", run)
         scheduler.step(loss)  # Sec. XV.A: x0.8 after 5 epochs in a row without a lower loss
-        val_metrics, _ = evaluate(evaluated, data["val"], args, task, geometry, mean, std, device)
-        score = torch.tensor([val_metrics[SELECTION[task]]], dtype=torch.float64)
-        if dist.mode == "data":  # rank 0's score, so every process takes the same checkpoint decision
-            torch.distributed.broadcast(score, src=0, group=dist.group)
-        improved, best = score.item() > best, max(score.item(), best)
-        run.log({"epoch": epoch + 1, "train_loss": loss, "train_loss_seg": loss_seg, "train_loss_cls": loss_cls,
-                 "lr": optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in val_metrics.items()}})
-        state = common.checkpoint_state(model, optimizer, scheduler, epoch + 1, best, args)
-        # what --eval-only and --predict need besides the weights: the input statistics, the classes
-        state.update(norm_mean=mean.cpu(), norm_std=std.cpu(), class_names=list(train_split["class_names"]))
-        for name in ("last.pt", "best.pt") if improved else ("last.pt",):
-            run.save(name, state)
-        if run.is_main:
-            print(f"epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val {SELECTION[task]} {score.item():.1f}"
-                  + (" (best)" if improved else ""))
-    speed = progress.summary()
-    run.log({"event": "speed", **speed})
-    if run.is_main:
-        print(f"training: {speed['images_per_s']:.1f} images/s, data wait {100 * speed['data_wait_share']:.0f}%")
-    return speed
+        val_metrics, _ = evaluate(model, data["val"], args, task, geometry, mean, std, run.device)
+        score = val_metrics[SELECTION[task]]
+        job.log(epoch=epoch + 1, train_loss=loss, train_loss_seg=loss_seg, train_loss_cls=loss_cls,
+                lr=optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in val_metrics.items()})
+        print(f"[{job.name}] epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val {SELECTION[task]} {score:.1f}"
+              + (" (best)" if score > best else ""), flush=True)
+        # besides the weights, what --eval-only, --transfer and --predict need: the row's task and a, the
+        # input statistics, the classes
+        best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler, spec={"task": task, "alpha":
+                           args.alpha}, norm_mean=mean.cpu(), norm_std=std.cpu(), class_names=list(class_names))
+    progress.report()
 
 
 # ========================== Report: tables (Markdown + JSON) and figures ==========================
@@ -672,148 +672,49 @@ def flat_metrics(results):
     return {**{f"val_{k}": v for k, v in results.get("val", {}).items()}, **results.get("test", {})}
 
 
-def test_metrics(row):
-    """A summary row's test metrics (means over seeds, with _se): results.json's "metrics"."""
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and not k.startswith(("val_", "best_epoch")) and k not in ("seeds", "rank")}
-
-
-def publish(run, args, heading, body, metrics, table, split="test"):
-    """results.md (heading, seeds, body) and results.json (`metrics` of `split`, the table) of a run; prints it."""
-    seeds = common.seed_list(args)
+def publish(run, heading, body, row, table):
+    """results.md (heading, seeds, body) and results.json (the table; as "metrics" the test numbers of `row`,
+    means over seeds with _se, or its validation numbers when the data has no test split); prints it."""
+    numbers = {k: v for k, v in common.row_metrics(row).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("best_epoch")}
+    split = "test" if any(not k.startswith("val_") for k in numbers) else "val"
+    metrics = {k.removeprefix("val_"): v for k, v in numbers.items() if k.startswith("val_") == (split == "val")}
+    seeds = common.seed_list(run.args)
     note = (f"Mean ± standard error over {len(seeds)} seeds ({', '.join(map(str, seeds))}).\n\n"
             if len(seeds) > 1 else "")
-    markdown = f"# {SCRIPT}: {heading}\n\n{note}{body}\n"
-    common.write_results(run.dir, SCRIPT, args.data, split, metrics, table, vars(args), markdown)
-    if run.is_main:
-        print(markdown)
+    common.write_results(run, metrics, table, f"# {SCRIPT}: {heading}\n\n{note}{body}\n", split)
 
 
-def report_run(run, config, results, outputs, split):
-    """results.json / results.md / figures of one trained model (`outputs` of `split`, the last evaluated)."""
-    final = "test" if "test" in results else "val"
-    publish(run, config, f"task {config.task}", task_table(config.task, flat_metrics(results), split["class_names"]),
-            results[final], [{"row": "validation" if s == "val" else s, **m} for s, m in results.items()], final)
-    figure_examples(split, outputs, run.figures / "examples.png")
-    if run.path("log.jsonl").exists():  # not with --eval-only
-        keys = [f"val_{k}" for k in ("jaccard_post", "balanced_accuracy", "mean_performance") if k in results[final]]
-        common.plot_curves(run.path("log.jsonl"), ["train_loss"] + keys, run.figures / "training_curves.png")
+def report_task(run, table):
+    """--task seg | cls | joint (Tables VI, IX, XIV), --transfer (hypothesis 1) or --eval-only: one row."""
+    (row,) = table
+    publish(run, f"task {run.args.task}", task_table(run.args.task, row, row["class_names"]), row, table)
 
 
-# =================== One model, and the tables as loops over it (rows x seeds) ====================
-
-def load_data(args):
-    """The dataset of a run; synthetic data is generated from args.seed (one draw per seed)."""
-    synthetic = args.data == "synthetic"
-    sizes = {k: getattr(args, k) for k in ("n_train", "n_val", "n_test") if synthetic and getattr(args, k) is not None}
-    name = "synthetic-lesions" if synthetic else args.data
-    data = common.load_dataset(name, root=args.root, size=args.size, seed=args.seed, cache=args.cache, **sizes)
-    if "train" not in data or "val" not in data:
-        raise common.UsageError(f"{name}: training needs train and val splits, found {sorted(data)}")
-    return data
-
-
-def run(config, data, device, dist):
-    """Trains (or, with --eval-only, loads) one model of task config.task into config.out and
-    reports it. Returns ({split: metrics}, best epoch)."""
-    task, class_names = config.task, data["train"]["class_names"]
-    common.seed_everything(config.seed)
-    run_ = common.Run(config, SCRIPT)
-    geometry = network_geometry(config)
-    on_device = {k: common.to_device(v, device) for k, v in data.items()}
-    mean, std = (s.to(device) for s in common.channel_stats(on_device["train"]["images"]))  # Sec. VIII
-    net = build_model(config, len(class_names), geometry)
-    if config.transfer:  # hypothesis 1 (Sec. XVI.B): the U-Net of a segmentation checkpoint, frozen
-        weights = common.load_checkpoint(config.transfer, SCRIPT)["model"]
-        net.unet.load_state_dict({k[len("unet."):]: v for k, v in weights.items() if k.startswith("unet.")})
-        net.unet.requires_grad_(False)
-    in_use = net.branch_parameters(task)
-    for parameter in set(net.parameters()) - set(in_use):  # the branch the task never runs: not trained
-        parameter.requires_grad_(False)                     # (and DistributedDataParallel expects no grad)
-    model = common.prepare_model(net, device, compile=config.compile, dist=dist)
-    if run_.is_main:
-        print(f"[{task}] {sum(p.numel() for p in in_use) / 1e6:.2f}M parameters; network {geometry['input']} -> "
-              f"{geometry['output']} px (images {config.size} px); run folder {run_.dir}")
-    evaluated = net if dist.mode == "data" else model  # evaluation runs alike on every process: outside DDP
-    if not config.eval_only:
-        train(model, net, evaluated, on_device, config, task, geometry, mean, std, device, run_, dist)
-    checkpoint = Path(config.checkpoint) if config.eval_only else run_.path("best.pt")
-    if not config.eval_only and not checkpoint.exists() and config.resume:  # resumed elsewhere, no new best
-        checkpoint = Path(config.resume).with_name("best.pt")
-    state = common.load_checkpoint(checkpoint, SCRIPT, map_location=device)
-    common.load_model_state(model, state["model"])  # plain, --compile'd or DDP alike
-    if "norm_mean" in state:  # evaluate with the statistics the model was trained with
-        mean, std = state["norm_mean"].to(device), state["norm_std"].to(device)
-    results = {}
-    for split in ("val", "test") if "test" in on_device else ("val",):  # the figures show the last one
-        results[split], outputs = evaluate(evaluated, on_device[split], config, task, geometry, mean, std, device)
-    report_run(run_, config, results, outputs, on_device[split])
-    return results, state.get("epoch")
-
-
-def with_changes(args, **changes):
-    config = copy.copy(args)
-    vars(config).update(changes)
-    return config
-
-
-def run_table(args, rows, device, dist):
-    """Every (row name, {argument: value}) x seed with common.run_rows, each model in <row>/ (<row>/seed_<s>/ with
-    several seeds) of --out. Returns (top Run, summary rows with mean, _se and per_seed)."""
-    seeds = common.seed_list(args)
-    top = common.Run(args, SCRIPT)
-    changes_of, datasets = dict(rows), {}
-
-    def train_and_evaluate(name, seed):
-        folder = top.dir / name / (f"seed_{seed}" if len(seeds) > 1 else "")
-        config = with_changes(args, out=str(folder), seed=seed, seeds=None, **changes_of[name])
-        if seed not in datasets:  # the synthetic data is drawn from the seed: one draw per seed
-            datasets[seed] = load_data(config)
-        results, best_epoch = run(config, datasets[seed], device, dist)
-        return {**flat_metrics(results), "best_epoch": best_epoch,
-                "class_names": list(datasets[seed]["train"]["class_names"])}
-
-    per_row = common.run_rows([(name, seed) for name, _ in rows for seed in seeds], train_and_evaluate, top, dist)
-    return top, common.summarize_rows(per_row)
-
-
-def single_task(args, device, dist):
-    """--task seg | cls | joint (Tables VI, IX, XIV), or --transfer (hypothesis 1)."""
-    seeds = common.seed_list(args)
-    if len(seeds) == 1:  # one model in --out itself, with its own results.json
-        config = with_changes(args, seed=seeds[0])
-        run(config, load_data(config), device, dist)
-        return
-    top, table = run_table(args, [(args.task, {})], device, dist)
-    publish(top, args, f"task {args.task}", task_table(args.task, table[0], table[0]["class_names"]),
-            test_metrics(table[0]), table)
-
-
-def compare(args, device, dist):
+def report_compare(run, table):
     """Separate segmentation and classification models vs the joint model (Sec. XVI, abstract)."""
     labels = {"seg": "separate segmentation", "cls": "separate classification", "joint": "joint"}
-    top, table = run_table(args, [(t, {"task": t}) for t in TASKS], device, dist)
-    lines = [{"Model": labels[task] + (f" (a = {args.alpha:g})" if task == "joint" else ""),
+    alpha = run.args.alpha
+    lines = [{"Model": labels[task] + (f" (a = {alpha:g})" if task == "joint" else ""),
               "JAC": _cell(r, "jaccard_post"), "BACC": _cell(r, "balanced_accuracy"),
               "Thesis JAC": THESIS[task].get("jaccard_post"), "Thesis BACC": THESIS[task].get("balanced_accuracy")}
              for r, task in zip(table, TASKS)]
-    title = (f"Test set, JAC after post-processing (%); this run's joint model: a = {args.alpha:g}; "
+    title = (f"Test set, JAC after post-processing (%); this run's joint model: a = {alpha:g}; "
              "thesis: ISIC 2017, its joint model at a = 0.8 (Tables XI, XIV)")
     body = (common.markdown_table(lines, ["Model", "JAC", "BACC", "Thesis JAC", "Thesis BACC"],
                                   {"Thesis JAC": "{:.1f}", "Thesis BACC": "{:.1f}"}, title=title) + "\n\n"
             + "\n\n".join(task_table(task, r, table[-1]["class_names"]) for r, task in zip(table, TASKS)))
     for row, task in zip(table, TASKS):
         row["task"], row["row"] = task, labels[task]
-    publish(top, args, "separate vs joint models", body, test_metrics(table[-1]), table)
-    figure_comparison(table, top.figures / "separate_vs_joint.png")
+    publish(run, "separate vs joint models", body, table[-1], table)
+    figure_comparison(table, run.figures / "separate_vs_joint.png")
 
 
-def alpha_sweep(args, device, dist):
+def report_alpha_sweep(run, table):
     """Table XI: one joint model per a; Table XII is its best row by validation Mean Performance (the run's metrics)."""
-    alphas = [float(a) for a in args.alpha_sweep.split(",") if a.strip()]
-    top, table = run_table(args, [(f"alpha_{a:g}", {"alpha": a, "task": "joint"}) for a in alphas], device, dist)
+    alphas = run.args.alpha_sweep
     for row, alpha in zip(table, alphas):
-        row["row"], row["alpha"] = f"alpha={alpha:g}", alpha
+        row["alpha"] = alpha
     columns = [("Epoch", "best_epoch"), ("Mean Performance", "val_mean_performance"), ("JAC", "val_jaccard_post"),
                ("BACC", "val_balanced_accuracy"), ("Test MP", "mean_performance"), ("Test JAC", "jaccard_post"),
                ("Test BACC", "balanced_accuracy")]
@@ -823,14 +724,81 @@ def alpha_sweep(args, device, dist):
                                   title="Table XI: values tested for a (validation at the best epoch; test "
                                         "alongside) (%)")
             + f"\nTable XII (best multi-task model): a = {best['alpha']:g}, the highest validation Mean Performance.")
-    publish(top, args, "a sweep", body, test_metrics(best), table)
+    publish(run, "a sweep", body, best, table)
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for header, key in columns[1:4]:  # validation Mean Performance, JAC, BACC
         ax.errorbar(alphas, [r[key] for r in table], yerr=[r.get(f"{key}_se", 0.0) for r in table],
                     marker="o", capsize=3, label=header)
     ax.set(xlabel="a (Eq. 4)", ylabel="validation (%)")
     ax.legend()
-    common.save_figure(fig, top.figures / "alpha_sweep.png")
+    common.save_figure(fig, run.figures / "alpha_sweep.png")
+
+
+# =================== One model, and the tables as loops over it (rows x seeds) ====================
+
+def load_data(args):
+    """The dataset of a run; synthetic data is generated from args.seed (one draw per seed)."""
+    synthetic = args.data == "synthetic"
+    sizes = common.synthetic_split_sizes(args) if synthetic else {}
+    name = "synthetic-lesions" if synthetic else args.data
+    data = common.load_dataset(name, root=args.root, size=args.size, seed=args.seed, cache=args.cache, **sizes)
+    if "train" not in data or "val" not in data:
+        raise common.UsageError(f"{name}: training needs train and val splits, found {sorted(data)}")
+    return data
+
+
+def with_changes(args, **changes):
+    config = copy.copy(args)
+    vars(config).update(changes)
+    return config
+
+
+def table_rows(args):
+    """The rows of the run's table, {row name (its jobs' folder name): its changes to the arguments}."""
+    if args.alpha_sweep:  # Table XI
+        return {f"alpha={a:g}": {"task": "joint", "alpha": a} for a in args.alpha_sweep}
+    if args.task == "compare":  # Sec. XVI
+        return {task: {"task": task} for task in TASKS}
+    return {args.task: {}}
+
+
+def train_and_test(job, changes, datasets):
+    """One job, a table row x seed: trains (or, with --eval-only, loads) a model of the row's task in job.dir and
+    evaluates it; the first seed's model of each row draws the row's figures. Returns its flat metrics."""
+    run = job.run
+    args = with_changes(run.args, seed=job.seed, **changes)
+    if job.seed not in datasets:  # the synthetic data is drawn from the seed: one draw per seed
+        datasets[job.seed] = load_data(args)
+    data = {k: common.to_device(v, run.device) for k, v in datasets[job.seed].items()}
+    class_names = data["train"]["class_names"]
+    mean, std = (s.to(run.device) for s in common.channel_stats(data["train"]["images"]))  # Sec. VIII
+    geometry = network_geometry(args)
+    net = build_model(args, len(class_names), geometry)
+    if args.transfer:  # hypothesis 1 (Sec. XVI.B): the U-Net of a segmentation checkpoint, frozen
+        weights = common.load_checkpoint(args.transfer, SCRIPT)["model"]
+        net.unet.load_state_dict({k[len("unet."):]: v for k, v in weights.items() if k.startswith("unet.")})
+        net.unet.requires_grad_(False)
+    print(f"[{job.name}] {sum(p.numel() for p in net.branch_parameters(args.task)) / 1e6:.2f}M parameters; network "
+          f"{geometry['input']} -> {geometry['output']} px (images {args.size} px)", flush=True)
+    model = common.prepare_model(net, run)
+    if args.eval_only:
+        state = common.load_checkpoint(args.checkpoint, SCRIPT, map_location=run.device)
+        common.load_model_state(model, state["model"])
+    else:
+        train(job, model, net, data, args, geometry, mean, std)
+        state = common.load_best(job, model)
+    if "norm_mean" in state:  # evaluate with the statistics the model was trained with
+        mean, std = state["norm_mean"].to(run.device), state["norm_std"].to(run.device)
+    results = {}
+    for split in ("val", "test") if "test" in data else ("val",):  # the figures show the last one
+        results[split], outputs = evaluate(model, data[split], args, args.task, geometry, mean, std, run.device)
+    if job.seed == common.seed_list(run.args)[0]:  # the row's figures: its first seed's model
+        figure_examples(data[split], outputs, job.figures / f"examples_{job.row}.png")
+        if not args.eval_only:
+            keys = [k for k in ("jaccard_post", "balanced_accuracy", "mean_performance") if k in results[split]]
+            common.plot_curves(job, ["train_loss"] + [f"val_{k}" for k in keys],
+                               job.figures / f"training_curves_{job.row}.png")
+    return {**flat_metrics(results), "best_epoch": state.get("epoch"), "class_names": list(class_names)}
 
 
 # ========== Predict: a trained model on a user's own images (--predict, or from Python) ===========
@@ -841,6 +809,11 @@ UNET_ARCHITECTURE = ("width", "depth", "unet_padding", "input_size", "size", "ba
 ARCHITECTURE = UNET_ARCHITECTURE + ("pool", "fc", "head_dropout")
 
 
+def trained_args(state):
+    """The arguments a checkpoint's model was trained with: the run's, with its row's task and a."""
+    return {**state["args"], **state.get("spec", {})}
+
+
 def load_model(checkpoint_path, device="cpu"):
     """A common.Predictor for a best.pt / last.pt: the model rebuilt from the checkpoint's arguments, in eval mode."""
     device = torch.device(device)
@@ -848,7 +821,7 @@ def load_model(checkpoint_path, device="cpu"):
     if "norm_mean" not in state:
         raise common.CheckpointError(f"{checkpoint_path} has no normalisation statistics (written by an older "
                                      "joint_unet.py); train the model again to predict with it")
-    args = with_changes(resolve_defaults(build_parser().parse_args([])), **state["args"])  # the training run's
+    args = with_changes(resolve_defaults(build_parser().parse_args([])), **trained_args(state))
     class_names = state.get("class_names") or ["nevus", "melanoma", "seborrheic_keratosis"]
     geometry = network_geometry(args)
     model = build_model(args, len(class_names), geometry)
@@ -881,38 +854,28 @@ def predict_batch(predictor, images):
 # ============================================== main ==============================================
 
 def main(argv=None):
-    args = resolve_defaults(build_parser().parse_args(argv))
+    args = common.parse_args(build_parser(), SCRIPT, argv, resolve_defaults)
     if args.predict:  # a trained model on a user's images
-        if not args.checkpoint:
-            raise common.UsageError("--predict needs --checkpoint PATH (a best.pt of a joint_unet.py run)")
-        predictor = load_model(args.checkpoint, common.choose_device(args.device))
-        count = common.predict_images_in(args.predict, predictor, predict_batch, args.out, recursive=args.recursive,
-                                         batch_size=args.batch_size or 16, script=SCRIPT)
-        if count == 0:
-            raise common.UsageError(f"--predict {args.predict}: no image could be read")
-        return count
+        common.run_predict(args, load_model, predict_batch, SCRIPT)
+        return
     if args.eval_only:  # the checkpoint's architecture and task over the command line's
-        if not args.checkpoint:
-            raise common.UsageError("--eval-only needs --checkpoint PATH")
-        common.restore_architecture(args, common.load_checkpoint(args.checkpoint, SCRIPT),
-                                    ARCHITECTURE + ("task", "data"))
-    if args.resume:
-        common.restore_architecture(args, common.load_checkpoint(args.resume, SCRIPT),
-                                    ARCHITECTURE + ("task", "alpha", "data"))
-        args.out = args.out or str(Path(args.resume).parent)  # keep writing into the interrupted run's folder
-    if (args.eval_only or args.resume) and (args.alpha_sweep or len(common.seed_list(args)) > 1):
-        raise common.UsageError("--eval-only and --resume work on one model: drop --alpha-sweep and --seeds")
+        state = common.load_checkpoint(args.checkpoint, SCRIPT)
+        common.restore_architecture(args, {"args": trained_args(state)}, ARCHITECTURE + ("task", "data"))
     if args.transfer:
-        state = common.load_checkpoint(args.transfer, SCRIPT)
-        if state["args"].get("task") == "cls":
+        trained = trained_args(common.load_checkpoint(args.transfer, SCRIPT))
+        if trained.get("task") == "cls":
             raise common.UsageError(f"--transfer needs a segmentation (or joint) checkpoint; {args.transfer} is cls")
-        common.restore_architecture(args, state, UNET_ARCHITECTURE)
+        common.restore_architecture(args, {"args": trained}, UNET_ARCHITECTURE)
     check_head(args, network_geometry(args))  # a bad --size / --pool / --input-size before any folder is made
-    rows = len(args.alpha_sweep.split(",")) if args.alpha_sweep else (3 if args.task == "compare" else 1)
-    dist = common.init_distributed(args, n_jobs=rows * len(common.seed_list(args)))  # torchrun, if any
-    device = common.choose_device(args.device)
-    experiment = compare if args.task == "compare" else alpha_sweep if args.alpha_sweep else single_task
-    experiment(args, device, dist)
+    rows = table_rows(args)
+    jobs = [(row, seed) for row in rows for seed in common.seed_list(args)]
+    run = common.open_run(args, SCRIPT, n_jobs=len(jobs))
+    datasets = {}  # seed -> dataset, shared by the rows
+    table = common.run_jobs(run, jobs, lambda job: train_and_test(job, rows[job.row], datasets))
+    if table is None:  # torchrun: another process writes the report
+        return
+    report = report_alpha_sweep if args.alpha_sweep else report_compare if args.task == "compare" else report_task
+    report(run, table)
 
 
 if __name__ == "__main__":

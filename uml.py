@@ -39,7 +39,8 @@ Usage
     python uml.py --table1 --seeds 0,1,2            # also --table2 (noise), --table3 (ablation)
     python uml.py --method ecs ; python uml.py --no-uncertainty-navigator   # a baseline, an ablation
     python uml.py --eq8 mean                        # the authors' Eq. 8
-    python uml.py --eval-only --checkpoint runs/<run>/best.pt
+    python uml.py --eval-only --checkpoint runs/<run>/UML-seed0/best.pt   # files: <out>/<row>-seed<seed>/
+    python uml.py --resume runs/<run>               # continue an interrupted run (finished rows are kept)
 
 Deviations and resolved ambiguities
     - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. VGG has batch norm
@@ -85,9 +86,9 @@ SCRIPT = "uml"
 DATASETS = {"synthetic": "synthetic-fundus", "synthetic-fundus": "synthetic-fundus",
             "synthetic-breast": "synthetic-breast", "refuge": "refuge", "ispy1": "ispy1", "folder": "folder"}
 # Defaults that depend on the data: the paper's values on real data (Sec. 3), CPU-sized otherwise.
-REAL_DEFAULTS = dict(size=256, epochs=100, lr=1e-4, width=64, res2net_blocks="3,4,6")
-SYNTHETIC_DEFAULTS = dict(size=64, epochs=40, lr=1e-3, width=8, res2net_blocks="1,1,1")
-QUICK_DEFAULTS = dict(size=32, epochs=1, width=4, res2net_blocks="1,1,1", n_train=16, n_val=8, n_test=8)
+REAL_DEFAULTS = dict(size=256, epochs=100, lr=1e-4, width=64, res2net_blocks=[3, 4, 6])
+SYNTHETIC_DEFAULTS = dict(size=64, epochs=40, lr=1e-3, width=8, res2net_blocks=[1, 1, 1])
+QUICK_DEFAULTS = dict(size=32, epochs=1, width=4, res2net_blocks=[1, 1, 1], n_train=16, n_val=8, n_test=8)
 ARCHITECTURE_ARGS = ("method", "mutual_decoder", "uncertainty_instructor", "uncertainty_navigator", "width",
                      "res2net_blocks", "res2net_scale", "res2net_base_width", "vgg_batch_norm", "size")
 
@@ -109,31 +110,35 @@ def build_parser():
     add("--uncertainty-navigator", action=on_off, default=True, help="UN of Table 3 (Eq. 3-4; needs MD)")
     for t, what in ((1, "EC, TBraTS, BCS, ECS, UML"), (2, "BCS, ECS, UML under noise"), (3, "BCS, +MD, +MD+UI, UML")):
         add(f"--table{t}", action="store_true", help=f"Table {t}: train and report {what}")
-    add("--noise-sigmas", default="0,0.01,0.03,0.05",
+    add("--noise-sigmas", type=common.checked_list(float, distinct=True, low=0), default=[0, 0.01, 0.03, 0.05],
         help="Table 2 Gaussian noise std on the [0,1] scale; every trained row is evaluated at each")
-    add("--width", type=int, default=None, help="base width of both encoders (VGG-16, Res2Net-50: 64)")
-    add("--res2net-blocks", default=None, help="bottlenecks of Res2Net stages 1-3 (Res2Net-50: 3,4,6)")
-    add("--res2net-scale", type=int, default=4, help="Res2Net scale s (26w x 4s)")
-    add("--res2net-base-width", type=int, default=26, help="Res2Net base width w (26w x 4s)")
+    add("--width", type=common.POSITIVE_INT, default=None, help="base width of both encoders (VGG-16, Res2Net-50: 64)")
+    add("--res2net-blocks", type=common.checked_list(int, low=1), default=None,
+        help="bottlenecks of Res2Net stages 1-3 (Res2Net-50: 3,4,6)")
+    add("--res2net-scale", type=common.checked(int, low=2), default=4,
+        help="Res2Net scale s (26w x 4s; at least 2: one split passes through, the others are convolved)")
+    add("--res2net-base-width", type=common.POSITIVE_INT, default=26, help="Res2Net base width w (26w x 4s)")
     add("--vgg-batch-norm", action=on_off, default=None,
         help="batch norm in the VGG encoder (vgg16_bn layout); default on, or as the --pretrained-vgg file")
     add("--pretrained-vgg", metavar="PATH", help="ImageNet VGG weights: torchvision's vgg16-397923af.pth "
         "(or vgg16_bn-6c64b313.pth); inputs then use the ImageNet mean and std")
     add("--pretrained-res2net", metavar="PATH", help="ImageNet Res2Net weights: res2net50_v1b_26w_4s-3cf99910.pth")
-    add("--weight-decay", type=float, default=1e-5, help="Adam regulariser scale (Sec. 3)")
-    add("--lr-power", type=float, default=0.9, help="poly decay power (authors' code); 0 = constant")
-    add("--lr-hold-epochs", type=float, help="epochs at the initial rate (default 30%% of --epochs, authors')")
-    add("--lr-floor", type=float, default=1e-5, help="lower bound of the rate (authors' code)")
-    add("--loss-weights", type=float, nargs=3, default=(0.1, 0.5, 0.4), metavar=("W_MUT", "W_CLS", "W_SEG"),
-        help="w^m, w^c, w^s of Eq. 9")
-    add("--lambda-kl-mut", type=float, default=1.0, help="lambda_1^m of Eq. 6 (annealed)")
-    add("--lambda-dice-mut", type=float, default=1.0, help="lambda_2^m of Eq. 6")
-    add("--lambda-kl-cls", type=float, default=1.0, help="lambda^c of Eq. 7 (annealed)")
-    add("--annealing-epochs", type=float, help="T of the KL annealing min(1, epoch/T) (default epochs/2, authors')")
+    add("--weight-decay", type=common.NONNEGATIVE, default=1e-5, help="Adam regulariser scale (Sec. 3)")
+    add("--lr-power", type=common.NONNEGATIVE, default=0.9, help="poly decay power (authors' code); 0 = constant")
+    add("--lr-hold-epochs", type=common.NONNEGATIVE,
+        help="epochs at the initial rate (default 30%% of --epochs, authors')")
+    add("--lr-floor", type=common.NONNEGATIVE, default=1e-5, help="lower bound of the rate (authors' code)")
+    add("--loss-weights", type=common.NONNEGATIVE, nargs=3, default=(0.1, 0.5, 0.4),
+        metavar=("W_MUT", "W_CLS", "W_SEG"), help="w^m, w^c, w^s of Eq. 9")
+    add("--lambda-kl-mut", type=common.NONNEGATIVE, default=1.0, help="lambda_1^m of Eq. 6 (annealed)")
+    add("--lambda-dice-mut", type=common.NONNEGATIVE, default=1.0, help="lambda_2^m of Eq. 6")
+    add("--lambda-kl-cls", type=common.NONNEGATIVE, default=1.0, help="lambda^c of Eq. 7 (annealed)")
+    add("--annealing-epochs", type=common.POSITIVE,
+        help="T of the KL annealing min(1, epoch/T) (default epochs/2, authors')")
     add("--deep-supervision", action=on_off, default=True, help="Eq. 8 over s_1..s_4; off = s_1 only")
     add("--eq8", choices=("sum", "mean"), default="sum", help="Eq. 8: sum (the paper) or mean (authors' code)")
     add("--augment", action=on_off, default=True, help="on-device flips, rotation, scaling, colour jitter")
-    add("--figure-images", type=int, default=3, help="test images shown in Fig. 3")
+    add("--figure-images", type=common.POSITIVE_INT, default=3, help="test images shown in Fig. 3")
     return p
 
 
@@ -149,17 +154,17 @@ def resolve_defaults(args):
     if args.vgg_batch_norm is None:  # follow the file: torchvision's vgg16_bn has running statistics
         args.vgg_batch_norm = not args.pretrained_vgg or (
             "features.1.running_var" in common.read_state_dict(args.pretrained_vgg, "--pretrained-vgg"))
-    if args.res2net_scale < 2:
-        raise common.UsageError("--res2net-scale must be at least 2 (one split passes through, the others convolved)")
+    if len(args.res2net_blocks) != 3:
+        raise common.UsageError(f"--res2net-blocks takes three block counts (stages 1-3), not {args.res2net_blocks}")
     if args.size % 8:
         raise common.UsageError(f"--size must be a multiple of 8 (three 2x down-samplings), not {args.size}")
     if args.method == "uml" and args.uncertainty_navigator and not args.mutual_decoder:
         raise common.UsageError("--uncertainty-navigator needs the mutual decoder (M and U^s come from it)")
-    paper_size = (args.width, args.res2net_blocks.replace(" ", ""), args.res2net_scale, args.res2net_base_width)
-    if (args.pretrained_vgg or args.pretrained_res2net) and paper_size != (64, "3,4,6", 4, 26):
+    paper_size = (args.width, args.res2net_blocks, args.res2net_scale, args.res2net_base_width)
+    if (args.pretrained_vgg or args.pretrained_res2net) and paper_size != (64, [3, 4, 6], 4, 26):
         raise common.UsageError("--pretrained-vgg/--pretrained-res2net need the paper-size encoders: --width 64 "
                          f"--res2net-blocks 3,4,6 --res2net-scale 4 --res2net-base-width 26 (got {paper_size})")
-    args.sigmas = [float(s) for s in str(args.noise_sigmas).split(",")]
+    args.sigmas = [float(s) for s in args.noise_sigmas]
     return args
 
 
@@ -261,28 +266,23 @@ class MutualFeatureDecoder(nn.Module):
 
 class UncertaintyNavigator(nn.Module):
     """Step 2: U-Net-like segmentation decoder giving s_1..s_4 and r^s. With navigate=False it is
-    the plain decoder of the baselines (no M / U^s; r^s = Cat(f_1^s, f_2^b)). Only what is used is
-    built (torchrun's DistributedDataParallel needs every parameter in the loss): s_2, s_3 with deep
-    supervision, s_4 with it or for the bottom gate, Conv(M^r) of r^s when the UI reads r^s."""
+    the plain decoder of the baselines (no M / U^s; r^s = Cat(f_1^s, f_2^b)). Without deep supervision
+    (TBraTS) the loss reads s_1 only; the UN still gives s_1..s_4 and r^s (unused without the UI)."""
 
-    def __init__(self, seg_ch, mutual_bottom_ch, n_classes, navigate, deep_supervision=True, make_rs=True):
+    def __init__(self, seg_ch, mutual_bottom_ch, n_classes, navigate):
         super().__init__()
         w1, w2, w3, w4 = seg_ch[0], seg_ch[0] * 2, seg_ch[0] * 4, seg_ch[0] * 8
-        self.navigate, self.make_rs = navigate, make_rs
+        self.navigate = navigate
         self.bottom = common.conv_bn(seg_ch[3] + mutual_bottom_ch, w4, 1)
         self.up3 = common.Up(w4, seg_ch[2], w3, mode="bilinear")
         self.up2 = common.Up(w3, seg_ch[1], w2, mode="bilinear")
         self.top = common.DoubleConv(seg_ch[0] + w2, w1)                     # Conv(Cat(f_1^s, f_2^b))
-        levels = [1] + ([2, 3] if deep_supervision else []) + ([4] if deep_supervision or navigate else [])
-        self.heads = nn.ModuleDict({f"s{i}": nn.Conv2d((w1, w2, w3, w4)[i - 1], n_classes, 1) for i in levels})
+        self.heads = nn.ModuleDict({f"s{i}": nn.Conv2d(w, n_classes, 1) for i, w in enumerate((w1, w2, w3, w4), 1)})
         if navigate:
             self.mask_conv_bottom = common.conv_bn(n_classes, w4, 1)
             self.fuse_bottom = common.conv_bn(2 * w4, w4, 1)
-            self.mask_conv_top = common.conv_bn(n_classes, w1, 1) if make_rs else None
+            self.mask_conv_top = common.conv_bn(n_classes, w1, 1)
         self.rs_channels = (w1 if navigate else 0) + seg_ch[0] + w2
-
-    def head(self, level, d):
-        return self.heads[f"s{level}"](d) if f"s{level}" in self.heads else None
 
     def forward(self, f_seg, f_mut_4=None, m=None, u=None):
         f_1, f_2, f_3, f_4 = f_seg
@@ -292,23 +292,21 @@ class UncertaintyNavigator(nn.Module):
             m_4, u_4 = down(m, 3), down(u, 3)                                 # M, U^s at H/8
             bottom = bottom * torch.exp(-u_4)
         d_4 = self.bottom(bottom)
-        s_4 = self.head(4, d_4)
+        s_4 = self.heads["s4"](d_4)
         if self.navigate:                                                     # Eq. 3-4 at the bottom level
             m_r_4 = reliable_mask(s_4, m_4, u_4)
             d_4 = self.fuse_bottom(torch.cat([self.mask_conv_bottom(m_r_4), d_4], 1))
         d_3 = self.up3(d_4, f_3)
-        s_3 = self.head(3, d_3)
+        s_3 = self.heads["s3"](d_3)
         d_2 = self.up2(d_3, f_2)
-        s_2 = self.head(2, d_2)
+        s_2 = self.heads["s2"](d_2)
         f_2_b = F.interpolate(d_2, size=f_1.shape[-2:], mode="bilinear", align_corners=False)  # f_2^b
         skip_top = torch.cat([f_1, f_2_b], 1)                                 # Cat(f_1^s, f_2^b)
         # s_1 comes from Cat(f_1^s, f_2^b) alone: the top-level M^r is made FROM s_1 (Eq. 3) and only
         # flows into r^s, i.e. to the classifier through the UI; M and U^s reach s_1 via the bottom only.
-        s_1 = self.head(1, self.top(skip_top))
+        s_1 = self.heads["s1"](self.top(skip_top))
         m_r = reliable_mask(s_1, m, u) if self.navigate else None             # Eq. 3: M^r
-        r_s = None
-        if self.make_rs:                                                      # Eq. 4: r^s
-            r_s = torch.cat([self.mask_conv_top(m_r), skip_top], 1) if self.navigate else skip_top
+        r_s = torch.cat([self.mask_conv_top(m_r), skip_top], 1) if self.navigate else skip_top  # Eq. 4: r^s
         return [s_1, s_2, s_3, s_4], r_s, m_r
 
 
@@ -342,7 +340,7 @@ class ModelSpec:
 
 
 _OFF = dict(mutual_decoder=False, instructor=False, navigator=False)
-ROWS = {  # paper row name -> (slug for files and logs, spec)
+ROWS = {  # paper row name (jobs: <out>/<row>-seed<seed>/) -> (--method of a Table 1 row, spec)
     "EC": ("ec", ModelSpec(segment=False, deep_supervision=False, **_OFF)),
     "TBraTS": ("tbrats", ModelSpec(classify=False, evidential_cls=False, evidential_s1=True,
                                    deep_supervision=False, **_OFF)),
@@ -356,17 +354,16 @@ TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"]
 
 
 def main_row(args):
-    """(name, slug, spec) of the row named by --method, the ablation flags and --deep-supervision."""
-    name, (slug, spec) = next((n, row) for n, row in ROWS.items() if row[0] == args.method)  # slug = --method
+    """(name, spec) of the row named by --method, the ablation flags and --deep-supervision."""
+    name, spec = next((n, spec) for n, (slug, spec) in ROWS.items() if slug == args.method)
     if args.method == "uml":  # an ablation is the Table 3 row with the same components, if any
         spec = replace(spec, mutual_decoder=args.mutual_decoder, instructor=args.uncertainty_instructor,
                        navigator=args.uncertainty_navigator)
-        off = [k for k, on in (("md", spec.mutual_decoder), ("ui", spec.instructor), ("un", spec.navigator)) if not on]
-        name, slug = next(((n, s) for n, (s, r) in ROWS.items() if r == spec),
-                          ("UML" + "".join(f" -{k.upper()}" for k in off), "uml" + "".join(f"-no-{k}" for k in off)))
+        off = [k for k, on in (("MD", spec.mutual_decoder), ("UI", spec.instructor), ("UN", spec.navigator)) if not on]
+        name = next((n for n, (_, r) in ROWS.items() if r == spec), "UML" + "".join(f" -{k}" for k in off))
     if not args.deep_supervision and spec.segment:
-        spec, name, slug = replace(spec, deep_supervision=False), name + " (s_1 only)", slug + "-no-ds"
-    return name, slug, spec
+        spec, name = replace(spec, deep_supervision=False), name + " (s_1 only)"
+    return name, spec
 
 
 class UMLNet(nn.Module):
@@ -386,7 +383,7 @@ class UMLNet(nn.Module):
         self.mutual_decoder = MutualFeatureDecoder(mix_ch, n_seg_classes) if spec.mutual_decoder else None
         if spec.segment:
             self.navigator = UncertaintyNavigator(self.seg_encoder.channels, mix_ch[3] if spec.joint else 0,
-                                                  n_seg_classes, spec.navigator, spec.deep_supervision, spec.instructor)
+                                                  n_seg_classes, spec.navigator)
         if spec.classify:
             cls_ch = self.cls_encoder.channels[3]
             self.cls_mix = common.DoubleConv(cls_ch + (mix_ch[3] if spec.joint else 0), cls_ch)
@@ -415,9 +412,7 @@ class UMLNet(nn.Module):
 
 
 def build_model(spec, args, n_classes, n_seg_classes):
-    blocks = tuple(int(b) for b in str(args.res2net_blocks).split(","))
-    if len(blocks) != 3:
-        raise common.UsageError(f"--res2net-blocks needs three numbers, got {args.res2net_blocks!r}")
+    blocks = tuple(int(b) for b in args.res2net_blocks)
     return UMLNet(spec, n_classes, n_seg_classes, args.width, blocks, args.res2net_base_width,
                   args.res2net_scale, args.vgg_batch_norm)
 
@@ -510,7 +505,7 @@ def total_loss(out, masks, labels, spec, args, epoch):
     if spec.classify:
         l_cls = classification_loss(out["cls_logits"].float(), labels, spec.evidential_cls, anneal * args.lambda_kl_cls)
     if spec.segment:
-        seg = [s if s is None else s.float() for s in out["seg"]]     # s_2..s_4 are None without deep supervision
+        seg = [s.float() for s in out["seg"]]
         l_seg = segmentation_loss(seg, masks, spec.evidential_s1, spec.deep_supervision,
                                   anneal * args.lambda_kl_mut, args.lambda_dice_mut, args.eq8)
     return w_mut * l_mut + w_cls * l_cls + w_seg * l_seg, torch.stack([l_mut, l_cls, l_seg])
@@ -528,55 +523,57 @@ def model_input(images, norm, device, sigma=0.0, generator=None):
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def train_row(model, row, spec, args, data, norm, run, device, names, seed, resume_state=None, dist=None):
-    """Trains one row's model and returns it with the best-validation weights (under torchrun's data mode
-    each rank takes its slice of every batch). `row` = (name, slug); `names` = (last, best) file names."""
-    (name, slug), dist = row, dist or common.Dist()
+def poly_lr_factor(step, total, hold, power, floor):
+    """The authors' adjust_lr as a factor of the initial rate (for LambdaLR): 1 for the first `hold`
+    steps, then (1 - (step - hold) / (total - hold))^power, never below `floor` (= 1e-5 / lr)."""
+    return max(max(1 - max(step - hold, 0) / max(total - hold, 1), 0.0) ** power, floor)
+
+
+def train_row(job, model, spec, data, norm):
+    """Trains one job's model (a table row x seed), from its last.pt when the run is resumed, and
+    loads its best-validation weights (under torchrun's data mode each rank takes a slice of every batch)."""
+    args, device = job.run.args, job.run.device
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_train = data["train"]["images"].shape[0]
     drop_last = n_train >= args.batch_size
     steps = n_train // args.batch_size if drop_last else 1
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: common.poly_lr_factor(  # authors' adjust_lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr_factor(  # per batch
         step, steps * args.epochs, steps * args.lr_hold_epochs, args.lr_power, args.lr_floor / args.lr))
-    start, best = 0, None
-    if resume_state is not None:
-        start, best = common.restore_state(resume_state, model, optimizer, scheduler)
-        print(f"[{slug}] resumed after epoch {start}")
-    checkpoints = common.BestCheckpoint(run, *names, best_score=best)
-    progress = common.Progress(steps * (args.epochs - start), every=args.log_every)
+    start, best = common.resume(job, model, optimizer, scheduler)
+    progress = common.Progress(job, steps, args.epochs, start, every=args.log_every)
     generator = torch.Generator(device=device)
     for epoch in range(start, args.epochs):
         model.train()
-        progress.set_epoch(epoch)
-        generator.manual_seed(seed * 1000 + epoch)      # the shuffle of an epoch does not depend on resume
+        generator.manual_seed(job.seed * 1000 + epoch)   # the shuffle of an epoch does not depend on resume
         sums = torch.zeros(4, device=device)             # L, L_mut, L_cls, L_seg summed over the epoch
         batches = common.iterate_batches(data["train"], args.batch_size, shuffle=True, generator=generator,
                                          drop_last=drop_last)
         if args.augment:                                 # on the device, image and mask together
             batches = (common.augment(b, generator, flip=True, rotate=10.0, scale=0.05, color=0.05) for b in batches)
-        for batch, wait in common.timed(common.shard(b, dist) for b in batches):  # data mode: this rank's slice
+        for batch in progress.epoch(epoch, batches):
+            batch = common.shard(batch, job.run.dist)    # torchrun data mode: this rank's slice
             with common.autocast(device, args.amp):
                 out = model(model_input(batch["images"], norm, device))
-            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, args, epoch)
-            common.optimizer_step(optimizer, loss, scheduler)                  # the rate decays per batch
+            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, args, epoch)  # Eq. 9
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
             sums += torch.cat([loss.detach()[None], parts.detach()])
-            running = progress.step(loss, images=batch["images"].shape[0], wait_s=wait)  # None between log lines
-            common.check_finite(running, f"{slug} epoch {epoch} step {progress.steps}", run)
-        epoch_means = (sums / steps).tolist()                # one host sync per epoch
-        common.check_finite(epoch_means[0], f"{slug} epoch {epoch}", run)
-        val_metrics, _ = evaluate(model, data["val"], spec, data, norm, args, device, seed=seed, surface=False)
+            progress.step(loss, batch["images"].shape[0])  # a line every --log-every steps; stops on NaN
+        epoch_means = (sums / steps).tolist()            # one host sync per epoch
+        val_metrics, _ = evaluate(model, data["val"], spec, data, norm, args, device, seed=job.seed, surface=False)
         score = selection_score(val_metrics)
-        run.log({"row": slug, "seed": seed, "epoch": epoch + 1, "loss": epoch_means[0], "loss_mut": epoch_means[1],
-                 "loss_cls": epoch_means[2], "loss_seg": epoch_means[3], "lr": scheduler.get_last_lr()[0],
-                 "val_score": score, **{f"val_{k}": v for k, v in val_metrics.items()}})
-        best = max(checkpoints.best_score, score)
-        state = common.checkpoint_state(model, optimizer, scheduler, epoch + 1, best, args)
-        state.update(row=slug, row_name=name, spec=asdict(spec), seed=seed, class_names=list(data["class_names"]),
-                     mask_names=list(data["mask_names"]), normalization=[norm[0].cpu(), norm[1].cpu()])
-        checkpoints.save(state, score)                  # last.pt, and best.pt when the score improved
-        print(f"[{slug} seed {seed}] epoch {epoch + 1}/{args.epochs} loss {epoch_means[0]:.4f} val score {score:.4f}")
-    progress.report(slug, run, row=slug, seed=seed)
-    return checkpoints.load_best(model, device)
+        job.log(epoch=epoch + 1, loss=epoch_means[0], loss_mut=epoch_means[1], loss_cls=epoch_means[2],
+                loss_seg=epoch_means[3], lr=scheduler.get_last_lr()[0], val_score=score,
+                **{f"val_{k}": v for k, v in val_metrics.items()})
+        best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler, spec=asdict(spec),
+                           class_names=list(data["class_names"]), mask_names=list(data["mask_names"]),
+                           normalization=[norm[0].cpu(), norm[1].cpu()])   # what load_model needs
+        print(f"[{job.name}] epoch {epoch + 1}/{args.epochs} loss {epoch_means[0]:.4f} val score {score:.4f}")
+    progress.report()
+    common.load_best(job, model)
+    return model
 
 
 def selection_score(metrics):
@@ -753,11 +750,15 @@ def load_data(args, device, seed):
 
 def load_model(checkpoint_path, device="cpu"):
     """A trained row of any table, from its checkpoint, for predict_batch (library use and --predict)."""
+    device = torch.device(device)
     checkpoint = common.load_checkpoint(checkpoint_path, SCRIPT, device)
-    spec = ModelSpec(**checkpoint["spec"])
-    model = build_model(spec, argparse.Namespace(**checkpoint["args"]), len(checkpoint["class_names"]),
-                        len(checkpoint["mask_names"]))
-    return common.predictor_from_checkpoint(checkpoint, model, device, keep_aspect=True, spec=spec)  # letterboxed
+    spec, args = ModelSpec(**checkpoint["spec"]), argparse.Namespace(**checkpoint["args"])
+    model = build_model(spec, args, len(checkpoint["class_names"]), len(checkpoint["mask_names"]))
+    common.load_model_state(model, checkpoint["model"])
+    norm = tuple(t.float().to(device) for t in checkpoint["normalization"])
+    return common.Predictor(model=model.to(device).eval(), args=args, norm=norm, size=args.size, keep_aspect=True,
+                            device=device, class_names=checkpoint["class_names"], mask_names=checkpoint["mask_names"],
+                            extra={"spec": spec})  # letterboxed, as in training
 
 
 @torch.no_grad()
@@ -776,28 +777,27 @@ def predict_batch(predictor, images):
 
 
 def main(argv=None):
-    args = resolve_defaults(build_parser().parse_args(argv))
-    args.command = "python uml.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args = common.parse_args(build_parser(), SCRIPT, argv, resolve_defaults)
+    vars(args).setdefault("command", "python uml.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.predict:
         common.run_predict(args, load_model, predict_batch, SCRIPT)
         return None
-    device = common.choose_device(args.device)
-    checkpoint = common.starting_checkpoint(args, SCRIPT, device, ARCHITECTURE_ARGS)  # its network, its args.out
-    main_name, main_slug, main_spec = main_row(args)
-    if args.eval_only:  # any row's checkpoint (e.g. bcs-best.pt) says which row it is
-        main_name, main_slug, main_spec = checkpoint["row_name"], checkpoint["row"], ModelSpec(**checkpoint["spec"])
-    rows = {**ROWS, main_name: (main_slug, main_spec)}
+    main_name, main_spec = main_row(args)
+    seeds, checkpoint = common.seed_list(args), None
+    if args.eval_only:  # any row's checkpoint (e.g. BCS-seed0/best.pt) says which row it is
+        checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT)
+        common.restore_architecture(args, checkpoint, ARCHITECTURE_ARGS)
+        main_name, main_spec, seeds = checkpoint["row"], ModelSpec(**checkpoint["spec"]), [checkpoint["seed"]]
+    specs = {**{name: spec for name, (_, spec) in ROWS.items()}, main_name: main_spec}
     wanted = [main_name] if args.eval_only else list(dict.fromkeys(
         [main_name] + [n for t in (1, 2, 3) if getattr(args, f"table{t}") for n in TABLE_ROWS[t]]))
-    seeds = [checkpoint.get("seed", args.seed)] if args.eval_only else common.seed_list(args)
     jobs = [(name, seed) for name in wanted for seed in seeds]
-    dist = common.init_distributed(args, len(jobs))
-    run, datasets = common.Run(args, SCRIPT, device), {}
+    run, datasets = common.open_run(args, SCRIPT, n_jobs=len(jobs)), {}
 
-    def train_and_evaluate(name, seed):
-        """One row of a table for one seed (data, initialisation and shuffling from `seed`)."""
-        slug, spec = rows[name]
-        data = datasets[seed] = datasets.get(seed) or load_data(args, device, seed)
+    def train_and_test(job):
+        """One row of a table for one seed (data, initialisation and shuffling from the seed)."""
+        spec, device = specs[job.row], run.device
+        data = datasets[job.seed] = datasets.get(job.seed) or load_data(args, device, job.seed)
         if data["test"]["labels"] is None and spec.classify:
             raise common.UsageError(f"{args.dataset} has no image labels; only --method tbrats can run on it")
         model = build_model(spec, args, data["n_classes"], data["n_seg_classes"])
@@ -808,30 +808,26 @@ def main(argv=None):
             norm = common.input_statistics(data["train"]["images"], device,
                                            imagenet=args.pretrained_vgg or args.pretrained_res2net)
             load_pretrained_encoders(model, args)
-        model = common.prepare_model(model, device, args.compile, dist)
-        if not args.eval_only:  # files: last.pt / best.pt (main row), <row>-best.pt, <row>-seed<k>-best.pt
-            first = seed == seeds[0]
-            prefix = "" if name == main_name and first else f"{slug}-" + ("" if first else f"seed{seed}-")
-            resume = checkpoint if checkpoint is not None and (checkpoint.get("row"), checkpoint.get(
-                "seed", seeds[0])) == (slug, seed) else None
-            model = train_row(model, (name, slug), spec, args, data, norm, run, device,
-                              (prefix + "last.pt", prefix + "best.pt"), seed, resume, dist)
+        model = common.prepare_model(model, run)
+        if not args.eval_only:
+            model = train_row(job, model, spec, data, norm)
         clean, metrics = min(args.sigmas, key=abs), {}
         for sigma in args.sigmas:  # Table 2: the same model under noise; its metrics keyed "sigma=0.05/..."
-            values, extra = evaluate(model, data["test"], spec, data, norm, args, device, sigma, seed)
+            values, extra = evaluate(model, data["test"], spec, data, norm, args, device, sigma, job.seed)
             metrics.update({(k if sigma == clean else f"sigma={sigma:.2f}/{k}"): v for k, v in values.items()})
-            if name == main_name and seed == seeds[0] and sigma == clean and run.is_main:
-                figure_fig3(model, data["test"], spec, data, norm, args, device, run.figures / "fig3.png")
+            if job.row == main_name and job.seed == seeds[0] and sigma == clean:
+                figure_fig3(model, data["test"], spec, data, norm, args, device, job.figures / "fig3.png")
                 if spec.classify:
-                    common.plot_reliability(extra["confidence"], extra["correct"], run.figures / "reliability.png")
+                    common.plot_reliability(extra["confidence"], extra["correct"], job.figures / "reliability.png")
         return metrics
 
-    summary = common.summarize_rows(common.run_rows(jobs, train_and_evaluate, run, dist))
-    table = build_table(summary, args, main_name, {n: s for n, (_, s) in rows.items()})
-    markdown = results_markdown(table, args)
+    summary = common.run_jobs(run, jobs, train_and_test)
+    if summary is None:  # torchrun: another process writes the results
+        return None
+    table = build_table(summary, args, main_name, specs)
     main_row_means = common.row_metrics(next(r for r in summary if r["row"] == main_name))  # the run's metrics
     metrics = {k: v for k, v in main_row_means.items() if "/" not in k}                      # on clean inputs
-    common.write_results(run.dir, SCRIPT, args.dataset, "test", metrics, table, args, markdown, show=True)
+    common.write_results(run, metrics, table, results_markdown(table, args))
     return run.dir
 
 

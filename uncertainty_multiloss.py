@@ -43,8 +43,9 @@ Usage
     python uncertainty_multiloss.py --sweep --epochs 20   # Fig. 2, both lambda sweeps (22 runs)
     python uncertainty_multiloss.py --losses c,s,t,g --weights 0.1,0.6,0.22,0.08 --no-uncertainty
     python uncertainty_multiloss.py --data glas --root GlaS/  # Warwick-QU: 512 px canvas, 250x250 patches
-    python uncertainty_multiloss.py --eval-only --checkpoint runs/<run>/best.pt
-    python uncertainty_multiloss.py --predict my_images/ --checkpoint runs/<run>/best.pt
+    python uncertainty_multiloss.py --eval-only --checkpoint runs/<run>/<row>-seed0/best.pt
+    python uncertainty_multiloss.py --predict my_images/ --checkpoint runs/<run>/<row>-seed0/best.pt
+    python uncertainty_multiloss.py --resume runs/<run>     # continue an interrupted run where it stopped
     torchrun --nproc_per_node 4 uncertainty_multiloss.py --table1 --seeds 0,1,2   # rows shared out
     torchrun --nproc_per_node 2 uncertainty_multiloss.py --data glas --root GlaS/ # one model, data-parallel
 
@@ -97,6 +98,7 @@ Deviations (ambiguities resolved, and why)
 """
 import argparse
 import functools
+import json
 import math
 import time
 
@@ -160,7 +162,7 @@ DATA_DEPENDENT = {
     "depth": (4, 4, 2, 2),
     "patch": (0, 250, 0, 24),
     "elastic": (2.0, 8.0, 2.0, 8.0),
-    "lambdas": ("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",) * 2 + ("0,0.5,1",) * 2,
+    "lambdas": ([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1],) * 2 + ([0, 0.5, 1],) * 2,
 }
 # what a checkpoint must rebuild for --eval-only, --predict and --resume
 ARCHITECTURE = ("width", "depth", "size", "connectivity", "neck_ratio", "init_log_sigma2")
@@ -176,52 +178,65 @@ def data_defaults_text():
             + "\n  --lambdas: 0,0.1,...,1 (0,0.5,1 with --quick)")
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=data_defaults_text(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, size=64, epochs=40, batch_size=8, lr=1e-2, data="synthetic",
                            data_choices=["synthetic", "glas", "folder"])
     m = p.add_argument_group("method (paper: Sec. 2 and 3)")
     m.add_argument("--losses", default="c,s,t,g", help="terms to train: c (Eq. 3-5), s (Eq. 6), t (Eq. 7-8), g (Eq. 9)")
-    m.add_argument("--weights", help="fixed lambda_i of Eq. 1 per entry of --losses (default 1); with --no-uncertainty")
+    m.add_argument("--weights", type=common.checked_list(float, low=0),
+                   help="fixed lambda_i of Eq. 1 per entry of --losses (default 1); with --no-uncertainty")
     m.add_argument("--uncertainty", action=argparse.BooleanOptionalAction, default=True,
                    help="learn s_i = log sigma_i^2 per loss (Eq. 2-9); --no-uncertainty = fixed weights (Eq. 1)")
-    m.add_argument("--init-log-sigma2", type=float, default=0.0, help="initial s_i = log sigma_i^2 (not given; 0 = sigma^2 1)")
-    m.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (the paper: SGD, lr 1e-2, momentum not given)")
-    m.add_argument("--width", type=int, help="channels of the first level (not in the paper)")
-    m.add_argument("--depth", type=int, help="number of 2x2 poolings (Fig. 1: 250 -> 16 is 4)")
-    m.add_argument("--patch", type=int, help="side of random square training patches (Sec. 3: 250); 0 = whole images")
-    m.add_argument("--elastic", type=float, help="elastic warp magnitude in pixels (Sec. 3: elastic transforms)")
-    m.add_argument("--rotate", type=float, default=15.0, help="affine augmentation: rotation in degrees (Sec. 3)")
-    m.add_argument("--scale", type=float, default=0.1, help="affine augmentation: scale fraction (Sec. 3)")
+    m.add_argument("--init-log-sigma2", type=common.checked(float), default=0.0,
+                   help="initial s_i = log sigma_i^2 (not given; 0 = sigma^2 1)")
+    m.add_argument("--momentum", type=common.checked(float, low=0, high=0.999), default=0.9,
+                   help="SGD momentum (the paper: SGD, lr 1e-2, momentum not given)")
+    m.add_argument("--width", type=common.POSITIVE_INT, help="channels of the first level (not in the paper)")
+    m.add_argument("--depth", type=common.POSITIVE_INT, help="number of 2x2 poolings (Fig. 1: 250 -> 16 is 4)")
+    m.add_argument("--patch", type=common.NONNEGATIVE_INT,
+                   help="side of random square training patches (Sec. 3: 250); 0 = whole images")
+    m.add_argument("--elastic", type=common.NONNEGATIVE,
+                   help="elastic warp magnitude in pixels (Sec. 3: elastic transforms)")
+    m.add_argument("--rotate", type=common.checked(float, low=0, high=180), default=15.0,
+                   help="affine augmentation: rotation in degrees (Sec. 3)")
+    m.add_argument("--scale", type=common.checked(float, low=0, high=0.9), default=0.1,
+                   help="affine augmentation: scale fraction (Sec. 3)")
     m.add_argument("--flip", action="store_true", help="also random flips (not in the paper; default off)")
-    m.add_argument("--color-jitter", type=float, default=0.0, help="colour jitter strength (not in the paper; 0 = off)")
-    m.add_argument("--border-width", type=int, help="GlaS: epithelial border band width, original pixels (common's 18)")
-    m.add_argument("--connectivity", type=int, default=4, choices=[4, 8], help="connectivity of lumen and gland components")
-    m.add_argument("--neck-ratio", type=float, default=0.3,
-                   help="regions_to_instances: two lumens' cells stay apart where the gland is thinner than this share "
-                        "of the thinner cell's thickness (0 = components of border U lumen, > 1 = one object per lumen)")
+    m.add_argument("--color-jitter", type=common.NONNEGATIVE, default=0.0,
+                   help="colour jitter strength (not in the paper; 0 = off)")
+    m.add_argument("--border-width", type=common.POSITIVE_INT,
+                   help="GlaS: epithelial border band width, original pixels (common's 18)")
+    m.add_argument("--connectivity", type=int, default=4, choices=[4, 8],
+                   help="connectivity of lumen and gland components")
+    m.add_argument("--neck-ratio", type=common.NONNEGATIVE, default=0.3,
+                   help="regions_to_instances: two lumens' cells stay apart where the gland is thinner than this "
+                        "share of the thinner cell's thickness (0 = components of border U lumen, > 1 = one object "
+                        "per lumen)")
     m.add_argument("--table1", action="store_true", help="train and evaluate every row of Table 1")
     m.add_argument("--sweep", action="store_true", help="Fig. 2: λ Lc + (1-λ) Ls, Ls + λ Lt + (1-λ) Lg")
-    m.add_argument("--lambdas", help="lambda values of --sweep (Fig. 2; default 0,0.1,...,1)")
-    p.set_defaults(**{key: None for key in DATA_DEPENDENT})  # filled by apply_data_defaults
-    return apply_data_defaults(p.parse_args(argv))
+    m.add_argument("--lambdas", type=common.checked_list(float, distinct=True, low=0, high=1),
+                   help="lambda values of --sweep (Fig. 2; default 0,0.1,...,1)")
+    p.set_defaults(**{key: None for key in DATA_DEPENDENT})  # filled by resolve_defaults
+    return p
 
 
-def apply_data_defaults(args):
-    """Fills each flag of DATA_DEPENDENT that the command line left unset with its value for the data."""
+def resolve_defaults(args):
+    """Fills each flag of DATA_DEPENDENT that the command line left unset with its value for the data,
+    then checks the flags that depend on each other (one line, exit 2, before anything is written)."""
     column = 2 * bool(args.quick) + (args.data != "synthetic")
     for key, values in DATA_DEPENDENT.items():
         if getattr(args, key) is None:
             setattr(args, key, values[column])
+    if args.table1 and args.sweep:
+        raise common.UsageError("--table1 and --sweep are two separate runs: pass one of them")
+    config_from_args(args)  # --losses, --weights, --uncertainty
     return args
 
 
-def comma_floats(text, flag):
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise common.UsageError(f"{flag} takes comma-separated numbers, got {text!r}")
+def parse_args(argv=None):
+    return common.parse_args(build_parser(), SCRIPT, argv, resolve_defaults)
 
 
 def row_config(row, weights, uncertainty, losses=LOSS_NAMES):
@@ -234,7 +249,7 @@ def config_from_args(args):
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     if not losses or any(s not in LOSS_NAMES for s in losses) or len(set(losses)) != len(losses):
         raise common.UsageError(f"--losses takes distinct terms from {','.join(LOSS_NAMES)}, got {args.losses!r}")
-    weights = [1.0] * len(losses) if args.weights is None else comma_floats(args.weights, "--weights")
+    weights = [1.0] * len(losses) if args.weights is None else args.weights
     if len(weights) != len(losses):
         raise common.UsageError(f"--weights needs one value per loss in --losses ({len(losses)}), got {args.weights!r}")
     if args.weights is not None and args.uncertainty:
@@ -438,75 +453,74 @@ def random_patches(batch, side, generator):
     return out
 
 
-def train(model, optimizer, generator, data, stats, config, args, run, tag, dist, start_epoch=0, best=-math.inf):
-    """Trains from start_epoch to args.epochs; a log line per epoch (loss terms, learned sigma^2 and
-    1/sigma^2, validation metrics); keeps `<tag>last.pt` / `<tag>best.pt`."""
-    device, train_split = stats["device"], data["train"]
-    net = unwrap(model)  # the plain module: log sigma^2, evaluation
+def training_batches(split, args, generator, stats, dist):
+    """One epoch of augmented, normalised training batches (Sec. 3), drawn with `generator`; under
+    torchrun data mode, this process's slice of each."""
+    drop_last = len(split["names"]) > args.batch_size  # no batch of one image for BatchNorm
+    for batch in common.iterate_batches(split, args.batch_size, shuffle=True, generator=generator, drop_last=drop_last):
+        if args.patch:  # cut first, then warp the patch (reflection padding then reflects tissue)
+            batch = random_patches(batch, args.patch, generator)
+        batch = common.augment(batch, generator=generator, flip=args.flip, rotate=args.rotate, scale=args.scale,
+                               elastic=args.elastic, color=args.color_jitter)
+        batch = common.shard(batch, dist)
+        batch["x"] = common.normalize(batch["images"], stats["mean"], stats["std"])
+        yield batch
+
+
+def learned_sigma2(model, keys):
+    """sigma_i^2 = e^(s_i) of the terms `keys` (Eq. 2), as Python floats (inf where it overflows)."""
+    return dict(zip(keys, torch.stack([model.log_sigma2[k].detach() for k in keys]).double().exp().tolist()))
+
+
+def train(job, model, config, data, stats):
+    """SGD (Sec. 3) on the configuration's loss from the job's last checkpoint (or the start) to
+    --epochs; a log line per epoch (loss terms, learned sigma^2 and 1/sigma^2, validation metrics);
+    last.pt every epoch, best.pt on the best validation score. Returns the speed of training."""
+    run, args, started = job.run, job.run.args, time.perf_counter()
+    net = common.unwrap(model)  # the plain module: log sigma^2, evaluation
     active = list(config["weights"])
-    n_train = len(train_split["names"])
-    drop_last = n_train > args.batch_size  # no batch of one image for BatchNorm
-    steps_per_epoch = n_train // args.batch_size if drop_last else 1
-    progress = common.Progress(steps_per_epoch * (args.epochs - start_epoch), every=args.log_every)
-    history, norm = [], {"mean": stats["mean"].cpu(), "std": stats["std"].cpu()}
-    for epoch in range(start_epoch, args.epochs):
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)  # Sec. 3: SGD, lr 1e-2
+    generator = torch.Generator(device=run.device).manual_seed(job.seed)  # batches, patches, augmentation
+    start, best = common.resume(job, model, optimizer, generator=generator)  # the batches go on as they would have
+    n_train = len(data["train"]["names"])
+    steps_per_epoch = n_train // args.batch_size if n_train > args.batch_size else 1
+    progress = common.Progress(job, steps_per_epoch, args.epochs, start, every=args.log_every)
+    extra = {"config": config, "norm": {"mean": stats["mean"].cpu(), "std": stats["std"].cpu()},
+             "class_names": list(data["train"]["class_names"])}  # what --eval-only and --predict need
+    for epoch in range(start, args.epochs):
         model.train()
-        progress.set_epoch(epoch + 1)
-        sums = torch.zeros(len(active) + 1, device=device)  # running sums on the device: total, each term
-        steps, fetch = 0, time.perf_counter()
-        for batch in common.iterate_batches(train_split, args.batch_size, shuffle=True, generator=generator,
-                                            drop_last=drop_last):
-            if args.patch:  # cut first, then warp the patch (reflection padding then reflects tissue)
-                batch = random_patches(batch, args.patch, generator)
-            batch = common.augment(batch, generator=generator, flip=args.flip, rotate=args.rotate, scale=args.scale,
-                                   elastic=args.elastic, color=args.color_jitter)
-            batch = common.shard(batch, dist)  # data-parallel: this process's slice of the batch
-            x = common.normalize(batch["images"], stats["mean"], stats["std"])
-            wait = time.perf_counter() - fetch
-            with common.autocast(device, args.amp):
-                class_logits, pixel_logits = model(x)
+        sums = torch.zeros(len(active) + 1, device=run.device)  # running sums on the device: total, each term
+        for batch in progress.epoch(epoch, training_batches(data["train"], args, generator, stats, run.dist)):
+            with common.autocast(run.device, args.amp):
+                class_logits, pixel_logits = model(batch["x"])
             terms = loss_terms(class_logits, pixel_logits, batch["labels"], batch["masks"], active)
-            total = combine_losses(terms, config, net.log_sigma2)
-            if dist.mode == "data":  # DDP needs every parameter in the graph, unused heads included
-                total = total + 0.0 * (class_logits.float().sum() + pixel_logits.float().sum()
-                                       + sum(net.log_sigma2.values()))
-            common.optimizer_step(optimizer, total)
-            sums += torch.stack([total.detach()] + [terms[k].detach() for k in active])
-            steps += 1
-            shown = progress.step(loss=total.detach(), images=x.shape[0], wait_s=wait)  # syncs only when it prints
-            if shown is not None:
-                common.check_finite(shown, f"{tag}epoch {epoch + 1} step {steps}", run)
-            fetch = time.perf_counter()
-        means = (sums / max(steps, 1)).tolist()  # one host sync per epoch
-        common.check_finite(means[0], f"{tag}epoch {epoch + 1} (end)", run)
-        record = {"row": config["row"], "seed": args.seed, "epoch": epoch + 1, "loss": means[0],
-                  **{f"loss_{k}": v for k, v in zip(active, means[1:])}}
+            loss = combine_losses(terms, config, net.log_sigma2)  # Eq. 2 (learned sigma) or Eq. 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss.detach()] + [terms[k].detach() for k in active])
+            progress.step(loss, batch["x"].shape[0])  # stops on a non-finite loss
+        means = (sums / steps_per_epoch).tolist()  # one host sync per epoch
+        record = {"epoch": epoch + 1, "loss": means[0], **{f"loss_{k}": v for k, v in zip(active, means[1:])}}
         if config["uncertainty"]:  # Eq. 2: the learned sigma_i^2 and the weight 1/sigma_i^2 it gives L_i
-            for k in active:
-                sigma2 = math.exp(net.log_sigma2[k].item())
-                record.update({f"sigma2_{k}": sigma2, f"inv_sigma2_{k}": 1 / sigma2})
-        # data-parallel on CPU has no SyncBatchNorm: all ranks take rank 0's running statistics, so
-        # they validate the same model and agree on the best epoch
-        if dist.mode == "data" and dist.world_size > 1:
-            for buffer in net.buffers():
-                torch.distributed.broadcast(buffer, 0)
+            sigma2 = learned_sigma2(net, active)
+            for k, value in sigma2.items():
+                if not math.isfinite(value):  # s_i ran away: the term's weight is gone
+                    last = job.dir / "last.pt"
+                    raise common.NonFiniteLossError(
+                        f"{job.name}: sigma2_{k} = exp({net.log_sigma2[k].item():.4g}) overflows at epoch {epoch + 1} "
+                        f"step {steps_per_epoch}; stopping (" + (f"the last good checkpoint is {last}" if last.exists()
+                                                                 else "no checkpoint was written yet")
+                        + "). Try a lower --lr.")
+                record.update({f"sigma2_{k}": value, f"inv_sigma2_{k}": 1 / value})
         val = evaluate(net, data["val"], stats, config, args, objects=False)
         # model selection: the mean of the cheap validation metrics (accuracy, pixel accuracy, gland Dice)
         record.update({f"val_{k}": v for k, v in val.items()}, val_score=sum(val.values()) / len(val))
-        improved = record["val_score"] > best
-        best = record["val_score"] if improved else best
-        # common's checkpoint (weights incl. log sigma^2, optimiser, RNGs, batch generator) + what
-        # --eval-only and --predict need: the loss config, the normalisation and the class names
-        state = {**common.checkpoint_state(model, optimizer, None, epoch + 1, best, args, generator=generator),
-                 "config": config, "norm": norm, "class_names": list(train_split["class_names"])}
-        if improved:
-            run.save(f"{tag}best.pt", state)
-        run.save(f"{tag}last.pt", state)
-        run.log(record)
-        history.append(record)
-        print(f"[{config['row']}] epoch {epoch + 1}/{args.epochs} loss {means[0]:.4f} "
+        job.log(**record)
+        print(f"[{job.name}] epoch {epoch + 1}/{args.epochs} loss {means[0]:.4f} "
               + " ".join(f"{k} {v:.3f}" for k, v in val.items()), flush=True)
-    return history, progress.summary()
+        best = common.save(job, epoch + 1, record["val_score"], best, model, optimizer, generator=generator, **extra)
+    return {**progress.report(), "steps": steps_per_epoch * args.epochs, "seconds": time.perf_counter() - started}
 
 
 # ---- Evaluation: regions, glands as objects, the metrics of Sec. 3 -------------------------------
@@ -705,36 +719,24 @@ def evaluate(model, split, stats, config, args, objects=True):
 
 # ---- One job = one row of a table for one seed ---------------------------------------------------
 
-def unwrap(model):
-    """The plain module inside torch.compile (`_orig_mod`) and DistributedDataParallel (`module`)."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-    return model
-
-
-def build_model(args, device, dist=None):
-    model = MultiLossFCN(args.width, args.depth, init_log_sigma2=args.init_log_sigma2)
-    return common.prepare_model(model, device, compile=args.compile, dist=dist)
-
-
 def test_row(model, split, stats, config, args):
     """One table row for one seed: the configuration (lambdas, learned sigma^2) and the test metrics."""
     row = {"uncertainty": config["uncertainty"],
            **{f"lambda_{k}": config["weights"].get(k, 0.0) for k in LOSS_NAMES},
-           **evaluate(unwrap(model), split, stats, config, args)}
+           **evaluate(common.unwrap(model), split, stats, config, args)}
     if config["uncertainty"]:
-        row.update({f"sigma2_{k}": math.exp(unwrap(model).log_sigma2[k].item()) for k in config["weights"]})
+        row.update({f"sigma2_{k}": v for k, v in learned_sigma2(common.unwrap(model), list(config["weights"])).items()})
     return row
 
 
-def load_data(args, seed):
+def load_data(args, seed, device=None):
     """The dataset for one seed (synthetic data is generated from it; real data's train/val split
     is seeded), moved to the device, with the normalisation statistics of its training split."""
     name = "synthetic-glands" if args.data == "synthetic" else args.data
     options = {}
     if args.data == "synthetic":  # --quick: a small set, unless --n-train / --n-val / --n-test say otherwise
         options = {"n_train": 12, "n_val": 4, "n_test": 6} if args.quick else {}
-        options.update({k: getattr(args, k) for k in ("n_train", "n_val", "n_test") if getattr(args, k) is not None})
+        options.update(common.synthetic_split_sizes(args))
     elif args.data == "glas" and args.border_width:
         options["border_width"] = args.border_width
     data = common.load_dataset(name, root=args.root, size=args.size, seed=seed, cache=args.cache, **options)
@@ -745,34 +747,31 @@ def load_data(args, seed):
             raise common.UsageError(f"--data {args.data}: masks must be [N,H,W] with 0 stroma, 1 border, 2 lumen")
         if data[split].get("instances") is None:  # e.g. --data folder: glands separated as predictions are
             data[split]["instances"] = regions_to_instances(data[split]["masks"], args.connectivity, args.neck_ratio)
-    device = common.choose_device(args.device)
+    device = device or common.choose_device(args.device)
     data = {k: common.to_device(v, device) for k, v in data.items()}
     mean, std = common.channel_stats(data["train"]["images"])
     return data, {"device": device, "mean": mean.to(device), "std": std.to(device)}
 
 
-def run_job(config, seed, args, out, tag, dist, data_for):
-    """Trains one configuration with one seed (data, initialisation, shuffling and augmentation all
-    seeded by it), reloads its best epoch and tests it: (metrics, history) of one table row."""
-    args = argparse.Namespace(**{**vars(args), "seed": seed})
-    data, stats = data_for(seed)
-    common.seed_everything(seed)
-    model = build_model(args, stats["device"], dist)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)  # Sec. 3: SGD, lr 1e-2
-    generator = torch.Generator(device=stats["device"]).manual_seed(seed)  # batches, patches, augmentation
-    start, best = 0, -math.inf
-    if args.resume and not tag:
-        state = common.load_checkpoint(args.resume, SCRIPT)
-        start, best = common.restore_state(state, model, optimizer, generator=generator)
-        print(f"resumed from {args.resume} after epoch {start}")
-    history, speed = train(model, optimizer, generator, data, stats, config, args, out, tag, dist, start, best)
-    if out.path(f"{tag}best.pt").exists():
-        common.load_model_state(model, common.load_checkpoint(out.path(f"{tag}best.pt"), SCRIPT)["model"])
+def train_and_test(job, config, data_for, checkpoint=None, draw=False):
+    """One job: trains the configuration with the job's seed (data, initialisation, shuffling and
+    augmentation all seeded by it) and tests its best epoch, or tests `checkpoint` (--eval-only);
+    the job of the main row's first seed draws Fig. 3."""
+    args = job.run.args
+    data, stats = data_for(job.seed)
+    model = common.prepare_model(MultiLossFCN(args.width, args.depth, init_log_sigma2=args.init_log_sigma2), job.run)
+    if checkpoint is None:
+        speed = train(job, model, config, data, stats)
+        common.load_best(job, model)
+    else:
+        common.load_model_state(model, checkpoint["model"])
+        speed = {}
     metrics = test_row(model, data["test"], stats, config, args)
-    print(f"[{config['row']}, seed {seed}] test " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                                          if not k.startswith(("lambda_", "uncertainty")))
-          + f" | {speed['images_per_s']:.1f} img/s, data wait {100 * speed['data_wait_share']:.0f}%", flush=True)
-    return {**metrics, **speed}, history
+    print(f"[{job.name}] test " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                           if not k.startswith(("lambda_", "uncertainty"))), flush=True)
+    if draw:
+        figure_predictions(model, data["test"], stats, args, job.figures / "fig3_predictions.png")
+    return {**metrics, **speed}
 
 
 # ---- Predict: a trained model on one's own images (--predict, or load_model + predict_batch) ---
@@ -850,7 +849,7 @@ def figure_predictions(model, split, stats, args, path, n=4):
     """Fig. 3: image, ground truth, predicted regions (lumen purple, border yellow, stroma black)
     and the predicted glands as regions_to_instances separates them (one colour per object)."""
     subset = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in split.items()}
-    class_prob, region_prob = predict(unwrap(model), subset, stats, args)
+    class_prob, region_prob = predict(common.unwrap(model), subset, stats, args)
     regions = region_prob.argmax(1)
     glands = regions_to_instances(regions, args.connectivity, args.neck_ratio).cpu()
     names = subset["class_names"]
@@ -911,84 +910,61 @@ def figure_sweep(rows, lambdas, keys, title, path):
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def jobs_of(args):
-    """The rows the command asks for: [(row name, loss configuration, checkpoint tag prefix)]."""
+def rows_of(args, checkpoint=None):
+    """The rows the command asks for: {row name: loss configuration}, in the table's order."""
+    if checkpoint is not None:  # --eval-only: the checkpoint's own configuration
+        return {checkpoint["config"]["row"]: checkpoint["config"]}
     if args.table1:
-        return [(name, row_config(name, weights, uncertainty), f"table1-{i + 1}-")
-                for i, (name, weights, uncertainty) in enumerate(TABLE1)]
+        return {name: row_config(name, weights, uncertainty) for name, weights, uncertainty in TABLE1}
     if args.sweep:
-        lambdas = comma_floats(args.lambdas, "--lambdas")
-        return ([(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", row_config("", (lam, 1 - lam, 0, 0), False), f"sweep-cs-{lam:g}-")
-                 for lam in lambdas]
-                + [(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", row_config("", (0, 1, lam, 1 - lam), False),
-                    f"sweep-tg-{lam:g}-") for lam in lambdas])
+        lambdas = args.lambdas
+        rows = [(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", (lam, 1 - lam, 0, 0)) for lam in lambdas]
+        rows += [(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", (0, 1, lam, 1 - lam)) for lam in lambdas]
+        return {name: row_config(name, weights, False) for name, weights in rows}
     config = config_from_args(args)
-    return [(config["row"], config, "")]
+    return {config["row"]: config}
 
 
-def eval_only(args):
-    """--eval-only: the test metrics of a checkpoint, rebuilt with its own architecture; the model and data."""
-    state = common.load_checkpoint(args.checkpoint, SCRIPT)
-    if "config" not in state:
-        raise common.CheckpointError(f"{args.checkpoint} holds no loss configuration (not this script's)")
-    common.restore_architecture(args, state, ARCHITECTURE)
-    data, stats = load_data(args, args.seed)
-    model = build_model(args, stats["device"])
-    common.load_model_state(model, state["model"])
-    row = {"row": state["config"]["row"], **test_row(model, data["test"], stats, state["config"], args)}
-    return common.summarize_rows({row["row"]: [{**row, "seed": args.seed, "rank": 0}]}), model, data, stats
+def epoch_histories(run, rows, seed):
+    """The log.jsonl records of each row's job with `seed`, one per epoch (the last one written when
+    a resumed epoch was logged twice)."""
+    records, log = {}, run.dir / "log.jsonl"
+    for line in log.read_text(encoding="utf-8").splitlines() if log.exists() else []:
+        record = json.loads(line)
+        if record.get("seed") == seed and record.get("row") in rows and "epoch" in record:
+            records[record["row"], record["epoch"]] = record
+    return [[r for (name, _), r in sorted(records.items(), key=lambda item: item[0][1]) if name == row] for row in rows]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    for flag, given in (("--predict", args.predict), ("--eval-only", args.eval_only)):
-        if given and not args.checkpoint:
-            raise common.UsageError(f"{flag} needs --checkpoint PATH (a best.pt or last.pt of this script)")
     if args.predict:
-        predictor = load_model(args.checkpoint, common.choose_device(args.device))
-        if not common.predict_images_in(args.predict, predictor, predict_batch, args.out, recursive=args.recursive,
-                                        batch_size=args.batch_size, script=SCRIPT):
-            raise common.UsageError(f"--predict {args.predict}: no image could be read")
+        common.run_predict(args, load_model, predict_batch, SCRIPT)
         return None
-    seeds = common.seed_list(args)
-    if args.resume:
-        if args.table1 or args.sweep or len(seeds) > 1:
-            raise common.UsageError("--resume continues a single run of one seed, not --table1 / --sweep / --seeds")
-        common.restore_architecture(args, common.load_checkpoint(args.resume, SCRIPT), ARCHITECTURE)
-    jobs = [] if args.eval_only else jobs_of(args)
-    dist = common.init_distributed(args, n_jobs=max(1, len(jobs) * len(seeds)))
-    out = common.Run(args, SCRIPT)
-    data_for = functools.cache(lambda seed: load_data(args, seed))  # one dataset per seed, shared by its rows
-    histories, model = {}, None
-    if args.eval_only:
-        table, model, data, stats = eval_only(args)
-        main_row = table[0]["row"]
-    else:
-        main_row = None if args.sweep else jobs[-1][0]  # its first seed keeps last.pt / best.pt, draws Fig. 3
-        by_name = {name: (config, prefix) for name, config, prefix in jobs}
-
-        def train_and_evaluate(name, seed):
-            config, prefix = by_name[name]
-            tag = "" if name == main_row and seed == seeds[0] else f"{prefix}seed{seed}-"
-            metrics, history = run_job({**config, "row": name}, seed, args, out, tag, dist, data_for)
-            return {**metrics, "history": history}
-
-        per_row = common.run_rows([(name, seed) for name, _, _ in jobs for seed in seeds], train_and_evaluate, out, dist)
-        histories = {name: [entry.pop("history") for entry in entries] for name, entries in per_row.items()}
-        table = common.summarize_rows(per_row)
-        if out.is_main and main_row is not None and out.path("best.pt").exists():
-            data, stats = data_for(seeds[0])
-            model = load_model(out.path("best.pt"), stats["device"]).model
-    if out.is_main:
-        if model is not None:
-            figure_predictions(model, data["test"], stats, args, out.figures / "fig3_predictions.png")
-        figure_sigma2([h[0] for h in histories.values()], out.figures / "sigma2.png")
-        if args.sweep:  # the first half of the table sweeps Lc / Ls, the second Lt / Lg
-            n, lambdas = len(table) // 2, comma_floats(args.lambdas, "--lambdas")
-            figure_sweep(table[:n], lambdas, [("accuracy", "classification accuracy"), ("pixel_accuracy", "pixel accuracy")],
-                         "λ Lc + (1-λ) Ls", out.figures / "fig2_lambda_Lc_Ls.png")
-            figure_sweep(table[n:], lambdas, [("pixel_accuracy", "pixel accuracy"), ("object_dice", "object Dice")],
-                         "Ls + λ Lt + (1-λ) Lg", out.figures / "fig2_lambda_Lt_Lg.png")
+    checkpoint = None
+    if args.eval_only:  # test a checkpoint, rebuilt with its own architecture
+        checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT)
+        if "config" not in checkpoint:
+            raise common.CheckpointError(f"{args.checkpoint} holds no loss configuration (not this script's)")
+        common.restore_architecture(args, checkpoint, ARCHITECTURE)
+    rows = rows_of(args, checkpoint)
+    seeds = [args.seed] if checkpoint is not None else common.seed_list(args)
+    main_row = None if args.sweep else list(rows)[-1]  # its first seed draws Fig. 3
+    jobs = [(row, seed) for row in rows for seed in seeds]
+    run = common.open_run(args, SCRIPT, n_jobs=len(jobs))
+    data_for = functools.cache(lambda seed: load_data(args, seed, run.device))  # one dataset per seed
+    table = common.run_jobs(run, jobs, lambda job: train_and_test(
+        job, rows[job.row], data_for, checkpoint, draw=job.row == main_row and job.seed == seeds[0]))
+    if table is None:  # torchrun: another process writes the results
+        return None
+    figure_sigma2(epoch_histories(run, list(rows), seeds[0]), run.figures / "sigma2.png")
+    if args.sweep:  # the first half of the table sweeps Lc / Ls, the second Lt / Lg
+        n, lambdas = len(table) // 2, args.lambdas
+        figure_sweep(table[:n], lambdas, [("accuracy", "classification accuracy"),
+                                          ("pixel_accuracy", "pixel accuracy")],
+                     "λ Lc + (1-λ) Ls", run.figures / "fig2_lambda_Lc_Ls.png")
+        figure_sweep(table[n:], lambdas, [("pixel_accuracy", "pixel accuracy"), ("object_dice", "object Dice")],
+                     "Ls + λ Lt + (1-λ) Lg", run.figures / "fig2_lambda_Lt_Lg.png")
     main_entry = next((r for r in table if r["row"] == main_row), {})
     keys = ["accuracy", "pixel_accuracy", "object_dice", "object_hausdorff"] + [f"sigma2_{k}" for k in LOSS_NAMES]
     metrics = {key + s: main_entry[key + s] for key in keys if key in main_entry for s in ("", "_se")}
@@ -996,11 +972,8 @@ def main(argv=None):
     markdown = table_markdown(table, f"{title} ({args.data}, test split)")
     if not args.sweep:  # Fig. 2 has no numbers to compare with
         markdown += "\n" + paper_table_markdown()
-    config = {**vars(args), "seeds": seeds, "world_size": dist.world_size}
-    common.write_results(out.dir, SCRIPT, args.data, "test", metrics, table, config, markdown)
-    if out.is_main:
-        print(f"{markdown}\nresults in {out.dir}")
-    return out.dir
+    common.write_results(run, metrics, table, markdown)
+    return run.dir
 
 
 if __name__ == "__main__":

@@ -250,15 +250,13 @@ def adapter_ensemble_annotators(opts, device):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     norm = tuple(t.to(device) for t in common.channel_stats(pool["images"]))
-    if hasattr(ea, "train_step"):  # train_step(model, optimizer, batch_u, args, batch_c): the meta step
-        meta_train_step = lambda model, optimizer, u, c, args: ea.train_step(model, optimizer, u, args, c)  # noqa: E731
-    else:
-        meta_train_step = _attr(ea, "meta_train_step")
+    meta_weighted_loss = _attr(ea, "meta_weighted_loss")
 
-    def step(inputs):
-        u, c = ({"x": inputs[k]["x"], "y": inputs[k]["masks"]} for k in ("u", "c"))
+    def step(inputs):  # the script's step of a meta row: Eq. 1-2 on a batch of U and one of C_i
+        u, c = inputs["u"], inputs["c"]
         with common.autocast(device, args.amp):
-            return meta_train_step(model, optimizer, u, c, args)
+            loss = meta_weighted_loss(model, u["x"], u["masks"], c["x"], c["masks"], args.lr, args.mc_samples)
+        return _optimizer_step(optimizer, loss)
 
     def project(batches, generator):  # ensemble_annotators.make_batch for U and C_i
         out = {}
@@ -281,7 +279,7 @@ def adapter_ensemble_annotators(opts, device):
     bench = Bench("ensemble_annotators", model, step, project,
                   {"u": Stream(args.batch_size, annotation_pairs, args.size),
                    "c": Stream(args.clean_batch_size, clean_pairs, args.size)}, pool, norm,
-                  "script: meta_train_step (Eq. 1-2)",
+                  "script: meta_weighted_loss (Eq. 1-2) and the step",
                   f"{args.size} px, width {args.width}, depth {args.depth}, U {args.batch_size} + "
                   f"C {args.clean_batch_size}", 1778, (1024, 768), "JPEG", steps)
     bench.notes.append(f"ensemble_annotators: images/s counts every image a meta step reads ({args.batch_size} of U + "

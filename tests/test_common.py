@@ -307,7 +307,7 @@ def toy_parser(epochs=3):
                                   lr=0.05)
 
 
-def toy_main(argv, stop=None, nan_at=None, lr_scale=1.0):
+def toy_main(argv, stop=None, nan_at=None, lr_scale=1.0, kill=False):
     """A small script written as the four are: the step in the loop, common.save / resume / load_best,
     jobs over rows x seeds. `stop` = (row, seed, epoch): raise KeyboardInterrupt after that epoch's
     save (a kill); `nan_at` = (epoch, step): the loss becomes NaN there (epochs and steps from 1)."""
@@ -344,6 +344,10 @@ def toy_main(argv, stop=None, nan_at=None, lr_scale=1.0):
             job.log(epoch=epoch + 1, val_score=score)
             best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler, note="toy")
             if stop == (job.row, job.seed, epoch + 1):
+                if kill:  # kill -9: no Python clean-up at all
+                    import os
+                    import signal
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise KeyboardInterrupt
         progress.report()
         best_state = common.load_best(job, model)
@@ -383,7 +387,7 @@ def test_shared_flags_and_their_checks(tmp_path, capsys):
                 ["--lr", "0"], ["--epochs", "0"], ["--epochs", "-1"], ["--size", "4"], ["--seeds", "1,1"],
                 ["--seeds", "1,x"], ["--seed", "-2"], ["--log-every", "0"], ["--n-train", "0"], ["--overwrite"]):
         code, err = run_cli(lambda argv: toy_main(argv), bad + ["--out", str(tmp_path / "bad")], capsys)
-        assert code == 2 and "error: " in err and "Traceback" not in err, bad
+        assert code == 2 and "error: " in err and "Traceback" not in err and err.count("\n") == 1, bad
         assert not (tmp_path / "bad").exists()
     assert "must be > 0, not -1" in run_cli(lambda argv: toy_main(argv), ["--lr", "-1"], capsys)[1]
     assert "expected a finite number, not 'nan'" in run_cli(lambda argv: toy_main(argv), ["--lr", "nan"], capsys)[1]
@@ -482,6 +486,22 @@ def test_resume_of_a_multi_seed_run_equals_the_uninterrupted_run(tmp_path, capsy
     assert epochs == [(row, seed, e) for row in "AB" for seed in (0, 1) for e in (1, 2, 3)]
 
 
+def test_kill_9_then_resume_ends_with_the_uninterrupted_numbers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    program = tmp_path / "program.py"
+    program.write_text(TORCHRUN_PROGRAM.format(tests=str(Path(__file__).resolve().parent),
+                                               root=str(Path(common.__file__).resolve().parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(program), str(tmp_path / "killed"), "kill"], env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not (tmp_path / "killed" / "B-seed0" / "result.json").exists()
+    straight = toy_main(["--out", str(tmp_path / "straight"), "--seeds", "0,1", "--device", "cpu"])
+    assert tables_of(toy_main(["--resume", str(tmp_path / "killed")])) == tables_of(straight)
+
+
 def test_flags_beside_resume_must_agree_with_the_run(tmp_path, capsys):
     with pytest.raises(KeyboardInterrupt):
         toy_main(["--out", str(tmp_path / "r"), "--lr", "0.01", "--device", "cpu"], stop=("A", 0, 1))
@@ -497,6 +517,9 @@ def test_flags_beside_resume_must_agree_with_the_run(tmp_path, capsys):
     state = common.load_checkpoint(folder / "A-seed0" / "last.pt", "toy")
     assert state["epoch"] == 4 and state["optimizer"]["param_groups"][0]["initial_lr"] == 0.01
     assert state["args"]["epochs"] == 4 and state["args"]["lr"] == 0.01 and state["note"] == "toy"
+    toy_main(["--resume", str(folder), "--epochs", "5"])  # finished jobs go on too, from their last.pt
+    assert [common.load_checkpoint(folder / f"{row}-seed0" / "last.pt", "toy")["epoch"] for row in "AB"] == [5, 5]
+    assert [json.loads((folder / f"{row}-seed0" / "result.json").read_text())["epochs"] for row in "AB"] == [5, 5]
 
 
 def test_a_non_finite_loss_stops_naming_epoch_and_step_as_the_log_does(tmp_path, capsys):
@@ -624,6 +647,8 @@ import test_common
 out, mode = sys.argv[1], sys.argv[2]
 if mode == "rows":
     test_common.toy_main(["--out", out, "--seeds", "0,1,2", "--device", "cpu", "--epochs", "2"])
+elif mode == "kill":
+    test_common.toy_main(["--out", out, "--seeds", "0,1", "--device", "cpu"], stop=("B", 0, 2), kill=True)
 else:
     test_common.ddp_main(["--out", out, "--device", "cpu"])
 '''
@@ -726,7 +751,7 @@ def test_load_model_state_across_compile_and_ddp_prefixes():
         for target in (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)),
                        torch.compile(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)))):
             common.load_model_state(target, saved)
-            assert all(torch.equal(a, b) for a, b in zip(common._unwrap(target).state_dict().values(), plain.values()))
+            assert all(torch.equal(a, b) for a, b in zip(common.unwrap(target).state_dict().values(), plain.values()))
     with pytest.raises(RuntimeError, match="Missing key"):
         common.load_model_state(nn.Sequential(nn.Linear(3, 4)), {"0.weight": plain["0.weight"]})
 
@@ -853,19 +878,12 @@ def test_readme_test_command_is_what_ci_runs():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_predictor_from_checkpoint_and_run_predict(tmp_path):
+def test_run_predict(tmp_path):
     from PIL import Image
 
     torch.manual_seed(0)
-    trained = nn.Conv2d(3, 2, 1)
-    checkpoint = {"model": trained.state_dict(), "args": {"size": 16, "amp": False},
-                  "normalization": [torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 0.25)],
-                  "class_names": ["a", "b"], "mask_names": ["background", "object"]}
-    predictor = common.predictor_from_checkpoint(checkpoint, nn.Conv2d(3, 2, 1), "cpu", keep_aspect=False, tag=7)
-    assert torch.equal(predictor.model.weight, trained.weight) and not predictor.model.training
-    assert predictor.size == 16 and predictor.args.amp is False and predictor.extra == {"tag": 7}
-    assert predictor.norm[0].dtype == torch.float32 and predictor.norm[1].tolist() == [0.25] * 3
-    assert (predictor.class_names, predictor.mask_names, predictor.keep_aspect) == (["a", "b"], ["background", "object"], False)
+    predictor = common.Predictor(model=nn.Conv2d(3, 2, 1).eval(), args=None, size=16, keep_aspect=False,
+                                 norm=(torch.full((3,), 0.5), torch.full((3,), 0.25)))
 
     def load_model(path, device):
         assert path == "ckpt.pt" and torch.device(device).type == "cpu"

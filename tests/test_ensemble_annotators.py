@@ -155,7 +155,7 @@ def test_all_zero_meta_weights_stay_zero():
     assert torch.equal(weights, torch.zeros_like(weights))
 
 
-def test_meta_train_step_updates_with_the_weighted_loss():
+def test_meta_weighted_loss_is_eq2_and_its_sgd_step_follows_the_weighted_gradient():
     torch.manual_seed(2)
     model = pixel_classifier([0.1, 0.1])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -163,8 +163,11 @@ def test_meta_train_step_updates_with_the_weighted_loss():
     weights, loss_u = ea.spatial_weight_maps(model, x, y, x, y, 0.5, 1)
     grads = torch.autograd.grad((weights * loss_u).sum(), list(model.parameters()))
     expected = [p.detach() - 0.5 * g for p, g in zip(model.parameters(), grads)]
-    args = type("Args", (), {"lr": 0.5, "mc_samples": 1})
-    ea.train_step(model, optimizer, {"x": x, "y": y}, args, batch_c={"x": x, "y": y})
+    loss = ea.meta_weighted_loss(model, x, y, x, y, virtual_lr=0.5, n_samples=1)
+    torch.testing.assert_close(loss.detach(), (weights * loss_u).sum().detach(), atol=1e-6, rtol=1e-6)
+    optimizer.zero_grad(set_to_none=True)   # the step as the script's train_row writes it
+    loss.backward()
+    optimizer.step()
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-5)
 
@@ -335,13 +338,16 @@ def test_quick_run_writes_both_tables_and_figures(tmp_path):
     assert "Table 1" in markdown and "Table 2" in markdown and "| STAPLE |" in markdown
     for name in ("fig3_weight_maps_model0.png", "fig4_weight_maps_model3.png", "predictions.png"):
         assert (out / "figures" / name).stat().st_size > 1000
-    for name in ("config.json", "log.jsonl", "last.pt", "best.pt"):
+    for name in ("config.json", "log.jsonl", "ensemble-seed0/best.pt", "ensemble-seed0/result.json"):
         assert (out / name).exists()
+    for row in rows1 - {"G", "H", "I"}:                      # one folder per trained row x seed
+        assert {p.name for p in (out / f"{row}-seed0").iterdir()} == {"last.pt", "best.pt", "result.json"}
     logged = {json.loads(line)["row"] for line in (out / "log.jsonl").read_text().splitlines()}
     assert logged == rows1 - {"G", "H", "I"}
-    # --eval-only on best.pt reproduces the deterministic Table 1
+    # --eval-only on the ensemble's best.pt reproduces the deterministic Table 1
     again = tmp_path / "eval"
-    ea.main(["--quick", "--out", str(again), "--device", "cpu", "--eval-only", "--checkpoint", str(out / "best.pt")])
+    ea.main(["--quick", "--out", str(again), "--device", "cpu", "--eval-only", "--checkpoint",
+             str(out / "ensemble-seed0" / "best.pt")])
     table1_again = [r for r in json.loads((again / "results.json").read_text())["table"] if r["table"] == "1"]
     assert [r["jaccard"] for r in table1_again] == pytest.approx([r["jaccard"] for r in table1])
 
@@ -354,18 +360,70 @@ def quick_ensemble(tmp_path_factory):
     return out
 
 
-def test_resume_trains_only_what_is_left(tmp_path, quick_ensemble):
-    first = quick_ensemble
-    state = torch.load(first / "last.pt", weights_only=True)
-    assert state["job"] == "F@0" and state["epoch"] == 1 and sorted(state["finished"]) == ["B@0", "C@0", "D@0", "E@0"]
-    resumed = tmp_path / "resumed"
-    ea.main(["--quick", "--out", str(resumed), "--device", "cpu", "--no-baselines", "--epochs", "2",
-             "--resume", str(first / "last.pt")])
-    logged = [(r["row"], r["epoch"]) for r in map(json.loads, (resumed / "log.jsonl").read_text().splitlines())
-              if "epoch" in r]
-    assert logged == [("F", 2)]   # rows B-E were finished; F continues at its second epoch
-    rows = {r["row"] for r in json.loads((resumed / "results.json").read_text())["table"] if r["table"] == "1"}
-    assert rows == set("BCDEFGHI")
+def without_timing(results):
+    """results.json's table and metrics without the speed numbers (they differ between any two runs)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not k.startswith(("images_per_s", "data_wait_share"))}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+    return strip({"table": results["table"], "metrics": results["metrics"], "seeds": results["seeds"]})
+
+
+def test_resume_dir_after_an_interruption_in_a_later_base_model_ends_as_the_uninterrupted_run(
+        tmp_path, monkeypatch, two_seeds):
+    """Issue 24, defect 4: a --seeds 0,1 run stopped inside seed 1's model D (after its first epoch's
+    checkpoint), then `--resume DIR` alone: finished jobs are kept, D continues at epoch 2, E and F of
+    seed 1 start, and results.json holds the uninterrupted run's table."""
+    save = ea.common.save
+
+    def save_then_die(job, epoch, *args, **kwargs):
+        best = save(job, epoch, *args, **kwargs)
+        if (job.row, job.seed, epoch) == ("D", 1, 1):
+            raise KeyboardInterrupt("killed")
+        return best
+    monkeypatch.setattr(ea.common, "save", save_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        ea.main(TWO_SEEDS + ["--out", str(out)])
+    monkeypatch.undo()
+    assert (out / "D-seed1" / "last.pt").exists() and not (out / "D-seed1" / "result.json").exists()
+    assert (out / "C-seed1" / "result.json").exists() and not (out / "E-seed1").exists()
+    lines_before = len((out / "log.jsonl").read_text().splitlines())
+    ea.main(["--resume", str(out)])
+    resumed = [(r["row"], r["seed"], r["epoch"]) for r in
+               map(json.loads, (out / "log.jsonl").read_text().splitlines()[lines_before:]) if "epoch" in r]
+    assert resumed == [("D", 1, 2), ("E", 1, 1), ("E", 1, 2), ("F", 1, 1), ("F", 1, 2)]
+    got = json.loads((out / "results.json").read_text())
+    assert without_timing(got) == without_timing(json.loads((two_seeds / "results.json").read_text()))
+
+
+@pytest.mark.parametrize("flags", [
+    ["--batch-size", "-1"], ["--batch-size", "0"], ["--lr", "nan"], ["--epochs", "-1"], ["--n-train", "0"],
+    ["--dropout", "1"], ["--dropout", "-0.1"], ["--momentum", "1.5"], ["--weight-decay", "-1"],
+    ["--clean-batch-size", "0"], ["--width", "0"], ["--depth", "0"], ["--mc-samples", "0"], ["--mc-passes", "0"],
+    ["--dropout-layers", "-1"], ["--staple-iterations", "0"], ["--weight-samples", "0"],
+    ["--kappa-threshold", "2"], ["--fusion", "median"], ["--subsets", "some"], ["--seeds", "0,0"],
+    ["--dropout-layers", "9"], ["--depth", "6"], ["--test", "ph3=/x"], ["--parallel", "data"]])
+def test_a_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, flags):
+    """Issue 24, defect 2 (--batch-size -1 spun at 100 % CPU for ever) and 7: every flag is checked when
+    parsed, within seconds: one line on stderr, exit code 2, no run folder, no cache."""
+    import signal
+    monkeypatch.chdir(tmp_path)
+
+    def too_slow(*_):
+        raise TimeoutError(f"{flags} still running after 5 s")
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(5)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            ea.common.cli(ea.main, flags + ["--out", str(tmp_path / "run"), "--device", "cpu"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: " in err[0], err
+    assert list(tmp_path.iterdir()) == []
 
 
 def tiny_training_sets(seed=0):
@@ -473,9 +531,19 @@ def test_training_weights_leave_batchnorm_statistics_alone():
 # Tables over seeds, --predict, the paper's protocol on a tiny ISIC Archive tree
 # ------------------------------------------------------------------------------------------------
 
-def test_quick_seeds_give_means_and_standard_errors_over_seeds(tmp_path):
-    out = tmp_path / "seeds"
-    ea.main(["--quick", "--out", str(out), "--device", "cpu", "--no-baselines", "--seeds", "0,1"])
+TWO_SEEDS = ["--quick", "--device", "cpu", "--no-baselines", "--seeds", "0,1", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """One uninterrupted --quick run of rows B-F over seeds 0 and 1, two epochs each."""
+    out = tmp_path_factory.mktemp("seeds") / "run"
+    ea.main(TWO_SEEDS + ["--out", str(out)])
+    return out
+
+
+def test_quick_seeds_give_means_and_standard_errors_over_seeds(two_seeds):
+    out = two_seeds
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1]
     row = next(r for r in results["table"] if r["table"] == "1" and r["row"] == "I" and r["test_set"] == "test"
@@ -494,8 +562,12 @@ def test_quick_seeds_give_means_and_standard_errors_over_seeds(tmp_path):
     trained = {r["row"]: r for r in results["table"] if r["table"] == "training"}
     assert set(trained) == set("BCDEF") and all(r["rank"] == [0, 0] for r in trained.values())
     assert "mean ± standard error over the seeds 0, 1" in (out / "results.md").read_text()
-    best = torch.load(out / "best.pt", weights_only=True)
-    assert sorted(best["models"]) == ["0", "1"] and sorted(best["models"]["1"]) == list("BCDEF")
+    best = torch.load(out / "ensemble-seed0" / "best.pt", weights_only=True)
+    assert best["seeds"] == [0, 1] and sorted(best["norm"]) == ["0", "1"]
+    assert {tuple(key.split(".")[:2]) for key in best["model"]} == {(f"seed{s}", r) for s in (0, 1) for r in "BCDEF"}
+    assert ea.weights_of_seed(best["model"], 1)["F"].keys() == ea.BayesianResidualFCN(4, 3).state_dict().keys()
+    weights = torch.load(out / "F-seed1" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, weights[k]) for k, v in ea.weights_of_seed(best["model"], 1)["F"].items())
 
 
 def write_image(path, size, mode="RGB", fmt=None):
@@ -518,7 +590,7 @@ def test_quick_train_then_predict_a_folder_of_odd_images(tmp_path, quick_ensembl
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "predicted"
-    count = ea.main(["--predict", str(images), "--checkpoint", str(run / "best.pt"), "--out", str(out),
+    count = ea.main(["--predict", str(images), "--checkpoint", str(run / "ensemble-seed0" / "best.pt"), "--out", str(out),
                      "--device", "cpu"])
     assert count == 4
     sizes = {"wide": (97, 61), "grey": (50, 80), "alpha": (33, 47), "UPPER": (40, 40)}
@@ -535,7 +607,7 @@ def test_quick_train_then_predict_a_folder_of_odd_images(tmp_path, quick_ensembl
     assert "broken.png" in (out / "errors.txt").read_text()
     assert not list(out.glob("broken*")) and not list(out.glob("notes*"))
     with pytest.raises(ea.common.CheckpointError, match="no trained ensemble"):
-        ea.load_model(run / "last.pt")
+        ea.load_model(run / "B-seed0" / "best.pt")
     foreign = tmp_path / "foreign.pt"
     torch.save({"script": "uml", "model": {}}, foreign)
     with pytest.raises(ea.common.CheckpointError, match="uml.py, not of ensemble_annotators.py"):
@@ -543,7 +615,7 @@ def test_quick_train_then_predict_a_folder_of_odd_images(tmp_path, quick_ensembl
 
 
 def test_predict_batch_masks_are_the_fused_lesion_of_the_run(quick_ensemble):
-    predictor = ea.load_model(quick_ensemble / "best.pt")
+    predictor = ea.load_model(quick_ensemble / "ensemble-seed0" / "best.pt")
     assert predictor.extra["fusion"] == "image" and predictor.size == 32
     predictor.extra["fusion"] = "pixel"   # what a run with --fusion pixel stores
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
@@ -619,7 +691,7 @@ def test_torchrun_shares_out_the_base_models_and_equals_one_process(tmp_path, qu
     import os
     import subprocess
     out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same float sums as this process
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(Path(ea.__file__)), "--quick", "--device", "cpu", "--no-baselines", "--out", str(out)],
                    check=True, env=env, cwd=tmp_path, capture_output=True, timeout=600)
@@ -636,4 +708,4 @@ def test_torchrun_shares_out_the_base_models_and_equals_one_process(tmp_path, qu
                 assert two_rows[key][metric] == row[metric], (key, metric)
     ranks = [r["rank"][0] for r in two["table"] if r["table"] == "training"]
     assert ranks == [0, 1, 0, 1, 0] and json.loads((out / "config.json").read_text())["world_size"] == 2
-    assert (out / "last-rank0.pt").exists() and (out / "last-rank1.pt").exists()
+    assert all((out / f"{row}-seed0" / "best.pt").exists() for row in "BCDEF") and (out / "ensemble-seed0" / "best.pt").exists()

@@ -1,6 +1,7 @@
 """Tests of joint_unet.py: losses on hand-computed values, the pre- and post-processing steps on
 crafted masks (scipy as the reference), the U-Net geometry, where the gradients of Eq. 4 go, and
---quick runs end to end (compare = seg + cls + joint, transfer, a-sweep, eval-only, resume)."""
+--quick runs end to end (compare = seg + cls + joint, transfer, a-sweep, eval-only, resume after an
+interruption, flags refused when parsed)."""
 import csv
 import importlib
 import json
@@ -167,8 +168,9 @@ def test_valid_geometry_closed_form_matches_the_layer_walk():
         assert min(fitting) == ju.valid_geometry(depth, 3 if depth == 1 else 4)["input"]
     # the smallest input whose output covers --size, for every size: the closed form's b is minimal
     outputs = {n: sides[1] for n in range(1, 700) if (sides := _valid_sides_step_by_step(n, 4))}
-    for size in range(1, 400):
-        args = ju.resolve_defaults(ju.build_parser().parse_args(["--unet-padding", "valid", "--size", str(size)]))
+    args = ju.resolve_defaults(ju.build_parser().parse_args(["--unet-padding", "valid"]))
+    for size in range(1, 400):  # (--size itself starts at 8)
+        args.size = size
         geometry = ju.network_geometry(args)
         assert geometry["input"] == min(n for n, out in outputs.items() if out >= size)
         assert geometry["output"] == outputs[geometry["input"]]
@@ -396,6 +398,11 @@ def test_jaccard_of_letterboxed_images_counts_only_the_image_pixels():
 
 SEG_KEYS = {"jaccard", "jaccard_post"}
 CLS_KEYS = {"balanced_accuracy", "accuracy"} | {f"{m}_{c}" for m in ("sensitivity", "specificity") for c in CLASSES}
+JOINT_KEYS = SEG_KEYS | CLS_KEYS | {"mean_performance"}
+
+
+def with_se(keys):
+    return keys | {f"{k}_se" for k in keys}
 
 
 def _results(folder):
@@ -406,6 +413,13 @@ def _results(folder):
     return results
 
 
+def _job(folder, row, seed=0):
+    """A job's result.json metrics, split into (test metrics, everything else)."""
+    metrics = json.loads((Path(folder) / f"{row}-seed{seed}" / "result.json").read_text())["metrics"]
+    test = {k: v for k, v in metrics.items() if not k.startswith("val_") and k not in ("best_epoch", "class_names")}
+    return test, metrics
+
+
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("joint_unet") / "compare"
@@ -414,20 +428,27 @@ def compare_run(tmp_path_factory):
 
 
 def test_quick_compare_writes_the_three_task_tables(compare_run):
-    expected = {"seg": SEG_KEYS, "cls": CLS_KEYS, "joint": SEG_KEYS | CLS_KEYS | {"mean_performance"}}
+    expected = {"seg": SEG_KEYS, "cls": CLS_KEYS, "joint": JOINT_KEYS}
     for task, keys in expected.items():
-        results = _results(compare_run / task)
-        assert set(results["metrics"]) == keys
-        assert [row["row"] for row in results["table"]] == ["validation", "test"]
-        for name in ("examples.png", "training_curves.png", ):
-            assert (compare_run / task / "figures" / name).stat().st_size > 0
-        for name in ("best.pt", "last.pt", "config.json", "log.jsonl", "results.md"):
-            assert (compare_run / task / name).exists()
-    joint = _results(compare_run / "joint")["metrics"]
+        test, metrics = _job(compare_run, task)
+        assert set(test) == keys and metrics["best_epoch"] == 1 and metrics["class_names"] == CLASSES
+        assert set(metrics) - set(test) - {"best_epoch", "class_names"} == {f"val_{k}" for k in keys}
+        for name in (f"examples_{task}.png", f"training_curves_{task}.png"):
+            assert (compare_run / "figures" / name).stat().st_size > 0
+        for name in ("best.pt", "last.pt"):
+            assert (compare_run / f"{task}-seed0" / name).exists()
+        # the checkpoint knows its row's task (the run's own --task is compare)
+        assert torch.load(compare_run / f"{task}-seed0" / "best.pt", weights_only=True)["spec"]["task"] == task
+    for name in ("config.json", "log.jsonl", "results.md"):
+        assert (compare_run / name).exists()
+    logged = [json.loads(line) for line in (compare_run / "log.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["epoch"]) for r in logged if "epoch" in r] == [("seg", 1), ("cls", 1), ("joint", 1)]
+    joint, _ = _job(compare_run, "joint")
     assert joint["mean_performance"] == pytest.approx((joint["balanced_accuracy"] + joint["jaccard_post"]) / 2)
     top = _results(compare_run)
     assert [row["row"] for row in top["table"]] == ["separate segmentation", "separate classification", "joint"]
-    assert set(top["metrics"]) == expected["joint"] | {f"{k}_se" for k in expected["joint"]}
+    assert [row["task"] for row in top["table"]] == ["seg", "cls", "joint"]
+    assert set(top["metrics"]) == with_se(JOINT_KEYS)
     assert top["metrics"]["jaccard_post"] == pytest.approx(joint["jaccard_post"])  # one seed: the joint model's
     assert top["metrics"]["jaccard_post_se"] == 0.0
     assert (compare_run / "figures" / "separate_vs_joint.png").stat().st_size > 0
@@ -438,19 +459,22 @@ def test_quick_compare_writes_the_three_task_tables(compare_run):
 
 
 def test_quick_transfer_trains_only_the_classification_layers(compare_run, tmp_path):
-    seg_checkpoint = compare_run / "seg" / "best.pt"
+    seg_checkpoint = compare_run / "seg-seed0" / "best.pt"
     ju.main(["--quick", "--transfer", str(seg_checkpoint), "--out", str(tmp_path / "transfer")])
     results = _results(tmp_path / "transfer")
-    assert set(results["metrics"]) == SEG_KEYS | CLS_KEYS | {"mean_performance"}
+    assert set(results["metrics"]) == with_se(JOINT_KEYS)
+    assert [row["row"] for row in results["table"]] == ["joint"]
     before = torch.load(seg_checkpoint, weights_only=True)["model"]
-    after = torch.load(tmp_path / "transfer" / "best.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "transfer" / "joint-seed0" / "best.pt", weights_only=True)["model"]
     for key, value in before.items():
         if key.startswith("unet."):  # frozen, BatchNorm statistics included
             torch.testing.assert_close(after[key], value, rtol=0, atol=0)
     assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("classifier."))
     # the segmentation is the transferred network's
-    seg_results = _results(compare_run / "seg")["metrics"]
-    assert results["metrics"]["jaccard_post"] == pytest.approx(seg_results["jaccard_post"])
+    assert results["metrics"]["jaccard_post"] == pytest.approx(_job(compare_run, "seg")[0]["jaccard_post"])
+    # a classification checkpoint has no segmentation to transfer
+    with pytest.raises(common.UsageError, match="is cls"):
+        ju.main(["--quick", "--transfer", str(compare_run / "cls-seed0" / "best.pt"), "--out", str(tmp_path / "no")])
 
 
 def test_quick_alpha_sweep_writes_table_xi(tmp_path):
@@ -466,25 +490,83 @@ def test_quick_alpha_sweep_writes_table_xi(tmp_path):
     markdown = (tmp_path / "sweep" / "results.md").read_text()
     assert "Table XI" in markdown and f"Table XII (best multi-task model): a = {best['alpha']:g}" in markdown
     assert (tmp_path / "sweep" / "figures" / "alpha_sweep.png").stat().st_size > 0
-    assert (tmp_path / "sweep" / "alpha_0.8" / "results.json").exists()
+    for row in ("alpha=0.3", "alpha=0.8"):
+        assert (tmp_path / "sweep" / f"{row}-seed0" / "result.json").exists()
+        assert (tmp_path / "sweep" / "figures" / f"examples_{row}.png").exists()
+    assert torch.load(tmp_path / "sweep" / "alpha=0.3-seed0" / "best.pt", weights_only=True)["spec"] == {
+        "task": "joint", "alpha": 0.3}
 
 
-def test_quick_eval_only_reproduces_the_run_and_resume_continues(compare_run, tmp_path):
-    joint = _results(compare_run / "joint")["metrics"]
-    ju.main(["--quick", "--eval-only", "--checkpoint", str(compare_run / "joint" / "best.pt"),
+def test_quick_eval_only_reproduces_the_run(compare_run, tmp_path):
+    ju.main(["--quick", "--eval-only", "--checkpoint", str(compare_run / "joint-seed0" / "best.pt"),
              "--out", str(tmp_path / "eval")])
-    again = _results(tmp_path / "eval")["metrics"]
-    assert again == pytest.approx(joint)
-    ju.main(["--quick", "--task", "cls", "--epochs", "2", "--resume", str(compare_run / "cls" / "last.pt"),
-             "--out", str(tmp_path / "resumed")])
-    epochs = [json.loads(line).get("epoch") for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    assert [e for e in epochs if e is not None] == [2]
+    again = _results(tmp_path / "eval")
+    assert again["metrics"] == pytest.approx(_results(compare_run)["metrics"])
+    assert again["config"]["task"] == "joint"  # the checkpoint's row, not the compare run's --task
+    assert (tmp_path / "eval" / "figures" / "examples_joint.png").exists()
+
+
+class Killed(Exception):
+    """Stands in for kill -9 in the middle of a job."""
+
+
+SEEDS_RUN = ["--quick", "--task", "joint", "--seeds", "0,1", "--epochs", "2"]  # two jobs of two epochs
+
+
+@pytest.fixture(scope="module")
+def seeds_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("joint_unet_seeds") / "seeds"
+    ju.main(SEEDS_RUN + ["--out", str(out)])
+    return out
+
+
+def test_resume_after_an_interruption_in_the_second_job_ends_with_the_uninterrupted_table(seeds_run, tmp_path,
+                                                                                          monkeypatch):
+    save = common.save
+
+    def save_then_die(job, epoch, *args, **kwargs):  # the second job dies right after its first epoch's save
+        best = save(job, epoch, *args, **kwargs)
+        if job.index == 1 and epoch == 1:
+            raise Killed()
+        return best
+
+    monkeypatch.setattr(common, "save", save_then_die)
+    with pytest.raises(Killed):
+        ju.main(SEEDS_RUN + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(common, "save", save)
+    cut = tmp_path / "cut"
+    assert (cut / "joint-seed0" / "result.json").exists() and not (cut / "joint-seed1" / "result.json").exists()
+    assert not (cut / "results.json").exists()
+    ju.main(["--resume", str(cut)])  # the run's own arguments, from its config.json
+    whole, resumed = _results(seeds_run), _results(cut)
+    assert [r["per_seed"] for r in resumed["table"]] == [r["per_seed"] for r in whole["table"]]
+    assert resumed["metrics"] == whole["metrics"]
+    epochs = [(r["seed"], r["epoch"]) for r in map(json.loads, (cut / "log.jsonl").read_text().splitlines())
+              if "epoch" in r]
+    assert epochs == [(0, 1), (0, 2), (1, 1), (1, 2)]  # seed 0 not trained again, seed 1 continued
+
+
+def test_batch_size_is_honoured_and_a_bad_one_refused_when_parsed(tmp_path, monkeypatch, capsys):
+    parse = lambda argv: ju.resolve_defaults(ju.build_parser().parse_args(argv))  # noqa: E731
+    assert [ju.batch_size_for(parse([]), t) for t in ju.TASKS] == [16, 16, 16]  # synthetic default
+    real = parse(["--data", "isic2017"])
+    assert [ju.batch_size_for(real, t) for t in ju.TASKS] == [2, 8, 8]  # Tables V, VIII, X
+    assert [ju.batch_size_for(parse(["--data", "isic2017", "--batch-size", "3"]), t) for t in ju.TASKS] == [3, 3, 3]
+    monkeypatch.chdir(tmp_path)  # the default --out would be runs/ here
+    for bad in ("0", "-1"):  # 0 used to become 16 silently
+        with pytest.raises(SystemExit) as exit_:
+            common.cli(ju.main, ["--quick", "--batch-size", bad])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error" in line]  # argparse's usage lines aside
+        assert exit_.value.code == 2 and "Traceback" not in err
+        assert len(errors) == 1 and errors[0].endswith(f"error: argument --batch-size: must be >= 1, not {bad}")
+        assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_quick_valid_unet_runs_end_to_end(tmp_path):
     ju.main(["--quick", "--task", "joint", "--unet-padding", "valid", "--out", str(tmp_path / "valid")])
     results = _results(tmp_path / "valid")
-    assert set(results["metrics"]) == SEG_KEYS | CLS_KEYS | {"mean_performance"}
+    assert set(results["metrics"]) == with_se(JOINT_KEYS)
     config = json.loads((tmp_path / "valid" / "config.json").read_text())["args"]
     assert config["unet_padding"] == "valid" and config["size"] == 32
 
@@ -497,11 +579,11 @@ def test_quick_compile_trains_reloads_the_best_checkpoint_and_evaluates(tmp_path
     ju.main(["--quick", "--task", "seg", "--depth", "2", "--batch-size", "12", "--compile", "--device", "cpu",
              "--out", str(tmp_path / "compiled")])
     results = _results(tmp_path / "compiled")
-    assert set(results["metrics"]) == SEG_KEYS
-    saved = torch.load(tmp_path / "compiled" / "best.pt", weights_only=True)["model"]
+    assert set(results["metrics"]) == with_se(SEG_KEYS)
+    saved = torch.load(tmp_path / "compiled" / "seg-seed0" / "best.pt", weights_only=True)["model"]
     assert saved and not any(k.startswith("_orig_mod.") for k in saved)  # plain keys: loads anywhere
     # the plain model evaluates the checkpoint to the same numbers
-    ju.main(["--quick", "--eval-only", "--checkpoint", str(tmp_path / "compiled" / "best.pt"),
+    ju.main(["--quick", "--eval-only", "--checkpoint", str(tmp_path / "compiled" / "seg-seed0" / "best.pt"),
              "--out", str(tmp_path / "plain")])
     assert _results(tmp_path / "plain")["metrics"] == pytest.approx(results["metrics"], abs=1e-4)
 
@@ -511,7 +593,7 @@ def test_eval_only_rebuilds_the_checkpoints_architecture(tmp_path):
     ju.main(["--quick", "--task", "seg", "--unet-padding", "valid", "--border-mode", "constant", "--width", "2",
              "--closing-size", "3", "--out", str(tmp_path / "trained")])
     # ... and evaluated with a command line that says none of it (same padding, mirror, width 4, 5 px)
-    ju.main(["--quick", "--eval-only", "--checkpoint", str(tmp_path / "trained" / "best.pt"),
+    ju.main(["--quick", "--eval-only", "--checkpoint", str(tmp_path / "trained" / "seg-seed0" / "best.pt"),
              "--out", str(tmp_path / "evaluated")])
     used = json.loads((tmp_path / "evaluated" / "config.json").read_text())["args"]
     assert (used["border_mode"], used["unet_padding"], used["width"], used["closing_size"], used["task"]) == (
@@ -519,24 +601,22 @@ def test_eval_only_rebuilds_the_checkpoints_architecture(tmp_path):
     assert _results(tmp_path / "evaluated")["metrics"] == pytest.approx(_results(tmp_path / "trained")["metrics"])
 
 
-def test_quick_seeds_give_means_and_standard_errors_over_seeds(tmp_path):
-    ju.main(["--quick", "--task", "joint", "--seeds", "0,1", "--out", str(tmp_path / "seeds")])
-    results = _results(tmp_path / "seeds")
+def test_quick_seeds_give_means_and_standard_errors_over_seeds(seeds_run):
+    results = _results(seeds_run)
     (row,) = results["table"]
     assert results["seeds"] == row["seeds"] == [0, 1] and [entry["seed"] for entry in row["per_seed"]] == [0, 1]
     for key in ("jaccard_post", "balanced_accuracy", "mean_performance", "val_mean_performance"):
-        # each seed's value is that seed's own model's (its results.json), and the mean and SE are by hand
-        a, b = (_results(tmp_path / "seeds" / "joint" / f"seed_{s}") for s in (0, 1))
+        # each seed's value is that seed's own model's (its result.json), and the mean and SE are by hand
+        a, b = (_job(seeds_run, "joint", s)[1] for s in (0, 1))
         per_seed = [entry[key] for entry in row["per_seed"]]
-        if not key.startswith("val_"):
-            assert per_seed == pytest.approx([a["metrics"][key], b["metrics"][key]])
+        assert per_seed == pytest.approx([a[key], b[key]])
         assert row[key] == pytest.approx((per_seed[0] + per_seed[1]) / 2, rel=1e-5)
         assert row[f"{key}_se"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2, rel=1e-5)  # std(ddof=1) / sqrt(2)
     assert results["metrics"]["jaccard_post"] == row["jaccard_post"]
     assert results["metrics"]["jaccard_post_se"] == row["jaccard_post_se"]
     # the two seeds drew different synthetic data (the generator is seeded too)
-    assert a["metrics"] != b["metrics"]
-    markdown = (tmp_path / "seeds" / "results.md").read_text()
+    assert a != b
+    markdown = (seeds_run / "results.md").read_text()
     assert "over 2 seeds" in markdown and f"{row['jaccard_post']:.1f} ± {row['jaccard_post_se']:.1f}" in markdown
 
 
@@ -548,7 +628,7 @@ def test_quick_seeds_give_means_and_standard_errors_over_seeds(tmp_path):
 def joint_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("joint_unet_predict") / "joint"
     ju.main(["--quick", "--task", "joint", "--epochs", "4", "--out", str(out)])
-    return out
+    return out / "joint-seed0"
 
 
 def _user_images(folder):
@@ -661,10 +741,10 @@ def test_quick_isic2017_layout_trains_the_thesis_unet_on_letterboxed_images(tmp_
     ju.main(["--quick", "--data", "isic2017", "--root", str(root), "--task", "joint", "--cache", str(tmp_path / "cache"),
              "--out", str(tmp_path / "run")])
     results = _results(tmp_path / "run")
-    assert set(results["metrics"]) == SEG_KEYS | CLS_KEYS | {"mean_performance"}
+    assert set(results["metrics"]) == with_se(JOINT_KEYS)
     used = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
     assert (used["batchnorm"], used["unet_padding"], used["size"]) == (False, "valid", 32)  # the thesis' U-Net
-    predictor = ju.load_model(tmp_path / "run" / "best.pt")
+    predictor = ju.load_model(tmp_path / "run" / "joint-seed0" / "best.pt")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
     # evaluation counts only the image's pixels: predictions on the letterbox padding are dropped
     data = common.load_dataset("isic2017", root=root, size=32, cache=tmp_path / "cache")
@@ -675,5 +755,6 @@ def test_quick_isic2017_layout_trains_the_thesis_unet_on_letterboxed_images(tmp_
     folder = tmp_path / "mine"
     folder.mkdir()
     Image.fromarray(np.full((24, 40, 3), 90, np.uint8)).save(folder / "wide.png")
-    ju.main(["--predict", str(folder), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "p")])
+    ju.main(["--predict", str(folder), "--checkpoint", str(tmp_path / "run" / "joint-seed0" / "best.pt"),
+             "--out", str(tmp_path / "p")])
     assert np.asarray(Image.open(tmp_path / "p" / "wide_mask.png")).shape == (24, 40)

@@ -3,6 +3,7 @@ on hand tensors, the component switches, and --quick end-to-end runs of every ta
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -106,11 +107,11 @@ def test_kl_is_zero_when_alpha_tilde_is_one():
 
 def test_learning_rate_is_held_then_decays_to_the_floor():
     # 100 steps, held for 30 (the authors' 30 of 100 epochs), power 0.9, floor 1e-5 / 1e-4
-    assert common.poly_lr_factor(0, 100, 30, 0.9, 0.1) == 1.0
-    assert common.poly_lr_factor(30, 100, 30, 0.9, 0.1) == 1.0
-    assert common.poly_lr_factor(65, 100, 30, 0.9, 0.1) == pytest.approx(0.5 ** 0.9)
-    assert common.poly_lr_factor(99, 100, 30, 0.9, 0.1) == 0.1            # floored
-    assert common.poly_lr_factor(50, 100, 0, 1.0, 0.0) == pytest.approx(0.5)
+    assert uml.poly_lr_factor(0, 100, 30, 0.9, 0.1) == 1.0
+    assert uml.poly_lr_factor(30, 100, 30, 0.9, 0.1) == 1.0
+    assert uml.poly_lr_factor(65, 100, 30, 0.9, 0.1) == pytest.approx(0.5 ** 0.9)
+    assert uml.poly_lr_factor(99, 100, 30, 0.9, 0.1) == 0.1            # floored
+    assert uml.poly_lr_factor(50, 100, 0, 1.0, 0.0) == pytest.approx(0.5)
 
 
 def test_annealing_coefficient():
@@ -231,20 +232,18 @@ def test_model_spec_switches_components():
     bcs = uml.UMLNet(uml.ROWS["BCS"][1], 2, 3, 4, (1, 1, 1))
     assert bcs.mutual_decoder is None and bcs.instructor is None and list(bcs.mixer) == ["3"]  # f_4^m only
     tbrats = uml.UMLNet(uml.ROWS["TBraTS"][1], 2, 3, 4, (1, 1, 1))
-    assert list(tbrats.navigator.heads) == ["s1"]                      # no deep supervision: s_1 only
+    assert list(tbrats.navigator.heads) == ["s1", "s2", "s3", "s4"]     # no deep supervision: Eq. 8 reads s_1 only
     no_ui = uml.UMLNet(uml.replace(uml.ROWS["UML"][1], instructor=False), 2, 3, 4, (1, 1, 1))
-    assert no_ui.navigator.mask_conv_top is None and no_ui.navigator(  # r^s only when the UI reads it
-        no_ui.seg_encoder(torch.randn(1, 3, 32, 32)), torch.randn(1, 32, 4, 4), torch.rand(1, 3, 32, 32) + 1,
-        torch.rand(1, 1, 32, 32))[1] is None
-    for name, (_, spec) in uml.ROWS.items():   # every parameter of every row reaches the loss (DDP needs it)
-        torch.manual_seed(0)
-        model = uml.UMLNet(spec, 2, 3, 4, (1, 1, 1))
-        args = argparse.Namespace(loss_weights=(0.1, 0.5, 0.4), annealing_epochs=2, lambda_kl_mut=1.0,
-                                  lambda_dice_mut=1.0, lambda_kl_cls=1.0, eq8="sum")
-        loss, _ = uml.total_loss(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 3, (2, 32, 32)),
-                                 torch.tensor([0, 1]), spec, args, epoch=1)
-        loss.backward()
-        assert all(p.grad is not None for p in model.parameters()), name
+    assert no_ui.instructor is None and no_ui.navigator.mask_conv_top is not None  # the UN as in UML; r^s unread
+    # the paper's UML has no dead part: every parameter reaches the loss of Eq. 9
+    torch.manual_seed(0)
+    model, spec = uml.UMLNet(uml.ROWS["UML"][1], 2, 3, 4, (1, 1, 1)), uml.ROWS["UML"][1]
+    args = argparse.Namespace(loss_weights=(0.1, 0.5, 0.4), annealing_epochs=2, lambda_kl_mut=1.0,
+                              lambda_dice_mut=1.0, lambda_kl_cls=1.0, eq8="sum")
+    loss, _ = uml.total_loss(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 3, (2, 32, 32)),
+                             torch.tensor([0, 1]), spec, args, epoch=1)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
     ec = uml.UMLNet(uml.ROWS["EC"][1], 2, 3, 4, (1, 1, 1))
     assert ec.seg_encoder is None and ec.mixer is None and "seg" not in ec(torch.randn(1, 3, 32, 32))
 
@@ -541,30 +540,73 @@ def test_quick_tables_write_every_row(all_tables):
                   "Table 3", "support-weighted F1"):
         assert title in markdown
     assert (all_tables / "figures" / "fig3.png").stat().st_size > 0
-    assert (all_tables / "best.pt").exists() and (all_tables / "bcs-best.pt").exists()
+    assert (all_tables / "UML-seed0" / "best.pt").exists() and (all_tables / "BCS-seed0" / "best.pt").exists()
     log = [json.loads(line) for line in (all_tables / "log.jsonl").read_text().splitlines()]
-    assert {r["row"] for r in log if "epoch" in r} == {"ec", "tbrats", "bcs", "ecs", "uml", "uml-md", "uml-md-ui"}
+    assert {r["row"] for r in log if "epoch" in r} == {"EC", "TBraTS", "BCS", "ECS", "UML", "+MD", "+MD+UI"}
 
 
 def test_eval_only_reproduces_the_main_row(all_tables, tmp_path):
-    uml.main(QUICK + ["--eval-only", "--checkpoint", str(all_tables / "best.pt"), "--out", str(tmp_path / "ev")])
+    uml.main(QUICK + ["--eval-only", "--checkpoint", str(all_tables / "UML-seed0" / "best.pt"),
+                      "--out", str(tmp_path / "ev")])
     before = json.loads((all_tables / "results.json").read_text())["metrics"]
     after = json.loads((tmp_path / "ev" / "results.json").read_text())["metrics"]
     for key in ("acc", "f1", "dice_disc", "dice_cup", "ece"):
         assert after[key] == pytest.approx(before[key], abs=1e-9)
 
 
-def test_quick_breast_ablation_and_resume(tmp_path):
+class Killed(BaseException):
+    """Stands for kill -9 in the middle of a run: not an Exception, so nothing on its way catches it."""
+
+
+def interrupt_after(monkeypatch, seed, epoch):
+    """The run stops right after the job of `seed` saved the checkpoint of `epoch` (counted from 1)."""
+    save = common.save
+
+    def save_then_stop(job, done, *args, **kwargs):
+        best = save(job, done, *args, **kwargs)
+        if (job.seed, done) == (seed, epoch):
+            raise Killed
+        return best
+    monkeypatch.setattr(common, "save", save_then_stop)
+
+
+def test_quick_breast_ablation_and_resume(tmp_path, monkeypatch):
     out = tmp_path / "breast"
-    argv = QUICK + ["--data", "synthetic-breast", "--no-uncertainty-navigator", "--noise-sigmas", "0",
-                    "--out", str(out)]
-    uml.main(argv)
+    with monkeypatch.context() as m:
+        interrupt_after(m, seed=0, epoch=1)
+        with pytest.raises(Killed):
+            uml.main(QUICK + ["--data", "synthetic-breast", "--no-uncertainty-navigator", "--noise-sigmas", "0",
+                              "--epochs", "2", "--out", str(out)])
+    uml.main(["--resume", str(out / "+MD+UI-seed0" / "last.pt")])  # a checkpoint inside the run names it too
     results = json.loads((out / "results.json").read_text())
     assert {"acc", "f1", "dice_tumor", "assd_tumor", "uncertainty_auroc", "ece"} <= set(results["metrics"])
     assert results["table"][0]["row"] == "+MD+UI"
-    uml.main(argv + ["--resume", str(out / "last.pt"), "--epochs", "2"])
     epochs = [r["epoch"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "epoch" in r]
     assert epochs == [1, 2]  # the resumed run continued with epoch 2 in the same folder
+
+
+def test_non_finite_loss_names_epoch_and_step_as_the_log(tmp_path, monkeypatch, capsys):
+    real, calls = uml.total_loss, []
+
+    def total_loss(*args, **kwargs):  # NaN from the 2nd step of the 1st epoch on
+        loss, parts = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * math.nan if len(calls) >= 2 else loss), parts
+    monkeypatch.setattr(uml, "total_loss", total_loss)
+    with pytest.raises(SystemExit) as stop:
+        common.cli(uml.main, QUICK + ["--noise-sigmas", "0", "--log-every", "1", "--out", str(tmp_path / "nan")])
+    printed = capsys.readouterr()
+    assert stop.value.code == 2 and "loss is nan at epoch 1 step 2;" in printed.err and "Traceback" not in printed.err
+    assert "[UML-seed0] epoch 1 step 1/2" in printed.out    # the progress line counts epochs as log.jsonl does
+
+
+@pytest.mark.parametrize("flag", [["--width", "0"], ["--res2net-blocks", "3,4"], ["--res2net-scale", "1"],
+                                  ["--noise-sigmas", "0,-0.1"], ["--loss-weights", "0.1", "nan", "0.4"],
+                                  ["--lr-floor", "-1"], ["--annealing-epochs", "0"], ["--figure-images", "0"]])
+def test_bad_method_flags_are_one_line_and_write_nothing(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as stop:
+        common.cli(uml.main, QUICK + flag + ["--out", str(tmp_path / "run")])
+    assert stop.value.code == 2 and flag[0] in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_navigator_needs_mutual_decoder():
@@ -606,9 +648,18 @@ def test_refuge_metrics_ignore_the_letterbox_padding(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_seeds_give_means_and_standard_errors(tmp_path):
-    out = tmp_path / "seeds"
-    uml.main(QUICK + ["--seeds", "0,1", "--noise-sigmas", "0", "--out", str(out)])
+SEEDS = QUICK + ["--seeds", "0,1", "--epochs", "2", "--noise-sigmas", "0", "--figure-images", "1"]
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uml") / "seeds"
+    uml.main(SEEDS + ["--out", str(out)])
+    return out
+
+
+def test_seeds_give_means_and_standard_errors(two_seeds):
+    out = two_seeds
     results = json.loads((out / "results.json").read_text())
     row = results["table"][0]
     assert row["seeds"] == [0, 1] and [r["seed"] for r in row["per_seed"]] == [0, 1]
@@ -616,7 +667,30 @@ def test_seeds_give_means_and_standard_errors(tmp_path):
         a, b = (r[key] for r in row["per_seed"])
         assert results["metrics"][key] == pytest.approx((a + b) / 2)
         assert results["metrics"][key + "_se"] == pytest.approx(abs(a - b) / 2, rel=1e-5)  # std(ddof=1)/sqrt(2)
-    assert (out / "best.pt").exists() and (out / "uml-seed1-best.pt").exists()
+    assert (out / "UML-seed0" / "best.pt").exists() and (out / "UML-seed1" / "best.pt").exists()
+
+
+def test_resume_in_the_second_seed_gives_the_uninterrupted_table(two_seeds, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        interrupt_after(m, seed=1, epoch=1)
+        with pytest.raises(Killed):
+            uml.main(SEEDS + ["--out", str(out)])
+    assert (out / "UML-seed0" / "result.json").exists() and not (out / "UML-seed1" / "result.json").exists()
+    capsys.readouterr()
+    uml.main(["--resume", str(out)])
+    printed = capsys.readouterr().out
+    assert "[job 1/2]" not in printed and "[job 2/2]" in printed           # seed 0 kept, seed 1 continued
+    assert "[UML-seed1] resumed after epoch 1" in printed
+    assert re.findall(r"\[UML-seed1\] epoch (\d+) step (\d+)/(\d+)", printed) == [("2", "2", "2")]
+    expected = json.loads((two_seeds / "results.json").read_text())
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["table"] == expected["table"] and resumed["metrics"] == expected["metrics"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["epoch"]) for r in log if "epoch" in r] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    speed = [r for r in log if r.get("event") == "speed"]                  # one per finished job
+    assert [r["seed"] for r in speed] == [0, 1]
+    assert all(r["images_per_s"] > 0 and 0 <= r["data_wait_share"] < 1 for r in speed)
 
 
 def write_test_images(folder):
@@ -641,8 +715,8 @@ def test_predict_a_folder_of_user_images(all_tables, tmp_path):
 
     sizes = write_test_images(tmp_path / "images")
     out = tmp_path / "predicted"
-    uml.main(["--predict", str(tmp_path / "images"), "--checkpoint", str(all_tables / "best.pt"), "--out", str(out),
-              "--device", "cpu"])
+    uml.main(["--predict", str(tmp_path / "images"), "--checkpoint", str(all_tables / "UML-seed0" / "best.pt"),
+              "--out", str(out), "--device", "cpu"])
     for stem, (w, h) in sizes.items():
         mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 1, 2}       # background / rim / cup
@@ -667,14 +741,15 @@ def test_predicting_the_test_images_gives_the_evaluation_masks(all_tables, tmp_p
     from PIL import Image
     import numpy as np
 
-    predictor = uml.load_model(all_tables / "best.pt")
+    predictor = uml.load_model(all_tables / "UML-seed0" / "best.pt")
     args = predictor.args
     data = uml.load_data(argparse.Namespace(**{**vars(args), "eval_only": True}), torch.device("cpu"), args.seed)
     folder = tmp_path / "test-images"
     folder.mkdir()
     for name, image in zip(data["test"]["names"], data["test"]["images"]):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
-    uml.main(["--predict", str(folder), "--checkpoint", str(all_tables / "best.pt"), "--out", str(tmp_path / "p")])
+    uml.main(["--predict", str(folder), "--checkpoint", str(all_tables / "UML-seed0" / "best.pt"),
+              "--out", str(tmp_path / "p")])
     evaluated = uml.forward_split(predictor.model, data["test"], predictor.extra["spec"], predictor.norm, args,
                                   torch.device("cpu"))["seg"]
     for name, expected in zip(data["test"]["names"], evaluated):

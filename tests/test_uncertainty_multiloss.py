@@ -1,6 +1,8 @@
 """Tests of uncertainty_multiloss.py: the losses on hand-computed cases (Eq. 9 in both readings), the
 model's shapes and block order, glands as objects (regions_to_instances), and the script end to end
-with --quick (single run, --seeds, --table1, --sweep, --eval-only, --resume, --predict, GlaS layout)."""
+with --quick (single run, --seeds, --table1, --sweep, --eval-only, --resume DIR, --predict, GlaS layout),
+and the run kit's promises (flags checked at parse time, a run that overflows stops with one line)."""
+import argparse
 import csv
 import importlib
 import json
@@ -285,7 +287,21 @@ def read(path):
     return json.loads(Path(path).read_text())
 
 
-def test_quick_default_run_eval_only_resume_and_predict(tmp_path):
+MAIN_ROW = "Lc + Ls + Lt + Lg (uncertainty)"
+TIMING = ("images_per_s", "data_wait_share", "seconds")  # keys that differ between two identical runs
+
+
+def job_dir(run_dir, row=MAIN_ROW, seed=0):
+    """<out>/<row>-seed<seed>/: a job's last.pt, best.pt and result.json."""
+    return common.job_folder(argparse.Namespace(dir=Path(run_dir)), row, seed)
+
+
+def without_timing(table):
+    strip = lambda row: {k: v for k, v in row.items() if not k.startswith(TIMING)}  # noqa: E731
+    return [{**strip(r), "per_seed": [strip(e) for e in r["per_seed"]]} for r in table]
+
+
+def test_quick_default_run_eval_only_and_predict(tmp_path):
     cpu = ["--quick", "--device", "cpu"]  # bitwise-repeatable evaluation for the eval-only comparison
     run_dir = um.main(cpu + ["--out", str(tmp_path / "run")])
     results = read(run_dir / "results.json")
@@ -294,19 +310,21 @@ def test_quick_default_run_eval_only_resume_and_predict(tmp_path):
     assert set(metrics) == set(names) | {f"{k}_se" for k in names}
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0 <= metrics["pixel_accuracy"] <= 1 and metrics["sigma2_c"] > 0 and metrics["accuracy_se"] == 0
-    for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "results.md"):
+    for name in ("config.json", "log.jsonl", "results.md"):
         assert (run_dir / name).exists()
+    best = job_dir(run_dir) / "best.pt"
+    assert best.exists() and (job_dir(run_dir) / "last.pt").exists() and (job_dir(run_dir) / "result.json").exists()
     assert (run_dir / "figures" / "fig3_predictions.png").exists() and (run_dir / "figures" / "sigma2.png").exists()
+    assert {"images_per_s", "data_wait_share", "steps", "seconds"} <= set(results["table"][0])
+    assert results["table"][0]["steps"] == 3  # 12 training images, batch 4, one epoch
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in log if "epoch" in r]
     assert all(epochs[0][f"inv_sigma2_{k}"] == pytest.approx(1 / epochs[0][f"sigma2_{k}"]) for k in um.LOSS_NAMES)
-    evaluated = um.main(cpu + ["--eval-only", "--checkpoint", str(run_dir / "best.pt"), "--out", str(tmp_path / "eval")])
+    evaluated = um.main(cpu + ["--eval-only", "--checkpoint", str(best), "--out", str(tmp_path / "eval")])
     again = read(evaluated / "results.json")["metrics"]
     for k in metrics:  # the test metrics of the best checkpoint, recomputed from the file
         assert again[k] == pytest.approx(metrics[k], rel=1e-5, abs=1e-9)
-    resumed = um.main(cpu + ["--epochs", "2", "--resume", str(run_dir / "last.pt"), "--out", str(tmp_path / "resumed")])
-    epochs = [json.loads(line).get("epoch") for line in (resumed / "log.jsonl").read_text().splitlines()]
-    assert [e for e in epochs if e is not None] == [2]
+    assert (evaluated / "figures" / "fig3_predictions.png").exists()
 
     # --predict on a folder of odd images, a corrupt file and a text file
     images = tmp_path / "images"
@@ -318,7 +336,7 @@ def test_quick_default_run_eval_only_resume_and_predict(tmp_path):
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "predicted"
-    assert um.main(["--predict", str(images), "--checkpoint", str(run_dir / "best.pt"), "--out", str(out),
+    assert um.main(["--predict", str(images), "--checkpoint", str(best), "--out", str(out),
                     "--device", "cpu"]) is None
     sizes = {"wide": (97, 61), "grey": (50, 80), "rgba": (45, 33)}
     for stem, size in sizes.items():
@@ -344,20 +362,20 @@ def test_quick_default_run_eval_only_resume_and_predict(tmp_path):
     own.mkdir()
     for i in range(3):
         Image.fromarray(data["test"]["images"][i].permute(1, 2, 0).numpy()).save(own / f"test_{i}.png")
-    um.main(["--predict", str(own), "--checkpoint", str(run_dir / "best.pt"), "--out", str(tmp_path / "own_out"),
+    um.main(["--predict", str(own), "--checkpoint", str(best), "--out", str(tmp_path / "own_out"),
              "--device", "cpu"])
-    predictor = um.load_model(run_dir / "best.pt")
+    predictor = um.load_model(best)
     _, region_prob = um.predict(predictor.model, data["test"], stats, args)
     for i in range(3):
         predicted = np.asarray(Image.open(tmp_path / "own_out" / f"test_{i}_mask.png"))
         assert np.array_equal(predicted, region_prob[i].argmax(0).numpy())
     # library use: load_model + predict_batch, and another script's checkpoint refused
-    predictor = um.load_model(run_dir / "best.pt")
+    predictor = um.load_model(best)
     canvas = torch.stack([common.letterbox(torch.from_numpy(np.array(Image.open(images / "wide.jpg"))).permute(2, 0, 1),
                                            predictor.size)])
     batch = um.predict_batch(predictor, canvas)
     assert batch["mask"].shape == (1, predictor.size, predictor.size) and batch["rows"][0]["n_glands"] >= 0
-    foreign = dict(torch.load(run_dir / "best.pt", weights_only=True), script="uml")
+    foreign = dict(torch.load(best, weights_only=True), script="uml")
     torch.save(foreign, tmp_path / "uml.pt")
     with pytest.raises(common.CheckpointError, match="uml"):
         um.load_model(tmp_path / "uml.pt")
@@ -376,7 +394,7 @@ def test_quick_two_seeds_mean_and_standard_error(tmp_path):
         assert results["metrics"][key] == pytest.approx(row[key]) and results["metrics"][f"{key}_se"] == pytest.approx(row[f"{key}_se"])
     assert row["per_seed"][0]["object_dice"] != row["per_seed"][1]["object_dice"]  # the seed changes data and model
     assert "Mean ± standard error over 2 seeds" in (run_dir / "results.md").read_text()
-    assert (run_dir / "seed1-best.pt").exists() and (run_dir / "best.pt").exists()
+    assert (job_dir(run_dir, seed=1) / "best.pt").exists() and (job_dir(run_dir) / "best.pt").exists()
 
     # torchrun, 2 processes (gloo): rows mode shares the seeds out and equals the 1-process table;
     # data mode trains one model data-parallel; each writes one run folder
@@ -424,7 +442,7 @@ def test_quick_table1_writes_all_rows(tmp_path):
     assert all(f"sigma2_{k}" in rows[-1] for k in um.LOSS_NAMES) and "sigma2_t" not in rows[8]
     assert set(results["metrics"]) >= {"accuracy", "pixel_accuracy", "object_dice", "object_hausdorff", "sigma2_g"}
     assert "Table 1" in (run_dir / "results.md").read_text()
-    assert (run_dir / "best.pt").exists() and (run_dir / "table1-1-seed0-best.pt").exists()
+    assert (job_dir(run_dir) / "best.pt").exists() and (job_dir(run_dir, "Lc") / "best.pt").exists()
 
 
 def test_quick_sweep_writes_both_plots(tmp_path):
@@ -486,3 +504,70 @@ def test_arguments_and_loss_configuration():
     assert not synthetic.flip and synthetic.color_jitter == 0  # Sec. 3: elastic + affine only
     help_text = um.data_defaults_text()
     assert "512" in help_text and "250" in help_text
+    # every flag is checked when parsed, and so are the checks across flags: one UsageError line
+    for bad in (["--width", "0"], ["--momentum", "nan"], ["--patch", "-1"], ["--neck-ratio", "-0.1"]):
+        with pytest.raises(common.UsageError, match=bad[0]):
+            um.parse_args(bad)
+    for bad in (["--table1", "--sweep"], ["--sweep", "--lambdas", "0,2"], ["--losses", "c", "--no-uncertainty",
+                                                                           "--weights", "nan"]):
+        with pytest.raises(common.UsageError):
+            um.parse_args(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run kit's promises (issue 24): defects 5, 7 and 9 of uncertainty_multiloss
+# ------------------------------------------------------------------------------------------------
+
+
+def test_epochs_zero_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--epochs 0 used to exit 0 with an untrained model's results."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        common.cli(um.main, ["--quick", "--epochs", "0", "--out", str(out)])
+    assert stop.value.code == 2 and "--epochs" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_overflowing_log_sigma2_stops_with_one_line_and_finite_checkpoints(tmp_path, capsys):
+    """--lr 6: s_c, s_t pass 138 and 378 in epoch 1 and e^s_t overflows in epoch 2 (the old
+    math.exp raised OverflowError, a traceback); now one line naming epoch and step, exit 2, and
+    the checkpoints left (epoch 1's) hold finite parameters and buffers."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        common.cli(um.main, ["--quick", "--device", "cpu", "--lr", "6", "--epochs", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert "epoch 2 step 3" in err and "--lr" in err
+    checkpoints = list(out.rglob("*.pt"))
+    assert {p.name for p in checkpoints} == {"last.pt", "best.pt"}
+    for path in checkpoints:
+        state = torch.load(path, weights_only=True)
+        assert state["epoch"] == 1
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_resume_dir_alone_continues_an_interrupted_run(tmp_path, monkeypatch):
+    """--resume DIR (no --out) continues DIR: a run killed after its first epoch ends with the table
+    of the uninterrupted run (it used to start a new folder)."""
+    argv = ["--quick", "--epochs", "2", "--device", "cpu"]
+    whole = read(um.main(argv + ["--out", str(tmp_path / "whole")]) / "results.json")
+    evaluate, validations = um.evaluate, []
+
+    def evaluate_then_die(*args, **kwargs):  # as kill -9 in epoch 2, after the checkpoint of epoch 1
+        validations.append(kwargs.get("objects", True))
+        if validations.count(False) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(um, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        um.main(argv + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(um, "evaluate", evaluate)
+    assert not (tmp_path / "cut" / "results.json").exists()
+    resumed = um.main(["--resume", str(tmp_path / "cut")])
+    assert resumed == tmp_path / "cut"  # the same folder, not a new one
+    epochs = [r["epoch"] for r in map(json.loads, (resumed / "log.jsonl").read_text().splitlines()) if "epoch" in r]
+    assert epochs == [1, 2]
+    again = read(resumed / "results.json")
+    assert without_timing(again["table"]) == without_timing(whole["table"])
+    assert again["metrics"] == whole["metrics"]
