@@ -119,8 +119,9 @@ Deviations and resolved ambiguities
     - --seeds: each seed re-draws the synthetic data or the train/val split, the subsets, the
       initialisations and the batches; each cell is the mean over seeds ± its SE (one seed: ± the SE
       over test images, as in the paper). Under torchrun the trained rows of every seed are shared
-      out (rows mode); --parallel data is refused (DistributedDataParallel cannot differentiate
-      through the virtual update). --compile is not used: torch.compile cannot differentiate twice.
+      out (rows mode); --parallel data is refused: Eq. 1 normalises W over the whole batch, which a
+      batch split across processes would not. --compile is not used: torch.compile cannot
+      differentiate twice.
 """
 
 import argparse
@@ -224,9 +225,9 @@ def resolve_defaults(args):
                                 f"that --depth {args.depth} down-samples by; lower --depth or raise --size")
     parse_test_sets(args.test)  # NAME=ROOT pairs of known test sets
     if args.parallel == "data":
-        raise common.UsageError("--parallel data is not supported: the meta step differentiates through a "
-                                "virtual update, which DistributedDataParallel does not; torchrun shares out the "
-                                "base models and baselines instead (--parallel rows, the default)")
+        raise common.UsageError("--parallel data is not supported: Eq. 1 normalises the weights W over the "
+                                "whole batch, which a batch split across processes would not; torchrun shares "
+                                "out the base models and baselines instead (--parallel rows, the default)")
     args.parallel = "rows"  # torchrun: one job (row x seed) per process at a time, even for a single job
     if args.compile:  # common.prepare_model would compile the network
         print("--compile is not used: the meta step differentiates twice, which torch.compile does not support")
