@@ -537,7 +537,7 @@ def keras_reduce_lr_on_plateau(optimizer, factor, patience):
 
 def train(job, model, net, data, args, geometry, mean, std):
     """Sec. X / XV.A: Adam, shuffled augmented batches, the lr schedule, validation and checkpoint every epoch, the
-    best kept (common.save; common.resume continues an interrupted job). `model` trains (maybe compiled, or DDP),
+    best kept (common.save; common.resume continues an interrupted job). `model` trains (maybe compiled),
     `net` is the plain module inside it."""
     run, task, train_split = job.run, args.task, data["train"]
     class_names = train_split["class_names"]
