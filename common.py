@@ -1599,9 +1599,9 @@ def save(job, epoch, score, best, model, optimizer=None, scheduler=None, generat
     improved = (math.isfinite(score) and score > best) or not (job.dir / "best.pt").exists()
     best = score if improved and math.isfinite(score) else best
     state = {"script": job.run.script, "row": str(job.row), "seed": job.seed, "epoch": int(epoch),
-             "score": float(score), "best": float(best), "model": weights, "optimizer": optimizer and optimizer.state_dict(),
-             "scheduler": scheduler and scheduler.state_dict(), "rng": _rng_state(),
-             "generator": generator and generator.get_state(),
+             "score": float(score), "best": float(best), "model": weights,
+             "optimizer": optimizer and optimizer.state_dict(), "scheduler": scheduler and scheduler.state_dict(),
+             "rng": _rng_state(), "generator": generator and generator.get_state(),
              "args": _plain(vars(job.run.args)), **extra}
     job.dir.mkdir(parents=True, exist_ok=True)
     for name in ("best.pt", "last.pt") if improved else ("last.pt",):

@@ -371,7 +371,7 @@ def without_timing(results):
 
 def test_resume_dir_after_an_interruption_in_a_later_base_model_ends_as_the_uninterrupted_run(
         tmp_path, monkeypatch, two_seeds):
-    """Issue 24, defect 4: a --seeds 0,1 run stopped inside seed 1's model D (after its first epoch's
+    """A --seeds 0,1 run stopped inside seed 1's model D (after its first epoch's
     checkpoint), then `--resume DIR` alone: finished jobs are kept, D continues at epoch 2, E and F of
     seed 1 start, and results.json holds the uninterrupted run's table."""
     save = ea.common.save
@@ -405,7 +405,7 @@ def test_resume_dir_after_an_interruption_in_a_later_base_model_ends_as_the_unin
     ["--kappa-threshold", "2"], ["--fusion", "median"], ["--subsets", "some"], ["--seeds", "0,0"],
     ["--dropout-layers", "9"], ["--depth", "6"], ["--test", "ph3=/x"], ["--parallel", "data"]])
 def test_a_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, flags):
-    """Issue 24, defect 2 (--batch-size -1 spun at 100 % CPU for ever) and 7: every flag is checked when
+    """A bad flag (--batch-size -1 once spun at 100 % CPU for ever): every flag is checked when
     parsed, within seconds: one line on stderr, exit code 2, no run folder, no cache."""
     import signal
     monkeypatch.chdir(tmp_path)

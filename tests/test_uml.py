@@ -249,7 +249,7 @@ def test_model_spec_switches_components():
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics in the paper's forms (issue 11)
+# Metrics in the paper's forms
 # ---------------------------------------------------------------------------------------------
 
 
@@ -364,7 +364,7 @@ def test_tbrats_has_no_deep_supervision_and_eq8_mean_divides_by_four():
 
 
 # ---------------------------------------------------------------------------------------------
-# ImageNet weights in the standard files' layouts (issue 18)
+# ImageNet weights in the standard files' layouts
 # ---------------------------------------------------------------------------------------------
 
 

@@ -515,7 +515,7 @@ def test_arguments_and_loss_configuration():
 
 
 # ------------------------------------------------------------------------------------------------
-# The run kit's promises (issue 24): defects 5, 7 and 9 of uncertainty_multiloss
+# The run kit's promises: --resume DIR, flags checked when parsed, an overflow stops with one line
 # ------------------------------------------------------------------------------------------------
 
 
