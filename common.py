@@ -1321,6 +1321,11 @@ def open_run(args, script, n_jobs=1):
               "git_commit": _git_commit(), "command": " ".join(sys.argv),
               "started": datetime.datetime.now().isoformat(timespec="seconds")}
     refused = None
+    if args.resume and dist.rank == 0:  # a larger --epochs given beside --resume is now the run's
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if saved["args"].get("epochs") != args.epochs:
+            saved["args"]["epochs"] = args.epochs
+            _atomic_write_text(folder / "config.json", json.dumps(saved, indent=2) + "\n")
     if not args.resume and dist.rank == 0:
         try:
             _claim(folder, config)

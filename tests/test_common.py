@@ -520,6 +520,10 @@ def test_flags_beside_resume_must_agree_with_the_run(tmp_path, capsys):
     toy_main(["--resume", str(folder), "--epochs", "5"])  # finished jobs go on too, from their last.pt
     assert [common.load_checkpoint(folder / f"{row}-seed0" / "last.pt", "toy")["epoch"] for row in "AB"] == [5, 5]
     assert [json.loads((folder / f"{row}-seed0" / "result.json").read_text())["epochs"] for row in "AB"] == [5, 5]
+    assert json.loads((folder / "config.json").read_text())["args"]["epochs"] == 5  # the run trains to 5 now
+    log_lines = (folder / "log.jsonl").read_text()
+    toy_main(["--resume", str(folder)])  # nothing left to do: no job runs again
+    assert (folder / "log.jsonl").read_text() == log_lines
 
 
 def test_a_non_finite_loss_stops_naming_epoch_and_step_as_the_log_does(tmp_path, capsys):
