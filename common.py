@@ -71,7 +71,7 @@ Part 3: data
     `normalize`).
 """
 import argparse
-import shutil
+import atexit
 import collections
 import contextlib
 import csv
@@ -86,6 +86,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -1474,6 +1475,7 @@ def _join_torchrun(args, n_jobs):
         torch.cuda.set_device(local_rank)
     if not td.is_initialized():
         td.init_process_group(backend="nccl" if cuda else "gloo")
+        atexit.register(_leave_torchrun, wait=False)  # main() called without `cli`: still leave cleanly
     dist = Dist(rank, world, local_rank, mode, td.new_group(backend="gloo") if cuda else None)
     if rank == 0:
         print(f"torchrun: {world} processes, mode {mode}: " + (f"{n_jobs} jobs shared out" if mode == "rows"

@@ -649,12 +649,12 @@ import torch
 torch.set_num_threads(1)
 import test_common
 out, mode = sys.argv[1], sys.argv[2]
-if mode == "rows":
-    test_common.toy_main(["--out", out, "--seeds", "0,1,2", "--device", "cpu", "--epochs", "2"])
+if mode == "rows":  # as a script runs: through common.cli, which leaves the process group cleanly
+    test_common.common.cli(test_common.toy_main, ["--out", out, "--seeds", "0,1,2", "--device", "cpu", "--epochs", "2"])
 elif mode == "kill":
     test_common.toy_main(["--out", out, "--seeds", "0,1", "--device", "cpu"], stop=("B", 0, 2), kill=True)
 else:
-    test_common.ddp_main(["--out", out, "--device", "cpu"])
+    test_common.common.cli(test_common.ddp_main, ["--out", out, "--device", "cpu"])
 '''
 
 
