@@ -67,7 +67,7 @@ Part 3: data
     glas, folder, ispy1); 10 `load_dataset`, the disk cache, seeded splits, `exclude` and the
     test-overlap check, `load_splits_on_device` (a run's splits on its device), `mask_structures`
     (what a mask is scored on); 11 batches, augmentation and normalisation on the device
-    (`to_device`, `iterate_batches`, `augment`, `to_float`, `channel_stats`, `input_statistics`,
+    (`to_device`, `iterate_batches`, `augment`, `channel_stats`,
     `normalize`).
 """
 import argparse
@@ -2749,23 +2749,16 @@ def _valid_map(height, width, size):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. File helpers for the official layouts: names are matched case-insensitively, macOS debris
-#    (__MACOSX, ._*) and hidden files are ignored, numbered names sort numerically, every folder
-#    of a layout is searched where unzipping puts it (`_locate`).
+# 8. Files: the tree under --root is listed once (`_tree`: lower-case paths, macOS debris and
+#    hidden files skipped, numbers sorted as numbers) and a layout's files are found by a pattern
+#    on the end of their path (`_find`), wherever unzipping put their folder (inside a folder named
+#    after its zip, doubled X/X/, one level lower). The layouts are described once, in the
+#    README's dataset table; a reader's docstring says only what it takes from where.
 # ---------------------------------------------------------------------------------------------
 
+_IMAGE = r"\.(?:jpe?g|png|bmp|tiff?)"  # an image file's extension, as a pattern
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
-_SEARCH_DEPTH = 3  # folders between a layout component and where it is expected (zip wrapper, X/X/, ...)
-
-
-def _entries(folder):
-    """Children of folder without macOS debris and hidden files, in numeric name order."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    keep = [n for n in names if n != "__MACOSX" and not n.startswith(".")]
-    return [Path(folder) / n for n in sorted(keep, key=_natural_key)]
+_DEBRIS = {"__macosx", "thumbs.db", "desktop.ini"}
 
 
 def _natural_key(name):
@@ -2773,78 +2766,83 @@ def _natural_key(name):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", str(name))]
 
 
-def _child(folder, *names):
-    """The child of folder called one of names (case-insensitive), or None."""
-    wanted = {n.lower() for n in names}
-    return next((p for p in _entries(folder) if p.name.lower() in wanted), None)
+def _tree(root):
+    """[(lower-case path relative to root, Path)] of every file below root in natural order, and of
+    every folder (its path ending in "/"); `__MACOSX`, `Thumbs.db`, hidden `._*` files skipped."""
+    entries, seen = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        if os.path.realpath(folder) in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(folder))
+        dirs[:] = [d for d in dirs if d.lower() not in _DEBRIS and not d.startswith(".")]
+        for n in dirs + [n for n in names if n.lower() not in _DEBRIS and not n.startswith(".")]:
+            path = Path(folder) / n
+            entries.append((path.relative_to(root).as_posix().lower() + ("/" if n in dirs else ""), path))
+    return sorted(entries, key=lambda e: _natural_key(e[0]))
 
 
-def _search_names(folder, wanted, kind, depth):
-    """Entries of `kind` ("dir" or "file") named one of `wanted` (lower-case) in folder or at most
-    `depth` folders below it; a match is not searched inside."""
-    found = []
-    for p in _entries(folder):
-        if p.name.lower() in wanted and (p.is_dir() if kind == "dir" else p.is_file()):
-            found.append(p)
-        elif depth > 0 and p.is_dir():
-            found += _search_names(p, wanted, kind, depth - 1)
-    return found
+def _find(files, pattern):
+    """[(match, path)] of the files whose lower-case path ends with `pattern` (a regex starting at
+    a folder boundary), in natural order."""
+    regex = re.compile(r"(?:^|/)" + pattern + "$")
+    return [(m, p) for rel, p in files if (m := regex.search(rel))]
 
 
-def _inner_folder(folder, wanted):
-    """X/X/ -> the inner X: while a folder holds no image of its own and a child carries one of the
-    wanted names (REFUGE-Test400/Test400 too), step into that child."""
-    while not any(p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS for p in _entries(folder)):
-        inner = next((p for p in _entries(folder) if p.is_dir() and p.name.lower() in wanted), None)
-        if inner is None:
-            break
-        folder = inner
-    return folder
-
-
-def _locate(name, folder, *names, kind="dir", required=True, depth=_SEARCH_DEPTH):
-    """The folder (kind="dir") or file called one of `names` (case-insensitive) in `folder` or up to
-    `depth` folders below it, where unzipping leaves it: inside a folder named after its zip
-    (REFUGE-Training400/Training400/), doubled (X/X/ -> the inner X), beside __MACOSX. Two
-    different candidates are an error naming both; none is an error naming the layout (or None
-    when not `required`)."""
-    if folder is None:
-        found = []
-    else:
-        wanted = {n.lower() for n in names}
-        found = _search_names(folder, wanted, kind, depth)
-        found = list(dict.fromkeys(_inner_folder(p, wanted) if kind == "dir" else p for p in found))
-    if len(found) > 1:
-        raise DatasetError(f"{name}: two candidates for '{names[0]}': '{found[0]}' and '{found[1]}'"
-                           f"{f' (and {len(found) - 2} more)' if len(found) > 2 else ''}; "
-                           "keep one of them (or point --root at the right one)")
-    if found:
-        return found[0]
-    if not required:
-        return None
-    what = "folder" if kind == "dir" else "file"
-    raise DatasetError(f"{name}: no {what} '{names[0]}' in '{folder}' (searched {depth} folders down).\n"
-                       f"{_layout_help(name)}")
-
-
-def _images_in(folder, recursive=False):
-    """Image files in folder (optionally below it), numeric order."""
-    out = []
-    for p in _entries(folder):
-        if p.is_dir() and recursive:
-            out += _images_in(p, True)
-        elif p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS:
-            out.append(p)
+def _by_id(name, found, group=1, what="image"):
+    """{id: path} of `_find`'s matches, the id being the match's `group`; an id found twice is an
+    error naming both files (an old copy beside the new one, or --root above two datasets)."""
+    out = {}
+    for match, path in found:
+        key = match.group(group)
+        if key in out:
+            raise DatasetError(f"{name}: {what} id '{key}' found twice: '{out[key]}' and '{path}'; keep one copy "
+                               "(or point --root at one dataset)")
+        out[key] = path
     return out
 
 
-def _open(name, path):
-    try:
-        image = Image.open(path)
-        image.load()
-        return image
-    except Exception as error:  # PIL raises several types for broken files
-        raise DatasetError(f"{name}: cannot read image '{path}' ({error})") from error
+def _file(name, files, filename, required=False):
+    """The one file called `filename` (any case, any folder), or None (an error when required)."""
+    found = [p for _, p in _find(files, re.escape(filename.lower()))]
+    if len(found) > 1:
+        raise DatasetError(f"{name}: two files '{filename}': '{found[0]}' and '{found[1]}'; keep one of them")
+    if required and not found:
+        raise DatasetError(f"{name}: no file '{filename}' in the dataset folder")
+    return found[0] if found else None
+
+
+def _pairs(name, images, masks, looked_for):
+    """(image, [mask]) per image of {id: path}; an image without a mask is an error saying what
+    was looked for."""
+    missing = [p for key, p in images.items() if key not in masks]
+    if missing:
+        raise DatasetError(f"{name}: image '{missing[0]}' has no mask (looked for {looked_for})"
+                           f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+    return [(p, masks[key] if isinstance(masks[key], list) else [masks[key]]) for key, p in images.items()]
+
+
+def _layout_error(name, root, files, what):
+    """No `what` under root: name the layout's place in the README, where the dataset is published,
+    and the zips still packed under root (REFUGE2.zip unpacked holds six)."""
+    zips = [p.name for rel, p in files if rel.endswith(".zip")]
+    packed = (f"\nStill zipped under it: {', '.join(zips[:8])}{' ...' if len(zips) > 8 else ''}; unpack each "
+              "(into a folder of its own name) and run again." if zips else "")
+    where = f"; published at {_READERS[name]['url']}" if name != "folder" else ""
+    return DatasetError(f"{name}: no {what} under '{root}'. See the dataset table in README.md for the layout of "
+                        f"'{name}'{where}.{packed}")
+
+
+def _say_splits(name, out, wanted, looked_for):
+    """Print which splits were found when one of `wanted` is missing."""
+    if set(wanted) - set(out):
+        print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(wanted) - set(out))} "
+              f"(looked for {looked_for})")
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Reading images, masks and label files
+# ---------------------------------------------------------------------------------------------
 
 
 def _rgb_array(image):
@@ -2871,10 +2869,14 @@ def _read_image(name, path, size):
     return _place_on_canvas(torch.from_numpy(array.copy()).permute(2, 0, 1), height, width, size, "bilinear"), (height, width)
 
 
-def _read_label_map(name, path, original, image_path, to_index):
+def _read_mask(name, path, original, image_path, to_index):
     """A mask as class indices at its original resolution, int32 [h,w]: `to_index` maps the array
     as stored to indices (thresholds, never exact values). It must match its image's (h, w)."""
-    image = _open(name, path)
+    try:
+        image = Image.open(path)
+        image.load()
+    except Exception as error:  # PIL raises several types for broken files
+        raise DatasetError(f"{name}: cannot read mask '{path}' ({error})") from error
     if image.size != (original[1], original[0]):
         raise DatasetError(f"{name}: mask '{path}' is {image.size[0]}x{image.size[1]} but its image "
                            f"'{image_path}' is {original[1]}x{original[0]}")
@@ -2882,7 +2884,7 @@ def _read_label_map(name, path, original, image_path, to_index):
 
 
 def _binary(image):
-    """Lesion masks: foreground where grey > 127 (or > 0 for masks stored as 0/1)."""
+    """Lesion and tumour masks: foreground where grey > 127 (or > 0 for masks stored as 0/1)."""
     grey = np.asarray(image.convert("L"))
     return (grey > (127 if grey.max() > 1 else 0)).astype(np.uint8)
 
@@ -2898,6 +2900,42 @@ def _raw_labels(image):
     """Class-index or instance maps stored as values (grey or palette indices)."""
     array = np.asarray(image if image.mode in ("L", "P", "I", "I;16", "1") else image.convert("L"))
     return array.astype(np.int32)
+
+
+def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, full=False):
+    """Read (image path, [mask paths]) pairs into a split, letterboxed to size x size (images
+    bilinear, masks nearest), with `valid` (1 on image pixels) and `sizes` (original height, width).
+    One mask each gives masks [N,H,W]; several give [N,A,H,W] (A = the most any image has, unused
+    slots 0) and n_annotations. full=True also keeps each image's first mask at its original
+    resolution (list "full", int32)."""
+    images, masks, valid, sizes, originals = [], [], [], [], []
+    for image_path, mask_paths in pairs:
+        image, original = _read_image(name, image_path, size)
+        maps = [_read_mask(name, m, original, image_path, to_index) for m in mask_paths]
+        for values, path in zip(maps, mask_paths):
+            if int(values.min()) < 0 or int(values.max()) > torch.iinfo(dtype).max:
+                raise DatasetError(f"{name}: mask '{path}' holds values {int(values.min())}..{int(values.max())}, "
+                                   f"outside 0..{torch.iinfo(dtype).max}")
+        images.append(image)
+        masks.append([letterbox(m, size, "nearest") for m in maps])
+        valid.append(_valid_map(*original, size))
+        sizes.append(original)
+        if full:
+            originals.append(maps[0])
+    counts = [len(m) for m in masks]
+    split = {"images": torch.stack(images), "names": [Path(p).stem for p, _ in pairs],
+             "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64),
+             "valid": torch.stack(valid), "sizes": torch.tensor(sizes, dtype=torch.int64)}
+    if max(counts) == 1:
+        split["masks"] = torch.stack([m[0] for m in masks]).to(dtype)
+    else:
+        slots = torch.zeros(len(masks), max(counts), size, size, dtype=dtype)
+        for i, ms in enumerate(masks):
+            slots[i, :len(ms)] = torch.stack(ms).to(dtype)
+        split.update(masks=slots, n_annotations=torch.tensor(counts, dtype=torch.int64))
+    if full:
+        split["full"] = originals
+    return split
 
 
 def _read_text(path):
@@ -2949,6 +2987,42 @@ def _read_xlsx(path):
     return rows
 
 
+def _table_column(name, rows, key_header, value_header, path):
+    """{key: value} from the columns whose headers match (case and spaces ignored)."""
+    simple = lambda s: re.sub(r"\s+", "", str(s)).lower()  # noqa: E731
+    for i, row in enumerate(rows):
+        header = [simple(c) for c in row]
+        if simple(key_header) in header and simple(value_header) in header:
+            k, v = header.index(simple(key_header)), header.index(simple(value_header))
+            return {str(r[k]).strip(): r[v] for r in rows[i + 1:] if len(r) > max(k, v) and str(r[k]).strip()}
+    raise DatasetError(f"{name}: '{path}' has no header row with columns '{key_header}' and '{value_header}'")
+
+
+def _match_labels(name, names, table, path):
+    """Labels for `names` from {name: label}; both an unknown name and a missing one are errors."""
+    table = {Path(k).stem.lower(): v for k, v in table.items()}
+    unknown = sorted(set(table) - {n.lower() for n in names})
+    if unknown:
+        raise DatasetError(f"{name}: label file '{path}' names images that are not in the dataset: {unknown[:5]}")
+    missing = [n for n in names if n.lower() not in table]
+    if missing:
+        raise DatasetError(f"{name}: no label for image(s) {missing[:5]} in '{path}'")
+    return [table[n.lower()] for n in names]
+
+
+def _labels_or_none(name, options, read):
+    """`read()`'s labels. A label file that is missing or does not parse is an error when the
+    caller needs the labels (option need_labels, default from _READERS) and a warning otherwise
+    (e.g. PH2's txt for segmentation-only use): loading goes on without labels."""
+    try:
+        return read()
+    except (DatasetError, ValueError, KeyError, IndexError, zipfile.BadZipFile, ElementTree.ParseError) as error:
+        if options.get("need_labels", _READERS[name]["need_labels"]):
+            raise error if isinstance(error, DatasetError) else DatasetError(f"{name}: {error}") from error
+        print(f"warning: {error}\n  (labels are not needed: going on without them)", file=sys.stderr)
+        return None
+
+
 # NIfTI-1 datatype codes -> numpy types (nifti1.h); others (complex, RGB) are refused
 _NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
 
@@ -2997,187 +3071,79 @@ def _read_nifti(name, path):
     return data  # [nz, ny, nx]
 
 
-def _table_column(name, rows, key_header, value_header, path):
-    """{key: value} from the columns whose headers match (case and spaces ignored)."""
-    simple = lambda s: re.sub(r"\s+", "", str(s)).lower()  # noqa: E731
-    for i, row in enumerate(rows):
-        header = [simple(c) for c in row]
-        if simple(key_header) in header and simple(value_header) in header:
-            k, v = header.index(simple(key_header)), header.index(simple(value_header))
-            return {str(r[k]).strip(): r[v] for r in rows[i + 1:] if len(r) > max(k, v) and str(r[k]).strip()}
-    raise DatasetError(f"{name}: '{path}' has no header row with columns '{key_header}' and '{value_header}'")
-
-
-def _stem(path):
-    return Path(path).stem.lower()
-
-
-def _match_labels(name, names, table, path):
-    """Labels for `names` from {name: label}; both an unknown name and a missing one are errors."""
-    table = {_stem(k): v for k, v in table.items()}
-    unknown = sorted(set(table) - {n.lower() for n in names})
-    if unknown:
-        raise DatasetError(f"{name}: label file '{path}' names images that are not in the dataset: {unknown[:5]}")
-    missing = [n for n in names if n.lower() not in table]
-    if missing:
-        raise DatasetError(f"{name}: no label for image(s) {missing[:5]} in '{path}'")
-    return [table[n.lower()] for n in names]
-
-
-def _make_split(name, pairs, size, to_index, labels=None, where="", dtype=torch.uint8, full=False):
-    """Read (image path, [mask paths]) pairs into a split, letterboxed to size x size (images
-    bilinear, masks nearest), with `valid` (1 on image pixels) and `sizes` (original height, width).
-    One mask each gives masks [N,H,W]; several give [N,A,H,W] (A = the most any image has, unused
-    slots 0) and n_annotations. full=True also keeps each image's first mask at its original
-    resolution (list "full", int32)."""
-    if not pairs:
-        raise DatasetError(f"{name}: split is empty: no images found in '{where}'")
-    images, masks, valid, sizes, originals = [], [], [], [], []
-    for image_path, mask_paths in pairs:
-        image, original = _read_image(name, image_path, size)
-        maps = [_read_label_map(name, m, original, image_path, to_index) for m in mask_paths]
-        images.append(image)
-        masks.append([letterbox(m, size, "nearest") for m in maps])
-        valid.append(_valid_map(*original, size))
-        sizes.append(original)
-        if full:
-            originals.append(maps[0])
-    counts = [len(m) for m in masks]
-    split = {"images": torch.stack(images), "names": [Path(p).stem for p, _ in pairs],
-             "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64),
-             "valid": torch.stack(valid), "sizes": torch.tensor(sizes, dtype=torch.int64)}
-    if max(counts) == 1:
-        split["masks"] = torch.stack([m[0] for m in masks]).to(dtype)
-    else:
-        slots = torch.zeros(len(masks), max(counts), size, size, dtype=dtype)
-        for i, ms in enumerate(masks):
-            slots[i, :len(ms)] = torch.stack(ms).to(dtype)
-        split.update(masks=slots, n_annotations=torch.tensor(counts, dtype=torch.int64))
-    if full:
-        split["full"] = originals
-    return split
-
-
-def _mask_index(name, folder, suffix=""):
-    """{lower-case image stem: mask path} for the images in folder (and below it); mask files are
-    '<stem><suffix>.<ext>'."""
-    index = {}
-    for p in _images_in(folder, recursive=True):
-        stem = p.stem.lower()
-        if stem.endswith(suffix.lower()):
-            index[stem[: len(stem) - len(suffix)]] = p
-    return index
-
-
-def _pair(name, images, index, where):
-    """(image, [mask]) pairs; an image without a mask is an error naming what was looked for."""
-    pairs = []
-    for p in images:
-        if p.stem.lower() not in index:
-            raise DatasetError(f"{name}: image '{p}' has no mask in '{where}'")
-        pairs.append((p, [index[p.stem.lower()]]))
-    return pairs
-
-
-def _dataset_warning(message):
-    print(f"warning: {message}", file=sys.stderr)
-
-
-def _labels_or_none(name, options, read):
-    """`read()`'s labels. A label file that is missing or does not parse is an error when the
-    caller needs the labels (option need_labels, default from _READERS) and a warning otherwise
-    (e.g. PH2's txt for segmentation-only use): loading goes on without labels."""
-    try:
-        return read()
-    except (DatasetError, ValueError, KeyError, IndexError, zipfile.BadZipFile, ElementTree.ParseError) as error:
-        if options.get("need_labels", _READERS[name]["need_labels"]):
-            raise error if isinstance(error, DatasetError) else DatasetError(f"{name}: {error}") from error
-        _dataset_warning(f"{error}\n  (labels are not needed: going on without them)")
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
-# 9. The official layouts. Each reader gets the dataset folder (after tolerating a doubled top
-#    folder), finds every component with `_locate` and returns its official splits, letterboxed;
-#    seeded train/val splits, `exclude` and the overlap check come after the cache (section 10).
+# 10. The official layouts, one reader each: (root, files, size, options) -> {split: split}.
+#     Seeded train/val splits, `exclude` and the test-overlap check come after the cache (11).
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_refuge(root, size, options):
+def _read_refuge(root, files, size, options):
+    """Training400/{Glaucoma,Non-Glaucoma}/*.jpg (labels: the class folder), REFUGE-Validation400/
+    *.jpg (labels: Fovea_locations.xlsx), Test400/*.jpg (labels: the G/N folders of REFUGE-Test-GT, or
+    Glaucoma_label_and_Fovea_location.xlsx); masks: the .bmp named as each image. A copy in the
+    folder layout with REFUGE's grey-level masks is read as that layout."""
     name, out = "refuge", {}
-    # training: labels from the class folders
-    train_dir = _locate(name, root, "Training400")
-    masks_dir = _locate(name, _locate(name, root, "Annotation-Training400"), "Disc_Cup_Masks")
-    index = _mask_index(name, masks_dir)
-    pairs, labels = [], []
-    for cls in _entries(train_dir):
-        if cls.is_dir() and cls.name.lower() in ("glaucoma", "non-glaucoma"):
-            found = _images_in(cls)
-            pairs += _pair(name, found, index, masks_dir)
-            labels += [int(cls.name.lower() == "glaucoma")] * len(found)
-    out["train"] = _make_split(name, pairs, size, _refuge_classes, labels, train_dir)
-    # validation: labels in Fovea_locations.xlsx, column "Glaucoma Label"
-    val_dir = _locate(name, root, "REFUGE-Validation400")
-    gt_dir = _locate(name, root, "REFUGE-Validation400-GT")
-    index = _mask_index(name, _locate(name, gt_dir, "Disc_Cup_Masks", required=False) or gt_dir)
-    found = _images_in(val_dir)
+    masks = _by_id(name, _find(files, r"([^/]+)\.bmp"), what="mask")
+    found = {"train": _find(files, r"training400/(?:glaucoma|non-glaucoma)/([^/]+)\.jpg"),
+             "val": _find(files, r"refuge-validation400/([^/]+)\.jpg"),
+             "test": _find(files, r"(?:refuge-)?test400/([^/]+)\.jpg")}
+    if not any(found.values()):
+        if _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE):
+            out = _read_folder(root, files, size, options, name, to_index=_refuge_classes)
+            return {k: {**v, "class_names": _READERS[name]["classes"], "mask_names": _READERS[name]["masks"]}
+                    for k, v in out.items()}
+        raise _layout_error(name, root, files, "Training400/, REFUGE-Validation400/ or Test400/ images")
+    xlsx_columns = {"val": ("Fovea_locations.xlsx", "Glaucoma Label"),
+                    "test": ("Glaucoma_label_and_Fovea_location.xlsx", "Label(Glaucoma=1)")}
+    for split, matches in found.items():
+        images = _by_id(name, matches)
+        if not images:
+            continue
 
-    def validation_labels():
-        xlsx = (_locate(name, gt_dir, "Fovea_locations.xlsx", kind="file", required=False)
-                or _locate(name, root, "Fovea_locations.xlsx", kind="file"))
-        table = _table_column(name, _read_xlsx(xlsx), "ImgName", "Glaucoma Label", xlsx)
-        return [int(float(v)) for v in _match_labels(name, [p.stem for p in found], table, xlsx)]
-    labels = _labels_or_none(name, options, validation_labels)
-    out["val"] = _make_split(name, _pair(name, found, index, gt_dir), size, _refuge_classes, labels, val_dir)
-    # test: labels from REFUGE-Test-GT's G/N mask folders, else from the xlsx column
-    test_dir = _locate(name, root, "Test400", "REFUGE-Test400")
-    gt_dir = _locate(name, root, "REFUGE-Test-GT")
-    index = _mask_index(name, _locate(name, gt_dir, "Disc_Cup_Masks", required=False) or gt_dir)
-    found = _images_in(test_dir)
-
-    def test_labels():
-        by_folder = {s: int(p.parent.name.lower() == "g") for s, p in index.items()
-                     if p.parent.name.lower() in ("g", "n")}
-        if found and all(p.stem.lower() in by_folder for p in found):
-            return [by_folder[p.stem.lower()] for p in found]
-        xlsx_name = "Glaucoma_label_and_Fovea_location.xlsx"
-        xlsx = (_locate(name, gt_dir, xlsx_name, kind="file", required=False)
-                or _locate(name, root, xlsx_name, kind="file", required=False))
-        if xlsx is None:
-            raise DatasetError(f"{name}: no test labels: neither G/N folders in '{gt_dir}' nor '{xlsx_name}'")
-        table = _table_column(name, _read_xlsx(xlsx), "ImgName", "Label(Glaucoma=1)", xlsx)
-        return [int(float(v)) for v in _match_labels(name, [p.stem for p in found], table, xlsx)]
-    labels = _labels_or_none(name, options, test_labels)
-    out["test"] = _make_split(name, _pair(name, found, index, gt_dir), size, _refuge_classes, labels, test_dir)
+        def labels_from_file(split=split, images=images):
+            folders = [masks[k].parent.name.lower() for k in images if k in masks]
+            if split == "train":
+                return [int(p.parent.name.lower() == "glaucoma") for p in images.values()]
+            if split == "test" and folders and set(folders) <= {"g", "n"}:
+                return [int(f == "g") for f in folders]
+            xlsx = _file(name, files, xlsx_columns[split][0], required=True)
+            table = _table_column(name, _read_xlsx(xlsx), "ImgName", xlsx_columns[split][1], xlsx)
+            return [int(float(v)) for v in _match_labels(name, [p.stem for p in images.values()], table, xlsx)]
+        pairs = _pairs(name, images, masks, "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
+        out[split] = _make_split(name, pairs, size, _refuge_classes, _labels_or_none(name, options, labels_from_file))
+    _say_splits(name, out, ("train", "val", "test"), "Training400/, REFUGE-Validation400/, Test400/")
     return out
 
 
-_ISIC_ID = re.compile(r"isic_\d+")
+_ISIC2017_TAGS = {"training": "train", "validation": "val", "test_v2": "test", "test": "test"}
 
 
-def _read_isic2017(root, size, options):
-    """Every ISIC-2017_<tag>_Data folder present (Training, Validation, Test_v2) becomes a split, so
-    that a test set alone (Test_v2 images and masks) loads too. Labels from the Part 3 CSVs."""
+def _read_isic2017(root, files, size, options):
+    """ISIC-2017_<tag>_Data/ISIC_<id>.jpg with ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png
+    and the labels of ISIC-2017_<tag>_Part3_GroundTruth.csv, for each tag present: Training, Validation,
+    Test_v2 (or its first name, Test). Superpixel and metadata files are skipped."""
     name, out = "isic2017", {}
-    for split, tag in (("train", "Training"), ("val", "Validation"), ("test", "Test_v2")):
-        data_dir = _locate(name, root, f"ISIC-2017_{tag}_Data", required=False)
-        if data_dir is None:
+    tag = r"isic-2017_(training|validation|test_v2|test)"
+    images = _find(files, tag + r"_data/(isic_\d+)\.jpg")
+    masks = _by_id(name, _find(files, tag + r"_part1_groundtruth/(isic_\d+)_segmentation\.png"), 2, "mask")
+    if not images:
+        raise _layout_error(name, root, files, "ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg images")
+    for split in ("train", "val", "test"):
+        chosen = [(m, p) for m, p in images if _ISIC2017_TAGS[m.group(1)] == split]
+        if not chosen:
             continue
-        truth_dir = _locate(name, root, f"ISIC-2017_{tag}_Part1_GroundTruth")
-        found = [p for p in _images_in(data_dir) if _ISIC_ID.fullmatch(p.stem.lower())]  # skips superpixels
+        ids = _by_id(name, chosen, 2)
 
-        def read_labels(tag=tag, found=found):
-            csv_path = _locate(name, root, f"ISIC-2017_{tag}_Part3_GroundTruth.csv", kind="file")
-            table = {r[0]: r for r in _read_csv(csv_path)[1:]}
-            rows = _match_labels(name, [p.stem for p in found], table, csv_path)
+        def read_labels(ids=ids, csv_name=f"ISIC-2017_{chosen[0][1].parent.name[10:-5]}_Part3_GroundTruth.csv"):
+            csv_path = _file(name, files, csv_name, required=True)
+            rows = _match_labels(name, [p.stem for p in ids.values()], {r[0]: r for r in _read_csv(csv_path)[1:]},
+                                 csv_path)
             # image_id, melanoma, seborrheic_keratosis (floats); nevus when both are 0
             return [1 if float(r[1]) >= 0.5 else 2 if float(r[2]) >= 0.5 else 0 for r in rows]
-        labels = _labels_or_none(name, options, read_labels)
-        pairs = _pair(name, found, _mask_index(name, truth_dir, "_segmentation"), truth_dir)
-        out[split] = _make_split(name, pairs, size, _binary, labels, data_dir)
-    if not out:
-        raise DatasetError(f"{name}: no ISIC-2017_{{Training,Validation,Test_v2}}_Data folder in '{root}'.\n"
-                           f"{_layout_help(name)}")
+        pairs = _pairs(name, ids, masks, "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png")
+        out[split] = _make_split(name, pairs, size, _binary, _labels_or_none(name, options, read_labels))
+    _say_splits(name, out, ("train", "val", "test"),
+                "ISIC-2017_Training_Data, ISIC-2017_Validation_Data, ISIC-2017_Test_v2_Data or ISIC-2017_Test_Data")
     return out
 
 
@@ -3187,37 +3153,28 @@ _SPLIT_LISTS = {"train": "train_isic_titans_full.txt", "val": "validation_isic_t
 _LISTED_PATH = re.compile(r"\S.*?\.(?:jpe?g|png|bmp|tiff?)(?=\s|$)", re.I)  # a path may hold spaces
 
 
-def _split_list(name, root, options, key):
+def _split_list(name, files, options, key):
     """The path of Ribeiro et al.'s list `_SPLIT_LISTS[key]`: in the folder given with option
     `splits` when given, else anywhere under the dataset folder; None when absent."""
-    filename = _SPLIT_LISTS[key]
     if options.get("splits"):
         folder = Path(options["splits"]).expanduser()
         if not folder.is_dir():
             raise DatasetError(f"{name}: splits folder '{folder}' does not exist")
-        return _locate(name, folder, filename, kind="file", required=False)
-    return _locate(name, root, filename, kind="file", required=False, depth=8)
+        files = _tree(folder)
+    return _file(name, files, _SPLIT_LISTS[key])
 
 
-def _file_index(name, root):
-    """{lower-case file name: path} of every image file under root; a name twice is kept as a list
-    of both so that a split list naming it can say which two."""
-    index = {}
-    for p in _images_in(root, recursive=True):
-        index.setdefault(p.name.lower(), []).append(p)
-    return index
-
-
-def _read_split_list(name, path, index):
+def _read_split_list(name, path, files):
     """[(image, [masks])] from a split list: each line is space-separated absolute paths from the
     authors' machine, image first, then its masks. Files are matched by name (case-insensitive);
     every listed file that is not in the dataset folder is named in one error."""
+    index = {}
+    for m, p in _find(files, r"([^/]+" + _IMAGE + ")"):
+        index.setdefault(m.group(1), []).append(p)
     pairs, missing = [], []
     for number, line in enumerate(_read_text(path).split("\n"), 1):
         listed = _LISTED_PATH.findall(line.strip())
-        if not listed:
-            continue
-        if len(listed) < 2:
+        if len(listed) == 1:
             raise DatasetError(f"{name}: line {number} of '{path}' lists an image without masks: {line.strip()!r}")
         local = []
         for entry in listed:
@@ -3225,11 +3182,9 @@ def _read_split_list(name, path, index):
             if len(candidates) > 1:
                 raise DatasetError(f"{name}: '{path}' lists '{entry}', and two files carry its name: "
                                    f"'{candidates[0]}' and '{candidates[1]}'")
-            if not candidates:
-                missing.append(entry)
-            else:
-                local.append(candidates[0])
-        if len(local) == len(listed):
+            local += candidates
+            missing += [entry] if not candidates else []
+        if listed and len(local) == len(listed):
             pairs.append((local[0], local[1:]))
     if missing:
         shown = ", ".join(Path(m.replace("\\", "/")).name for m in missing[:5])
@@ -3248,96 +3203,66 @@ def _as_annotations(split):
     return split
 
 
-def _isic_multi_groups(name, root):
-    """The images and {image id: [mask paths]} of either isic-multi layout. IMA++: masks are
-    ISIC_<id>_<annotator>_<tool>_<skill>[_<n>].png; an annotator counts once per image (the first
-    of its masks in name order is kept, the others are reported); consensus ST/MV masks skipped."""
-    inputs = _locate(name, root, "inputs", required=False)
-    targets = _locate(name, root, "targets", required=False) if inputs is not None else None
-    groups = {}
-    if inputs is not None and targets is not None:  # Ribeiro: inputs/ISIC_x.jpg, targets/ISIC_x_<...>.png
-        images = [p for p in _images_in(inputs, recursive=True) if _ISIC_ID.fullmatch(p.stem.lower())]
-        for p in _images_in(targets, recursive=True):
-            match = re.match(r"(isic_\d+)_", p.stem.lower())
-            if match:
-                groups.setdefault(match.group(1), []).append(p)
-        return images, groups
-    files = _images_in(root, recursive=True)
-    images = [p for p in files if _ISIC_ID.fullmatch(p.stem.lower())]
-    by_annotator = {}
-    for p in files:
-        match = re.fullmatch(r"(isic_\d+)_(.+)", p.stem.lower())
-        if not match:
-            continue
-        annotator = match.group(2).split("_")[0]
-        if annotator in ("st", "mv", "superpixels"):
-            continue
-        by_annotator.setdefault(match.group(1), {}).setdefault(annotator, []).append(p)
-    repeated = []
-    for image_id, annotators in by_annotator.items():
-        for annotator, masks in annotators.items():
-            masks.sort(key=lambda q: _natural_key(q.name))
-            groups.setdefault(image_id, []).append(masks[0])
-            if len(masks) > 1:
-                repeated.append(f"{image_id.upper()}: annotator {annotator.upper()} has {len(masks)} masks, "
-                                f"keeping '{masks[0].name}', skipping {[m.name for m in masks[1:]]}")
-    if repeated:
-        print(f"{name}: {len(repeated)} image(s) with two masks from one annotator (each annotator counts once):\n  "
-              + "\n  ".join(repeated[:10]) + ("\n  ..." if len(repeated) > 10 else ""))
-    return images, groups
+# ISIC MultiAnnot++ mask names: ISIC_<id>_<annotator>_<tool T1-T3>_<skill S1-S2>[_<n>].png
+_IMA_MASK = r"(isic_\d+)_([a-z0-9]+)_t[123]_s[12](?:_\d+)?\.png"
 
 
-def _read_isic_multi(root, size, options):
+def _read_isic_multi(root, files, size, options):
     """D-LEMA's ISIC Archive (Sec. 3.1): images with two or more masks are the training pool (split
     80/20 into train/val with the seed after the cache), images with exactly one mask the `test`
-    split (Ribeiro et al.'s single-mask ISIC test set). Ribeiro et al.'s split lists, when found
+    split. Masks: Ribeiro et al.'s targets/ISIC_<id>_<k>.png for inputs/ISIC_<id>.jpg, or IMA++'s
+    names (every segmentation is an annotation, as IMA++ counts them: an annotator who drew twice
+    gave two; its consensus ST / MV masks are skipped). Ribeiro et al.'s split lists, when found
     under the root or given with option `splits`, define the splits instead."""
     name = "isic-multi"
-    lists = {k: _split_list(name, root, options, k) for k in ("train", "val", "test")}
+    lists = {k: _split_list(name, files, options, k) for k in ("train", "val", "test")}
     if any(lists.values()):
         if not (lists["train"] and lists["val"]):
             raise DatasetError(f"{name}: found '{lists['train'] or lists['val'] or lists['test']}' but not both "
                                f"'{_SPLIT_LISTS['train']}' and '{_SPLIT_LISTS['val']}'")
-        index = _file_index(name, root)
-        out = {split: _make_split(name, _read_split_list(name, path, index), size, _binary, None, path)
-               for split, path in lists.items() if path}
-        return {k: _as_annotations(v) for k, v in out.items()}
-    images, groups = _isic_multi_groups(name, root)
-    pool, single = [], []
-    for p in images:
-        masks = sorted(groups.get(p.stem.lower(), []), key=lambda q: _natural_key(q.name))
-        if not masks:
-            raise DatasetError(f"{name}: image '{p}' has no segmentation mask")
-        (pool if len(masks) >= 2 else single).append((p, masks))
+        return {split: _as_annotations(_make_split(name, _read_split_list(name, path, files), size, _binary))
+                for split, path in lists.items() if path}
+    masks = _find(files, r"targets/(?:[^/]+/)*(isic_\d+)_[^/]+\.png")
+    if masks:  # Ribeiro et al.: the images are those in inputs/
+        images = _by_id(name, _find(files, r"inputs/(?:[^/]+/)*(isic_\d+)" + _IMAGE))
+    else:
+        images = _by_id(name, _find(files, r"(isic_\d+)" + _IMAGE))
+        masks = [(m, p) for m, p in _find(files, _IMA_MASK) if m.group(2) not in ("st", "mv")]
+    if not images:
+        raise _layout_error(name, root, files, "ISIC_<id>.jpg images (inputs/ or beside IMA++ masks)")
+    groups = {}
+    for m, p in masks:
+        groups.setdefault(m.group(1), []).append(p)
+    lonely = [p for key, p in images.items() if key not in groups]
+    if lonely:
+        others = [p.name for _, p in _find(files, r"isic_\d+_[^/]+" + _IMAGE)][:3]
+        raise DatasetError(f"{name}: {len(lonely)} image(s) have no mask, e.g. '{lonely[0]}'. Masks are read from "
+                           "a folder named 'targets' (Ribeiro et al.: inputs/ISIC_<id>.jpg, targets/ISIC_<id>_<k>.png) "
+                           "or by IMA++'s names ISIC_<id>_<annotator>_T<1-3>_S<1-2>.png"
+                           f"{f'; found other ISIC_<id>_* files such as {others}' if others else ''}")
+    pool = [(p, groups[key]) for key, p in images.items() if len(groups[key]) >= 2]
+    single = [(p, groups[key]) for key, p in images.items() if len(groups[key]) == 1]
     print(f"{name}: {len(pool)} images with two or more masks (train/val), {len(single)} with one (test)")
-    out = {"train": _as_annotations(_make_split(name, pool, size, _binary, None, root))}
+    out = {"train": _as_annotations(_make_split(name, pool, size, _binary))} if pool else {}
     if single:
-        out["test"] = _as_annotations(_make_split(name, single, size, _binary, None, root))
+        out["test"] = _as_annotations(_make_split(name, single, size, _binary))
     return out
 
 
-def _read_ph2(root, size, options):
+def _read_ph2(root, files, size, options):
+    """IMDxxx_Dermoscopic_Image/IMDxxx.bmp with IMDxxx_lesion/IMDxxx_lesion.bmp (or the images that
+    Ribeiro et al.'s test_ph2.txt lists); labels: Clinical Diagnosis of PH2_dataset.txt, if any."""
     name = "ph2"
-    images_dir = _locate(name, root, "PH2 Dataset images", "PH2_Dataset_images")
-    listed = _split_list(name, root, options, "ph2")
+    listed = _split_list(name, files, options, "ph2")
     if listed is not None:
-        pairs = _read_split_list(name, listed, _file_index(name, root))
+        pairs = _read_split_list(name, listed, files)
     else:
-        pairs = []
-        for case in _entries(images_dir):
-            if not case.is_dir():
-                continue
-            image = _child(case, f"{case.name}_Dermoscopic_Image")
-            lesion = _child(case, f"{case.name}_lesion")
-            image_files = _images_in(image) if image else []
-            if not image_files:
-                raise DatasetError(f"{name}: no dermoscopic image in '{case}'")
-            masks = _images_in(lesion) if lesion else []
-            if not masks:
-                raise DatasetError(f"{name}: image '{image_files[0]}' has no mask "
-                                   f"(expected {case.name}_lesion/{case.name}_lesion.bmp)")
-            pairs.append((image_files[0], masks[:1]))
-    txt = _locate(name, root, "PH2_dataset.txt", kind="file", required=False)
+        images = _by_id(name, _find(files, r"([^/]+)_dermoscopic_image/[^/]+" + _IMAGE))
+        if not images:
+            raise _layout_error(name, root, files, "IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp images")
+        masks = _by_id(name, _find(files, r"([^/]+)_lesion/[^/]+" + _IMAGE), what="mask")
+        pairs = _pairs(name, images, masks, "IMDxxx_lesion/IMDxxx_lesion.bmp")
+    txt = _file(name, files, "PH2_dataset.txt")
 
     def read_labels():
         # '||'-separated table; empty cells are kept so that the columns stay aligned
@@ -3346,36 +3271,28 @@ def _read_ph2(root, size, options):
         table = {k: v for k, v in table.items() if re.fullmatch(r"IMD\d+", k, re.I)}
         return [int(v) for v in _match_labels(name, [p.stem for p, _ in pairs], table, txt)]
     labels = _labels_or_none(name, options, read_labels) if txt is not None else None
-    return {"test": _make_split(name, pairs, size, _binary, labels, images_dir)}
+    return {"test": _make_split(name, pairs, size, _binary, labels)}
 
 
-def _read_dermofit(root, size, options):
+def _read_dermofit(root, files, size, options):
     """originalImages/<CLASS>/<ID>/<ID>.png with originalMasks/<CLASS>/<ID>/<ID>mask.png; the class
     folder is the label. Ribeiro et al.'s test_dermofit.txt, when found or given, selects the images."""
     name = "dermofit"
-    images_dir = _locate(name, root, "originalImages")
-    masks_dir = _locate(name, root, "originalMasks")
-    classes = [c.name for c in _entries(images_dir) if c.is_dir()]
-    listed = _split_list(name, root, options, "dermofit")
+    images = _by_id(name, _find(files, r"originalimages/[^/]+/([^/]+)/\1\.png"))
+    if not images:
+        raise _layout_error(name, root, files, "originalImages/<CLASS>/<ID>/<ID>.png images")
+    classes = list(dict.fromkeys(p.parent.parent.name for p in images.values()))
+    listed = _split_list(name, files, options, "dermofit")
     if listed is not None:
-        pairs = _read_split_list(name, listed, _file_index(name, root))
-        labels = []
-        for image, _ in pairs:
-            try:
-                labels.append(classes.index(image.relative_to(images_dir).parts[0]))
-            except (ValueError, IndexError):
-                raise DatasetError(f"{name}: '{image}' (listed in '{listed}') is not in a class folder of "
-                                   f"'{images_dir}'") from None
+        pairs = _read_split_list(name, listed, files)
+        outside = [p for p, _ in pairs if p not in images.values()]
+        if outside:
+            raise DatasetError(f"{name}: '{outside[0]}' (listed in '{listed}') is not in a class folder of originalImages")
     else:
-        index = _mask_index(name, masks_dir, "mask")
-        pairs, labels = [], []
-        for k, cls in enumerate(classes):
-            found = [p for p in _images_in(images_dir / cls, recursive=True) if not p.stem.lower().endswith("mask")]
-            pairs += _pair(name, found, index, masks_dir)
-            labels += [k] * len(found)
-    split = _make_split(name, pairs, size, _binary, labels, images_dir)
-    split["class_names"] = classes
-    return {"test": split}
+        masks = _by_id(name, _find(files, r"originalmasks/[^/]+/([^/]+)/\1mask\.png"), what="mask")
+        pairs = _pairs(name, images, masks, "originalMasks/<CLASS>/<ID>/<ID>mask.png")
+    labels = [classes.index(p.parent.parent.name) for p, _ in pairs]
+    return {"test": {**_make_split(name, pairs, size, _binary, labels), "class_names": classes}}
 
 
 # GlaS border rule, in the originals' pixels: a gland pixel is border when a pixel of another
@@ -3385,38 +3302,43 @@ def _read_dermofit(root, size, options):
 _GLAS_BORDER_WIDTH = 18
 
 
-def _read_glas(root, size, options):
-    """GlaS / Warwick-QU: train_N.bmp with train_N_anno.bmp (instances 0..k), testA_* and testB_*,
-    Grade.csv, all in one folder. Images keep their aspect ratio (letterbox); region masks
-    (0 stroma, 1 border, 2 lumen) are derived from the instances at the original resolution with
-    option border_width (original pixels, default _GLAS_BORDER_WIDTH) and then letterboxed. Each
-    split also holds full_instances / full_masks at the original resolution for the metrics."""
+def _read_glas(root, files, size, options):
+    """train_N.bmp with train_N_anno.bmp (instances 0..k), testA_* and testB_* (the test split),
+    labels from Grade.csv, found in any folder. Region masks (0 stroma, 1 border, 2 lumen) are
+    derived from the instances at the original resolution with option border_width (original
+    pixels, default _GLAS_BORDER_WIDTH), then letterboxed. Each split also holds full_instances /
+    full_masks at the original resolution for the metrics."""
     name = "glas"
-    grade = _locate(name, root, "Grade.csv", kind="file")
-    folder = grade.parent
-    files = _images_in(folder)
-    index = {_stem(p)[:-5]: p for p in files if _stem(p).endswith("_anno")}
+    images = _by_id(name, _find(files, r"((?:train|testa|testb)_\d+)\.bmp"))
+    if not images:
+        raise _layout_error(name, root, files, "train_<n>.bmp, testA_<n>.bmp or testB_<n>.bmp images (in any folder)")
+    masks = _by_id(name, _find(files, r"((?:train|testa|testb)_\d+)_anno\.bmp"), what="mask")
     width = int(options.get("border_width") or _GLAS_BORDER_WIDTH)
     if width < 1:
         raise DatasetError(f"{name}: border_width must be at least 1 pixel, got {width}")
-    table = _labels_or_none(name, options, lambda: _table_column(name, _read_csv(grade), "name", "grade (GlaS)", grade))
-    out = {}
-    for split, prefixes in (("train", ("train_",)), ("test", ("testa_", "testb_"))):
-        found = [p for pre in prefixes for p in files if _stem(p).startswith(pre) and not _stem(p).endswith("_anno")]
+    grade = _file(name, files, "Grade.csv")
 
-        def read_labels(found=found, prefixes=prefixes):
-            grades = {k: v for k, v in table.items() if k.lower().startswith(prefixes)}
-            grades = _match_labels(name, [p.stem for p in found], grades, grade)
-            return [["benign", "malignant"].index(str(v).strip().lower()) for v in grades]
-        labels = None if table is None else _labels_or_none(name, options, read_labels)
-        data = _make_split(name, _pair(name, found, index, folder), size, _raw_labels, labels, folder, torch.int32,
-                           full=True)
+    def read_grades():
+        if grade is None:
+            raise DatasetError(f"{name}: Grade.csv (the benign / malignant grade of each image) is missing: "
+                               f"found {len(images)} GlaS images under '{root}' but no Grade.csv")
+        table = _table_column(name, _read_csv(grade), "name", "grade (GlaS)", grade)
+        return _match_labels(name, [p.stem for p in images.values()], table, grade)
+    grades = _labels_or_none(name, options, read_grades)
+    out = {}
+    for split, prefix in (("train", "train_"), ("test", "test")):
+        chosen = {k: p for k, p in images.items() if k.startswith(prefix)}
+        if not chosen:
+            continue
+        labels = None if grades is None else [["benign", "malignant"].index(str(g).strip().lower())
+                                              for k, g in zip(images, grades) if k in chosen]
+        data = _make_split(name, _pairs(name, chosen, masks, "<name>_anno.bmp beside it"), size, _raw_labels,
+                           labels, torch.int32, full=True)
         full_instances = data.pop("full")
         full_masks = [_glas_regions(f[None], width)[0] for f in full_instances]
         data["instances"] = data.pop("masks")  # letterboxed with nearest: ids kept
         data["masks"] = torch.stack([letterbox(m, size, "nearest") for m in full_masks])
-        data.update(full_instances=full_instances, full_masks=full_masks)
-        out[split] = data
+        out[split] = {**data, "full_instances": full_instances, "full_masks": full_masks}
     return out
 
 
@@ -3435,83 +3357,92 @@ def _glas_regions(instances, width):
     return gland.to(torch.uint8) + lumen.to(torch.uint8)
 
 
-def _folder_classes(image):
-    """Folder layout masks hold class indices; a binary mask saved as 0/255 becomes 0/1."""
-    array = _raw_labels(image)
-    return np.where(array == 255, 1, array) if set(np.unique(array).tolist()) <= {0, 255} else array
+_SPLIT_FOLDER = r"(train|training|val|valid|validation|test|testing)"
+_SPLIT_OF_FOLDER = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                    "test": "test", "testing": "test"}
 
 
-_SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+def _read_folder(root, files, size, options, name="folder", to_index=None):
+    """<split>/images/<name>.<ext> with <split>/masks/<name>.<ext> (several annotators:
+    <name>_<k>.<ext>) for each split folder present; labels from any labels.csv (name,label:
+    integers, or class names sorted to indices). Masks hold class indices (`_check_class_indices`;
+    a binary mask saved as 0/255 becomes 0/1) unless `to_index` maps them (ispy1, refuge)."""
+    seen = {}
 
-
-def _split_folders(name, root):
-    """{split: folder} for the split folders present (train/, val/ or valid/, test/; any case)."""
-    found = {s: _locate(name, root, *aliases, required=False) for s, aliases in _SPLIT_FOLDERS.items()}
-    return {s: f for s, f in found.items() if f is not None}
-
-
-def _read_folder(root, size, options, name="folder", to_index=_folder_classes):
-    """root/{train,val,test}/images/<name>.<ext>, root/<split>/masks/<name>.png (several
-    annotators: <name>_<k>.png), optional labels.csv (name,label) in root or in a split folder;
-    labels may be integers or class names (sorted to indices)."""
-    listed, tables = {}, {}
-    for split, folder in _split_folders(name, root).items():
-        images_dir = _locate(name, folder, "images")
-        listed[split] = (_images_in(images_dir), _locate(name, folder, "masks"), images_dir)
-        for csv_path in filter(None, [_child(folder, "labels.csv")]):
-            tables[csv_path] = _read_csv(csv_path)
-    top = _child(root, "labels.csv")
-    if top is not None:
-        tables[top] = _read_csv(top)
+    def classes(image):
+        array = _raw_labels(image)
+        seen[image.filename] = set(np.unique(array).tolist())
+        return np.where(array == 255, 1, array) if seen[image.filename] <= {0, 255} else array
+    tables = {p: _read_csv(p) for _, p in _find(files, r"labels\.csv")}
     label_of = {}
+    stems = {p.stem.lower() for _, p in _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE)}
     for csv_path, rows in tables.items():
         rows = rows[1:] if rows and rows[0][-1].strip().lower() == "label" else rows
         if any(len(r) < 2 for r in rows):
             raise DatasetError(f"{name}: '{csv_path}' needs two columns per row: name,label")
-        all_names = {p.stem.lower() for found, _, _ in listed.values() for p in found}
-        unknown = sorted(_stem(r[0]) for r in rows if _stem(r[0]) not in all_names)
+        unknown = sorted(Path(r[0]).stem.lower() for r in rows if Path(r[0]).stem.lower() not in stems)
         if unknown:
             raise DatasetError(f"{name}: label file '{csv_path}' names images that are not in the dataset: "
                                f"{unknown[:5]}")
-        label_of.update({_stem(r[0]): r[1] for r in rows})
+        label_of.update({Path(r[0]).stem.lower(): r[1] for r in rows})
     if name == "ispy1" and not label_of:
-        raise DatasetError(f"{name}: no labels.csv (name,label with 1 = pCR) in '{root}'.\n{_layout_help(name)}")
+        raise DatasetError(f"{name}: no labels.csv (name,label with 1 = pCR) under '{root}'")
     values = sorted(set(label_of.values()))
     numeric = all(re.fullmatch(r"-?\d+", v) for v in values)
     class_names = values if not numeric else [f"class_{v}" for v in range(max(map(int, values), default=-1) + 1)]
     class_names = options.get("class_names") or class_names
-    out = {}
-    for split, (found, masks_dir, images_dir) in listed.items():
-        if not found:
-            raise DatasetError(f"{name}: split '{split}' is empty: no images in '{images_dir}'")
-        by_stem = {}
-        for p in _images_in(masks_dir):
-            by_stem.setdefault(p.stem.lower(), []).append(p)
-        pairs = []
-        for p in found:
-            stem = p.stem.lower()
-            several = [q for s, qs in by_stem.items() if re.fullmatch(re.escape(stem) + r"_\d+", s) for q in qs]
-            several.sort(key=lambda q: _natural_key(q.name))
-            masks = by_stem.get(stem) or several
-            if not masks:
-                raise DatasetError(f"{name}: image '{p}' has no mask "
-                                   f"(looked for {masks_dir}/{p.stem}.png or {p.stem}_<k>.png)")
-            pairs.append((p, masks))
+    out, read = {}, {}
+    folders = _find(files, _SPLIT_FOLDER + r"/images/")
+    for m, folder in sorted(folders, key=lambda f: _SPLITS.index(_SPLIT_OF_FOLDER[f[0].group(1)])):
+        split = _SPLIT_OF_FOLDER[m.group(1)]
+        if split in read:
+            raise DatasetError(f"{name}: two '{split}' folders: '{read[split]}' and '{folder}'; keep one of them")
+        read[split] = folder
+        images = _by_id(name, [(m, p) for m, p in _find(files, _SPLIT_FOLDER + r"/images/([^/]+)" + _IMAGE)
+                               if p.parent == folder], group=2)
+        if not images:
+            raise DatasetError(f"{name}: split '{split}' is empty: no images in '{folder}'")
+        exact, numbered = {}, {}  # <name>.png, or <name>_<k>.png for several annotators
+        for mask_match, p in _find(files, _SPLIT_FOLDER + r"/masks/([^/]+)" + _IMAGE):
+            if p.parent.parent == folder.parent:
+                exact[mask_match.group(2)] = p
+                several = re.fullmatch(r"(.+)_\d+", mask_match.group(2))
+                if several:
+                    numbered.setdefault(several.group(1), []).append(p)
+        masks = {k: [exact[k]] if k in exact else numbered[k] for k in images if k in exact or k in numbered}
+        pairs = _pairs(name, images, masks, f"{folder.parent / 'masks'}/<name>.png or <name>_<k>.png")
         labels = None
         if label_of:
-            missing = [p.stem for p in found if p.stem.lower() not in label_of]
+            missing = [p.stem for p in images.values() if p.stem.lower() not in label_of]
             if missing:
                 raise DatasetError(f"{name}: no label for image(s) {missing[:5]} in {sorted(map(str, tables))}")
-            raw = [label_of[p.stem.lower()] for p in found]
+            raw = [label_of[p.stem.lower()] for p in images.values()]
             labels = [int(v) for v in raw] if numeric else [class_names.index(v) for v in raw]
-        out[split] = _make_split(name, pairs, size, to_index, labels, images_dir)
+        out[split] = _make_split(name, pairs, size, to_index or classes, labels)
     if not out:
-        raise DatasetError(f"{name}: no train/val/test folder in '{root}'.\n{_layout_help(name)}")
+        raise _layout_error(name, root, files, "train/, val/ or test/ folder with images/ and masks/")
+    if to_index is None:
+        _check_class_indices(name, seen)
     top_class = max(int(s["masks"].max()) for s in out.values())
     mask_names = options.get("mask_names") or ["background"] + [f"class_{k}" for k in range(1, max(2, top_class + 1))]
     for split in out.values():
         split.update(class_names=list(class_names), mask_names=list(mask_names))
     return out
+
+
+def _check_class_indices(name, seen):
+    """Folder masks hold class indices: every class 1..K-1 occurs in some mask (a binary 0/255
+    mask counts as 0/1). Grey levels such as REFUGE's 0/128/255 are refused, naming a file, its
+    values, and the reader that knows them. seen: {mask file: the values it holds}."""
+    indices = {f: {x // 255 for x in v} if v <= {0, 255} else v for f, v in seen.items()}
+    absent = sorted(set(range(1, max(set().union(*indices.values())) + 1)) - set().union(*indices.values()))
+    if absent:
+        path = next(f for f, v in indices.items() if max(v) > absent[0])
+        refuge = (" These are REFUGE's grey levels (0 cup, 128 rim, 255 background): read the dataset with --data "
+                  "refuge." if seen[path] <= {0, 128, 255} else "")
+        raise DatasetError(f"{name}: mask '{path}' holds the values {sorted(seen[path])}, but no mask of the dataset "
+                           f"holds {absent[0]}: a folder mask holds class indices 0, 1, 2, ... (or 0 and 255 for a "
+                           f"binary mask).{refuge}")
 
 
 # I-SPY 1 as the UML paper uses it (Sec. 3): 157 patients, 10 tumour slices each, 1,230 / 170 /
@@ -3521,7 +3452,9 @@ def _read_folder(root, size, options, name="folder", to_index=_folder_classes):
 # we follow the paper's numbers, seeded and, as the authors, stratified by pCR.
 _ISPY_SLICES = 10
 _ISPY_SHARES = (1230, 170, 170)
-_ISPY_TREE_NAME = re.compile(r"(ispy_\d+)_(\d)_s(\d+)_img")  # the authors' JPEG tree: ispy_<id>_<pcr>_s<k>_img
+# the JPEG tree the authors' preprocessing writes: <Split>/images/ispy_<id>/ispy_<id>_<pcr>_s<k>_img.jpg,
+# k below 0 where the slice of largest tumour area is low (their slice range starts below 0)
+_ISPY_TREE = r"(train|valid|test)/{}/(?:[^/]+/)*((ispy_\d+)_([01])_s(-?\d+))_{}\.jpg"
 
 
 def _tumour_slices(areas, keep=_ISPY_SLICES):
@@ -3540,115 +3473,82 @@ def _tumour_slices(areas, keep=_ISPY_SLICES):
     return sorted(chosen)
 
 
-def _slice_to_uint8(array):
-    """A slice -> uint8 0..255 stretched between its own min and max (what plt.imsave with the
-    grey colour map does in the authors' preprocessing)."""
-    low, high = float(array.min()), float(array.max())
-    return np.round((array - low) / max(high - low, 1e-12) * 255).astype(np.uint8)
-
-
-def _read_ispy1_nifti(root, size, options, outcome):
-    """(a) The download the UML authors' preprocessing starts from: Dataset ISPY/ISPY_<id>/
-    DCEMRI_1.nii[.gz], Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz], outcome_new.xlsx
-    (SUBJECTID, PCR). Every patient of the spreadsheet gives 10 slices `ISPY_<id>_s<k>`; one pool
-    ("all") that the loader splits by patient with the seed."""
+def _read_ispy1_nifti(root, files, size, outcome):
+    """Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz] with Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz]
+    for every patient of outcome_new.xlsx (SUBJECTID, PCR): its tumour slices (`_tumour_slices`),
+    each stretched to 0..255 between its own min and max (what plt.imsave with the grey colour map
+    does in the authors' preprocessing), named ISPY_<id>_s<k>; one pool ("all") that the loader
+    splits by patient with the seed."""
     name = "ispy1"
-    rows = _read_xlsx(outcome)
-    table = _table_column(name, rows, "SUBJECTID", "PCR", outcome)
-    volumes = _locate(name, root, "Dataset ISPY")
-    tumours = _locate(name, root, "Tumor_segmentation_new")
-    images, masks, valid, sizes, names, labels, short = [], [], [], [], [], [], []
+    table = _table_column(name, _read_xlsx(outcome), "SUBJECTID", "PCR", outcome)
+    volumes = _by_id(name, _find(files, r"dataset ispy/ispy_(\d+)/dcemri_1\.nii(?:\.gz)?"), what="volume")
+    tumours = _by_id(name, _find(files, r"tumor_segmentation_new/ispy_(\d+)_tumor_mask\.nii(?:\.gz)?"), what="mask")
+    images, masks, sizes, names, labels, short = [], [], [], [], [], []
     for subject, pcr in table.items():
         subject = str(int(float(subject))) if re.fullmatch(r"\d+(\.0*)?", str(subject)) else str(subject)
-        try:
-            label = int(float(pcr))
-        except ValueError:
-            label = -1
-        if label not in (0, 1):
+        if str(pcr).strip() not in ("0", "1", "0.0", "1.0"):
             raise DatasetError(f"{name}: '{outcome}' gives PCR {pcr!r} for SUBJECTID {subject}; expected 0 or 1")
-        folder = _child(volumes, f"ISPY_{subject}")
-        image_path = folder and _locate(name, folder, "DCEMRI_1.nii", "DCEMRI_1.nii.gz", kind="file",
-                                        required=False, depth=1)
-        mask_path = _locate(name, tumours, f"ISPY_{subject}_tumor_mask.nii", f"ISPY_{subject}_tumor_mask.nii.gz",
-                            kind="file", required=False, depth=1)
-        if not image_path or not mask_path:
-            missing = (f"{volumes}/ISPY_{subject}/DCEMRI_1.nii[.gz]" if not image_path
-                       else f"{tumours}/ISPY_{subject}_tumor_mask.nii[.gz]")
+        if subject not in volumes or subject not in tumours:
+            missing = (f"Dataset ISPY/ISPY_{subject}/DCEMRI_1.nii[.gz]" if subject not in volumes
+                       else f"Tumor_segmentation_new/ISPY_{subject}_tumor_mask.nii[.gz]")
             raise DatasetError(f"{name}: SUBJECTID {subject} of '{outcome}' has no '{missing}'")
-        volume, tumour = _read_nifti(name, image_path), _read_nifti(name, mask_path)
+        volume, tumour = _read_nifti(name, volumes[subject]), _read_nifti(name, tumours[subject])
         if volume.shape != tumour.shape:
-            raise DatasetError(f"{name}: image '{image_path}' has shape {volume.shape[::-1]} but its mask "
-                               f"'{mask_path}' has {tumour.shape[::-1]} (i, j, k)")
+            raise DatasetError(f"{name}: image '{volumes[subject]}' has shape {volume.shape[::-1]} but its mask "
+                               f"'{tumours[subject]}' has {tumour.shape[::-1]} (i, j, k)")
         tumour = tumour != 0  # the authors keep a slice when its mask sum is non-zero
         chosen = _tumour_slices(tumour.sum((1, 2)))
         if len(chosen) < _ISPY_SLICES:
             short.append(f"ISPY_{subject}: {len(chosen)} slice(s) with tumour")
         height, width = volume.shape[1:]
         for k in chosen:
-            grey = torch.from_numpy(_slice_to_uint8(volume[k]))
+            low, high = float(volume[k].min()), float(volume[k].max())
+            grey = torch.from_numpy(np.round((volume[k] - low) / max(high - low, 1e-12) * 255).astype(np.uint8))
             images.append(_place_on_canvas(grey.expand(3, height, width), height, width, size, "bilinear"))
             masks.append(letterbox(torch.from_numpy(tumour[k].astype(np.uint8)), size, "nearest"))
-            valid.append(_valid_map(height, width, size))
             sizes.append((height, width))
             names.append(f"ISPY_{subject}_s{k}")
-            labels.append(label)
+            labels.append(int(float(pcr)))
     if short:
-        _dataset_warning(f"{name}: {len(short)} patient(s) with fewer than {_ISPY_SLICES} tumour slices; "
-              f"taking what there is: {short[:10]}")
+        print(f"warning: {name}: {len(short)} patient(s) with fewer than {_ISPY_SLICES} tumour slices; "
+              f"taking what there is: {short[:10]}", file=sys.stderr)
     if not images:
         raise DatasetError(f"{name}: '{outcome}' lists no patient")
-    return {"all": {"images": torch.stack(images), "masks": torch.stack(masks), "valid": torch.stack(valid),
-                    "sizes": torch.tensor(sizes, dtype=torch.int64), "names": names,
-                    "labels": torch.tensor(labels, dtype=torch.int64)}}
+    return {"all": {"images": torch.stack(images), "masks": torch.stack(masks), "names": names,
+                    "valid": torch.stack([_valid_map(h, w, size) for h, w in sizes]),
+                    "sizes": torch.tensor(sizes, dtype=torch.int64), "labels": torch.tensor(labels, dtype=torch.int64)}}
 
 
-def _read_ispy1_tree(root, size, options, folders):
-    """(b) The tree the UML authors' preprocessing writes: {Train,Valid,Test}/{images,masks}/
-    ispy_<id>/ispy_<id>_<pcr>_s<k>_{img,msk}.jpg (greyscale through a colour map, JPEG masks:
-    thresholded). Labels from the names; their split is kept."""
-    name, out = "ispy1", {}
-    for split, folder in folders.items():
-        images_dir, masks_dir = _locate(name, folder, "images"), _locate(name, folder, "masks")
-        index = _mask_index(name, masks_dir, "_msk")
-        found = [p for p in _images_in(images_dir, recursive=True) if _ISPY_TREE_NAME.fullmatch(p.stem.lower())]
-        pairs, labels, names = [], [], []
-        for p in found:
-            patient, pcr, k = _ISPY_TREE_NAME.fullmatch(p.stem.lower()).groups()
-            mask = index.get(p.stem.lower()[:-4])
-            if mask is None:
-                raise DatasetError(f"{name}: image '{p}' has no mask '{p.stem[:-4]}_msk.jpg' in '{masks_dir}'")
-            pairs.append((p, [mask]))
-            labels.append(int(pcr))
-            names.append(f"{patient.upper()}_s{k}")
-        data = _make_split(name, pairs, size, _binary, labels, images_dir)
-        data["names"] = names
-        out[split] = data
-    return out
-
-
-def _read_ispy1(root, size, options):
+def _read_ispy1(root, files, size, options):
     """I-SPY 1 in one of three layouts: (a) the NIfTI download with outcome_new.xlsx, (b) the
-    JPEG tree the UML authors' preprocessing writes, (c) the generic folder layout (binary masks,
-    labels.csv). (a), and (c) without val/test folders, are split by patient after the cache."""
-    outcome = _locate("ispy1", root, "outcome_new.xlsx", kind="file", required=False)
-    if outcome is not None or _locate("ispy1", root, "Dataset ISPY", required=False) is not None:
+    JPEG tree the UML authors' preprocessing writes (labels from the names, their split kept;
+    JPEG masks thresholded), (c) the folder layout (binary masks, labels.csv). (a), and (c)
+    without val/test folders, are split by patient after the cache."""
+    name = "ispy1"
+    outcome = _file(name, files, "outcome_new.xlsx")
+    if outcome is not None or _find(files, r"dataset ispy/"):
         if outcome is None:
-            raise DatasetError(f"ispy1: found 'Dataset ISPY' but no 'outcome_new.xlsx' (SUBJECTID, PCR) in '{root}'")
-        out = _read_ispy1_nifti(root, size, options, outcome)
+            raise DatasetError(f"{name}: found 'Dataset ISPY' but no 'outcome_new.xlsx' (SUBJECTID, PCR) in '{root}'")
+        out = _read_ispy1_nifti(root, files, size, outcome)
+    elif _find(files, _ISPY_TREE.format("images", "img")):
+        out = {}
+        masks = _by_id(name, _find(files, _ISPY_TREE.format("masks", "msk")), group=2, what="mask")
+        for split in ("train", "val", "test"):
+            chosen = sorted(((m, p) for m, p in _find(files, _ISPY_TREE.format("images", "img"))
+                             if _SPLIT_OF_FOLDER[m.group(1)] == split),
+                            key=lambda f: (_natural_key(f[0].group(3)), int(f[0].group(5))))  # slice order
+            if chosen:
+                pairs = _pairs(name, _by_id(name, chosen, group=2), masks, "<Split>/masks/ispy_<id>/<name>_msk.jpg")
+                out[split] = _make_split(name, pairs, size, _binary, [int(m.group(4)) for m, _ in chosen])
+                out[split]["names"] = [f"{m.group(3).upper()}_s{m.group(5)}" for m, _ in chosen]
     else:
-        folders = _split_folders("ispy1", root)
-        tree = any(_ISPY_TREE_NAME.fullmatch(p.stem.lower())
-                   for f in folders.values() for p in _images_in(_locate("ispy1", f, "images"), recursive=True))
-        out = _read_ispy1_tree(root, size, options, folders) if tree else _read_folder(
-            root, size, options, name="ispy1", to_index=_binary)
-    for split in out.values():
-        split.update(class_names=["non_pcr", "pcr"], mask_names=["background", "tumour"])
-    return out
+        out = _read_folder(root, files, size, options, name=name, to_index=_binary)
+    return {k: {**v, "class_names": ["non_pcr", "pcr"], "mask_names": ["background", "tumour"]} for k, v in out.items()}
 
 
 def _patient_of(name):
     """The patient of a slice name '<patient>_s<k>' (the whole name when it has no slice suffix)."""
-    match = re.fullmatch(r"(.+)_s\d+", str(name), re.I)
+    match = re.fullmatch(r"(.+)_s-?\d+", str(name), re.I)
     return (match.group(1) if match else str(name)).lower()
 
 
@@ -3710,92 +3610,37 @@ def _ispy1_splits(data, seed):
     return data
 
 
-def _layout_probe(name, *names, kind="dir"):
-    """A layout probe: does `_locate` find one of names below the folder?"""
-    return lambda p: any(_locate(name, p, n, kind=kind, required=False) is not None for n in names)
-
-
 _COMMON_OPTIONS = {"exclude", "need_labels"}  # every real dataset takes these (see load_dataset)
+# name: its reader, the share of "train" split off as val with the seed (None: the dataset's own
+# split), a post-cache split, its own options, whether labels are needed, class and mask names
 _READERS = {
-    "refuge": dict(
-        read=_read_refuge, probe=_layout_probe("refuge", "Training400"), val_fraction=None, options=set(),
-        need_labels=True, classes=["non_glaucoma", "glaucoma"], masks=["background", "rim", "cup"],
-        url="https://refuge.grand-challenge.org (REFUGE challenge, Orlando et al. 2020)",
-        tree="Training400/{Glaucoma,Non-Glaucoma}/*.jpg,\n"
-             "  Annotation-Training400/Disc_Cup_Masks/{Glaucoma,Non-Glaucoma}/*.bmp,\n"
-             "  REFUGE-Validation400/V*.jpg, REFUGE-Validation400-GT/{Disc_Cup_Masks/V*.bmp, Fovea_locations.xlsx},\n"
-             "  Test400/T*.jpg, REFUGE-Test-GT/Disc_Cup_Masks/{G,N}/T*.bmp\n"
-             "  (or REFUGE-Test-GT/Glaucoma_label_and_Fovea_location.xlsx); each folder may sit in a folder\n"
-             "  named after its zip (REFUGE-Training400/Training400/)"),
-    "isic2017": dict(
-        read=_read_isic2017, val_fraction=None, options=set(), need_labels=True,
-        probe=_layout_probe("isic2017", *(f"ISIC-2017_{t}_Data" for t in ("Training", "Validation", "Test_v2"))),
-        classes=list(_LESION_CLASSES), masks=["background", "lesion"],
-        url="https://challenge.isic-archive.com/data/#2017 (ISIC 2017 challenge, parts 1 and 3)",
-        tree="ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg,\n"
-             "  ISIC-2017_{...}_Part1_GroundTruth/ISIC_*_segmentation.png,\n"
-             "  ISIC-2017_{...}_Part3_GroundTruth.csv (image_id,melanoma,seborrheic_keratosis);\n"
-             "  any subset of the three (e.g. Test_v2 alone as a test set)"),
-    "isic-multi": dict(
-        read=_read_isic_multi, val_fraction=0.2, options={"splits"}, need_labels=False, classes=[],
-        masks=["background", "lesion"],
-        probe=lambda p: (_locate("isic-multi", p, "inputs", required=False) is not None
-                         or any(_ISIC_ID.fullmatch(q.stem.lower()) for q in _images_in(p, recursive=True))),
-        url="https://www.isic-archive.com (images with several lesion segmentations, as selected by Ribeiro et al.; "
-            "or the ISIC MultiAnnot++ release, https://github.com/sfu-mial/skin-IAV)",
-        tree="inputs/ISIC_*.jpg with targets/ISIC_*_<k>.png (Ribeiro et al.; optional split lists\n"
-             "  train_isic_titans_full.txt, validation_isic_titans_full.txt, test_isic_titans_2000.txt),\n"
-             "  or ISIC MultiAnnot++ masks ISIC_<id>_<annotator>_<T1|T2|T3>_<S1|S2>[_<n>].png beside ISIC_<id>.jpg\n"
-             "  (consensus _ST_ / _MV_ masks skipped)"),
-    "ph2": dict(
-        read=_read_ph2, val_fraction=None, options={"splits"}, need_labels=False,
-        classes=["common_nevus", "atypical_nevus", "melanoma"], masks=["background", "lesion"],
-        probe=_layout_probe("ph2", "PH2 Dataset images", "PH2_Dataset_images"),
-        url="https://www.fc.up.pt/addi/ph2%20database.html (PH2 database, Mendonca et al. 2013)",
-        tree="PH2Dataset/PH2 Dataset images/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp,\n"
-             "  PH2Dataset/PH2 Dataset images/IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp,\n"
-             "  PH2Dataset/PH2_dataset.txt (optional: clinical diagnosis 0/1/2)"),
-    "dermofit": dict(
-        read=_read_dermofit, probe=_layout_probe("dermofit", "originalImages"), val_fraction=None, options={"splits"},
-        need_labels=True, classes=[], masks=["background", "lesion"],
-        url="https://licensing.edinburgh-innovations.ed.ac.uk/product/dermofit-image-library (licensed)",
-        tree="originalImages/<CLASS>/<ID>/<ID>.png, originalMasks/<CLASS>/<ID>/<ID>mask.png"),
-    "glas": dict(
-        read=_read_glas, probe=_layout_probe("glas", "Grade.csv", kind="file"), val_fraction=15 / 85,
-        options={"border_width"}, need_labels=True, classes=["benign", "malignant"],
-        masks=["stroma", "border", "lumen"],
-        url="https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/ (GlaS, Sirinukunwattana et al. 2017)",
-        tree="train_N.bmp, train_N_anno.bmp, testA_N.bmp, testA_N_anno.bmp, testB_N.bmp, testB_N_anno.bmp,\n"
-             "  Grade.csv (one folder)"),
-    "folder": dict(
-        read=_read_folder, probe=lambda p: bool(_split_folders("folder", p)), val_fraction=None,
-        options={"class_names", "mask_names"}, need_labels=True, classes=[], masks=None, url="your own data",
-        tree="{train,val,test}/images/<name>.{png,jpg,bmp}, {train,val,test}/masks/<name>.png (class indices;\n"
-             "  several annotators: <name>_<k>.png), optional labels.csv (name,label)"),
-    "ispy1": dict(
-        read=_read_ispy1, val_fraction=None, split=_ispy1_splits, options=set(), need_labels=True,
-        probe=lambda p: (_locate("ispy1", p, "outcome_new.xlsx", kind="file", required=False) is not None
-                         or _locate("ispy1", p, "Dataset ISPY", required=False) is not None
-                         or bool(_split_folders("ispy1", p))),
-        classes=["non_pcr", "pcr"], masks=["background", "tumour"],
-        url="https://www.cancerimagingarchive.net/collection/ispy1/ (TCIA, I-SPY 1 / ACRIN 6657; the NIfTI volumes,\n"
-            "  tumour masks and outcome_new.xlsx as the UML authors' preprocessing expects them:\n"
-            "  https://github.com/KarryRen/UML)",
-        tree="(a) Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz], Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz],\n"
-             "  outcome_new.xlsx (SUBJECTID, PCR); or (b) what the UML authors' preprocessing writes:\n"
-             "  {Train,Valid,Test}/{images,masks}/ispy_<id>/ispy_<id>_<pcr>_s<k>_{img,msk}.jpg; or (c)\n"
-             "  {train,val,test}/images/<slice>.png, {train,val,test}/masks/<slice>.png (0/1 tumour),\n"
-             "  labels.csv (name,label; 1 = pCR); slices named <patient>_s<k>"),
+    "refuge": dict(read=_read_refuge, options=set(), need_labels=True, classes=["non_glaucoma", "glaucoma"],
+                   masks=["background", "rim", "cup"], url="https://refuge.grand-challenge.org"),
+    "isic2017": dict(read=_read_isic2017, options=set(), need_labels=True, classes=list(_LESION_CLASSES),
+                     masks=["background", "lesion"], url="https://challenge.isic-archive.com/data/#2017"),
+    "isic-multi": dict(read=_read_isic_multi, val_fraction=0.2, options={"splits"}, need_labels=False, classes=[],
+                       masks=["background", "lesion"],
+                       url="https://www.isic-archive.com (or IMA++: https://github.com/sfu-mial/skin-IAV)"),
+    "ph2": dict(read=_read_ph2, options={"splits"}, need_labels=False, masks=["background", "lesion"],
+                classes=["common_nevus", "atypical_nevus", "melanoma"],
+                url="https://www.fc.up.pt/addi/ph2%20database.html"),
+    "dermofit": dict(read=_read_dermofit, options={"splits"}, need_labels=True, classes=[],
+                     masks=["background", "lesion"],
+                     url="https://licensing.edinburgh-innovations.ed.ac.uk/product/dermofit-image-library"),
+    "glas": dict(read=_read_glas, val_fraction=15 / 85, options={"border_width"}, need_labels=True,
+                 classes=["benign", "malignant"], masks=["stroma", "border", "lumen"],
+                 url="https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/"),
+    "folder": dict(read=_read_folder, options={"class_names", "mask_names"}, need_labels=True, classes=[],
+                   masks=None, url="your own data"),
+    "ispy1": dict(read=_read_ispy1, split=_ispy1_splits, options=set(), need_labels=True,
+                  classes=["non_pcr", "pcr"], masks=["background", "tumour"],
+                  url="https://www.cancerimagingarchive.net/collection/ispy1/ (preprocessing: "
+                      "https://github.com/KarryRen/UML)"),
 }
 
 
-def _layout_help(name):
-    spec = _READERS[name]
-    return f"Expected layout of '{name}':\n  {spec['tree']}\nPublished at: {spec['url']}"
-
-
 # ---------------------------------------------------------------------------------------------
-# 10. load_dataset: synthetic sets generated from the seed, real sets read once and cached;
+# 11. load_dataset: synthetic sets generated from the seed, real sets read once and cached;
 #     the seeded train/val split, `exclude` and the test-overlap check after the cache
 # ---------------------------------------------------------------------------------------------
 
@@ -3856,33 +3701,21 @@ def load_dataset(name, root=None, size=128, seed=0, cache=None, **options):
     """Load a dataset as a dict of splits (see the module docstring for the split's keys).
 
     Synthetic: "synthetic-fundus", "synthetic-breast", "synthetic-lesions" (annotators=False,
-    domain_shift=False), "synthetic-glands"; options n_train, n_val, n_test and the generator's
-    knobs (glaucoma_share, pcr_share, malignant_share). They are generated in-process from the seed
-    (no files, no cache). Speed, 400 images at 128 px on the 2-core CPU, 2 threads, measured
-    while the shared machine was lightly loaded: fundus 2.2 s, breast 1.3 s, lesions 2.5 s
-    (3.4 s with annotators), glands 3.8 s; single-threaded under load: 3.4 / 2.2 / 4.1 / 6.7 /
-    5.1 s of CPU time (glands re-measured after its nuisances were added).
-    domain_shift=True adds "test_shift" (n_test images). Default split sizes: `_SYNTHETIC`.
-    Their splits carry valid = sizes = None (they are generated square).
+    domain_shift=False: adds "test_shift"), "synthetic-glands"; options n_train, n_val, n_test and
+    the generator's knobs (glaucoma_share, pcr_share, malignant_share); generated in-process from
+    the seed (no files, no cache), square, so valid = sizes = None. Default split sizes: `_SYNTHETIC`.
 
-    Real: "refuge", "isic2017", "isic-multi", "ph2", "dermofit", "glas", "ispy1", "folder" read
-    from `root` as the publishers distribute them (layouts in `_READERS`; every folder is found
-    where unzipping puts it), letterboxed once to size x size (aspect ratio kept: images bilinear,
-    masks nearest, zero padding; `valid` marks image pixels, `sizes` the original (height, width))
-    and cached under `cache` (default ".cache" in the working directory, never inside the dataset
-    folder). Splits: the official ones; isic-multi: images with two or more masks split 80/20
-    into train/val with the seed, single-mask images are "test" (D-LEMA Sec. 3.1), or Ribeiro
-    et al.'s split lists (option splits=DIR, or found under root); glas splits its 85 training
-    images 70/15 train/val (seeded, the paper's numbers) and tests on testA + testB, with
-    full_instances / full_masks at the original resolution in val and test (option border_width,
-    original pixels); ph2 and dermofit are test-only (option splits: Ribeiro's test_ph2.txt /
-    test_dermofit.txt); folder returns the split folders present; ispy1 (NIfTI download, the UML
-    authors' JPEG tree, or the folder layout) is split by patient: 123 / 17 / 17 patients with the
-    seed (1,230 / 170 / 170 slices, UML Sec. 3) unless its split folders say otherwise.
-    Options of every real set: exclude=<iterable of image ids> removes those ids (ISIC-style stems,
-    any case) from the test split; need_labels=False turns a label file that is missing or fails
-    to parse into a warning (labels None). A test image whose id is also in train or val is
-    removed from the test split. Both are listed in the test split's `removed_overlap` and printed.
+    Real: "refuge", "isic2017", "isic-multi", "ph2", "dermofit", "glas", "ispy1", "folder", read from
+    `root` in the layouts of the README's dataset table, letterboxed once to size x size (aspect
+    ratio kept: images bilinear, masks nearest, zero padding; `valid` marks image pixels, `sizes`
+    the original (height, width)) and cached under `cache` (default ".cache" in the working
+    directory, never inside the dataset folder). Splits: the dataset's own; isic-multi splits its
+    training pool 80/20 and glas its 85 training images 70/15 into train/val with the seed; ispy1
+    splits by patient (`_ispy1_splits`). Options of every real set: exclude=<image ids> removes
+    those ids from the test split; need_labels=False turns a label file that is missing or fails to
+    parse into a warning (labels None). A test image also in train or val (the same id; for
+    "folder", the same pixels) is removed from the test split; both are listed in its
+    `removed_overlap` and printed.
     """
     size = int(size)
     if size < 8:
@@ -3892,25 +3725,6 @@ def load_dataset(name, root=None, size=128, seed=0, cache=None, **options):
     if name not in _READERS:
         raise DatasetError(f"unknown dataset '{name}'; known: {sorted(_SYNTHETIC) + sorted(_READERS)}")
     return _load_real(name, root, size, seed, cache, options)
-
-
-def _resolve_root(name, root):
-    """The dataset folder: `root` itself, or the single folder inside it (up to twice), as unzip
-    tools make X/X/. A missing folder or one in another layout is one clear error."""
-    if root is None:
-        raise DatasetError(f"{name}: no dataset folder given (pass --root / root=).\n{_layout_help(name)}")
-    base = Path(root).expanduser().resolve()
-    if not base.is_dir():
-        raise DatasetError(f"{name}: dataset folder '{root}' does not exist.\n{_layout_help(name)}")
-    candidate = base
-    for _ in range(3):
-        if _READERS[name]["probe"](candidate):
-            return candidate
-        subs = [p for p in _entries(candidate) if p.is_dir()]
-        if len(subs) != 1:
-            break
-        candidate = subs[0]
-    raise DatasetError(f"{name}: '{base}' is not in the {name} layout.\n{_layout_help(name)}")
 
 
 _PER_IMAGE_LISTS = ("names", "full_instances", "full_masks")  # lists indexed like the tensors
@@ -3949,33 +3763,62 @@ def _image_id(name):
 
 
 def _remove_from_test(name, data, exclude):
-    """Drop from data["test"] every image whose id is in train/val or in `exclude`; the removed
-    names go to the test split's `removed_overlap` and are printed."""
+    """Drop from data["test"] every image that is also in train/val, or whose id is in `exclude`;
+    the removed names go to the test split's `removed_overlap` and are printed. Official datasets
+    compare image ids; the folder layout, whose users number each split from 0001, compares the
+    pixels (a hash of each letterboxed image and its size)."""
     test = data.get("test")
     if test is None:
         return data
-    taken = {_image_id(n) for s in ("train", "val") if s in data for n in data[s]["names"]}
+
+    def keys(split):
+        if name != "folder":
+            return [_image_id(n) for n in split["names"]]
+        return [hashlib.sha1(image.numpy().tobytes() + bytes(str(hw.tolist()), "ascii")).hexdigest()
+                for image, hw in zip(split["images"], split["sizes"])]
+    taken = {k for s in ("train", "val") if s in data for k in keys(data[s])}
     excluded = {_image_id(n) for n in exclude}
-    ids = [_image_id(n) for n in test["names"]]
-    keep = [i for i, x in enumerate(ids) if x not in taken and x not in excluded]
-    removed = [test["names"][i] for i, x in enumerate(ids) if x in taken or x in excluded]
+    drop = [k in taken or _image_id(n) in excluded for k, n in zip(keys(test), test["names"])]
+    removed = [n for n, d in zip(test["names"], drop) if d]
     if removed:
-        if not keep:
+        if all(drop):
             raise DatasetError(f"{name}: every test image is also in training or excluded ({len(removed)} images)")
         print(f"{name}: removed {len(removed)} test image(s) also in train/val or excluded: "
               f"{removed[:5]}{' ...' if len(removed) > 5 else ''}")
-        test = _take_images(test, keep)
-    test["removed_overlap"] = removed
-    data["test"] = test
+        test = _take_images(test, [i for i, d in enumerate(drop) if not d])
+    data["test"] = {**test, "removed_overlap": removed}
     return data
 
 
-_CACHE_FORMAT = 2  # bump when what a reader returns changes, so that old cache files are not used
+_CACHE_FORMAT = 3  # bump when what a reader returns changes, so that old cache files are not used
 
 
-def _files_of(folder):
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in folder.rglob("*") if p.is_file())
+def _cache_read(path):
+    """The dataset in a cache file, or None when it is absent, unreadable, or its payload does not
+    match the sha256 on its first line (a file damaged on disk is read again, never trained on)."""
+    try:
+        head, _, payload = path.read_bytes().partition(b"\n")
+    except OSError:
+        return None
+    if head != b"sha256 " + hashlib.sha256(payload).hexdigest().encode():
+        print(f"cache file '{path}' does not match its checksum: reading the dataset again")
+        return None
+    try:
+        return torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception:  # a foreign file: read the dataset again
+        return None
+
+
+def _cache_write(path, data):
+    """`data` into path as 'sha256 <hex>' and a newline, then torch.save's bytes; written to a file
+    of this process and renamed, so a concurrent reader never sees half a file."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    payload = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(b"sha256 " + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    os.replace(tmp, path)
 
 
 def _load_real(name, root, size, seed, cache, options):
@@ -3986,38 +3829,38 @@ def _load_real(name, root, size, seed, cache, options):
                            f"known: {sorted(spec['options'] | _COMMON_OPTIONS)}")
     options = dict(options)
     exclude = options.pop("exclude", None) or ()
-    if isinstance(exclude, (str, Path)):
-        exclude = [exclude]
-    base = _resolve_root(name, root)
+    exclude = [exclude] if isinstance(exclude, (str, Path)) else exclude
+    if root is None:
+        raise DatasetError(f"{name}: no dataset folder given (pass --root / root=); see the dataset table in "
+                           f"README.md (published at {spec['url']})")
+    base = Path(root).expanduser().resolve()
+    if base.is_file():
+        raise DatasetError(f"{name}: --root '{root}' is a file, not a folder"
+                           f"{'; unpack it first' if base.suffix.lower() in ('.zip', '.gz', '.tar', '.7z') else ''}")
+    if not base.is_dir():
+        raise DatasetError(f"{name}: dataset folder '{root}' does not exist; see the dataset table in README.md "
+                           f"(published at {spec['url']})")
     cache_dir = Path(cache or ".cache").expanduser().resolve()
     if cache_dir == base or base in cache_dir.parents:
         raise DatasetError(f"{name}: the cache folder '{cache_dir}' is inside the dataset folder '{base}'; "
                            "choose another with --cache (nothing is written into a dataset)")
-    # the cache key: format, dataset, absolute folder, size, every option that changes what is read
-    # (exclude is applied after the cache), and every file's path, size and mtime -- those of a
-    # splits folder given outside the dataset too
+    # the cache key: format, dataset, folder, size, every option that changes what is read (exclude is
+    # applied after the cache), every file's path, size and mtime -- those of a splits folder too
+    files = _tree(base)
     keyed = {k: (str(Path(v).expanduser().resolve()) if k == "splits" and v else v) for k, v in options.items()}
-    files = _files_of(base)
+    listed = [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in files if not rel.endswith("/")]
     if keyed.get("splits") and Path(keyed["splits"]).is_dir():
-        files += _files_of(Path(keyed["splits"]))
-    key = json.dumps([_CACHE_FORMAT, name, str(base), size, sorted(keyed.items()), files], default=str)
-    key = hashlib.sha1(key.encode()).hexdigest()
-    path = cache_dir / f"{name}-{size}px-{key[:16]}.pt"
-    data = None
-    if path.exists():
-        try:
-            data = torch.load(path, weights_only=True)
-        except Exception:  # a truncated or foreign file: read the dataset again
-            data = None
+        listed += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in Path(keyed["splits"]).rglob("*")
+                   if p.is_file()]
+    key = json.dumps([_CACHE_FORMAT, name, str(base), size, sorted(keyed.items()), listed], default=str)
+    path = cache_dir / f"{name}-{size}px-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    data = _cache_read(path) if path.exists() else None
     if data is None:
-        data = spec["read"](base, size, options)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        data = spec["read"](base, files, size, options)
+        _cache_write(path, data)
     if spec.get("split"):  # a dataset's own post-cache split (I-SPY 1: by patient)
         data = spec["split"](data, seed)
-    elif spec["val_fraction"] and "val" not in data:
+    elif spec.get("val_fraction") and "train" in data and "val" not in data:
         data = _seeded_split(data, spec["val_fraction"], seed)
         for key in ("full_instances", "full_masks"):  # the metrics at original resolution need val/test only
             data["train"].pop(key, None)
@@ -4029,45 +3872,8 @@ def _load_real(name, root, size, seed, cache, options):
     return data
 
 
-def load_splits_on_device(name, args, device, seed, script, one_mask=False):
-    """A run's "train", "val" and "test" splits on `device`, for a script that trains, selects on "val"
-    and tests: synthetic sets sized by --n-train/--n-val/--n-test; without a "val" split, selection on
-    "train"; a test-only set only with --eval-only; `one_mask`: one mask per image. Adds n_classes,
-    n_seg_classes, class_names and mask_names (of the training split, else the test split)."""
-    options = synthetic_split_sizes(args) if name.startswith("synthetic") else {}
-    splits = load_dataset(name, root=args.root, size=args.size, seed=seed, cache=args.cache, **options)
-    if "test" not in splits or ("train" not in splits and not args.eval_only):
-        raise UsageError(f"{name}: {script} needs a test split and, to train, a training split "
-                         f"(found {sorted(splits)}); a test-only set works with --eval-only --checkpoint")
-    if "val" not in splits and "train" in splits:
-        print("no validation split: model selection on the training split")
-        splits["val"] = splits["train"]
-    reference = splits.get("train", splits["test"])
-    if one_mask and reference["masks"].dim() != 3:
-        raise UsageError(f"{name}: {script} needs one mask per image, got {tuple(reference['masks'].shape)}")
-    data = {k: to_device(v, device) for k, v in splits.items() if k in ("train", "val", "test")}
-    data.update(n_classes=len(reference["class_names"]), n_seg_classes=len(reference["mask_names"]),
-                class_names=reference["class_names"], mask_names=reference["mask_names"])
-    return data
-
-
-def mask_structures(mask_names):
-    """The structures a segmentation is scored on: {name: function of a class-index mask -> bool mask}.
-    Fundus (a "cup" class): disc = rim + cup (REFUGE's disc), cup, and rim = label 1 (what the UML
-    authors' code scores as "disc"); binary: the foreground ("tumor" for a tumour or lesion); else
-    one per foreground class."""
-    names = [n.lower() for n in mask_names]
-    if "cup" in names:
-        cup = names.index("cup")
-        return {"disc": lambda m: m >= 1, "cup": lambda m: m == cup, "rim": lambda m: (m >= 1) & (m != cup)}
-    if len(names) == 2:
-        name = "tumor" if any(t in names[1] for t in ("tumo", "lesion", "foreground")) else names[1]
-        return {name: lambda m: m == 1}
-    return {n.replace(" ", "_"): (lambda m, k=k: m == k) for k, n in enumerate(names) if k > 0}
-
-
 # ---------------------------------------------------------------------------------------------
-# 11. Batches on the device: slicing, augmentation, normalisation (no per-sample Python)
+# 12. Batches on the device: slicing, augmentation, normalisation (no per-sample Python)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4159,11 +3965,6 @@ def augment(batch, generator=None, flip=True, rotate=15.0, scale=0.1, elastic=0.
     return out
 
 
-def to_float(images):
-    """uint8 [B,3,H,W] -> float32 in [0, 1]."""
-    return images.float() / 255.0
-
-
 def channel_stats(images):
     """Per-channel mean and standard deviation (float32 [3] each, on the [0, 1] scale) of uint8
     images [N,3,H,W], accumulated in float64 over chunks so a whole split never becomes float."""
@@ -4177,17 +3978,6 @@ def channel_stats(images):
     mean = total / count
     std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
     return mean.float(), std.float()
-
-
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def input_statistics(images, device, imagenet=False):
-    """(mean, std) per channel on `device` that a model's inputs are normalised with: ImageNet's when it
-    starts from ImageNet weights (they expect them), else those of `images` (channel_stats)."""
-    if imagenet:
-        return tuple(torch.tensor(v, device=device) for v in IMAGENET_MEAN_STD)
-    return tuple(t.to(device) for t in channel_stats(images))
 
 
 def normalize(images, mean, std):

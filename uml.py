@@ -170,6 +170,9 @@ def resolve_defaults(args):
 
 # ======= Model: dual backbone (common.VGGEncoder, common.Res2NetEncoder), ImageNet weights ========
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what ImageNet weights expect
+
+
 def load_pretrained_encoders(model, args):
     """--pretrained-vgg / --pretrained-res2net into whichever encoders the row has."""
     for flag, path, encoder in (("--pretrained-vgg", args.pretrained_vgg, model.cls_encoder),
@@ -515,7 +518,7 @@ def total_loss(out, masks, labels, spec, args, epoch):
 
 def model_input(images, norm, device, sigma=0.0, generator=None):
     """uint8 -> [0,1] (+ Gaussian noise of std sigma, clipped to [0,1]: Table 2) -> normalised float."""
-    x = common.to_float(images)
+    x = images.float() / 255
     if sigma > 0:
         noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
         x = (x + sigma * noise).clamp(0, 1)                  # the authors clip the noisy image
@@ -742,9 +745,39 @@ def figure_fig3(model, split, spec, data, norm, args, device, path):
 
 # ============================================= main ===============================================
 
+def mask_structures(mask_names):
+    """The structures a segmentation is scored on: {name: function of a class-index mask -> bool mask}.
+    Fundus (a "cup" class): disc = rim + cup (REFUGE's disc), cup, and rim = label 1 (what the UML
+    authors' code scores as "disc"); binary: the foreground ("tumor" for a tumour or lesion); else
+    one per foreground class."""
+    names = [n.lower() for n in mask_names]
+    if "cup" in names:
+        cup = names.index("cup")
+        return {"disc": lambda m: m >= 1, "cup": lambda m: m == cup, "rim": lambda m: (m >= 1) & (m != cup)}
+    if len(names) == 2:
+        name = "tumor" if any(t in names[1] for t in ("tumo", "lesion", "foreground")) else names[1]
+        return {name: lambda m: m == 1}
+    return {n.replace(" ", "_"): (lambda m, k=k: m == k) for k, n in enumerate(names) if k > 0}
+
+
 def load_data(args, device, seed):
-    data = common.load_splits_on_device(args.dataset, args, device, seed, "uml.py", one_mask=True)
-    data["structures"] = common.mask_structures(data["mask_names"])
+    """The run's train / val / test splits on `device` (without a val split, selection on train; a
+    test-only set only with --eval-only), with class and mask names and the scored structures."""
+    options = common.synthetic_split_sizes(args) if args.dataset.startswith("synthetic") else {}
+    splits = common.load_dataset(args.dataset, root=args.root, size=args.size, seed=seed, cache=args.cache, **options)
+    if "test" not in splits or ("train" not in splits and not args.eval_only):
+        raise common.UsageError(f"{args.dataset}: uml.py needs a test split and, to train, a training split "
+                                f"(found {sorted(splits)}); a test-only set works with --eval-only --checkpoint")
+    if "val" not in splits and "train" in splits:
+        print("no validation split: model selection on the training split")
+        splits["val"] = splits["train"]
+    reference = splits.get("train", splits["test"])
+    if reference["masks"].dim() != 3:
+        raise common.UsageError(f"{args.dataset}: uml.py needs one mask per image, got {tuple(reference['masks'].shape)}")
+    data = {k: common.to_device(v, device) for k, v in splits.items() if k in ("train", "val", "test")}
+    data.update(n_classes=len(reference["class_names"]), n_seg_classes=len(reference["mask_names"]),
+                class_names=reference["class_names"], mask_names=reference["mask_names"],
+                structures=mask_structures(reference["mask_names"]))
     return data
 
 
@@ -805,8 +838,10 @@ def main(argv=None):
             norm = tuple(t.float().to(device) for t in checkpoint["normalization"])
             common.load_model_state(model, checkpoint["model"])
         else:
-            norm = common.input_statistics(data["train"]["images"], device,
-                                           imagenet=args.pretrained_vgg or args.pretrained_res2net)
+            if args.pretrained_vgg or args.pretrained_res2net:  # ImageNet weights expect ImageNet's statistics
+                norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
+            else:
+                norm = tuple(t.to(device) for t in common.channel_stats(data["train"]["images"]))
             load_pretrained_encoders(model, args)
         model = common.prepare_model(model, run)
         if not args.eval_only:

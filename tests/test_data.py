@@ -203,7 +203,7 @@ def test_augment_identity_flips_and_colour():
     assert torch.equal(jitter["masks"], s["masks"]) and not torch.equal(jitter["images"], s["images"])
 
 
-def test_channel_stats_normalize_to_float():
+def test_channel_stats_and_normalize():
     images = torch.randint(0, 256, (7, 3, 9, 11), dtype=torch.uint8)
     mean, std = common.channel_stats(images)
     x = images.double().permute(1, 0, 2, 3).reshape(3, -1) / 255
@@ -211,7 +211,6 @@ def test_channel_stats_normalize_to_float():
     assert torch.allclose(std.double(), x.std(1, unbiased=False), atol=1e-5)
     z = common.normalize(images, mean, std)
     assert z.dtype == torch.float32 and torch.allclose(z.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
-    assert torch.allclose(common.to_float(images), images.float() / 255)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,8 +364,8 @@ def test_refuge_layout(tmp_path, test_by_folder, wrapped):
             common.load_dataset("refuge", root=root, size=20, cache=tmp_path / "cache")
     if wrapped:  # a second copy of one folder elsewhere: an error naming both
         _rgb(root / "REFUGE" / "old" / "Training400" / "Glaucoma" / "g0001.jpg")
-        with pytest.raises(common.DatasetError, match=r"two candidates for 'Training400': '.*old/Training400' and "
-                                                      r"'.*REFUGE-Training400/Training400'"):
+        with pytest.raises(common.DatasetError, match=r"image id 'g0001' found twice: '.*old/Training400/Glaucoma/"
+                                                      r"g0001.jpg' and '.*REFUGE-Training400/Training400/Glaucoma"):
             common.load_dataset("refuge", root=root, size=20, cache=tmp_path / "cache")
 
 
@@ -484,16 +483,18 @@ def test_isic_multi_annot_plus_plus(tmp_path, capsys):
         suffixes = ["A01_T1_S1", "A02_T3_S2", "ST_T1_S1", "MV_T1_S1"] if i < 3 else ["A05_T2_S1"]
         for suffix in suffixes:
             _grey(b / "masks" / f"ISIC_000010{i}_{suffix}.png", np.full((16, 20), 255, np.uint8))
-    # annotator A01 segmented ISIC_0000100 twice: one annotator, counted once
+    # annotator A01 segmented ISIC_0000100 twice: as IMA++ counts them, every segmentation is an annotation
     _grey(b / "masks" / "ISIC_0000100_A01_T2_S1.png", np.zeros((16, 20), np.uint8))
     e = common.load_dataset("isic-multi", root=tmp_path / "b", size=16, cache=tmp_path / "cache")
-    assert torch.cat([e["train"]["n_annotations"], e["val"]["n_annotations"]]).tolist() == [2, 2, 2]
+    pool = {n: int(k) for s in ("train", "val") for n, k in zip(e[s]["names"], e[s]["n_annotations"])}
+    assert pool == {"ISIC_0000100": 3, "ISIC_0000101": 2, "ISIC_0000102": 2}
     assert e["test"]["names"] == ["ISIC_0000103"] and e["test"]["n_annotations"].tolist() == [1]
-    out = capsys.readouterr().out
-    assert "ISIC_0000100: annotator A01 has 2 masks, keeping 'ISIC_0000100_A01_T1_S1.png'" in out
+    assert "3 images with two or more masks (train/val), 1 with one (test)" in capsys.readouterr().out
     first = e["train"] if "ISIC_0000100" in e["train"]["names"] else e["val"]
     k = first["names"].index("ISIC_0000100")
-    assert first["masks"][k, :2][:, first["valid"][k] == 1].all()  # the kept A01 mask is the full one
+    on = first["valid"][k] == 1  # masks in name order: A01_T1 (full), A01_T2 (empty), A02_T3 (full)
+    assert [bool(first["masks"][k, a][on].all()) for a in range(3)] == [True, False, True]
+    assert not first["masks"][k, 1].any()
 
 
 def test_ph2_layout(tmp_path):
@@ -600,7 +601,7 @@ def test_folder_and_ispy1_layouts(tmp_path):
     root = tmp_path / "data"
     for split, names in (("train", ["a", "b", "c"]), ("val", ["d"]), ("test", ["e"])):
         for n in names:
-            _rgb(root / split / "images" / f"{n}.png")
+            _rgb(root / split / "images" / f"{n}.png", value=10 * ord(n) % 256)  # distinct pixels
             mask = np.zeros((16, 20), np.uint8)
             mask[3:8, 3:8] = 255
             if n == "b":  # two annotators
@@ -804,12 +805,13 @@ def test_errors_name_the_problem(tmp_path):
     def load(name, root):
         return common.load_dataset(name, root=root, size=8, cache=tmp_path / "cache")
 
-    with pytest.raises(common.DatasetError, match=r"refuge: dataset folder .* does not exist"
-                                                  r"(.|\n)*Training400(.|\n)*grand-challenge"):
+    with pytest.raises(common.DatasetError, match=r"refuge: dataset folder .* does not exist; see the dataset "
+                                                  r"table in README.md \(published at .*grand-challenge"):
         load("refuge", tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(common.DatasetError, match=r"isic2017: .* is not in the isic2017 layout"
-                                                  r"(.|\n)*challenge.isic-archive.com"):
+    with pytest.raises(common.DatasetError, match=r"isic2017: no ISIC-2017_\{Training,Validation,Test_v2\}_Data/"
+                                                  r"ISIC_\*.jpg images under '.*empty'. See the dataset table in "
+                                                  r"README.md .*challenge.isic-archive.com"):
         load("isic2017", tmp_path / "empty")
     with pytest.raises(common.DatasetError, match="unknown dataset 'mnist'"):
         common.load_dataset("mnist")
@@ -840,3 +842,142 @@ def test_errors_name_the_problem(tmp_path):
     (glas / "train_2_anno.bmp").unlink()
     with pytest.raises(common.DatasetError, match=r"train_2\.bmp' has no mask"):
         load("glas", glas)
+
+
+# ---------------------------------------------------------------------------------------------
+# What users' real copies hold: each case on a small tree made here
+# ---------------------------------------------------------------------------------------------
+
+
+def _refuge_as_folder(root, mask=None):
+    """The common redistributed REFUGE: {train,val,test}/{images,masks} with the original grey-level
+    masks (0 cup, 128 rim, 255 background) and a labels.csv."""
+    rows = ["name,label"]
+    for split, ids in (("train", ["g1", "n1"]), ("val", ["v1"]), ("test", ["t1"])):
+        for i in ids:
+            _rgb(root / split / "images" / f"{i}.jpg", value=60 + 10 * len(rows))
+            _grey(root / split / "masks" / f"{i}.png", _disc_mask(cup=0, rim=128) if mask is None else mask)
+            rows.append(f"{i},{int(i.startswith('g'))}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_folder_masks_hold_class_indices_and_refuge_grey_levels_are_refused(tmp_path):
+    root = _refuge_as_folder(tmp_path / "refuge_copy")
+    with pytest.raises(common.DatasetError, match=r"folder: mask '.*g1.png' holds the values \[0, 128, 255\], but no "
+                                                  r"mask of the dataset holds 1: .*class indices.*--data refuge"):
+        common.load_dataset("folder", root=root, size=16, cache=tmp_path / "cache")
+    # --data refuge reads that copy: REFUGE's classes, its labels
+    d = common.load_dataset("refuge", root=root, size=16, cache=tmp_path / "cache")
+    assert sorted(d) == ["test", "train", "val"] and d["train"]["labels"].tolist() == [1, 0]
+    assert set(d["train"]["masks"].unique().tolist()) == {0, 1, 2} and d["train"]["mask_names"][2] == "cup"
+    assert d["train"]["class_names"] == ["non_glaucoma", "glaucoma"]
+    # other grey levels are refused without the REFUGE hint; class indices 0..2 and 0/255 binary masks load
+    other = np.where(_disc_mask(cup=0, rim=128) == 128, 50, 0).astype(np.uint8)
+    with pytest.raises(common.DatasetError, match=r"holds the values \[0, 50\].*binary mask\)\.$"):
+        common.load_dataset("folder", root=_refuge_as_folder(tmp_path / "grey", other), size=16, cache=tmp_path / "c")
+    indices = np.where(_disc_mask(cup=0, rim=128) < 64, 2, np.where(_disc_mask(cup=0, rim=128) < 192, 1, 0))
+    d = common.load_dataset("folder", root=_refuge_as_folder(tmp_path / "idx", indices), size=16, cache=tmp_path / "c")
+    assert set(d["test"]["masks"].unique().tolist()) == {0, 1, 2} and len(d["test"]["mask_names"]) == 3
+    binary = np.where(_disc_mask() < 192, 255, 0).astype(np.uint8)
+    d = common.load_dataset("folder", root=_refuge_as_folder(tmp_path / "bin", binary), size=16, cache=tmp_path / "c")
+    assert set(d["test"]["masks"].unique().tolist()) == {0, 1}
+
+
+def test_ispy1_jpeg_tree_slices_below_zero_keep_their_names(tmp_path):
+    root = tmp_path / "data" / "ISPY_Dataset"
+    for split, subject in (("Train", 1001), ("Valid", 1002), ("Test", 1003)):
+        for k in (-2, -1, 0, 1):  # the authors' slice range starts below 0 when the largest tumour is low
+            stem = f"ispy_{subject}_1_s{k}"
+            _rgb_from(root / split / "images" / f"ispy_{subject}" / f"{stem}_img.jpg", np.full((20, 24), 90, np.uint8))
+            _rgb_from(root / split / "masks" / f"ispy_{subject}" / f"{stem}_msk.jpg", np.full((20, 24), 255, np.uint8))
+    d = common.load_dataset("ispy1", root=tmp_path / "data", size=24, cache=tmp_path / "cache")
+    assert d["train"]["names"] == ["ISPY_1001_s-2", "ISPY_1001_s-1", "ISPY_1001_s0", "ISPY_1001_s1"]
+    assert [len(d[s]["names"]) for s in ("train", "val", "test")] == [4, 4, 4] and d["test"]["labels"].tolist() == [1] * 4
+    assert common._patient_of("ISPY_1001_s-2") == "ispy_1001"
+
+
+def test_isic_multi_root_above_ima_and_isic2017(tmp_path):
+    ima, isic = tmp_path / "skin" / "IMA++", tmp_path / "skin" / "ISIC2017"
+    for i in range(3):
+        _rgb(ima / "images" / f"ISIC_000010{i}.jpg")
+        for suffix in ("A01_T1_S1", "A02_T2_S2"):
+            _lesion_mask(ima / "masks" / f"ISIC_000010{i}_{suffix}.png", 12)
+    # ISIC 2017's ground truth of an IMA++ image is not one more annotator
+    _lesion_mask(isic / "ISIC-2017_Training_Part1_GroundTruth" / "ISIC_0000101_segmentation.png", 9)
+    d = common.load_dataset("isic-multi", root=tmp_path / "skin", size=16, cache=tmp_path / "cache")
+    assert torch.cat([d["train"]["n_annotations"], d["val"]["n_annotations"]]).tolist() == [2, 2, 2]
+    # the same image twice (ISIC 2017's copy of it): an error naming both files
+    _rgb(isic / "ISIC-2017_Training_Data" / "ISIC_0000101.jpg")
+    with pytest.raises(common.DatasetError, match=r"image id 'isic_0000101' found twice: '.*IMA\+\+/images/"
+                                                  r"ISIC_0000101.jpg' and '.*ISIC-2017_Training_Data/ISIC_0000101.jpg'"):
+        common.load_dataset("isic-multi", root=tmp_path / "skin", size=16, cache=tmp_path / "cache")
+
+
+def test_messages_say_what_to_do(tmp_path, capsys):
+    def load(name, root, **options):
+        return common.load_dataset(name, root=root, size=16, cache=tmp_path / "cache", **options)
+
+    glas = tmp_path / "glas"
+    _glas(glas, n_train=4)
+    (glas / "Grade.csv").unlink()
+    with pytest.raises(common.DatasetError, match=r"glas: Grade.csv \(the benign / malignant grade of each image\) "
+                                                  r"is missing: found 7 GlaS images under '.*glas' but no Grade.csv"):
+        load("glas", glas)
+    moved = tmp_path / "glas_moved"  # images moved into train/ and test/ sub-folders: still found
+    _glas(moved, n_train=4)
+    for f in list(moved.glob("*.bmp")):
+        (moved / ("train" if f.name.startswith("train") else "test")).mkdir(exist_ok=True)
+        f.rename(moved / ("train" if f.name.startswith("train") else "test") / f.name)
+    d = load("glas", moved, border_width=1)
+    assert [len(d[s]["names"]) for s in ("train", "val", "test")] == [3, 1, 3]
+    renamed = tmp_path / "ribeiro"  # inputs/targets renamed images/masks
+    for i in range(2):
+        _rgb(renamed / "images" / f"ISIC_000000{i}.jpg")
+        _lesion_mask(renamed / "masks" / f"ISIC_000000{i}_segmentation_1.png", 10)
+    with pytest.raises(common.DatasetError, match=r"2 image\(s\) have no mask, e.g. '.*ISIC_0000000.jpg'. Masks are "
+                                                  r"read from a folder named 'targets'.*'ISIC_0000000_segmentation_1"):
+        load("isic-multi", renamed)
+    (tmp_path / "REFUGE.zip").write_bytes(b"PK")
+    with pytest.raises(common.DatasetError, match=r"--root '.*REFUGE.zip' is a file, not a folder; unpack it first"):
+        load("refuge", tmp_path / "REFUGE.zip")
+    packed = tmp_path / "REFUGE2"  # REFUGE2.zip unpacked, its inner zips not
+    packed.mkdir()
+    for inner in ("REFUGE2-Training.zip", "REFUGE2-Validation.zip", "REFUGE2-Test.zip"):
+        (packed / inner).write_bytes(b"PK")
+    with pytest.raises(common.DatasetError, match=r"refuge: no Training400/(.|\n)*Still zipped under it: REFUGE2-Test.zip, "
+                                                  r"REFUGE2-Training.zip, REFUGE2-Validation.zip; unpack each"):
+        load("refuge", packed)
+    # ISIC 2017's test folder under its first name, and the splits found said when one is missing
+    root = _isic2017(tmp_path, tags=("Training", "Test_v2"))
+    for f in sorted(root.rglob("*Test_v2*"), key=lambda p: -len(p.parts)):
+        f.rename(f.with_name(f.name.replace("Test_v2", "Test")))
+    capsys.readouterr()
+    d = load("isic2017", root)
+    assert sorted(d) == ["test", "train"] and d["test"]["labels"].tolist() == [1, 0]
+    assert "isic2017: found split(s) ['test', 'train']; no ['val']" in capsys.readouterr().out
+
+
+def test_folder_numbered_per_split_compares_pixels(tmp_path):
+    root = tmp_path / "mine"
+    for split, values in (("train", (10, 20, 30)), ("test", (40, 20, 50))):  # test 0002 is train 0002's image
+        for k, value in enumerate(values, 1):
+            _rgb(root / split / "images" / f"{k:04d}.png", value=value)
+            _grey(root / split / "masks" / f"{k:04d}.png", np.zeros((16, 20), np.uint8))
+    d = common.load_dataset("folder", root=root, size=16, cache=tmp_path / "cache")
+    assert d["test"]["names"] == ["0001", "0003"] and d["test"]["removed_overlap"] == ["0002"]
+    assert d["test"]["images"][:, 0, 8, 8].tolist() == [40, 50]
+
+
+def test_a_damaged_cache_file_is_rebuilt(tmp_path, capsys):
+    root, cache = _folder(tmp_path / "data"), tmp_path / "cache"
+    first = common.load_dataset("folder", root=root, size=16, cache=cache)
+    path = next(cache.glob("*.pt"))
+    raw = bytearray(path.read_bytes())
+    raw[200:2200] = bytes(2000)  # 2,000 bytes overwritten inside the payload
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    again = common.load_dataset("folder", root=root, size=16, cache=cache)
+    assert "does not match its checksum: reading the dataset again" in capsys.readouterr().out
+    assert torch.equal(again["train"]["images"], first["train"]["images"])
+    assert common._cache_read(path) is not None  # rewritten whole

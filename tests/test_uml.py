@@ -314,7 +314,7 @@ def test_evaluate_reports_both_metric_forms_on_a_hand_case():
     seg = torch.nn.functional.one_hot(predicted, 3).permute(0, 3, 1, 2).float() * 10
     logits = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # evidential: predicts class 0, then class 1
     split = {"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "masks": masks, "labels": torch.tensor([0, 0])}
-    data = {"n_classes": 2, "structures": common.mask_structures(["background", "rim", "cup"])}
+    data = {"n_classes": 2, "structures": uml.mask_structures(["background", "rim", "cup"])}
     args = argparse.Namespace(batch_size=2, amp=False, seed=0)
     model = FixedOutputs({"cls_logits": logits, "seg": [seg], "mutual_uncertainty": torch.zeros(2, 1, 8, 8)})
     norm = (torch.zeros(3), torch.ones(3))
