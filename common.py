@@ -61,14 +61,12 @@ Part 3: data
     Sections: 1 errors and constants; 2 tensor helpers for the generators; 3-6 the four synthetic
     benchmarks (generated from the seed, no files); 7 the letterbox (`letterbox_box`,
     `letterbox`, `from_canvas`: aspect ratio kept, zero padding, and back to the original size);
-    8 file helpers (`_locate` finds a layout's folder where unzipping puts it, case-insensitive
-    names, numeric sort, image and mask reading, .xlsx via zipfile); 9 the official layouts, one
-    reader each (refuge, isic2017, isic-multi with Ribeiro et al.'s split lists, ph2, dermofit,
-    glas, folder, ispy1); 10 `load_dataset`, the disk cache, seeded splits, `exclude` and the
-    test-overlap check, `load_splits_on_device` (a run's splits on its device), `mask_structures`
-    (what a mask is scored on); 11 batches, augmentation and normalisation on the device
-    (`to_device`, `iterate_batches`, `augment`, `channel_stats`,
-    `normalize`).
+    8 files (`_tree` lists the unpacked tree once, `_find` matches a layout's paths, wherever
+    unzipping put them); 9 reading images, masks, CSV, .xlsx and NIfTI files; 10 the official
+    layouts, one reader each (refuge, isic2017, isic-multi with Ribeiro et al.'s split lists, ph2,
+    dermofit, glas, folder, ispy1); 11 `load_dataset`, the checksummed disk cache, seeded splits,
+    `exclude` and the test-overlap check; 12 batches, augmentation and normalisation on the device
+    (`to_device`, `iterate_batches`, `augment`, `channel_stats`, `normalize`).
 """
 import argparse
 import atexit
