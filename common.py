@@ -2817,7 +2817,8 @@ def _read_image(name, path, size):
         array = _rgb_array(image)
     except Exception as error:  # PIL raises several types for broken files
         raise DatasetError(f"{name}: cannot read image '{path}' ({error})") from error
-    return _place_on_canvas(torch.from_numpy(array.copy()).permute(2, 0, 1), height, width, size, "bilinear"), (height, width)
+    image = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return _place_on_canvas(image, height, width, size, "bilinear"), (height, width)
 
 
 def _read_mask(name, path, original, image_path, to_index):
@@ -3238,7 +3239,8 @@ def _read_dermofit(root, files, size, options):
         pairs = _read_split_list(name, listed, files)
         outside = [p for p, _ in pairs if p not in images.values()]
         if outside:
-            raise DatasetError(f"{name}: '{outside[0]}' (listed in '{listed}') is not in a class folder of originalImages")
+            raise DatasetError(f"{name}: '{outside[0]}' (listed in '{listed}') is not in a class folder of "
+                               "originalImages")
     else:
         masks = _by_id(name, _find(files, r"originalmasks/[^/]+/([^/]+)/\1mask\.png"), what="mask")
         pairs = _pairs(name, images, masks, "originalMasks/<CLASS>/<ID>/<ID>mask.png")

@@ -773,7 +773,8 @@ def load_data(args, device, seed):
         splits["val"] = splits["train"]
     reference = splits.get("train", splits["test"])
     if reference["masks"].dim() != 3:
-        raise common.UsageError(f"{args.dataset}: uml.py needs one mask per image, got {tuple(reference['masks'].shape)}")
+        raise common.UsageError(f"{args.dataset}: uml.py needs one mask per image, "
+                                f"got {tuple(reference['masks'].shape)}")
     data = {k: common.to_device(v, device) for k, v in splits.items() if k in ("train", "val", "test")}
     data.update(n_classes=len(reference["class_names"]), n_seg_classes=len(reference["mask_names"]),
                 class_names=reference["class_names"], mask_names=reference["mask_names"],
