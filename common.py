@@ -562,7 +562,8 @@ def _surface_distances(pred, target):
 def hausdorff(pred, target, percentile=None):
     """Symmetric Hausdorff distance in pixels per image: max of the two directed maxima, or, with
     `percentile` (95 for HD95), the max of the two directed percentiles. 0 if both masks are empty,
-    inf if exactly one is. Equals MONAI's compute_hausdorff_distance."""
+    inf if exactly one is. Equals MONAI's compute_hausdorff_distance wherever both masks are
+    non-empty; for an empty mask MONAI warns and returns nan or inf instead of these values."""
     out = []
     for d in _surface_distances(pred, target):
         if d is None or d == "inf":
@@ -576,7 +577,8 @@ def hausdorff(pred, target, percentile=None):
 
 def assd(pred, target):
     """Average symmetric surface distance per image: mean of both directions' distances pooled
-    (MONAI's compute_average_surface_distance(symmetric=True)). Both empty 0, one empty inf."""
+    (MONAI's compute_average_surface_distance(symmetric=True) on non-empty masks; medpy 0.5's assd
+    pools too). Both empty 0, one empty inf."""
     out = []
     for d in _surface_distances(pred, target):
         if d is None or d == "inf":
@@ -786,9 +788,9 @@ def f1_weighted(pred, target, n_classes):
 
 
 def assd_medpy(pred, target, empty=10.0):
-    """ASSD in medpy.metric.binary.assd's form, per image: the MEAN OF THE TWO DIRECTED MEAN
-    distances, (mean d(pred->target) + mean d(target->pred)) / 2 (assd() above pools both directions
-    instead), same boundaries. Where either mask is empty the value is `empty`: the UML authors' copy
+    """ASSD in the form of medpy.metric.binary.assd up to medpy 0.4 (the version the UML authors
+    used), per image: the MEAN OF THE TWO DIRECTED MEAN distances, (mean d(pred->target) + mean
+    d(target->pred)) / 2; medpy 0.5 pools both directions, like assd() above. Same boundaries. Where either mask is empty the value is `empty`: the UML authors' copy
     of medpy returns an array of 10s for an empty mask, so their ASSD is 10 px there (both empty too)."""
     out = []
     for d in _surface_distances(pred, target):
@@ -829,7 +831,8 @@ def expected_calibration_error(confidence, correct, n_bins=10):
 
 def classification_metrics(prob, labels, uncertainty=None, belief=None, positive=1):
     """Image-level metrics of class probabilities prob [N,K] against labels [N], the prediction being
-    the most probable class: acc, f1 (class `positive`'s F1), f1_weighted (support-weighted), ece (on
+    the most probable class: acc, f1 (class `positive`'s F1 for two classes, the macro mean over
+    classes for more), f1_weighted (support-weighted), ece (on
     the probability of the predicted class); with `uncertainty` [N] also uncertainty_auroc (how well
     it flags wrong predictions), with `belief` [N,K] also ece_belief (on the predicted class's belief)."""
     prob, labels = torch.as_tensor(prob).cpu(), torch.as_tensor(labels).cpu()
