@@ -2568,19 +2568,19 @@ def _synthetic_glands(n, size, gen, malignant_share=0.55):
             dist.append(torch.where(_col(present[sl, j]), d, torch.full_like(d, float("inf"))))
             thick.append(_col(thickness[sl, j]) * _harmonics(theta, thick_amps[sl, j], thick_phases[sl, j]))
         dist, thick = torch.stack(dist, 1), torch.stack(thick, 1)  # [m, G, H, W]
-        d_min, nearest = dist.min(1)
-        gland = d_min < 1
-        # fusion: glands whose shapes overlap form one object (transitive closure of overlaps)
-        inside = (dist < 1).flatten(2).float()
-        linked = (inside @ inside.transpose(1, 2)) > 0  # [m, G, G]
-        for _ in range(4):  # 2^4 > 9 glands: enough squarings for the closure
-            linked = (linked.float() @ linked.float()) > 0
-        group = linked.float().argmax(2).gather(1, nearest.flatten(1))  # per pixel: its object's first gland
-        used = torch.zeros(m, n_glands).scatter_add_(1, group, gland.flatten(1).float()) > 0
-        number = used.long().cumsum(1).gather(1, group).view(m, size, size)  # objects 1..k in gland order
+        # each pixel belongs to the gland it lies deepest inside (d_1, the smallest d; d_2 the next):
+        # glands that touch or overlap stay separate instances, split where d_1 = d_2 as GlaS draws them
+        two = dist.topk(2, 1, largest=False)
+        (d_1, d_2), nearest = two.values.unbind(1), two.indices[:, 0]
+        gland = d_1 < 1
+        owns = torch.zeros(m, n_glands).scatter_add_(1, nearest.flatten(1), gland.flatten(1).float()) > 0
+        number = owns.long().cumsum(1).gather(1, nearest.flatten(1)).view(m, size, size)  # 1..k in gland order
         instances.append(torch.where(gland, number, 0).to(torch.int32))
-        # lumen: inside the nearest gland's border (d < 1 - thickness), unless that gland has none
-        lumen = gland & (d_min < 1 - thick.gather(1, nearest[:, None])[:, 0])
+        # lumen: at least the border thickness t (of the radius) inside the pixel's own gland, from its
+        # outline (1 - d_1 > t) and from the line where it meets a neighbour ((d_2 - d_1) / 2 > t), so
+        # that touching glands are each ringed by their own border; none where the gland has no lumen
+        t = thick.gather(1, nearest[:, None])[:, 0]
+        lumen = (d_1 < 1 - t) & (d_2 - d_1 > 2 * t)
         lumen = lumen & ~no_lumen[sl].gather(1, nearest.flatten(1)).view(m, size, size)
         masks.append(gland.to(torch.uint8) + lumen.to(torch.uint8))
         # stain concentrations per region, softened at region edges, then nuclei on top

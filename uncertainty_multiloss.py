@@ -165,7 +165,7 @@ DATA_DEPENDENT = {
     "lambdas": ([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1],) * 2 + ([0, 0.5, 1],) * 2,
 }
 # what a checkpoint must rebuild for --eval-only, --predict and --resume
-ARCHITECTURE = ("width", "depth", "size", "connectivity", "neck_ratio", "init_log_sigma2")
+ARCHITECTURE = ("width", "depth", "size", "connectivity", "init_log_sigma2")
 
 
 # ---- Arguments -----------------------------------------------------------------------------------
@@ -210,10 +210,6 @@ def build_parser():
                    help="GlaS: epithelial border band width, original pixels (common's 18)")
     m.add_argument("--connectivity", type=int, default=4, choices=[4, 8],
                    help="connectivity of lumen and gland components")
-    m.add_argument("--neck-ratio", type=common.NONNEGATIVE, default=0.3,
-                   help="regions_to_instances: two lumens' cells stay apart where the gland is thinner than this "
-                        "share of the thinner cell's thickness (0 = components of border U lumen, > 1 = one object "
-                        "per lumen)")
     m.add_argument("--table1", action="store_true", help="train and evaluate every row of Table 1")
     m.add_argument("--sweep", action="store_true", help="Fig. 2: λ Lc + (1-λ) Ls, Ls + λ Lt + (1-λ) Lg")
     m.add_argument("--lambdas", type=common.checked_list(float, distinct=True, low=0, high=1),
@@ -566,86 +562,20 @@ def _grow_markers(markers, gland):
         labels = grown
 
 
-def _thickness(gland):
-    """Octagonal distance (in steps) of every gland pixel to the nearest stroma pixel, by repeated
-    erosion; outside the image counts as gland (a gland cut by the edge is not thin there)."""
-    depth = torch.zeros(gland.shape, dtype=torch.long, device=gland.device)
-    current, step = gland, 0
-    while current.any():
-        depth += current
-        eroded = current
-        for neighbour in _neighbours(current, True)[: 8 if step % 2 else 4]:
-            eroded = eroded & neighbour
-        if torch.equal(eroded, current):  # an image without stroma: nothing to measure from
-            break
-        current, step = eroded, step + 1
-    return depth
-
-
-def _renumber(labels):
-    """Labels [N,H,W] (any non-negative ids, 0 background) renumbered 1..k per image, keeping order."""
-    n = labels.shape[0]
-    foreground = labels > 0
-    stride = int(labels.max()) + 1
-    key = labels + torch.arange(n, device=labels.device).view(n, 1, 1) * stride
-    unique, inverse = torch.unique(key[foreground], return_inverse=True)
-    first = torch.searchsorted(unique, torch.arange(n, device=labels.device) * stride)  # each image's first id
-    out = torch.zeros_like(labels)
-    out[foreground] = inverse - first[foreground.nonzero()[:, 0]] + 1
-    return out
-
-
-def _merge_wide_junctions(cells, thickness, neck_ratio):
-    """Cells a, b of one gland become one object when the junction thickness (the largest
-    min(thickness) over 4-neighbour pixel pairs across the a|b boundary: the saddle between them) is
-    at least `neck_ratio` times the smaller of the two cells' largest thickness; transitive merges."""
-    n = cells.shape[0]
-    stride = int(cells.max()) + 1
-    ids = torch.where(cells > 0, cells + torch.arange(n, device=cells.device).view(n, 1, 1) * stride, 0)
-    total = n * stride  # global cell ids over the batch
-    peak = torch.zeros(total, dtype=torch.long, device=cells.device).scatter_reduce(
-        0, ids.flatten(), thickness.flatten(), "amax")
-    # 4-neighbour pixel pairs (right, down) that straddle two different cells
-    a = torch.cat([ids[:, :, :-1].flatten(), ids[:, :-1, :].flatten()])
-    b = torch.cat([ids[:, :, 1:].flatten(), ids[:, 1:, :].flatten()])
-    pair_thickness = torch.minimum(torch.cat([thickness[:, :, :-1].flatten(), thickness[:, :-1, :].flatten()]),
-                                   torch.cat([thickness[:, :, 1:].flatten(), thickness[:, 1:, :].flatten()]))
-    across = (a > 0) & (b > 0) & (a != b)
-    low, high = torch.minimum(a, b)[across], torch.maximum(a, b)[across]
-    pairs, which = torch.unique(low * total + high, return_inverse=True)
-    saddle = torch.zeros(len(pairs), dtype=torch.long, device=cells.device).scatter_reduce(
-        0, which, pair_thickness[across], "amax")
-    low, high = pairs // total, pairs % total
-    wide = saddle.double() >= neck_ratio * torch.minimum(peak[low], peak[high]).double()
-    low, high = low[wide], high[wide]
-    root = torch.arange(total, device=cells.device)
-    while True:  # every cell ends with the smallest id of its merged group
-        new = root.scatter_reduce(0, low, root[high], "amin").scatter_reduce(0, high, root[low], "amin")
-        new = new[new]  # pointer jumping
-        if torch.equal(new, root):
-            break
-        root = new
-    return _renumber(torch.where(cells > 0, root[ids], 0))
-
-
-def regions_to_instances(regions, connectivity=4, neck_ratio=0.3):
+def regions_to_instances(regions, connectivity=4):
     """Gland instances [N,H,W] int64 (0 background, 1..k per image) from region maps [N,H,W] or
     [H,W] (0 stroma, 1 border, 2 lumen), separating glands whose borders touch; batched on the
-    regions' device. neck_ratio 0 merges every touching cell (= connected components of border U
-    lumen, except that a lumen-free part joins its neighbour); > 1 never merges."""
+    regions' device."""
     single = regions.dim() == 2
     regions = regions.unsqueeze(0) if single else regions
     gland = regions >= 1
     # markers: the connected components of lumen (one lumen per gland in the GlaS annotation)
     markers = common.label_components(regions == 2, connectivity=connectivity).long()
     # every gland pixel (border U lumen) joins its geodesically nearest marker
-    cells = _grow_markers(markers.int(), gland).long()
+    cells = _grow_markers(markers, gland)
     unreached = gland & (cells == 0)  # glands without any lumen: one object per component
     components = common.label_components(unreached, connectivity=connectivity).long()
-    cells = torch.where(unreached, markers.flatten(1).amax(1).view(-1, 1, 1) + components, cells)
-    # a fused gland with several lumens (GlaS annotates it as one object) is thick where its lumens'
-    # cells meet, two glands that merely touch meet in a narrow neck
-    instances = _merge_wide_junctions(_renumber(cells), _thickness(gland), neck_ratio)
+    instances = torch.where(unreached, markers.flatten(1).amax(1).view(-1, 1, 1) + components, cells)
     return instances[0] if single else instances
 
 
@@ -673,7 +603,7 @@ def _pixel_accuracy(regions, masks, valid=None):
 
 def _object_scores(regions, truth, args):
     """GlaS object Dice and object Hausdorff per image of the glands regions_to_instances finds."""
-    glands = regions_to_instances(regions, args.connectivity, args.neck_ratio)
+    glands = regions_to_instances(regions, args.connectivity)
     return common.object_dice(glands, truth), common.object_hausdorff(glands, truth)
 
 
@@ -746,7 +676,7 @@ def load_data(args, seed, device=None):
         if int(data[split]["masks"].max()) > 2 or data[split]["masks"].dim() != 3:
             raise common.UsageError(f"--data {args.data}: masks must be [N,H,W] with 0 stroma, 1 border, 2 lumen")
         if data[split].get("instances") is None:  # e.g. --data folder: glands separated as predictions are
-            data[split]["instances"] = regions_to_instances(data[split]["masks"], args.connectivity, args.neck_ratio)
+            data[split]["instances"] = regions_to_instances(data[split]["masks"], args.connectivity)
     device = device or common.choose_device(args.device)
     data = {k: common.to_device(v, device) for k, v in data.items()}
     mean, std = common.channel_stats(data["train"]["images"])
@@ -805,7 +735,7 @@ def predict_batch(predictor, images_uint8):
     class_prob = class_logits.float().softmax(1)  # [B,K]
     log_p = region_log_probabilities(pixel_logits.float())  # [B,3,S,S]
     regions = log_p.argmax(1)  # decode_regions
-    instances = regions_to_instances(regions, args.connectivity, args.neck_ratio)
+    instances = regions_to_instances(regions, args.connectivity)
     entropy = -(log_p.exp() * log_p).sum(1)  # H(P_t) in nats; 0 <= H <= log 3
     rows = [{"predicted_class": predictor.class_names[int(p.argmax())],
              **{f"p_{name}": float(p[k]) for k, name in enumerate(predictor.class_names)}, "n_glands": int(g.max())}
@@ -851,7 +781,7 @@ def figure_predictions(model, split, stats, args, path, n=4):
     subset = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in split.items()}
     class_prob, region_prob = predict(common.unwrap(model), subset, stats, args)
     regions = region_prob.argmax(1)
-    glands = regions_to_instances(regions, args.connectivity, args.neck_ratio).cpu()
+    glands = regions_to_instances(regions, args.connectivity).cpu()
     names = subset["class_names"]
     palette = torch.tensor([[0, 0, 0], [240, 220, 40], [130, 60, 170]], dtype=torch.uint8)
     objects = torch.cat([torch.zeros(1, 3, dtype=torch.uint8),  # background black, then fixed random colours
