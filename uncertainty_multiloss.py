@@ -11,90 +11,64 @@ loss (Lg) that asks neighbouring pixels of the same region for the same log-prob
 hand-tuned weights (Eq. 1), each loss i is weighted by a learned uncertainty sigma_i^2 (Eq. 2-9):
 L_i / sigma_i^2 + log sigma_i^2, with s_i = log sigma_i^2 trained with the network.
 
-Region labels (r = 1..L, the channel order of f_s):  lumen, epithelial border, stroma. They are not
-mutually exclusive: the "epithelial border" label marks the whole region the border encloses (the
-gland), so a lumen pixel carries both lumen and border (containment), and stroma excludes both.
-Every pixel has a label vector S_p = (S^lumen, S^border, S^stroma) in {0,1}^3 (LABEL_VECTORS lists
-all eight); V(S) = 1 only for (0,0,1) stroma, (0,1,0) border and (1,1,0) lumen inside its border.
-They are also the targets of Ls (Ls and Lt see the same ground truth). The key to Eq. 7: with only
-those three vectors valid, P_t is a 3-way softmax over (f_stroma, f_border, f_lumen + f_border).
+Region labels (r = 1..L, the channel order of f_s): lumen, epithelial border (the whole gland, so a
+lumen pixel is lumen and border: containment), stroma (excludes both). Of the 2^L label vectors only
+stroma (0,0,1), border (0,1,0) and lumen (1,1,0) are valid, so P_t of Eq. 7 is a 3-way softmax over
+(f_stroma, f_border, f_lumen + f_border).
 
-Equations -> code
-    Fig. 1     MultiLossFCN: Encoder, Decoder (level_block, 2x2 pooling, 2x2 up-sampling,
-               1x1 convolutions), class_head on the last encoder layer -> f_c, pixel_head on the last
-               decoder layer -> f_s; log_sigma2 holds s_c, s_s, s_t, s_g (Implementation details)
-    Eq. 1      combine_losses(..., uncertainty=False): sum_i lambda_i L_i
-    Eq. 2      combine_losses(..., uncertainty=True): Lc + Ls + Lt + Lg, each uncertainty-weighted
-    Eq. 3-5    classification_loss (the cross-entropy) + uncertainty_weighted (1/sigma^2 L + log sigma^2)
-    Eq. 6      segmentation_loss (sigmoid cross-entropy over pixels and labels) + uncertainty_weighted
-    Eq. 7      hierarchical_log_probabilities: log P_t(S | x_p) over all 2^L label vectors, V, Z;
-               region_log_probabilities: the same P_t on the three valid vectors
-    Eq. 8      topology_loss + uncertainty_weighted
-    Eq. 9      geometry_loss (N4 pairs, B_pq = same ground-truth region) + uncertainty_weighted
-    Sec. 3     train (SGD, lr 1e-2, elastic + affine augmentation, 250x250 patches on GlaS),
-               evaluate (classification accuracy, pixel accuracy, GlaS object Dice and object
-               Hausdorff of the glands that regions_to_instances separates)
-    Table 1    TABLE1 rows, --table1;   Fig. 2  --sweep;   Fig. 3  figure_predictions
+Equations -> code (the method is one block, "The method" below)
+    Fig. 1     MultiLossFCN (level_block = Conv3x3-ReLU-BN twice; 2x2 pooling; 2x2 up-sampling + 1x1
+               conv; class_head -> f_c, pixel_head -> f_s; log_sigma2 = s_c, s_s, s_t, s_g)
+    Eq. 1, 2   combine_losses: sum_i lambda_i L_i (uncertainty=False); Lc + Ls + Lt + Lg (True)
+    Eq. 3-5    classification_loss, uncertainty_weighted (L / sigma^2 + log sigma^2, every term)
+    Eq. 6      segmentation_loss;   Eq. 8  topology_loss;   Eq. 9  geometry_loss
+    Eq. 7      hierarchical_log_probabilities (LABEL_VECTORS, VALID), region_log_probabilities, decode_regions
+    Sec. 3     regions_to_instances (glands as objects); train (SGD, lr 1e-2, elastic + affine
+               augmentation, 250x250 patches on GlaS); evaluate (accuracy, pixel accuracy, GlaS
+               object Dice and object Hausdorff)
+    Table 1    TABLE1, --table1;   Fig. 2  --sweep;   Fig. 3  figure_predictions
 
-Usage
+Usage (and --eval-only --checkpoint, --resume DIR, torchrun --nproc_per_node N, as README.md says)
     python uncertainty_multiloss.py                       # Lc+Ls+Lt+Lg, learned sigma; synthetic, CPU-sized
     python uncertainty_multiloss.py --seeds 0,1,2         # the same, mean ± standard error over 3 seeds
     python uncertainty_multiloss.py --table1 --seeds 0,1,2    # the 11 rows of Table 1
     python uncertainty_multiloss.py --sweep --epochs 20   # Fig. 2, both lambda sweeps (22 runs)
     python uncertainty_multiloss.py --losses c,s,t,g --weights 0.1,0.6,0.22,0.08 --no-uncertainty
     python uncertainty_multiloss.py --data glas --root GlaS/  # Warwick-QU: 512 px canvas, 250x250 patches
-    python uncertainty_multiloss.py --eval-only --checkpoint runs/<run>/<row>-seed0/best.pt
     python uncertainty_multiloss.py --predict my_images/ --checkpoint runs/<run>/<row>-seed0/best.pt
-    python uncertainty_multiloss.py --resume runs/<run>     # continue an interrupted run where it stopped
-    torchrun --nproc_per_node 4 uncertainty_multiloss.py --table1 --seeds 0,1,2   # rows shared out
-    torchrun --nproc_per_node 2 uncertainty_multiloss.py --data glas --root GlaS/ # one model, data-parallel
 
 Deviations (ambiguities resolved, and why)
-    - Eq. 6 prints only -S log P; the "sigmoid cross entropy" it names has both terms (the positive
-      one alone is minimised by P = 1 everywhere): both are used.
-    - Eq. 7-8: P_t is a distribution over label vectors (the "modified softmax" of [4]); Z sums P~
-      over all 2^L vectors (only V = 1 ones count), not "over r" as printed, and Eq. 8's sum over r
-      with S_p^r selects the ground-truth vector: Lt = -log P_t(S_p | x_p), one term per pixel (read
-      literally it counts a lumen pixel twice, S^lumen = S^border = 1; read as per-label marginals
-      it never penalises a border pixel for the lumen vector, both having S^border = 1).
-    - Eq. 9: the formula divides P_t of the ground-truth label at p and q, the sentence after it says
-      "log-sigmoid label probabilities". The formula's P_t is used (Lt's probabilities; zero for a
-      prediction constant inside each region), the sum over r collapsed as in Eq. 8. The log-sigmoid
-      reading, sum_r S_p^r |log sigmoid(f_r(x_p)) - log sigmoid(f_r(x_q))|, gives other values
-      (tests/test_uncertainty_multiloss.py::test_geometry_loss_eq9_reading works one case in both).
-    - Sums over pixels (Eq. 6, 8, 9) are means over pixels and images, so Table 1's fixed lambdas
-      weigh terms of comparable size (a learned sigma^2 absorbs any constant); Lg keeps the sum over
-      the 4 neighbours of each pixel (each neighbouring pair counts twice).
-    - Eq. 5 (the paper's approximation of Eq. 3-4) is trained, + log sigma^2 and no factor 1/2, as
-      written for every term. For fixed L_i, L_i e^-s_i + s_i is least at sigma_i^2 = L_i: 1/sigma_i^2
-      follows 1/L_i (the running training loss) and grows without bound as a loss goes to 0, bounded
-      only by the step size (s moves at most lr / (1 - momentum) per step); log.jsonl holds both per
-      epoch, figures/sigma2.png draws them.
-    - Augmentation (Sec. 3: "elastic and affine transforms"): random rotation, scaling and elastic
-      warp on every dataset; flips (--flip) and colour jitter (--color-jitter) only when asked for.
-    - Not in the paper, chosen here: two Conv3x3-ReLU-BN per level; max pooling with ceil (250 ->
-      125 -> 63 -> 32 -> 16 as Fig. 1); up-sampling = nearest 2x then a 1x1 convolution halving the
-      channels, cropped to the skip (Fig. 1's 1x1 convs also make both heads); class logits = 1x1
-      conv on the last encoder layer averaged over space; --width 16 on synthetic data; SGD momentum
-      0.9 (the paper says SGD only); s_i start at 0 (sigma^2 = 1); the epoch tested is the best on
-      the validation split by the mean of accuracy, pixel accuracy and the gland mask's pixel Dice.
-    - Predicted regions: the most probable valid label vector under P_t (= the most probable valid
-      assignment of the independent sigmoids, so Ls-only models are decoded the same way).
-    - Glands as objects (the paper does not say how): regions_to_instances separates glands whose
-      borders touch (lumen components as markers, every gland pixel to its geodesically nearest
-      marker, a gland without lumen one object) and merges back the cells of a gland that is wide
-      where they meet (a fused gland with several lumens; --neck-ratio). Connected components of
-      border U lumen merge touching glands, capping object Dice even for a perfect region map
-      (README: the ceilings). Ground-truth objects are the datasets' gland instances.
-    - Segmentation metrics are reported for every run that trains the pixel head (any of Ls, Lt, Lg);
-      a head whose losses all have weight 0 is untrained and its metrics are "-" as in Table 1.
-    - Real data (GlaS, 775x522): images keep their aspect ratio on a zero-padded square canvas
-      (--size 512); training patches (250x250, Sec. 3) are cut inside each image's own pixels; pixel
-      accuracy, object Dice and object Hausdorff (in the dataset's pixels) are computed at the
-      original resolution (P_t mapped back with common.from_canvas, then decoded and split into
-      glands). The border band (GlaS gives instances only) is --border-width original pixels wide.
-    - CPU-sized synthetic default: 64x64 images, width 16, 40 epochs, batch 8; --help lists the
-      defaults that depend on --data (DATA_DEPENDENT).
+    - Eq. 6 prints only -S log P; the "sigmoid cross entropy" it names has both terms: both are used.
+    - Eq. 7-8: P_t is a distribution over label vectors (the "modified softmax" of [4]): Z sums over
+      all 2^L vectors, not "over r" as printed, and Lt = -log P_t(S_p | x_p), one term per pixel
+      (read literally, Eq. 8 counts a lumen pixel twice; read as per-label marginals it never
+      penalises a border pixel for the lumen vector, both having S^border = 1).
+    - Eq. 9: the formula's P_t of the ground-truth vector, not the "log-sigmoid label probabilities"
+      of the sentence after it (the tests work one case in both readings).
+    - Sums over pixels (Eq. 6, 8, 9) are means, so Table 1's fixed lambdas weigh terms of comparable
+      size; Lg sums over the 4 neighbours of each pixel (each pair counts twice).
+    - Eq. 5 (the paper's approximation of Eq. 3-4), + log sigma^2 and no factor 1/2, for every term.
+      L_i e^-s + s is least at sigma_i^2 = L_i, so 1/sigma_i^2 follows 1/L_i (the training loss),
+      bounded only by the step size; log.jsonl and figures/sigma2.png hold both per epoch.
+    - Augmentation (Sec. 3: "elastic and affine"): rotation, scaling, elastic warp; --flip and
+      --color-jitter only when asked for.
+    - Not in the paper, chosen here: two Conv3x3-ReLU-BN per level; ceil max pooling (250 -> 125 ->
+      63 -> 32 -> 16 as Fig. 1); nearest 2x up-sampling then a 1x1 conv halving the channels; class
+      logits = 1x1 conv on the last encoder layer averaged over space; SGD momentum 0.9; s_i = 0 at
+      the start; the epoch tested is the best on validation by the mean of accuracy, pixel accuracy
+      and the gland mask's pixel Dice; predicted regions = the most probable valid vector under P_t.
+    - Glands as objects (the paper does not say how): regions_to_instances gives every gland pixel to
+      its geodesically nearest lumen component, so glands that touch or are pressed together stay
+      apart as GlaS annotates them; a gland without lumen is one object. No step merges cells back:
+      on the synthetic validation ground truth (seeds 0-2, 90 images, 64 px) object Dice is 0.968
+      without a merge, 0.961 / 0.938 / 0.913 when cells meeting along at least 0.9 / 0.6 / 0.3 of
+      the thinner one's thickness are merged, 0.905 for connected components of border U lumen;
+      most of what is left is lumen-free glands touching another gland.
+    - Segmentation metrics for every run that trains the pixel head (any of Ls, Lt, Lg), "-" else.
+    - Real data (GlaS, 775x522) keeps its aspect ratio on a zero-padded canvas (--size 512); patches
+      are cut inside each image's own pixels; metrics at the original resolution (P_t mapped back
+      with common.from_canvas, then decoded); the border band is --border-width original pixels.
+    - CPU-sized synthetic default: 64x64 images, width 16, 40 epochs, batch 8 (DATA_DEPENDENT; --help).
 """
 import argparse
 import functools
@@ -114,42 +88,22 @@ matplotlib.use("Agg")
 
 SCRIPT = "uncertainty_multiloss"
 LOSS_NAMES = ("c", "s", "t", "g")  # classification, segmentation, topology, geometry
-LABELS = ("lumen", "border", "stroma")  # r = 1..L, channel order of f_s
-REGION_NAMES = ["stroma", "border", "lumen"]  # values of a region mask (0, 1, 2)
-# All 2^L label vectors S = (S^lumen, S^border, S^stroma); row v is vector v.
-LABEL_VECTORS = torch.tensor([
-    [0, 0, 0],  # 0: no region                        V = 0
-    [0, 0, 1],  # 1: stroma                           V = 1   (mask value 0)
-    [0, 1, 0],  # 2: epithelial border                V = 1   (mask value 1)
-    [0, 1, 1],  # 3: border and stroma                V = 0   (stroma excludes the gland)
-    [1, 0, 0],  # 4: lumen outside any border         V = 0   (lumen must lie inside its border)
-    [1, 0, 1],  # 5: lumen and stroma                 V = 0
-    [1, 1, 0],  # 6: lumen inside its border          V = 1   (mask value 2)
-    [1, 1, 1],  # 7: all three                        V = 0
-], dtype=torch.float32)
-VALID = torch.tensor([False, True, True, False, False, False, True, False])  # V(S) of each row
-MASK_TO_VECTOR = torch.tensor([1, 2, 6])  # region mask value (0 stroma, 1 border, 2 lumen) -> its row
-
-# Table 1: (row, weights lambda_c, lambda_s, lambda_t, lambda_g, uncertainty). Weight 0 = loss off.
+# Table 1: row, weights (lambda_c, lambda_s, lambda_t, lambda_g; 0 = loss off), learned uncertainty, and
+# the paper's numbers on the Warwick-QU test set (accuracy, pixel accuracy, object Dice, Hausdorff)
 TABLE1 = [
-    ("Lc", (1, 0, 0, 0), False),
-    ("Ls", (0, 1, 0, 0), False),
-    ("Lt", (0, 0, 1, 0), False),
-    ("Ls + Lt + Lg", (0, 1, 1, 1), False),
-    ("Lc + Ls", (0.5, 0.5, 0, 0), False),
-    ("Lc + Ls + Lt", (1 / 3, 1 / 3, 1 / 3, 0), False),
-    ("Lc + Ls + Lt + Lg", (0.25, 0.25, 0.25, 0.25), False),
-    ("Lc + Ls + Lt + Lg (tuned)", (0.1, 0.6, 0.22, 0.08), False),
-    ("Lc + Ls (uncertainty)", (1, 1, 0, 0), True),
-    ("Lc + Ls + Lt (uncertainty)", (1, 1, 1, 0), True),
-    ("Lc + Ls + Lt + Lg (uncertainty)", (1, 1, 1, 1), True),
+    ("Lc", (1, 0, 0, 0), False, (0.87, None, None, None)),
+    ("Ls", (0, 1, 0, 0), False, (None, 0.79, 0.81, 8.2)),
+    ("Lt", (0, 0, 1, 0), False, (None, 0.75, 0.77, 8.6)),
+    ("Ls + Lt + Lg", (0, 1, 1, 1), False, (None, 0.83, 0.84, 7.3)),
+    ("Lc + Ls", (0.5, 0.5, 0, 0), False, (0.90, 0.79, 0.80, 8.4)),
+    ("Lc + Ls + Lt", (1 / 3, 1 / 3, 1 / 3, 0), False, (0.94, 0.78, 0.80, 8.4)),
+    ("Lc + Ls + Lt + Lg", (0.25, 0.25, 0.25, 0.25), False, (0.91, 0.81, 0.83, 7.6)),
+    ("Lc + Ls + Lt + Lg (tuned)", (0.1, 0.6, 0.22, 0.08), False, (0.95, 0.86, 0.85, 7.1)),
+    ("Lc + Ls (uncertainty)", (1, 1, 0, 0), True, (0.95, 0.78, 0.80, 8.4)),
+    ("Lc + Ls + Lt (uncertainty)", (1, 1, 1, 0), True, (0.94, 0.79, 0.81, 8.2)),
+    ("Lc + Ls + Lt + Lg (uncertainty)", (1, 1, 1, 1), True, (0.95, 0.85, 0.87, 7.0)),
 ]
-# The paper's Table 1 (Warwick-QU test set): accuracy, pixel accuracy, object Dice, Hausdorff.
-PAPER_TABLE1 = [
-    (0.87, None, None, None), (None, 0.79, 0.81, 8.2), (None, 0.75, 0.77, 8.6), (None, 0.83, 0.84, 7.3),
-    (0.90, 0.79, 0.80, 8.4), (0.94, 0.78, 0.80, 8.4), (0.91, 0.81, 0.83, 7.6), (0.95, 0.86, 0.85, 7.1),
-    (0.95, 0.78, 0.80, 8.4), (0.94, 0.79, 0.81, 8.2), (0.95, 0.85, 0.87, 7.0),
-]
+METRICS = ("accuracy", "pixel_accuracy", "object_dice", "object_hausdorff")  # Table 1's columns
 
 # Defaults that depend on the data: (synthetic, real data, --quick synthetic, --quick real data).
 # Real data (GlaS, 775x522) is letterboxed onto a 512 canvas and trained on 250x250 patches (Sec. 3),
@@ -165,7 +119,7 @@ DATA_DEPENDENT = {
     "lambdas": ([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1],) * 2 + ([0, 0.5, 1],) * 2,
 }
 # what a checkpoint must rebuild for --eval-only, --predict and --resume
-ARCHITECTURE = ("width", "depth", "size", "connectivity", "neck_ratio", "init_log_sigma2")
+ARCHITECTURE = ("width", "depth", "size", "connectivity", "init_log_sigma2")
 
 
 # ---- Arguments -----------------------------------------------------------------------------------
@@ -209,11 +163,7 @@ def build_parser():
     m.add_argument("--border-width", type=common.POSITIVE_INT,
                    help="GlaS: epithelial border band width, original pixels (common's 18)")
     m.add_argument("--connectivity", type=int, default=4, choices=[4, 8],
-                   help="connectivity of lumen and gland components")
-    m.add_argument("--neck-ratio", type=common.NONNEGATIVE, default=0.3,
-                   help="regions_to_instances: two lumens' cells stay apart where the gland is thinner than this "
-                        "share of the thinner cell's thickness (0 = components of border U lumen, > 1 = one object "
-                        "per lumen)")
+                   help="connectivity of the lumen components (markers) and of lumen-free glands")
     m.add_argument("--table1", action="store_true", help="train and evaluate every row of Table 1")
     m.add_argument("--sweep", action="store_true", help="Fig. 2: λ Lc + (1-λ) Ls, Ls + λ Lt + (1-λ) Lg")
     m.add_argument("--lambdas", type=common.checked_list(float, distinct=True, low=0, high=1),
@@ -240,7 +190,7 @@ def parse_args(argv=None):
 
 
 def row_config(row, weights, uncertainty, losses=LOSS_NAMES):
-    """One run's loss configuration: {"row", "weights": {i: lambda_i}, "uncertainty"}; lambda_i = 0 switches L_i off."""
+    """One run's loss configuration: {"row", "weights": {i: lambda_i}, "uncertainty"}; lambda_i = 0 is off."""
     return {"row": row, "weights": {k: float(w) for k, w in zip(losses, weights) if w > 0}, "uncertainty": uncertainty}
 
 
@@ -261,7 +211,27 @@ def config_from_args(args):
     return config
 
 
-# ---- Model (Fig. 1) ------------------------------------------------------------------------------
+# ==================================================================================================
+# The method (Sec. 2): model, losses, glands as objects; tensors and plain numbers in and out (the
+# loss terms are named by LOSS_NAMES above).
+# ==================================================================================================
+
+LABELS = ("lumen", "border", "stroma")  # r = 1..L, channel order of f_s
+REGION_NAMES = ["stroma", "border", "lumen"]  # values of a region mask (0, 1, 2)
+# All 2^L label vectors S = (S^lumen, S^border, S^stroma); row v is vector v.
+LABEL_VECTORS = torch.tensor([
+    [0, 0, 0],  # 0: no region                        V = 0
+    [0, 0, 1],  # 1: stroma                           V = 1   (mask value 0)
+    [0, 1, 0],  # 2: epithelial border                V = 1   (mask value 1)
+    [0, 1, 1],  # 3: border and stroma                V = 0   (stroma excludes the gland)
+    [1, 0, 0],  # 4: lumen outside any border         V = 0   (lumen must lie inside its border)
+    [1, 0, 1],  # 5: lumen and stroma                 V = 0
+    [1, 1, 0],  # 6: lumen inside its border          V = 1   (mask value 2)
+    [1, 1, 1],  # 7: all three                        V = 0
+], dtype=torch.float32)
+VALID = torch.tensor([False, True, True, False, False, False, True, False])  # V(S) of each row
+MASK_TO_VECTOR = torch.tensor([1, 2, 6])  # region mask value (0 stroma, 1 border, 2 lumen) -> its row
+
 
 def level_block(in_ch, out_ch):
     """Two of Fig. 1's blocks, each in the legend's order: Conv 3x3 -> ReLU -> BN."""
@@ -269,70 +239,39 @@ def level_block(in_ch, out_ch):
                                          nn.BatchNorm2d(out_ch)) for c in (in_ch, out_ch)))
 
 
-class Encoder(nn.Module):
-    """Levels of two Conv-ReLU-BN separated by 2x2 max pooling (ceil: 250 -> 125 -> 63 -> 32 -> 16)."""
-
-    def __init__(self, in_ch, width, depth):
-        super().__init__()
-        self.channels = [width * 2 ** i for i in range(depth + 1)]
-        self.levels = nn.ModuleList(level_block(i, o) for i, o in zip([in_ch] + self.channels[:-1], self.channels))
-        self.pool = nn.MaxPool2d(2, ceil_mode=True)
-
-    def forward(self, x):
-        features = []
-        for i, level in enumerate(self.levels):
-            x = level(x if i == 0 else self.pool(x))
-            features.append(x)
-        return features  # [level 0 (full size), ..., last encoder layer (bottleneck)]
-
-
-class UpStep(nn.Module):
-    """2x2 up-sampling, 1x1 convolution halving the channels, crop to the skip, concatenate, block."""
-
-    def __init__(self, in_ch, out_ch):
-        super().__init__()
-        self.reduce = nn.Conv2d(in_ch, out_ch, 1)
-        self.block = level_block(2 * out_ch, out_ch)
-
-    def forward(self, x, skip):
-        x = self.reduce(F.interpolate(x, scale_factor=2, mode="nearest"))
-        # ceil pooling pads at the bottom/right, so the extra row/column of the up-sampled map is the last one
-        x = x[..., : skip.shape[-2], : skip.shape[-1]]
-        return self.block(torch.cat([skip, x], 1))
-
-
-class Decoder(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.steps = nn.ModuleList(UpStep(channels[i + 1], channels[i]) for i in reversed(range(len(channels) - 1)))
-
-    def forward(self, features):
-        x = features[-1]
-        for step, skip in zip(self.steps, reversed(features[:-1])):
-            x = step(x, skip)
-        return x  # last decoder layer, full resolution
-
-
 class MultiLossFCN(nn.Module):
-    """Fig. 1: encoder-decoder with skips; f_c from the last encoder layer, f_s from the last
-    decoder layer; plus the learned s_i = log sigma_i^2 of each loss (Implementation details)."""
+    """Fig. 1: an encoder (levels separated by 2x2 max pooling, ceil: 250 -> 125 -> 63 -> 32 -> 16) and
+    a decoder with skips (2x2 up-sampling, a 1x1 convolution halving the channels, the skip, a level);
+    f_c from the last encoder layer, f_s from the last decoder layer; and the learned s_i = log
+    sigma_i^2 of each loss (Implementation details)."""
 
     def __init__(self, width=16, depth=4, n_classes=2, n_labels=len(LABELS), init_log_sigma2=0.0):
         super().__init__()
-        self.encoder = Encoder(3, width, depth)
-        self.decoder = Decoder(self.encoder.channels)
-        self.class_head = nn.Conv2d(self.encoder.channels[-1], n_classes, 1)  # 1x1 conv -> f_c (averaged)
+        channels = [width * 2 ** i for i in range(depth + 1)]
+        self.encoder = nn.ModuleList(level_block(i, o) for i, o in zip([3] + channels[:-1], channels))
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        self.reduce, self.decoder = nn.ModuleList(), nn.ModuleList()
+        for c in reversed(channels[:-1]):  # deepest level first
+            self.reduce.append(nn.Conv2d(2 * c, c, 1))
+            self.decoder.append(level_block(2 * c, c))
+        self.class_head = nn.Conv2d(channels[-1], n_classes, 1)  # 1x1 conv -> f_c (averaged over space)
         self.pixel_head = nn.Conv2d(width, n_labels, 1)  # 1x1 conv -> f_s
         self.log_sigma2 = nn.ParameterDict({k: nn.Parameter(torch.tensor(float(init_log_sigma2))) for k in LOSS_NAMES})
 
     def forward(self, x):
-        features = self.encoder(x)
-        class_logits = self.class_head(features[-1]).mean((2, 3))  # f_c(x)  [B,K]
-        pixel_logits = self.pixel_head(self.decoder(features))  # f_s(x)  [B,L,H,W]
-        return class_logits, pixel_logits
+        skips = []
+        for i, level in enumerate(self.encoder):
+            x = level(x if i == 0 else self.pool(x))
+            skips.append(x)
+        # f_c(x) from the last encoder layer  [B,K]
+        class_logits = self.class_head(x).mean((2, 3))
+        for reduce, level, skip in zip(self.reduce, self.decoder, reversed(skips[:-1])):
+            x = reduce(F.interpolate(x, scale_factor=2, mode="nearest"))
+            # ceil pooling pads at the bottom/right, so the extra row/column of the up-sampled map is the last
+            x = level(torch.cat([skip, x[..., : skip.shape[-2], : skip.shape[-1]]], 1))
+        # f_s(x) from the last decoder layer  [B,L,H,W]
+        return class_logits, self.pixel_head(x)
 
-
-# ---- Losses (one function per term of the paper) -------------------------------------------------
 
 def label_vector_targets(masks):
     """Ground truth S_p as (index of its label vector [B,H,W], binary maps S^r [B,L,H,W])."""
@@ -397,29 +336,89 @@ def geometry_loss(log_pt, vector):
 
 
 def loss_terms(class_logits, pixel_logits, labels, masks, active):
-    """The plain (sigma = 1) value of every active term: {"c": Lc, "s": Ls, "t": Lt, "g": Lg}."""
-    terms = {}
-    if "c" in active:
-        terms["c"] = classification_loss(class_logits, labels)
+    """The plain (sigma = 1) value of each term named in `active`: {"c": Lc, "s": Ls, "t": Lt, "g": Lg}.
+    All four are cheap next to the network; a term left out of `active` gets no gradient."""
     vector, label_maps = label_vector_targets(masks)
-    if "s" in active:
-        terms["s"] = segmentation_loss(pixel_logits, label_maps)
-    log_pt = hierarchical_log_probabilities(pixel_logits) if "t" in active or "g" in active else None
-    if "t" in active:
-        terms["t"] = topology_loss(log_pt, vector)
-    if "g" in active:
-        terms["g"] = geometry_loss(log_pt, vector)
-    return terms
+    terms = {"c": classification_loss(class_logits, labels), "s": segmentation_loss(pixel_logits, label_maps)}
+    log_pt = hierarchical_log_probabilities(pixel_logits)  # Eq. 7, shared by Lt and Lg
+    terms.update(t=topology_loss(log_pt, vector), g=geometry_loss(log_pt, vector))
+    return {k: loss for k, loss in terms.items() if k in active}
 
 
-def combine_losses(terms, config, log_sigma2):
-    """Eq. 2 (learned uncertainty) or Eq. 1 (fixed lambda_i) over the active terms."""
-    if config["uncertainty"]:
+def combine_losses(terms, weights, uncertainty, log_sigma2):
+    """L_total over the terms: Eq. 2, sum_i L_i / sigma_i^2 + log sigma_i^2 (uncertainty=True, s_i =
+    log_sigma2[i]), or Eq. 1, sum_i lambda_i L_i with lambda_i = weights[i] (uncertainty=False)."""
+    if uncertainty:
         return sum(uncertainty_weighted(loss, log_sigma2[k]) for k, loss in terms.items())
-    return sum(config["weights"][k] * loss for k, loss in terms.items())
+    return sum(weights[k] * loss for k, loss in terms.items())
 
 
-# ---- Training ------------------------------------------------------------------------------------
+def decode_regions(pixel_logits):
+    """Region map (0 stroma, 1 border, 2 lumen): the most probable valid label vector under P_t."""
+    return region_log_probabilities(pixel_logits).argmax(1)
+
+
+def _neighbours(x, fill):
+    """The 8 neighbours of every pixel of x [N,H,W] (`fill` outside): 8 [N,H,W] tensors, up, down,
+    left, right first, then up-left, up-right, down-left, down-right."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), value=fill)
+    offsets = [(0, 1), (2, 1), (1, 0), (1, 2), (0, 0), (0, 2), (2, 0), (2, 2)]
+    return [padded[:, dy:dy + h, dx:dx + w] for dy, dx in offsets]
+
+
+def _grow_markers(markers, gland):
+    """Every pixel of `gland` takes the label of the marker it reaches first when all markers grow at
+    once inside the gland, alternating 4- and 8-neighbour steps (octagonal distance; diagonal steps
+    only through a gland pixel, so no label jumps between glands touching at a corner). Ties take
+    the larger label; pixels of a gland without a marker stay 0."""
+    inside = _neighbours(gland, False)
+    # a diagonal neighbour (4..7 above) is reached through one of its two edge neighbours
+    diagonal_open = [inside[a] | inside[b] for a, b in ((0, 2), (0, 3), (1, 2), (1, 3))]
+    labels, step = markers, 0
+    while True:
+        near = _neighbours(labels, 0)
+        grown = labels
+        for neighbour in near[:4]:
+            grown = torch.maximum(grown, neighbour)
+        if step % 2:
+            for open_, neighbour in zip(diagonal_open, near[4:]):
+                grown = torch.maximum(grown, torch.where(open_, neighbour, 0))
+        grown = torch.where(gland & (labels == 0), grown, labels)
+        step += 1
+        if torch.equal(grown, labels):  # one host sync per step; evaluation only
+            return labels
+        labels = grown
+
+
+def regions_to_instances(regions, connectivity=4):
+    """Gland instances [N,H,W] int64 (0 background, 1..k per image) from region maps [N,H,W] or [H,W]
+    (0 stroma, 1 border, 2 lumen): one object per lumen component, every gland pixel to its
+    geodesically nearest lumen (so glands that touch or are pressed together stay apart), a gland
+    without lumen one object; batched on the regions' device."""
+    single = regions.dim() == 2
+    regions = regions.unsqueeze(0) if single else regions
+    gland = regions >= 1
+    # markers: the connected components of lumen (one lumen per gland in the GlaS annotation)
+    markers = common.label_components(regions == 2, connectivity=connectivity).long()
+    cells = _grow_markers(markers, gland)
+    unreached = gland & (cells == 0)  # glands without any lumen: one object per component
+    components = common.label_components(unreached, connectivity=connectivity).long()
+    instances = torch.where(unreached, markers.flatten(1).amax(1).view(-1, 1, 1) + components, cells)
+    return instances[0] if single else instances
+
+
+# ---- Training (Sec. 3) ---------------------------------------------------------------------------
+
+def _patch_start(inside, length, side, u):
+    """First row (or column) of a side-long patch per image, uniform over the starts that keep the
+    patch inside the image's own rows (`inside` [B,length]) where the image is long enough."""
+    first = inside.float().argmax(1).float()
+    last = length - 1 - inside.flip(1).float().argmax(1)
+    low = first.clamp(max=length - side)
+    high = torch.maximum(first, (last - side + 1).float()).clamp(max=length - side)
+    return (low + u * (high - low + 1)).long().clamp(max=length - side)
+
 
 def random_patches(batch, side, generator):
     """Sec. 3: one random side x side patch per image, cut on the device (no per-sample Python);
@@ -429,24 +428,14 @@ def random_patches(batch, side, generator):
     b, _, h, w = images.shape
     if side >= min(h, w):
         return batch
-    dev, valid = images.device, batch.get("valid")
-    if valid is None:
-        valid = torch.ones(b, h, w, dtype=torch.bool, device=dev)
-    # first / last image row and column of each canvas
-    rows, cols = valid.any(2), valid.any(1)  # [B,H], [B,W]
-    first_y, first_x = rows.float().argmax(1).float(), cols.float().argmax(1).float()
-    last_y, last_x = h - 1 - rows.flip(1).float().argmax(1), w - 1 - cols.flip(1).float().argmax(1)
-    high_y = torch.maximum(first_y, (last_y - side + 1).float()).clamp(max=h - side)
-    high_x = torch.maximum(first_x, (last_x - side + 1).float()).clamp(max=w - side)
-    low_y, low_x = first_y.clamp(max=h - side), first_x.clamp(max=w - side)
+    dev = images.device
+    valid = batch["valid"] if batch.get("valid") is not None else torch.ones(b, h, w, dtype=torch.bool, device=dev)
     u = torch.rand(b, 2, device=dev, generator=generator)
-    top = (low_y + u[:, 0] * (high_y - low_y + 1)).long().clamp(max=h - side)
-    left = (low_x + u[:, 1] * (high_x - low_x + 1)).long().clamp(max=w - side)
+    top, left = _patch_start(valid.any(2), h, side, u[:, 0]), _patch_start(valid.any(1), w, side, u[:, 1])
     rows = (top[:, None] + torch.arange(side, device=dev))[:, :, None]  # [B,P,1]
     cols = (left[:, None] + torch.arange(side, device=dev))[:, None, :]  # [B,1,P]
     n = torch.arange(b, device=dev)[:, None, None]
-    out = dict(batch)
-    out["images"] = images.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2).contiguous()
+    out = dict(batch, images=images.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2).contiguous())
     for key in ("masks", "instances", "valid"):
         if batch.get(key) is not None:
             out[key] = batch[key][n, rows, cols]
@@ -494,7 +483,8 @@ def train(job, model, config, data, stats):
             with common.autocast(run.device, args.amp):
                 class_logits, pixel_logits = model(batch["x"])
             terms = loss_terms(class_logits, pixel_logits, batch["labels"], batch["masks"], active)
-            loss = combine_losses(terms, config, net.log_sigma2)  # Eq. 2 (learned sigma) or Eq. 1
+            # Eq. 2 (learned sigma_i) or Eq. 1 (fixed lambda_i)
+            loss = combine_losses(terms, config["weights"], config["uncertainty"], net.log_sigma2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -504,15 +494,13 @@ def train(job, model, config, data, stats):
         record = {"epoch": epoch + 1, "loss": means[0], **{f"loss_{k}": v for k, v in zip(active, means[1:])}}
         if config["uncertainty"]:  # Eq. 2: the learned sigma_i^2 and the weight 1/sigma_i^2 it gives L_i
             sigma2 = learned_sigma2(net, active)
-            for k, value in sigma2.items():
-                if not math.isfinite(value):  # s_i ran away: the term's weight is gone
-                    last = job.dir / "last.pt"
-                    raise common.NonFiniteLossError(
-                        f"{job.name}: sigma2_{k} = exp({net.log_sigma2[k].item():.4g}) overflows at epoch {epoch + 1} "
-                        f"step {steps_per_epoch}; stopping (" + (f"the last good checkpoint is {last}" if last.exists()
-                                                                 else "no checkpoint was written yet")
-                        + "). Try a lower --lr.")
-                record.update({f"sigma2_{k}": value, f"inv_sigma2_{k}": 1 / value})
+            overflow = [k for k, value in sigma2.items() if not math.isfinite(value)]
+            if overflow:  # s_i ran away: the term's weight is gone
+                raise common.NonFiniteLossError(
+                    f"{job.name}: sigma2_{overflow[0]} = e^s overflows at epoch {epoch + 1} step {steps_per_epoch}; "
+                    f"stopping (the checkpoints in {job.dir}, if any, are from before). Try a lower --lr.")
+            record.update({f"sigma2_{k}": v for k, v in sigma2.items()})
+            record.update({f"inv_sigma2_{k}": 1 / v for k, v in sigma2.items()})
         val = evaluate(net, data["val"], stats, config, args, objects=False)
         # model selection: the mean of the cheap validation metrics (accuracy, pixel accuracy, gland Dice)
         record.update({f"val_{k}": v for k, v in val.items()}, val_score=sum(val.values()) / len(val))
@@ -524,130 +512,6 @@ def train(job, model, config, data, stats):
 
 
 # ---- Evaluation: regions, glands as objects, the metrics of Sec. 3 -------------------------------
-
-def decode_regions(pixel_logits):
-    """Region map (0 stroma, 1 border, 2 lumen): the most probable valid label vector under P_t."""
-    return region_log_probabilities(pixel_logits).argmax(1)
-
-
-def _neighbours(x, fill):
-    """The 8 neighbours of every pixel of x [N,H,W] (`fill` outside): 8 [N,H,W] tensors, up, down,
-    left, right first, then up-left, up-right, down-left, down-right."""
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (1, 1, 1, 1), value=fill)
-    offsets = [(0, 1), (2, 1), (1, 0), (1, 2), (0, 0), (0, 2), (2, 0), (2, 2)]
-    return [padded[:, dy:dy + h, dx:dx + w] for dy, dx in offsets]
-
-
-# the two edge neighbours through which each diagonal neighbour (index 4..7 above) is reached
-_DIAGONAL_VIA = ((0, 2), (0, 3), (1, 2), (1, 3))
-
-
-def _grow_markers(markers, gland):
-    """Every pixel of `gland` takes the label of the marker it reaches first when all markers grow at
-    once inside the gland, alternating 4- and 8-neighbour steps (octagonal distance; diagonal steps
-    only through a gland pixel, so no label jumps between glands touching at a corner). Ties take
-    the larger label; pixels of a gland without a marker stay 0."""
-    inside = _neighbours(gland, False)
-    diagonal_open = [inside[a] | inside[b] for a, b in _DIAGONAL_VIA]  # fixed: computed once
-    labels, step = markers, 0
-    while True:
-        near = _neighbours(labels, 0)
-        grown = labels
-        for neighbour in near[:4]:
-            grown = torch.maximum(grown, neighbour)
-        if step % 2:
-            for open_, neighbour in zip(diagonal_open, near[4:]):
-                grown = torch.maximum(grown, torch.where(open_, neighbour, 0))
-        grown = torch.where(gland & (labels == 0), grown, labels)
-        step += 1
-        if torch.equal(grown, labels):  # one host sync per step; evaluation only
-            return labels
-        labels = grown
-
-
-def _thickness(gland):
-    """Octagonal distance (in steps) of every gland pixel to the nearest stroma pixel, by repeated
-    erosion; outside the image counts as gland (a gland cut by the edge is not thin there)."""
-    depth = torch.zeros(gland.shape, dtype=torch.long, device=gland.device)
-    current, step = gland, 0
-    while current.any():
-        depth += current
-        eroded = current
-        for neighbour in _neighbours(current, True)[: 8 if step % 2 else 4]:
-            eroded = eroded & neighbour
-        if torch.equal(eroded, current):  # an image without stroma: nothing to measure from
-            break
-        current, step = eroded, step + 1
-    return depth
-
-
-def _renumber(labels):
-    """Labels [N,H,W] (any non-negative ids, 0 background) renumbered 1..k per image, keeping order."""
-    n = labels.shape[0]
-    foreground = labels > 0
-    stride = int(labels.max()) + 1
-    key = labels + torch.arange(n, device=labels.device).view(n, 1, 1) * stride
-    unique, inverse = torch.unique(key[foreground], return_inverse=True)
-    first = torch.searchsorted(unique, torch.arange(n, device=labels.device) * stride)  # each image's first id
-    out = torch.zeros_like(labels)
-    out[foreground] = inverse - first[foreground.nonzero()[:, 0]] + 1
-    return out
-
-
-def _merge_wide_junctions(cells, thickness, neck_ratio):
-    """Cells a, b of one gland become one object when the junction thickness (the largest
-    min(thickness) over 4-neighbour pixel pairs across the a|b boundary: the saddle between them) is
-    at least `neck_ratio` times the smaller of the two cells' largest thickness; transitive merges."""
-    n = cells.shape[0]
-    stride = int(cells.max()) + 1
-    ids = torch.where(cells > 0, cells + torch.arange(n, device=cells.device).view(n, 1, 1) * stride, 0)
-    total = n * stride  # global cell ids over the batch
-    peak = torch.zeros(total, dtype=torch.long, device=cells.device).scatter_reduce(
-        0, ids.flatten(), thickness.flatten(), "amax")
-    # 4-neighbour pixel pairs (right, down) that straddle two different cells
-    a = torch.cat([ids[:, :, :-1].flatten(), ids[:, :-1, :].flatten()])
-    b = torch.cat([ids[:, :, 1:].flatten(), ids[:, 1:, :].flatten()])
-    pair_thickness = torch.minimum(torch.cat([thickness[:, :, :-1].flatten(), thickness[:, :-1, :].flatten()]),
-                                   torch.cat([thickness[:, :, 1:].flatten(), thickness[:, 1:, :].flatten()]))
-    across = (a > 0) & (b > 0) & (a != b)
-    low, high = torch.minimum(a, b)[across], torch.maximum(a, b)[across]
-    pairs, which = torch.unique(low * total + high, return_inverse=True)
-    saddle = torch.zeros(len(pairs), dtype=torch.long, device=cells.device).scatter_reduce(
-        0, which, pair_thickness[across], "amax")
-    low, high = pairs // total, pairs % total
-    wide = saddle.double() >= neck_ratio * torch.minimum(peak[low], peak[high]).double()
-    low, high = low[wide], high[wide]
-    root = torch.arange(total, device=cells.device)
-    while True:  # every cell ends with the smallest id of its merged group
-        new = root.scatter_reduce(0, low, root[high], "amin").scatter_reduce(0, high, root[low], "amin")
-        new = new[new]  # pointer jumping
-        if torch.equal(new, root):
-            break
-        root = new
-    return _renumber(torch.where(cells > 0, root[ids], 0))
-
-
-def regions_to_instances(regions, connectivity=4, neck_ratio=0.3):
-    """Gland instances [N,H,W] int64 (0 background, 1..k per image) from region maps [N,H,W] or
-    [H,W] (0 stroma, 1 border, 2 lumen), separating glands whose borders touch; batched on the
-    regions' device. neck_ratio 0 merges every touching cell (= connected components of border U
-    lumen, except that a lumen-free part joins its neighbour); > 1 never merges."""
-    single = regions.dim() == 2
-    regions = regions.unsqueeze(0) if single else regions
-    gland = regions >= 1
-    # markers: the connected components of lumen (one lumen per gland in the GlaS annotation)
-    markers = common.label_components(regions == 2, connectivity=connectivity).long()
-    # every gland pixel (border U lumen) joins its geodesically nearest marker
-    cells = _grow_markers(markers.int(), gland).long()
-    unreached = gland & (cells == 0)  # glands without any lumen: one object per component
-    components = common.label_components(unreached, connectivity=connectivity).long()
-    cells = torch.where(unreached, markers.flatten(1).amax(1).view(-1, 1, 1) + components, cells)
-    # a fused gland with several lumens (GlaS annotates it as one object) is thick where its lumens'
-    # cells meet, two glands that merely touch meet in a narrow neck
-    instances = _merge_wide_junctions(_renumber(cells), _thickness(gland), neck_ratio)
-    return instances[0] if single else instances
-
 
 @torch.no_grad()
 def predict(model, split, stats, args):
@@ -663,17 +527,15 @@ def predict(model, split, stats, args):
     return torch.cat(classes), torch.cat(regions)
 
 
-def _pixel_accuracy(regions, masks, valid=None):
-    """Per image share of right pixels, over the image's own pixels when a letterbox `valid` map is given."""
+def _pixel_accuracy(regions, masks, valid):
+    """Per image share of right pixels among the image's own pixels (`valid`: not letterbox padding)."""
     right = (regions == masks.to(regions.device).long())
-    if valid is None:
-        return right.double().flatten(1).mean(1).cpu()
     return ((right & valid).flatten(1).sum(1).double() / valid.flatten(1).sum(1).clamp_min(1)).cpu()
 
 
-def _object_scores(regions, truth, args):
+def _object_scores(regions, truth, connectivity):
     """GlaS object Dice and object Hausdorff per image of the glands regions_to_instances finds."""
-    glands = regions_to_instances(regions, args.connectivity, args.neck_ratio)
+    glands = regions_to_instances(regions, connectivity)
     return common.object_dice(glands, truth), common.object_hausdorff(glands, truth)
 
 
@@ -694,15 +556,17 @@ def evaluate(model, split, stats, config, args, objects=True):
         scores = []
         for i, (h, w) in enumerate(split["sizes"].tolist()):
             regions = common.from_canvas(region_prob[i], h, w, "bilinear").argmax(0)[None]  # [1,h,w]
-            scores.append((_pixel_accuracy(regions, split["full_masks"][i][None]),
-                           *_object_scores(regions, split["full_instances"][i][None].to(regions.device), args)))
+            truth = split["full_instances"][i][None].to(regions.device)
+            scores.append((common.pixel_accuracy(regions, split["full_masks"][i][None].to(regions.device)),
+                           *_object_scores(regions, truth, args.connectivity)))
         accuracy, dice, hausdorff = (torch.cat(s) for s in zip(*scores))
     else:
         regions = region_prob.argmax(1)
-        valid = None if split.get("valid") is None else split["valid"].to(regions.device).bool()
+        valid = split.get("valid")  # letterboxed images: 1 on the image's own pixels
+        valid = torch.ones_like(regions, dtype=torch.bool) if valid is None else valid.to(regions.device).bool()
         accuracy = _pixel_accuracy(regions, split["masks"], valid)
         if objects:
-            dice, hausdorff = _object_scores(regions, split["instances"].to(regions.device), args)
+            dice, hausdorff = _object_scores(regions, split["instances"].to(regions.device), args.connectivity)
     out["pixel_accuracy"] = accuracy.mean().item()
     if objects:
         finite = hausdorff[torch.isfinite(hausdorff)]
@@ -710,24 +574,13 @@ def evaluate(model, split, stats, config, args, objects=True):
         out["object_hausdorff"] = finite.mean().item() if len(finite) else math.inf
         out["hausdorff_undefined"] = int((~torch.isfinite(hausdorff)).sum())
     else:
-        gland, truth = regions >= 1, split["masks"].to(regions.device) >= 1
-        if valid is not None:  # padding is stroma in both: leave it out
-            gland, truth = gland & valid, truth & valid
+        # padding is stroma in both: left out
+        gland, truth = (regions >= 1) & valid, (split["masks"].to(regions.device) >= 1) & valid
         out["gland_dice"] = common.dice(gland, truth).mean().item()
     return out
 
 
 # ---- One job = one row of a table for one seed ---------------------------------------------------
-
-def test_row(model, split, stats, config, args):
-    """One table row for one seed: the configuration (lambdas, learned sigma^2) and the test metrics."""
-    row = {"uncertainty": config["uncertainty"],
-           **{f"lambda_{k}": config["weights"].get(k, 0.0) for k in LOSS_NAMES},
-           **evaluate(common.unwrap(model), split, stats, config, args)}
-    if config["uncertainty"]:
-        row.update({f"sigma2_{k}": v for k, v in learned_sigma2(common.unwrap(model), list(config["weights"])).items()})
-    return row
-
 
 def load_data(args, seed, device=None):
     """The dataset for one seed (synthetic data is generated from it; real data's train/val split
@@ -746,7 +599,7 @@ def load_data(args, seed, device=None):
         if int(data[split]["masks"].max()) > 2 or data[split]["masks"].dim() != 3:
             raise common.UsageError(f"--data {args.data}: masks must be [N,H,W] with 0 stroma, 1 border, 2 lumen")
         if data[split].get("instances") is None:  # e.g. --data folder: glands separated as predictions are
-            data[split]["instances"] = regions_to_instances(data[split]["masks"], args.connectivity, args.neck_ratio)
+            data[split]["instances"] = regions_to_instances(data[split]["masks"], args.connectivity)
     device = device or common.choose_device(args.device)
     data = {k: common.to_device(v, device) for k, v in data.items()}
     mean, std = common.channel_stats(data["train"]["images"])
@@ -756,7 +609,8 @@ def load_data(args, seed, device=None):
 def train_and_test(job, config, data_for, checkpoint=None, draw=False):
     """One job: trains the configuration with the job's seed (data, initialisation, shuffling and
     augmentation all seeded by it) and tests its best epoch, or tests `checkpoint` (--eval-only);
-    the job of the main row's first seed draws Fig. 3."""
+    returns the table row for this seed (lambdas, test metrics, learned sigma^2, speed). The job of
+    the main row's first seed draws Fig. 3."""
     args = job.run.args
     data, stats = data_for(job.seed)
     model = common.prepare_model(MultiLossFCN(args.width, args.depth, init_log_sigma2=args.init_log_sigma2), job.run)
@@ -766,12 +620,15 @@ def train_and_test(job, config, data_for, checkpoint=None, draw=False):
     else:
         common.load_model_state(model, checkpoint["model"])
         speed = {}
-    metrics = test_row(model, data["test"], stats, config, args)
-    print(f"[{job.name}] test " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                           if not k.startswith(("lambda_", "uncertainty"))), flush=True)
+    net = common.unwrap(model)
+    row = {"uncertainty": config["uncertainty"], **{f"lambda_{k}": config["weights"].get(k, 0.0) for k in LOSS_NAMES},
+           **evaluate(net, data["test"], stats, config, args)}
+    if config["uncertainty"]:
+        row.update({f"sigma2_{k}": v for k, v in learned_sigma2(net, list(config["weights"])).items()})
+    print(f"[{job.name}] test " + " ".join(f"{k} {row[k]:.4g}" for k in METRICS if k in row), flush=True)
     if draw:
-        figure_predictions(model, data["test"], stats, args, job.figures / "fig3_predictions.png")
-    return {**metrics, **speed}
+        figure_predictions(net, data["test"], stats, args, job.figures / "fig3_predictions.png")
+    return {**row, **speed}
 
 
 # ---- Predict: a trained model on one's own images (--predict, or load_model + predict_batch) ---
@@ -786,10 +643,9 @@ def load_model(checkpoint_path, device="cpu"):
     device = torch.device(device)
     model = MultiLossFCN(args.width, args.depth, init_log_sigma2=args.init_log_sigma2)
     common.load_model_state(model, state["model"])
-    model = model.to(device).eval()
     norm = (state["norm"]["mean"].to(device), state["norm"]["std"].to(device))
-    return common.Predictor(model=model, args=args, norm=norm, size=args.size, keep_aspect=True, device=device,
-                            class_names=state.get("class_names") or ["benign", "malignant"],
+    return common.Predictor(model=model.to(device).eval(), args=args, norm=norm, size=args.size, keep_aspect=True,
+                            device=device, class_names=state.get("class_names") or ["benign", "malignant"],
                             mask_names=list(REGION_NAMES), extra={"config": state["config"]})
 
 
@@ -804,8 +660,8 @@ def predict_batch(predictor, images_uint8):
         class_logits, pixel_logits = model(x)
     class_prob = class_logits.float().softmax(1)  # [B,K]
     log_p = region_log_probabilities(pixel_logits.float())  # [B,3,S,S]
-    regions = log_p.argmax(1)  # decode_regions
-    instances = regions_to_instances(regions, args.connectivity, args.neck_ratio)
+    regions = decode_regions(pixel_logits.float())
+    instances = regions_to_instances(regions, args.connectivity)
     entropy = -(log_p.exp() * log_p).sum(1)  # H(P_t) in nats; 0 <= H <= log 3
     rows = [{"predicted_class": predictor.class_names[int(p.argmax())],
              **{f"p_{name}": float(p[k]) for k, name in enumerate(predictor.class_names)}, "n_glands": int(g.max())}
@@ -816,56 +672,47 @@ def predict_batch(predictor, images_uint8):
 # ---- Report: tables and figures ------------------------------------------------------------------
 
 def table_markdown(rows, title, digits=3):
+    """Table 1's layout: the weights (1/sigma^2 of the seed mean of sigma^2 for learned ones) and the
+    four metrics, 'mean ± SE' over seeds (the plain value for one seed), '–' for an untrained head."""
     seeds = rows[0].get("seeds", []) if rows else []
     lines = [f"## {title}", ""]
     if len(seeds) > 1:
         lines += [f"Mean ± standard error over {len(seeds)} seeds ({', '.join(map(str, seeds))}).", ""]
-    lines += ["| Loss | λc | λs | λt | λg | Classification accuracy | Pixel accuracy | Object Dice | Hausdorff distance |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| Loss | λc | λs | λt | λg | Classification accuracy | Pixel accuracy | Object Dice "
+              "| Hausdorff distance |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["uncertainty"]:  # learned weights: the effective 1/sigma^2 (of the seed mean of sigma^2) when known
+        if r["uncertainty"]:
             lam = [("0" if not r[f"lambda_{k}"] else f"1/σ²={1 / r[f'sigma2_{k}']:.2f}" if f"sigma2_{k}" in r
                     else "learned") for k in LOSS_NAMES]
         else:
             lam = [f"{r[f'lambda_{k}']:.2g}" for k in LOSS_NAMES]
-        # 'mean ± SE' over seeds (the plain value for one seed); '–' for an untrained head
-        scores = [common.fmt_over_seeds(r, k, digits=d) if r.get(k) is not None else "–"
-                  for k, d in (("accuracy", digits), ("pixel_accuracy", digits), ("object_dice", digits),
-                               ("object_hausdorff", 1))]
+        scores = [common.fmt_over_seeds(r, k, digits=1 if k == "object_hausdorff" else digits)
+                  if r.get(k) is not None else "–" for k in METRICS]
         if r.get("hausdorff_undefined"):
             scores[-1] += f" ({r['hausdorff_undefined']:g} undefined)"
         lines.append(f"| {r['row']} | " + " | ".join(lam + scores) + " |")
     return "\n".join(lines) + "\n"
 
 
-def paper_table_markdown():
-    rows = [{"row": name, "uncertainty": uncertainty, **{f"lambda_{k}": w for k, w in zip(LOSS_NAMES, weights)},
-             **dict(zip(("accuracy", "pixel_accuracy", "object_dice", "object_hausdorff"), paper))}
-            for (name, weights, uncertainty), paper in zip(TABLE1, PAPER_TABLE1)]
-    return table_markdown(rows, "Paper, Table 1 (Warwick-QU test set)", digits=2)
-
-
 def figure_predictions(model, split, stats, args, path, n=4):
     """Fig. 3: image, ground truth, predicted regions (lumen purple, border yellow, stroma black)
     and the predicted glands as regions_to_instances separates them (one colour per object)."""
     subset = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in split.items()}
-    class_prob, region_prob = predict(common.unwrap(model), subset, stats, args)
+    class_prob, region_prob = predict(model, subset, stats, args)
     regions = region_prob.argmax(1)
-    glands = regions_to_instances(regions, args.connectivity, args.neck_ratio).cpu()
-    names = subset["class_names"]
+    glands = regions_to_instances(regions, args.connectivity).cpu()
     palette = torch.tensor([[0, 0, 0], [240, 220, 40], [130, 60, 170]], dtype=torch.uint8)
-    objects = torch.cat([torch.zeros(1, 3, dtype=torch.uint8),  # background black, then fixed random colours
-                         torch.randint(60, 256, (int(glands.max()) + 1, 3), generator=torch.Generator().manual_seed(0),
-                                       dtype=torch.uint8)])
-    k = subset["images"].shape[0]
+    objects = plt.get_cmap("tab20").with_extremes(bad="black")  # one colour per gland, stroma black
+    k, names = subset["images"].shape[0], subset["class_names"]
     fig, axes = plt.subplots(4, k, figsize=(2.6 * k, 10.4), squeeze=False)
     for i in range(k):
         common.show_image(axes[0, i], subset["images"][i])
         axes[0, i].set_title(f"{names[int(subset['labels'][i])]} (predicted {names[int(class_prob[i].argmax())]})",
                              fontsize=8)
-        for a, picture in zip(axes[1:, i], (palette[subset["masks"][i].cpu().long()], palette[regions[i].cpu().long()],
-                                            objects[glands[i].long()])):
-            a.imshow(picture.numpy())
+        axes[1, i].imshow(palette[subset["masks"][i].cpu().long()].numpy())
+        axes[2, i].imshow(palette[regions[i].cpu().long()].numpy())
+        axes[3, i].imshow(glands[i].float().masked_fill(glands[i] == 0, math.nan).numpy() % 20, cmap=objects,
+                          vmin=0, vmax=20, interpolation="nearest")
         axes[3, i].set_title(f"{int(glands[i].max())} glands", fontsize=8)
     for a in axes.flat:
         a.set_xticks([]), a.set_yticks([])
@@ -875,11 +722,16 @@ def figure_predictions(model, split, stats, args, path, n=4):
     common.save_figure(fig, path)
 
 
-def figure_sigma2(histories, path):
+def figure_sigma2(run, rows, seed, path):
     """Eq. 2's learned weights over the epochs: 1/sigma_i^2 of every loss (solid) beside 1/L_i, the
     inverse of its epoch-mean training loss (dashed), which the optimum sigma_i^2 = L_i tracks; one
-    panel per uncertainty-trained run (first seed)."""
-    histories = [h for h in histories if h and any(k.startswith("sigma2_") for k in h[0])]
+    panel per uncertainty-trained row, its job with `seed` as log.jsonl holds it (a resumed epoch's last)."""
+    log = run.dir / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
+    learned = [r for r in records if r.get("seed") == seed and any(k.startswith("sigma2_") for k in r)]
+    by_epoch = {(r["row"], r["epoch"]): r for r in learned}
+    histories = [[by_epoch[key] for key in sorted(by_epoch) if key[0] == row] for row in rows]
+    histories = [h for h in histories if h]
     if not histories:
         return
     fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.5), squeeze=False)
@@ -899,10 +751,10 @@ def figure_sigma2(histories, path):
 def figure_sweep(rows, lambdas, keys, title, path):
     """Fig. 2: test scores against lambda, with standard-error bars over seeds when there are several."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for key, label in keys:
+    for key in keys:
         points = [(lam, r[key], r.get(f"{key}_se", 0.0)) for lam, r in zip(lambdas, rows) if r.get(key) is not None]
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                    capsize=3, label=label)
+                    capsize=3, label=key.replace("_", " "))
     ax.set(xlabel="λ", ylabel="test score", title=title)
     ax.legend()
     common.save_figure(fig, path)
@@ -915,25 +767,13 @@ def rows_of(args, checkpoint=None):
     if checkpoint is not None:  # --eval-only: the checkpoint's own configuration
         return {checkpoint["config"]["row"]: checkpoint["config"]}
     if args.table1:
-        return {name: row_config(name, weights, uncertainty) for name, weights, uncertainty in TABLE1}
+        return {name: row_config(name, weights, uncertainty) for name, weights, uncertainty, _ in TABLE1}
     if args.sweep:
-        lambdas = args.lambdas
-        rows = [(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", (lam, 1 - lam, 0, 0)) for lam in lambdas]
-        rows += [(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", (0, 1, lam, 1 - lam)) for lam in lambdas]
+        rows = [(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", (lam, 1 - lam, 0, 0)) for lam in args.lambdas]
+        rows += [(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", (0, 1, lam, 1 - lam)) for lam in args.lambdas]
         return {name: row_config(name, weights, False) for name, weights in rows}
     config = config_from_args(args)
     return {config["row"]: config}
-
-
-def epoch_histories(run, rows, seed):
-    """The log.jsonl records of each row's job with `seed`, one per epoch (the last one written when
-    a resumed epoch was logged twice)."""
-    records, log = {}, run.dir / "log.jsonl"
-    for line in log.read_text(encoding="utf-8").splitlines() if log.exists() else []:
-        record = json.loads(line)
-        if record.get("seed") == seed and record.get("row") in rows and "epoch" in record:
-            records[record["row"], record["epoch"]] = record
-    return [[r for (name, _), r in sorted(records.items(), key=lambda item: item[0][1]) if name == row] for row in rows]
 
 
 def main(argv=None):
@@ -957,21 +797,22 @@ def main(argv=None):
         job, rows[job.row], data_for, checkpoint, draw=job.row == main_row and job.seed == seeds[0]))
     if table is None:  # torchrun: another process writes the results
         return None
-    figure_sigma2(epoch_histories(run, list(rows), seeds[0]), run.figures / "sigma2.png")
+    figure_sigma2(run, list(rows), seeds[0], run.figures / "sigma2.png")
     if args.sweep:  # the first half of the table sweeps Lc / Ls, the second Lt / Lg
-        n, lambdas = len(table) // 2, args.lambdas
-        figure_sweep(table[:n], lambdas, [("accuracy", "classification accuracy"),
-                                          ("pixel_accuracy", "pixel accuracy")],
-                     "λ Lc + (1-λ) Ls", run.figures / "fig2_lambda_Lc_Ls.png")
-        figure_sweep(table[n:], lambdas, [("pixel_accuracy", "pixel accuracy"), ("object_dice", "object Dice")],
-                     "Ls + λ Lt + (1-λ) Lg", run.figures / "fig2_lambda_Lt_Lg.png")
+        n = len(table) // 2
+        figure_sweep(table[:n], args.lambdas, ["accuracy", "pixel_accuracy"], "λ Lc + (1-λ) Ls",
+                     run.figures / "fig2_lambda_Lc_Ls.png")
+        figure_sweep(table[n:], args.lambdas, ["pixel_accuracy", "object_dice"], "Ls + λ Lt + (1-λ) Lg",
+                     run.figures / "fig2_lambda_Lt_Lg.png")
     main_entry = next((r for r in table if r["row"] == main_row), {})
-    keys = ["accuracy", "pixel_accuracy", "object_dice", "object_hausdorff"] + [f"sigma2_{k}" for k in LOSS_NAMES]
+    keys = list(METRICS) + [f"sigma2_{k}" for k in LOSS_NAMES]
     metrics = {key + s: main_entry[key + s] for key in keys if key in main_entry for s in ("", "_se")}
     title = "Fig. 2 sweeps" if args.sweep else ("Table 1" if args.table1 else "Test set")
     markdown = table_markdown(table, f"{title} ({args.data}, test split)")
-    if not args.sweep:  # Fig. 2 has no numbers to compare with
-        markdown += "\n" + paper_table_markdown()
+    if not args.sweep:  # the paper's Table 1 (Fig. 2 has no numbers to compare with)
+        paper = [{"row": name, "uncertainty": uncertainty, **{f"lambda_{k}": w for k, w in zip(LOSS_NAMES, weights)},
+                  **dict(zip(METRICS, scores))} for name, weights, uncertainty, scores in TABLE1]
+        markdown += "\n" + table_markdown(paper, "Paper, Table 1 (Warwick-QU test set)", digits=2)
     common.write_results(run, metrics, table, markdown)
     return run.dir
 

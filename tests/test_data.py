@@ -105,6 +105,16 @@ def test_glands_instances_regions_and_grade():
     for i in range(0, 120, 17):  # objects are numbered 1..k without gaps
         ids = inst[i].unique()
         assert ids.tolist() == list(range(int(ids.max()) + 1))
+    # glands that touch or overlap stay separate instances (as GlaS annotates them), each ringed by
+    # its own border: 4-neighbour pairs of two different glands are common, and never touch a lumen
+    pairs = [(inst[:, :, 1:], inst[:, :, :-1], masks[:, :, 1:], masks[:, :, :-1]),
+             (inst[:, 1:], inst[:, :-1], masks[:, 1:], masks[:, :-1])]
+    meet = torch.zeros(120, dtype=torch.bool)
+    for a, b, mask_a, mask_b in pairs:
+        between = (a > 0) & (b > 0) & (a != b)
+        meet |= between.flatten(1).any(1)
+        assert not (between & ((mask_a == 2) | (mask_b == 2))).any()
+    assert meet[labels == 1].float().mean() > 0.5 and meet.float().mean() > 0.33  # malignant glands crowd
     lumen_share = (masks == 2).flatten(1).sum(1) / (masks > 0).flatten(1).sum(1)
     assert lumen_share[labels == 0].mean() > lumen_share[labels == 1].mean() + 0.1  # thick borders
     ragged = torch.stack([_irregularity(inst[i:i + 1] == inst[i].max()).squeeze() for i in range(120)])
