@@ -304,7 +304,7 @@ def adapter_uncertainty_multiloss(opts, device):
         with common.autocast(device, args.amp):
             class_logits, pixel_logits = model(inputs["x"])
         terms = loss_terms(class_logits, pixel_logits, inputs["labels"], inputs["masks"], list(config["weights"]))
-        return _optimizer_step(optimizer, combine_losses(terms, config, log_sigma2))
+        return _optimizer_step(optimizer, combine_losses(terms, config["weights"], config["uncertainty"], log_sigma2))
 
     def project(batches, generator):  # uncertainty_multiloss.train
         batch = common.augment(batches["train"], generator=generator, rotate=args.rotate, scale=args.scale,
