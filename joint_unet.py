@@ -109,7 +109,8 @@ def build_parser():
         help="one joint model per a (Table XI: 0.1,0.3,0.5,0.7,0.8,0.9)")
     add("--transfer", metavar="CHECKPOINT", help="hypothesis 1 (Sec. XVI.B): freeze a seg model's U-Net, train a head")
     # model (Sec. V, VI, Table VII); None = the data's default (DATA_DEFAULTS)
-    add("--width", type=common.POSITIVE_INT, help="first U-Net block's filters (Table V: 32; synthetic: 8)")
+    add("--width", type=common.POSITIVE_INT, help="first U-Net block's filters (Table V: 32, Table IV's "
+        "baseline: 64; synthetic: 8)")
     add("--depth", type=common.POSITIVE_INT, default=4, help="down-sampling steps of the U-Net (Sec. V: 4)")
     add("--unet-padding", choices=("same", "valid"), help="valid: the original U-Net, 572 in -> 388 out (Sec. V), "
         "default on real data; same: output = input, default on synthetic data")
@@ -120,7 +121,8 @@ def build_parser():
     add("--dropout", type=UNIT, default=0.5, help="dropout at the end of the contracting path (Table V)")
     add("--pool", type=common.POSITIVE_INT, help="max-pool size = stride of the head (Table VII: 7..14 outputs of "
         "28); default 3, Table X's 50M parameters (--quick: 2); Table VIII baseline: 2")
-    add("--fc", type=common.POSITIVE_INT, help="units of the first FC layer (Table VII: 256-1024; default 1024)")
+    add("--fc", type=common.POSITIVE_INT, help="units of the first FC layer (Table VII: 256-1024; default 1024, "
+        "--quick: 32)")
     add("--head-dropout", type=UNIT, default=0.5, help="both dropouts of the head (Table VII)")
     # training (Sec. X, XV.A) and post-processing (Sec. IX)
     add("--class-weights", action=argparse.BooleanOptionalAction, default=True, help="weigh Eq. 3 by Eq. 12's W_c")
@@ -675,14 +677,14 @@ def task_table(task, row, class_names):
 def figure_examples(split, outputs, path, n_each=3):
     """Figs. 5-12: true (green) and predicted (red) contours, class probabilities; right, wrong (seg: best, worst)."""
     names, probs = split["class_names"], outputs.get("probs")
-    if probs is not None:
+    if "probs" in outputs:
         correct = probs.argmax(1) == split["labels"].cpu()
         picks = [(i, kind) for kind, hit in (("correct", correct), ("wrong", ~correct))
                  for i in hit.nonzero()[:n_each, 0].tolist()]
     else:
         order = outputs["jaccard_post"].argsort(descending=True).tolist()
         picks = [(i, "best JAC") for i in order[:n_each]] + [(i, "worst JAC") for i in order[::-1][:n_each]]
-    rows, cols = (1 if probs is None else 2), max(len(picks), 1)
+    rows, cols = (2 if "probs" in outputs else 1), max(len(picks), 1)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for col, (i, title) in enumerate(picks):
         ax = axes[0, col]
@@ -691,7 +693,7 @@ def figure_examples(split, outputs, path, n_each=3):
             common.draw_contours(ax, split["masks"][i].cpu() > 0, "lime", label="truth")
             common.draw_contours(ax, outputs["pred_post"][i].cpu(), "red", label="predicted")
             title += f"\nJAC {100 * outputs['jaccard_post'][i].item():.0f}%"
-        if probs is not None:
+        if "probs" in outputs:
             title += f"\ntrue {names[split['labels'][i].item()]}\npredicted {names[probs[i].argmax().item()]}"
             axes[1, col].barh(range(len(names)), probs[i].numpy(), color="tab:blue")
             axes[1, col].set_yticks(range(len(names)), [_short(n.lower()) for n in names])
