@@ -1,82 +1,70 @@
 """Multi-task U-Net for skin lesion segmentation and 3-class diagnosis (joint_unet.py).
 
-Paper: MSc thesis (extended abstract), Instituto Superior Tecnico, on a multi-task U-Net for the segmentation and
-classification of skin lesions in dermoscopy images of ISIC 2017; the author's code is cited as
-https://github.com/franciscosenae/Tese. Numbers below refer to its sections, equations and tables
-(../shared/papers/joint_unet.txt).
+Paper: MSc thesis (extended abstract), Instituto Superior Tecnico, on a multi-task U-Net segmenting and classifying
+skin lesions in the dermoscopy images of ISIC 2017; the author's code: https://github.com/franciscosenae/Tese.
+Sections, equations and tables below are the thesis' (../shared/papers/joint_unet.txt).
 
 Idea. A U-Net (Ronneberger et al. 2015) segments the lesion; a small fully connected head on the same encoder's
-lowest-resolution features classifies it as nevus, melanoma or seborrheic keratosis. Trained separately (tasks `seg`,
-`cls`) or jointly with one loss weighing both (task `joint`, Eq. 4), the thesis asks whether sharing the encoder helps
-either task, and tests transfer: freeze a segmentation network, train only the classification layers (hypothesis 1,
-Sec. XVI.B). On the ISIC 2017 test set the separate models reach JAC 70.6 / BACC 64.1, the joint model JAC 66.3 /
-BACC 59.6: no gain, half the compute.
+lowest-resolution features classifies it as nevus, melanoma or seborrheic keratosis. Trained separately (task `seg`
+switches the head off, `cls` the decoder) or jointly with one loss weighing both (task `joint`, Eq. 4), the thesis
+asks whether sharing the encoder helps either task, and tests transfer: freeze a segmentation network, train only
+the classification layers (hypothesis 1, Sec. XVI.B). On the ISIC 2017 test set the separate models reach JAC 70.6
+/ BACC 64.1, the joint model JAC 66.3 / BACC 59.6: no gain, half the compute.
 
 Paper -> code
-    Sec. V, Fig. 2     original U-Net (no BatchNorm), valid (572 -> 388) or same   thesis_unet(), valid_geometry()
-    Sec. VI, Tab. VII  max pool, flatten, dropout, FC, dropout, FC 3              ClassificationHead
-    Sec. VII, Fig. 4   fused model: head on the encoder's bottom                  MultiTaskUNet.forward
-    Sec. VII, Eq. 4    seg / cls / joint: branches run and the a of Eq. 4         BRANCHES, task_alpha()
-    Sec. VIII          scale, extra border padding, normalise                     preprocess(), network_geometry()
-    Sec. IX            threshold, closing, LCC, hole filling, resolution          postprocess() and above
-    Eq. 1; Eq. 2       softmax over the class logits; binary cross-entropy        infer(); segmentation_loss()
-    Eq. 3 + Eq. 12     class-weighted categorical cross-entropy                   classification_loss(), class_weights()
-    Eq. 4              L = a L_seg + (1 - a) L_cls                                joint_loss()
-    Eq. 5, 7-11        JAC; sensitivity, specificity, BACC, accuracy; Mean Perf.  evaluate()
-    Sec. X             shuffled batches, validate + checkpoint each epoch, best   train()
-    Sec. XV.A          Adam 1e-3, lr x0.8 after 5 epochs without a lower loss     keras_reduce_lr_on_plateau()
-    Tables V, VIII     data augmentation                                          augment()
-    Sec. XVI.B         hypothesis 1: transfer from a segmentation checkpoint      --transfer
-    Tab. VI/IX/XIV+XIII task tables; sensitivity and specificity per class        task_table()
-    Tables XI, XII     the a sweep and its best row                               --alpha-sweep
-    Figs. 5-12         image, true and predicted contours, class probabilities    figure_examples()
+    Sec. V, Fig. 2      original U-Net (no BatchNorm), valid (572 -> 388) or same  thesis_unet(), valid_geometry()
+    Sec. VI, Tab. VII   max pool, flatten, dropout, FC, dropout, FC 3             ClassificationHead
+    Sec. VII, Fig. 4    fused model; seg / cls switch a branch off                MultiTaskUNet, BRANCHES
+    Eq. 2; 3 and 12     binary cross-entropy; class-weighted cross-entropy        segmentation_loss(), class_weights(),
+                                                                                  classification_loss()
+    Eq. 4               L = a L_seg + (1 - a) L_cls; seg: a = 1, cls: a = 0        joint_loss(), task_alpha()
+    Sec. VIII; IX       scale, border padding, normalise; threshold, closing,     preprocess(), network_geometry();
+                        largest component, hole filling, resolution               postprocess(), restore_resolution()
+    Eq. 1; 5, 7-11      softmax; JAC, sensitivity, specificity, BACC, acc., MP    infer(); evaluate()
+    Sec. X, XV.A        Adam 1e-3, lr x0.8 after 5 epochs without a lower loss    train(), keras_reduce_lr_on_plateau()
+    Tables V, VIII      data augmentation                                         augment()
+    Tables VI, IX, XIV  task tables, with Table XIII (per class)                  task_table()
+    Tables XI, XII      the a sweep and its best row; Sec. XVI.B transfer         --alpha-sweep; --transfer
+    Figs. 5-12          image, true and predicted contours, class probabilities   figure_examples()
 
-Usage
+Usage (--seeds 0,1,2, --eval-only, --resume and torchrun as in every script of the project: README.md)
     python joint_unet.py                  # synthetic lesions, CPU: separate seg and cls vs joint at a = 0.8
     python joint_unet.py --task joint     # one joint model (Table XIV); with --alpha 0.5 Table X's baseline
     python joint_unet.py --task seg       # Table VI;  --task cls: Table IX
     python joint_unet.py --alpha-sweep 0.1,0.3,0.5,0.7,0.8,0.9       # Table XI (and XII: its best row)
     python joint_unet.py --task seg --out runs/seg && python joint_unet.py --transfer runs/seg/seg-seed0/best.pt
-                                          # Sec. XVI.B
     python joint_unet.py --data isic2017 --root /data/ISIC2017 --device cuda  # the thesis' settings: valid U-Net
                                           # 572 -> 388, no BatchNorm, width 32, batch 2/8/8, 100 epochs
-    python joint_unet.py --eval-only --checkpoint runs/x/joint-seed0/best.pt
-    python joint_unet.py --resume runs/x  # continue an interrupted run: finished models kept
-    python joint_unet.py --seeds 0,1,2    # any of the above over three seeds: mean ± SE
     python joint_unet.py --predict images/ --checkpoint runs/x/joint-seed0/best.pt  # masks, entropy, classes
-    torchrun --standalone --nproc_per_node 4 joint_unet.py --seeds 0,1,2  # rows x seeds shared out over the GPUs
-                                          # (one model on N GPUs: data-parallel)
 
 Deviations (ambiguities resolved, and why)
     - Eq. 4 is printed L = a L1 + (a - 1) L2, a sign typo (a < 1 would maximise L2); the text ("a = 1 trains
-      segmentation only, 0.5 gives both the same relevance") reads L = a L1 + (1 - a) L2.
-    - a defaults to 0.8, the thesis' final joint model (Tables XI, XII, XIV), so the default comparison sets like
-      beside like; Table X's baseline is --alpha 0.5.
-    - BatchNorm: none, as the original U-Net the thesis builds (seg trains at batch 2); --batchnorm adds it. On
-      the synthetic default over seeds 0-2 it changes nothing beyond noise (with minus without, paired: seg JAC
-      -0.1 +- 0.5, cls BACC +1.2 +- 1.3, joint -1.4 +- 1.5 / -3.8 +- 3.1; README). Init (unprinted): He
-      normal, biases 0, as the original U-Net (torch's default shrinks the signal ~six-fold per layer through 18
-      ReLU convolutions); the head keeps torch's.
+      segmentation only, 0.5 gives both the same relevance") reads L = a L1 + (1 - a) L2. a defaults to 0.8, the
+      thesis' final joint model (Tables XI, XII, XIV), so that the default comparison sets like beside like.
+    - BatchNorm: none, as in the original U-Net the thesis builds (seg trains at batch 2); --batchnorm adds it.
+      Init (unprinted): He normal, biases 0, as the original U-Net (torch's default shrinks the signal ~six-fold
+      per layer through 18 ReLU convolutions); the head keeps torch's.
+    - Every task's model holds both branches (one checkpoint layout: --transfer reads a seg model's U-Net) and runs
+      those of its task; the parameters printed are those it runs.
     - Head pooling: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom) without printing the
       winner. Table X's 50M parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC
-      1024, the default (Table VII's "10...42M": FC 256...1024); Table VIII's baseline is --pool 2. Too large a pool
-      is refused, not clamped. First FC with ReLU (unprinted). The parameters printed are the task's branches'.
-    - Dropout ("dropout: true"): one layer (--dropout 0.5) at the end of the contracting path, as in the original
-      U-Net; the head reads the bottleneck before it and has its own two (Table VII).
+      1024, the default (Table VII's "10...42M": FC 256...1024). Too large a pool is refused, not clamped. First FC
+      with ReLU (unprinted). Dropout ("true"): one layer (--dropout 0.5) at the end of the contracting path, as in
+      the original U-Net; the head reads the bottleneck before it and has its own two (Table VII).
     - Eq. 3 weighted by Eq. 12 as Keras' class_weight: the batch mean of W_{y_i} CE_i (not divided by the sum of
       weights as in torch). Eq. 2 is the mean BCE over pixels (the thesis: a sum).
     - Augmentation (Tables V, VIII: "used"): the author's code's random flips and right-angle rotations (the 8
-      symmetries of the square, uniformly); --augment affine: common.augment. Normalisation (Sec. VIII,
-      unspecified): per-channel mean and std of the training images (the author's code divides by 255).
-    - Pre-processing (Sec. VIII): pad to a square, "extra padding for the lesion border" (amount unprinted), resize
-      to 572. common.load_dataset letterboxes real images (the pad-to-square step). For the valid U-Net the extra
-      padding makes the 388 output cover the canvas: scaled to the output side, padded by (in - out) / 2 per side
-      (mirrored as the U-Net's overlap-tile, or the mean with --border-mode constant); masks are scaled to the
-      output side. Synthetic images of side S get the smallest valid input whose output >= S (64 -> 252 in, 68 out).
-    - "Original resolution restore" (Sec. IX): --predict maps the mask back to each image's own size
-      (common.from_canvas); evaluation measures JAC on the canvas over the image's own pixels (the datasets keep
-      true masks only at --size). Post-processing sizes (unprinted): a --closing-size square (5 px) closing,
-      8-connected largest component, 4-connected flood fill of the background from the border.
+      symmetries of the square, uniformly). Normalisation (Sec. VIII, unspecified): per-channel mean and std of the
+      training images (the author's code divides by 255).
+    - Pre-processing (Sec. VIII): pad to a square (common.load_dataset's letterbox), "extra padding for the lesion
+      border" (amount unprinted), resize to 572. The valid U-Net's extra padding makes its 388 output cover the
+      canvas: scaled to the output side, padded by (in - out) / 2 per side (mirrored as the U-Net's overlap-tile,
+      or the mean: --border-mode constant); masks are scaled to the output side. Synthetic images of side S get the
+      smallest valid input whose output >= S (64 -> 252 in, 68 out).
+    - "Original resolution restore" (Sec. IX): --predict maps the mask back to each image's own size; evaluation
+      measures JAC on the canvas over the image's own pixels (the datasets keep true masks only at --size).
+      Post-processing sizes (unprinted): a --closing-size square (5 px) closing, 8-connected largest component,
+      4-connected flood fill of the background from the border.
     - The lr schedule is Keras' ReduceLROnPlateau on the epoch's mean training loss (the thesis used Keras): it
       drops after the 5th stale epoch in a row (torch's patience=5 waits a sixth), "lower" by > min_delta 1e-4.
     - Best epoch: validation JAC after post-processing (Table V); for joint, Mean Performance with that JAC (Table
@@ -85,7 +73,6 @@ Deviations (ambiguities resolved, and why)
       are CPU-sized (size 64, width 8, batch 16, 40 epochs, same padding), said so in --help. Metrics in percent.
 """
 import argparse
-import copy
 
 import matplotlib.pyplot as plt
 import torch
@@ -114,53 +101,57 @@ def build_parser():
                "synthetic, the thesis' 2 / 8 / 8 for seg / cls / joint (Tables V, VIII, X) real.")
     common.add_common_args(parser, size=None, epochs=None, batch_size=None, lr=1e-3)
     add = parser.add_argument
-    add("--task", choices=TASKS + ("compare",), help="seg (Table VI), cls (Table IX), joint (Table XIV), or "
-        "compare: all three side by side (Sec. XVI). Default: compare, or joint with --alpha-sweep / --transfer")
-    add("--alpha", type=UNIT, default=0.8, help="a of Eq. 4, the segmentation loss' weight: 0.8, the thesis' "
-        "final joint model (Tables XI, XII, XIV); Table X's baseline is 0.5")
+    add("--task", choices=TASKS + ("compare",), help="seg (Table VI), cls (Table IX), joint (Table XIV) or compare: "
+        "all three side by side (Sec. XVI), the default (joint with --alpha-sweep / --transfer)")
+    add("--alpha", type=UNIT, default=0.8, help="a of Eq. 4, the segmentation loss' weight: 0.8, the thesis' final "
+        "joint model (Tables XI, XII, XIV); Table X's baseline: 0.5")
     add("--alpha-sweep", type=common.checked_list(float, distinct=True, low=0, high=1), metavar="A,A,...",
-        help="comma-separated a values, one joint model each (Table XI: 0.1,0.3,0.5,0.7,0.8,0.9)")
+        help="one joint model per a (Table XI: 0.1,0.3,0.5,0.7,0.8,0.9)")
     add("--transfer", metavar="CHECKPOINT", help="hypothesis 1 (Sec. XVI.B): freeze a seg model's U-Net, train a head")
     # model (Sec. V, VI, Table VII); None = the data's default (DATA_DEFAULTS)
-    add("--width", type=common.POSITIVE_INT, help="first U-Net block's filters (Table V: 32; Table IV baseline "
-        "64). Synthetic: 8")
+    add("--width", type=common.POSITIVE_INT, help="first U-Net block's filters (Table V: 32, Table IV's "
+        "baseline: 64; synthetic: 8)")
     add("--depth", type=common.POSITIVE_INT, default=4, help="down-sampling steps of the U-Net (Sec. V: 4)")
-    add("--unet-padding", choices=("same", "valid"), help="valid: the original U-Net, 572 in -> 388 out "
-        "(Sec. V), default on real data; same: output = input, default on synthetic data")
-    add("--input-size", type=common.POSITIVE_INT, help="valid U-Net input; default: the least covering --size "
-        "(388: 572, Sec. VIII)")
+    add("--unet-padding", choices=("same", "valid"), help="valid: the original U-Net, 572 in -> 388 out (Sec. V), "
+        "default on real data; same: output = input, default on synthetic data")
+    add("--input-size", type=common.POSITIVE_INT, help="valid U-Net input (default: the least covering --size)")
     add("--border-mode", choices=("reflect", "constant"), default="reflect", help="Sec. VIII border: mirror or mean")
     add("--batchnorm", action=argparse.BooleanOptionalAction, default=False,
         help="BatchNorm after every U-Net convolution (the thesis' original U-Net has none)")
     add("--dropout", type=UNIT, default=0.5, help="dropout at the end of the contracting path (Table V)")
     add("--pool", type=common.POSITIVE_INT, help="max-pool size = stride of the head (Table VII: 7..14 outputs of "
-        "28; 3 gives Table X's 50M parameters; Table VIII baseline: 2). Default 3 (2 with --quick); must fit the "
-        "bottleneck")
-    add("--fc", type=common.POSITIVE_INT, help="units of the first FC layer (Table VII: 256-1024). Default 1024 (32 "
-        "with --quick)")
+        "28); default 3, Table X's 50M parameters (--quick: 2); Table VIII baseline: 2")
+    add("--fc", type=common.POSITIVE_INT, help="units of the first FC layer (Table VII: 256-1024; default 1024, "
+        "--quick: 32)")
     add("--head-dropout", type=UNIT, default=0.5, help="both dropouts of the head (Table VII)")
     # training (Sec. X, XV.A) and post-processing (Sec. IX)
     add("--class-weights", action=argparse.BooleanOptionalAction, default=True, help="weigh Eq. 3 by Eq. 12's W_c")
     add("--lr-factor", type=common.POSITIVE, default=0.8, help="lr multiplier on a plateau, below 1 (Sec. XV.A)")
-    add("--lr-patience", type=common.POSITIVE_INT, default=5,
-        help="epochs without a lower training loss before the lr drops")
-    add("--augment", choices=("flips-rot90", "affine", "none"), default="flips-rot90", help="Tables V, VIII say "
-        "only 'True': flips-rot90 = random flips and right-angle rotations (the author's code); affine = "
-        "common.augment (flips, +-15 deg, +-10%% scale, colour)")
-    add("--closing-size", type=common.POSITIVE_INT, default=5,
-        help="side of the closing's square structuring element, odd (Sec. IX)")
+    add("--lr-patience", type=common.POSITIVE_INT, default=5, help="epochs without a lower loss before the lr drops")
+    add("--augment", choices=("flips-rot90", "affine", "none"), default="flips-rot90", help="Tables V, VIII: "
+        "flips and right-angle rotations (the author's code) or common.augment's flips, +-15 deg, +-10%% scale, colour")
+    add("--closing-size", type=common.POSITIVE_INT, default=5, help="odd side of the closing's square (Sec. IX)")
     return parser
 
 
-# --quick: every code path in seconds. Only flags left unset are filled: explicit flags win.
+# the values of the flags left unset: --quick's (every code path in seconds), then (synthetic, real data)
 QUICK = dict(size=32, width=4, epochs=1, batch_size=8, fc=32, pool=2, n_train=24, n_val=12, n_test=12)
-# (synthetic, real data) values of the flags left unset; see the parser's epilog and Deviations
 DATA_DEFAULTS = {"unet_padding": ("same", "valid"), "width": (8, 32), "epochs": (40, 100),
                  "pool": (3, 3), "fc": (1024, 1024)}
+# the flags that shape the network and its input and output, a checkpoint's for --eval-only, --predict, --transfer
+UNET_ARCHITECTURE = ("width", "depth", "unet_padding", "input_size", "size", "batchnorm", "dropout",
+                     "border_mode", "closing_size")
+ARCHITECTURE = UNET_ARCHITECTURE + ("pool", "fc", "head_dropout")
+
+
+def trained_args(state):
+    """The arguments a checkpoint's model was trained with: the run's, with its row's task and a."""
+    return {**state["args"], **state["spec"]}
 
 
 def resolve_defaults(args):
-    """Fills the data-dependent defaults (see the parser's epilog) and the --quick overrides; checks across flags."""
+    """Fills the data-dependent defaults (see the parser's epilog) and the --quick overrides, takes the network of an
+    --eval-only or --transfer checkpoint, and checks across flags (the network's fit too) before anything is written."""
     experiment = args.alpha_sweep or args.transfer
     args.task = args.task or ("joint" if experiment else "compare")
     if experiment and args.task != "joint":
@@ -174,7 +165,6 @@ def resolve_defaults(args):
     if args.lr_factor >= 1:
         raise common.UsageError(f"--lr-factor must be below 1 (it lowers the lr on a plateau), not {args.lr_factor}")
     real = args.data != "synthetic"
-    # --quick's values first (they win over the data's), then the data's; explicit flags are kept
     for key, value in [*(QUICK.items() if args.quick else ()), *((k, v[real]) for k, v in DATA_DEFAULTS.items())]:
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -182,6 +172,20 @@ def resolve_defaults(args):
         args.size = (388 if args.unet_padding == "valid" else 384) if real else 64
     if args.batch_size is None and (not real or args.predict):  # real data trains with each task's own (Tables)
         args.batch_size = 16
+    if args.eval_only:  # the checkpoint's architecture and task over the command line's
+        trained = trained_args(common.load_checkpoint(args.checkpoint, SCRIPT))
+        common.restore_architecture(args, {"args": trained}, ARCHITECTURE + ("task", "data"))
+    if args.transfer:
+        trained = trained_args(common.load_checkpoint(args.transfer, SCRIPT))
+        if trained["task"] == "cls":
+            raise common.UsageError(f"--transfer needs a segmentation (or joint) checkpoint; {args.transfer} is cls")
+        common.restore_architecture(args, {"args": trained}, UNET_ARCHITECTURE)
+    if not args.predict:  # (--predict builds the checkpoint's network)
+        try:
+            geometry = network_geometry(args.size, args.depth, args.unet_padding, args.input_size)
+            check_pool(args.pool, geometry["bottleneck"])
+        except ValueError as error:
+            raise common.UsageError(str(error)) from None
     return args
 
 
@@ -190,7 +194,7 @@ def batch_size_for(args, task):
     return args.batch_size if args.batch_size is not None else PAPER_BATCH[task]
 
 
-# ======================================= Model (Sec. V-VII) =======================================
+# ============================ The method: model (Sec. V-VII) and losses ============================
 
 def valid_geometry(depth, bottleneck):
     """Sides of the unpadded U-Net (Sec. V, Fig. 2), in closed form from its bottleneck side b.
@@ -205,24 +209,29 @@ def valid_geometry(depth, bottleneck):
             "bottleneck": bottleneck}
 
 
-def network_geometry(args):
-    """Input side, output side and bottleneck side of the network for images of side --size."""
-    size, depth = args.size, args.depth
-    if args.unet_padding == "same":
+def network_geometry(size, depth, padding, input_size=None):
+    """Input, output and bottleneck sides of the U-Net for images of side `size`; ValueError if it does not fit."""
+    if padding == "same":
         if size % 2 ** depth:
-            raise common.UsageError(f"--size {size} must be divisible by 2^depth = {2 ** depth} with same padding")
+            raise ValueError(f"--size {size} must be divisible by 2^depth = {2 ** depth} with same padding")
         return {"input": size, "output": size, "bottleneck": size // 2 ** depth}
-    if args.input_size is not None:  # n = 2^d (b + 8) - 4 must hold for a whole b, with o >= 1
-        bottleneck, remainder = divmod(args.input_size + 4, 2 ** depth)
+    if input_size is not None:  # n = 2^d (b + 8) - 4 must hold for a whole b, with o >= 1
+        bottleneck, remainder = divmod(input_size + 4, 2 ** depth)
         geometry = valid_geometry(depth, bottleneck - 8)
         if remainder or geometry["output"] < 1 or geometry["bottleneck"] < 1:
-            raise common.UsageError(f"--input-size {args.input_size} does not fit the valid U-Net of depth {depth}: "
-                                    f"it must be 2^{depth} (b + 8) - 4 for a whole bottleneck side b whose output "
-                                    f"2^{depth} (b - 4) + 4 is positive (e.g. 572 = {2 ** depth} * 36 - 4)")
+            raise ValueError(f"--input-size {input_size} does not fit the valid U-Net of depth {depth}: not 2^{depth} "
+                             f"(b + 8) - 4 for a whole b with output 2^{depth} (b - 4) + 4 >= 1 (depth 4: 572)")
         return geometry
     # the smallest input whose output covers the image (Sec. VIII): o = 2^d (b - 4) + 4 >= size, i.e.
     # b = 4 + ceil((size - 4) / 2^d); --size 388 -> b = 4 + 24 = 28 -> 572 in, 388 out
     return valid_geometry(depth, 4 + -(-(size - 4) // 2 ** depth))
+
+
+def check_pool(pool, side):
+    """A pool larger than the bottleneck is refused rather than clamped (a clamp would change the head silently)."""
+    if not 1 <= pool <= side:
+        raise ValueError(f"--pool {pool} does not fit the {side}x{side} bottleneck of this --size, --unet-padding "
+                         f"and --depth; use --pool 1..{side} or a larger --size")
 
 
 class ClassificationHead(nn.Module):
@@ -230,8 +239,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, channels, side, n_classes, pool=3, fc=1024, dropout=0.5):
         super().__init__()
-        if not 1 <= pool <= side:  # refused rather than clamped: a clamp would change the head silently
-            raise ValueError(f"a {pool}x{pool} max pool does not fit the {side}x{side} bottleneck")
+        check_pool(pool, side)
         pooled = side // pool  # Table X: 28 // 3 = 9 -> 9 * 9 * 512 inputs to the first FC
         self.pool = nn.MaxPool2d(pool, stride=pool)
         self.layers = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * pooled * pooled, fc),
@@ -242,9 +250,8 @@ class ClassificationHead(nn.Module):
 
 
 def thesis_unet(width, depth, padding, batchnorm):
-    """The U-Net of Sec. V: common.UNet (RGB in, one lesion logit out); without --batchnorm every
-    block is the original U-Net's (3x3 conv + bias -> ReLU) x 2. Weights start as in the original
-    U-Net (Ronneberger et al., Sec. 3): Gaussian with std sqrt(2 / fan_in), biases 0."""
+    """The U-Net of Sec. V: common.UNet (RGB in, one lesion logit out); without batchnorm every block is the original
+    U-Net's (3x3 conv + bias -> ReLU) x 2, and weights start as there: Gaussian, std sqrt(2 / fan_in), biases 0."""
     unet = common.UNet(3, 1, width=width, depth=depth, padding=padding)
     if not batchnorm:  # swap common.UNet's conv-BN-ReLU blocks for conv-ReLU blocks of the same shape
         ch = unet.feature_channels
@@ -261,10 +268,66 @@ def thesis_unet(width, depth, padding, batchnorm):
     return unet
 
 
-# What each task trains (Sec. VII, Eq. 4): the branches the forward pass runs, (segment, classify),
-# and the a of Eq. 4 (task_alpha): seg = the U-Net alone, a = 1, L = L_seg (the head never runs);
-# cls = encoder + head, a = 0, L = L_cls (the decoder never runs); joint = both, a = --alpha.
-BRANCHES = {"seg": (True, False), "cls": (False, True), "joint": (True, True)}
+# The branches each task runs (Sec. VII): seg = the U-Net alone, cls = encoder + head, joint = both.
+BRANCHES = {"seg": ("seg",), "cls": ("cls",), "joint": ("seg", "cls")}
+
+
+class MultiTaskUNet(nn.Module):
+    """Fig. 4: a U-Net whose bottleneck also feeds the classification head. `branches` switches them on
+    (BRANCHES); both are always built, so that every task's checkpoint has the same layout."""
+
+    def __init__(self, n_classes, width, depth, padding, dropout, bottleneck, pool, fc, head_dropout,
+                 batchnorm=False, branches=("seg", "cls")):
+        super().__init__()
+        self.branches = branches
+        self.unet = thesis_unet(width, depth, padding, batchnorm)
+        self.contracting_dropout = nn.Dropout(dropout)  # end of the contracting path (U-Net paper)
+        self.classifier = ClassificationHead(self.unet.feature_channels[-1], bottleneck, n_classes,
+                                             pool, fc, head_dropout)
+
+    def forward(self, x):
+        """-> {"cls": class logits [B,C], "seg": lesion logits [B,o,o]}, for the branches switched on."""
+        *skips, bottom = self.unet.encode(x)  # skip features of levels 0..d-1; bottleneck [B, 16 w, b, b]
+        outputs = {}
+        if "cls" in self.branches:  # the head reads the bottleneck as it is (its own two dropouts, Table VII)
+            outputs["cls"] = self.classifier(bottom)
+        if "seg" in self.branches:  # the decoder reads it through the U-Net's dropout
+            outputs["seg"] = self.unet.decode(skips + [self.contracting_dropout(bottom)])[:, 0]
+        return outputs
+
+    def branch_parameters(self):
+        """The parameters of the branches switched on (Table V counts the U-Net, Table X the U-Net and the head)."""
+        modules = [self.unet] if "seg" in self.branches else [self.unet.inc, self.unet.downs]
+        modules += [self.classifier] if "cls" in self.branches else []
+        return [p for module in modules for p in module.parameters()]
+
+
+def segmentation_loss(seg_logits, masks):
+    """Eq. 2: binary cross-entropy between the lesion probability and the mask (mean over pixels)."""
+    return F.binary_cross_entropy_with_logits(seg_logits.float(), masks)
+
+
+def class_weights(labels, n_classes):
+    """Eq. 12: W_c = N / (n_classes * n_c), from the class counts of the training set."""
+    counts = torch.bincount(labels.cpu(), minlength=n_classes).double()
+    # W_c = N / (n_classes n_c); a class absent from training gets the weight of a single image
+    return (labels.numel() / (n_classes * counts.clamp_min(1))).float()
+
+
+def classification_loss(cls_logits, labels, weights):
+    """Eq. 3 with the weights of Eq. 12: L = -1/N sum_i W_{y_i} log p_model[y_i] (Keras class_weight)."""
+    cross_entropy = F.cross_entropy(cls_logits.float(), labels, reduction="none")  # -log p[y_i], [B]
+    return (weights[labels] * cross_entropy).mean()
+
+
+def branch_losses(outputs, masks, labels, weights):
+    """The loss of each branch that ran: {"seg": L_seg (Eq. 2), "cls": L_cls (Eq. 3 with Eq. 12's weights)}."""
+    losses = {}
+    if "seg" in outputs:
+        losses["seg"] = segmentation_loss(outputs["seg"], masks)
+    if "cls" in outputs:
+        losses["cls"] = classification_loss(outputs["cls"], labels, weights)
+    return losses
 
 
 def task_alpha(task, alpha):
@@ -272,50 +335,16 @@ def task_alpha(task, alpha):
     return {"seg": 1.0, "cls": 0.0}.get(task, alpha)
 
 
-class MultiTaskUNet(nn.Module):
-    """Fig. 4: a U-Net whose bottleneck also feeds the head; forward(x, *BRANCHES[task]) runs only those branches."""
-
-    def __init__(self, n_classes, width, depth, padding, dropout, bottleneck, pool, fc, head_dropout, batchnorm=False):
-        super().__init__()
-        self.unet = thesis_unet(width, depth, padding, batchnorm)
-        self.contracting_dropout = nn.Dropout(dropout)  # end of the contracting path (U-Net paper)
-        self.classifier = ClassificationHead(self.unet.feature_channels[-1], bottleneck, n_classes,
-                                             pool, fc, head_dropout)
-
-    def forward(self, x, segment=True, classify=True):
-        *skips, bottom = self.unet.encode(x)        # skip features of levels 0..d-1; bottleneck [B, 16 w, b, b]
-        # the head reads the bottleneck as it is (it has its own two dropouts, Table VII), the decoder
-        # through the U-Net's dropout
-        cls_logits = self.classifier(bottom) if classify else None                                   # [B, C]
-        seg_logits = self.unet.decode(skips + [self.contracting_dropout(bottom)])[:, 0] if segment else None  # [B,o,o]
-        return seg_logits, cls_logits
-
-    def branch_parameters(self, task):
-        """The parameters a task uses (Table V counts the U-Net, Table X the U-Net and the head)."""
-        segment, classify = BRANCHES[task]
-        modules = [self.unet] if segment else [self.unet.inc, self.unet.downs]
-        return [p for m in modules + ([self.classifier] if classify else []) for p in m.parameters()]
-
-
-def check_head(args, geometry):
-    """A pool larger than the bottleneck is refused (ClassificationHead), here in the flags' words."""
-    side = geometry["bottleneck"]
-    if not 1 <= args.pool <= side:
-        raise common.UsageError(f"--pool {args.pool} does not fit the {side}x{side} bottleneck (--size {args.size}, "
-                                f"{args.unet_padding}, depth {args.depth}); use --pool 1..{side} or a larger --size")
-
-
-def build_model(args, n_classes, geometry):
-    check_head(args, geometry)
-    return MultiTaskUNet(n_classes, args.width, args.depth, args.unet_padding, args.dropout, geometry["bottleneck"],
-                         args.pool, args.fc, args.head_dropout, args.batchnorm)
+def joint_loss(loss_seg, loss_cls, alpha):
+    """Eq. 4 (sign corrected, see Deviations): L = a L_seg + (1 - a) L_cls."""
+    return alpha * loss_seg + (1.0 - alpha) * loss_cls
 
 
 # ==================== Pre-processing (Sec. VIII) and post-processing (Sec. IX) ====================
 
 def mirror_pad(x, pad, mode="reflect"):
-    """Pads [B,C,H,W] by `pad` per side: "reflect" as np.pad(mode="reflect"), in steps when wider than the map (the
-    U-Net's overlap-tile mirrors the mirror); "constant" pads 0, the mean colour after normalising."""
+    """Pads [B,C,H,W] by `pad` per side: "reflect" as np.pad, in steps when wider than the map (the overlap-tile
+    mirrors the mirror); "constant" pads 0, the mean colour after normalising."""
     if mode == "constant":
         return F.pad(x, (pad,) * 4)
     for axis in (-1, -2):
@@ -346,16 +375,10 @@ def preprocess(images, mean, std, geometry, border_mode):
     return x
 
 
-def target_masks(masks, geometry):
-    """Masks [B,S,S] -> float targets at the output side (the padded mask cropped to the output)."""
-    return resize(masks.float(), geometry["output"], "nearest")
-
-
 def morphological_closing(mask, size):
-    """Sec. IX step 2: closing (dilation, then erosion) with a size x size square, on [N,H,W] bool.
-    Equals cv2.morphologyEx(MORPH_CLOSE) with OpenCV's default border and scipy's binary_erosion(
-    binary_dilation(m, s), s, border_value=1): outside the image neither grows nor erodes the lesion
-    (scipy's binary_closing erodes a lesion touching the border). max_pool2d's -inf padding does so."""
+    """Sec. IX step 2: closing (dilation, then erosion) with a size x size square, on [N,H,W] bool, as OpenCV's
+    MORPH_CLOSE and scipy's binary_erosion(binary_dilation(m, s), s, border_value=1): outside the image neither
+    grows nor erodes the lesion (scipy's binary_closing erodes a lesion touching the border)."""
     x = mask[:, None].float()
     # dilation = max over the window (the -inf padding never wins: outside adds no lesion)
     dilated = F.max_pool2d(x, size, stride=1, padding=size // 2)
@@ -365,9 +388,8 @@ def morphological_closing(mask, size):
 
 
 def largest_connected_component(mask):
-    """Sec. IX step 3: keeps the largest 8-connected component of each mask [N,H,W] (one lesion per
-    image), as cv2.connectedComponentsWithStats(connectivity=8) or scipy's ndimage.label(m,
-    np.ones((3, 3))) and the largest area; ties go to the first label in raster order; empty stays empty."""
+    """Sec. IX step 3: the largest 8-connected component of each mask [N,H,W] (one lesion per image), as
+    scipy's ndimage.label(m, np.ones((3, 3))) and the largest area; ties go to the first in raster order."""
     labels = common.label_components(mask, connectivity=8).long()  # [N,H,W], 0 = background
     n, k = labels.shape[0], int(labels.max()) + 1
     # one bincount for the whole batch: image i's labels are shifted to i*k .. i*k + k - 1
@@ -379,10 +401,9 @@ def largest_connected_component(mask):
 
 
 def fill_holes(mask, check_every=16):
-    """Sec. IX step 4, flood filling: background pixels not 4-connected to the image border become
-    lesion, as scipy.ndimage.binary_fill_holes(m) or cv2.floodFill from a corner, inverted. A
-    geodesic dilation from the border's background pixels, one 4-connected step at a time through
-    background only, until it stops changing (checked every `check_every` steps: fewer host syncs)."""
+    """Sec. IX step 4, flood filling: background not 4-connected to the image border becomes lesion, as scipy's
+    binary_fill_holes. A geodesic dilation from the border's background, one 4-connected step at a time through
+    the background, until it stops changing (checked every `check_every` steps: fewer host syncs)."""
     background = ~mask.bool()
     reached = torch.zeros_like(background)  # the seeds: background pixels on the image border
     reached[:, 0], reached[:, -1], reached[:, :, 0], reached[:, :, -1] = True, True, True, True
@@ -411,101 +432,19 @@ def postprocess(prob, closing_size):
     return fill_holes(mask)                           # step 4: flood fill the interior
 
 
-# ======================================== Losses (Sec. X) =========================================
-
-def segmentation_loss(seg_logits, masks):
-    """Eq. 2: binary cross-entropy between the lesion probability and the mask (mean over pixels)."""
-    return F.binary_cross_entropy_with_logits(seg_logits.float(), masks)
-
-
-def class_weights(labels, n_classes):
-    """Eq. 12: W_c = N / (n_classes * n_c), from the class counts of the training set."""
-    counts = torch.bincount(labels.cpu(), minlength=n_classes).double()
-    # W_c = N / (n_classes n_c); a class absent from training gets the weight of a single image
-    return (labels.numel() / (n_classes * counts.clamp_min(1))).float()
-
-
-def classification_loss(cls_logits, labels, weights):
-    """Eq. 3 with the weights of Eq. 12: L = -1/N sum_i W_{y_i} log p_model[y_i] (Keras class_weight)."""
-    cross_entropy = F.cross_entropy(cls_logits.float(), labels, reduction="none")  # -log p[y_i], [B]
-    return (weights[labels] * cross_entropy).mean()
-
-
-def joint_loss(loss_seg, loss_cls, alpha):
-    """Eq. 4 (sign corrected, see Deviations): L = a L_seg + (1 - a) L_cls."""
-    return alpha * loss_seg + (1.0 - alpha) * loss_cls
-
-
 # ==================================== Training and evaluation =====================================
 
-def training_step(model, images, masks, labels, task, alpha, weights, geometry):
-    """Forward and losses of one batch; returns (L, L_seg, L_cls) as tensors (no host sync)."""
-    segment, classify = BRANCHES[task]
-    seg_logits, cls_logits = model(images, segment, classify)
-    zero = images.new_zeros(())
-    loss_seg = segmentation_loss(seg_logits, target_masks(masks, geometry)) if segment else zero
-    loss_cls = classification_loss(cls_logits, labels, weights) if classify else zero
-    return joint_loss(loss_seg, loss_cls, task_alpha(task, alpha)), loss_seg, loss_cls
-
-
-def infer(model, images, args, task, geometry, mean, std, device):
-    """uint8 images [B,3,S,S] -> (lesion probability [B,o,o], post-processed mask [B,S,S] (Sec. IX), class
-    probabilities [B,C]), None for a branch `task` does not run: what evaluation and --predict see."""
-    segment, classify = BRANCHES[task]
-    with common.autocast(device, args.amp):
-        seg_logits, cls_logits = model(preprocess(images, mean, std, geometry, args.border_mode), segment, classify)
-    prob = torch.sigmoid(seg_logits.float()) if segment else None                      # [B, o, o]
-    post = restore_resolution(postprocess(prob, args.closing_size), args.size) if segment else None
-    class_probs = torch.softmax(cls_logits.float(), dim=1) if classify else None       # Eq. 1, [B, C]
-    return prob, post, class_probs
-
-
-def class_key(name):
-    return name.lower().replace(" ", "_").replace("-", "_")
-
-
-@torch.no_grad()
-def evaluate(model, split, args, task, geometry, mean, std, device):
-    """Sec. XII metrics on one split (percent). Returns (metrics, per-image outputs for figures)."""
-    model.eval()
-    segment, classify = BRANCHES[task]
-    raw, post, probs = [], [], []
-    for batch in common.iterate_batches(split, batch_size_for(args, task) * 2, shuffle=False):
-        prob, mask, class_probs = infer(model, batch["images"], args, task, geometry, mean, std, device)
-        if segment:
-            raw.append(restore_resolution(prob > 0.5, args.size))
-            post.append(mask)
-        if classify:
-            probs.append(class_probs)
-    metrics, outputs = {}, {}
-    if segment:
-        truth, valid = split["masks"] > 0, split.get("valid")
-        # letterboxed real images: JAC over the image's own pixels (the padding is not the image; truth is 0 there)
-        for key, masks in (("pred_raw", raw), ("pred_post", post)):
-            outputs[key] = torch.cat(masks) & (valid.bool() if valid is not None else True)
-        outputs["jaccard_post"] = common.jaccard(outputs["pred_post"], truth)      # Eq. 5 per image
-        metrics["jaccard"] = 100 * common.jaccard(outputs["pred_raw"], truth).mean().item()
-        metrics["jaccard_post"] = 100 * outputs["jaccard_post"].mean().item()
-    if classify:
-        outputs["probs"] = torch.cat(probs).cpu()
-        predicted, labels, n = outputs["probs"].argmax(1), split["labels"].cpu(), len(split["class_names"])
-        sensitivity, specificity = common.sensitivity_specificity(predicted, labels, n)  # Eq. 7, 8
-        metrics["balanced_accuracy"] = 100 * common.balanced_accuracy(predicted, labels, n)  # Eq. 9
-        metrics["accuracy"] = 100 * common.accuracy(predicted, labels)                   # Eq. 10
-        for c, name in enumerate(split["class_names"]):
-            metrics[f"sensitivity_{class_key(name)}"] = 100 * sensitivity[c].item()
-            metrics[f"specificity_{class_key(name)}"] = 100 * specificity[c].item()
-    if segment and classify:  # Eq. 11, with the post-processed JAC (Table XIV: 70.8 = (67.5 + 74.0) / 2)
-        metrics["mean_performance"] = (metrics["balanced_accuracy"] + metrics["jaccard_post"]) / 2
-    return metrics, outputs
-
-
-SELECTION = {"seg": "jaccard_post", "cls": "balanced_accuracy", "joint": "mean_performance"}  # Sec. X
+def build_model(args, n_classes):
+    """The task's MultiTaskUNet from the flags, and its geometry (input, output and bottleneck sides)."""
+    geometry = network_geometry(args.size, args.depth, args.unet_padding, args.input_size)
+    model = MultiTaskUNet(n_classes, args.width, args.depth, args.unet_padding, args.dropout, geometry["bottleneck"],
+                          args.pool, args.fc, args.head_dropout, args.batchnorm, BRANCHES[args.task])
+    return model, geometry
 
 
 def flips_and_right_angle_rotations(batch, generator):
-    """The author's augmentation: image and mask together get one of the 8 symmetries of the square,
-    uniformly: a transpose, a left-right and an up-down flip, each with probability 1/2."""
+    """The author's augmentation: image and mask together get one of the 8 symmetries of the square, uniformly (a
+    transpose, a left-right and an up-down flip, each with probability 1/2)."""
     b = batch["images"].shape[0]
     coins = torch.rand((b, 3), generator=generator, device=generator.device).to(batch["images"].device) < 0.5
     out = dict(batch)
@@ -527,23 +466,75 @@ def augment(batch, args, generator):
 
 
 def keras_reduce_lr_on_plateau(optimizer, factor, patience):
-    """Sec. XV.A ("lowering to 80 % ... every time the loss value doesn't decrease for 5 epochs") as
-    Keras' ReduceLROnPlateau(monitor="loss"): an epoch whose loss is not below best - 1e-4 counts one;
-    at `patience` the lr is multiplied by `factor`, the count restarts (flat loss: drops after epochs 6,
-    11, 16). torch's drops when its count *exceeds* patience (7, 13, 19): Keras' p is torch's p - 1."""
+    """Sec. XV.A as Keras' ReduceLROnPlateau(monitor="loss"): a flat loss drops the lr after epochs 6, 11, 16, where
+    torch's drops when its count of stale epochs *exceeds* patience (7, 13, 19): Keras' p is torch's p - 1."""
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience - 1,
                                                       threshold=1e-4, threshold_mode="abs")
 
 
+def infer(model, images, args, geometry, mean, std, device):
+    """uint8 images [B,3,S,S] -> what evaluation and --predict see of the branches the model runs: {"prob": lesion
+    probability [B,o,o], "pred_post": post-processed mask [B,S,S] (Sec. IX), "probs": class probabilities [B,C]}."""
+    with common.autocast(device, args.amp):
+        outputs = model(preprocess(images, mean, std, geometry, args.border_mode))
+    out = {}
+    if "seg" in outputs:
+        out["prob"] = torch.sigmoid(outputs["seg"].float())                                        # [B, o, o]
+        out["pred_post"] = restore_resolution(postprocess(out["prob"], args.closing_size), args.size)
+    if "cls" in outputs:
+        out["probs"] = torch.softmax(outputs["cls"].float(), dim=1)                               # Eq. 1, [B, C]
+    return out
+
+
+def class_key(name):
+    return name.lower().replace(" ", "_").replace("-", "_")
+
+
+@torch.no_grad()
+def evaluate(model, split, args, geometry, mean, std, device):
+    """Sec. XII metrics on one split (percent), for the branches the model runs. Returns (metrics, per-image outputs
+    for figures)."""
+    model.eval()
+    parts = []
+    for batch in common.iterate_batches(split, batch_size_for(args, args.task) * 2, shuffle=False):
+        out = infer(model, batch["images"], args, geometry, mean, std, device)
+        if "prob" in out:  # the mask before post-processing (Table VI); the probabilities are not kept
+            out["pred_raw"] = restore_resolution(out.pop("prob") > 0.5, args.size)
+        parts.append(out)
+    outputs = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    metrics = {}
+    if "pred_post" in outputs:
+        truth, valid = split["masks"] > 0, split.get("valid")
+        # letterboxed real images: JAC over the image's own pixels (the padding is not the image; truth is 0 there)
+        for key in ("pred_raw", "pred_post"):
+            outputs[key] = outputs[key] & (valid.bool() if valid is not None else True)
+        outputs["jaccard_post"] = common.jaccard(outputs["pred_post"], truth)      # Eq. 5 per image
+        metrics["jaccard"] = 100 * common.jaccard(outputs["pred_raw"], truth).mean().item()
+        metrics["jaccard_post"] = 100 * outputs["jaccard_post"].mean().item()
+    if "probs" in outputs:
+        outputs["probs"] = outputs["probs"].cpu()
+        predicted, labels, n = outputs["probs"].argmax(1), split["labels"].cpu(), len(split["class_names"])
+        sensitivity, specificity = common.sensitivity_specificity(predicted, labels, n)  # Eq. 7, 8
+        metrics["balanced_accuracy"] = 100 * common.balanced_accuracy(predicted, labels, n)  # Eq. 9
+        metrics["accuracy"] = 100 * common.accuracy(predicted, labels)                   # Eq. 10
+        for c, name in enumerate(split["class_names"]):
+            metrics[f"sensitivity_{class_key(name)}"] = 100 * sensitivity[c].item()
+            metrics[f"specificity_{class_key(name)}"] = 100 * specificity[c].item()
+    if "pred_post" in outputs and "probs" in outputs:  # Eq. 11, with the post-processed JAC (Table XIV)
+        metrics["mean_performance"] = (metrics["balanced_accuracy"] + metrics["jaccard_post"]) / 2
+    return metrics, outputs
+
+
+SELECTION = {"seg": "jaccard_post", "cls": "balanced_accuracy", "joint": "mean_performance"}  # Sec. X
+
+
 def train(job, model, net, data, args, geometry, mean, std):
     """Sec. X / XV.A: Adam, shuffled augmented batches, the lr schedule, validation and checkpoint every epoch, the
-    best kept (common.save; common.resume continues an interrupted job). `model` trains (maybe compiled),
-    `net` is the plain module inside it."""
+    best kept; an interrupted job resumes. `model` trains (maybe compiled), `net` is the plain module inside it."""
     run, task, train_split = job.run, args.task, data["train"]
-    class_names = train_split["class_names"]
-    n = len(class_names)
+    n = len(train_split["class_names"])
     weights = (class_weights(train_split["labels"], n) if args.class_weights else torch.ones(n)).to(run.device)
-    alpha = 0.0 if args.transfer else args.alpha
+    alpha = 0.0 if args.transfer else task_alpha(task, args.alpha)  # Eq. 4's a; transfer trains the head alone
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     scheduler = keras_reduce_lr_on_plateau(optimizer, args.lr_factor, args.lr_patience)
     start, best = common.resume(job, model, optimizer, scheduler)
@@ -556,34 +547,94 @@ def train(job, model, net, data, args, geometry, mean, std):
         if args.transfer:
             net.unet.eval()  # frozen: keep its BatchNorm statistics and no dropout
         generator.manual_seed(args.seed * 1000 + epoch)  # repeatable epochs, also after --resume
-        totals = torch.zeros(3, device=run.device)       # sums of L, L_seg, L_cls over the epoch
+        totals = torch.zeros(1 + len(net.branches), device=run.device)  # sums of L and each branch's loss
         batches = (augment(b, args, generator) for b in common.iterate_batches(train_split, batch_size, shuffle=True,
                                                                                generator=generator))
         for batch in progress.epoch(epoch, batches):
             batch = common.shard(batch, run.dist)  # this process's slice (torchrun data mode)
             x = preprocess(batch["images"], mean, std, geometry, args.border_mode)
             with common.autocast(run.device, args.amp):
-                loss, loss_seg, loss_cls = training_step(model, x, batch["masks"], batch["labels"], task, alpha,
-                                                         weights, geometry)  # Eq. 4
+                outputs = model(x)  # the task's branches: {"cls": [B,C], "seg": [B,o,o]}
+                masks = resize(batch["masks"].float(), geometry["output"], "nearest")  # at the output side (Sec. VIII)
+                losses = branch_losses(outputs, masks, batch["labels"], weights)
+                # Eq. 4: L = a L_seg + (1 - a) L_cls; a branch switched off adds nothing (seg: a = 1, cls: a = 0)
+                loss = joint_loss(losses.get("seg", 0.0), losses.get("cls", 0.0), alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals += torch.stack([loss, loss_seg, loss_cls]).detach()
+            totals += torch.stack([loss, *losses.values()]).detach()
             progress.step(loss, x.shape[0])
         totals = common.mean_over_ranks(totals, run.dist)  # torchrun data mode: every process steps the same lr
-        loss, loss_seg, loss_cls = (totals / steps).tolist()
+        loss, *branch_means = (totals / steps).tolist()
         scheduler.step(loss)  # Sec. XV.A: x0.8 after 5 epochs in a row without a lower loss
-        val_metrics, _ = evaluate(model, data["val"], args, task, geometry, mean, std, run.device)
+        val_metrics, _ = evaluate(model, data["val"], args, geometry, mean, std, run.device)
         score = val_metrics[SELECTION[task]]
-        job.log(epoch=epoch + 1, train_loss=loss, train_loss_seg=loss_seg, train_loss_cls=loss_cls,
+        job.log(epoch=epoch + 1, train_loss=loss, **{f"train_loss_{b}": v for b, v in zip(net.branches, branch_means)},
                 lr=optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in val_metrics.items()})
         print(f"[{job.name}] epoch {epoch + 1}/{args.epochs} loss {loss:.4f} val {SELECTION[task]} {score:.1f}"
               + (" (best)" if score > best else ""), flush=True)
-        # besides the weights, what --eval-only, --transfer and --predict need: the row's task and a, the
-        # input statistics, the classes
-        best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler, spec={"task": task, "alpha":
-                           args.alpha}, norm_mean=mean.cpu(), norm_std=std.cpu(), class_names=list(class_names))
+        # with the weights what --eval-only, --transfer and --predict need: the row's task and a, input statistics
+        best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler, norm_mean=mean.cpu(),
+                           norm_std=std.cpu(), spec={"task": task, "alpha": args.alpha},
+                           class_names=train_split["class_names"])
     progress.report()
+
+
+def load_data(args):
+    """The dataset of a run; synthetic data is generated from args.seed (one draw per seed)."""
+    synthetic = args.data == "synthetic"
+    name, sizes = ("synthetic-lesions", common.synthetic_split_sizes(args)) if synthetic else (args.data, {})
+    data = common.load_dataset(name, root=args.root, size=args.size, seed=args.seed, cache=args.cache, **sizes)
+    if "train" not in data or "val" not in data:
+        raise common.UsageError(f"{name}: training needs train and val splits, found {sorted(data)}")
+    return data
+
+
+def table_rows(args):
+    """The rows of the run's table, {row name (its jobs' folder name): its changes to the arguments}."""
+    if args.alpha_sweep:  # Table XI
+        return {f"alpha={a:g}": {"task": "joint", "alpha": a} for a in args.alpha_sweep}
+    if args.task == "compare":  # Sec. XVI
+        return {task: {"task": task} for task in TASKS}
+    return {args.task: {}}
+
+
+def train_and_test(job, changes, datasets):
+    """One job, a table row x seed: trains (or, with --eval-only, loads) a model of the row's task in job.dir and
+    evaluates it; the first seed's model of each row draws the row's figures. Returns its flat metrics."""
+    run = job.run
+    args = argparse.Namespace(**{**vars(run.args), "seed": job.seed, **changes})
+    if job.seed not in datasets:  # the synthetic data is drawn from the seed: one draw per seed
+        datasets[job.seed] = load_data(args)
+    data = {k: common.to_device(v, run.device) for k, v in datasets[job.seed].items()}
+    class_names = data["train"]["class_names"]
+    mean, std = (s.to(run.device) for s in common.channel_stats(data["train"]["images"]))  # Sec. VIII
+    net, geometry = build_model(args, len(class_names))
+    if args.transfer:  # hypothesis 1 (Sec. XVI.B): the U-Net of a segmentation checkpoint, frozen
+        weights = common.load_checkpoint(args.transfer, SCRIPT)["model"]
+        net.unet.load_state_dict({k[len("unet."):]: v for k, v in weights.items() if k.startswith("unet.")})
+        net.unet.requires_grad_(False)
+    print(f"[{job.name}] {sum(p.numel() for p in net.branch_parameters()) / 1e6:.2f}M parameters; network "
+          f"{geometry['input']} -> {geometry['output']} px (images {args.size} px)", flush=True)
+    model = common.prepare_model(net, run)
+    if args.eval_only:
+        state = common.load_checkpoint(args.checkpoint, SCRIPT, map_location=run.device)
+        common.load_model_state(model, state["model"])
+    else:
+        train(job, model, net, data, args, geometry, mean, std)
+        state = common.load_best(job, model)
+    mean, std = state["norm_mean"].to(run.device), state["norm_std"].to(run.device)  # the model's own statistics
+    results = {}
+    for split in ("val", "test") if "test" in data else ("val",):  # the figures show the last one
+        results[split], outputs = evaluate(model, data[split], args, geometry, mean, std, run.device)
+    if job.seed == common.seed_list(run.args)[0]:  # the row's figures: its first seed's model
+        figure_examples(data[split], outputs, job.figures / f"examples_{job.row}.png")
+        if not args.eval_only:
+            keys = [k for k in ("jaccard_post", "balanced_accuracy", "mean_performance") if k in results[split]]
+            common.plot_curves(job, ["train_loss"] + [f"val_{k}" for k in keys],
+                               job.figures / f"training_curves_{job.row}.png")
+    flat = {**{f"val_{k}": v for k, v in results["val"].items()}, **results.get("test", {})}
+    return {**flat, "best_epoch": state["epoch"], "class_names": list(class_names)}
 
 
 # ========================== Report: tables (Markdown + JSON) and figures ==========================
@@ -626,14 +677,14 @@ def task_table(task, row, class_names):
 def figure_examples(split, outputs, path, n_each=3):
     """Figs. 5-12: true (green) and predicted (red) contours, class probabilities; right, wrong (seg: best, worst)."""
     names, probs = split["class_names"], outputs.get("probs")
-    if probs is not None:
+    if "probs" in outputs:
         correct = probs.argmax(1) == split["labels"].cpu()
         picks = [(i, kind) for kind, hit in (("correct", correct), ("wrong", ~correct))
                  for i in hit.nonzero()[:n_each, 0].tolist()]
     else:
         order = outputs["jaccard_post"].argsort(descending=True).tolist()
         picks = [(i, "best JAC") for i in order[:n_each]] + [(i, "worst JAC") for i in order[::-1][:n_each]]
-    rows, cols = (1 if probs is None else 2), max(len(picks), 1)
+    rows, cols = (2 if "probs" in outputs else 1), max(len(picks), 1)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     for col, (i, title) in enumerate(picks):
         ax = axes[0, col]
@@ -642,7 +693,7 @@ def figure_examples(split, outputs, path, n_each=3):
             common.draw_contours(ax, split["masks"][i].cpu() > 0, "lime", label="truth")
             common.draw_contours(ax, outputs["pred_post"][i].cpu(), "red", label="predicted")
             title += f"\nJAC {100 * outputs['jaccard_post'][i].item():.0f}%"
-        if probs is not None:
+        if "probs" in outputs:
             title += f"\ntrue {names[split['labels'][i].item()]}\npredicted {names[probs[i].argmax().item()]}"
             axes[1, col].barh(range(len(names)), probs[i].numpy(), color="tab:blue")
             axes[1, col].set_yticks(range(len(names)), [_short(n.lower()) for n in names])
@@ -665,11 +716,6 @@ def figure_comparison(table, path):
     axes[0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     common.save_figure(fig, path)
-
-
-def flat_metrics(results):
-    """{split: metrics} -> one flat row: test metrics under their names, validation ones as val_<name>."""
-    return {**{f"val_{k}": v for k, v in results.get("val", {}).items()}, **results.get("test", {})}
 
 
 def publish(run, heading, body, row, table):
@@ -734,101 +780,19 @@ def report_alpha_sweep(run, table):
     common.save_figure(fig, run.figures / "alpha_sweep.png")
 
 
-# =================== One model, and the tables as loops over it (rows x seeds) ====================
-
-def load_data(args):
-    """The dataset of a run; synthetic data is generated from args.seed (one draw per seed)."""
-    synthetic = args.data == "synthetic"
-    sizes = common.synthetic_split_sizes(args) if synthetic else {}
-    name = "synthetic-lesions" if synthetic else args.data
-    data = common.load_dataset(name, root=args.root, size=args.size, seed=args.seed, cache=args.cache, **sizes)
-    if "train" not in data or "val" not in data:
-        raise common.UsageError(f"{name}: training needs train and val splits, found {sorted(data)}")
-    return data
-
-
-def with_changes(args, **changes):
-    config = copy.copy(args)
-    vars(config).update(changes)
-    return config
-
-
-def table_rows(args):
-    """The rows of the run's table, {row name (its jobs' folder name): its changes to the arguments}."""
-    if args.alpha_sweep:  # Table XI
-        return {f"alpha={a:g}": {"task": "joint", "alpha": a} for a in args.alpha_sweep}
-    if args.task == "compare":  # Sec. XVI
-        return {task: {"task": task} for task in TASKS}
-    return {args.task: {}}
-
-
-def train_and_test(job, changes, datasets):
-    """One job, a table row x seed: trains (or, with --eval-only, loads) a model of the row's task in job.dir and
-    evaluates it; the first seed's model of each row draws the row's figures. Returns its flat metrics."""
-    run = job.run
-    args = with_changes(run.args, seed=job.seed, **changes)
-    if job.seed not in datasets:  # the synthetic data is drawn from the seed: one draw per seed
-        datasets[job.seed] = load_data(args)
-    data = {k: common.to_device(v, run.device) for k, v in datasets[job.seed].items()}
-    class_names = data["train"]["class_names"]
-    mean, std = (s.to(run.device) for s in common.channel_stats(data["train"]["images"]))  # Sec. VIII
-    geometry = network_geometry(args)
-    net = build_model(args, len(class_names), geometry)
-    if args.transfer:  # hypothesis 1 (Sec. XVI.B): the U-Net of a segmentation checkpoint, frozen
-        weights = common.load_checkpoint(args.transfer, SCRIPT)["model"]
-        net.unet.load_state_dict({k[len("unet."):]: v for k, v in weights.items() if k.startswith("unet.")})
-        net.unet.requires_grad_(False)
-    print(f"[{job.name}] {sum(p.numel() for p in net.branch_parameters(args.task)) / 1e6:.2f}M parameters; network "
-          f"{geometry['input']} -> {geometry['output']} px (images {args.size} px)", flush=True)
-    model = common.prepare_model(net, run)
-    if args.eval_only:
-        state = common.load_checkpoint(args.checkpoint, SCRIPT, map_location=run.device)
-        common.load_model_state(model, state["model"])
-    else:
-        train(job, model, net, data, args, geometry, mean, std)
-        state = common.load_best(job, model)
-    if "norm_mean" in state:  # evaluate with the statistics the model was trained with
-        mean, std = state["norm_mean"].to(run.device), state["norm_std"].to(run.device)
-    results = {}
-    for split in ("val", "test") if "test" in data else ("val",):  # the figures show the last one
-        results[split], outputs = evaluate(model, data[split], args, args.task, geometry, mean, std, run.device)
-    if job.seed == common.seed_list(run.args)[0]:  # the row's figures: its first seed's model
-        figure_examples(data[split], outputs, job.figures / f"examples_{job.row}.png")
-        if not args.eval_only:
-            keys = [k for k in ("jaccard_post", "balanced_accuracy", "mean_performance") if k in results[split]]
-            common.plot_curves(job, ["train_loss"] + [f"val_{k}" for k in keys],
-                               job.figures / f"training_curves_{job.row}.png")
-    return {**flat_metrics(results), "best_epoch": state.get("epoch"), "class_names": list(class_names)}
-
-
 # ========== Predict: a trained model on a user's own images (--predict, or from Python) ===========
-
-# every argument that shapes the network or its input and output: restored from a checkpoint
-UNET_ARCHITECTURE = ("width", "depth", "unet_padding", "input_size", "size", "batchnorm", "dropout",
-                     "border_mode", "closing_size")  # what --transfer takes over (the head is new)
-ARCHITECTURE = UNET_ARCHITECTURE + ("pool", "fc", "head_dropout")
-
-
-def trained_args(state):
-    """The arguments a checkpoint's model was trained with: the run's, with its row's task and a."""
-    return {**state["args"], **state.get("spec", {})}
-
 
 def load_model(checkpoint_path, device="cpu"):
     """A common.Predictor for a best.pt / last.pt: the model rebuilt from the checkpoint's arguments, in eval mode."""
     device = torch.device(device)
     state = common.load_checkpoint(checkpoint_path, SCRIPT, map_location=device)
-    if "norm_mean" not in state:
-        raise common.CheckpointError(f"{checkpoint_path} has no normalisation statistics (written by an older "
-                                     "joint_unet.py); train the model again to predict with it")
-    args = with_changes(resolve_defaults(build_parser().parse_args([])), **trained_args(state))
-    class_names = state.get("class_names") or ["nevus", "melanoma", "seborrheic_keratosis"]
-    geometry = network_geometry(args)
-    model = build_model(args, len(class_names), geometry)
+    args = argparse.Namespace(**trained_args(state))
+    model, geometry = build_model(args, len(state["class_names"]))
     common.load_model_state(model, state["model"])
     return common.Predictor(model=model.to(device).eval(), args=args, size=args.size, keep_aspect=True, device=device,
                             norm=(state["norm_mean"].to(device), state["norm_std"].to(device)),
-                            class_names=class_names, mask_names=["skin", "lesion"], extra={"geometry": geometry})
+                            class_names=state["class_names"], mask_names=["skin", "lesion"],
+                            extra={"geometry": geometry})
 
 
 @torch.no_grad()
@@ -836,37 +800,26 @@ def predict_batch(predictor, images):
     """uint8 [B,3,S,S] -> {"mask": the post-processed lesion [B,S,S], "maps": {"entropy": of the lesion probability,
     bits}, "rows": predicted class, probability per class}. A cls model does not segment: empty mask, no map."""
     args, n = predictor.args, images.shape[0]
-    prob, mask, class_probs = infer(predictor.model, images, args, args.task, predictor.extra["geometry"],
-                                    *predictor.norm, predictor.device)
-    out = {"mask": torch.zeros(n, args.size, args.size, dtype=torch.long, device=images.device), "maps": {},
-           "rows": [{} for _ in range(n)]}
-    if prob is not None:
-        out["mask"] = mask.long()
+    out = infer(predictor.model, images, args, predictor.extra["geometry"], *predictor.norm, predictor.device)
+    empty = torch.zeros(n, args.size, args.size, dtype=torch.bool, device=images.device)
+    result = {"mask": out.get("pred_post", empty).long(), "maps": {}, "rows": [{} for _ in range(n)]}
+    if "prob" in out:
         # H(p) = -p log2 p - (1 - p) log2 (1 - p): 0 where the model is sure, 1 bit at p = 0.5
-        p = prob.clamp(1e-7, 1 - 1e-7)
-        out["maps"]["entropy"] = resize(-(p * p.log2() + (1 - p) * (1 - p).log2()), args.size, "bilinear")
-    for row, p in zip(out["rows"], class_probs.cpu() if class_probs is not None else ()):
+        p = out["prob"].clamp(1e-7, 1 - 1e-7)
+        result["maps"]["entropy"] = resize(-(p * p.log2() + (1 - p) * (1 - p).log2()), args.size, "bilinear")
+    for row, p in zip(result["rows"], out.get("probs", torch.empty(0)).cpu()):
         row["predicted_class"] = predictor.class_names[int(p.argmax())]
         row.update({f"p_{class_key(name)}": float(v) for name, v in zip(predictor.class_names, p)})
-    return out
+    return result
 
 
 # ============================================== main ==============================================
 
 def main(argv=None):
-    args = common.parse_args(build_parser(), SCRIPT, argv, resolve_defaults)
+    args = common.parse_args(build_parser(), SCRIPT, argv, resolve_defaults)  # every flag checked here
     if args.predict:  # a trained model on a user's images
         common.run_predict(args, load_model, predict_batch, SCRIPT)
         return
-    if args.eval_only:  # the checkpoint's architecture and task over the command line's
-        state = common.load_checkpoint(args.checkpoint, SCRIPT)
-        common.restore_architecture(args, {"args": trained_args(state)}, ARCHITECTURE + ("task", "data"))
-    if args.transfer:
-        trained = trained_args(common.load_checkpoint(args.transfer, SCRIPT))
-        if trained.get("task") == "cls":
-            raise common.UsageError(f"--transfer needs a segmentation (or joint) checkpoint; {args.transfer} is cls")
-        common.restore_architecture(args, {"args": trained}, UNET_ARCHITECTURE)
-    check_head(args, network_geometry(args))  # a bad --size / --pool / --input-size before any folder is made
     rows = table_rows(args)
     jobs = [(row, seed) for row in rows for seed in common.seed_list(args)]
     run = common.open_run(args, SCRIPT, n_jobs=len(jobs))

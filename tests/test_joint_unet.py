@@ -63,21 +63,42 @@ def test_joint_loss_weighs_segmentation_by_alpha_and_classification_by_one_minus
     assert ju.task_alpha("seg", 0.3) == 1.0 and ju.task_alpha("cls", 0.3) == 0.0 and ju.task_alpha("joint", 0.3) == 0.3
 
 
+def test_each_task_runs_only_its_branches_and_trains_on_their_loss():
+    torch.manual_seed(0)
+    images, masks = torch.randn(2, 3, 32, 32), (torch.rand(2, 32, 32) > 0.5).float()
+    labels, weights = torch.tensor([0, 2]), torch.tensor([0.5, 1.0, 3.0])
+    for task, keys in (("seg", ["seg"]), ("cls", ["cls"]), ("joint", ["cls", "seg"])):
+        model = ju.MultiTaskUNet(3, 4, 4, "same", 0.5, 2, 2, 16, 0.5, branches=ju.BRANCHES[task]).eval()
+        outputs = model(images)
+        assert sorted(outputs) == keys
+        losses = ju.branch_losses(outputs, masks, labels, weights)
+        assert sorted(losses) == keys
+        if "seg" in outputs:  # Eq. 2 and Eq. 3 on the branch's own output
+            assert losses["seg"].item() == pytest.approx(ju.segmentation_loss(outputs["seg"], masks).item())
+        if "cls" in outputs:
+            assert losses["cls"].item() == pytest.approx(ju.classification_loss(outputs["cls"], labels, weights).item())
+        # the training step's Eq. 4, a switched-off branch adding nothing: a single task trains on its own term
+        loss = ju.joint_loss(losses.get("seg", 0.0), losses.get("cls", 0.0), ju.task_alpha(task, 0.8))
+        expected = {"seg": lambda: losses["seg"], "cls": lambda: losses["cls"],
+                    "joint": lambda: 0.8 * losses["seg"] + 0.2 * losses["cls"]}[task]()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Model and gradients
 # --------------------------------------------------------------------------------------------
 
 def test_valid_unet_maps_572_to_388_and_the_head_sits_on_the_28x28_bottom():
     args = ju.resolve_defaults(ju.build_parser().parse_args(["--data", "isic2017", "--task", "joint"]))
-    geometry = ju.network_geometry(args)  # real-data defaults: --size 388, valid padding
+    geometry = ju.network_geometry(args.size, args.depth, args.unet_padding)  # real data: --size 388, valid
     assert geometry == {"input": 572, "output": 388, "bottleneck": 28}
     model = ju.MultiTaskUNet(3, 2, 4, "valid", 0.5, geometry["bottleneck"], 3, 8, 0.5).eval()
     with torch.no_grad():
-        seg, cls = model(torch.randn(1, 3, 572, 572))
-    assert seg.shape == (1, 388, 388) and cls.shape == (1, 3)
+        outputs = model(torch.randn(1, 3, 572, 572))
+    assert outputs["seg"].shape == (1, 388, 388) and outputs["cls"].shape == (1, 3)
     # synthetic 64 px images: the smallest valid input whose output covers them
-    assert ju.network_geometry(ju.resolve_defaults(ju.build_parser().parse_args(
-        ["--unet-padding", "valid"]))) == {"input": 252, "output": 68, "bottleneck": 8}
+    args = ju.resolve_defaults(ju.build_parser().parse_args(["--unet-padding", "valid"]))
+    assert ju.network_geometry(args.size, args.depth, "valid") == {"input": 252, "output": 68, "bottleneck": 8}
 
 
 def _unet_parameters_by_hand(width, depth):
@@ -95,9 +116,9 @@ def _unet_parameters_by_hand(width, depth):
 
 
 def test_thesis_unet_has_no_batchnorm_and_the_parameter_counts_of_tables_iv_v_x():
-    args = ju.resolve_defaults(ju.build_parser().parse_args(["--data", "isic2017"]))
+    args = ju.resolve_defaults(ju.build_parser().parse_args(["--data", "isic2017", "--task", "joint"]))
     assert args.batchnorm is False and args.width == 32 and args.pool == 3 and args.fc == 1024
-    model = ju.build_model(args, 3, ju.network_geometry(args))
+    model, _ = ju.build_model(args, 3)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     count = lambda params: sum(p.numel() for p in params)  # noqa: E731
     unet = count(model.unet.parameters())
@@ -111,15 +132,17 @@ def test_thesis_unet_has_no_batchnorm_and_the_parameter_counts_of_tables_iv_v_x(
     # width 32 (Table V), 3x3 pool on 28x28x512 -> 9x9x512, FC 1024: Table VII's "42M" FC layer
     assert head == 9 * 9 * 512 * 1024 + 1024 + 1024 * 3 + 3
     assert f"{(unet + head) / 1e6:.0f}M" == "50M"  # Table X: the multi-task model's 50M parameters
-    # the parameter count of the branch a task runs: seg = the U-Net, cls = encoder + head
-    assert count(model.branch_parameters("seg")) == unet
-    assert count(model.branch_parameters("joint")) == unet + head
+    # the parameter count of the branches a task runs: seg = the U-Net, cls = encoder + head
+    assert count(model.branch_parameters()) == unet + head
+    model.branches = ju.BRANCHES["seg"]
+    assert count(model.branch_parameters()) == unet
+    model.branches = ju.BRANCHES["cls"]
     encoder = count(model.unet.inc.parameters()) + count(model.unet.downs.parameters())
-    assert count(model.branch_parameters("cls")) == encoder + head
+    assert count(model.branch_parameters()) == encoder + head
     assert f"{encoder / 1e6:.1f}M" == "4.7M"  # Table VII prints 4.5M for the encoder
     # --batchnorm puts it back (after every convolution: 18 in the U-Net of depth 4)
-    with_bn = ju.build_model(ju.resolve_defaults(ju.build_parser().parse_args(["--data", "isic2017", "--batchnorm"])),
-                             3, ju.network_geometry(args))
+    with_bn, _ = ju.build_model(ju.resolve_defaults(ju.build_parser().parse_args(
+        ["--data", "isic2017", "--task", "seg", "--batchnorm"])), 3)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in with_bn.modules()) == 18
 
 
@@ -133,9 +156,10 @@ def test_quick_fills_only_the_flags_left_unset():
 
 
 def test_a_pool_larger_than_the_bottleneck_is_refused_not_clamped():
-    args = ju.resolve_defaults(ju.build_parser().parse_args(["--quick", "--pool", "3"]))  # 32 px: 2x2 bottom
-    with pytest.raises(common.UsageError, match="--pool 3 does not fit the 2x2 bottleneck"):
-        ju.build_model(args, 3, ju.network_geometry(args))
+    with pytest.raises(common.UsageError, match="--pool 3 does not fit the 2x2 bottleneck"):  # 32 px: 2x2 bottom
+        ju.resolve_defaults(ju.build_parser().parse_args(["--quick", "--pool", "3"]))
+    with pytest.raises(common.UsageError, match="--size 40 must be divisible by 2"):
+        ju.resolve_defaults(ju.build_parser().parse_args(["--quick", "--size", "40"]))
     with pytest.raises(ValueError):
         ju.ClassificationHead(64, 2, 3, pool=3)
 
@@ -168,27 +192,24 @@ def test_valid_geometry_closed_form_matches_the_layer_walk():
         assert min(fitting) == ju.valid_geometry(depth, 3 if depth == 1 else 4)["input"]
     # the smallest input whose output covers --size, for every size: the closed form's b is minimal
     outputs = {n: sides[1] for n in range(1, 700) if (sides := _valid_sides_step_by_step(n, 4))}
-    args = ju.resolve_defaults(ju.build_parser().parse_args(["--unet-padding", "valid"]))
     for size in range(1, 400):  # (--size itself starts at 8)
-        args.size = size
-        geometry = ju.network_geometry(args)
+        geometry = ju.network_geometry(size, 4, "valid")
         assert geometry["input"] == min(n for n, out in outputs.items() if out >= size)
         assert geometry["output"] == outputs[geometry["input"]]
     assert ju.valid_geometry(4, 28) == {"input": 572, "output": 388, "bottleneck": 28}
+    assert ju.network_geometry(388, 4, "valid", input_size=572) == ju.valid_geometry(4, 28)
+    assert ju.network_geometry(64, 4, "valid", input_size=572)["output"] == 388  # the flag wins over the least
     with pytest.raises(common.UsageError, match="572"):
-        ju.network_geometry(ju.resolve_defaults(ju.build_parser().parse_args(
-            ["--unet-padding", "valid", "--input-size", "570"])))
+        ju.resolve_defaults(ju.build_parser().parse_args(["--unet-padding", "valid", "--input-size", "570"]))
 
 
 def _grads(task, alpha):
     torch.manual_seed(0)
-    geometry = {"input": 32, "output": 32, "bottleneck": 2}
-    model = ju.MultiTaskUNet(3, 4, 4, "same", 0.5, 2, 2, 16, 0.5)
+    model = ju.MultiTaskUNet(3, 4, 4, "same", 0.5, 2, 2, 16, 0.5, branches=ju.BRANCHES[task])
     images = torch.randn(4, 3, 32, 32)
-    masks = (torch.rand(4, 32, 32) > 0.5).to(torch.uint8)
-    loss, _, _ = ju.training_step(model, images, masks, torch.tensor([0, 1, 2, 0]), task, alpha,
-                                  torch.ones(3), geometry)
-    loss.backward()
+    masks = (torch.rand(4, 32, 32) > 0.5).float()
+    losses = ju.branch_losses(model(images), masks, torch.tensor([0, 1, 2, 0]), torch.ones(3))
+    ju.joint_loss(losses.get("seg", 0.0), losses.get("cls", 0.0), ju.task_alpha(task, alpha)).backward()
     norm = lambda module: sum(0.0 if p.grad is None else p.grad.abs().sum().item()  # noqa: E731
                               for p in module.parameters())
     decoder = torch.nn.ModuleList([model.unet.ups, model.unet.head])
@@ -202,6 +223,11 @@ def test_alpha_one_leaves_the_classifier_without_gradient_and_alpha_zero_the_dec
     assert decoder == 0.0 and classifier > 0 and encoder > 0
     classifier, decoder, encoder = _grads("joint", 0.5)
     assert decoder > 0 and classifier > 0
+    # the single tasks: the branch switched off never runs (no gradient), whatever --alpha says
+    classifier, decoder, encoder = _grads("seg", 0.2)
+    assert classifier == 0.0 and decoder > 0 and encoder > 0
+    classifier, decoder, encoder = _grads("cls", 0.8)
+    assert decoder == 0.0 and classifier > 0 and encoder > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +314,7 @@ def test_valid_output_covers_exactly_the_scaled_image(mode):
         assert x[:, :, :92].abs().max() == 0 and x[:, :, :, -92:].abs().max() == 0
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 10:20, 30:50] = 1
-    target = ju.target_masks(masks, geometry)
+    target = ju.resize(masks.float(), geometry["output"], "nearest")  # the training targets
     assert target.shape == (1, 68, 68) and 0.9 * 200 * (68 / 64) ** 2 < target.sum() < 1.1 * 200 * (68 / 64) ** 2
 
 
@@ -370,25 +396,25 @@ def test_postprocess_and_resolution_restore_on_a_crafted_prediction():
 class _AllLesion(torch.nn.Module):
     """A stand-in network that calls every pixel lesion."""
 
-    def forward(self, x, segment=True, classify=True):
-        return torch.full((x.shape[0], x.shape[-2], x.shape[-1]), 10.0), None
+    def forward(self, x):
+        return {"seg": torch.full((x.shape[0], x.shape[-2], x.shape[-1]), 10.0)}
 
 
 def test_jaccard_of_letterboxed_images_counts_only_the_image_pixels():
-    args = ju.resolve_defaults(ju.build_parser().parse_args(["--task", "seg", "--size", "16"]))
+    args = ju.resolve_defaults(ju.build_parser().parse_args(["--task", "seg", "--size", "16", "--pool", "1"]))
     truth = torch.zeros(2, 16, 16, dtype=torch.uint8)
     truth[:, 6:10] = 1                        # 64 lesion pixels
     valid = torch.zeros(2, 16, 16, dtype=torch.uint8)
     valid[:, 4:12] = 1                        # a wide image: rows 4..11 of the canvas hold it (128 pixels)
     split = {"images": torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "masks": truth, "valid": valid,
              "labels": torch.zeros(2, dtype=torch.long), "class_names": CLASSES}
-    geometry = ju.network_geometry(args)
-    metrics, outputs = ju.evaluate(_AllLesion(), split, args, "seg", geometry, torch.zeros(3), torch.ones(3), "cpu")
+    geometry = ju.network_geometry(args.size, args.depth, args.unet_padding)
+    metrics, outputs = ju.evaluate(_AllLesion(), split, args, geometry, torch.zeros(3), torch.ones(3), "cpu")
     # every image pixel called lesion: JAC = 64 / 128, not 64 / 256 (the padding is not the image)
     assert metrics["jaccard_post"] == pytest.approx(50.0) and metrics["jaccard"] == pytest.approx(50.0)
     assert torch.equal(outputs["pred_post"], valid.bool())
     split["valid"] = None  # synthetic data: the whole canvas is the image
-    assert ju.evaluate(_AllLesion(), split, args, "seg", geometry, torch.zeros(3), torch.ones(3),
+    assert ju.evaluate(_AllLesion(), split, args, geometry, torch.zeros(3), torch.ones(3),
                        "cpu")[0]["jaccard_post"] == pytest.approx(25.0)
 
 
@@ -693,7 +719,7 @@ def test_predicting_the_runs_own_test_images_gives_the_masks_of_its_evaluation(j
     for i in range(len(test["names"])):
         Image.fromarray(test["images"][i].permute(1, 2, 0).numpy()).save(folder / f"case_{i:03d}.png")
     ju.main(["--predict", str(folder), "--checkpoint", str(joint_run / "best.pt"), "--out", str(tmp_path / "pred")])
-    metrics, outputs = ju.evaluate(predictor.model, test, args, args.task, predictor.extra["geometry"],
+    metrics, outputs = ju.evaluate(predictor.model, test, args, predictor.extra["geometry"],
                                    *predictor.norm, "cpu")
     masks = np.stack([np.asarray(Image.open(tmp_path / "pred" / f"case_{i:03d}_mask.png"))
                       for i in range(len(test["names"]))])
@@ -748,7 +774,7 @@ def test_quick_isic2017_layout_trains_the_thesis_unet_on_letterboxed_images(tmp_
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
     # evaluation counts only the image's pixels: predictions on the letterbox padding are dropped
     data = common.load_dataset("isic2017", root=root, size=32, cache=tmp_path / "cache")
-    _, outputs = ju.evaluate(predictor.model, data["test"], predictor.args, "joint", predictor.extra["geometry"],
+    _, outputs = ju.evaluate(predictor.model, data["test"], predictor.args, predictor.extra["geometry"],
                              *predictor.norm, "cpu")
     assert not (outputs["pred_post"] & ~data["test"]["valid"].bool()).any()
     # a wide user image comes back at its own size
