@@ -206,20 +206,21 @@ def adapter_uml(opts, device):
 def adapter_joint_unet(opts, device):
     import joint_unet as ju
     args = _script_args(ju, ["--data", "isic2017"] + (["--quick"] if opts.quick else []))
-    geometry = _attr(ju, "network_geometry")(args)
     pool = _pool("synthetic-lesions", args.size, opts.pool)
     n_classes = len(pool["class_names"])
-    model = _on_device(_attr(ju, "build_model")(args, n_classes, geometry), device, opts.compile)
+    args.task = "joint"
+    model, geometry = _attr(ju, "build_model")(args, n_classes)
+    model = _on_device(model, device, opts.compile)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     norm = tuple(t.to(device) for t in common.channel_stats(pool["images"]))
     weights = torch.ones(n_classes, device=device)
-    training_step = _attr(ju, "training_step")
     batch_size = ju.batch_size_for(args, "joint") if hasattr(ju, "batch_size_for") else 8
 
-    def step(inputs):
+    def step(inputs):  # joint_unet.train: Eq. 2 and 3 of the branches, combined by Eq. 4
         with common.autocast(device, args.amp):
-            loss, _, _ = training_step(model, inputs["x"], inputs["masks"], inputs["labels"], "joint", args.alpha,
-                                       weights, geometry)
+            masks = ju.resize(inputs["masks"].float(), geometry["output"], "nearest")  # at the output side
+            losses = ju.branch_losses(model(inputs["x"]), masks, inputs["labels"], weights)
+            loss = ju.joint_loss(losses["seg"], losses["cls"], args.alpha)
         return _optimizer_step(optimizer, loss)
 
     def project(batches, generator):  # joint_unet.train
@@ -232,7 +233,7 @@ def adapter_joint_unet(opts, device):
     steps = lambda pool: 3 * 100 * math.ceil(2000 / 16)  # noqa: E731
     bench = Bench("joint_unet", model, step, project,
                   {"train": Stream(batch_size, _single, geometry["output"], pad=pad, rotate=15.0)}, pool, norm,
-                  "script: training_step, joint (Eq. 4)",
+                  "script: branch_losses + joint_loss (Eq. 4)",
                   f"{geometry['input']} -> {geometry['output']} px, width {args.width}", 2000, (1024, 768), "JPEG",
                   steps)
     bench.notes.append("joint_unet: the joint task's step (batch 8); the schedule estimate applies its img/s to "
