@@ -410,11 +410,10 @@ def fuse_predictions(probs, log_variances, rule, valid=None):
 # ==================== Data, Table 1's rows and their training sets =================================
 
 def load_data(args, seed):
-    """(train, val, tests, removed) of one seed, every split with one "reference" mask to score against;
-    removed = {test set: names removed because they sit in train/val}. Real data follow Sec. 3.1:
-    isic-multi's images with two or more masks are the training pool (seeded 80/20 train/val, or
-    Ribeiro et al.'s lists with --splits), its single-mask images the ISIC test set ("isic"); --test
-    adds PH2, DermoFit and, beyond the paper, ISIC 2017's test split, without the pool's images."""
+    """(train, val, tests, removed) of one seed, each split with a "reference" mask to score against; removed:
+    {test set: names also in train/val}. Sec. 3.1: isic-multi's images with 2+ masks are the training pool
+    (seeded 80/20 train/val, or Ribeiro et al.'s --splits lists), its single-mask images the ISIC test set
+    ("isic"); --test adds PH2, DermoFit and, beyond the paper, ISIC 2017's test split, pool images removed."""
     if args.data == "synthetic":
         data = common.load_dataset("synthetic-lesions", size=args.size, seed=seed, annotators=True,
                                    domain_shift=True, **common.synthetic_split_sizes(args))
@@ -467,10 +466,9 @@ def channel_stats_of(split):
 
 
 class Row(NamedTuple):
-    """A row of Table 1. kind "meta": a base model trained on U, weighted for its trusted subset
-    (source "C_<i+1>", trusted_subset i; Eq. 1-2); "random annotation" (A, J): the images of split "all"
-    or "kept", one annotation drawn per image and batch; "consensus": the images of split "MV" or
-    "STAPLE" with their consensus mask; "fusion" (G, H, I): not trained, Eq. 4 with rule `source`."""
+    """A row of Table 1 and how it learns. kind "meta": base model i on U weighted for C_i (source "C_<i+1>",
+    Eq. 1-2); "random annotation" (A, J): split "all" / "kept", one annotation per image drawn per batch;
+    "consensus": split "MV" / "STAPLE"; "fusion" (G, H, I): not trained, Eq. 4 with rule `source`."""
     name: str
     method: str
     kind: str
@@ -508,9 +506,9 @@ def build_training_sets(train, n_models, seed, subsets="uniform", kappa_threshol
                         need_kept=True):
     """Every row's training data, as a dict of splits: "U", the union of all annotations, and "C_1".."C_M",
     the non-contradictory subsets (Sec. 2.2), each of (image, annotation) pairs: "images" [P,3,H,W],
-    "masks" [P,H,W], their "image" index and annotation "slot" [P]; "all" (row A) and "kept" (row J,
-    kappa >= kappa_threshold): images with all their annotations [N,A,H,W]; "MV", "STAPLE": images
-    with one consensus mask each; "subset_of": [N,A] the subset id of every slot."""
+    "masks" [P,H,W] and their "image" index [P]; "all" (row A) and "kept" (row J, kappa >= kappa_threshold):
+    images with all their annotations [N,A,H,W]; "MV", "STAPLE": images with their consensus mask [N,H,W];
+    "subset_of": [N,A] the subset id of every annotation slot."""
     images, masks, n_ann = train["images"], train["masks"], train["n_annotations"]
     generator = torch.Generator().manual_seed(seed)
     subset_of = non_contradictory_subsets(n_ann.cpu(), n_models, generator, subsets).to(images.device)
@@ -520,8 +518,7 @@ def build_training_sets(train, n_models, seed, subsets="uniform", kappa_threshol
         if len(image_index) == 0 and key != "U":
             raise common.UsageError(f"subset {key} is empty: no training image has {key[2:]} annotations; "
                                     "use --subsets uniform")
-        sets[key] = {"images": images[image_index], "masks": masks[image_index, slot], "image": image_index,
-                     "slot": slot}
+        sets[key] = {"images": images[image_index], "masks": masks[image_index, slot], "image": image_index}
     kept = mean_pairwise_kappa(masks, n_ann) >= kappa_threshold
     if not kept.any() and need_kept:
         raise common.UsageError(f"no training image reaches a mean pairwise kappa of {kappa_threshold} "
@@ -535,8 +532,8 @@ def build_training_sets(train, n_models, seed, subsets="uniform", kappa_threshol
 
 
 def seed_data(args, seed, device, cache):
-    """Everything the rows of `seed` train and evaluate on (train, val, tests, removed, the training
-    sets, mean, std, n_models, foreground), read once per process (cache: a dict)."""
+    """Everything the rows of `seed` train and evaluate on (val, tests, removed, the training sets, mean,
+    std, n_models, foreground), read once per process (cache: a dict)."""
     if seed not in cache:
         train, val, tests, removed = load_data(args, seed)
         train, val = common.to_device(train, device), common.to_device(val, device)
@@ -545,15 +542,14 @@ def seed_data(args, seed, device, cache):
         sets = build_training_sets(train, n_models, seed, args.subsets, args.kappa_threshold, args.staple_iterations,
                                    need_kept=args.baselines)
         foreground = float(sets["U"]["masks"].float().mean().clamp(0.01, 0.99))  # lesion share of U
-        cache[seed] = types.SimpleNamespace(train=train, val=val, tests=tests, removed=removed, sets=sets,
-                                            mean=mean, std=std, n_models=n_models, foreground=foreground)
+        cache[seed] = types.SimpleNamespace(val=val, tests=tests, removed=removed, sets=sets, mean=mean, std=std,
+                                            n_models=n_models, foreground=foreground)
     return cache[seed]
 
 
 def build_model(row_index, args, seed, foreground=None):
-    """The network of trained row `row_index`, initialised from its own seed (the deep ensemble's
-    diversity comes from these initialisations and the subsets); the logit's bias starts at the
-    log-odds of `foreground`, the lesion share of U (Deviations)."""
+    """The network of trained row `row_index`, from its own seed (the ensemble's diversity: initialisations
+    and subsets); the logit's bias starts at the log-odds of `foreground`, U's lesion share (Deviations)."""
     torch.manual_seed(seed * 1000 + row_index)
     model = BayesianResidualFCN(args.width, args.depth, args.dropout, args.dropout_layers)
     if foreground is not None:
@@ -650,9 +646,8 @@ def base_predictions(models, images, mean, std, amp):
 
 
 def scores(prob, reference, valid=None):
-    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier per image: their means over the images and
-    standard errors (*_image_se). valid [N,H,W] (letterboxed real images): only the image's own pixels
-    count; the padding is neither lesion nor background."""
+    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier per image, their means and standard errors over
+    the images (*_image_se); valid [N,H,W]: only the image's own pixels count, not the letterbox padding."""
     if valid is None:
         jaccard = common.jaccard(prob > 0.5, reference) * 100
         nll, brier = common.nll(prob, reference), common.brier(prob, reference)
@@ -875,72 +870,68 @@ def summarize_entries(per_seed_entries):
     return [common.summarize_rows({key[1]: entries})[0] for key, entries in grouped.items()]
 
 
-def table_markdown(entries, table, title):
-    """Table 1 or 2 as the paper lays it out: one line per method, one column per (test set, reference)
-    ("<set> vs truth": scored against the true mask); Table 1: Jaccard % ± SE, Table 2: NLL and Brier
-    (± SE over seeds when the run has several, else over the test images as in the paper)."""
+def table_markdown(entries, table, title, cells):
+    """One table of results.md: a line per row of `table` (e.g. "1"), its cells from cells(entry), which
+    may spread a row over several entries (Tables 1-2: one per test set and reference)."""
     lines, header = {}, ["row", "method"]
     for entry in (e for e in entries if e["table"] == table):
-        column = entry["test_set"] + ("" if entry["reference"] == "annotation" else " vs truth")
-        if table == "1":
-            se = entry["jaccard_se"] if len(entry.get("seeds", [])) > 1 else entry["jaccard_image_se"]
-            cells = {column: common.fmt_mean_se(entry["jaccard"] / 100, se / 100, percent=True)}
-        else:
-            cells = {f"{column} NLL": common.fmt_over_seeds(entry, "nll", digits=3),
-                     f"{column} Br": common.fmt_over_seeds(entry, "brier", digits=3)}
-        lines.setdefault(entry["row"], {"row": entry["row"], "method": entry["method"]}).update(cells)
-        header += [column for column in cells if column not in header]
-    return common.markdown_table(list(lines.values()), header, title=title)
+        line = cells(entry)
+        lines.setdefault(entry["row"], {"row": entry["row"], "method": entry["method"]}).update(line)
+        header += [column for column in line if column not in header]
+    return common.markdown_table(list(lines.values()), header, title=title) if lines else ""
 
 
 def report_markdown(args, seeds, rows, first_test, table):
-    """results.md: Tables 1 and 2 in the paper's layout, Fig. 3-4 in numbers, the meta step's mode and
-    the test images removed because they sit in the training pool. `table`: summarize_entries' rows."""
+    """results.md: Tables 1 and 2 in the paper's layout (a column per test set and reference, "vs truth":
+    the true mask), Fig. 3-4 in numbers, the meta step's mode and the test images removed because they
+    sit in the training pool. ± SE over seeds, or for one seed over test images (as the paper) or batches."""
     over_seeds = len(seeds) > 1
-    weights = [e for e in table if e["table"] == "fig3-4"]
 
-    def share(entry, key):  # a share in % ± SE over seeds, or over batches for one seed
-        return common.fmt_mean_se(entry[key], entry[f"{key}_se" if over_seeds else f"{key}_batch_se"], percent=True)
+    def column(entry):
+        return entry["test_set"] + ("" if entry["reference"] == "annotation" else " vs truth")
 
-    weight_lines = [{"row": e["row"], "method": e["method"], "w = 0 on INC (%)": share(e, "zero_weight_inconsistent"),
-                     "w = 0 where agreeing (%)": share(e, "zero_weight_consistent"),
-                     "mean w, INC / agreeing": common.fmt_over_seeds(e, "mean_weight_ratio", digits=2)}
-                    for e in weights]
+    def share(entry, key, one_seed_se, percent_points=1):  # mean ± SE over seeds, or the one seed's own SE
+        se = entry[f"{key}_se" if over_seeds else one_seed_se]
+        return common.fmt_mean_se(entry[key] / percent_points, se / percent_points, percent=True)
+
+    def table2(entry):
+        return {f"{column(entry)} {short}": common.fmt_over_seeds(entry, key, digits=3)
+                for key, short in (("nll", "NLL"), ("brier", "Br"))}
+
+    def weights(entry):
+        return {"w = 0 on INC (%)": share(entry, "zero_weight_inconsistent", "zero_weight_inconsistent_batch_se"),
+                "w = 0 where agreeing (%)": share(entry, "zero_weight_consistent", "zero_weight_consistent_batch_se"),
+                "mean w, INC / agreeing": common.fmt_over_seeds(entry, "mean_weight_ratio", digits=2)}
+
     mode_labels = {"tv_train_vs_eval": "moved, train vs eval (%)", "tv_train_redraw": "moved, train redrawn (%)",
                    "tv_eval_redraw": "moved, eval redrawn (%)", "zero_flip": "w = 0 in one mode only (%)",
                    "zero_train": "w = 0, train (%)", "zero_eval": "w = 0, eval (%)"}
-    mode_lines = [{"row": e["row"], "method": e["method"],
-                   **{label: common.fmt_over_seeds(e, key, percent=True) for key, label in mode_labels.items()}}
-                  for e in table if e["table"] == "meta-mode"]
-    overlap = [{"test set": e["row"], "images removed (also in train/val)": int(e["removed"])}
-               for e in table if e["table"] == "overlap"]
+    annotations = next(int(e["annotations"]) for e in table if e["table"] == "fig3-4")
     spread = (f"mean ± standard error over the seeds {', '.join(map(str, seeds))}" if over_seeds else
               f"seed {seeds[0]}; ± standard error over the test images as in the paper")
     row_j = [row.name for row in rows if row.source == "kept"]
-    parts = [
-        f"# D-LEMA on {args.data} ({args.size} px, {args.epochs} epochs, M = {len(weights)})\n",
+    return "\n".join([
+        f"# D-LEMA on {args.data} ({args.size} px, {args.epochs} epochs, M = {sum(r.kind == 'meta' for r in rows)})\n",
         f"Main method: row {main_fusion_row(rows, args.fusion)} (fusion rule `{args.fusion}`) on `{first_test}`; "
         "'vs truth': scored against the true mask instead of an annotation. "
         + (f"Row {row_j[0]} is retrained here with the same network and number of steps as the other rows; "
            "the paper's row J carries no ± SE and is most likely quoted from Ribeiro et al. [30]. " if row_j else "")
         + f"Every number: {spread}.\n",
-        table_markdown(table, "1", "Table 1: Jaccard index (% ± standard error)"),
-        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)"),
-        common.markdown_table(
-            weight_lines, list(weight_lines[0]),
-            title=f"Fig. 3-4 in numbers, over {int(weights[0]['annotations'])} annotations of U per base model "
-            f"(batches of {args.batch_size}, weighted as in training): zero-weight pixels where an annotation "
-            f"contradicts the one the model trusts (INC) and where it agrees (± SE over "
-            f"{'seeds' if over_seeds else 'batches'}); mean weight on INC / agreeing (INC lies on the boundary)"),
-        common.markdown_table(
-            mode_lines, list(mode_lines[0]),
-            title="The meta step's mode, one batch of U and of C_i: weight mass moved (total variation) between "
-            "train mode (batch statistics, dropout on) and eval mode, and between two draws of one mode; "
-            "pixels with zero weight in one mode only, and in each mode")]
-    if overlap:
-        parts.append(common.markdown_table(overlap, list(overlap[0]), title="Test images removed because they sit "
-                                           "in the training pool (names in results.json)"))
-    return "\n".join(parts)
+        table_markdown(table, "1", "Table 1: Jaccard index (% ± standard error)",
+                       lambda e: {column(e): share(e, "jaccard", "jaccard_image_se", percent_points=100)}),
+        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)", table2),
+        table_markdown(table, "fig3-4", f"Fig. 3-4 in numbers, over {annotations} annotations of U per base model "
+                       f"(batches of {args.batch_size}, weighted as in training): zero-weight pixels where an "
+                       f"annotation contradicts the one the model trusts (INC) and where it agrees (± SE over "
+                       f"{'seeds' if over_seeds else 'batches'}); mean weight on INC / agreeing (INC lies on the "
+                       "boundary)", weights),
+        table_markdown(table, "meta-mode", "The meta step's mode, one batch of U and of C_i: weight mass moved "
+                       "(total variation) between train mode (batch statistics, dropout on) and eval mode, and "
+                       "between two draws of one mode; pixels with zero weight in one mode only, and in each mode",
+                       lambda e: {label: common.fmt_over_seeds(e, key, percent=True)
+                                  for key, label in mode_labels.items()}),
+        table_markdown(table, "overlap", "Test images removed because they sit in the training pool (names in "
+                       "results.json)", lambda e: {"images removed (also in train/val)": int(e["removed"])})])
 
 
 def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
