@@ -7,121 +7,95 @@ Multiple Annotations - Application to Skin Lesion Segmentation", CVPR Workshops 
 Idea. An image may carry 2-5 disagreeing lesion outlines. Instead of fusing them into one mask before
 training, every image's M_n annotations are dealt out to M non-contradictory subsets C_1..C_M (each
 holds at most one annotation per image) and M base models are trained, one per subset, on the union U
-of all annotations. Base model i trusts C_i: a meta-learning step (Ren et al. 2018, Mirikharaji et al.
-2019) gives every pixel of every annotation in U a weight that is large where following that pixel
-moves the model the way C_i's loss wants, and zero where it disagrees. Each base model is Bayesian in
-Kendall & Gal's sense: it predicts logits and their variance (aleatoric uncertainty), trained with a
-loss that samples logits. At test time the M predictions are fused with equal weights or weights from
-the inverse aleatoric uncertainty (per pixel or per image).
+of all annotations. Base model i trusts C_i: a meta-learning step (Ren et al. 2018) gives every pixel
+of every annotation in U a weight that is large where following that pixel moves the model the way
+C_i's loss wants, and zero where it disagrees. Each base model is Bayesian in Kendall & Gal's sense:
+it predicts logits and their variance (aleatoric uncertainty), trained with a loss that samples
+logits. At test time the M predictions are fused with equal weights or weights from the inverse
+aleatoric uncertainty (per pixel or per image).
 
-Paper -> code
-    Sec. 2.2 non-contradictory subsets C_i, union U .... non_contradictory_subsets, build_training_sets
+Paper -> code (the method is one block, BayesianResidualFCN .. fuse_predictions)
     Sec. 3.2 base model, two output maps (f, log s^2) .. BayesianResidualFCN
-    Eq. 5 U ~ N(f, s^2), 10 MC samples (Kendall & Gal) . aleatoric_loss
-    Eq. 3 Y = sigmoid(U) ............................... aleatoric_loss (log_sigmoid), predict
-    Eq. 1 W* = argmin_W sum_{n in C_i} L_ce(theta(W)) .. spatial_weight_maps (the meta objective)
+    Eq. 5, 3 U ~ N(f, s^2), Y = sigmoid(U), 10 samples . aleatoric_loss
+    Eq. 1 W* = argmin_W sum_{n in C_i} L(theta(W)) ..... spatial_weight_maps (one virtual SGD step)
     Eq. 2 L = -sum_q W_mnq Y_mnq log Y_nq .............. meta_weighted_loss; the step in train_row
-    Eq. 4 Y = sum_i alpha_i Y_i (G, H, I) .............. fusion_weights, fuse_predictions
+    Sec. 2.2 / 3.1 non-contradictory subsets C_i, U .... non_contradictory_subsets, build_training_sets
+    Row J, "less is more" (Ribeiro et al.): kappa >= 0.5 mean_pairwise_kappa
+    Rows MV and STAPLE (beyond the paper) .............. majority_vote, staple
     Sec. 3.3 MC dropout (5 layers, p 0.3, 15 passes) ... BayesianResidualFCN(dropout), predict(mc_passes)
-    Eq. 6, 7 NLL and Brier score ....................... common.nll, common.brier (in evaluate)
-    Table 1 rows A-J (+ MV, STAPLE, vs truth) .......... Row, table_rows, train_row, evaluate, report_markdown
-    Table 2 (MC dropout vs deep ensemble) .............. evaluate (calibration), report_markdown
-    "Less is more" (Ribeiro et al.): kappa >= 0.5 ...... mean_pairwise_kappa (row J)
-    Beyond the paper: majority vote, STAPLE (Warfield) . majority_vote, staple (rows MV, STAPLE)
-    Fig. 3-4 trusted annotations, INC and weight maps .. figure_weight_maps
-    Fig. 3-4 in numbers (zero weights on INC pixels) ... weight_consistency
+    Eq. 4 Y = sum_i alpha_i Y_i (rows G, H, I) ......... fusion_weights, fuse_predictions
+    Eq. 6, 7 NLL and Brier score ....................... common.nll, common.brier (in scores)
+    Tables 1 and 2 ..................................... table_rows, train_row, evaluate, report_markdown
+    Fig. 3-4, and in numbers (zero weight on INC) ...... figure_weight_maps, weight_consistency
     The meta step's BatchNorm / dropout mode (measured)  meta_mode_effect (beyond the paper)
     Sec. 3.1 protocol: ISIC / PH2 / DermoFit test sets . load_data (overlap removed and counted)
-    Tables over seeds, base models across processes .... main (common.run_jobs), evaluate_seed, summarize_entries
     --predict: fused lesion, aleatoric and epistemic maps load_model, predict_batch
-    Example test predictions and uncertainties ......... figure_predictions (beyond the paper)
 
 Usage
     python ensemble_annotators.py                        # synthetic lesions, both tables, CPU-sized
     python ensemble_annotators.py --data isic-multi --root /data/ISIC-Archive \
-        --test ph2=/data/PH2,dermofit=/data/DermoFit [--splits /data/ribeiro-splits]  # the paper's protocol
-    python ensemble_annotators.py ... --test ph2=...,dermofit=...,isic2017=/data/ISIC2017  # + ISIC 2017 Test
+        --test ph2=/data/PH2,dermofit=/data/DermoFit[,isic2017=/data/ISIC2017] [--splits DIR]  # Sec. 3.1
     python ensemble_annotators.py --seeds 0,1,2          # every row per seed: mean ± SE over seeds
-    torchrun --nproc_per_node 4 ensemble_annotators.py   # base models and baselines shared out (rows mode)
+    torchrun --nproc_per_node 4 ensemble_annotators.py   # the trained rows shared out over processes
     python ensemble_annotators.py --resume runs/<run>    # continue an interrupted run (finished jobs kept)
     python ensemble_annotators.py --no-baselines         # only B-F, the fusions G-I and Table 2
-    python ensemble_annotators.py --subsets first        # C_1..C_{M_n} instead of a uniform deal
     python ensemble_annotators.py --eval-only --checkpoint runs/<run>/ensemble-seed0/best.pt
-    python ensemble_annotators.py --predict images/ --checkpoint runs/<run>/ensemble-seed0/best.pt  # own images
+    python ensemble_annotators.py --predict images/ --checkpoint runs/<run>/ensemble-seed0/best.pt
     python ensemble_annotators.py --quick                # smoke test of every path (seconds)
-Every run gives Table 1 (Jaccard %) and Table 2 (NLL, Brier) per test set. The paper's protocol (Sec.
-3.1): train on the ISIC Archive images with 2+ masks (80/20 train/val); test on its single-mask images
-("isic", Ribeiro et al.'s 2,000-image test set; their lists with --splits), PH2 and DermoFit, without
-the images that sit in the training pool (counted: metrics removed_overlap_<set>, "overlap" table
-rows). ISIC 2017's test split is an optional extra set only (much of it sits in the training pool).
-A run folder holds one sub-folder per trained row and seed (<row>-seed<seed>/: last.pt, best.pt, result.json)
-and one per seed's tables (ensemble-seed<seed>/); ensemble-seed<first seed>/best.pt holds the whole ensemble
-(every seed's trained rows), the checkpoint of --eval-only and --predict.
-Library use: predictor = load_model("runs/<run>/ensemble-seed0/best.pt"); out = predict_batch(predictor, images).
+A run writes Tables 1-2, Fig. 3-4 in numbers and the meta step's mode (results.md / .json), figures/,
+<row>-seed<seed>/ per trained row (last.pt, best.pt) and ensemble-seed<seed>/ per seed's tables; the
+first seed's ensemble best.pt holds every seed's trained rows, for --eval-only and --predict (Python:
+predict_batch(load_model(path), images_uint8)).
 
 Deviations and resolved ambiguities
-    - Subsets: Sec. 2.2 deals image n's M_n annotations to C_1..C_{M_n}; Sec. 3.1 partitions "randomly
-      and uniformly". With ISIC's counts (94% of images have 2 masks) the first leaves C_5 with 3 images
-      (often none on the synthetic set), yet model 4 scores like the others in Table 1, so the default
-      follows Sec. 3.1 (M_n distinct subsets drawn uniformly from the M); --subsets first gives Sec. 2.2.
-      M = the dataset's annotation slots (5), not the largest count in the split: five members.
+    - Subsets: Sec. 2.2 deals image n's M_n annotations to C_1..C_{M_n}, which leaves ISIC's C_5 with 3
+      images (often none on the synthetic set), yet model 4 scores like the others in Table 1; the
+      default follows Sec. 3.1 ("randomly and uniformly": M_n distinct subsets drawn from the M);
+      --subsets first gives Sec. 2.2. M = the dataset's annotation slots (5): five members.
     - "64 and 2 for optimizing the spatial weight maps and network parameters": 64 clean images of C_i
-      for the meta objective (Eq. 1), 2 annotations of U for the weighted update (Eq. 2).
-    - Eq. 1 and 2 both use the aleatoric loss (their cross-entropy as sigma -> 0). The weights come from
-      one virtual SGD step; at eps = 0, -dL/deps_j = lr * grad L_C . grad l_j, so the virtual learning
-      rate only scales w and the normalisation removes it.
+      for the meta objective (Eq. 1), 2 annotations of U for the weighted update (Eq. 2). Both use the
+      aleatoric loss (the paper's cross-entropy as s -> 0). At eps = 0, -dL/deps_j = lr grad L_C .
+      grad l_j: the virtual learning rate only scales W, and the normalisation removes it.
     - Weight decay 5e-5 (the text's "5 x 10^5" is a typo). Width and depth are not given (the paper
-      cites [4]): 32 channels, 4 down-samplings on real data. Synthetic CPU default: lr 0.01, momentum
-      0.9, 48 px, width 8, depth 3, batches 8 / 8, 4 epochs (~420 steps per model; the paper: 100K
-      iterations at lr 1e-4, momentum 0.99). An epoch is one pass over U for every row, so rows A, J,
-      MV and STAPLE take as many SGD steps as each base model.
-    - Table 2 shares Table 1's base models, all trained with the five dropout layers (p = 0.3): Table 1
-      and the deep ensemble (the main method, fusion I) use them off (weight scaling), the MC dropout
-      rows on for 15 passes. The paper does not say whether its MC dropout models were separate runs.
-    - Base prediction Y = sigmoid(f) (the mean logit); the aleatoric map is s^2 = exp(log-variance).
-    - Every model's logit bias starts at the log-odds of U's lesion share (prior initialisation, as in
-      Lin et al.'s focal loss; the paper is silent). At sigmoid(f) = 0.5 the clean loss's gradient is
-      dominated by the background, so the first meta steps (Eq. 1) weigh only background pixels of U
-      and a base model can lock into "all skin": on the synthetic lesions (seed 0, model 0) the
-      validation Jaccard stayed 0 for all 4 epochs with a zero bias, and reached 54 after one epoch
-      with the prior. Rows A, J, MV and STAPLE get the same start.
+      cites [4]): 32 and 4 on real data (96 px). Synthetic CPU default: 48 px, width 8, depth 3, lr
+      0.01, momentum 0.9, batches 8 / 8, 4 epochs (~420 steps per model; the paper: 100K iterations at
+      lr 1e-4, momentum 0.99). An epoch is one pass over U for every row: all rows take as many steps.
+    - Table 2 uses Table 1's base models (trained with five dropout layers, p = 0.3): Table 1 and the
+      deep ensemble (fusion I) run them with dropout off, the MC dropout rows with it on for 15 passes.
+      The paper does not say whether its MC dropout models were separate runs.
+    - Y = sigmoid(f) at the mean logit; the aleatoric map is s^2 = exp(log s^2). Fusions H and I are
+      computed in log space (exact, and finite where 1 / mean(exp(log s^2)) overflows to NaN).
+    - Every model's logit bias starts at the log-odds of U's lesion share (as in Lin et al.'s focal
+      loss; the paper is silent): at sigmoid(f) = 0.5 the clean loss's gradient is dominated by the
+      background, so the first meta steps weigh mostly background pixels of U, which can lock a base
+      model into "all skin" (synthetic seed 0, model 0, validation Jaccard after epochs 1 and 2: 42 and
+      58 with the prior, 22 and 37 with a zero bias). Rows A, J, MV and STAPLE start alike.
     - Model selection per model on the validation Jaccard against one random annotation per image
       (Sec. 3.1). Synthetic "test" stands in for ISIC, "test_shift" for PH2 / DermoFit; synthetic test
-      masks are scored against their first annotation and against the true mask.
-    - Majority vote ties go to background (two annotations: their intersection); STAPLE uses a
-      per-image prior and 50 EM steps.
-    - BatchNorm after every convolution of the residual blocks (common.ResidualBlock; the paper does
-      not mention normalisation), so in training mode a model's output for one image, and the meta
-      weights, depend on the other images of its batch. The meta step (Eq. 1) runs in training mode
-      (batch statistics, dropout on) because Eq. 2 reuses its forward pass of U; the parent code has
-      neither BatchNorm nor dropout. meta_mode_effect measures the effect on every run: for the
-      selected synthetic base models (rows B-F, mean over seeds 0-2), eval mode moves 32-54% of a
-      batch's weight mass (total variation), against 18-23% (train) and 7-9% (eval) for a redraw of
-      the dropout masks and MC samples; 14-22% of the pixels are zero-weight in one mode only.
-    - Fig. 3-4 show the selected (best-validation) models' weights, computed as in training (train
-      mode, a batch of U), not those of iteration 100K. "Fig. 3-4 in numbers" adds the share of
-      zero-weight pixels on inconsistent and on agreeing pixels over --weight-samples 512 annotations
-      of U per base model, ± SE over batches (3-5 points on the synthetic set, one seed).
-    - On-device flips, small rotations and colour jitter (common.augment; the paper is silent) on the
-      training batches and, each its own draw, the clean C_i batches (--no-augment-clean: not those).
-    - Images are normalised with the training split's per-channel mean and std (Sec. 3.1, "across the
-      entire dataset") everywhere, --predict included (read from the checkpoint: one user image has
-      no dataset statistics); --normalize per-dataset gives each test set its own. Real data: 96 px.
-    - Row J ("less is more", Ribeiro et al. [30]) is retrained with the same network and steps as the
-      other rows, on the images whose mean pairwise kappa reaches 0.5; the paper's row J has no SE
-      and is most likely quoted from [30].
-    - Fusion rows H, I are computed in log space (softmax of -log s^2; log u_i by logsumexp): Eq. 4,
-      finite for any log-variance, where 1 / mean(exp(log s^2)) is NaN once all exceed ~88.
-    - Real images keep their aspect ratio (letterboxed into the 96 x 96 canvas, zero padding; the
-      paper resizes). Metrics and channel statistics count the image's own pixels; training treats
-      the padding as background; --predict maps back to each image's size, its image-level means use
-      the canvas's non-zero span.
-    - --seeds: each seed re-draws the synthetic data or the train/val split, the subsets, the
-      initialisations and the batches; each cell is the mean over seeds ± its SE (one seed: ± the SE
-      over test images, as in the paper). Under torchrun the trained rows of every seed are shared
-      out (rows mode); --parallel data is refused: Eq. 1 normalises W over the whole batch, which a
-      batch split across processes would not. --compile is not used: torch.compile cannot
-      differentiate twice.
+      images are scored against their first annotation and against the true mask.
+    - Majority vote ties go to background (two annotations: their intersection); STAPLE: a per-image
+      prior, 50 EM steps. Row J is retrained with the same network and steps (the paper's row J has no
+      SE and is most likely quoted from Ribeiro et al. [30]).
+    - BatchNorm after every convolution of the residual blocks (the paper does not mention it): in
+      training mode an image's output, and its meta weights, depend on its batch. The meta step runs in
+      training mode (batch statistics, dropout on) because Eq. 2 reuses its forward pass of U; the
+      parent code has neither layer. meta_mode_effect measures what this changes, on every run.
+    - Fig. 3-4 show the selected models' weights, computed as in training (train mode, a batch of U),
+      not iteration 100K's; "Fig. 3-4 in numbers" counts zero-weight pixels on INC and on agreeing
+      pixels over --weight-samples annotations of U per base model, ± SE over batches or seeds.
+    - On-device flips, small rotations and colour jitter (the paper is silent) on the training batches
+      and, each its own draw, on the clean C_i batches (--no-augment-clean: not those).
+    - Normalisation with the training split's per-channel mean and std (Sec. 3.1, "across the entire
+      dataset"), --predict included (from the checkpoint); --normalize per-dataset: each test set's own.
+    - Real images keep their aspect ratio (letterboxed into the canvas, zero padding; the paper
+      resizes). Metrics, channel statistics and fusion I's mean variance u_i count the image's own
+      pixels (the paper has no padding); training sees the padding as background; --predict maps back
+      to each image's size and finds the image in its canvas as the non-zero span.
+    - --seeds: each seed re-draws the data (or the real train/val split), the subsets, the
+      initialisations and the batches; cells are the mean over seeds ± SE (one seed: ± SE over test
+      images, as in the paper). torchrun shares the trained rows out (rows mode); --parallel data is
+      refused (Eq. 1 normalises W over the whole batch); --compile is not used (torch.compile cannot
+      differentiate twice).
 """
 
 import argparse
@@ -139,14 +113,14 @@ from torch.func import functional_call
 import common
 
 SCRIPT = "ensemble_annotators"
-# CPU-sized defaults for the synthetic benchmark, and the paper's values (Sec. 3.1-3.2) for real data.
-# Real data: 96 px, SGD lr 1e-4, momentum 0.99, batches 2 (U) and 64 (C_i); 54 epochs of one pass over
-# U (~3,700 training annotations / 2) are the 100K iterations of Fig. 3; width and depth are not given.
+# CPU-sized defaults for the synthetic benchmark, and the paper's values (Sec. 3.1-3.2) for real data:
+# 54 epochs of one pass over U (~3,700 training annotations / 2) are the 100K iterations of Fig. 3.
 SYNTHETIC_DEFAULTS = dict(size=48, epochs=4, batch_size=8, clean_batch_size=8, lr=0.01, momentum=0.9,
                           width=8, depth=3)
 PAPER_DEFAULTS = dict(size=96, epochs=54, batch_size=2, clean_batch_size=64, lr=1e-4, momentum=0.99,
                       width=32, depth=4)
 QUICK = dict(size=32, epochs=1, width=4, n_train=12, n_val=6, n_test=6)
+TEST_ONLY = ("ph2", "dermofit", "isic2017")  # --test NAME=ROOT; isic2017: only its test split
 
 
 # ==================== Arguments ====================================================================
@@ -166,68 +140,58 @@ def build_parser():
                f"{PAPER_DEFAULTS}) and CPU-sized values on the synthetic default ({SYNTHETIC_DEFAULTS}).")
     common.add_common_args(parser, size=None, epochs=None, batch_size=None, lr=None,
                            data_choices=["synthetic", "isic-multi", "folder"])
-    count, p = common.POSITIVE_INT, parser.add_argument_group(
-        "D-LEMA (defaults: the paper's on real data, CPU-sized on synthetic)")
-    p.add_argument("--test", default="", metavar="NAME=ROOT,...",
-                   help="test-only sets besides isic-multi's single-mask ISIC test set (Sec. 3.1): ph2=/d/PH2,"
-                        "dermofit=/d/DermoFit, beyond the paper isic2017=/d/ISIC2017; training-pool images removed")
-    p.add_argument("--splits", default=None, metavar="DIR",
-                   help="folder with Ribeiro et al.'s split lists (*_isic_titans_*.txt, test_ph2.txt, "
-                        "test_dermofit.txt); found under --root when not given")
-    p.add_argument("--fusion", choices=["equal", "pixel", "image"], default="image",
-                   help="fusion rule of the main metrics, Table 2's deep ensemble and --predict (Eq. 4; row I)")
-    p.add_argument("--clean-batch-size", type=count, default=None,
-                   help="images of C_i per meta step, Eq. 1 (64; synthetic 8)")
-    p.add_argument("--momentum", type=below_one, default=None, help="SGD momentum (Sec. 3.2: 0.99; synthetic 0.9)")
-    p.add_argument("--weight-decay", type=common.NONNEGATIVE, default=5e-5,
-                   help="SGD weight decay (Sec. 3.2, typo fixed)")
-    p.add_argument("--width", type=count, default=None, help="channels of the first level (32; synthetic 8)")
-    p.add_argument("--depth", type=count, default=None,
-                   help="down-sampling steps of the encoder-decoder (4; synthetic 3)")
-    p.add_argument("--mc-samples", type=count, default=10, help="logit samples of the aleatoric loss (Sec. 3.2)")
-    p.add_argument("--dropout", type=below_one, default=0.3, help="MC dropout probability (Sec. 3.3)")
-    p.add_argument("--dropout-layers", type=common.NONNEGATIVE_INT, default=5,
-                   help="dropout layers in the centre (Sec. 3.3)")
-    p.add_argument("--mc-passes", type=count, default=15, help="MC dropout forward passes (Sec. 3.3)")
-    p.add_argument("--subsets", choices=["uniform", "first"], default="uniform",
-                   help="deal image n's annotations to M_n random subsets (Sec. 3.1) or to C_1..C_{M_n} (Sec. 2.2)")
-    p.add_argument("--kappa-threshold", type=common.checked(float, low=-1, high=1), default=0.5,
-                   help="row J keeps images whose mean pairwise Cohen's kappa reaches this (Ribeiro et al.)")
-    p.add_argument("--staple-iterations", type=count, default=50, help="EM iterations of STAPLE (row STAPLE)")
-    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
-                   help="also train rows A, J, MV and STAPLE (off: only the ensemble B.. and its fusions)")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="on-device flips, small rotations, colour jitter of training batches (paper silent)")
-    p.add_argument("--augment-clean", action=argparse.BooleanOptionalAction, default=True,
-                   help="augment the clean C_i batches of Eq. 1 too (needs --augment; paper silent)")
-    p.add_argument("--weight-samples", type=count, default=512, metavar="N",
-                   help="annotations of U sampled per base model for 'Fig. 3-4 in numbers'")
-    p.add_argument("--normalize", choices=["train", "per-dataset"], default="train",
-                   help="channel statistics for test sets: the training set's or each set's own (Sec. 3.1)")
+    count = common.POSITIVE_INT
+    add = parser.add_argument_group("D-LEMA (defaults: the paper's on real data, CPU-sized on synthetic)").add_argument
+    add("--test", default="", metavar="NAME=ROOT,...", help="test-only sets (Sec. 3.1) ph2=/d/PH2,dermofit=/d/DF; "
+        "beyond the paper isic2017=/d/ISIC2017; images that sit in the training pool are removed")
+    add("--splits", metavar="DIR", help="folder with Ribeiro et al.'s split lists (*_isic_titans_*.txt, "
+        "test_ph2.txt, test_dermofit.txt); found under --root when not given")
+    add("--fusion", choices=["equal", "pixel", "image"], default="image",
+        help="fusion rule of the main metrics, Table 2's deep ensemble and --predict (Eq. 4; row I)")
+    add("--clean-batch-size", type=count, help="images of C_i per meta step, Eq. 1 (64; synthetic 8)")
+    add("--momentum", type=below_one, help="SGD momentum (Sec. 3.2: 0.99; synthetic 0.9)")
+    add("--weight-decay", type=common.NONNEGATIVE, default=5e-5, help="SGD weight decay (Sec. 3.2, typo fixed)")
+    add("--width", type=count, help="channels of the first level (32; synthetic 8)")
+    add("--depth", type=count, help="down-sampling steps of the encoder-decoder (4; synthetic 3)")
+    add("--mc-samples", type=count, default=10, help="logit samples of the aleatoric loss (Sec. 3.2)")
+    add("--dropout", type=below_one, default=0.3, help="MC dropout probability (Sec. 3.3)")
+    add("--dropout-layers", type=common.NONNEGATIVE_INT, default=5, help="dropout layers in the centre (Sec. 3.3)")
+    add("--mc-passes", type=count, default=15, help="MC dropout forward passes (Sec. 3.3)")
+    add("--subsets", choices=["uniform", "first"], default="uniform",
+        help="deal image n's annotations to M_n random subsets (Sec. 3.1) or to C_1..C_{M_n} (Sec. 2.2)")
+    add("--kappa-threshold", type=common.checked(float, low=-1, high=1), default=0.5,
+        help="row J keeps images whose mean pairwise Cohen's kappa reaches this (Ribeiro et al.)")
+    add("--staple-iterations", type=count, default=50, help="EM iterations of STAPLE (row STAPLE)")
+    add("--baselines", action=argparse.BooleanOptionalAction, default=True,
+        help="also train rows A, J, MV and STAPLE (off: only the ensemble B.. and its fusions)")
+    add("--augment", action=argparse.BooleanOptionalAction, default=True,
+        help="on-device flips, small rotations, colour jitter of training batches (paper silent)")
+    add("--augment-clean", action=argparse.BooleanOptionalAction, default=True,
+        help="augment the clean C_i batches of Eq. 1 too (needs --augment; paper silent)")
+    add("--weight-samples", type=count, default=512, metavar="N",
+        help="annotations of U sampled per base model for 'Fig. 3-4 in numbers'")
+    add("--normalize", choices=["train", "per-dataset"], default="train",
+        help="channel statistics for test sets: the training set's or each set's own (Sec. 3.1)")
     return parser
 
 
 def resolve_defaults(args):
     """Fills the arguments left at None with the paper's values (real data) or the CPU-sized ones, and
     checks the flags against each other (common.UsageError: one line, exit 2, nothing written)."""
-    defaults = dict(SYNTHETIC_DEFAULTS if args.data == "synthetic" else PAPER_DEFAULTS)
-    if args.quick:
-        defaults.update(size=QUICK["size"], epochs=QUICK["epochs"], width=QUICK["width"])
+    if args.quick:  # every code path on tiny data, networks and samples
+        common.fill_defaults(args, QUICK)
         args.mc_samples, args.mc_passes, args.staple_iterations, args.weight_samples = 2, 2, 5, 16
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if (args.dropout_layers + 1) // 2 > args.depth + 1 or args.dropout_layers // 2 > args.depth:
-        raise common.UsageError(f"--dropout-layers {args.dropout_layers} do not fit a network of --depth {args.depth} "
-                                f"(at most {2 * args.depth + 1})")
+    common.fill_defaults(args, SYNTHETIC_DEFAULTS if args.data == "synthetic" else PAPER_DEFAULTS)
+    if args.dropout_layers > 2 * args.depth + 1:
+        raise common.UsageError(f"--dropout-layers {args.dropout_layers} do not fit a network of --depth "
+                                f"{args.depth} (at most {2 * args.depth + 1})")
     if args.size < 2 ** args.depth:
         raise common.UsageError(f"--size {args.size} is smaller than the 2^{args.depth} = {2 ** args.depth} pixels "
                                 f"that --depth {args.depth} down-samples by; lower --depth or raise --size")
-    parse_test_sets(args.test)  # NAME=ROOT pairs of known test sets
+    parse_test_sets(args.test)
     if args.parallel == "data":
-        raise common.UsageError("--parallel data is not supported: Eq. 1 normalises the weights W over the "
-                                "whole batch, which a batch split across processes would not; torchrun shares "
-                                "out the base models and baselines instead (--parallel rows, the default)")
+        raise common.UsageError("--parallel data is not supported: Eq. 1 normalises W over the whole batch, which "
+                                "a split batch would not; torchrun shares out the trained rows (--parallel rows)")
     args.parallel = "rows"  # torchrun: one job (row x seed) per process at a time, even for a single job
     if args.compile:  # common.prepare_model would compile the network
         print("--compile is not used: the meta step differentiates twice, which torch.compile does not support")
@@ -235,7 +199,18 @@ def resolve_defaults(args):
     return args
 
 
-# ==================== Model: the Bayesian base FCN (Sec. 3.2, Sec. 3.3) ============================
+def parse_test_sets(text):
+    """--test "ph2=/d/PH2,dermofit=/d/DF" -> [("ph2", "/d/PH2"), ...]; UsageError for anything else."""
+    specs = []
+    for spec in filter(None, (part.strip() for part in text.split(","))):
+        name, _, root = spec.partition("=")
+        if name not in TEST_ONLY or not root:
+            raise common.UsageError(f"--test takes NAME=ROOT pairs with NAME in {', '.join(TEST_ONLY)}, not {spec!r}")
+        specs.append((name, root))
+    return specs
+
+
+# ==================== The method: base network, losses, meta weights, consensus, fusion ============
 
 class BayesianResidualFCN(nn.Module):
     """Encoder-decoder with residual blocks and skip connections (Sec. 3.2, after [4]) whose last layer
@@ -270,8 +245,6 @@ class BayesianResidualFCN(nn.Module):
         return self.head(x)  # [B,2,H,W]
 
 
-# ==================== Losses =======================================================================
-
 def aleatoric_loss(logits, log_variance, target, n_samples, generator=None):
     """Per-pixel aleatoric loss of Kendall & Gal (2017) for a sigmoid output (Eq. 3, 5):
     U_t = f + s * z_t, z_t ~ N(0, 1), t = 1..T;  loss = -log (1/T) sum_t sigmoid((2y-1) U_t),
@@ -289,78 +262,6 @@ def pixel_loss(model, images, target, n_samples):
     out = model(images).float()
     return aleatoric_loss(out[:, 0], out[:, 1], target, n_samples)
 
-
-# ==================== Non-contradictory subsets, consensus masks and annotator agreement ===========
-
-def non_contradictory_subsets(n_annotations, n_subsets, generator, mode="uniform"):
-    """Sec. 2.2 / 3.1: subset_of [N, M], the subset id (0 is C_1) of image n's annotation slot a, or -1
-    for an empty slot (a >= M_n). Image n's M_n annotations go to M_n distinct subsets (so each C_i holds
-    at most one annotation per image): the image draws a priority per subset and slot a goes to the
-    subset with the a-th lowest priority. "uniform" (Sec. 3.1): all M subsets compete. "first" (Sec.
-    2.2): C_{M_n+1}..C_M get priority +inf, so the annotations go to a random order of C_1..C_{M_n}.
-    Example, M = 5, M_n = 2, priorities (0.7, 0.1, 0.9, 0.4, 0.3): uniform -> (1, 4, -1, -1, -1);
-    first -> priorities (0.7, 0.1, inf, inf, inf) -> (1, 0, -1, -1, -1)."""
-    slot = torch.arange(n_subsets)  # subset ids (columns of `priority`) and annotation slots alike
-    priority = torch.rand(n_annotations.shape[0], n_subsets, generator=generator)               # [N, M]
-    if mode == "first":
-        priority = priority.masked_fill(slot[None, :] >= n_annotations[:, None], float("inf"))  # C_i, i > M_n
-    subsets_by_priority = priority.argsort(dim=1)  # [n, a]: the subset id with the a-th lowest priority
-    return torch.where(slot[None, :] < n_annotations[:, None], subsets_by_priority,
-                       torch.full_like(subsets_by_priority, -1))
-
-
-def annotation_valid(masks, n_annotations):
-    """[N,A] float: 1 for the slots that hold an annotation."""
-    return (torch.arange(masks.shape[1], device=masks.device) < n_annotations[:, None]).float()
-
-
-def majority_vote(masks, n_annotations):
-    """Row MV: a pixel is lesion when more than half of the image's annotations say so. [N,H,W] uint8."""
-    votes = (masks.float() * annotation_valid(masks, n_annotations)[..., None, None]).sum(1)
-    return (2 * votes > n_annotations.view(-1, 1, 1)).to(torch.uint8)
-
-
-def staple(masks, n_annotations, iterations=50):
-    """Row STAPLE (Warfield et al. 2004), EM for binary masks, batched over images and pixels.
-    D_j: annotation j; T: the unknown true mask; p_j / q_j: sensitivity / specificity of annotation j;
-    prior f = P(T = 1), here the image's mean foreground fraction over its annotations.
-    E-step: W = f prod_j p_j^D_j (1-p_j)^(1-D_j) / (that + (1-f) prod_j q_j^(1-D_j) (1-q_j)^D_j)
-    M-step: p_j = sum W D_j / sum W,  q_j = sum (1-W)(1-D_j) / sum (1-W).
-    Returns W [N,H,W] (probability of lesion), p [N,A], q [N,A]."""
-    d = masks.float().flatten(2)                                   # D [N,A,P]
-    valid = annotation_valid(masks, n_annotations)[..., None]      # [N,A,1]
-    tiny = 1e-6
-    prior = ((d * valid).sum((1, 2)) / (valid.sum((1, 2)) * d.shape[2])).clamp(tiny, 1 - tiny)  # f [N]
-    p = torch.full(masks.shape[:2], 0.9, device=masks.device)
-    q = torch.full_like(p, 0.9)
-    for _ in range(iterations):
-        lp, lq = p.clamp(tiny, 1 - tiny)[..., None], q.clamp(tiny, 1 - tiny)[..., None]
-        # E-step in log space; unused slots contribute log 1 = 0
-        log_a = prior.log()[:, None] + (valid * (d * lp.log() + (1 - d) * (1 - lp).log())).sum(1)
-        log_b = (1 - prior).log()[:, None] + (valid * ((1 - d) * lq.log() + d * (1 - lq).log())).sum(1)
-        w = torch.sigmoid(log_a - log_b)[:, None]                  # W [N,1,P]
-        # M-step
-        p = (w * d).sum(2) / w.sum(2).clamp_min(tiny)
-        q = ((1 - w) * (1 - d)).sum(2) / (1 - w).sum(2).clamp_min(tiny)
-    return w[:, 0].view(masks.shape[0], *masks.shape[2:]), p, q
-
-
-def mean_pairwise_kappa(masks, n_annotations):
-    """Row J (Ribeiro et al.): mean over an image's annotation pairs of Cohen's kappa between the two
-    binary masks, kappa = (p_o - p_e) / (1 - p_e), p_o the agreement, p_e = p1 p1' + p0 p0' the chance
-    agreement (kappa = 1 for two identical constant masks). Images with one annotation get 1. [N]"""
-    d = masks.float().flatten(2)                                    # [N,A,P]
-    agree = (d @ d.transpose(1, 2) + (1 - d) @ (1 - d).transpose(1, 2)) / d.shape[2]  # p_o [N,A,A]
-    fg = d.mean(2)                                                  # [N,A]
-    chance = fg[:, :, None] * fg[:, None, :] + (1 - fg)[:, :, None] * (1 - fg)[:, None, :]  # p_e
-    kappa = torch.where(chance < 1, (agree - chance) / (1 - chance).clamp_min(1e-12), torch.ones_like(agree))
-    valid = annotation_valid(masks, n_annotations)
-    pair = valid[:, :, None] * valid[:, None, :] * torch.ones_like(agree).triu(1)  # a < b, both used
-    count = pair.sum((1, 2))
-    return torch.where(count > 0, (kappa * pair).sum((1, 2)) / count.clamp_min(1), torch.ones_like(count))
-
-
-# ==================== Spatially adaptive weights by meta-learning (Eq. 1-2) and the training step =====
 
 def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples):
     """Eq. 1: the weight of every pixel of a batch of U for base model i, from the gradient of C_i's
@@ -392,42 +293,183 @@ def meta_weighted_loss(model, images_u, masks_u, images_c, masks_c, virtual_lr, 
     return (weights * loss_u).sum()  # -sum_q W_q Y_q log Y_q (sampled)
 
 
-# ==================== Training data of every row, and the training loop ============================
+def non_contradictory_subsets(n_annotations, n_subsets, generator, mode="uniform"):
+    """Sec. 2.2 / 3.1: subset_of [N, M], the subset id (0 is C_1) of image n's annotation slot a, or -1
+    for an empty slot (a >= M_n). Image n's M_n annotations go to M_n distinct subsets (so each C_i holds
+    at most one annotation per image): the image draws a priority per subset and slot a goes to the
+    subset with the a-th lowest priority. "uniform" (Sec. 3.1): all M subsets compete. "first" (Sec.
+    2.2): C_{M_n+1}..C_M get priority +inf, so the annotations go to a random order of C_1..C_{M_n}.
+    Example, M = 5, M_n = 2, priorities (0.7, 0.1, 0.9, 0.4, 0.3): uniform -> (1, 4, -1, -1, -1);
+    first -> priorities (0.7, 0.1, inf, inf, inf) -> (1, 0, -1, -1, -1)."""
+    slot = torch.arange(n_subsets)  # subset ids (columns of `priority`) and annotation slots alike
+    priority = torch.rand(n_annotations.shape[0], n_subsets, generator=generator)               # [N, M]
+    if mode == "first":
+        priority = priority.masked_fill(slot[None, :] >= n_annotations[:, None], float("inf"))  # C_i, i > M_n
+    subsets_by_priority = priority.argsort(dim=1)  # [n, a]: the subset id with the a-th lowest priority
+    return torch.where(slot[None, :] < n_annotations[:, None], subsets_by_priority,
+                       torch.full_like(subsets_by_priority, -1))
 
-def build_training_sets(train, n_models, args):
-    """Every row's training data, as a dict of splits: "U", the union of all annotations, and "C_1".."C_M",
-    the non-contradictory subsets (Sec. 2.2), each of (image, annotation) pairs: "images" [P,3,H,W],
-    "masks" [P,H,W], their "image" index and annotation "slot" [P]; "all" (row A) and "kept" (row J,
-    kappa >= --kappa-threshold): images with all their annotations [N,A,H,W]; "MV", "STAPLE": images
-    with one consensus mask each; "subset_of": [N,A] the subset id of every slot."""
-    images, masks, n_ann = train["images"], train["masks"], train["n_annotations"]
-    generator = torch.Generator().manual_seed(args.seed)
-    subset_of = non_contradictory_subsets(n_ann.cpu(), n_models, generator, args.subsets).to(images.device)
-    sets = {"subset_of": subset_of}
-    for key, member in [("U", subset_of >= 0)] + [(f"C_{i + 1}", subset_of == i) for i in range(n_models)]:
-        image_index, slot = member.nonzero(as_tuple=True)
-        if len(image_index) == 0 and key != "U":
-            raise common.UsageError(f"subset {key} is empty: no training image has {key[2:]} annotations; "
-                                    "use --subsets uniform")
-        sets[key] = {"images": images[image_index], "masks": masks[image_index, slot], "image": image_index,
-                     "slot": slot}
-    kept = mean_pairwise_kappa(masks, n_ann) >= args.kappa_threshold
-    if not kept.any() and getattr(args, "baselines", True):
-        raise common.UsageError(f"no training image reaches a mean pairwise kappa of {args.kappa_threshold} "
-                                "(row J); lower --kappa-threshold or use --no-baselines")
-    sets["all"] = {"images": images, "masks": masks, "n_annotations": n_ann}
-    sets["kept"] = {"images": images[kept], "masks": masks[kept], "n_annotations": n_ann[kept]}
-    sets["MV"] = {"images": images, "masks": majority_vote(masks, n_ann)}
-    staple_masks = (staple(masks, n_ann, args.staple_iterations)[0] > 0.5).to(torch.uint8)
-    sets["STAPLE"] = {"images": images, "masks": staple_masks}
-    return sets
+
+def used_slots(masks, n_annotations):
+    """[N,A] float: 1 for the annotation slots of masks [N,A,H,W] that hold an annotation."""
+    return (torch.arange(masks.shape[1], device=masks.device) < n_annotations[:, None]).float()
+
+
+def majority_vote(masks, n_annotations):
+    """Row MV: a pixel is lesion when more than half of the image's annotations say so. [N,H,W] uint8."""
+    votes = (masks.float() * used_slots(masks, n_annotations)[..., None, None]).sum(1)
+    return (2 * votes > n_annotations.view(-1, 1, 1)).to(torch.uint8)
+
+
+def staple(masks, n_annotations, iterations=50):
+    """Row STAPLE (Warfield et al. 2004), EM for binary masks, batched over images and pixels.
+    D_j: annotation j; T: the unknown true mask; p_j / q_j: sensitivity / specificity of annotation j;
+    prior f = P(T = 1), here the image's mean foreground fraction over its annotations.
+    E-step: W = f prod_j p_j^D_j (1-p_j)^(1-D_j) / (that + (1-f) prod_j q_j^(1-D_j) (1-q_j)^D_j)
+    M-step: p_j = sum W D_j / sum W,  q_j = sum (1-W)(1-D_j) / sum (1-W).
+    Returns W [N,H,W] (probability of lesion), p [N,A], q [N,A]."""
+    d = masks.float().flatten(2)                                   # D [N,A,P]
+    valid = used_slots(masks, n_annotations)[..., None]            # [N,A,1]
+    tiny = 1e-6
+    prior = ((d * valid).sum((1, 2)) / (valid.sum((1, 2)) * d.shape[2])).clamp(tiny, 1 - tiny)  # f [N]
+    p = torch.full(masks.shape[:2], 0.9, device=masks.device)
+    q = torch.full_like(p, 0.9)
+    for _ in range(iterations):
+        lp, lq = p.clamp(tiny, 1 - tiny)[..., None], q.clamp(tiny, 1 - tiny)[..., None]
+        # E-step in log space; unused slots contribute log 1 = 0
+        log_a = prior.log()[:, None] + (valid * (d * lp.log() + (1 - d) * (1 - lp).log())).sum(1)
+        log_b = (1 - prior).log()[:, None] + (valid * ((1 - d) * lq.log() + d * (1 - lq).log())).sum(1)
+        w = torch.sigmoid(log_a - log_b)[:, None]                  # W [N,1,P]
+        # M-step
+        p = (w * d).sum(2) / w.sum(2).clamp_min(tiny)
+        q = ((1 - w) * (1 - d)).sum(2) / (1 - w).sum(2).clamp_min(tiny)
+    return w[:, 0].view(masks.shape[0], *masks.shape[2:]), p, q
+
+
+def mean_pairwise_kappa(masks, n_annotations):
+    """Row J (Ribeiro et al.): mean over an image's annotation pairs of Cohen's kappa between the two
+    binary masks, kappa = (p_o - p_e) / (1 - p_e), p_o the agreement, p_e = p1 p1' + p0 p0' the chance
+    agreement (kappa = 1 for two identical constant masks). Images with one annotation get 1. [N]"""
+    d = masks.float().flatten(2)                                    # [N,A,P]
+    agree = (d @ d.transpose(1, 2) + (1 - d) @ (1 - d).transpose(1, 2)) / d.shape[2]  # p_o [N,A,A]
+    fg = d.mean(2)                                                  # [N,A]
+    chance = fg[:, :, None] * fg[:, None, :] + (1 - fg)[:, :, None] * (1 - fg)[:, None, :]  # p_e
+    kappa = torch.where(chance < 1, (agree - chance) / (1 - chance).clamp_min(1e-12), torch.ones_like(agree))
+    valid = used_slots(masks, n_annotations)
+    pair = valid[:, :, None] * valid[:, None, :] * torch.ones_like(agree).triu(1)  # a < b, both used
+    count = pair.sum((1, 2))
+    return torch.where(count > 0, (kappa * pair).sum((1, 2)) / count.clamp_min(1), torch.ones_like(count))
+
+
+@torch.no_grad()
+def predict(model, images, mean, std, amp, mc_passes=0, chunk=64):
+    """Y = sigmoid(f) and log s^2 [N,H,W] of uint8 images [N,3,H,W] normalised with (mean, std); with
+    mc_passes > 0, MC dropout (Sec. 3.3): Y is the mean of sigmoid(f) over that many passes with dropout
+    on, all passes in one batched forward. Leaves the model in eval mode."""
+    device = next(model.parameters()).device
+    model.eval()
+    model.dropout.train(mc_passes > 0)
+    probs, log_vars = [], []
+    passes = max(mc_passes, 1)
+    chunk = max(1, chunk // passes)
+    for start in range(0, images.shape[0], chunk):
+        x = common.normalize(images[start:start + chunk].to(device), mean, std)
+        with common.autocast(device, amp):
+            out = model(x.repeat(passes, 1, 1, 1)).float()
+        out = out.view(passes, x.shape[0], *out.shape[1:])
+        probs.append(torch.sigmoid(out[:, :, 0]).mean(0))
+        log_vars.append(out[:, :, 1].mean(0))
+    model.eval()
+    return torch.cat(probs), torch.cat(log_vars)
+
+
+def fusion_weights(log_variances, rule, valid=None):
+    """Eq. 4's weights alpha [M,N,H,W] (summing to 1 over the M models) from log s^2 [M,N,H,W].
+    "equal" (row G): alpha_i = 1/M. "pixel" (row H): alpha_iq = (1/s_iq^2) / sum_j (1/s_jq^2).
+    "image" (row I): u_i = mean_q s_iq^2 over the image's own pixels q (valid [N,H,W]: not the letterbox
+    padding; None: all), alpha_i = (1/u_i) / sum_j (1/u_j). Both confidence rules work in log space
+    (softmax of -log s^2, log u_i by logsumexp), exact for any finite log-variance, where exp(log s^2)
+    overflows float32 above ~88 (and the naive 1/u gives NaN)."""
+    if rule == "equal":
+        return torch.full_like(log_variances, 1.0 / log_variances.shape[0])
+    if rule == "pixel":
+        return torch.softmax(-log_variances, dim=0)  # exp(-log s^2) = 1/s^2, normalised over models
+    if rule != "image":
+        raise ValueError(f"unknown fusion rule {rule!r}")
+    valid = torch.ones_like(log_variances[0], dtype=torch.bool) if valid is None else valid.bool()
+    own_pixels = log_variances.masked_fill(~valid, -math.inf).flatten(2)            # padding: s^2 = 0 [M,N,P]
+    # log u_i = log (1/|Q|) sum_{q in Q} exp(log s_iq^2), Q the image's own pixels           [M,N]
+    log_u = torch.logsumexp(own_pixels, dim=2) - valid.flatten(1).sum(1).log()
+    return torch.softmax(-log_u, dim=0)[..., None, None].expand_as(log_variances)   # (1/u_i) / sum_j (1/u_j)
+
+
+def fuse_predictions(probs, log_variances, rule, valid=None):
+    """Eq. 4: Y = sum_i alpha_i Y_i over the M base models; probs, log_variances [M,N,H,W]."""
+    return (fusion_weights(log_variances, rule, valid) * probs).sum(0)
+
+
+# ==================== Data, Table 1's rows and their training sets =================================
+
+def load_data(args, seed):
+    """(train, val, tests, removed) of one seed, each split with a "reference" mask to score against; removed:
+    {test set: names also in train/val}. Sec. 3.1: isic-multi's images with 2+ masks are the training pool
+    (seeded 80/20 train/val, or Ribeiro et al.'s --splits lists), its single-mask images the ISIC test set
+    ("isic"); --test adds PH2, DermoFit and, beyond the paper, ISIC 2017's test split, pool images removed."""
+    if args.data == "synthetic":
+        data = common.load_dataset("synthetic-lesions", size=args.size, seed=seed, annotators=True,
+                                   domain_shift=True, **common.synthetic_split_sizes(args))
+    else:
+        options = {"splits": args.splits} if args.splits and args.data == "isic-multi" else {}
+        data = common.load_dataset(args.data, args.root, size=args.size, seed=seed, cache=args.cache, **options)
+        if "test" in data:
+            data["isic" if args.data == "isic-multi" else args.data] = data.pop("test")
+    if "train" not in data or "val" not in data:
+        raise common.UsageError(f"--data {args.data} gave the splits {sorted(data)}; training needs 'train' and 'val'")
+    training_ids = [name for split in ("train", "val") for name in data[split]["names"]]
+    for name, root in parse_test_sets(args.test):
+        options = {"splits": args.splits} if args.splits and name in ("ph2", "dermofit") else {}
+        data[name] = common.load_dataset(name, root, size=args.size, seed=seed, cache=args.cache,
+                                         exclude=training_ids, need_labels=False, **options)["test"]
+    for split in data.values():
+        if split["masks"].dim() == 3:  # one annotation per image
+            split["masks"] = split["masks"][:, None]
+            split["n_annotations"] = torch.ones(len(split["masks"]), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed + 1)
+    val = data["val"]  # model selection: one random annotation per validation image (Sec. 3.1)
+    pick = (torch.rand(len(val["masks"]), generator=generator) * val["n_annotations"]).long()
+    val["reference"] = val["masks"][torch.arange(len(pick)), pick]
+    tests = {k: v for k, v in data.items() if k not in ("train", "val")}
+    for split in tests.values():  # a test image is scored against its first annotation (ISIC: the only one)
+        split["reference"] = split["masks"][:, 0]
+    if not tests:
+        print("no test set given (--test); scoring on the validation split")
+        tests = {"val": val}
+    removed = {name: list(split["removed_overlap"] or []) for name, split in tests.items()
+               if split.get("removed_overlap") is not None}
+    return data["train"], val, tests, removed
+
+
+def channel_stats_of(split):
+    """Sec. 3.1's per-channel mean and std (float32 [3]) of a split's images over the image's own pixels
+    (real images: not the letterbox padding, which would pull the mean towards black)."""
+    images, valid = split["images"], split.get("valid")
+    valid = torch.ones_like(images[:, 0], dtype=torch.bool) if valid is None else valid.bool()
+    total = torch.zeros(3, dtype=torch.float64, device=images.device)
+    squares, count = torch.zeros_like(total), valid.sum().double()
+    for start in range(0, len(valid), 256):
+        x = images[start:start + 256].double() / 255.0                           # [b,3,H,W]
+        v = valid[start:start + 256, None].double()                              # [b,1,H,W]
+        total += (x * v).sum((0, 2, 3))
+        squares += (x * x * v).sum((0, 2, 3))
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float()
 
 
 class Row(NamedTuple):
-    """A trained row of Table 1; `source` is the key of its training split (build_training_sets). kind
-    "meta": a base model, batches of U weighted for its trusted subset C_i (source, id trusted_subset,
-    Eq. 1-2); "random annotation": images of "all" or "kept" with one annotation drawn per image and
-    batch (rows A, J); "consensus": images of "MV" or "STAPLE" with their consensus mask."""
+    """A row of Table 1 and how it learns. kind "meta": base model i on U weighted for C_i (source "C_<i+1>",
+    Eq. 1-2); "random annotation" (A, J): split "all" / "kept", one annotation per image drawn per batch;
+    "consensus": split "MV" / "STAPLE"; "fusion" (G, H, I): not trained, Eq. 4 with rule `source`."""
     name: str
     method: str
     kind: str
@@ -436,16 +478,88 @@ class Row(NamedTuple):
 
 
 def table_rows(n_models, baselines):
-    """Table 1's trained rows; the base models B.. are the ensemble (the fusions follow them)."""
+    """Table 1's rows in the paper's order: A, the base models B.., the fusions G-I, J; beyond the paper
+    MV and STAPLE. Without baselines: the base models and the fusions."""
     letters = string.ascii_uppercase
-    rows = [Row(letters[1 + i], f"model {i}", "meta", f"C_{i + 1}", trusted_subset=i) for i in range(n_models)]
-    if baselines:
-        rows = [Row("A", "baseline (random annotation)", "random annotation", "all")] + rows + [
-            Row(letters[4 + n_models], "less is more [30], retrained here", "random annotation", "kept"),
-            Row("MV", "majority vote (beyond the paper)", "consensus", "MV"),
-            Row("STAPLE", "STAPLE (beyond the paper)", "consensus", "STAPLE")]
-    return rows
+    base = [Row(letters[1 + i], f"model {i}", "meta", f"C_{i + 1}", trusted_subset=i) for i in range(n_models)]
+    fusions = [Row(letters[1 + n_models + k], f"{what} (ours)", "fusion", rule) for k, (what, rule) in enumerate(
+        [("equally weighted fusion", "equal"), ("pixel-level confidence", "pixel"),
+         ("image-level confidence", "image")])]
+    if not baselines:
+        return base + fusions
+    return ([Row("A", "baseline (random annotation)", "random annotation", "all")] + base + fusions
+            + [Row(letters[4 + n_models], "less is more [30], retrained here", "random annotation", "kept"),
+               Row("MV", "majority vote (beyond the paper)", "consensus", "MV"),
+               Row("STAPLE", "STAPLE (beyond the paper)", "consensus", "STAPLE")])
 
+
+def trained(rows):
+    """The rows that train a network (all but the fusions), in table order; the index seeds the network."""
+    return [row for row in rows if row.kind != "fusion"]
+
+
+def main_fusion_row(rows, rule):
+    """The Table 1 row of the run's fusion rule (--fusion; the paper's main method is I, "image")."""
+    return next(row.name for row in rows if row.kind == "fusion" and row.source == rule)
+
+
+def build_training_sets(train, n_models, seed, subsets="uniform", kappa_threshold=0.5, staple_iterations=50,
+                        need_kept=True):
+    """Every row's training data, as a dict of splits: "U", the union of all annotations, and "C_1".."C_M",
+    the non-contradictory subsets (Sec. 2.2), each of (image, annotation) pairs: "images" [P,3,H,W],
+    "masks" [P,H,W] and their "image" index [P]; "all" (row A) and "kept" (row J, kappa >= kappa_threshold):
+    images with all their annotations [N,A,H,W]; "MV", "STAPLE": images with their consensus mask [N,H,W];
+    "subset_of": [N,A] the subset id of every annotation slot."""
+    images, masks, n_ann = train["images"], train["masks"], train["n_annotations"]
+    generator = torch.Generator().manual_seed(seed)
+    subset_of = non_contradictory_subsets(n_ann.cpu(), n_models, generator, subsets).to(images.device)
+    sets = {"subset_of": subset_of}
+    for key, member in [("U", subset_of >= 0)] + [(f"C_{i + 1}", subset_of == i) for i in range(n_models)]:
+        image_index, slot = member.nonzero(as_tuple=True)
+        if len(image_index) == 0 and key != "U":
+            raise common.UsageError(f"subset {key} is empty: no training image has {key[2:]} annotations; "
+                                    "use --subsets uniform")
+        sets[key] = {"images": images[image_index], "masks": masks[image_index, slot], "image": image_index}
+    kept = mean_pairwise_kappa(masks, n_ann) >= kappa_threshold
+    if not kept.any() and need_kept:
+        raise common.UsageError(f"no training image reaches a mean pairwise kappa of {kappa_threshold} "
+                                "(row J); lower --kappa-threshold or use --no-baselines")
+    sets["all"] = {"images": images, "masks": masks, "n_annotations": n_ann}
+    sets["kept"] = {"images": images[kept], "masks": masks[kept], "n_annotations": n_ann[kept]}
+    sets["MV"] = {"images": images, "masks": majority_vote(masks, n_ann)}
+    staple_masks = (staple(masks, n_ann, staple_iterations)[0] > 0.5).to(torch.uint8)
+    sets["STAPLE"] = {"images": images, "masks": staple_masks}
+    return sets
+
+
+def seed_data(args, seed, device, cache):
+    """Everything the rows of `seed` train and evaluate on (val, tests, removed, the training sets, mean,
+    std, n_models, foreground), read once per process (cache: a dict)."""
+    if seed not in cache:
+        train, val, tests, removed = load_data(args, seed)
+        train, val = common.to_device(train, device), common.to_device(val, device)
+        n_models = train["masks"].shape[1]  # M: the annotation slots of the dataset (5 for ISIC)
+        mean, std = channel_stats_of(train)  # Sec. 3.1: per-channel mean and std
+        sets = build_training_sets(train, n_models, seed, args.subsets, args.kappa_threshold, args.staple_iterations,
+                                   need_kept=args.baselines)
+        foreground = float(sets["U"]["masks"].float().mean().clamp(0.01, 0.99))  # lesion share of U
+        cache[seed] = types.SimpleNamespace(val=val, tests=tests, removed=removed, sets=sets, mean=mean, std=std,
+                                            n_models=n_models, foreground=foreground)
+    return cache[seed]
+
+
+def build_model(row_index, args, seed, foreground=None):
+    """The network of trained row `row_index`, from its own seed (the ensemble's diversity: initialisations
+    and subsets); the logit's bias starts at the log-odds of `foreground`, U's lesion share (Deviations)."""
+    torch.manual_seed(seed * 1000 + row_index)
+    model = BayesianResidualFCN(args.width, args.depth, args.dropout, args.dropout_layers)
+    if foreground is not None:
+        with torch.no_grad():  # sigmoid(f) starts at the prior foreground share, not at 0.5
+            model.head.bias[0] = math.log(foreground / (1 - foreground))
+    return model
+
+
+# ==================== Training ====================================================================
 
 def make_batch(batch, generator, mean, std, *, pick_annotation, augment):
     """A training batch {"x": normalised images, "y": target masks [B,H,W]}. pick_annotation: the batch
@@ -463,57 +577,48 @@ def make_batch(batch, generator, mean, std, *, pick_annotation, augment):
     return {"x": common.normalize(images, mean, std), "y": masks}
 
 
-def endless(split, batch_size, generator):
-    """Batches of a split for ever (reshuffled at each pass)."""
-    drop_last = split["images"].shape[0] >= batch_size
-    while True:
-        yield from common.iterate_batches(split, batch_size, shuffle=True, generator=generator, drop_last=drop_last)
+def training_batches(row, data, args, steps, generator):
+    """One epoch of a row's batches, one pass over U (`steps`): a base model gets a batch of U and one of
+    its trusted subset C_i per step (Eq. 1-2), rows A, J, MV and STAPLE a batch of their own split."""
+    def endless(split, batch_size):  # reshuffled at each pass
+        drop_last = split["images"].shape[0] >= batch_size
+        while True:
+            yield from common.iterate_batches(split, batch_size, shuffle=True, generator=generator, drop_last=drop_last)
 
-
-def steps_per_epoch(sets, args):
-    return max(1, sets["U"]["images"].shape[0] // args.batch_size)
-
-
-def training_batches(row, data, args, generator):
-    """One epoch of a row's training batches, one pass over U: a base model gets a batch of U and one
-    of its trusted subset C_i per step (Eq. 1-2), rows A, J, MV and STAPLE a batch of their own split."""
     meta = row.kind == "meta"
-    batches = endless(data.sets["U" if meta else row.source], args.batch_size, generator)
-    clean_batches = endless(data.sets[row.source], args.clean_batch_size, generator) if meta else None
-    for _ in range(steps_per_epoch(data.sets, args)):
+    batches = endless(data.sets["U" if meta else row.source], args.batch_size)
+    clean_batches = endless(data.sets[row.source], args.clean_batch_size)
+    for _ in range(steps):
         batch = make_batch(next(batches), generator, data.mean, data.std,
                            pick_annotation=row.kind == "random annotation", augment=args.augment)
-        batch_c = make_batch(next(clean_batches), generator, data.mean, data.std, pick_annotation=False,
-                             augment=args.augment and args.augment_clean) if meta else None
-        yield batch, batch_c
+        clean = make_batch(next(clean_batches), generator, data.mean, data.std, pick_annotation=False,
+                           augment=args.augment and args.augment_clean) if meta else None
+        yield batch, clean
 
 
 def train_row(job, cache):
-    """run_jobs' job: trains one row of Table 1 (job.row) for one seed and keeps the weights of the
-    best validation Jaccard (Sec. 3.1) in the job's best.pt, with the normalisation. Every row takes
-    the same number of SGD steps per epoch, one pass over U. Returns {"val_jaccard", "best_epoch",
-    "images_per_s", "data_wait_share"}."""
+    """run_jobs' job: trains one row of Table 1 (job.row) for one seed and keeps the weights of the best
+    validation Jaccard (Sec. 3.1) in the job's best.pt, with the normalisation."""
     run, args = job.run, job.run.args
     data = seed_data(args, job.seed, run.device, cache)
-    rows = table_rows(data.n_models, args.baselines)
+    rows = trained(table_rows(data.n_models, args.baselines))
     row_index = [row.name for row in rows].index(job.row)
     row = rows[row_index]
     model = common.prepare_model(build_model(row_index, args, job.seed, data.foreground), run)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     start, best = common.resume(job, model, optimizer)
-    steps = steps_per_epoch(data.sets, args)
+    steps = max(1, data.sets["U"]["images"].shape[0] // args.batch_size)  # every row: one pass over U
     progress = common.Progress(job, steps, args.epochs, start, every=args.log_every)
     for epoch in range(start, args.epochs):
         # a generator per (row, epoch) makes the batches repeatable across --resume
-        generator = torch.Generator(run.device).manual_seed(
-            job.seed * 100003 + sum(map(ord, row.name)) * 1009 + epoch)
+        generator = torch.Generator(run.device).manual_seed(job.seed * 100003 + sum(map(ord, row.name)) * 1009 + epoch)
         model.train()
         running = torch.zeros((), device=run.device)
-        for batch, batch_c in progress.epoch(epoch, training_batches(row, data, args, generator)):
+        for batch, clean in progress.epoch(epoch, training_batches(row, data, args, steps, generator)):
             with common.autocast(run.device, args.amp):
                 if row.kind == "meta":  # Eq. 1-2: U's pixels weighted for C_i, the weighted loss of U
-                    loss = meta_weighted_loss(model, batch["x"], batch["y"], batch_c["x"], batch_c["y"],
+                    loss = meta_weighted_loss(model, batch["x"], batch["y"], clean["x"], clean["y"],
                                               args.lr, args.mc_samples)
                 else:  # rows A, J, MV, STAPLE: the mean aleatoric loss (Eq. 5) against one mask per image
                     loss = pixel_loss(model, batch["x"], batch["y"], args.mc_samples).mean()
@@ -523,7 +628,7 @@ def train_row(job, cache):
             running = running + loss.detach()
             progress.step(loss, len(batch["x"]))
         # model selection: the validation Jaccard against one random annotation per image (Sec. 3.1)
-        val_prob, _ = predict(model, data.val["images"], data.mean, data.std, run.device, args)
+        val_prob, _ = predict(model, data.val["images"], data.mean, data.std, args.amp)
         val_jaccard = float(common.jaccard(val_prob > 0.5, data.val["reference"]).mean()) * 100
         job.log(epoch=epoch + 1, loss=float(running / steps), val_jaccard=val_jaccard)
         best = common.save(job, epoch + 1, val_jaccard, best, model, optimizer,
@@ -533,56 +638,17 @@ def train_row(job, cache):
     return {"val_jaccard": selected["score"], "best_epoch": selected["epoch"], **speed}
 
 
-# ==================== Evaluation: prediction, fusion (Eq. 4), Tables 1 and 2 =======================
+# ==================== Evaluation: Tables 1 and 2, Fig. 3-4 in numbers, the meta step's mode ==========
 
-@torch.no_grad()
-def predict(model, images, mean, std, device, args, mc_passes=0, chunk=64):
-    """Foreground probability sigmoid(f) and log s^2 [N,H,W]. mc_passes > 0: MC dropout, the mean of
-    sigmoid(f) over that many passes with dropout on (Sec. 3.3), all passes in one batched forward."""
-    model.eval()
-    if mc_passes:
-        model.dropout.train()
-    probs, log_vars = [], []
-    passes = max(mc_passes, 1)
-    chunk = max(1, chunk // passes)
-    for start in range(0, images.shape[0], chunk):
-        x = common.normalize(images[start:start + chunk].to(device), mean, std)
-        with common.autocast(device, args.amp):
-            out = model(x.repeat(passes, 1, 1, 1)).float()
-        out = out.view(passes, x.shape[0], *out.shape[1:])
-        probs.append(torch.sigmoid(out[:, :, 0]).mean(0))
-        log_vars.append(out[:, :, 1].mean(0))
-    model.eval()
-    return torch.cat(probs), torch.cat(log_vars)
+def base_predictions(models, images, mean, std, amp):
+    """The base models' Y_i and log s_i^2, each stacked [M,N,H,W]."""
+    outputs = [predict(model, images, mean, std, amp) for model in models]
+    return torch.stack([prob for prob, _ in outputs]), torch.stack([log_var for _, log_var in outputs])
 
 
-def fusion_weights(log_variances, rule):
-    """Eq. 4's weights alpha [M,N,H,W] (summing to 1 over the M models) from log s^2 [M,N,H,W].
-    "equal" (row G): alpha_i = 1/M. "pixel" (row H): alpha_iq = (1/s_iq^2) / sum_j (1/s_jq^2).
-    "image" (row I): u_i = mean_q s_iq^2, alpha_i = (1/u_i) / sum_j (1/u_j).
-    Both confidence rules work in log space (softmax of -log s^2, log u_i by logsumexp), exact for any
-    finite log-variance, where exp(log s^2) overflows float32 above ~88 (and the naive 1/u gives NaN)."""
-    if rule == "equal":
-        return torch.full_like(log_variances, 1.0 / log_variances.shape[0])
-    if rule == "pixel":
-        return torch.softmax(-log_variances, dim=0)  # exp(-log s^2) = 1/s^2, normalised over models
-    if rule == "image":
-        n_pixels = log_variances.shape[2] * log_variances.shape[3]
-        # log u_i = log (1/Q) sum_q exp(log s_iq^2)                               [M,N,1,1]
-        log_u = torch.logsumexp(log_variances.flatten(2), dim=2)[..., None, None] - math.log(n_pixels)
-        return torch.softmax(-log_u, dim=0).expand_as(log_variances)  # (1/u_i) / sum_j (1/u_j)
-    raise ValueError(f"unknown fusion rule {rule!r}")
-
-
-def fuse_predictions(probs, log_variances, rule):
-    """Eq. 4: Y = sum_i alpha_i Y_i over the M base models; probs, log_variances [M,N,H,W]."""
-    return (fusion_weights(log_variances, rule) * probs).sum(0)
-
-
-def overlap_and_calibration(prob, reference, valid=None):
-    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier per image: mean over the images and the
-    standard error over images (*_image_se). valid [N,H,W] (letterboxed real images): only the image's
-    own pixels count; the padding is neither lesion nor background."""
+def scores(prob, reference, valid=None):
+    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier per image, their means and standard errors over
+    the images (*_image_se); valid [N,H,W]: only the image's own pixels count, not the letterbox padding."""
     if valid is None:
         jaccard = common.jaccard(prob > 0.5, reference) * 100
         nll, brier = common.nll(prob, reference), common.brier(prob, reference)
@@ -592,101 +658,56 @@ def overlap_and_calibration(prob, reference, valid=None):
         # the pixel means of Eq. 6-7 over each image's own pixels: [1,P] is one image of P pixels
         nll = torch.cat([common.nll(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
         brier = torch.cat([common.brier(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
-    scores = {}
+    result = {}
     for key, values in (("jaccard", jaccard), ("nll", nll), ("brier", brier)):
-        scores[key], scores[f"{key}_image_se"] = common.mean_and_se(values)
-    return scores
+        result[key], result[f"{key}_image_se"] = common.mean_and_se(values)
+    return result
 
 
-def fusion_rows(n_models):
-    """Rows G, H, I of Table 1 (the letters after the base models): (row, method, rule of Eq. 4)."""
-    methods = ("equally weighted fusion (ours)", "pixel-level confidence (ours)", "image-level confidence (ours)")
-    return [(string.ascii_uppercase[1 + n_models + k], method, rule)
-            for k, (method, rule) in enumerate(zip(methods, ("equal", "pixel", "image")))]
-
-
-def main_fusion_row(n_models, rule):
-    """The Table 1 row of the run's fusion rule (--fusion; the paper's main method is I, "image")."""
-    return {fusion_rule: name for name, _, fusion_rule in fusion_rows(n_models)}[rule]
-
-
-def evaluate(models, rows, test_sets, train_stats, args, device):
-    """Every row of Tables 1 and 2 on every test set, against its annotation and, when known, the
-    true mask. Returns the two tables (lists of dicts) and the ensemble's outputs per test set.
-    Table 2's last row (letter M + 1, after the M MC dropout models) is the deep ensemble."""
+def evaluate(models, rows, test_sets, train_norm, args):
+    """Every row of Tables 1 and 2 on every test set, against its annotation and, when known, the true
+    mask. Table 2: the base models with MC dropout (rows A..), then the deep ensemble (the run's fusion
+    row). Returns the table entries and, per test set, the base models' outputs and the fusion."""
     base = [row.name for row in rows if row.kind == "meta"]
-    fusions = fusion_rows(len(base))
-    main_row = main_fusion_row(len(base), args.fusion)
-    # Table 1 in the paper's order: A, the base models, the fusions G-I, J; beyond the paper MV, STAPLE
-    methods = ([(r.name, r.method) for r in rows if r.name == "A"]
-               + [(r.name, r.method) for r in rows if r.kind == "meta"]
-               + [(name, method) for name, method, _ in fusions]
-               + [(r.name, r.method) for r in rows if r.kind != "meta" and r.name != "A"])
+    main_row = main_fusion_row(rows, args.fusion)
     table1, table2, outputs = [], [], {}
     for set_name, split in test_sets.items():
-        mean, std = train_stats if args.normalize == "train" else channel_stats_of(split)
-        predictions = {row.name: predict(models[row.name], split["images"], mean, std, device, args) for row in rows}
-        probs = torch.stack([predictions[name][0] for name in base])      # Y_i [M,N,H,W]
-        log_vars = torch.stack([predictions[name][1] for name in base])   # log s_i^2 [M,N,H,W]
-        for name, _, rule in fusions:
-            predictions[name] = (fuse_predictions(probs, log_vars, rule), None)
-        # Table 2: each base model with MC dropout against the deep ensemble
-        calibration = [(f"MC dropout model {i}",
-                        predict(models[name], split["images"], mean, std, device, args, args.mc_passes)[0])
-                       for i, name in enumerate(base)]
-        calibration.append((f"deep ensemble (ours, fusion {main_row})", predictions[main_row][0]))
-        outputs[set_name] = {"probs": probs, "log_vars": log_vars, "fused": predictions[main_row][0]}
-        references = {name: split[key].to(device) for name, key in (("annotation", "reference"), ("truth", "truth"))
-                      if split.get(key) is not None}
-        valid = split["valid"].to(device) if split.get("valid") is not None else None
-        for ref_name, reference in references.items():
-            where = {"test_set": set_name, "reference": ref_name}
-            for name, method in methods:
-                scores = overlap_and_calibration(predictions[name][0], reference, valid)
-                table1.append({"table": "1", "row": name, "method": method, **where,
-                               "jaccard": scores["jaccard"], "jaccard_image_se": scores["jaccard_image_se"]})
-            for letter, (method, prob) in zip(string.ascii_uppercase, calibration):
-                scores = overlap_and_calibration(prob, reference, valid)
+        norm = train_norm if args.normalize == "train" else channel_stats_of(split)  # Sec. 3.1
+        mean, std = (t.to(train_norm[0].device) for t in norm)
+        probs, log_vars = base_predictions([models[name] for name in base], split["images"], mean, std, args.amp)
+        valid = split["valid"].to(probs.device) if split.get("valid") is not None else None
+        prob = dict(zip(base, probs))                                              # Y_i [N,H,W]
+        for row in rows:
+            if row.kind in ("random annotation", "consensus"):
+                prob[row.name] = predict(models[row.name], split["images"], mean, std, args.amp)[0]
+            elif row.kind == "fusion":
+                prob[row.name] = fuse_predictions(probs, log_vars, row.source, valid)  # Eq. 4
+        calibration = [(f"MC dropout model {i}", predict(models[name], split["images"], mean, std, args.amp,
+                                                         args.mc_passes)[0]) for i, name in enumerate(base)]
+        calibration.append((f"deep ensemble (ours, fusion {main_row})", prob[main_row]))
+        outputs[set_name] = {"probs": probs, "log_vars": log_vars, "fused": prob[main_row]}
+        for ref_name, key in (("annotation", "reference"), ("truth", "truth")):
+            if split.get(key) is None:
+                continue
+            reference, where = split[key].to(probs.device), {"test_set": set_name, "reference": ref_name}
+            for row in rows:
+                result = scores(prob[row.name], reference, valid)
+                table1.append({"table": "1", "row": row.name, "method": row.method, **where,
+                               "jaccard": result["jaccard"], "jaccard_image_se": result["jaccard_image_se"]})
+            for letter, (method, calibrated) in zip(string.ascii_uppercase, calibration):
+                result = scores(calibrated, reference, valid)
                 table2.append({"table": "2", "row": letter, "method": method, **where,
-                               **{k: scores[k] for k in ("nll", "nll_image_se", "brier", "brier_image_se")}})
-    return table1, table2, outputs
+                               **{k: result[k] for k in ("nll", "nll_image_se", "brier", "brier_image_se")}})
+    return table1 + table2, outputs
 
 
-def table_markdown(entries, table, title):
-    """Table 1 or 2 as the paper lays it out: one line per method, one column per (test set, reference)
-    ("<set> vs truth": scored against the true mask); Table 1: Jaccard % ± SE, Table 2: NLL and Brier
-    (± SE over seeds when the run has several, else over the test images as in the paper)."""
-    lines, header = {}, ["row", "method"]
-    for entry in (e for e in entries if e["table"] == table):
-        column = entry["test_set"] + ("" if entry["reference"] == "annotation" else " vs truth")
-        if table == "1":
-            se = entry["jaccard_se"] if len(entry.get("seeds", [])) > 1 else entry["jaccard_image_se"]
-            cells = {column: common.fmt_mean_se(entry["jaccard"] / 100, se / 100, percent=True)}
-        else:
-            cells = {f"{column} NLL": common.fmt_over_seeds(entry, "nll", digits=3),
-                     f"{column} Br": common.fmt_over_seeds(entry, "brier", digits=3)}
-        lines.setdefault(entry["row"], {"row": entry["row"], "method": entry["method"]}).update(cells)
-        header += [column for column in cells if column not in header]
-    return common.markdown_table(list(lines.values()), header, title=title)
-
-
-# ==================== Figures 3-4 (and in numbers), the meta step's mode, example predictions ======
-
-def trusted_slots(sets, subset_id):
-    """For every training image, the slot of the annotation that base model i trusts (its one
-    annotation in C_i) [N], and whether the image has an annotation in C_i at all [N]."""
-    in_subset = sets["subset_of"] == subset_id
-    return in_subset.float().argmax(1), in_subset.any(1)
-
-
-def training_weights(model, images_u, masks_u, images_c, masks_c, args, mode="train"):
-    """spatial_weight_maps outside training, leaving the BatchNorm running statistics as they were.
-    mode "train" computes them as training does (BatchNorm on the batch's statistics, dropout on);
-    "eval" with the running statistics and dropout off (what a network without BatchNorm and
-    dropout, like the parent code's, would see)."""
+def training_weights(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples, mode="train"):
+    """spatial_weight_maps outside training, the BatchNorm running statistics left as they were: in
+    "train" mode as training computes them (batch statistics, dropout on), in "eval" mode with the
+    running statistics and dropout off (what a network without BatchNorm and dropout would see)."""
     saved = {name: b.clone() for name, b in model.named_buffers()}
     model.train(mode == "train")
-    weights, _ = spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, args.lr, args.mc_samples)
+    weights, _ = spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(saved[name])
@@ -720,23 +741,24 @@ def ratio_and_se(numerators, denominators):
 
 
 def weight_consistency(model, row, sets, args, mean, std):
-    """Fig. 3-4 in numbers (the paper's claim: INC pixels get zero or near-zero weight) for base model i,
-    over args.weight_samples annotations of U in random batches weighted as in training: the share of
+    """Fig. 3-4 in numbers (the paper: INC pixels get zero or near-zero weight) for base model i, over
+    args.weight_samples annotations of U in random batches weighted as in training: the share of
     zero-weight pixels among the INC pixels (where an annotation disagrees with the one model i trusts
     for that image; zero_weight_inconsistent) and among the agreeing pixels (zero_weight_consistent),
     pooled over batches with *_batch_se (batches as clusters), and mean_weight_ratio, INC / agreeing."""
-    trusted_slot, has_trusted = trusted_slots(sets, row.trusted_subset)
+    in_subset = sets["subset_of"] == row.trusted_subset  # [N,A]: the slot of the one annotation model i trusts
+    trusted_slot, has_trusted = in_subset.float().argmax(1), in_subset.any(1)
     generator = torch.Generator().manual_seed(args.seed)
     n_batches = max(1, math.ceil(args.weight_samples / args.batch_size))
     sums = []  # per batch: pixels, zero-weight pixels and weight, on INC and on agreeing pixels
     for _ in range(n_batches):
         u, x_u, y_u, x_c, y_c = sample_weight_batch(row, sets, args, mean, std, generator)
-        weights = training_weights(model, x_u, y_u, x_c, y_c, args)                     # W [B,H,W]
+        weights = training_weights(model, x_u, y_u, x_c, y_c, args.lr, args.mc_samples)     # W [B,H,W]
         image = sets["U"]["image"][u]
-        trusted = sets["all"]["masks"][image, trusted_slot[image]]  # the annotation model i trusts [B,H,W]
+        trusted_mask = sets["all"]["masks"][image, trusted_slot[image]]  # the annotation model i trusts [B,H,W]
         known = has_trusted[image].view(-1, 1, 1)
-        inconsistent = ((trusted != y_u) & known).float()      # INC
-        agreeing = ((trusted == y_u) & known).float()
+        inconsistent = ((trusted_mask != y_u) & known).float()      # INC
+        agreeing = ((trusted_mask == y_u) & known).float()
         zero = (weights == 0).float()
         sums.append(torch.stack([value for region in (inconsistent, agreeing)
                                  for value in (region.sum(), (zero * region).sum(), (weights * region).sum())]))
@@ -761,7 +783,7 @@ def meta_mode_effect(model, row, sets, args, mean, std):
     weights = {}
     for mode, draw in (("train", 0), ("train", 1), ("eval", 0), ("eval", 1)):
         torch.manual_seed(args.seed * 7919 + draw)  # dropout masks and the MC samples of the loss
-        weights[mode, draw] = training_weights(model, x_u, y_u, x_c, y_c, args, mode)
+        weights[mode, draw] = training_weights(model, x_u, y_u, x_c, y_c, args.lr, args.mc_samples, mode)
     w_train, w_eval = weights["train", 0], weights["eval", 0]
     tv = {"train_vs_eval": (w_train, w_eval), "train_redraw": (w_train, weights["train", 1]),
           "eval_redraw": (w_eval, weights["eval", 1])}
@@ -770,162 +792,10 @@ def meta_mode_effect(model, row, sets, args, mean, std):
             "zero_train": float((w_train == 0).float().mean()), "zero_eval": float((w_eval == 0).float().mean())}
 
 
-def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
-    """Fig. 3-4: a training image with the most annotations (one of them in C_k, k = row's trusted
-    subset), the annotation each base model trusts, the inconsistency maps |Y_trusted(k) - Y_i| (INC),
-    the zero weights model k learns for those annotations in cyan over INC (INC+WT), and the weight
-    maps themselves."""
-    model_index = row.trusted_subset
-    train, subset_of = sets["all"], sets["subset_of"]
-    _, has_trusted = trusted_slots(sets, model_index)
-    n = int(torch.where(has_trusted, train["n_annotations"], torch.zeros_like(train["n_annotations"])).argmax())
-    slots = list(range(int(train["n_annotations"][n])))
-    slot_trusted_by = {int(subset_of[n, s]): s for s in slots}  # model i -> slot of the annotation it trusts
-    # the image's annotations in a batch of U filled up with other annotations, weighted as in training
-    union, clean = sets["U"], sets[row.source]
-    others = torch.randperm(len(union["images"]), generator=torch.Generator().manual_seed(args.seed))
-    others = others[:max(args.batch_size - len(slots), 0)].to(union["images"].device)
-    x_u = torch.cat([train["images"][n:n + 1].expand(len(slots), -1, -1, -1), union["images"][others]])
-    y_u = torch.cat([train["masks"][n, slots], union["masks"][others]])
-    weights = training_weights(model, common.normalize(x_u, mean, std), y_u,
-                               common.normalize(clean["images"][:args.clean_batch_size], mean, std),
-                               clean["masks"][:args.clean_batch_size], args)
-    reference = y_u[slot_trusted_by[model_index]]
-    fig, axes = common.blank_grid(4, n_models + 1, figsize=(2.2 * (n_models + 1), 9.2))
-    common.show_image(axes[0, 0], train["images"][n])
-    axes[0, 0].set_title("training image")
-    for i in range(n_models):
-        if i not in slot_trusted_by:
-            axes[0, i + 1].set_title(f"model {i}: none", fontsize=9)
-            continue
-        s = slot_trusted_by[i]
-        inconsistent, w = (reference != y_u[s]).cpu(), weights[s].cpu()
-        # as in the paper: zero-weight pixels in cyan over the inconsistency map
-        overlay = torch.zeros(*w.shape, 4)
-        overlay[w == 0] = torch.tensor([0.0, 1.0, 1.0, 0.7])
-        share = f"{(w[inconsistent] == 0).float().mean().item():.0%}" if inconsistent.any() else "-"
-        panels = [(y_u[s].cpu(), f"model {i}: annotation {s}", 9), (inconsistent, f"INC model {model_index} vs {i}", 9),
-                  (inconsistent, f"INC+WT: w=0 on {share} of INC", 8),
-                  (w / w.max().clamp_min(1e-30), "W (scaled to its max)", 8)]
-        for ax, (image, title, fontsize) in zip(axes[:, i + 1], panels):
-            ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=fontsize)
-        axes[2, i + 1].imshow(overlay.numpy())
-    fig.suptitle(f"Weights model {model_index} learns for this image's annotations (cyan: zero weight)", fontsize=9)
-    common.save_figure(fig, path)
-
-
-def figure_predictions(split, outputs, path, count=4):
-    """Test images with the reference (green) and fused (red) outlines, the fused probability, the
-    mean aleatoric variance and the spread of the base models (epistemic)."""
-    fig, axes = plt.subplots(count, 4, figsize=(11, 2.6 * count), squeeze=False)
-    for r in range(min(count, split["images"].shape[0])):
-        common.show_image(axes[r, 0], split["images"][r])
-        common.draw_contours(axes[r, 0], split["reference"][r].cpu() > 0, "lime", "reference" if r == 0 else None)
-        common.draw_contours(axes[r, 0], outputs["fused"][r].cpu() > 0.5, "red", "fusion I" if r == 0 else None)
-        axes[r, 1].imshow(outputs["fused"][r].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[r, 1].set_axis_off()
-        common.plot_uncertainty(axes[r, 2], torch.exp(outputs["log_vars"][:, r]).mean(0).cpu(),
-                                "aleatoric s^2" if r == 0 else None)
-        common.plot_uncertainty(axes[r, 3], outputs["probs"][:, r].std(0).cpu(), "model spread" if r == 0 else None)
-    axes[0, 0].legend(loc="lower left", fontsize=7)
-    axes[0, 1].set_title("fused probability")
-    common.save_figure(fig, path)
-
-
-# ==================== Data, jobs over rows and seeds, report =======================================
-
-TEST_ONLY = ("ph2", "dermofit", "isic2017")  # --test NAME=ROOT; isic2017: only its test split
-
-
-def parse_test_sets(text):
-    """--test "ph2=/d/PH2,dermofit=/d/DF" -> [("ph2", "/d/PH2"), ...]; UsageError for anything else."""
-    specs = []
-    for spec in filter(None, (part.strip() for part in text.split(","))):
-        name, _, root = spec.partition("=")
-        if name not in TEST_ONLY or not root:
-            raise common.UsageError(f"--test takes NAME=ROOT pairs with NAME in {', '.join(TEST_ONLY)}, not {spec!r}")
-        specs.append((name, root))
-    return specs
-
-
-def load_data(args, seed):
-    """(train, val, tests, removed) of one seed, every split with one "reference" mask to score against;
-    removed = {test set: names removed because they sit in train/val}. Real data follow Sec. 3.1:
-    isic-multi's images with two or more masks are the training pool (seeded 80/20 train/val, or
-    Ribeiro et al.'s lists with --splits), its single-mask images the ISIC test set ("isic"); --test
-    adds PH2, DermoFit and, beyond the paper, ISIC 2017's test split, without the pool's images."""
-    if args.data == "synthetic":
-        sizes = {key: getattr(args, key) for key in ("n_train", "n_val", "n_test") if getattr(args, key) is not None}
-        if args.quick:
-            sizes = {key: sizes.get(key, QUICK[key]) for key in ("n_train", "n_val", "n_test")}
-        data = common.load_dataset("synthetic-lesions", size=args.size, seed=seed, annotators=True,
-                                   domain_shift=True, **sizes)
-    else:
-        options = {"splits": args.splits} if args.splits and args.data == "isic-multi" else {}
-        data = common.load_dataset(args.data, args.root, size=args.size, seed=seed, cache=args.cache, **options)
-        if "test" in data:
-            data["isic" if args.data == "isic-multi" else args.data] = data.pop("test")
-    if "train" not in data or "val" not in data:
-        raise common.UsageError(f"--data {args.data} gave the splits {sorted(data)}; training needs 'train' and 'val'")
-    training_ids = [name for split in ("train", "val") for name in data[split]["names"]]
-    for name, root in parse_test_sets(args.test):
-        options = {"splits": args.splits} if args.splits and name in ("ph2", "dermofit") else {}
-        data[name] = common.load_dataset(name, root, size=args.size, seed=seed, cache=args.cache,
-                                         exclude=training_ids, need_labels=False, **options)["test"]
-    for split in data.values():
-        if split["masks"].dim() == 3:  # one annotation per image
-            split["masks"] = split["masks"][:, None]
-            split["n_annotations"] = torch.ones(len(split["masks"]), dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed + 1)
-    val = data["val"]  # model selection: one random annotation per validation image (Sec. 3.1)
-    pick = (torch.rand(len(val["masks"]), generator=generator) * val["n_annotations"]).long()
-    val["reference"] = val["masks"][torch.arange(len(pick)), pick]
-    tests = {k: v for k, v in data.items() if k not in ("train", "val")}
-    for split in tests.values():  # a test image is scored against its first annotation (ISIC: the only one)
-        split["reference"] = split["masks"][:, 0]
-    if not tests:
-        print("no test set given (--test); scoring on the validation split")
-        tests = {"val": val}
-    removed = {name: list(split["removed_overlap"] or []) for name, split in tests.items()
-               if split.get("removed_overlap") is not None}
-    return data["train"], val, tests, removed
-
-
-def channel_stats_of(split):
-    """Sec. 3.1's per-channel mean and std of a split's images, over the image pixels only (not the
-    letterbox padding of real images, which would pull the mean towards black)."""
-    if split.get("valid") is None:
-        return common.channel_stats(split["images"])
-    valid = split["valid"].bool()
-    total = torch.zeros(3, dtype=torch.float64, device=split["images"].device)
-    squares, count = torch.zeros_like(total), valid.sum().double()
-    for start in range(0, len(valid), 256):
-        x = split["images"][start:start + 256].double() / 255.0                 # [b,3,H,W]
-        v = valid[start:start + 256, None].double()                              # [b,1,H,W]
-        total += (x * v).sum((0, 2, 3))
-        squares += (x * x * v).sum((0, 2, 3))
-    mean = total / count
-    std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
-    return mean.float(), std.float()
-
-
-def build_model(row_index, args, seed, foreground=None):
-    """The network of the row at `row_index` of table_rows, initialised from its own seed (the deep
-    ensemble's diversity comes from these different initialisations and subsets). `foreground`: the
-    lesion share of the training annotations; the logit's bias starts at its log-odds (Deviations)."""
-    torch.manual_seed(seed * 1000 + row_index)
-    model = BayesianResidualFCN(args.width, args.depth, args.dropout, args.dropout_layers)
-    if foreground is not None:
-        with torch.no_grad():  # sigmoid(f) starts at the prior foreground share, not at 0.5
-            model.head.bias[0] = math.log(foreground / (1 - foreground))
-    return model
-
-
 def ensemble_of(states, rows, args, seed):
-    """The networks of one seed's rows as a ModuleDict (eval mode), from their weights {row name: state dict}."""
+    """One seed's trained networks as a ModuleDict (eval mode), from their weights {row name: state dict}."""
     models = nn.ModuleDict()
-    for k, row in enumerate(rows):
+    for k, row in enumerate(trained(rows)):
         models[row.name] = build_model(k, args, seed)
         common.load_model_state(models[row.name], states[row.name])
     return models.eval()
@@ -942,44 +812,27 @@ def weights_of_seed(ensemble_weights, seed):
     return states
 
 
-def seed_data(args, seed, device, cache):
-    """Everything the rows of `seed` train and evaluate on (train, val, tests, removed, the training
-    sets, mean, std, n_models), read once per process (cache: a dict)."""
-    if seed not in cache:
-        train, val, tests, removed = load_data(args, seed)
-        train, val = common.to_device(train, device), common.to_device(val, device)
-        n_models = train["masks"].shape[1]  # M: the annotation slots of the dataset (5 for ISIC)
-        mean, std = channel_stats_of(train)  # Sec. 3.1: per-channel mean and std
-        sets = build_training_sets(train, n_models, argparse.Namespace(**{**vars(args), "seed": seed}))
-        foreground = float(sets["U"]["masks"].float().mean().clamp(0.01, 0.99))  # lesion share of U
-        cache[seed] = types.SimpleNamespace(train=train, val=val, tests=tests, removed=removed, sets=sets,
-                                            mean=mean, std=std, n_models=n_models, foreground=foreground)
-    return cache[seed]
-
-
-def trained_rows(run, rows, seed):
+def best_weights(run, rows, seed):
     """{row name: best.pt} of one seed's trained rows, read from their jobs' folders."""
     return {row.name: common.load_checkpoint(common.job_folder(run, row.name, seed) / "best.pt", SCRIPT)
-            for row in rows}
+            for row in trained(rows)}
 
 
 def evaluate_seed(job, cache, checkpoint=None):
     """run_jobs' job for one seed's tables: Tables 1 and 2, Fig. 3-4 in numbers and the meta step's
     mode, from the trained rows' best.pt (or an --eval-only checkpoint). The first seed's job draws the
-    figures and, after training, writes the whole ensemble (every seed's rows) to its best.pt, the
-    checkpoint of --eval-only and --predict. Returns {"entries": [table entries]}."""
+    figures and, after training, writes the ensemble checkpoint (every seed's rows) to its best.pt."""
     run, seeds = job.run, common.seed_list(job.run.args)
     data = seed_data(run.args, job.seed, run.device, cache)
     rows = table_rows(data.n_models, run.args.baselines)
     args = argparse.Namespace(**{**vars(run.args), "seed": job.seed})  # the sampling of Fig. 3-4 in numbers
     if checkpoint is None:
-        states = {name: state["model"] for name, state in trained_rows(run, rows, job.seed).items()}
+        states = {name: state["model"] for name, state in best_weights(run, rows, job.seed).items()}
     else:
         states = weights_of_seed(checkpoint["model"], job.seed)
     models = common.prepare_model(ensemble_of(states, rows, args, job.seed), run)
-    table1, table2, outputs = evaluate(models, rows, data.tests, (data.mean, data.std), args, run.device)
+    entries, outputs = evaluate(models, rows, data.tests, (data.mean, data.std), args)
     base_rows = [row for row in rows if row.kind == "meta"]
-    entries = table1 + table2
     for row in base_rows:
         where = {"row": row.name, "method": row.method, "test_set": "train", "reference": "U"}
         entries.append({"table": "fig3-4", **where,
@@ -997,15 +850,17 @@ def evaluate_seed(job, cache, checkpoint=None):
         first_test = list(data.tests)[0]
         figure_predictions(data.tests[first_test], outputs[first_test], run.figures / "predictions.png")
         if checkpoint is None:  # the ensemble: one module holding every seed's trained rows
-            trained = {seed: trained_rows(run, rows, seed) for seed in seeds}
+            best = {seed: best_weights(run, rows, seed) for seed in seeds}
             ensemble = nn.ModuleDict({f"seed{seed}": ensemble_of({name: state["model"] for name, state in
-                                                                  trained[seed].items()}, rows, args, seed)
+                                                                  best[seed].items()}, rows, args, seed)
                                       for seed in seeds})
-            norm = {str(seed): trained[seed][rows[0].name]["normalization"] for seed in seeds}
+            norm = {str(seed): best[seed][trained(rows)[0].name]["normalization"] for seed in seeds}
             common.save(job, args.epochs, math.nan, -math.inf, ensemble, seeds=seeds, n_models=data.n_models,
                         norm=norm)
     return {"entries": entries}
 
+
+# ==================== Report: Tables 1-2 and the analyses as Markdown, Fig. 3-4, predictions =======
 
 def summarize_entries(per_seed_entries):
     """Tables over seeds: every seed's table entries grouped by (table, row, test set, reference), then
@@ -1016,59 +871,127 @@ def summarize_entries(per_seed_entries):
     return [common.summarize_rows({key[1]: entries})[0] for key, entries in grouped.items()]
 
 
-MODE_LABELS = {"tv_train_vs_eval": "moved, train vs eval (%)", "tv_train_redraw": "moved, train redrawn (%)",
-               "tv_eval_redraw": "moved, eval redrawn (%)", "zero_flip": "w = 0 in one mode only (%)",
-               "zero_train": "w = 0, train (%)", "zero_eval": "w = 0, eval (%)"}
+def table_markdown(entries, table, title, cells):
+    """One table of results.md: a line per row of `table` (e.g. "1"), its cells from cells(entry), which
+    may spread a row over several entries (Tables 1-2: one per test set and reference)."""
+    lines, header = {}, ["row", "method"]
+    for entry in (e for e in entries if e["table"] == table):
+        line = cells(entry)
+        lines.setdefault(entry["row"], {"row": entry["row"], "method": entry["method"]}).update(line)
+        header += [column for column in line if column not in header]
+    return common.markdown_table(list(lines.values()), header, title=title) if lines else ""
 
 
-def report_markdown(args, seeds, n_models, main_row, first_test, table):
-    """results.md: Tables 1 and 2 in the paper's layout, Fig. 3-4 in numbers, the meta step's mode and
-    the test images removed because they sit in the training pool. `table`: summarize_entries' rows."""
+def report_markdown(args, seeds, rows, first_test, table):
+    """results.md: Tables 1 and 2 in the paper's layout (a column per test set and reference, "vs truth":
+    the true mask), Fig. 3-4 in numbers, the meta step's mode and the test images removed because they
+    sit in the training pool. ± SE over seeds, or for one seed over test images (as the paper) or batches."""
     over_seeds = len(seeds) > 1
-    weights = [e for e in table if e["table"] == "fig3-4"]
-    overlap = [e for e in table if e["table"] == "overlap"]
 
-    def share(entry, key):  # a share in % ± SE over seeds, or over batches for one seed
-        return common.fmt_mean_se(entry[key], entry[f"{key}_se" if over_seeds else f"{key}_batch_se"], percent=True)
+    def column(entry):
+        return entry["test_set"] + ("" if entry["reference"] == "annotation" else " vs truth")
 
-    weight_lines = [{"row": e["row"], "method": e["method"],
-                     "w = 0 on INC (%)": share(e, "zero_weight_inconsistent"),
-                     "w = 0 where agreeing (%)": share(e, "zero_weight_consistent"),
-                     "mean w, INC / agreeing": common.fmt_over_seeds(e, "mean_weight_ratio", digits=2)}
-                    for e in weights]
-    mode_lines = [{"row": e["row"], "method": e["method"],
-                   **{label: common.fmt_over_seeds(e, key, percent=True) for key, label in MODE_LABELS.items()}}
-                  for e in table if e["table"] == "meta-mode"]
+    def share(entry, key, one_seed_se, percent_points=1):  # mean ± SE over seeds, or the one seed's own SE
+        se = entry[f"{key}_se" if over_seeds else one_seed_se]
+        return common.fmt_mean_se(entry[key] / percent_points, se / percent_points, percent=True)
+
+    def table2(entry):
+        return {f"{column(entry)} {short}": common.fmt_over_seeds(entry, key, digits=3)
+                for key, short in (("nll", "NLL"), ("brier", "Br"))}
+
+    def weights(entry):
+        return {"w = 0 on INC (%)": share(entry, "zero_weight_inconsistent", "zero_weight_inconsistent_batch_se"),
+                "w = 0 where agreeing (%)": share(entry, "zero_weight_consistent", "zero_weight_consistent_batch_se"),
+                "mean w, INC / agreeing": common.fmt_over_seeds(entry, "mean_weight_ratio", digits=2)}
+
+    mode_labels = {"tv_train_vs_eval": "moved, train vs eval (%)", "tv_train_redraw": "moved, train redrawn (%)",
+                   "tv_eval_redraw": "moved, eval redrawn (%)", "zero_flip": "w = 0 in one mode only (%)",
+                   "zero_train": "w = 0, train (%)", "zero_eval": "w = 0, eval (%)"}
+    annotations = next(int(e["annotations"]) for e in table if e["table"] == "fig3-4")
     spread = (f"mean ± standard error over the seeds {', '.join(map(str, seeds))}" if over_seeds else
               f"seed {seeds[0]}; ± standard error over the test images as in the paper")
-    parts = [
-        f"# D-LEMA on {args.data} ({args.size} px, {args.epochs} epochs, M = {n_models})\n",
-        f"Main method: row {main_row} (fusion rule `{args.fusion}`) on `{first_test}`; "
+    row_j = [row.name for row in rows if row.source == "kept"]
+    return "\n".join([
+        f"# D-LEMA on {args.data} ({args.size} px, {args.epochs} epochs, M = {sum(r.kind == 'meta' for r in rows)})\n",
+        f"Main method: row {main_fusion_row(rows, args.fusion)} (fusion rule `{args.fusion}`) on `{first_test}`; "
         "'vs truth': scored against the true mask instead of an annotation. "
-        f"Row {string.ascii_uppercase[4 + n_models]} is retrained here with the same network and number of "
-        "steps as the other rows; the paper's row J carries no ± SE and is most likely quoted from Ribeiro "
-        f"et al. [30]. Every number: {spread}.\n",
-        table_markdown(table, "1", "Table 1: Jaccard index (% ± standard error)"),
-        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)"),
-        common.markdown_table(
-            weight_lines, list(weight_lines[0]),
-            title=f"Fig. 3-4 in numbers, over {int(weights[0]['annotations'])} annotations of U per base model "
-            f"(batches of {args.batch_size}, weighted as in training): zero-weight pixels where an annotation "
-            f"contradicts the one the model trusts (INC) and where it agrees (± SE over "
-            f"{'seeds' if over_seeds else 'batches'}); mean weight on INC / agreeing (INC lies on the boundary)"),
-        common.markdown_table(
-            mode_lines, list(mode_lines[0]),
-            title="The meta step's mode, one batch of U and of C_i: weight mass moved (total variation) between "
-            "train mode (batch statistics, dropout on) and eval mode, and between two draws of one mode; "
-            "pixels with zero weight in one mode only, and in each mode")]
-    if overlap:
-        lines = [{"test set": e["row"], "images removed (also in train/val)": int(e["removed"])} for e in overlap]
-        parts.append(common.markdown_table(lines, list(lines[0]), title="Test images removed because they sit "
-                                           "in the training pool (names in results.json)"))
-    return "\n".join(parts)
+        + (f"Row {row_j[0]} is retrained here with the same network and number of steps as the other rows; "
+           "the paper's row J carries no ± SE and is most likely quoted from Ribeiro et al. [30]. " if row_j else "")
+        + f"Every number: {spread}.\n",
+        table_markdown(table, "1", "Table 1: Jaccard index (% ± standard error)",
+                       lambda e: {column(e): share(e, "jaccard", "jaccard_image_se", percent_points=100)}),
+        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)", table2),
+        table_markdown(table, "fig3-4", f"Fig. 3-4 in numbers, over {annotations} annotations of U per base model "
+                       f"(batches of {args.batch_size}, weighted as in training): zero-weight pixels where an "
+                       f"annotation contradicts the one the model trusts (INC) and where it agrees (± SE over "
+                       f"{'seeds' if over_seeds else 'batches'}); mean weight on INC / agreeing (INC lies on the "
+                       "boundary)", weights),
+        table_markdown(table, "meta-mode", "The meta step's mode, one batch of U and of C_i: weight mass moved "
+                       "(total variation) between train mode (batch statistics, dropout on) and eval mode, and "
+                       "between two draws of one mode; pixels with zero weight in one mode only, and in each mode",
+                       lambda e: {label: common.fmt_over_seeds(e, key, percent=True)
+                                  for key, label in mode_labels.items()}),
+        table_markdown(table, "overlap", "Test images removed because they sit in the training pool (names in "
+                       "results.json)", lambda e: {"images removed (also in train/val)": int(e["removed"])})])
 
 
-# ==================== Checkpoints and --predict ====================================================
+def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
+    """Fig. 3-4: a training image with the most annotations (one of them in C_k, k = row's trusted subset);
+    per base model i, the annotation it trusts, the inconsistency map |Y_k - Y_i| (INC), in cyan over INC
+    the pixels of that annotation to which model k gives zero weight (INC+WT), and the weight map W."""
+    k, train, subset_of = row.trusted_subset, sets["all"], sets["subset_of"]
+    has_trusted = (subset_of == k).any(1)
+    n = int(torch.where(has_trusted, train["n_annotations"], torch.zeros_like(train["n_annotations"])).argmax())
+    slots = list(range(int(train["n_annotations"][n])))
+    slot_trusted_by = {int(subset_of[n, s]): s for s in slots}  # model i -> slot of the annotation it trusts
+    # the image's annotations in a batch of U filled up with other annotations, weighted as in training
+    union, clean = sets["U"], sets[row.source]
+    others = torch.randperm(len(union["images"]), generator=torch.Generator().manual_seed(args.seed))
+    others = others[:max(args.batch_size - len(slots), 0)].to(union["images"].device)
+    x_u = torch.cat([train["images"][n:n + 1].expand(len(slots), -1, -1, -1), union["images"][others]])
+    y_u = torch.cat([train["masks"][n, slots], union["masks"][others]])
+    weights = training_weights(model, common.normalize(x_u, mean, std), y_u,
+                               common.normalize(clean["images"][:args.clean_batch_size], mean, std),
+                               clean["masks"][:args.clean_batch_size], args.lr, args.mc_samples)
+    fig, axes = common.blank_grid(4, n_models + 1, figsize=(2.2 * (n_models + 1), 9.2))
+    common.show_image(axes[0, 0], train["images"][n])
+    axes[0, 0].set_title("training image")
+    for i in range(n_models):
+        axes[0, i + 1].set_title(f"model {i}: none", fontsize=8)  # no annotation of this image in C_i
+    for i, s in slot_trusted_by.items():
+        inconsistent, w = (y_u[slot_trusted_by[k]] != y_u[s]).cpu(), weights[s].cpu()
+        share = f"{(w[inconsistent] == 0).float().mean().item():.0%}" if inconsistent.any() else "-"
+        panels = [(y_u[s].cpu(), f"model {i}: annotation {s}"), (inconsistent, f"INC model {k} vs {i}"),
+                  (inconsistent, f"INC+WT: w=0 on {share} of INC"), (w / w.max().clamp_min(1e-30), "W / max W")]
+        for ax, (image, title) in zip(axes[:, i + 1], panels):
+            ax.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8)
+        zero_weight = torch.zeros(*w.shape, 4)
+        zero_weight[w == 0] = torch.tensor([0.0, 1.0, 1.0, 0.7])  # cyan, as in the paper
+        axes[2, i + 1].imshow(zero_weight.numpy())
+    fig.suptitle(f"Weights model {k} learns for this image's annotations (cyan: zero weight)", fontsize=9)
+    common.save_figure(fig, path)
+
+
+def figure_predictions(split, outputs, path, count=4):
+    """Test images with the reference (green) and fused (red) outlines, the fused probability, the
+    mean aleatoric variance and the spread of the base models (epistemic)."""
+    fig, axes = plt.subplots(count, 4, figsize=(11, 2.6 * count), squeeze=False)
+    for r in range(min(count, split["images"].shape[0])):
+        common.show_image(axes[r, 0], split["images"][r])
+        common.draw_contours(axes[r, 0], split["reference"][r].cpu() > 0, "lime", "reference" if r == 0 else None)
+        common.draw_contours(axes[r, 0], outputs["fused"][r].cpu() > 0.5, "red", "fusion" if r == 0 else None)
+        axes[r, 1].imshow(outputs["fused"][r].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[r, 1].set_axis_off()
+        common.plot_uncertainty(axes[r, 2], torch.exp(outputs["log_vars"][:, r]).mean(0).cpu(),
+                                "aleatoric s^2" if r == 0 else None)
+        common.plot_uncertainty(axes[r, 3], outputs["probs"][:, r].std(0).cpu(), "model spread" if r == 0 else None)
+    axes[0, 0].legend(loc="lower left", fontsize=7)
+    axes[0, 1].set_title("fused probability")
+    common.save_figure(fig, path)
+
+
+# ==================== --predict and --eval-only: the ensemble checkpoint ===========================
 
 ARCHITECTURE = ("data", "size", "width", "depth", "dropout", "dropout_layers", "baselines", "fusion", "normalize")
 
@@ -1084,15 +1007,13 @@ def load_ensemble_checkpoint(path):
 
 
 def load_model(checkpoint_path, device="cpu"):
-    """A trained ensemble for prediction (`ensemble_annotators.load_model("runs/<run>/ensemble-seed0/best.pt")`):
-    the base models of the checkpoint's first seed, its input size, normalisation and fusion rule."""
+    """A common.Predictor of the ensemble checkpoint's first seed: its base models, input size,
+    normalisation and fusion rule (the model: a ModuleDict {row name: network})."""
     state = load_ensemble_checkpoint(checkpoint_path)
-    args = resolve_defaults(build_parser().parse_args([]))
-    common.restore_architecture(args, state, ARCHITECTURE)
-    device = torch.device(device)
-    rows = [row for row in table_rows(state["n_models"], args.baselines) if row.kind == "meta"]
-    seed = state["seeds"][0]
-    models = ensemble_of(weights_of_seed(state["model"], seed), rows, args, seed).to(device)
+    args = common.restore_architecture(resolve_defaults(build_parser().parse_args([])), state, ARCHITECTURE)
+    seed, device = state["seeds"][0], torch.device(device)
+    base = [row for row in table_rows(state["n_models"], args.baselines) if row.kind == "meta"]
+    models = ensemble_of(weights_of_seed(state["model"], seed), base, args, seed).to(device)
     mean, std = (t.to(device) for t in state["norm"][str(seed)])
     return common.Predictor(model=models, args=args, norm=(mean, std), size=args.size, keep_aspect=True,
                             device=device, class_names=[], mask_names=["background", "lesion"],
@@ -1100,9 +1021,8 @@ def load_model(checkpoint_path, device="cpu"):
 
 
 def canvas_content(images):
-    """bool [B,S,S]: the letterbox box of each canvas, found as the span of rows and columns that hold
-    a non-zero pixel (the padding is exactly zero; an image's own all-black border rows count as
-    padding)."""
+    """bool [B,S,S]: the letterbox box of each canvas, found as the span of rows and columns that hold a
+    non-zero pixel (the padding is exactly zero; an image's own all-black border rows count as padding)."""
     nonzero = images.amax(1) > 0                                    # [B,S,S]
     index = torch.arange(images.shape[-1], device=images.device)
 
@@ -1118,18 +1038,14 @@ def predict_batch(predictor, images_uint8):
     """common.predict_images_in's callback on canvases uint8 [B,3,S,S]: the fused lesion (Eq. 4, the run's
     fusion rule, threshold 0.5), the maps "aleatoric" (sum_i alpha_i s_i^2) and "epistemic" (the std of
     the base models' Y_i), and rows: lesion area fraction and both maps' means over the image's pixels."""
-    mean, std = predictor.norm
-    outputs = [predict(model, images_uint8, mean, std, predictor.device, predictor.args)
-               for model in predictor.model.values()]
-    probs = torch.stack([prob for prob, _ in outputs])                       # Y_i [M,B,S,S]
-    log_vars = torch.stack([log_var for _, log_var in outputs])              # log s_i^2 [M,B,S,S]
-    rule = predictor.extra.get("fusion", "image")
-    fused = fuse_predictions(probs, log_vars, rule)
-    alpha = fusion_weights(log_vars, rule)                                    # [M,B,S,S]
+    probs, log_vars = base_predictions(predictor.model.values(), images_uint8, *predictor.norm, predictor.args.amp)
+    content = canvas_content(images_uint8)                                       # the image in its canvas
+    alpha = fusion_weights(log_vars, predictor.extra.get("fusion", "image"), content)             # [M,B,S,S]
+    fused = (alpha * probs).sum(0)                                                                 # Eq. 4
     aleatoric = torch.logsumexp(torch.log(alpha.clamp_min(1e-45)) + log_vars, dim=0).exp()  # sum_i alpha_i s_i^2
     epistemic = probs.std(0, unbiased=False)
     mask = (fused > 0.5).long()
-    content = canvas_content(images_uint8).float()
+    content = content.float()
     pixels = content.sum((1, 2)).clamp_min(1)
     rows = [{name: float((value[b] * content[b]).sum() / pixels[b])
              for name, value in (("lesion_area_fraction", mask), ("mean_aleatoric", aleatoric),
@@ -1158,10 +1074,10 @@ def main(argv=None):
     # 1. every trained row of every seed: one job each, shared out across processes under torchrun
     training = []
     if checkpoint is None:
-        trained = common.run_jobs(run, [(row.name, seed) for seed in seeds for row in rows],
+        results = common.run_jobs(run, [(row.name, seed) for seed in seeds for row in trained(rows)],
                                   lambda job: train_row(job, cache))
         training = [{"table": "training", "test_set": "val", "reference": "annotation", **row}
-                    for row in trained or []]  # None on torchrun's other processes
+                    for row in results or []]  # None on torchrun's other processes
     # 2. every seed's tables from the trained rows' best.pt (Table 1, Table 2, Fig. 3-4 in numbers, meta mode)
     evaluated = common.run_jobs(run, [("ensemble", seed) for seed in seeds],
                                 lambda job: evaluate_seed(job, cache, checkpoint))
@@ -1173,10 +1089,10 @@ def main(argv=None):
 
     # the main metrics: the run's fusion row (Table 1) and the deep ensemble (Table 2) on ISIC (synthetic: "test")
     first_test = list(first.tests)[0]
-    main_row = main_fusion_row(first.n_models, args.fusion)
     main1, main2 = ([e for e in table if e["table"] == name and e["row"] == row and e["test_set"] == first_test
                      and e["reference"] == "annotation"][0]
-                    for name, row in (("1", main_row), ("2", string.ascii_uppercase[first.n_models])))
+                    for name, row in (("1", main_fusion_row(rows, args.fusion)),
+                                      ("2", string.ascii_uppercase[first.n_models])))
     metrics = {**{key: main1[key] for key in ("jaccard", "jaccard_se", "jaccard_image_se")},
                **{key: main2[key] for key in ("nll", "nll_se", "brier", "brier_se")}}
     for key in ("zero_weight_inconsistent", "zero_weight_consistent", "tv_train_vs_eval"):  # mean over base models
@@ -1185,7 +1101,7 @@ def main(argv=None):
     metrics.update({f"removed_overlap_{e['row']}": e["removed"] for e in table if e["table"] == "overlap"})
     speeds = [e["images_per_s"] for e in training if e.get("images_per_s") is not None]
     metrics["images_per_s"] = sum(speeds) / len(speeds) if speeds else None
-    markdown = report_markdown(args, seeds, first.n_models, main_row, first_test, table)
+    markdown = report_markdown(args, seeds, rows, first_test, table)
     common.write_results(run, metrics, table, markdown, split=first_test)
     return run.dir
 

@@ -1,4 +1,5 @@
 """Tests of ensemble_annotators.py (D-LEMA): subsets, losses, meta weights, fusion, consensus, end to end."""
+import argparse
 import importlib
 import json
 import math
@@ -216,6 +217,85 @@ def test_pixel_level_fusion_is_finite_for_huge_log_variances():
                                torch.tensor([[[0.9 * alpha0 + 0.1 * (1 - alpha0)]]]))
 
 
+def test_image_level_fusion_averages_the_variance_over_the_images_own_pixels():
+    """Row I's u_i = mean_q s_iq^2 over the image's pixels only: model 0 is sure on the image (s^2 = 1)
+    and unsure on the letterbox padding (s^2 = 100), model 1 has s^2 = 2 everywhere. Over the image
+    alpha = (2/3, 1/3); a mean over the whole canvas would give u_0 = 50.5 and alpha_0 = 0.038."""
+    valid = torch.zeros(1, 4, 4, dtype=torch.bool)
+    valid[0, :2] = True                                                     # a wide image: rows 0-1
+    log_vars = torch.stack([torch.where(valid, 0.0, math.log(100.0)), torch.full((1, 4, 4), math.log(2.0))])
+    probs = torch.stack([torch.full((1, 4, 4), 0.9), torch.full((1, 4, 4), 0.3)])
+    torch.testing.assert_close(ea.fuse_predictions(probs, log_vars, "image", valid), torch.full((1, 4, 4), 0.7))
+    alpha0 = (1 / 50.5) / (1 / 50.5 + 1 / 2)                                # the padded mean's weight
+    torch.testing.assert_close(ea.fuse_predictions(probs, log_vars, "image"),
+                               torch.full((1, 4, 4), 0.9 * alpha0 + 0.3 * (1 - alpha0)))
+
+
+class StubMember(nn.Module):
+    """A base model with fixed outputs: Y = `prob` everywhere, s^2 = `var_image` on image pixels and
+    `var_padding` on the zero pixels of the canvas (inputs normalised with mean 0, std 1)."""
+
+    def __init__(self, prob, var_image, var_padding):
+        super().__init__()
+        self.dropout = nn.Dropout(0.0)
+        self.register_buffer("values", torch.tensor([math.log(prob / (1 - prob)), math.log(var_image),
+                                                     math.log(var_padding)]))
+
+    def forward(self, x):
+        padding = (x.abs().sum(1, keepdim=True) == 0).float()
+        log_var = padding * self.values[2] + (1 - padding) * self.values[1]
+        return torch.cat([torch.full_like(log_var, float(self.values[0])), log_var], dim=1)
+
+
+def letterboxed_canvas():
+    """Two 8 x 8 canvases of a wide image (rows 2-5, non-zero pixels) on zero padding."""
+    canvas = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    canvas[:, :, 2:6] = torch.randint(1, 256, (2, 3, 4, 8), generator=torch.Generator().manual_seed(0),
+                                      dtype=torch.uint8)
+    return canvas
+
+
+def stub_ensemble():
+    with torch.no_grad():
+        members = [StubMember(0.9, 1.0, 100.0), StubMember(0.3, 2.0, 2.0)]
+    for member in members:
+        member.weight = nn.Parameter(torch.zeros(1))                    # predict reads the device from it
+    return nn.ModuleDict({"B": members[0], "C": members[1]})
+
+
+def test_predict_batch_fuses_over_the_image_not_its_letterbox():
+    """--predict with fusion I on letterboxed canvases: alpha = (2/3, 1/3) from the image's pixels, so
+    Y = 0.7 (lesion) and s^2 = 2/3 * 1 + 1/3 * 2; averaging over the canvas would give Y = 0.32."""
+    predictor = ea.common.Predictor(model=stub_ensemble(), args=argparse.Namespace(amp=False),
+                                    norm=(torch.zeros(3), torch.ones(3)), size=8, extra={"fusion": "image"})
+    out = ea.predict_batch(predictor, letterboxed_canvas())
+    assert (out["mask"] == 1).all()
+    torch.testing.assert_close(out["maps"]["aleatoric"][:, 2:6], torch.full((2, 4, 8), 4 / 3))
+    for row in out["rows"]:
+        assert row["lesion_area_fraction"] == pytest.approx(1.0)
+        assert row["mean_aleatoric"] == pytest.approx(4 / 3, rel=1e-5)
+        assert row["mean_epistemic"] == pytest.approx(0.3, rel=1e-5)     # std of (0.9, 0.3), ddof 0
+
+
+def test_evaluate_fuses_and_scores_over_the_images_own_pixels():
+    """Tables 1-2 on a letterboxed test set: row I (fusion over the image's pixels) predicts the lesion
+    everywhere (Y = 0.7), so Jaccard 100 and NLL -log 0.7 against an all-lesion image; a fusion
+    averaged over the padding (Y = 0.32) would score 0."""
+    canvas = letterboxed_canvas()
+    valid = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    valid[:, 2:6] = 1
+    split = {"images": canvas, "valid": valid, "reference": valid.clone()}
+    args = argparse.Namespace(fusion="image", normalize="train", amp=False, mc_passes=2)
+    rows = ea.table_rows(2, baselines=False)                            # B, C; fusions D (G), E (H), F (I)
+    entries, outputs = ea.evaluate(stub_ensemble(), rows, {"isic": split}, (torch.zeros(3), torch.ones(3)), args)
+    table1 = {e["row"]: e for e in entries if e["table"] == "1"}
+    assert table1["F"]["jaccard"] == pytest.approx(100.0) and table1["F"]["method"].startswith("image-level")
+    assert table1["C"]["jaccard"] == 0.0                                  # Y = 0.3 everywhere
+    deep_ensemble = next(e for e in entries if e["table"] == "2" and e["method"].startswith("deep ensemble"))
+    assert deep_ensemble["nll"] == pytest.approx(-math.log(0.7), rel=1e-5)
+    assert deep_ensemble["brier"] == pytest.approx(0.09, rel=1e-4)
+    torch.testing.assert_close(outputs["isic"]["fused"], torch.full((2, 8, 8), 0.7))
+
 # ------------------------------------------------------------------------------------------------
 # Agreement and consensus: kappa (row J), majority vote (MV), STAPLE
 # ------------------------------------------------------------------------------------------------
@@ -295,11 +375,10 @@ def test_mc_dropout_prediction_averages_stochastic_passes():
     torch.manual_seed(0)
     model = ea.BayesianResidualFCN(width=4, depth=2, dropout=0.5, dropout_layers=3)
     images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
-    args = type("Args", (), {"amp": False})
     mean, std = torch.zeros(3), torch.ones(3)
-    plain, _ = ea.predict(model, images, mean, std, torch.device("cpu"), args)
-    again, _ = ea.predict(model, images, mean, std, torch.device("cpu"), args)
-    mc, _ = ea.predict(model, images, mean, std, torch.device("cpu"), args, mc_passes=4)
+    plain, _ = ea.predict(model, images, mean, std, amp=False)
+    again, _ = ea.predict(model, images, mean, std, amp=False)
+    mc, _ = ea.predict(model, images, mean, std, amp=False, mc_passes=4)
     assert torch.equal(plain, again) and not torch.allclose(plain, mc)
     assert not model.training and not model.dropout.training  # predict leaves the model in eval mode
 
@@ -437,17 +516,17 @@ def tiny_training_sets(seed=0):
             masks[n, a, top:top + side, 1:1 + side] = 1
     images = torch.randint(0, 256, (6, 3, 6, 6), generator=gen, dtype=torch.uint8)
     train = {"images": images, "masks": masks, "n_annotations": n_ann}
-    args = type("Args", (), {"seed": seed, "subsets": "uniform", "kappa_threshold": -1.0, "staple_iterations": 3})
-    return train, ea.build_training_sets(train, 5, args)
+    return train, ea.build_training_sets(train, 5, seed, "uniform", kappa_threshold=-1.0, staple_iterations=3)
 
 
 def test_weight_consistency_counts_zero_weights_on_inc_and_agreeing_pixels(monkeypatch):
     """All of U in one batch; the weights are stubbed as 1 on lesion pixels and 0 on background, so
     the shares follow from the masks alone, counted here pixel by pixel."""
     train, sets = tiny_training_sets()
-    monkeypatch.setattr(ea, "training_weights", lambda model, x_u, y_u, x_c, y_c, args, mode="train": y_u.float())
+    monkeypatch.setattr(ea, "training_weights", lambda model, x_u, y_u, x_c, y_c, lr, n, mode="train": y_u.float())
     n_union = len(sets["U"]["images"])
-    args = type("Args", (), {"seed": 0, "batch_size": n_union, "clean_batch_size": 2, "weight_samples": n_union})
+    args = type("Args", (), {"seed": 0, "batch_size": n_union, "clean_batch_size": 2, "weight_samples": n_union,
+                             "lr": 0.1, "mc_samples": 1})
     row = ea.table_rows(5, baselines=False)[2]                       # model 2 trusts C_3
     got = ea.weight_consistency(None, row, sets, args, torch.zeros(3), torch.ones(3))
     counts = {"inc": [0, 0, 0.0], "agree": [0, 0, 0.0]}              # pixels, zero-weight pixels, weight sum
@@ -520,8 +599,7 @@ def test_training_weights_leave_batchnorm_statistics_alone():
     model = ea.BayesianResidualFCN(width=4, depth=2, dropout=0.3, dropout_layers=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(3, 3, 16, 16), (torch.rand(3, 16, 16) > 0.5).float()
-    args = type("Args", (), {"lr": 0.01, "mc_samples": 2})
-    weights = ea.training_weights(model, x, y, x[:2], y[:2], args)
+    weights = ea.training_weights(model, x, y, x[:2], y[:2], virtual_lr=0.01, n_samples=2)
     assert weights.shape == (3, 16, 16) and weights.sum().item() == pytest.approx(1.0, abs=1e-5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training
@@ -590,8 +668,8 @@ def test_quick_train_then_predict_a_folder_of_odd_images(tmp_path, quick_ensembl
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "predicted"
-    count = ea.main(["--predict", str(images), "--checkpoint", str(run / "ensemble-seed0" / "best.pt"), "--out", str(out),
-                     "--device", "cpu"])
+    count = ea.main(["--predict", str(images), "--checkpoint", str(run / "ensemble-seed0" / "best.pt"),
+                     "--out", str(out), "--device", "cpu"])
     assert count == 4
     sizes = {"wide": (97, 61), "grey": (50, 80), "alpha": (33, 47), "UPPER": (40, 40)}
     for stem, size in sizes.items():
@@ -620,12 +698,12 @@ def test_predict_batch_masks_are_the_fused_lesion_of_the_run(quick_ensemble):
     predictor.extra["fusion"] = "pixel"   # what a run with --fusion pixel stores
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     out = ea.predict_batch(predictor, images)
-    probs, log_vars = zip(*[ea.predict(m, images, *predictor.norm, "cpu", predictor.args)
-                            for m in predictor.model.values()])
+    probs, log_vars = zip(*[ea.predict(m, images, *predictor.norm, amp=False) for m in predictor.model.values()])
     fused = ea.fuse_predictions(torch.stack(probs), torch.stack(log_vars), "pixel")
     assert torch.equal(out["mask"], (fused > 0.5).long())
     alpha = torch.softmax(-torch.stack(log_vars), 0)
-    torch.testing.assert_close(out["maps"]["aleatoric"], (alpha * torch.stack(log_vars).exp()).sum(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["maps"]["aleatoric"], (alpha * torch.stack(log_vars).exp()).sum(0),
+                               rtol=1e-4, atol=1e-6)
     assert [set(r) for r in out["rows"]] == [{"lesion_area_fraction", "mean_aleatoric", "mean_epistemic"}] * 3
 
 
@@ -708,4 +786,5 @@ def test_torchrun_shares_out_the_base_models_and_equals_one_process(tmp_path, qu
                 assert two_rows[key][metric] == row[metric], (key, metric)
     ranks = [r["rank"][0] for r in two["table"] if r["table"] == "training"]
     assert ranks == [0, 1, 0, 1, 0] and json.loads((out / "config.json").read_text())["world_size"] == 2
-    assert all((out / f"{row}-seed0" / "best.pt").exists() for row in "BCDEF") and (out / "ensemble-seed0" / "best.pt").exists()
+    assert all((out / f"{row}-seed0" / "best.pt").exists() for row in "BCDEF")
+    assert (out / "ensemble-seed0" / "best.pt").exists()
