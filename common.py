@@ -790,8 +790,9 @@ def f1_weighted(pred, target, n_classes):
 def assd_medpy(pred, target, empty=10.0):
     """ASSD in the form of medpy.metric.binary.assd up to medpy 0.4 (the version the UML authors
     used), per image: the MEAN OF THE TWO DIRECTED MEAN distances, (mean d(pred->target) + mean
-    d(target->pred)) / 2; medpy 0.5 pools both directions, like assd() above. Same boundaries. Where either mask is empty the value is `empty`: the UML authors' copy
-    of medpy returns an array of 10s for an empty mask, so their ASSD is 10 px there (both empty too)."""
+    d(target->pred)) / 2; medpy 0.5 pools both directions, like assd() above. Same boundaries.
+    Where either mask is empty the value is `empty`: the UML authors' copy of medpy returns an array
+    of 10s for an empty mask, so their ASSD is 10 px there (both empty too)."""
     out = []
     for d in _surface_distances(pred, target):
         out.append(empty if d is None or d == "inf" else 0.5 * (d[0].mean().item() + d[1].mean().item()))
@@ -3925,16 +3926,21 @@ def augment(batch, generator=None, flip=True, rotate=15.0, scale=0.1, elastic=0.
     return out
 
 
-def channel_stats(images):
+def channel_stats(images, valid=None):
     """Per-channel mean and standard deviation (float32 [3] each, on the [0, 1] scale) of uint8
-    images [N,3,H,W], accumulated in float64 over chunks so a whole split never becomes float."""
+    images [N,3,H,W] over their image pixels: `valid` [N,H,W] (a real split's) leaves the letterbox
+    padding out, which would pull the mean towards black; None counts every pixel. Accumulated in
+    float64 over chunks so a whole split never becomes float."""
     total = torch.zeros(images.shape[1], dtype=torch.float64, device=images.device)
     squares = torch.zeros_like(total)
     for start in range(0, images.shape[0], 256):
         x = images[start:start + 256].to(torch.float64) / 255.0
+        if valid is not None:
+            x = x * valid[start:start + 256, None].to(torch.float64)  # padding pixels count as 0 ...
         total += x.sum((0, 2, 3))
         squares += (x * x).sum((0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
+    # ... and are not counted here
+    count = images.shape[0] * images.shape[2] * images.shape[3] if valid is None else valid.sum().item()
     mean = total / count
     std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
     return mean.float(), std.float()

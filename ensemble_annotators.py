@@ -449,23 +449,6 @@ def load_data(args, seed):
     return data["train"], val, tests, removed
 
 
-def channel_stats_of(split):
-    """Sec. 3.1's per-channel mean and std (float32 [3]) of a split's images over the image's own pixels
-    (real images: not the letterbox padding, which would pull the mean towards black)."""
-    images, valid = split["images"], split.get("valid")
-    valid = torch.ones_like(images[:, 0], dtype=torch.bool) if valid is None else valid.bool()
-    total = torch.zeros(3, dtype=torch.float64, device=images.device)
-    squares, count = torch.zeros_like(total), valid.sum().double()
-    for start in range(0, len(valid), 256):
-        x = images[start:start + 256].double() / 255.0                           # [b,3,H,W]
-        v = valid[start:start + 256, None].double()                              # [b,1,H,W]
-        total += (x * v).sum((0, 2, 3))
-        squares += (x * x * v).sum((0, 2, 3))
-    mean = total / count
-    std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
-    return mean.float(), std.float()
-
-
 class Row(NamedTuple):
     """A row of Table 1 and how it learns. kind "meta": base model i on U weighted for C_i (source "C_<i+1>",
     Eq. 1-2); "random annotation" (A, J): split "all" / "kept", one annotation per image drawn per batch;
@@ -539,7 +522,7 @@ def seed_data(args, seed, device, cache):
         train, val, tests, removed = load_data(args, seed)
         train, val = common.to_device(train, device), common.to_device(val, device)
         n_models = train["masks"].shape[1]  # M: the annotation slots of the dataset (5 for ISIC)
-        mean, std = channel_stats_of(train)  # Sec. 3.1: per-channel mean and std
+        mean, std = common.channel_stats(train["images"], train.get("valid"))  # Sec. 3.1: per-channel mean, std
         sets = build_training_sets(train, n_models, seed, args.subsets, args.kappa_threshold, args.staple_iterations,
                                    need_kept=args.baselines)
         foreground = float(sets["U"]["masks"].float().mean().clamp(0.01, 0.99))  # lesion share of U
@@ -672,7 +655,7 @@ def evaluate(models, rows, test_sets, train_norm, args):
     main_row = main_fusion_row(rows, args.fusion)
     table1, table2, outputs = [], [], {}
     for set_name, split in test_sets.items():
-        norm = train_norm if args.normalize == "train" else channel_stats_of(split)  # Sec. 3.1
+        norm = train_norm if args.normalize == "train" else common.channel_stats(split["images"], split.get("valid"))
         mean, std = (t.to(train_norm[0].device) for t in norm)
         probs, log_vars = base_predictions([models[name] for name in base], split["images"], mean, std, args.amp)
         valid = split["valid"].to(probs.device) if split.get("valid") is not None else None

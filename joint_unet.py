@@ -608,7 +608,7 @@ def train_and_test(job, changes, datasets):
         datasets[job.seed] = load_data(args)
     data = {k: common.to_device(v, run.device) for k, v in datasets[job.seed].items()}
     class_names = data["train"]["class_names"]
-    mean, std = (s.to(run.device) for s in common.channel_stats(data["train"]["images"]))  # Sec. VIII
+    mean, std = (s.to(run.device) for s in common.channel_stats(data["train"]["images"], data["train"]["valid"]))
     net, geometry = build_model(args, len(class_names))
     if args.transfer:  # hypothesis 1 (Sec. XVI.B): the U-Net of a segmentation checkpoint, frozen
         weights = common.load_checkpoint(args.transfer, SCRIPT)["model"]

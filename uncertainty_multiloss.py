@@ -602,7 +602,7 @@ def load_data(args, seed, device=None):
             data[split]["instances"] = regions_to_instances(data[split]["masks"], args.connectivity)
     device = device or common.choose_device(args.device)
     data = {k: common.to_device(v, device) for k, v in data.items()}
-    mean, std = common.channel_stats(data["train"]["images"])
+    mean, std = common.channel_stats(data["train"]["images"], data["train"]["valid"])
     return data, {"device": device, "mean": mean.to(device), "std": std.to(device)}
 
 

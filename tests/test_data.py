@@ -991,3 +991,17 @@ def test_a_damaged_cache_file_is_rebuilt(tmp_path, capsys):
     assert "does not match its checksum: reading the dataset again" in capsys.readouterr().out
     assert torch.equal(again["train"]["images"], first["train"]["images"])
     assert common._cache_read(path) is not None  # rewritten whole
+
+
+def test_channel_statistics_leave_the_letterbox_padding_out():
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    images[:, :, 1:3] = torch.tensor([51, 102, 204], dtype=torch.uint8).view(1, 3, 1, 1)  # rows 1-2: the image
+    images[1, 0, 1:3, :2] = 153  # one patch of another red
+    valid = torch.zeros(2, 4, 4, dtype=torch.uint8)
+    valid[:, 1:3] = 1
+    mean, std = common.channel_stats(images, valid)
+    red = torch.tensor([51.0] * 8 + [51.0] * 4 + [153.0] * 4) / 255  # the 16 image pixels' red values
+    assert torch.allclose(mean, torch.tensor([red.mean(), 0.4, 0.8]), atol=1e-6)
+    assert torch.allclose(std[0], red.std(unbiased=False), atol=1e-6) and std[1] < 1e-5
+    padded, _ = common.channel_stats(images)  # without valid: the padding's zeros pull the mean down by half
+    assert torch.allclose(padded, mean / 2, atol=1e-6)
