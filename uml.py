@@ -24,13 +24,12 @@ Paper -> code
     Eq. 7 L_cls = L_ace + l_c KL ............... ace_loss, kl_loss, classification_loss
     Eq. 8 L_seg = sum_i Dice(up(s_i), GT) ...... segmentation_loss (--eq8 sum | mean)
     Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
-    Tables 1-3 ... ROWS (one ModelSpec per row: ECNet, TBraTSNet or UMLNet), --table1/2/3;  Fig. 3 ... figure_fig3
+    Baselines, ablations ... ECNet, TBraTSNet; in UMLNet: NoMutualDecoder, SegmentationDecoder (no UN), NoInstructor
+    Tables 1-3 ... ROWS (one ModelSpec per row; build_model), --table1/2/3;  Fig. 3 ... figure_fig3
 
-Metrics in two forms, both in results.json (FORMS_NOTE, above the tables in results.md, defines them)
-    ours: f1 (positive class), dice_disc = rim + cup (REFUGE's disc), assd_* (MONAI's, over images with both
-        masks non-empty; assd_*_undefined_images counts the rest), ece (alpha/S), ece_belief, uncertainty_auroc;
-    the paper's (the authors' evaluation code): f1_weighted (0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
-        positive-class F1), dice_rim / assd_rim (label 1, their "disc"), assd_*_authors (medpy's, 10 px if empty).
+Metrics in two forms, both in results.json, defined by FORMS_NOTE (above the tables in results.md): the paper's,
+    from the authors' evaluation code (support-weighted F1: 0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
+    positive-class F1; their "disc" is label 1, the rim; medpy's ASSD, 10 px if a mask is empty), and ours.
 
 Usage
     python uml.py                                   # UML on synthetic-fundus, CPU-sized, + noise rows
@@ -47,9 +46,7 @@ Deviations and resolved ambiguities
     - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. VGG has batch norm
       (vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file. The Res2Net stem's first conv has stride 1 (the
       file's: 2), as the authors', so f_1^s is at full resolution like f_1^c; pretrained batch norms are trained
-      (the authors freeze them).
-    - The paper: VGG-16 classifies, Res2Net segments; the authors' code swaps them (later: Res2Net for both). We
-      follow the paper.
+      (the authors freeze them). VGG-16 classifies and Res2Net segments, as the paper says (the code swaps them).
     - Dice loss = 1 - Dice (class mean, background included, sums over the batch; authors: -log Dice), on alpha/S
       for an evidential output (authors: softmax of the evidence).
     - Eq. 8 sums the four levels as printed: L_seg weighs 4x the authors' (--eq8 mean divides by 4).
@@ -275,11 +272,11 @@ def read_state_dict(path, flag):
     return state
 
 
-def load_imagenet_weights(model, args):
-    """--pretrained-vgg / --pretrained-res2net into whichever encoders the row has, by the files' own keys
-    (the layers after f_4 left out); a missing, unexpected or misshapen key stops the run with its name."""
-    for flag, path, name in (("--pretrained-vgg", args.pretrained_vgg, "cls_encoder"),
-                             ("--pretrained-res2net", args.pretrained_res2net, "seg_encoder")):
+def load_imagenet_weights(model, vgg_path=None, res2net_path=None):
+    """ImageNet weights (--pretrained-vgg / --pretrained-res2net) into whichever encoders the row has, by the
+    files' own keys (the layers after f_4 left out); a missing, unexpected or misshapen key stops with its name."""
+    for flag, path, name in (("--pretrained-vgg", vgg_path, "cls_encoder"),
+                             ("--pretrained-res2net", res2net_path, "seg_encoder")):
         encoder = getattr(model, name, None)  # EC has no Res2Net, TBraTS no VGG
         if path and encoder is not None:
             state = {k: v for k, v in read_state_dict(path, flag).items() if not k.startswith(encoder.unused_keys)}
@@ -554,17 +551,6 @@ ROWS = {  # paper row name (jobs: <out>/<row>-seed<seed>/) -> (--method of a Tab
 TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"], 3: ["BCS", "+MD", "+MD+UI", "UML"]}
 
 
-def build_model(spec, args, n_classes, n_seg_classes):
-    """The network of a row: one branch for EC and TBraTS, UMLNet for the joint rows."""
-    blocks = tuple(int(b) for b in args.res2net_blocks)
-    if not spec.segment:
-        return ECNet(n_classes, args.width, args.vgg_batch_norm)
-    if not spec.classify:
-        return TBraTSNet(n_seg_classes, args.width, blocks, args.res2net_base_width, args.res2net_scale)
-    return UMLNet(spec, n_classes, n_seg_classes, args.width, blocks, args.res2net_base_width,
-                  args.res2net_scale, args.vgg_batch_norm)
-
-
 # ======================================= Losses (Eq. 6-9) =========================================
 
 def one_hot(labels, like):
@@ -657,6 +643,17 @@ def total_loss(out, masks, labels, spec, anneal, loss_weights=(0.1, 0.5, 0.4), l
 
 
 # =================================== Training and evaluation ======================================
+
+def build_model(spec, args, n_classes, n_seg_classes):
+    """The network of a row: one branch for EC and TBraTS, UMLNet for the joint rows."""
+    blocks = tuple(int(b) for b in args.res2net_blocks)
+    if not spec.segment:
+        return ECNet(n_classes, args.width, args.vgg_batch_norm)
+    if not spec.classify:
+        return TBraTSNet(n_seg_classes, args.width, blocks, args.res2net_base_width, args.res2net_scale)
+    return UMLNet(spec, n_classes, n_seg_classes, args.width, blocks, args.res2net_base_width,
+                  args.res2net_scale, args.vgg_batch_norm)
+
 
 def model_input(images, norm, device, sigma=0.0, generator=None):
     """uint8 -> [0,1] (+ Gaussian noise of std sigma, clipped to [0,1]: Table 2) -> normalised float."""
@@ -1007,7 +1004,7 @@ def main(argv=None):
                 norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
             else:
                 norm = tuple(t.to(device) for t in common.channel_stats(data["train"]["images"]))
-            load_imagenet_weights(model, args)
+            load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
         model = common.prepare_model(model, run)
         if not args.eval_only:
             model = train_row(job, model, spec, data, norm)

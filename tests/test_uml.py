@@ -476,8 +476,7 @@ def res2net50_v1b_state():
 def load_state(model, monkeypatch, vgg=None, res2net=None):
     """load_imagenet_weights with the files' contents given as state dicts (no file written)."""
     monkeypatch.setattr(uml, "read_state_dict", lambda path, flag: vgg if flag == "--pretrained-vgg" else res2net)
-    args = argparse.Namespace(pretrained_vgg=vgg and "vgg.pth", pretrained_res2net=res2net and "res2net.pth")
-    uml.load_imagenet_weights(model, args)
+    uml.load_imagenet_weights(model, vgg and "vgg.pth", res2net and "res2net.pth")
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -562,7 +561,7 @@ def test_pretrained_flags_load_for_every_method(weight_files):
     vgg_state, res2net_state = torch.load(vgg, weights_only=True), torch.load(res2net, weights_only=True)
     for method in ("EC", "TBraTS", "BCS", "ECS", "UML"):
         model = uml.build_model(uml.ROWS[method][1], args, 2, 3)
-        uml.load_imagenet_weights(model, args)
+        uml.load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
         if method != "TBraTS":
             assert torch.equal(model.cls_encoder.features[5].weight, vgg_state["features.5.weight"])
         if method != "EC":
@@ -714,7 +713,7 @@ def test_refuge_metrics_ignore_the_letterbox_padding(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Seeds and --predict (issues 15 and 17)
+# Seeds, noise rows and --predict
 # ---------------------------------------------------------------------------------------------
 
 
