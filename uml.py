@@ -12,7 +12,8 @@ Decoder turns f^m into a first evidential mask M = alpha^s with pixel-wise uncer
 with the reliable segmentation feature r^s; the diagnosis is evidential too.
 
 Paper -> code
-    Sec. 2 dual backbone ..... common.VGGEncoder, common.Res2NetEncoder; ImageNet: load_pretrained_encoders
+    Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder, laid out as the ImageNet files (torchvision's
+                               vgg16 / vgg16_bn, res2net50_v1b_26w_4s) so that load_imagenet_weights loads by key
     Sec. 2 Feature Mixer ..... PolarizedSelfAttention, PairwiseChannelMapInteraction (authors' mixer:
                                1x1 projections, c_k/s_k channel pairs, polarized self-attention, 1x1 fusion)
     Eq. 1-2 b = e/S, u = K/S . evidential_opinion
@@ -23,13 +24,12 @@ Paper -> code
     Eq. 7 L_cls = L_ace + l_c KL ............... ace_loss, kl_loss, classification_loss
     Eq. 8 L_seg = sum_i Dice(up(s_i), GT) ...... segmentation_loss (--eq8 sum | mean)
     Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
-    Tables 1-3 ... ROWS (one ModelSpec per row), --table1/2/3;  Fig. 3 ... figure_fig3
+    Baselines, ablations ... ECNet, TBraTSNet; in UMLNet: NoMutualDecoder, SegmentationDecoder (no UN), NoInstructor
+    Tables 1-3 ... ROWS (one ModelSpec per row; build_model), --table1/2/3;  Fig. 3 ... figure_fig3
 
-Metrics in two forms, both in results.json (FORMS_NOTE, above the tables in results.md, defines them)
-    ours: f1 (positive class), dice_disc = rim + cup (REFUGE's disc), assd_* (MONAI's, over images with both
-        masks non-empty; assd_*_undefined_images counts the rest), ece (alpha/S), ece_belief, uncertainty_auroc;
-    the paper's (the authors' evaluation code): f1_weighted (0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
-        positive-class F1), dice_rim / assd_rim (label 1, their "disc"), assd_*_authors (medpy's, 10 px if empty).
+Metrics in two forms, both in results.json, defined by FORMS_NOTE (above the tables in results.md): the paper's,
+    from the authors' evaluation code (support-weighted F1: 0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
+    positive-class F1; their "disc" is label 1, the rim; medpy's ASSD, 10 px if a mask is empty), and ours.
 
 Usage
     python uml.py                                   # UML on synthetic-fundus, CPU-sized, + noise rows
@@ -46,13 +46,10 @@ Deviations and resolved ambiguities
     - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. VGG has batch norm
       (vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file. The Res2Net stem's first conv has stride 1 (the
       file's: 2), as the authors', so f_1^s is at full resolution like f_1^c; pretrained batch norms are trained
-      (the authors freeze them).
-    - The paper: VGG-16 classifies, Res2Net segments; the authors' code swaps them (later: Res2Net for both). We
-      follow the paper.
+      (the authors freeze them). VGG-16 classifies and Res2Net segments, as the paper says (the code swaps them).
     - Dice loss = 1 - Dice (class mean, background included, sums over the batch; authors: -log Dice), on alpha/S
       for an evidential output (authors: softmax of the evidence).
-    - Eq. 8 sums the four levels as printed: L_seg weighs 4x the authors' (--eq8 mean divides by 4; on the
-      synthetic default over seeds 0-2 the mean left one seed without a learnt cup: README).
+    - Eq. 8 sums the four levels as printed: L_seg weighs 4x the authors' (--eq8 mean divides by 4).
     - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied at
       the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last mutual
       layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
@@ -82,6 +79,7 @@ import torch.nn.functional as F
 
 import common
 
+
 SCRIPT = "uml"
 DATASETS = {"synthetic": "synthetic-fundus", "synthetic-fundus": "synthetic-fundus",
             "synthetic-breast": "synthetic-breast", "refuge": "refuge", "ispy1": "ispy1", "folder": "folder"}
@@ -110,7 +108,7 @@ def build_parser():
     add("--uncertainty-navigator", action=on_off, default=True, help="UN of Table 3 (Eq. 3-4; needs MD)")
     for t, what in ((1, "EC, TBraTS, BCS, ECS, UML"), (2, "BCS, ECS, UML under noise"), (3, "BCS, +MD, +MD+UI, UML")):
         add(f"--table{t}", action="store_true", help=f"Table {t}: train and report {what}")
-    add("--noise-sigmas", type=common.checked_list(float, distinct=True, low=0), default=[0, 0.01, 0.03, 0.05],
+    add("--noise-sigmas", type=common.checked_list(float, distinct=True, low=0), default=[0.0, 0.01, 0.03, 0.05],
         help="Table 2 Gaussian noise std on the [0,1] scale; every trained row is evaluated at each")
     add("--width", type=common.POSITIVE_INT, default=None, help="base width of both encoders (VGG-16, Res2Net-50: 64)")
     add("--res2net-blocks", type=common.checked_list(int, low=1), default=None,
@@ -153,7 +151,7 @@ def resolve_defaults(args):
     args.lr_hold_epochs = 0.3 * args.epochs if args.lr_hold_epochs is None else args.lr_hold_epochs
     if args.vgg_batch_norm is None:  # follow the file: torchvision's vgg16_bn has running statistics
         args.vgg_batch_norm = not args.pretrained_vgg or (
-            "features.1.running_var" in common.read_state_dict(args.pretrained_vgg, "--pretrained-vgg"))
+            "features.1.running_var" in read_state_dict(args.pretrained_vgg, "--pretrained-vgg"))
     if len(args.res2net_blocks) != 3:
         raise common.UsageError(f"--res2net-blocks takes three block counts (stages 1-3), not {args.res2net_blocks}")
     if args.size % 8:
@@ -164,27 +162,139 @@ def resolve_defaults(args):
     if (args.pretrained_vgg or args.pretrained_res2net) and paper_size != (64, [3, 4, 6], 4, 26):
         raise common.UsageError("--pretrained-vgg/--pretrained-res2net need the paper-size encoders: --width 64 "
                          f"--res2net-blocks 3,4,6 --res2net-scale 4 --res2net-base-width 26 (got {paper_size})")
-    args.sigmas = [float(s) for s in args.noise_sigmas]
     return args
 
 
-# ======= Model: dual backbone (common.VGGEncoder, common.Res2NetEncoder), ImageNet weights ========
+# ============ Model: dual backbone (VGG-16, Res2Net-50 v1b) in their ImageNet files' layout ============
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what ImageNet weights expect
 
 
-def load_pretrained_encoders(model, args):
-    """--pretrained-vgg / --pretrained-res2net into whichever encoders the row has."""
-    for flag, path, encoder in (("--pretrained-vgg", args.pretrained_vgg, model.cls_encoder),
-                                ("--pretrained-res2net", args.pretrained_res2net, model.seg_encoder)):
+class VGGEncoder(nn.Module):
+    """The first four blocks of VGG-16 (2, 2, 3, 3 convs of widths w, 2w, 4w, 8w, a max-pool between blocks)
+    -> f_1^c..f_4^c at H, H/2, H/4, H/8 (conv1_2, conv2_2, conv3_3, conv4_3). Laid out as torchvision's
+    `features` (conv, [batch norm], ReLU, ..., max-pool), so its files load by name. Block 5 and the
+    classifier come after f_4^c (the UML authors' vgg16 ends at conv4_3 too)."""
+
+    def __init__(self, width, batch_norm=True):
+        super().__init__()
+        self.channels, layers, in_ch = [width, 2 * width, 4 * width, 8 * width], [], 3
+        for block, (n_convs, ch) in enumerate(zip((2, 2, 3, 3), self.channels)):
+            layers += [nn.MaxPool2d(2)] if block else []
+            for _ in range(n_convs):
+                layers.append(nn.Conv2d(in_ch, ch, 3, padding=1))
+                layers += [nn.BatchNorm2d(ch)] if batch_norm else []
+                layers.append(nn.ReLU(inplace=True))
+                in_ch = ch
+        self.features = nn.Sequential(*layers)
+        self.unused_keys = ("classifier.",) + tuple(f"features.{n}." for n in range(len(layers), 64))
+
+    def forward(self, x):
+        levels = []
+        for layer in self.features:
+            if isinstance(layer, nn.MaxPool2d):  # a block ends: its output is one level
+                levels.append(x)
+            x = layer(x)
+        return levels + [x]  # f_1^c .. f_4^c
+
+
+class Res2NetBottleneck(nn.Module):
+    """Res2Net bottleneck (Gao et al. 2019): 1x1 conv to s splits x_1..x_s of w' channels, hierarchical 3x3
+    convs y_1 = K_1(x_1), y_i = K_i(x_i + y_{i-1}), x_s passed through (average-pooled in a stage's first
+    block, whose convs stride and have no hierarchy), 1x1 conv, residual (v1b: average pool then 1x1 conv
+    on the first block's shortcut). Names as in res2net_v1b.py (conv1, convs, bns, conv3, downsample)."""
+
+    def __init__(self, in_ch, planes, stride=1, base_width=26, scale=4, first=False):
+        super().__init__()
+        self.split, self.first, out_ch = max(1, planes * base_width // 64), first, planes * 4
+        self.conv1 = nn.Conv2d(in_ch, self.split * scale, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.split * scale)
+        self.convs = nn.ModuleList(nn.Conv2d(self.split, self.split, 3, stride, 1, bias=False)
+                                   for _ in range(scale - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(self.split) for _ in range(scale - 1))
+        self.pool = nn.AvgPool2d(3, stride, 1) if first else nn.Identity()
+        self.conv3, self.bn3 = nn.Conv2d(self.split * scale, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)
+        self.downsample = nn.Sequential(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
+                                        nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)
+                                        ) if first else nn.Identity()
+
+    def forward(self, x):
+        splits = torch.split(F.relu(self.bn1(self.conv1(x))), self.split, dim=1)   # x_1 .. x_s
+        ys = []
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            ys.append(F.relu(bn(conv(splits[i] if (i == 0 or self.first) else splits[i] + ys[-1]))))  # y_i
+        ys.append(self.pool(splits[-1]))
+        return F.relu(self.bn3(self.conv3(torch.cat(ys, dim=1))) + self.downsample(x))
+
+
+class Res2NetEncoder(nn.Module):
+    """Res2Net-50 v1b: deep stem (three 3x3 convs: w/2, w/2, w), max-pool, layer1-3 of bottlenecks (planes
+    w, 2w, 4w; strides 1, 2, 2) -> f_1^s (stem, H) and f_2^s..f_4^s (4w, 8w, 16w channels at H/2, H/4, H/8).
+    layer4 comes after f_4^s (the four levels end at H/8, UML authors' code). Laid out as res2net_v1b.py."""
+
+    unused_keys = ("layer4.", "fc.")
+
+    def __init__(self, width, blocks=(3, 4, 6), base_width=26, scale=4):
+        super().__init__()
+        half = max(width // 2, 1)
+        self.conv1 = nn.Sequential(  # the deep stem (the file's first conv has stride 2: Deviations)
+            nn.Conv2d(3, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, width, 3, 1, 1, bias=False))
+        self.bn1, self.maxpool = nn.BatchNorm2d(width), nn.MaxPool2d(3, 2, 1)
+        self.channels, in_ch = [width], width
+        for i, (n_blocks, planes) in enumerate(zip(blocks, (width, 2 * width, 4 * width))):
+            layer = []
+            for b in range(n_blocks):
+                stride = (1 if i == 0 else 2) if b == 0 else 1
+                layer.append(Res2NetBottleneck(in_ch, planes, stride, base_width, scale, first=b == 0))
+                in_ch = planes * 4
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
+            self.channels.append(in_ch)
+
+    def forward(self, x):
+        f_1 = F.relu(self.bn1(self.conv1(x)))
+        f_2 = self.layer1(self.maxpool(f_1))
+        f_3 = self.layer2(f_2)
+        return [f_1, f_2, f_3, self.layer3(f_3)]  # f_1^s .. f_4^s
+
+
+def read_state_dict(path, flag):
+    """The tensors of a weights file (a {"state_dict": ...} wrapper is opened), read with weights_only=True;
+    UsageError naming `flag` when it is missing or not a state dict."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # missing, corrupt, or not a plain tensor file
+        raise common.UsageError(f"{flag} {path}: cannot read it as a PyTorch state dict ({error})") from error
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise common.UsageError(f"{flag} {path}: not a state dict of tensors")
+    return state
+
+
+def load_imagenet_weights(model, vgg_path=None, res2net_path=None):
+    """ImageNet weights (--pretrained-vgg / --pretrained-res2net) into whichever encoders the row has, by the
+    files' own keys (the layers after f_4 left out); a missing, unexpected or misshapen key stops with its name."""
+    for flag, path, name in (("--pretrained-vgg", vgg_path, "cls_encoder"),
+                             ("--pretrained-res2net", res2net_path, "seg_encoder")):
+        encoder = getattr(model, name, None)  # EC has no Res2Net, TBraTS no VGG
         if path and encoder is not None:
-            table, unused = (common.vgg16_key_table(args.vgg_batch_norm) if encoder is model.cls_encoder else
-                             common.res2net_key_table([len(stage) for stage in encoder.stages], args.res2net_scale))
-            n = common.load_pretrained(encoder, common.read_state_dict(path, flag), table, unused, flag)
-            print(f"{flag}: loaded {n} tensors from {path} (the layers after f_4 are not used)")
+            state = {k: v for k, v in read_state_dict(path, flag).items() if not k.startswith(encoder.unused_keys)}
+            try:
+                encoder.load_state_dict(state, strict=True)
+            except RuntimeError as error:  # torch names every missing, unexpected and misshapen key
+                keys = " ".join(str(error).split())
+                raise common.UsageError(f"{flag} {path} does not fit the encoder (another file, or a layout option "
+                                        f"such as batch norm): {keys[:600]}") from None
+            print(f"{flag}: loaded {len(state)} tensors from {path} (the layers after f_4 are not used)")
 
 
 # =============== Model: Feature Mixer (PCMI), evidential heads, decoders, UN, UI ==================
+
+def pointwise(in_ch, out_ch):
+    """1x1 conv -> batch norm -> ReLU: the mixer's and the navigator's projections."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
 
 class PolarizedSelfAttention(nn.Module):
     """Sequential polarized self-attention (Liu et al. 2021), as in the authors' feature mixer."""
@@ -215,9 +325,9 @@ class PairwiseChannelMapInteraction(nn.Module):
 
     def __init__(self, cls_ch, seg_ch, out_ch):
         super().__init__()
-        self.project_cls, self.project_seg = common.conv_bn(cls_ch, out_ch, 1), common.conv_bn(seg_ch, out_ch, 1)
+        self.project_cls, self.project_seg = pointwise(cls_ch, out_ch), pointwise(seg_ch, out_ch)
         self.attention = PolarizedSelfAttention(2 * out_ch)
-        self.fuse = common.conv_bn(2 * out_ch, out_ch, 1)
+        self.fuse = pointwise(2 * out_ch, out_ch)
 
     def forward(self, f_cls, f_seg):
         pairs = torch.stack((self.project_cls(f_cls), self.project_seg(f_seg)), dim=2)  # [B, C, 2, H, W]
@@ -261,44 +371,37 @@ class MutualFeatureDecoder(nn.Module):
 
     def forward(self, mutual):
         x = mutual[3]
-        for up, skip in zip(self.ups, reversed(mutual[:3])):
+        for up, skip in zip(self.ups, [mutual[2], mutual[1], mutual[0]]):
             x = up(x, skip)
         alpha, _, uncertainty = evidential_opinion(self.head(x).float())
-        return alpha, uncertainty  # M [B,K,H,W], U^s [B,1,H,W]
+        return {"mutual_alpha": alpha, "mutual_uncertainty": uncertainty}  # M [B,K,H,W], U^s [B,1,H,W]
 
 
-class UncertaintyNavigator(nn.Module):
-    """Step 2: U-Net-like segmentation decoder giving s_1..s_4 and r^s. With navigate=False it is
-    the plain decoder of the baselines (no M / U^s; r^s = Cat(f_1^s, f_2^b)). Without deep supervision
-    (TBraTS) the loss reads s_1 only; the UN still gives s_1..s_4 and r^s (unused without the UI)."""
+class NoMutualDecoder(nn.Module):
+    """The rows without MD (BCS, ECS): no M and no U^s."""
 
-    def __init__(self, seg_ch, mutual_bottom_ch, n_classes, navigate):
+    def forward(self, mutual):
+        return {}
+
+
+class SegmentationDecoder(nn.Module):
+    """The segmentation decoder, U-Net-like over f_1^s..f_4^s from the bottom input Cat(f_4^s, f_4^m) (f_4^s
+    alone in TBraTS) -> s_1..s_4 and r^s = Cat(f_1^s, f_2^b). Plain as in the baselines; the Uncertainty
+    Navigator below adds the guidance by M and U^s at the bottom level and in r^s."""
+
+    def __init__(self, seg_ch, mutual_bottom_ch, n_classes):
         super().__init__()
         w1, w2, w3, w4 = seg_ch[0], seg_ch[0] * 2, seg_ch[0] * 4, seg_ch[0] * 8
-        self.navigate = navigate
-        self.bottom = common.conv_bn(seg_ch[3] + mutual_bottom_ch, w4, 1)
+        self.bottom = pointwise(seg_ch[3] + mutual_bottom_ch, w4)
         self.up3 = common.Up(w4, seg_ch[2], w3, mode="bilinear")
         self.up2 = common.Up(w3, seg_ch[1], w2, mode="bilinear")
         self.top = common.DoubleConv(seg_ch[0] + w2, w1)                     # Conv(Cat(f_1^s, f_2^b))
         self.heads = nn.ModuleDict({f"s{i}": nn.Conv2d(w, n_classes, 1) for i, w in enumerate((w1, w2, w3, w4), 1)})
-        if navigate:
-            self.mask_conv_bottom = common.conv_bn(n_classes, w4, 1)
-            self.fuse_bottom = common.conv_bn(2 * w4, w4, 1)
-            self.mask_conv_top = common.conv_bn(n_classes, w1, 1)
-        self.rs_channels = (w1 if navigate else 0) + seg_ch[0] + w2
+        self.rs_channels = seg_ch[0] + w2
 
-    def forward(self, f_seg, f_mut_4=None, m=None, u=None):
-        f_1, f_2, f_3, f_4 = f_seg
-        # bottom level: Cat(f_4^s, f_4^m), damped by exp(-U^s) where the mutual view is unsure
-        bottom = f_4 if f_mut_4 is None else torch.cat([f_4, f_mut_4], 1)
-        if self.navigate:
-            m_4, u_4 = down(m, 3), down(u, 3)                                 # M, U^s at H/8
-            bottom = bottom * torch.exp(-u_4)
-        d_4 = self.bottom(bottom)
-        s_4 = self.heads["s4"](d_4)
-        if self.navigate:                                                     # Eq. 3-4 at the bottom level
-            m_r_4 = reliable_mask(s_4, m_4, u_4)
-            d_4 = self.fuse_bottom(torch.cat([self.mask_conv_bottom(m_r_4), d_4], 1))
+    def forward(self, f_seg, bottom, mutual):
+        f_1, f_2, f_3, _ = f_seg
+        d_4, s_4 = self.bottom_level(bottom, mutual)
         d_3 = self.up3(d_4, f_3)
         s_3 = self.heads["s3"](d_3)
         d_2 = self.up2(d_3, f_2)
@@ -308,13 +411,43 @@ class UncertaintyNavigator(nn.Module):
         # s_1 comes from Cat(f_1^s, f_2^b) alone: the top-level M^r is made FROM s_1 (Eq. 3) and only
         # flows into r^s, i.e. to the classifier through the UI; M and U^s reach s_1 via the bottom only.
         s_1 = self.heads["s1"](self.top(skip_top))
-        m_r = reliable_mask(s_1, m, u) if self.navigate else None             # Eq. 3: M^r
-        r_s = torch.cat([self.mask_conv_top(m_r), skip_top], 1) if self.navigate else skip_top  # Eq. 4: r^s
-        return [s_1, s_2, s_3, s_4], r_s, m_r
+        return [s_1, s_2, s_3, s_4], self.reliable_feature(s_1, skip_top, mutual)
+
+    def bottom_level(self, bottom, mutual):
+        d_4 = self.bottom(bottom)
+        return d_4, self.heads["s4"](d_4)
+
+    def reliable_feature(self, s_1, skip_top, mutual):
+        return skip_top
+
+
+class UncertaintyNavigator(SegmentationDecoder):
+    """Step 2: the segmentation decoder guided by the mutual decoder's M and U^s (Eq. 3-4), at the top level
+    and, as in the text and the authors' code, at the bottom level."""
+
+    def __init__(self, seg_ch, mutual_bottom_ch, n_classes):
+        super().__init__(seg_ch, mutual_bottom_ch, n_classes)
+        self.mask_conv_bottom = pointwise(n_classes, seg_ch[0] * 8)
+        self.fuse_bottom = pointwise(2 * seg_ch[0] * 8, seg_ch[0] * 8)
+        self.mask_conv_top = pointwise(n_classes, seg_ch[0])
+        self.rs_channels += seg_ch[0]
+
+    def bottom_level(self, bottom, mutual):
+        """Eq. 3-4 at H/8, after Cat(f_4^s, f_4^m) is damped by exp(-U^s) where the mutual view is unsure."""
+        m_4, u_4 = down(mutual["mutual_alpha"], 3), down(mutual["mutual_uncertainty"], 3)  # M, U^s at H/8
+        d_4 = self.bottom(bottom * torch.exp(-u_4))
+        s_4 = self.heads["s4"](d_4)
+        m_r_4 = reliable_mask(s_4, m_4, u_4)                                 # Eq. 3
+        return self.fuse_bottom(torch.cat([self.mask_conv_bottom(m_r_4), d_4], 1)), s_4   # Eq. 4's Cat
+
+    def reliable_feature(self, s_1, skip_top, mutual):
+        """Eq. 4: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)), with Eq. 3's M^r = (s_1 + M) exp(-U^s)."""
+        m_r = reliable_mask(s_1, mutual["mutual_alpha"], mutual["mutual_uncertainty"])
+        return torch.cat([self.mask_conv_top(m_r), skip_top], 1)
 
 
 class UncertaintyInstructor(nn.Module):
-    """Eq. 5: gates the classification feature with the reliable segmentation feature r^s."""
+    """Step 3, Eq. 5: gates the classification feature with the reliable segmentation feature r^s."""
 
     def __init__(self, rs_ch, cls_ch):
         super().__init__()
@@ -325,9 +458,75 @@ class UncertaintyInstructor(nn.Module):
         return reliable_classification_feature(f_cls, eta)
 
 
+class NoInstructor(nn.Module):
+    """The rows without UI: the classification feature is not gated."""
+
+    def forward(self, f_cls, r_s):
+        return f_cls
+
+
+class UMLNet(nn.Module):
+    """The joint rows: dual backbone -> Feature Mixer -> Mutual Feature Decoder (Step 1) -> UN (Step 2,
+    segmentation) -> UI (Step 3, classification). A component that `spec` switches off is replaced by its
+    plain counterpart (BCS, ECS, Table 3)."""
+
+    def __init__(self, spec, n_classes, n_seg_classes, width, res2net_blocks, base_width=26, scale=4,
+                 vgg_batch_norm=True):
+        super().__init__()
+        self.cls_encoder = VGGEncoder(width, vgg_batch_norm)
+        self.seg_encoder = Res2NetEncoder(width, res2net_blocks, base_width, scale)
+        mix_ch, cls_ch = [width, 2 * width, 4 * width, 8 * width], self.cls_encoder.channels[3]
+        # f_1^m..f_3^m only feed the mutual decoder; f_4^m also the UN and the classifier
+        self.mixer = nn.ModuleDict({str(i): PairwiseChannelMapInteraction(
+            self.cls_encoder.channels[i], self.seg_encoder.channels[i], mix_ch[i])
+            for i in (range(4) if spec.mutual_decoder else [3])})
+        self.mutual_decoder = MutualFeatureDecoder(mix_ch, n_seg_classes) if spec.mutual_decoder else NoMutualDecoder()
+        decoder = UncertaintyNavigator if spec.navigator else SegmentationDecoder
+        self.decoder = decoder(self.seg_encoder.channels, mix_ch[3], n_seg_classes)
+        self.cls_mix = common.DoubleConv(cls_ch + mix_ch[3], cls_ch)          # Cat(f_4^c, f_4^m) -> f_4^c
+        self.instructor = UncertaintyInstructor(self.decoder.rs_channels, cls_ch) if spec.instructor else NoInstructor()
+        self.classifier = nn.Linear(cls_ch, n_classes)
+
+    def forward(self, x):
+        f_cls, f_seg = self.cls_encoder(x), self.seg_encoder(x)
+        f_mut = {int(i): mix(f_cls[int(i)], f_seg[int(i)]) for i, mix in self.mixer.items()}  # f_i^m
+        out = self.mutual_decoder(f_mut)                                     # Step 1: M, U^s
+        out["seg"], r_s = self.decoder(f_seg, torch.cat([f_seg[3], f_mut[3]], 1), out)  # Step 2: s_1..s_4, r^s
+        f_4 = self.cls_mix(torch.cat([f_cls[3], f_mut[3]], 1))
+        out["cls_logits"] = self.classifier(self.instructor(f_4, r_s).mean((2, 3)))  # Step 3: r^c, GAP -> FC
+        return out
+
+
+class ECNet(nn.Module):
+    """EC of Table 1: the VGG encoder and the classification head alone."""
+
+    def __init__(self, n_classes, width, vgg_batch_norm=True):
+        super().__init__()
+        self.cls_encoder = VGGEncoder(width, vgg_batch_norm)
+        cls_ch = self.cls_encoder.channels[3]
+        self.cls_mix = common.DoubleConv(cls_ch, cls_ch)
+        self.classifier = nn.Linear(cls_ch, n_classes)
+
+    def forward(self, x):
+        return {"cls_logits": self.classifier(self.cls_mix(self.cls_encoder(x)[3]).mean((2, 3)))}
+
+
+class TBraTSNet(nn.Module):
+    """TBraTS of Table 1: the Res2Net encoder and the plain segmentation decoder alone."""
+
+    def __init__(self, n_seg_classes, width, res2net_blocks, base_width=26, scale=4):
+        super().__init__()
+        self.seg_encoder = Res2NetEncoder(width, res2net_blocks, base_width, scale)
+        self.decoder = SegmentationDecoder(self.seg_encoder.channels, 0, n_seg_classes)
+
+    def forward(self, x):
+        f_seg = self.seg_encoder(x)
+        return {"seg": self.decoder(f_seg, f_seg[3], {})[0]}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """What one row of Tables 1/3 is made of (one model class, switched by these flags)."""
+    """What one row of Tables 1/3 is made of: its network (ECNet, TBraTSNet or UMLNet) and its losses."""
     classify: bool = True            # VGG branch + classifier (absent in TBraTS)
     segment: bool = True             # Res2Net branch + decoder (absent in EC)
     evidential_cls: bool = True      # Dirichlet classifier (Eq. 1, 7); else softmax + cross-entropy
@@ -336,10 +535,6 @@ class ModelSpec:
     instructor: bool = True          # UI (Eq. 5)
     navigator: bool = True           # UN guidance by M and U^s (Eq. 3-4)
     deep_supervision: bool = True    # Eq. 8 over s_1..s_4 (TBraTS has none)
-
-    @property
-    def joint(self):
-        return self.classify and self.segment
 
 
 _OFF = dict(mutual_decoder=False, instructor=False, navigator=False)
@@ -354,70 +549,6 @@ ROWS = {  # paper row name (jobs: <out>/<row>-seed<seed>/) -> (--method of a Tab
     "+MD+UI": ("uml-md-ui", ModelSpec(navigator=False)),
 }
 TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"], 3: ["BCS", "+MD", "+MD+UI", "UML"]}
-
-
-def main_row(args):
-    """(name, spec) of the row named by --method, the ablation flags and --deep-supervision."""
-    name, spec = next((n, spec) for n, (slug, spec) in ROWS.items() if slug == args.method)
-    if args.method == "uml":  # an ablation is the Table 3 row with the same components, if any
-        spec = replace(spec, mutual_decoder=args.mutual_decoder, instructor=args.uncertainty_instructor,
-                       navigator=args.uncertainty_navigator)
-        off = [k for k, on in (("MD", spec.mutual_decoder), ("UI", spec.instructor), ("UN", spec.navigator)) if not on]
-        name = next((n for n, (_, r) in ROWS.items() if r == spec), "UML" + "".join(f" -{k}" for k in off))
-    if not args.deep_supervision and spec.segment:
-        spec, name = replace(spec, deep_supervision=False), name + " (s_1 only)"
-    return name, spec
-
-
-class UMLNet(nn.Module):
-    """Dual backbone -> Feature Mixer -> Mutual Feature Decoder -> UN (segmentation) -> UI
-    (classification). Components absent from `spec` are not built (baselines, ablations)."""
-
-    def __init__(self, spec, n_classes, n_seg_classes, width, res2net_blocks, base_width=26, scale=4,
-                 vgg_batch_norm=True):
-        super().__init__()
-        self.cls_encoder = common.VGGEncoder(width, vgg_batch_norm) if spec.classify else None
-        self.seg_encoder = common.Res2NetEncoder(width, res2net_blocks, base_width, scale) if spec.segment else None
-        mix_ch = [width, 2 * width, 4 * width, 8 * width]
-        # f_1^m..f_3^m only feed the mutual decoder; f_4^m also the UN and the classifier
-        self.mixer = nn.ModuleDict({str(i): PairwiseChannelMapInteraction(
-            self.cls_encoder.channels[i], self.seg_encoder.channels[i], mix_ch[i])
-            for i in (range(4) if spec.mutual_decoder else [3])}) if spec.joint else None
-        self.mutual_decoder = MutualFeatureDecoder(mix_ch, n_seg_classes) if spec.mutual_decoder else None
-        if spec.segment:
-            self.navigator = UncertaintyNavigator(self.seg_encoder.channels, mix_ch[3] if spec.joint else 0,
-                                                  n_seg_classes, spec.navigator)
-        if spec.classify:
-            cls_ch = self.cls_encoder.channels[3]
-            self.cls_mix = common.DoubleConv(cls_ch + (mix_ch[3] if spec.joint else 0), cls_ch)
-            self.instructor = UncertaintyInstructor(self.navigator.rs_channels, cls_ch) if spec.instructor else None
-            self.classifier = nn.Linear(cls_ch, n_classes)
-
-    def forward(self, x):
-        out = {}
-        f_cls = self.cls_encoder(x) if self.cls_encoder is not None else None
-        f_seg = self.seg_encoder(x) if self.seg_encoder is not None else None
-        f_mut = {int(i): mix(f_cls[int(i)], f_seg[int(i)]) for i, mix in self.mixer.items()} if self.mixer else None
-        m = u = None
-        if self.mutual_decoder is not None:
-            m, u = self.mutual_decoder([f_mut[i] for i in range(4)])            # Step 1
-            out["mutual_alpha"], out["mutual_uncertainty"] = m, u
-        r_s = None
-        if f_seg is not None:                                                    # Step 2
-            out["seg"], r_s, out["reliable_mask"] = self.navigator(
-                f_seg, f_mut[3] if f_mut is not None else None, m, u)
-        if f_cls is not None:                                                    # Step 3
-            f_4 = self.cls_mix(f_cls[3] if f_mut is None else torch.cat([f_cls[3], f_mut[3]], 1))
-            if self.instructor is not None:
-                f_4 = self.instructor(f_4, r_s)                                  # r^c (Eq. 5)
-            out["cls_logits"] = self.classifier(f_4.mean((2, 3)))                # GAP -> FC
-        return out
-
-
-def build_model(spec, args, n_classes, n_seg_classes):
-    blocks = tuple(int(b) for b in args.res2net_blocks)
-    return UMLNet(spec, n_classes, n_seg_classes, args.width, blocks, args.res2net_base_width,
-                  args.res2net_scale, args.vgg_batch_norm)
 
 
 # ======================================= Losses (Eq. 6-9) =========================================
@@ -465,16 +596,12 @@ def dice_loss(prob, masks, eps=1e-5):
     return 1 - ((2 * intersection + eps) / (total + eps)).mean()
 
 
-def evidential_segmentation_loss(alpha, masks, kl_weight, dice_weight):
-    """L_ice + kl_weight * L_KL + dice_weight * Dice(alpha / S), the TBraTS loss (Eq. 6's form)."""
+def mutual_loss(alpha, masks, kl_weight, dice_weight):
+    """Eq. 6: L_mut = L_ice(M, GT) + l1 L_KL(M) + l2 L_Dice(M / S, GT), with M = alpha^s (also the loss of
+    the evidential s_1 of TBraTS and ECS)."""
     prob = alpha / alpha.sum(1, keepdim=True)                                # alpha / S
     return (ice_loss(alpha, masks) + kl_weight * kl_loss(alpha, one_hot(masks, alpha))
             + dice_weight * dice_loss(prob, masks))
-
-
-def mutual_loss(m, masks, kl_weight, dice_weight):
-    """Eq. 6: L_mut = L_ice(M, GT) + l1 L_KL(M) + l2 L_Dice(M, GT), with M = alpha^s."""
-    return evidential_segmentation_loss(m, masks, kl_weight, dice_weight)
 
 
 def classification_loss(logits, labels, evidential, kl_weight):
@@ -489,7 +616,7 @@ def segmentation_loss(seg, masks, evidential, deep_supervision, kl_weight, dice_
     """Eq. 8: L_seg = sum_i Dice(v^{i-1}(s_i), GT) (reduction "mean": the authors' / 4). With an
     evidential s_1 (TBraTS, ECS) its term is the evidential loss of Eq. 6's form."""
     s_1 = seg[0]
-    terms = [evidential_segmentation_loss(evidential_opinion(s_1)[0], masks, kl_weight, dice_weight) if evidential
+    terms = [mutual_loss(evidential_opinion(s_1)[0], masks, kl_weight, dice_weight) if evidential
              else dice_loss(s_1.softmax(1), masks)]
     for s in (seg[1:] if deep_supervision else []):                           # v^{i-1}(s_i)
         terms.append(dice_loss(F.interpolate(s, size=masks.shape[-2:], mode="bilinear",
@@ -497,24 +624,36 @@ def segmentation_loss(seg, masks, evidential, deep_supervision, kl_weight, dice_
     return sum(terms) / (len(terms) if reduction == "mean" else 1)
 
 
-def total_loss(out, masks, labels, spec, args, epoch):
-    """Eq. 9: L = w^m L_mut + w^c L_cls + w^s L_seg (terms of absent components dropped).
-    Returns (L, [L_mut, L_cls, L_seg]) with absent terms as zeros."""
-    w_mut, w_cls, w_seg = args.loss_weights
-    anneal = annealing_coefficient(epoch, args.annealing_epochs)
+def total_loss(out, masks, labels, spec, anneal, loss_weights=(0.1, 0.5, 0.4), lambda_kl_mut=1.0,
+               lambda_dice_mut=1.0, lambda_kl_cls=1.0, eq8="sum"):
+    """Eq. 9: L = w^m L_mut + w^c L_cls + w^s L_seg, the terms of absent components dropped; `anneal` =
+    annealing_coefficient(epoch, T) scales the KL terms; defaults are the paper's. Returns (L, [L_mut,
+    L_cls, L_seg]) with absent terms as zeros."""
+    w_mut, w_cls, w_seg = loss_weights
     l_mut = l_cls = l_seg = masks.new_zeros((), dtype=torch.float32)
     if spec.mutual_decoder:
-        l_mut = mutual_loss(out["mutual_alpha"], masks, anneal * args.lambda_kl_mut, args.lambda_dice_mut)
+        l_mut = mutual_loss(out["mutual_alpha"], masks, anneal * lambda_kl_mut, lambda_dice_mut)
     if spec.classify:
-        l_cls = classification_loss(out["cls_logits"].float(), labels, spec.evidential_cls, anneal * args.lambda_kl_cls)
+        l_cls = classification_loss(out["cls_logits"].float(), labels, spec.evidential_cls, anneal * lambda_kl_cls)
     if spec.segment:
         seg = [s.float() for s in out["seg"]]
         l_seg = segmentation_loss(seg, masks, spec.evidential_s1, spec.deep_supervision,
-                                  anneal * args.lambda_kl_mut, args.lambda_dice_mut, args.eq8)
+                                  anneal * lambda_kl_mut, lambda_dice_mut, eq8)
     return w_mut * l_mut + w_cls * l_cls + w_seg * l_seg, torch.stack([l_mut, l_cls, l_seg])
 
 
 # =================================== Training and evaluation ======================================
+
+def build_model(spec, args, n_classes, n_seg_classes):
+    """The network of a row: one branch for EC and TBraTS, UMLNet for the joint rows."""
+    blocks = tuple(int(b) for b in args.res2net_blocks)
+    if not spec.segment:
+        return ECNet(n_classes, args.width, args.vgg_batch_norm)
+    if not spec.classify:
+        return TBraTSNet(n_seg_classes, args.width, blocks, args.res2net_base_width, args.res2net_scale)
+    return UMLNet(spec, n_classes, n_seg_classes, args.width, blocks, args.res2net_base_width,
+                  args.res2net_scale, args.vgg_batch_norm)
+
 
 def model_input(images, norm, device, sigma=0.0, generator=None):
     """uint8 -> [0,1] (+ Gaussian noise of std sigma, clipped to [0,1]: Table 2) -> normalised float."""
@@ -545,8 +684,11 @@ def train_row(job, model, spec, data, norm):
     start, best = common.resume(job, model, optimizer, scheduler)
     progress = common.Progress(job, steps, args.epochs, start, every=args.log_every)
     generator = torch.Generator(device=device)
+    loss_options = dict(loss_weights=args.loss_weights, lambda_kl_mut=args.lambda_kl_mut,
+                        lambda_dice_mut=args.lambda_dice_mut, lambda_kl_cls=args.lambda_kl_cls, eq8=args.eq8)
     for epoch in range(start, args.epochs):
         model.train()
+        anneal = annealing_coefficient(epoch, args.annealing_epochs)  # the KL terms' weight this epoch
         generator.manual_seed(job.seed * 1000 + epoch)   # the shuffle of an epoch does not depend on resume
         sums = torch.zeros(4, device=device)             # L, L_mut, L_cls, L_seg summed over the epoch
         batches = common.iterate_batches(data["train"], args.batch_size, shuffle=True, generator=generator,
@@ -557,7 +699,8 @@ def train_row(job, model, spec, data, norm):
             batch = common.shard(batch, job.run.dist)    # torchrun data mode: this rank's slice
             with common.autocast(device, args.amp):
                 out = model(model_input(batch["images"], norm, device))
-            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, args, epoch)  # Eq. 9
+            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, anneal,
+                                     **loss_options)  # Eq. 9
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -678,21 +821,26 @@ def markdown_cell(row, key):
     return common.fmt_over_seeds(row, key, digits=3) + (f" ({undefined:.3g} undef.{per_seed})" if undefined else "")
 
 
+def at_sigma(metrics, prefix):
+    """The metrics at one noise level, unprefixed ("sigma=0.05/acc" -> "acc"; prefix "" = the clean ones)."""
+    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and (prefix or "/" not in k)}
+
+
 def build_table(summary, args, main_name, specs):
-    """results.json "table": one dict per row of Tables 1-3 that this run produced (means over seeds); a
-    Table 2 row holds the metrics at its sigma (keyed "sigma=0.05/acc" in `summary`), unprefixed."""
-    by_name, clean, table = {r["row"]: r for r in summary}, min(args.sigmas, key=abs), []
+    """results.json "table": one dict per row of Tables 1-3 that this run produced, with the means ± SE over
+    seeds and `per_seed` of the metrics at the row's sigma (Table 2 rows: one per sigma)."""
+    by_name, clean, table = {r["row"]: r for r in summary}, min(args.noise_sigmas, key=abs), []
     for table_no in (1, 2, 3):
         names = TABLE_ROWS[table_no] if getattr(args, f"table{table_no}") else [main_name] if table_no < 3 else []
-        for sigma in args.sigmas if table_no == 2 else [clean]:
+        for sigma in args.noise_sigmas if table_no == 2 else [clean]:
             prefix = "" if sigma == clean else f"sigma={sigma:.2f}/"
-            for name in [n for n in names if n in by_name]:
-                values = {k[len(prefix):]: v for k, v in by_name[name].items()
-                          if k.startswith(prefix) and (prefix or "/" not in k) and k not in ("row", "seeds", "rank")}
-                flags = {k: "✓" if getattr(specs[name], a) else "-" for k, a in
+            for row in [by_name[n] for n in names if n in by_name]:
+                flags = {k: "✓" if getattr(specs[row["row"]], a) else "-" for k, a in
                          (("MD", "mutual_decoder"), ("UI", "instructor"), ("UN", "navigator"))} if table_no == 3 else {}
-                table.append({"row": name if table_no != 2 else f"{name} sigma={sigma:.2f}", "table": table_no,
-                              "sigma": sigma, "Method": name, "seeds": by_name[name]["seeds"], **flags, **values})
+                per_seed = [{"seed": e["seed"], "rank": e["rank"], **at_sigma(e, prefix)} for e in row["per_seed"]]
+                table.append({"row": row["row"] + (f" sigma={sigma:.2f}" if table_no == 2 else ""), "table": table_no,
+                              "sigma": sigma, "Method": row["row"], "seeds": row["seeds"], **flags,
+                              **at_sigma(common.row_metrics(row), prefix), "per_seed": per_seed})
     return table
 
 
@@ -721,7 +869,7 @@ def figure_fig3(model, split, spec, data, norm, args, device, path):
     subset = {k: (v[picks] if torch.is_tensor(v) else v) for k, v in split.items()}
     identity = (torch.zeros_like(norm[0]), torch.ones_like(norm[1]))
     fig, axes = common.blank_grid(2 * len(picks), 4, figsize=(13, 6.2 * len(picks)))  # panels a row lacks stay blank
-    for j, sigma in enumerate((0.0, max(args.sigmas))):
+    for j, sigma in enumerate((0.0, max(args.noise_sigmas))):
         pred = forward_split(model, subset, spec, norm, args, device, sigma, args.seed)
         generator = torch.Generator(device=device).manual_seed(args.seed + 7919 + int(round(sigma * 1e4)))
         shown = model_input(subset["images"], identity, device, sigma, generator).float().cpu()  # what the model saw
@@ -810,6 +958,19 @@ def predict_batch(predictor, images):
     return {"mask": mask, "maps": {"uncertainty": out["pixel_uncertainty"]} if spec.segment else {}, "rows": rows}
 
 
+def main_row(args):
+    """(name, spec) of the row named by --method, the ablation flags and --deep-supervision."""
+    name, spec = next((n, spec) for n, (slug, spec) in ROWS.items() if slug == args.method)
+    if args.method == "uml":  # an ablation is the Table 3 row with the same components, if any
+        spec = replace(spec, mutual_decoder=args.mutual_decoder, instructor=args.uncertainty_instructor,
+                       navigator=args.uncertainty_navigator)
+        off = [k for k, on in (("MD", spec.mutual_decoder), ("UI", spec.instructor), ("UN", spec.navigator)) if not on]
+        name = next((n for n, (_, r) in ROWS.items() if r == spec), "UML" + "".join(f" -{k}" for k in off))
+    if not args.deep_supervision and spec.segment:
+        spec, name = replace(spec, deep_supervision=False), name + " (s_1 only)"
+    return name, spec
+
+
 def main(argv=None):
     args = common.parse_args(build_parser(), SCRIPT, argv, resolve_defaults)
     vars(args).setdefault("command", "python uml.py " + " ".join(sys.argv[1:] if argv is None else argv))
@@ -843,12 +1004,12 @@ def main(argv=None):
                 norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
             else:
                 norm = tuple(t.to(device) for t in common.channel_stats(data["train"]["images"]))
-            load_pretrained_encoders(model, args)
+            load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
         model = common.prepare_model(model, run)
         if not args.eval_only:
             model = train_row(job, model, spec, data, norm)
-        clean, metrics = min(args.sigmas, key=abs), {}
-        for sigma in args.sigmas:  # Table 2: the same model under noise; its metrics keyed "sigma=0.05/..."
+        clean, metrics = min(args.noise_sigmas, key=abs), {}
+        for sigma in args.noise_sigmas:  # Table 2: the same model under noise; its metrics keyed "sigma=0.05/..."
             values, extra = evaluate(model, data["test"], spec, data, norm, args, device, sigma, job.seed)
             metrics.update({(k if sigma == clean else f"sigma={sigma:.2f}/{k}"): v for k, v in values.items()})
             if job.row == main_name and job.seed == seeds[0] and sigma == clean:

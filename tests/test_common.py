@@ -810,31 +810,6 @@ def test_figure_helpers(tmp_path):
 
 
 
-def test_pretrained_weights_by_key_table(tmp_path):
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
-    theirs = {"features.0.weight": torch.randn(2, 1, 3, 3), "features.0.bias": torch.randn(2),
-              "features.1.weight": torch.rand(2), "features.1.bias": torch.rand(2),
-              "features.1.running_mean": torch.rand(2), "features.1.running_var": torch.rand(2),
-              "features.1.num_batches_tracked": torch.tensor(5), "fc.weight": torch.zeros(10, 2)}
-    torch.save({"state_dict": theirs}, tmp_path / "w.pth")
-    state = common.read_state_dict(tmp_path / "w.pth", "--weights")             # the wrapper is opened
-    table = [("features.0", "0", "conv+bias"), ("features.1", "1", "bn")]
-    assert common.load_pretrained(model, state, table, ("fc.",), "--weights") == 6
-    assert torch.equal(model[0].weight, theirs["features.0.weight"])
-    assert torch.equal(model[1].running_var, theirs["features.1.running_var"])
-    with pytest.raises(common.UsageError, match="'fc.weight'"):                 # a key with no place
-        common.load_pretrained(model, state, table, (), "--weights")
-    with pytest.raises(RuntimeError, match="key table misses"):                # a table that forgets our bn
-        common.load_pretrained(model, state, table[:1], ("fc.", "features.1."), "--weights")
-    (tmp_path / "bad.pth").write_bytes(b"not a file torch can read")
-    with pytest.raises(common.UsageError, match="--weights .*bad.pth: cannot read it"):
-        common.read_state_dict(tmp_path / "bad.pth", "--weights")
-    torch.save({"a": 1}, tmp_path / "numbers.pth")
-    with pytest.raises(common.UsageError, match="not a state dict of tensors"):
-        common.read_state_dict(tmp_path / "numbers.pth", "--weights")
-
-
-
 def test_cli_turns_expected_errors_into_one_message(capsys, monkeypatch):
     monkeypatch.delenv("COMMON_DEBUG", raising=False)
 

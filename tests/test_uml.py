@@ -202,7 +202,7 @@ def test_pcmi_interleaves_channel_maps():
 
 def test_encoders_give_four_levels():
     x = torch.randn(2, 3, 32, 32)
-    vgg, res2net = common.VGGEncoder(4), common.Res2NetEncoder(4, (1, 2, 1))
+    vgg, res2net = uml.VGGEncoder(4), uml.Res2NetEncoder(4, (1, 2, 1))
     for encoder in (vgg, res2net):
         features = encoder(x)
         assert [f.shape[-1] for f in features] == [32, 16, 8, 4]
@@ -217,35 +217,86 @@ def test_instructor_carries_classification_gradient_into_segmentation():
     def grad_norm(spec):
         model = uml.UMLNet(spec, 2, 3, 4, (1, 1, 1))
         model(x)["cls_logits"].sum().backward()
-        g = model.navigator.top[0].weight.grad
+        g = model.decoder.top[0].weight.grad
         return 0.0 if g is None else g.abs().sum().item()
 
     assert grad_norm(uml.ROWS["UML"][1]) > 0          # UI: r^s feeds the classifier
     assert grad_norm(uml.ROWS["+MD"][1]) == 0.0       # no UI: no path
 
 
+SMALL = argparse.Namespace(width=4, res2net_blocks=[1, 1, 1], res2net_base_width=26, res2net_scale=4,
+                           vgg_batch_norm=True)
+
+
 def test_model_spec_switches_components():
-    model = uml.UMLNet(uml.ROWS["+MD+UI"][1], 2, 3, 4, (1, 1, 1))
+    model = uml.build_model(uml.ROWS["+MD+UI"][1], SMALL, 2, 3)
     out = model(torch.randn(1, 3, 32, 32))
-    assert model.mutual_decoder is not None and not model.navigator.navigate and out["reliable_mask"] is None
+    assert isinstance(model.mutual_decoder, uml.MutualFeatureDecoder) and type(model.decoder) is uml.SegmentationDecoder
     assert out["mutual_alpha"].shape == (1, 3, 32, 32) and out["mutual_uncertainty"].shape == (1, 1, 32, 32)
-    bcs = uml.UMLNet(uml.ROWS["BCS"][1], 2, 3, 4, (1, 1, 1))
-    assert bcs.mutual_decoder is None and bcs.instructor is None and list(bcs.mixer) == ["3"]  # f_4^m only
-    tbrats = uml.UMLNet(uml.ROWS["TBraTS"][1], 2, 3, 4, (1, 1, 1))
-    assert list(tbrats.navigator.heads) == ["s1", "s2", "s3", "s4"]     # no deep supervision: Eq. 8 reads s_1 only
-    no_ui = uml.UMLNet(uml.replace(uml.ROWS["UML"][1], instructor=False), 2, 3, 4, (1, 1, 1))
-    assert no_ui.instructor is None and no_ui.navigator.mask_conv_top is not None  # the UN as in UML; r^s unread
+    assert out["seg"][0].shape == (1, 3, 32, 32) and out["cls_logits"].shape == (1, 2)
+    bcs = uml.build_model(uml.ROWS["BCS"][1], SMALL, 2, 3)
+    assert isinstance(bcs.mutual_decoder, uml.NoMutualDecoder) and isinstance(bcs.instructor, uml.NoInstructor)
+    assert list(bcs.mixer) == ["3"] and "mutual_alpha" not in bcs(torch.randn(1, 3, 32, 32))  # f_4^m only, no M
+    tbrats = uml.build_model(uml.ROWS["TBraTS"][1], SMALL, 2, 3)
+    assert isinstance(tbrats, uml.TBraTSNet) and type(tbrats.decoder) is uml.SegmentationDecoder
+    assert list(tbrats.decoder.heads) == ["s1", "s2", "s3", "s4"]     # no deep supervision: Eq. 8 reads s_1 only
+    assert set(tbrats(torch.randn(1, 3, 32, 32))) == {"seg"}
+    no_ui = uml.build_model(uml.replace(uml.ROWS["UML"][1], instructor=False), SMALL, 2, 3)
+    assert isinstance(no_ui.instructor, uml.NoInstructor) and isinstance(no_ui.decoder, uml.UncertaintyNavigator)
     # the paper's UML has no dead part: every parameter reaches the loss of Eq. 9
     torch.manual_seed(0)
-    model, spec = uml.UMLNet(uml.ROWS["UML"][1], 2, 3, 4, (1, 1, 1)), uml.ROWS["UML"][1]
-    args = argparse.Namespace(loss_weights=(0.1, 0.5, 0.4), annealing_epochs=2, lambda_kl_mut=1.0,
-                              lambda_dice_mut=1.0, lambda_kl_cls=1.0, eq8="sum")
+    model, spec = uml.build_model(uml.ROWS["UML"][1], SMALL, 2, 3), uml.ROWS["UML"][1]
     loss, _ = uml.total_loss(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 3, (2, 32, 32)),
-                             torch.tensor([0, 1]), spec, args, epoch=1)
+                             torch.tensor([0, 1]), spec, anneal=0.5)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    ec = uml.UMLNet(uml.ROWS["EC"][1], 2, 3, 4, (1, 1, 1))
-    assert ec.seg_encoder is None and ec.mixer is None and "seg" not in ec(torch.randn(1, 3, 32, 32))
+    ec = uml.build_model(uml.ROWS["EC"][1], SMALL, 2, 3)
+    assert isinstance(ec, uml.ECNet) and not hasattr(ec, "seg_encoder") and set(ec(torch.randn(1, 3, 32, 32))) == {"cls_logits"}
+
+
+def test_navigator_guides_by_m_and_u_eq3_eq4():
+    # with U^s = 0 and M = 0 the UN's bottom level is the plain decoder's d_4, fused with Conv(M^r_4 = s_4)
+    nav = uml.UncertaintyNavigator([4, 16, 32, 64], 32, 3).eval()
+    f_seg = [torch.randn(1, c, 32 // 2 ** i, 32 // 2 ** i) for i, c in enumerate([4, 16, 32, 64])]
+    bottom = torch.randn(1, 96, 4, 4)
+    zero = {"mutual_alpha": torch.zeros(1, 3, 32, 32), "mutual_uncertainty": torch.zeros(1, 1, 32, 32)}
+    d_4 = nav.bottom(bottom)
+    s_4 = nav.heads["s4"](d_4)
+    fused, s_4_nav = nav.bottom_level(bottom, zero)
+    assert torch.allclose(s_4_nav, s_4) and torch.allclose(fused, nav.fuse_bottom(torch.cat([nav.mask_conv_bottom(s_4), d_4], 1)))
+    # U^s = ln 2 everywhere: the bottom input is halved (exp(-U^s)) and M^r_4 = (s_4 + d^3(M)) / 2
+    m = torch.rand(1, 3, 32, 32)
+    half = {"mutual_alpha": m, "mutual_uncertainty": torch.full((1, 1, 32, 32), math.log(2.0))}
+    d_4 = nav.bottom(bottom / 2)
+    s_4 = nav.heads["s4"](d_4)
+    m_r_4 = (s_4 + torch.nn.functional.avg_pool2d(m, 8)) / 2
+    fused, _ = nav.bottom_level(bottom, half)
+    assert torch.allclose(fused, nav.fuse_bottom(torch.cat([nav.mask_conv_bottom(m_r_4), d_4], 1)), atol=1e-6)
+    seg, r_s = nav(f_seg, bottom, half)                   # Eq. 4: r^s = Cat(Conv((s_1 + M) / 2), Cat(f_1^s, f_2^b))
+    assert r_s.shape == (1, nav.rs_channels, 32, 32) and nav.rs_channels == 4 + 4 + 8
+    assert torch.allclose(r_s[:, :4], nav.mask_conv_top((seg[0] + m) / 2), atol=1e-6)
+    assert torch.equal(r_s[:, 4:8], f_seg[0])
+    plain = uml.SegmentationDecoder([4, 16, 32, 64], 32, 3).eval()   # the baselines: r^s = Cat(f_1^s, f_2^b)
+    _, r_s = plain(f_seg, bottom, {})
+    assert r_s.shape[1] == plain.rs_channels == 4 + 8 and torch.equal(r_s[:, :4], f_seg[0])
+
+
+def test_total_loss_is_eq9_with_the_given_weights_and_lambdas():
+    torch.manual_seed(5)
+    masks, labels = torch.randint(0, 3, (2, 8, 8)), torch.tensor([1, 0])
+    out = {"mutual_alpha": 1 + 3 * torch.rand(2, 3, 8, 8), "cls_logits": torch.randn(2, 2),
+           "seg": [torch.randn(2, 3, 8 // 2 ** i, 8 // 2 ** i) for i in range(4)]}
+    loss, parts = uml.total_loss(out, masks, labels, uml.ROWS["UML"][1], 0.25, loss_weights=(0.2, 0.3, 0.6),
+                                 lambda_kl_mut=2.0, lambda_dice_mut=0.5, lambda_kl_cls=4.0, eq8="mean")
+    l_mut = uml.mutual_loss(out["mutual_alpha"], masks, 0.25 * 2.0, 0.5)
+    l_cls = uml.classification_loss(out["cls_logits"], labels, True, 0.25 * 4.0)
+    l_seg = uml.segmentation_loss(out["seg"], masks, False, True, 0.5, 0.5, "mean")
+    assert torch.allclose(parts, torch.stack([l_mut, l_cls, l_seg]))
+    assert loss.item() == pytest.approx((0.2 * l_mut + 0.3 * l_cls + 0.6 * l_seg).item(), rel=1e-6)
+    default, _ = uml.total_loss(out, masks, labels, uml.ROWS["UML"][1], 1.0)   # the paper's weights
+    expected = (0.1 * uml.mutual_loss(out["mutual_alpha"], masks, 1.0, 1.0) + 0.5 * uml.classification_loss(
+        out["cls_logits"], labels, True, 1.0) + 0.4 * uml.segmentation_loss(out["seg"], masks, False, True, 1.0, 1.0))
+    assert default.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,11 +404,9 @@ def test_tbrats_has_no_deep_supervision_and_eq8_mean_divides_by_four():
     torch.manual_seed(4)
     masks = torch.randint(0, 3, (2, 8, 8))
     seg = [torch.randn(2, 3, 8 // 2 ** i, 8 // 2 ** i) for i in range(4)]
-    args = argparse.Namespace(loss_weights=(0.1, 0.5, 0.4), annealing_epochs=2, lambda_kl_mut=1.0,
-                              lambda_dice_mut=1.0, lambda_kl_cls=1.0, eq8="sum")
-    loss, parts = uml.total_loss({"seg": seg}, masks, None, uml.ROWS["TBraTS"][1], args, epoch=1)
+    loss, parts = uml.total_loss({"seg": seg}, masks, None, uml.ROWS["TBraTS"][1], anneal=0.5)
     alpha = torch.nn.functional.softplus(seg[0]) + 1
-    only_s1 = uml.evidential_segmentation_loss(alpha, masks, 0.5, 1.0)          # anneal 1/2
+    only_s1 = uml.mutual_loss(alpha, masks, 0.5, 1.0)          # the KL annealed by 1/2
     assert loss.item() == pytest.approx(0.4 * only_s1.item(), rel=1e-6) and parts[2].item() == pytest.approx(only_s1.item())
     total = uml.segmentation_loss(seg, masks, False, True, 1.0, 1.0, "sum")
     assert uml.segmentation_loss(seg, masks, False, True, 1.0, 1.0, "mean").item() == pytest.approx(total.item() / 4)
@@ -424,56 +473,76 @@ def res2net50_v1b_state():
     return state
 
 
+def load_state(model, monkeypatch, vgg=None, res2net=None):
+    """load_imagenet_weights with the files' contents given as state dicts (no file written)."""
+    monkeypatch.setattr(uml, "read_state_dict", lambda path, flag: vgg if flag == "--pretrained-vgg" else res2net)
+    uml.load_imagenet_weights(model, vgg and "vgg.pth", res2net and "res2net.pth")
+
+
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_vgg16_file_loads_into_the_paper_size_encoder(batch_norm):
+def test_vgg16_file_loads_into_the_paper_size_encoder(batch_norm, monkeypatch, capsys):
     state = torchvision_vgg16_state(batch_norm)
-    encoder = common.VGGEncoder(64, batch_norm).eval()
-    table, unused = common.vgg16_key_table(batch_norm)
-    assert common.load_pretrained(encoder, state, table, unused, "--pretrained-vgg") == (60 if batch_norm else 20)  # 10 convs: w, b (+ 4 bn)
+    model = uml.ECNet(2, 64, batch_norm)
+    load_state(model, monkeypatch, vgg=state)
+    assert f"loaded {60 if batch_norm else 20} tensors" in capsys.readouterr().out  # 10 convs: w, b (+ 4 bn)
+    encoder = model.cls_encoder.eval()
     x = torch.randn(1, 3, 16, 16)
     y = torch.nn.functional.conv2d(x, state["features.0.weight"], state["features.0.bias"], padding=1)
     if batch_norm:
         y = torch.nn.functional.batch_norm(y, state["features.1.running_mean"], state["features.1.running_var"],
                                            state["features.1.weight"], state["features.1.bias"])
-    assert torch.allclose(encoder.stages[0][0](x), y.relu(), atol=1e-5)   # first layer = the file's conv
+    assert torch.allclose(encoder.features[:3 if batch_norm else 2](x), y.relu(), atol=1e-5)  # conv1_1 = the file's
     conv4_3 = "features.30" if batch_norm else "features.21"    # f_4^c's conv, by its index in the file
-    assert torch.equal(encoder.stages[3][3].conv.bias, state[conv4_3 + ".bias"])
+    assert torch.equal(encoder.features[int(conv4_3.split(".")[1])].bias, state[conv4_3 + ".bias"])
+    assert torch.equal(encoder.features[0].weight, state["features.0.weight"])
 
 
-def test_res2net_file_loads_into_the_paper_size_encoder():
+def test_res2net_file_loads_into_the_paper_size_encoder(monkeypatch, capsys):
     state = res2net50_v1b_state()
-    encoder = common.Res2NetEncoder(64, (3, 4, 6)).eval()
-    table, unused = common.res2net_key_table((3, 4, 6))
-    n = common.load_pretrained(encoder, state, table, unused, "--pretrained-res2net")
-    used = [k for k in state if not k.startswith(("layer4.", "fc.")) and not k.endswith("num_batches_tracked")]
-    assert n == len(used) == len(encoder.state_dict()) - sum(k.endswith("num_batches_tracked") for k in encoder.state_dict())
+    model = uml.TBraTSNet(3, 64, (3, 4, 6))
+    load_state(model, monkeypatch, res2net=state)
+    used = [k for k in state if not k.startswith(("layer4.", "fc."))]
+    assert f"loaded {len(used)} tensors" in capsys.readouterr().out
+    encoder = model.seg_encoder.eval()
     x = torch.randn(1, 3, 16, 16)
     y = torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, state["conv1.0.weight"], padding=1),
                                        state["conv1.1.running_mean"], state["conv1.1.running_var"],
                                        state["conv1.1.weight"], state["conv1.1.bias"])
-    assert torch.allclose(encoder.stem[0](x), y.relu(), atol=1e-5)
-    assert torch.equal(encoder.stages[2][0].shortcut.proj.conv.weight, state["layer3.0.downsample.1.weight"])
-    assert torch.equal(encoder.stages[1][3].convs[2].bn.running_var, state["layer2.3.bns.2.running_var"])
+    assert torch.allclose(encoder.conv1[:3](x), y.relu(), atol=1e-5)   # stem conv 1 (stride 1: Deviations)
+    assert torch.equal(encoder.layer3[0].downsample[1].weight, state["layer3.0.downsample.1.weight"])
+    assert torch.equal(encoder.layer2[3].bns[2].running_var, state["layer2.3.bns.2.running_var"])
+    assert all(torch.equal(v, state[k]) for k, v in encoder.state_dict().items())  # every tensor from the file
 
 
-def test_pretrained_errors_name_the_key():
-    table, unused = common.res2net_key_table((3, 4, 6))
-    encoder = common.Res2NetEncoder(64, (3, 4, 6))
+def test_pretrained_errors_name_the_key(monkeypatch):
+    model = uml.TBraTSNet(3, 64, (3, 4, 6))
     renamed = res2net50_v1b_state()
     renamed["layer2.0.conv.1.weight"] = renamed.pop("layer2.0.convs.1.weight")
-    with pytest.raises(common.UsageError, match="'layer2.0.convs.1.weight'"):
-        common.load_pretrained(encoder, renamed, table, unused, "--pretrained-res2net")
+    with pytest.raises(common.UsageError, match='--pretrained-res2net res2net.pth does not fit.*Missing.*"layer2.0.convs.1.weight"'):
+        load_state(model, monkeypatch, res2net=renamed)
     reshaped = res2net50_v1b_state()
     reshaped["layer1.2.conv3.weight"] = torch.zeros(256, 104, 3, 3)
-    with pytest.raises(common.UsageError, match=r"'layer1.2.conv3.weight' has shape \(256, 104, 3, 3\)"):
-        common.load_pretrained(encoder, reshaped, table, unused, "--pretrained-res2net")
+    with pytest.raises(common.UsageError, match=r"layer1.2.conv3.weight: copying a param with shape .*256, 104, 3, 3"):
+        load_state(model, monkeypatch, res2net=reshaped)
     extra = res2net50_v1b_state()
     extra["layer3.1.se.weight"] = torch.zeros(4)
-    with pytest.raises(common.UsageError, match="'layer3.1.se.weight'"):
-        common.load_pretrained(encoder, extra, table, unused, "--pretrained-res2net")
-    table, unused = common.vgg16_key_table(batch_norm=True)       # a plain vgg16 file into the bn layout
-    with pytest.raises(common.UsageError, match="'features.1.weight'"):
-        common.load_pretrained(common.VGGEncoder(64, True), torchvision_vgg16_state(False), table, unused, "--pretrained-vgg")
+    with pytest.raises(common.UsageError, match='Unexpected key.*"layer3.1.se.weight"'):
+        load_state(model, monkeypatch, res2net=extra)
+    with pytest.raises(common.UsageError, match='--pretrained-vgg .*"features.1.weight"'):   # plain vgg16 into vgg16_bn
+        load_state(uml.ECNet(2, 64, vgg_batch_norm=True), monkeypatch, vgg=torchvision_vgg16_state(False))
+
+
+def test_read_state_dict_opens_the_wrapper_and_names_bad_files(tmp_path):
+    theirs = {"features.0.weight": torch.randn(2, 1, 3, 3), "fc.weight": torch.zeros(10, 2)}
+    torch.save({"state_dict": theirs}, tmp_path / "w.pth")
+    state = uml.read_state_dict(tmp_path / "w.pth", "--weights")                # the wrapper is opened
+    assert set(state) == set(theirs) and torch.equal(state["features.0.weight"], theirs["features.0.weight"])
+    (tmp_path / "bad.pth").write_bytes(b"not a file torch can read")
+    with pytest.raises(common.UsageError, match="--weights .*bad.pth: cannot read it"):
+        uml.read_state_dict(tmp_path / "bad.pth", "--weights")
+    torch.save({"a": 1}, tmp_path / "numbers.pth")
+    with pytest.raises(common.UsageError, match="not a state dict of tensors"):
+        uml.read_state_dict(tmp_path / "numbers.pth", "--weights")
 
 
 @pytest.fixture(scope="module")
@@ -492,12 +561,12 @@ def test_pretrained_flags_load_for_every_method(weight_files):
     vgg_state, res2net_state = torch.load(vgg, weights_only=True), torch.load(res2net, weights_only=True)
     for method in ("EC", "TBraTS", "BCS", "ECS", "UML"):
         model = uml.build_model(uml.ROWS[method][1], args, 2, 3)
-        uml.load_pretrained_encoders(model, args)
-        if model.cls_encoder is not None:
-            assert torch.equal(model.cls_encoder.stages[1][1].conv.weight, vgg_state["features.5.weight"])
-        if model.seg_encoder is not None:
-            assert torch.equal(model.seg_encoder.stem[2].bn.weight, res2net_state["bn1.weight"])
-        assert (model.cls_encoder is None) == (method == "TBraTS") and (model.seg_encoder is None) == (method == "EC")
+        uml.load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
+        if method != "TBraTS":
+            assert torch.equal(model.cls_encoder.features[5].weight, vgg_state["features.5.weight"])
+        if method != "EC":
+            assert torch.equal(model.seg_encoder.bn1.weight, res2net_state["bn1.weight"])
+        assert hasattr(model, "cls_encoder") == (method != "TBraTS") and hasattr(model, "seg_encoder") == (method != "EC")
     with pytest.raises(common.UsageError, match="paper-size encoders"):
         uml.resolve_defaults(uml.build_parser().parse_args(["--pretrained-vgg", str(vgg)]))  # synthetic width 8
 
@@ -644,11 +713,11 @@ def test_refuge_metrics_ignore_the_letterbox_padding(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Seeds and --predict (issues 15 and 17)
+# Seeds, noise rows and --predict
 # ---------------------------------------------------------------------------------------------
 
 
-SEEDS = QUICK + ["--seeds", "0,1", "--epochs", "2", "--noise-sigmas", "0", "--figure-images", "1"]
+SEEDS = QUICK + ["--seeds", "0,1", "--epochs", "2", "--noise-sigmas", "0,0.05", "--figure-images", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -668,6 +737,21 @@ def test_seeds_give_means_and_standard_errors(two_seeds):
         assert results["metrics"][key] == pytest.approx((a + b) / 2)
         assert results["metrics"][key + "_se"] == pytest.approx(abs(a - b) / 2, rel=1e-5)  # std(ddof=1)/sqrt(2)
     assert (out / "UML-seed0" / "best.pt").exists() and (out / "UML-seed1" / "best.pt").exists()
+
+
+def test_noise_rows_keep_their_seeds(two_seeds):
+    results = json.loads((two_seeds / "results.json").read_text())
+    noisy = next(r for r in results["table"] if r["row"] == "UML sigma=0.05")
+    clean = next(r for r in results["table"] if r["row"] == "UML sigma=0.00")
+    assert noisy["table"] == 2 and [r["seed"] for r in noisy["per_seed"]] == [0, 1]
+    for seed, entry in zip((0, 1), noisy["per_seed"]):   # each seed's metrics at sigma 0.05, unprefixed
+        job = json.loads((two_seeds / f"UML-seed{seed}" / "result.json").read_text())["metrics"]
+        assert entry["acc"] == job["sigma=0.05/acc"] and entry["dice_cup"] == job["sigma=0.05/dice_cup"]
+        assert not any(k.startswith("sigma=") for k in entry)
+    for key in ("acc", "dice_disc", "assd_cup_authors"):
+        a, b = (r[key] for r in noisy["per_seed"])
+        assert noisy[key] == pytest.approx((a + b) / 2) and noisy[key + "_se"] == pytest.approx(abs(a - b) / 2, rel=1e-5)
+    assert [r["acc"] for r in clean["per_seed"]] == [r["acc"] for r in results["table"][0]["per_seed"]]
 
 
 def test_resume_in_the_second_seed_gives_the_uninterrupted_table(two_seeds, tmp_path, monkeypatch, capsys):
