@@ -1003,7 +1003,8 @@ def main(argv=None):
             if args.pretrained_vgg or args.pretrained_res2net:  # ImageNet weights expect ImageNet's statistics
                 norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
             else:
-                norm = tuple(t.to(device) for t in common.channel_stats(data["train"]["images"]))
+                train = data["train"]
+                norm = tuple(t.to(device) for t in common.channel_stats(train["images"], train["valid"]))
             load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
         model = common.prepare_model(model, run)
         if not args.eval_only:

@@ -187,7 +187,8 @@ def adapter_uml(opts, device):
     def step(inputs):
         with common.autocast(device, args.amp):
             out = model(inputs["x"])
-        loss, _ = total_loss(out, inputs["masks"].long(), inputs["labels"], spec, args, 1)
+        loss, _ = total_loss(out, inputs["masks"].long(), inputs["labels"], spec,
+                             uml.annealing_coefficient(1, args.annealing_epochs), args.loss_weights)
         return _optimizer_step(optimizer, loss)
 
     def project(batches, generator):  # uml.train_row
