@@ -1380,7 +1380,12 @@ def load_model_state(model, state_dict, strict=True):
         while key.startswith(("module.", "_orig_mod.")):
             key = key.split(".", 1)[1]
         return key
-    return unwrap(model).load_state_dict({plain_key(k): v for k, v in state_dict.items()}, strict=strict)
+    try:
+        return unwrap(model).load_state_dict({plain_key(k): v for k, v in state_dict.items()}, strict=strict)
+    except RuntimeError as error:  # missing, unexpected or misshapen weights
+        reason = " ".join(line.strip() for line in str(error).strip().split("\n")[:2])[:300]
+        raise CheckpointError(f"the checkpoint's weights do not fit this model (another version of the script, or "
+                              f"other architecture flags): {reason}") from error
 
 
 def _rng_state():
@@ -1472,7 +1477,20 @@ def load_checkpoint(path, script, map_location="cpu"):
     if state["script"] != script:
         raise CheckpointError(f"{path} is a checkpoint of {state['script']}.py, not of {script}.py: "
                               f"pass a checkpoint written by {script}.py")
-    return state
+    return _Checkpoint(state, path=path)
+
+
+class _Checkpoint(dict):
+    """A loaded checkpoint: a key it lacks (a checkpoint of an older version of the script) is a
+    CheckpointError naming the file and the key, not a KeyError."""
+
+    def __init__(self, state, path):
+        super().__init__(state)
+        self.path = path
+
+    def __missing__(self, key):
+        raise CheckpointError(f"{self.path} has no '{key}': it was written by another version of this script; "
+                              "retrain, or use a checkpoint written by this version")
 
 
 # --------------------------------------------------------------------------------------------------

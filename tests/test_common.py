@@ -581,6 +581,12 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     with pytest.raises(common.CheckpointError, match="not a checkpoint written by this project"):
         common.load_checkpoint(tmp_path / "foreign.pt", "uml")
+    # a checkpoint of an older version: a missing key or weights of another layout are one-line errors
+    state = common.load_checkpoint(path, "uml")
+    with pytest.raises(common.CheckpointError, match=r"last\.pt has no 'normalization': .*another version"):
+        state["normalization"]
+    with pytest.raises(common.CheckpointError, match=r"weights do not fit this model .*Missing key"):
+        common.load_model_state(nn.Linear(3, 2), {"w": torch.zeros(2, 3)})
 
 
 def test_progress_line_and_report(tmp_path, capsys):
