@@ -22,7 +22,7 @@ Paper -> code
                         largest component, hole filling, resolution               postprocess(), restore_resolution()
     Eq. 1; 5, 7-11      softmax; JAC, sensitivity, specificity, BACC, acc., MP    infer(); evaluate()
     Sec. X, XV.A        Adam 1e-3, lr x0.8 after 5 epochs without a lower loss    train(), keras_reduce_lr_on_plateau()
-    Tables V, VIII      data augmentation                                         augment()
+    Tables V, VIII      data augmentation                                         flips_and_right_angle_rotations()
     Tables VI, IX, XIV  task tables, with Table XIII (per class)                  task_table()
     Tables XI, XII      the a sweep and its best row; Sec. XVI.B transfer         --alpha-sweep; --transfer
     Figs. 5-12          image, true and predicted contours, class probabilities   figure_examples()
@@ -41,21 +41,19 @@ Deviations (ambiguities resolved, and why)
     - Eq. 4 is printed L = a L1 + (a - 1) L2, a sign typo (a < 1 would maximise L2); the text ("a = 1 trains
       segmentation only, 0.5 gives both the same relevance") reads L = a L1 + (1 - a) L2. a defaults to 0.8, the
       thesis' final joint model (Tables XI, XII, XIV), so that the default comparison sets like beside like.
-    - BatchNorm: none, as in the original U-Net the thesis builds (seg trains at batch 2); --batchnorm adds it.
-      Init (unprinted): He normal, biases 0, as the original U-Net (torch's default shrinks the signal ~six-fold
-      per layer through 18 ReLU convolutions); the head keeps torch's.
-    - Every task's model holds both branches (one checkpoint layout: --transfer reads a seg model's U-Net) and runs
-      those of its task; the parameters printed are those it runs.
+    - BatchNorm: none, as in the original U-Net the thesis builds (seg trains at batch 2); --batchnorm adds it. Init
+      (unprinted): He normal, biases 0, as the original U-Net (torch's default shrinks the signal ~six-fold per layer
+      through 18 ReLU convolutions); the head keeps torch's. Every task's model holds both branches (one checkpoint
+      layout: --transfer reads a seg model's U-Net), runs its task's and prints their parameter count.
     - Head pooling: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom) without printing the
       winner. Table X's 50M parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC
       1024, the default (Table VII's "10...42M": FC 256...1024). Too large a pool is refused, not clamped. First FC
       with ReLU (unprinted). Dropout ("true"): one layer (--dropout 0.5) at the end of the contracting path, as in
       the original U-Net; the head reads the bottleneck before it and has its own two (Table VII).
-    - Eq. 3 weighted by Eq. 12 as Keras' class_weight: the batch mean of W_{y_i} CE_i (not divided by the sum of
-      weights as in torch). Eq. 2 is the mean BCE over pixels (the thesis: a sum).
-    - Augmentation (Tables V, VIII: "used"): the author's code's random flips and right-angle rotations (the 8
-      symmetries of the square, uniformly). Normalisation (Sec. VIII, unspecified): per-channel mean and std of the
-      training images (the author's code divides by 255).
+    - Eq. 3 weighted by Eq. 12 as Keras' class_weight: the batch mean of W_{y_i} CE_i (torch divides by the sum of
+      weights). Eq. 2: the mean BCE over pixels (the thesis: a sum). Augmentation (Tables V, VIII: "used"): the
+      author's code's random flips and right-angle rotations (the 8 symmetries of the square, uniformly).
+      Normalisation (Sec. VIII, unspecified): per-channel mean and std of the training images (the author's: / 255).
     - Pre-processing (Sec. VIII): pad to a square (common.load_dataset's letterbox), "extra padding for the lesion
       border" (amount unprinted), resize to 572. The valid U-Net's extra padding makes its 388 output cover the
       canvas: scaled to the output side, padded by (in - out) / 2 per side (mirrored as the U-Net's overlap-tile,
@@ -165,9 +163,7 @@ def resolve_defaults(args):
     if args.lr_factor >= 1:
         raise common.UsageError(f"--lr-factor must be below 1 (it lowers the lr on a plateau), not {args.lr_factor}")
     real = args.data != "synthetic"
-    for key, value in [*(QUICK.items() if args.quick else ()), *((k, v[real]) for k, v in DATA_DEFAULTS.items())]:
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    common.fill_defaults(args, QUICK if args.quick else {}, {key: value[real] for key, value in DATA_DEFAULTS.items()})
     if args.size is None:
         args.size = (388 if args.unet_padding == "valid" else 384) if real else 64
     if args.batch_size is None and (not real or args.predict):  # real data trains with each task's own (Tables)
@@ -216,9 +212,8 @@ def network_geometry(size, depth, padding, input_size=None):
             raise ValueError(f"--size {size} must be divisible by 2^depth = {2 ** depth} with same padding")
         return {"input": size, "output": size, "bottleneck": size // 2 ** depth}
     if input_size is not None:  # n = 2^d (b + 8) - 4 must hold for a whole b, with o >= 1
-        bottleneck, remainder = divmod(input_size + 4, 2 ** depth)
-        geometry = valid_geometry(depth, bottleneck - 8)
-        if remainder or geometry["output"] < 1 or geometry["bottleneck"] < 1:
+        geometry = valid_geometry(depth, (input_size + 4) // 2 ** depth - 8)
+        if geometry["input"] != input_size or geometry["output"] < 1:
             raise ValueError(f"--input-size {input_size} does not fit the valid U-Net of depth {depth}: not 2^{depth} "
                              f"(b + 8) - 4 for a whole b with output 2^{depth} (b - 4) + 4 >= 1 (depth 4: 572)")
         return geometry
@@ -308,9 +303,8 @@ def segmentation_loss(seg_logits, masks):
 
 
 def class_weights(labels, n_classes):
-    """Eq. 12: W_c = N / (n_classes * n_c), from the class counts of the training set."""
+    """Eq. 12: W_c = N / (n_classes n_c) from the training set's class counts; an absent class counts one image."""
     counts = torch.bincount(labels.cpu(), minlength=n_classes).double()
-    # W_c = N / (n_classes n_c); a class absent from training gets the weight of a single image
     return (labels.numel() / (n_classes * counts.clamp_min(1))).float()
 
 
@@ -457,14 +451,6 @@ def flips_and_right_angle_rotations(batch, generator):
     return out
 
 
-def augment(batch, args, generator):
-    """--augment: the author's flips and right-angle rotations, common.augment's affine set, or none."""
-    if args.augment == "flips-rot90":
-        return flips_and_right_angle_rotations(batch, generator)
-    # affine: +-15 deg rotation, +-10 % scale, flips, colour jitter
-    return common.augment(batch, generator=generator) if args.augment == "affine" else batch
-
-
 def keras_reduce_lr_on_plateau(optimizer, factor, patience):
     """Sec. XV.A as Keras' ReduceLROnPlateau(monitor="loss"): a flat loss drops the lr after epochs 6, 11, 16, where
     torch's drops when its count of stale epochs *exceeds* patience (7, 13, 19): Keras' p is torch's p - 1."""
@@ -492,8 +478,7 @@ def class_key(name):
 
 @torch.no_grad()
 def evaluate(model, split, args, geometry, mean, std, device):
-    """Sec. XII metrics on one split (percent), for the branches the model runs. Returns (metrics, per-image outputs
-    for figures)."""
+    """Sec. XII metrics (percent) of the branches the model runs, on one split -> (metrics, per-image outputs)."""
     model.eval()
     parts = []
     for batch in common.iterate_batches(split, batch_size_for(args, args.task) * 2, shuffle=False):
@@ -548,8 +533,11 @@ def train(job, model, net, data, args, geometry, mean, std):
             net.unet.eval()  # frozen: keep its BatchNorm statistics and no dropout
         generator.manual_seed(args.seed * 1000 + epoch)  # repeatable epochs, also after --resume
         totals = torch.zeros(1 + len(net.branches), device=run.device)  # sums of L and each branch's loss
-        batches = (augment(b, args, generator) for b in common.iterate_batches(train_split, batch_size, shuffle=True,
-                                                                               generator=generator))
+        batches = common.iterate_batches(train_split, batch_size, shuffle=True, generator=generator)
+        if args.augment == "flips-rot90":  # the author's code (Tables V, VIII)
+            batches = (flips_and_right_angle_rotations(b, generator) for b in batches)
+        elif args.augment == "affine":  # +-15 deg rotation, +-10 % scale, flips, colour jitter
+            batches = (common.augment(b, generator=generator) for b in batches)
         for batch in progress.epoch(epoch, batches):
             batch = common.shard(batch, run.dist)  # this process's slice (torchrun data mode)
             x = preprocess(batch["images"], mean, std, geometry, args.border_mode)
