@@ -2545,7 +2545,6 @@ def _valid_map(height, width, size):
 # ---------------------------------------------------------------------------------------------
 
 _IMAGE = r"\.(?:jpe?g|png|bmp|tiff?)"  # an image file's extension, as a pattern
-_IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 _DEBRIS = {"__macosx", "thumbs.db", "desktop.ini"}
 
 
@@ -2691,12 +2690,12 @@ def _raw_labels(image):
     return array.astype(np.int32)
 
 
-def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, full=False):
+def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, full=False, annotations=False):
     """Read (image path, [mask paths]) pairs into a split, letterboxed to size x size (images
     bilinear, masks nearest), with `valid` (1 on image pixels) and `sizes` (original height, width).
-    One mask each gives masks [N,H,W]; several give [N,A,H,W] (A = the most any image has, unused
-    slots 0) and n_annotations. full=True also keeps each image's first mask at its original
-    resolution (list "full", int32)."""
+    One mask each gives masks [N,H,W]; several, or annotations=True, give [N,A,H,W] (A = the most
+    any image has, unused slots 0) and n_annotations. full=True also keeps each image's first mask
+    at its original resolution (list "full", int32)."""
     images, masks, valid, sizes, originals = [], [], [], [], []
     for image_path, mask_paths in pairs:
         image, original = _read_image(name, image_path, size)
@@ -2715,7 +2714,7 @@ def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, ful
     split = {"images": torch.stack(images), "names": [Path(p).stem for p, _ in pairs],
              "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64),
              "valid": torch.stack(valid), "sizes": torch.tensor(sizes, dtype=torch.int64)}
-    if max(counts) == 1:
+    if max(counts) == 1 and not annotations:
         split["masks"] = torch.stack([m[0] for m in masks]).to(dtype)
     else:
         slots = torch.zeros(len(masks), max(counts), size, size, dtype=dtype)
@@ -2939,7 +2938,7 @@ def _read_isic2017(root, files, size, options):
 # Ribeiro et al.'s split lists (the D-LEMA paper tests on "the exact set" of their ISIC test images)
 _SPLIT_LISTS = {"train": "train_isic_titans_full.txt", "val": "validation_isic_titans_full.txt",
                 "test": "test_isic_titans_2000.txt", "ph2": "test_ph2.txt", "dermofit": "test_dermofit.txt"}
-_LISTED_PATH = re.compile(r"\S.*?\.(?:jpe?g|png|bmp|tiff?)(?=\s|$)", re.I)  # a path may hold spaces
+_LISTED_PATH = re.compile(r"\S.*?" + _IMAGE + r"(?=\s|$)", re.I)  # a path may hold spaces
 
 
 def _split_list(name, files, options, key):
@@ -2984,14 +2983,6 @@ def _read_split_list(name, path, files):
     return pairs
 
 
-def _as_annotations(split):
-    """Masks [N,A,H,W] with n_annotations (a one-mask split gets A = 1 and counts of 1)."""
-    if split["masks"].dim() == 3:
-        split["masks"] = split["masks"][:, None]
-        split["n_annotations"] = torch.ones(len(split["masks"]), dtype=torch.int64)
-    return split
-
-
 # ISIC MultiAnnot++ mask names: ISIC_<id>_<annotator>_<tool T1-T3>_<skill S1-S2>[_<n>].png
 _IMA_MASK = r"(isic_\d+)_([a-z0-9]+)_t[123]_s[12](?:_\d+)?\.png"
 
@@ -3009,7 +3000,7 @@ def _read_isic_multi(root, files, size, options):
         if not (lists["train"] and lists["val"]):
             raise DatasetError(f"{name}: found '{lists['train'] or lists['val'] or lists['test']}' but not both "
                                f"'{_SPLIT_LISTS['train']}' and '{_SPLIT_LISTS['val']}'")
-        return {split: _as_annotations(_make_split(name, _read_split_list(name, path, files), size, _binary))
+        return {split: _make_split(name, _read_split_list(name, path, files), size, _binary, annotations=True)
                 for split, path in lists.items() if path}
     masks = _find(files, r"targets/(?:[^/]+/)*(isic_\d+)_[^/]+\.png")
     if masks:  # Ribeiro et al.: the images are those in inputs/
@@ -3032,10 +3023,8 @@ def _read_isic_multi(root, files, size, options):
     pool = [(p, groups[key]) for key, p in images.items() if len(groups[key]) >= 2]
     single = [(p, groups[key]) for key, p in images.items() if len(groups[key]) == 1]
     print(f"{name}: {len(pool)} images with two or more masks (train/val), {len(single)} with one (test)")
-    out = {"train": _as_annotations(_make_split(name, pool, size, _binary))} if pool else {}
-    if single:
-        out["test"] = _as_annotations(_make_split(name, single, size, _binary))
-    return out
+    return {split: _make_split(name, pairs, size, _binary, annotations=True)
+            for split, pairs in (("train", pool), ("test", single)) if pairs}
 
 
 def _read_ph2(root, files, size, options):
@@ -3549,7 +3538,8 @@ def _seeded_split(data, fraction, seed):
 
 def _image_id(name):
     """An image id as `exclude` and the overlap check compare them: the stem, lower-cased."""
-    return Path(str(name)).stem.lower() if Path(str(name)).suffix.lower() in _IMAGE_EXTENSIONS else str(name).lower()
+    path = Path(str(name))
+    return (path.stem if re.fullmatch(_IMAGE, path.suffix, re.I) else str(name)).lower()
 
 
 def _remove_from_test(name, data, exclude):
