@@ -2632,34 +2632,31 @@ def _say_splits(name, out, wanted, looked_for):
 # ---------------------------------------------------------------------------------------------
 
 
-def _rgb_array(image):
-    """PIL image -> uint8 [h,w,3]; 16-bit and float images (MRI slices) stretched to 0..255."""
-    if image.mode in ("I", "I;16", "I;16B", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        array = (array - array.min()) / max(float(array.max() - array.min()), 1e-6) * 255
-        image = Image.fromarray(array.round().astype(np.uint8))
-    return np.asarray(image.convert("RGB"))
-
-
 def _read_image(name, path, size):
     """RGB uint8 [3,size,size], letterboxed, and the original (height, width). JPEGs are decoded
-    at a reduced scale (PIL's draft) while that still covers the letterboxed size."""
+    at a reduced scale (PIL's draft) while that still covers the letterboxed size; 16-bit and
+    float images (MRI slices) are stretched to 0..255."""
     try:
         image = Image.open(path)
         width, height = image.size
         _, _, new_h, new_w = letterbox_box(height, width, size)
         if image.format == "JPEG":
             image.draft("RGB", (new_w, new_h))
-        array = _rgb_array(image)
+        if image.mode in ("I", "I;16", "I;16B", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            array = (array - array.min()) / max(float(array.max() - array.min()), 1e-6) * 255
+            image = Image.fromarray(array.round().astype(np.uint8))
+        array = np.asarray(image.convert("RGB"))
     except Exception as error:  # PIL raises several types for broken files
         raise DatasetError(f"{name}: cannot read image '{path}' ({error})") from error
     image = torch.from_numpy(array.copy()).permute(2, 0, 1)
     return _place_on_canvas(image, height, width, size, "bilinear"), (height, width)
 
 
-def _read_mask(name, path, original, image_path, to_index):
+def _read_mask(name, path, original, image_path, to_index, dtype):
     """A mask as class indices at its original resolution, int32 [h,w]: `to_index` maps the array
-    as stored to indices (thresholds, never exact values). It must match its image's (h, w)."""
+    as stored to indices (thresholds, never exact values). It must match its image's (h, w), and
+    its values must fit `dtype`."""
     try:
         image = Image.open(path)
         image.load()
@@ -2668,7 +2665,11 @@ def _read_mask(name, path, original, image_path, to_index):
     if image.size != (original[1], original[0]):
         raise DatasetError(f"{name}: mask '{path}' is {image.size[0]}x{image.size[1]} but its image "
                            f"'{image_path}' is {original[1]}x{original[0]}")
-    return torch.from_numpy(np.ascontiguousarray(to_index(image)).astype(np.int32))
+    values = torch.from_numpy(np.ascontiguousarray(to_index(image)).astype(np.int32))
+    if int(values.min()) < 0 or int(values.max()) > torch.iinfo(dtype).max:
+        raise DatasetError(f"{name}: mask '{path}' holds values {int(values.min())}..{int(values.max())}, "
+                           f"outside 0..{torch.iinfo(dtype).max}")
+    return values
 
 
 def _binary(image):
@@ -2699,11 +2700,7 @@ def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, ful
     images, masks, valid, sizes, originals = [], [], [], [], []
     for image_path, mask_paths in pairs:
         image, original = _read_image(name, image_path, size)
-        maps = [_read_mask(name, m, original, image_path, to_index) for m in mask_paths]
-        for values, path in zip(maps, mask_paths):
-            if int(values.min()) < 0 or int(values.max()) > torch.iinfo(dtype).max:
-                raise DatasetError(f"{name}: mask '{path}' holds values {int(values.min())}..{int(values.max())}, "
-                                   f"outside 0..{torch.iinfo(dtype).max}")
+        maps = [_read_mask(name, m, original, image_path, to_index, dtype) for m in mask_paths]
         images.append(image)
         masks.append([letterbox(m, size, "nearest") for m in maps])
         valid.append(_valid_map(*original, size))
@@ -2877,9 +2874,7 @@ def _read_refuge(root, files, size, options):
              "test": _find(files, r"(?:refuge-)?test400/([^/]+)\.jpg")}
     if not any(found.values()):
         if _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE):
-            out = _read_folder(root, files, size, options, name, to_index=_refuge_classes)
-            return {k: {**v, "class_names": _READERS[name]["classes"], "mask_names": _READERS[name]["masks"]}
-                    for k, v in out.items()}
+            return _read_folder(root, files, size, options, name, to_index=_refuge_classes)
         raise _layout_error(name, root, files, "Training400/, REFUGE-Validation400/ or Test400/ images")
     xlsx_columns = {"val": ("Fovea_locations.xlsx", "Glaucoma Label"),
                     "test": ("Glaucoma_label_and_Fovea_location.xlsx", "Label(Glaucoma=1)")}
@@ -3202,10 +3197,12 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
         raise _layout_error(name, root, files, "train/, val/ or test/ folder with images/ and masks/")
     if to_index is None:
         _check_class_indices(name, seen)
+    spec = _READERS[name]  # refuge and ispy1 in this layout keep their own class and mask names
     top_class = max(int(s["masks"].max()) for s in out.values())
-    mask_names = options.get("mask_names") or ["background"] + [f"class_{k}" for k in range(1, max(2, top_class + 1))]
+    mask_names = (options.get("mask_names") or spec["masks"]
+                  or ["background"] + [f"class_{k}" for k in range(1, max(2, top_class + 1))])
     for split in out.values():
-        split.update(class_names=list(class_names), mask_names=list(mask_names))
+        split.update(class_names=list(spec["classes"] or class_names), mask_names=list(mask_names))
     return out
 
 
@@ -3308,21 +3305,20 @@ def _read_ispy1(root, files, size, options):
     if outcome is not None or _find(files, r"dataset ispy/"):
         if outcome is None:
             raise DatasetError(f"{name}: found 'Dataset ISPY' but no 'outcome_new.xlsx' (SUBJECTID, PCR) in '{root}'")
-        out = _read_ispy1_nifti(root, files, size, outcome)
-    elif _find(files, _ISPY_TREE.format("images", "img")):
-        out = {}
-        masks = _by_id(name, _find(files, _ISPY_TREE.format("masks", "msk")), group=2, what="mask")
-        for split in ("train", "val", "test"):
-            chosen = sorted(((m, p) for m, p in _find(files, _ISPY_TREE.format("images", "img"))
-                             if _SPLIT_OF_FOLDER[m.group(1)] == split),
-                            key=lambda f: (_natural_key(f[0].group(3)), int(f[0].group(5))))  # slice order
-            if chosen:
-                pairs = _pairs(name, _by_id(name, chosen, group=2), masks, "<Split>/masks/ispy_<id>/<name>_msk.jpg")
-                out[split] = _make_split(name, pairs, size, _binary, [int(m.group(4)) for m, _ in chosen])
-                out[split]["names"] = [f"{m.group(3).upper()}_s{m.group(5)}" for m, _ in chosen]
-    else:
-        out = _read_folder(root, files, size, options, name=name, to_index=_binary)
-    return {k: {**v, "class_names": ["non_pcr", "pcr"], "mask_names": ["background", "tumour"]} for k, v in out.items()}
+        return _read_ispy1_nifti(root, files, size, outcome)
+    images = _find(files, _ISPY_TREE.format("images", "img"))
+    if not images:
+        return _read_folder(root, files, size, options, name=name, to_index=_binary)
+    out = {}
+    masks = _by_id(name, _find(files, _ISPY_TREE.format("masks", "msk")), group=2, what="mask")
+    for split in _SPLITS:
+        chosen = sorted(((m, p) for m, p in images if _SPLIT_OF_FOLDER[m.group(1)] == split),
+                        key=lambda f: (_natural_key(f[0].group(3)), int(f[0].group(5))))  # slice order
+        if chosen:
+            pairs = _pairs(name, _by_id(name, chosen, group=2), masks, "<Split>/masks/ispy_<id>/<name>_msk.jpg")
+            out[split] = _make_split(name, pairs, size, _binary, [int(m.group(4)) for m, _ in chosen])
+            out[split]["names"] = [f"{m.group(3).upper()}_s{m.group(5)}" for m, _ in chosen]
+    return out
 
 
 def _patient_of(name):
