@@ -2839,7 +2839,7 @@ def _read_nifti(name, path):
     datatype = struct.unpack(endian + "h", raw[70:72])[0]
     vox_offset = int(struct.unpack(endian + "f", raw[108:112])[0])
     slope, inter = struct.unpack(endian + "2f", raw[112:120])
-    shape = [d for d in dim[1:1 + dim[0]]]
+    shape = list(dim[1:1 + dim[0]])
     while len(shape) > 3 and shape[-1] == 1:  # a 4-D file holding one volume
         shape.pop()
     if len(shape) != 3 or min(shape) < 1:
@@ -3352,11 +3352,10 @@ def _split_by_patient(name, split, seed, shares):
         seen[label_of[p]] = rank[p] + 1
     order = sorted(shuffled, key=lambda p: ((rank[p] + 0.5) / seen[label_of[p]], label_of[p]))
     counts = [max(1, round(len(keys) * s / sum(shares))) for s in shares[1:]]
-    counts = [len(keys) - sum(counts)] + counts
-    if counts[0] < 1:
+    if len(keys) - sum(counts) < 1:
         raise DatasetError(f"{name}: {len(keys)} patients are too few for a split by patient")
     parts, start = [], 0
-    for count in counts[1:]:
+    for count in counts:
         parts.append(order[start:start + count])
         start += count
     parts.insert(0, order[start:])
@@ -3453,9 +3452,8 @@ def _load_synthetic(name, size, seed, options):
                            f"known: {sorted(set(counts) | set(defaults))}")
     counts.update({k: int(v) for k, v in options.items() if k in counts})
     knobs = {k: options.get(k, v) for k, v in defaults.items()}
-    shift = bool(knobs.pop("domain_shift", False))
-    splits = list(zip(_SPLITS, (counts["n_train"], counts["n_val"], counts["n_test"])))
-    if shift:
+    splits = list(zip(_SPLITS, counts.values()))
+    if knobs.pop("domain_shift", False):
         splits.append(("test_shift", counts["n_test"]))
     out = {}
     for split, n in splits:
@@ -3473,24 +3471,21 @@ def _load_synthetic(name, size, seed, options):
 
 
 def load_dataset(name, root=None, size=128, seed=0, cache=None, **options):
-    """Load a dataset as a dict of splits (see the module docstring for the split's keys).
+    """Load a dataset as a dict of splits (the split's keys: the module docstring).
 
-    Synthetic: "synthetic-fundus", "synthetic-breast", "synthetic-lesions" (annotators=False,
-    domain_shift=False: adds "test_shift"), "synthetic-glands"; options n_train, n_val, n_test and
-    the generator's knobs (glaucoma_share, pcr_share, malignant_share); generated in-process from
-    the seed (no files, no cache), square, so valid = sizes = None. Default split sizes: `_SYNTHETIC`.
+    Synthetic ("synthetic-fundus", "synthetic-breast", "synthetic-lesions", "synthetic-glands"):
+    generated in-process from the seed (no files, no cache), square, so valid = sizes = None;
+    options n_train, n_val, n_test (defaults: `_SYNTHETIC`) and the generator's knobs
+    (glaucoma_share, pcr_share, malignant_share; lesions: annotators, domain_shift adds "test_shift").
 
-    Real: "refuge", "isic2017", "isic-multi", "ph2", "dermofit", "glas", "ispy1", "folder", read from
-    `root` in the layouts of the README's dataset table, letterboxed once to size x size (aspect
-    ratio kept: images bilinear, masks nearest, zero padding; `valid` marks image pixels, `sizes`
-    the original (height, width)) and cached under `cache` (default ".cache" in the working
-    directory, never inside the dataset folder). Splits: the dataset's own; isic-multi splits its
-    training pool 80/20 and glas its 85 training images 70/15 into train/val with the seed; ispy1
-    splits by patient (`_ispy1_splits`). Options of every real set: exclude=<image ids> removes
-    those ids from the test split; need_labels=False turns a label file that is missing or fails to
-    parse into a warning (labels None). A test image also in train or val (the same id; for
-    "folder", the same pixels) is removed from the test split; both are listed in its
-    `removed_overlap` and printed.
+    Real (`_READERS`): read from `root` in the layouts of the README's dataset table, letterboxed
+    once to size x size (section 7) and cached under `cache` (default ".cache" in the working
+    directory, never inside the dataset folder). Splits: the dataset's own; isic-multi's training
+    pool 80/20 and glas' 85 training images 70/15 are split into train/val with the seed, ispy1 by
+    patient (`_ispy1_splits`). Every real set takes exclude=<image ids> (removed from test) and
+    need_labels=False (a label file that is missing or fails to parse is a warning; labels None). A
+    test image also in train or val (the same id; for "folder", the same pixels) is removed from
+    test, listed in its `removed_overlap` and printed.
     """
     size = int(size)
     if size < 8:
@@ -3502,9 +3497,6 @@ def load_dataset(name, root=None, size=128, seed=0, cache=None, **options):
     return _load_real(name, root, size, seed, cache, options)
 
 
-_PER_IMAGE_LISTS = ("names", "full_instances", "full_masks")  # lists indexed like the tensors
-
-
 def _take_images(split, index):
     """The split restricted to the images at `index` (int64 tensor or list, in that order)."""
     index = torch.as_tensor(index, dtype=torch.int64)
@@ -3513,7 +3505,7 @@ def _take_images(split, index):
     for key, value in split.items():
         if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
             out[key] = value[index]
-        elif key in _PER_IMAGE_LISTS and isinstance(value, list):
+        elif key in ("names", "full_instances", "full_masks") and isinstance(value, list):  # per-image lists
             out[key] = [value[i] for i in index.tolist()]
         else:
             out[key] = value
