@@ -3149,7 +3149,8 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
         return np.where(array == 255, 1, array) if seen[image.filename] <= {0, 255} else array
     tables = {p: _read_csv(p) for _, p in _find(files, r"labels\.csv")}
     label_of = {}
-    stems = {p.stem.lower() for _, p in _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE)}
+    found = _find(files, _SPLIT_FOLDER + r"/images/([^/]+)" + _IMAGE)
+    stems = {m.group(2) for m, _ in found}  # lower-case, as every path `_find` matches
     for csv_path, rows in tables.items():
         rows = rows[1:] if rows and rows[0][-1].strip().lower() == "label" else rows
         if any(len(r) < 2 for r in rows):
@@ -3172,8 +3173,7 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
         if split in read:
             raise DatasetError(f"{name}: two '{split}' folders: '{read[split]}' and '{folder}'; keep one of them")
         read[split] = folder
-        images = _by_id(name, [(m, p) for m, p in _find(files, _SPLIT_FOLDER + r"/images/([^/]+)" + _IMAGE)
-                               if p.parent == folder], group=2)
+        images = _by_id(name, [(m, p) for m, p in found if p.parent == folder], group=2)
         if not images:
             raise DatasetError(f"{name}: split '{split}' is empty: no images in '{folder}'")
         exact, numbered = {}, {}  # <name>.png, or <name>_<k>.png for several annotators
