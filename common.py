@@ -2937,20 +2937,17 @@ _LISTED_PATH = re.compile(r"\S.*?" + _IMAGE + r"(?=\s|$)", re.I)  # a path may h
 
 
 def _split_list(name, files, options, key):
-    """The path of Ribeiro et al.'s list `_SPLIT_LISTS[key]`: in the folder given with option
-    `splits` when given, else anywhere under the dataset folder; None when absent."""
-    if options.get("splits"):
-        folder = Path(options["splits"]).expanduser()
-        if not folder.is_dir():
-            raise DatasetError(f"{name}: splits folder '{folder}' does not exist")
-        files = _tree(folder)
-    return _file(name, files, _SPLIT_LISTS[key])
-
-
-def _read_split_list(name, path, files):
-    """[(image, [masks])] from a split list: each line is space-separated absolute paths from the
-    authors' machine, image first, then its masks. Files are matched by name (case-insensitive);
-    every listed file that is not in the dataset folder is named in one error."""
+    """(path, [(image, [masks])]) of Ribeiro et al.'s list `_SPLIT_LISTS[key]`, found in the folder
+    given with option `splits` when given, else anywhere under the dataset folder; (None, None)
+    when absent. Each line is space-separated absolute paths from the authors' machine, image
+    first, then its masks. Files are matched by name (case-insensitive); every listed file that
+    is not in the dataset folder is named in one error."""
+    folder = Path(options["splits"]).expanduser() if options.get("splits") else None
+    if folder is not None and not folder.is_dir():
+        raise DatasetError(f"{name}: splits folder '{folder}' does not exist")
+    path = _file(name, files if folder is None else _tree(folder), _SPLIT_LISTS[key])
+    if path is None:
+        return None, None
     index = {}
     for m, p in _find(files, r"([^/]+" + _IMAGE + ")"):
         index.setdefault(m.group(1), []).append(p)
@@ -2975,7 +2972,7 @@ def _read_split_list(name, path, files):
                            f"{shown}{' ...' if len(missing) > 5 else ''}")
     if not pairs:
         raise DatasetError(f"{name}: split list '{path}' lists no image")
-    return pairs
+    return path, pairs
 
 
 # ISIC MultiAnnot++ mask names: ISIC_<id>_<annotator>_<tool T1-T3>_<skill S1-S2>[_<n>].png
@@ -2990,13 +2987,14 @@ def _read_isic_multi(root, files, size, options):
     gave two; its consensus ST / MV masks are skipped). Ribeiro et al.'s split lists, when found
     under the root or given with option `splits`, define the splits instead."""
     name = "isic-multi"
-    lists = {k: _split_list(name, files, options, k) for k in ("train", "val", "test")}
-    if any(lists.values()):
-        if not (lists["train"] and lists["val"]):
-            raise DatasetError(f"{name}: found '{lists['train'] or lists['val'] or lists['test']}' but not both "
-                               f"'{_SPLIT_LISTS['train']}' and '{_SPLIT_LISTS['val']}'")
-        return {split: _make_split(name, _read_split_list(name, path, files), size, _binary, annotations=True)
-                for split, path in lists.items() if path}
+    lists = {k: _split_list(name, files, options, k) for k in _SPLITS}
+    found = [path for path, _ in lists.values() if path]
+    if found:
+        if not (lists["train"][0] and lists["val"][0]):
+            raise DatasetError(f"{name}: found '{found[0]}' but not both '{_SPLIT_LISTS['train']}' and "
+                               f"'{_SPLIT_LISTS['val']}'")
+        return {split: _make_split(name, pairs, size, _binary, annotations=True)
+                for split, (path, pairs) in lists.items() if path}
     masks = _find(files, r"targets/(?:[^/]+/)*(isic_\d+)_[^/]+\.png")
     if masks:  # Ribeiro et al.: the images are those in inputs/
         images = _by_id(name, _find(files, r"inputs/(?:[^/]+/)*(isic_\d+)" + _IMAGE))
@@ -3026,10 +3024,8 @@ def _read_ph2(root, files, size, options):
     """IMDxxx_Dermoscopic_Image/IMDxxx.bmp with IMDxxx_lesion/IMDxxx_lesion.bmp (or the images that
     Ribeiro et al.'s test_ph2.txt lists); labels: Clinical Diagnosis of PH2_dataset.txt, if any."""
     name = "ph2"
-    listed = _split_list(name, files, options, "ph2")
-    if listed is not None:
-        pairs = _read_split_list(name, listed, files)
-    else:
+    listed, pairs = _split_list(name, files, options, "ph2")
+    if listed is None:
         images = _by_id(name, _find(files, r"([^/]+)_dermoscopic_image/[^/]+" + _IMAGE))
         if not images:
             raise _layout_error(name, root, files, "IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp images")
@@ -3055,9 +3051,8 @@ def _read_dermofit(root, files, size, options):
     if not images:
         raise _layout_error(name, root, files, "originalImages/<CLASS>/<ID>/<ID>.png images")
     classes = list(dict.fromkeys(p.parent.parent.name for p in images.values()))
-    listed = _split_list(name, files, options, "dermofit")
+    listed, pairs = _split_list(name, files, options, "dermofit")
     if listed is not None:
-        pairs = _read_split_list(name, listed, files)
         outside = [p for p, _ in pairs if p not in images.values()]
         if outside:
             raise DatasetError(f"{name}: '{outside[0]}' (listed in '{listed}') is not in a class folder of "
