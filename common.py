@@ -3248,7 +3248,7 @@ def _read_ispy1_nifti(root, files, size, outcome):
     """Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz] with Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz]
     for every patient of outcome_new.xlsx (SUBJECTID, PCR): its tumour slices (`_tumour_slices`),
     each stretched to 0..255 between its own min and max (what plt.imsave with the grey colour map
-    does in the authors' preprocessing), named ISPY_<id>_s<k>; one pool ("all") that the loader
+    does in the authors' preprocessing), named ISPY_<id>_s<k>; one "train" pool that the loader
     splits by patient with the seed."""
     name = "ispy1"
     table = _table_column(name, _read_xlsx(outcome), "SUBJECTID", "PCR", outcome)
@@ -3285,7 +3285,7 @@ def _read_ispy1_nifti(root, files, size, outcome):
               f"taking what there is: {short[:10]}", file=sys.stderr)
     if not images:
         raise DatasetError(f"{name}: '{outcome}' lists no patient")
-    return {"all": {"images": torch.stack(images), "masks": torch.stack(masks), "names": names,
+    return {"train": {"images": torch.stack(images), "masks": torch.stack(masks), "names": names,
                     "valid": torch.stack([_valid_map(h, w, size) for h, w in sizes]),
                     "sizes": torch.tensor(sizes, dtype=torch.int64), "labels": torch.tensor(labels, dtype=torch.int64)}}
 
@@ -3358,14 +3358,11 @@ def _split_by_patient(name, split, seed, shares):
 
 
 def _ispy1_splits(data, seed):
-    """(a): the pool split 123 / 17 / 17 patients (train / val / test). (c) with missing val
-    (and test) folders: those split off the training patients in the same proportions. Splits
-    given as folders are kept, but a patient in two of them is an error."""
+    """A training pool without val (layout (a), or (c) without val/test folders) is split by patient
+    123 / 17 / 17 (train / val / test), or train / val in those proportions when test is given.
+    Splits given as folders are kept, but a patient in two of them is an error."""
     name = "ispy1"
-    if "all" in data:
-        train, val, test = _split_by_patient(name, data.pop("all"), seed, _ISPY_SHARES)
-        data = {"train": train, "val": val, "test": test}
-    elif "train" in data and "val" not in data:
+    if "train" in data and "val" not in data:
         shares = _ISPY_SHARES if "test" not in data else _ISPY_SHARES[:2]
         parts = _split_by_patient(name, data.pop("train"), seed, shares)
         data = {"train": parts[0], "val": parts[1], "test": parts[2] if len(parts) > 2 else data["test"]}
@@ -3553,7 +3550,7 @@ def _remove_from_test(name, data, exclude):
     return data
 
 
-_CACHE_FORMAT = 3  # bump when what a reader returns changes, so that old cache files are not used
+_CACHE_FORMAT = 4  # bump when what a reader returns changes, so that old cache files are not used
 
 
 def _cache_read(path):
