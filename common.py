@@ -2620,10 +2620,10 @@ def _layout_error(name, root, files, what):
                         f"'{name}'{where}.{packed}")
 
 
-def _say_splits(name, out, wanted, looked_for):
-    """Print which splits were found when one of `wanted` is missing."""
-    if set(wanted) - set(out):
-        print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(wanted) - set(out))} "
+def _say_splits(name, out, looked_for):
+    """Print which splits were found when train, val or test is missing."""
+    if set(_SPLITS) - set(out):
+        print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(_SPLITS) - set(out))} "
               f"(looked for {looked_for})")
 
 
@@ -2894,7 +2894,7 @@ def _read_refuge(root, files, size, options):
             return [int(float(v)) for v in _match_labels(name, [p.stem for p in images.values()], table, xlsx)]
         pairs = _pairs(name, images, masks, "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
         out[split] = _make_split(name, pairs, size, _refuge_classes, _labels_or_none(name, options, labels_from_file))
-    _say_splits(name, out, ("train", "val", "test"), "Training400/, REFUGE-Validation400/, Test400/")
+    _say_splits(name, out, "Training400/, REFUGE-Validation400/, Test400/")
     return out
 
 
@@ -2925,7 +2925,7 @@ def _read_isic2017(root, files, size, options):
             return [1 if float(r[1]) >= 0.5 else 2 if float(r[2]) >= 0.5 else 0 for r in rows]
         pairs = _pairs(name, ids, masks, "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png")
         out[split] = _make_split(name, pairs, size, _binary, _labels_or_none(name, options, read_labels))
-    _say_splits(name, out, ("train", "val", "test"),
+    _say_splits(name, out,
                 "ISIC-2017_Training_Data, ISIC-2017_Validation_Data, ISIC-2017_Test_v2_Data or ISIC-2017_Test_Data")
     return out
 
@@ -3397,7 +3397,7 @@ _READERS = {
                  classes=["benign", "malignant"], masks=["stroma", "border", "lumen"],
                  url="https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/"),
     "folder": dict(read=_read_folder, options={"class_names", "mask_names"}, need_labels=True, classes=[],
-                   masks=None, url="your own data"),
+                   masks=[], url="your own data"),
     "ispy1": dict(read=_read_ispy1, split=_ispy1_splits, options=set(), need_labels=True,
                   classes=["non_pcr", "pcr"], masks=["background", "tumour"],
                   url="https://www.cancerimagingarchive.net/collection/ispy1/ (preprocessing: "
@@ -3614,7 +3614,7 @@ def _load_real(name, root, size, seed, cache, options):
                    if p.is_file()]
     key = json.dumps([_CACHE_FORMAT, name, str(base), size, sorted(keyed.items()), listed], default=str)
     path = cache_dir / f"{name}-{size}px-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
-    data = _cache_read(path) if path.exists() else None
+    data = _cache_read(path)  # None when absent or damaged
     if data is None:
         data = spec["read"](base, files, size, options)
         _cache_write(path, data)
@@ -3627,7 +3627,7 @@ def _load_real(name, root, size, seed, cache, options):
     data = _remove_from_test(name, data, exclude)
     for split in data.values():
         split.setdefault("class_names", list(spec["classes"]))
-        split.setdefault("mask_names", list(spec["masks"] or []))
+        split.setdefault("mask_names", list(spec["masks"]))
         _complete(split)
     return data
 
