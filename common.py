@@ -2545,7 +2545,6 @@ def _valid_map(height, width, size):
 # ---------------------------------------------------------------------------------------------
 
 _IMAGE = r"\.(?:jpe?g|png|bmp|tiff?)"  # an image file's extension, as a pattern
-_IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 _DEBRIS = {"__macosx", "thumbs.db", "desktop.ini"}
 
 
@@ -2621,10 +2620,10 @@ def _layout_error(name, root, files, what):
                         f"'{name}'{where}.{packed}")
 
 
-def _say_splits(name, out, wanted, looked_for):
-    """Print which splits were found when one of `wanted` is missing."""
-    if set(wanted) - set(out):
-        print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(wanted) - set(out))} "
+def _say_splits(name, out, looked_for):
+    """Print which splits were found when train, val or test is missing."""
+    if set(_SPLITS) - set(out):
+        print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(_SPLITS) - set(out))} "
               f"(looked for {looked_for})")
 
 
@@ -2633,34 +2632,31 @@ def _say_splits(name, out, wanted, looked_for):
 # ---------------------------------------------------------------------------------------------
 
 
-def _rgb_array(image):
-    """PIL image -> uint8 [h,w,3]; 16-bit and float images (MRI slices) stretched to 0..255."""
-    if image.mode in ("I", "I;16", "I;16B", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        array = (array - array.min()) / max(float(array.max() - array.min()), 1e-6) * 255
-        image = Image.fromarray(array.round().astype(np.uint8))
-    return np.asarray(image.convert("RGB"))
-
-
 def _read_image(name, path, size):
     """RGB uint8 [3,size,size], letterboxed, and the original (height, width). JPEGs are decoded
-    at a reduced scale (PIL's draft) while that still covers the letterboxed size."""
+    at a reduced scale (PIL's draft) while that still covers the letterboxed size; 16-bit and
+    float images (MRI slices) are stretched to 0..255."""
     try:
         image = Image.open(path)
         width, height = image.size
         _, _, new_h, new_w = letterbox_box(height, width, size)
         if image.format == "JPEG":
             image.draft("RGB", (new_w, new_h))
-        array = _rgb_array(image)
+        if image.mode in ("I", "I;16", "I;16B", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            array = (array - array.min()) / max(float(array.max() - array.min()), 1e-6) * 255
+            image = Image.fromarray(array.round().astype(np.uint8))
+        array = np.asarray(image.convert("RGB"))
     except Exception as error:  # PIL raises several types for broken files
         raise DatasetError(f"{name}: cannot read image '{path}' ({error})") from error
     image = torch.from_numpy(array.copy()).permute(2, 0, 1)
     return _place_on_canvas(image, height, width, size, "bilinear"), (height, width)
 
 
-def _read_mask(name, path, original, image_path, to_index):
+def _read_mask(name, path, original, image_path, to_index, dtype):
     """A mask as class indices at its original resolution, int32 [h,w]: `to_index` maps the array
-    as stored to indices (thresholds, never exact values). It must match its image's (h, w)."""
+    as stored to indices (thresholds, never exact values). It must match its image's (h, w), and
+    its values must fit `dtype`."""
     try:
         image = Image.open(path)
         image.load()
@@ -2669,7 +2665,11 @@ def _read_mask(name, path, original, image_path, to_index):
     if image.size != (original[1], original[0]):
         raise DatasetError(f"{name}: mask '{path}' is {image.size[0]}x{image.size[1]} but its image "
                            f"'{image_path}' is {original[1]}x{original[0]}")
-    return torch.from_numpy(np.ascontiguousarray(to_index(image)).astype(np.int32))
+    values = torch.from_numpy(np.ascontiguousarray(to_index(image)).astype(np.int32))
+    if int(values.min()) < 0 or int(values.max()) > torch.iinfo(dtype).max:
+        raise DatasetError(f"{name}: mask '{path}' holds values {int(values.min())}..{int(values.max())}, "
+                           f"outside 0..{torch.iinfo(dtype).max}")
+    return values
 
 
 def _binary(image):
@@ -2691,20 +2691,16 @@ def _raw_labels(image):
     return array.astype(np.int32)
 
 
-def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, full=False):
+def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, full=False, annotations=False):
     """Read (image path, [mask paths]) pairs into a split, letterboxed to size x size (images
     bilinear, masks nearest), with `valid` (1 on image pixels) and `sizes` (original height, width).
-    One mask each gives masks [N,H,W]; several give [N,A,H,W] (A = the most any image has, unused
-    slots 0) and n_annotations. full=True also keeps each image's first mask at its original
-    resolution (list "full", int32)."""
+    One mask each gives masks [N,H,W]; several, or annotations=True, give [N,A,H,W] (A = the most
+    any image has, unused slots 0) and n_annotations. full=True also keeps each image's first mask
+    at its original resolution (list "full", int32)."""
     images, masks, valid, sizes, originals = [], [], [], [], []
     for image_path, mask_paths in pairs:
         image, original = _read_image(name, image_path, size)
-        maps = [_read_mask(name, m, original, image_path, to_index) for m in mask_paths]
-        for values, path in zip(maps, mask_paths):
-            if int(values.min()) < 0 or int(values.max()) > torch.iinfo(dtype).max:
-                raise DatasetError(f"{name}: mask '{path}' holds values {int(values.min())}..{int(values.max())}, "
-                                   f"outside 0..{torch.iinfo(dtype).max}")
+        maps = [_read_mask(name, m, original, image_path, to_index, dtype) for m in mask_paths]
         images.append(image)
         masks.append([letterbox(m, size, "nearest") for m in maps])
         valid.append(_valid_map(*original, size))
@@ -2715,7 +2711,7 @@ def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, ful
     split = {"images": torch.stack(images), "names": [Path(p).stem for p, _ in pairs],
              "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64),
              "valid": torch.stack(valid), "sizes": torch.tensor(sizes, dtype=torch.int64)}
-    if max(counts) == 1:
+    if max(counts) == 1 and not annotations:
         split["masks"] = torch.stack([m[0] for m in masks]).to(dtype)
     else:
         slots = torch.zeros(len(masks), max(counts), size, size, dtype=dtype)
@@ -2843,7 +2839,7 @@ def _read_nifti(name, path):
     datatype = struct.unpack(endian + "h", raw[70:72])[0]
     vox_offset = int(struct.unpack(endian + "f", raw[108:112])[0])
     slope, inter = struct.unpack(endian + "2f", raw[112:120])
-    shape = [d for d in dim[1:1 + dim[0]]]
+    shape = list(dim[1:1 + dim[0]])
     while len(shape) > 3 and shape[-1] == 1:  # a 4-D file holding one volume
         shape.pop()
     if len(shape) != 3 or min(shape) < 1:
@@ -2878,9 +2874,7 @@ def _read_refuge(root, files, size, options):
              "test": _find(files, r"(?:refuge-)?test400/([^/]+)\.jpg")}
     if not any(found.values()):
         if _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE):
-            out = _read_folder(root, files, size, options, name, to_index=_refuge_classes)
-            return {k: {**v, "class_names": _READERS[name]["classes"], "mask_names": _READERS[name]["masks"]}
-                    for k, v in out.items()}
+            return _read_folder(root, files, size, options, name, to_index=_refuge_classes)
         raise _layout_error(name, root, files, "Training400/, REFUGE-Validation400/ or Test400/ images")
     xlsx_columns = {"val": ("Fovea_locations.xlsx", "Glaucoma Label"),
                     "test": ("Glaucoma_label_and_Fovea_location.xlsx", "Label(Glaucoma=1)")}
@@ -2900,7 +2894,7 @@ def _read_refuge(root, files, size, options):
             return [int(float(v)) for v in _match_labels(name, [p.stem for p in images.values()], table, xlsx)]
         pairs = _pairs(name, images, masks, "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
         out[split] = _make_split(name, pairs, size, _refuge_classes, _labels_or_none(name, options, labels_from_file))
-    _say_splits(name, out, ("train", "val", "test"), "Training400/, REFUGE-Validation400/, Test400/")
+    _say_splits(name, out, "Training400/, REFUGE-Validation400/, Test400/")
     return out
 
 
@@ -2931,7 +2925,7 @@ def _read_isic2017(root, files, size, options):
             return [1 if float(r[1]) >= 0.5 else 2 if float(r[2]) >= 0.5 else 0 for r in rows]
         pairs = _pairs(name, ids, masks, "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png")
         out[split] = _make_split(name, pairs, size, _binary, _labels_or_none(name, options, read_labels))
-    _say_splits(name, out, ("train", "val", "test"),
+    _say_splits(name, out,
                 "ISIC-2017_Training_Data, ISIC-2017_Validation_Data, ISIC-2017_Test_v2_Data or ISIC-2017_Test_Data")
     return out
 
@@ -2939,24 +2933,21 @@ def _read_isic2017(root, files, size, options):
 # Ribeiro et al.'s split lists (the D-LEMA paper tests on "the exact set" of their ISIC test images)
 _SPLIT_LISTS = {"train": "train_isic_titans_full.txt", "val": "validation_isic_titans_full.txt",
                 "test": "test_isic_titans_2000.txt", "ph2": "test_ph2.txt", "dermofit": "test_dermofit.txt"}
-_LISTED_PATH = re.compile(r"\S.*?\.(?:jpe?g|png|bmp|tiff?)(?=\s|$)", re.I)  # a path may hold spaces
+_LISTED_PATH = re.compile(r"\S.*?" + _IMAGE + r"(?=\s|$)", re.I)  # a path may hold spaces
 
 
 def _split_list(name, files, options, key):
-    """The path of Ribeiro et al.'s list `_SPLIT_LISTS[key]`: in the folder given with option
-    `splits` when given, else anywhere under the dataset folder; None when absent."""
-    if options.get("splits"):
-        folder = Path(options["splits"]).expanduser()
-        if not folder.is_dir():
-            raise DatasetError(f"{name}: splits folder '{folder}' does not exist")
-        files = _tree(folder)
-    return _file(name, files, _SPLIT_LISTS[key])
-
-
-def _read_split_list(name, path, files):
-    """[(image, [masks])] from a split list: each line is space-separated absolute paths from the
-    authors' machine, image first, then its masks. Files are matched by name (case-insensitive);
-    every listed file that is not in the dataset folder is named in one error."""
+    """(path, [(image, [masks])]) of Ribeiro et al.'s list `_SPLIT_LISTS[key]`, found in the folder
+    given with option `splits` when given, else anywhere under the dataset folder; (None, None)
+    when absent. Each line is space-separated absolute paths from the authors' machine, image
+    first, then its masks. Files are matched by name (case-insensitive); every listed file that
+    is not in the dataset folder is named in one error."""
+    folder = Path(options["splits"]).expanduser() if options.get("splits") else None
+    if folder is not None and not folder.is_dir():
+        raise DatasetError(f"{name}: splits folder '{folder}' does not exist")
+    path = _file(name, files if folder is None else _tree(folder), _SPLIT_LISTS[key])
+    if path is None:
+        return None, None
     index = {}
     for m, p in _find(files, r"([^/]+" + _IMAGE + ")"):
         index.setdefault(m.group(1), []).append(p)
@@ -2981,15 +2972,7 @@ def _read_split_list(name, path, files):
                            f"{shown}{' ...' if len(missing) > 5 else ''}")
     if not pairs:
         raise DatasetError(f"{name}: split list '{path}' lists no image")
-    return pairs
-
-
-def _as_annotations(split):
-    """Masks [N,A,H,W] with n_annotations (a one-mask split gets A = 1 and counts of 1)."""
-    if split["masks"].dim() == 3:
-        split["masks"] = split["masks"][:, None]
-        split["n_annotations"] = torch.ones(len(split["masks"]), dtype=torch.int64)
-    return split
+    return path, pairs
 
 
 # ISIC MultiAnnot++ mask names: ISIC_<id>_<annotator>_<tool T1-T3>_<skill S1-S2>[_<n>].png
@@ -3004,13 +2987,14 @@ def _read_isic_multi(root, files, size, options):
     gave two; its consensus ST / MV masks are skipped). Ribeiro et al.'s split lists, when found
     under the root or given with option `splits`, define the splits instead."""
     name = "isic-multi"
-    lists = {k: _split_list(name, files, options, k) for k in ("train", "val", "test")}
-    if any(lists.values()):
-        if not (lists["train"] and lists["val"]):
-            raise DatasetError(f"{name}: found '{lists['train'] or lists['val'] or lists['test']}' but not both "
-                               f"'{_SPLIT_LISTS['train']}' and '{_SPLIT_LISTS['val']}'")
-        return {split: _as_annotations(_make_split(name, _read_split_list(name, path, files), size, _binary))
-                for split, path in lists.items() if path}
+    lists = {k: _split_list(name, files, options, k) for k in _SPLITS}
+    found = [path for path, _ in lists.values() if path]
+    if found:
+        if not (lists["train"][0] and lists["val"][0]):
+            raise DatasetError(f"{name}: found '{found[0]}' but not both '{_SPLIT_LISTS['train']}' and "
+                               f"'{_SPLIT_LISTS['val']}'")
+        return {split: _make_split(name, pairs, size, _binary, annotations=True)
+                for split, (path, pairs) in lists.items() if path}
     masks = _find(files, r"targets/(?:[^/]+/)*(isic_\d+)_[^/]+\.png")
     if masks:  # Ribeiro et al.: the images are those in inputs/
         images = _by_id(name, _find(files, r"inputs/(?:[^/]+/)*(isic_\d+)" + _IMAGE))
@@ -3032,20 +3016,16 @@ def _read_isic_multi(root, files, size, options):
     pool = [(p, groups[key]) for key, p in images.items() if len(groups[key]) >= 2]
     single = [(p, groups[key]) for key, p in images.items() if len(groups[key]) == 1]
     print(f"{name}: {len(pool)} images with two or more masks (train/val), {len(single)} with one (test)")
-    out = {"train": _as_annotations(_make_split(name, pool, size, _binary))} if pool else {}
-    if single:
-        out["test"] = _as_annotations(_make_split(name, single, size, _binary))
-    return out
+    return {split: _make_split(name, pairs, size, _binary, annotations=True)
+            for split, pairs in (("train", pool), ("test", single)) if pairs}
 
 
 def _read_ph2(root, files, size, options):
     """IMDxxx_Dermoscopic_Image/IMDxxx.bmp with IMDxxx_lesion/IMDxxx_lesion.bmp (or the images that
     Ribeiro et al.'s test_ph2.txt lists); labels: Clinical Diagnosis of PH2_dataset.txt, if any."""
     name = "ph2"
-    listed = _split_list(name, files, options, "ph2")
-    if listed is not None:
-        pairs = _read_split_list(name, listed, files)
-    else:
+    listed, pairs = _split_list(name, files, options, "ph2")
+    if listed is None:
         images = _by_id(name, _find(files, r"([^/]+)_dermoscopic_image/[^/]+" + _IMAGE))
         if not images:
             raise _layout_error(name, root, files, "IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp images")
@@ -3071,9 +3051,8 @@ def _read_dermofit(root, files, size, options):
     if not images:
         raise _layout_error(name, root, files, "originalImages/<CLASS>/<ID>/<ID>.png images")
     classes = list(dict.fromkeys(p.parent.parent.name for p in images.values()))
-    listed = _split_list(name, files, options, "dermofit")
+    listed, pairs = _split_list(name, files, options, "dermofit")
     if listed is not None:
-        pairs = _read_split_list(name, listed, files)
         outside = [p for p, _ in pairs if p not in images.values()]
         if outside:
             raise DatasetError(f"{name}: '{outside[0]}' (listed in '{listed}') is not in a class folder of "
@@ -3165,7 +3144,8 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
         return np.where(array == 255, 1, array) if seen[image.filename] <= {0, 255} else array
     tables = {p: _read_csv(p) for _, p in _find(files, r"labels\.csv")}
     label_of = {}
-    stems = {p.stem.lower() for _, p in _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE)}
+    found = _find(files, _SPLIT_FOLDER + r"/images/([^/]+)" + _IMAGE)
+    stems = {m.group(2) for m, _ in found}  # lower-case, as every path `_find` matches
     for csv_path, rows in tables.items():
         rows = rows[1:] if rows and rows[0][-1].strip().lower() == "label" else rows
         if any(len(r) < 2 for r in rows):
@@ -3188,8 +3168,7 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
         if split in read:
             raise DatasetError(f"{name}: two '{split}' folders: '{read[split]}' and '{folder}'; keep one of them")
         read[split] = folder
-        images = _by_id(name, [(m, p) for m, p in _find(files, _SPLIT_FOLDER + r"/images/([^/]+)" + _IMAGE)
-                               if p.parent == folder], group=2)
+        images = _by_id(name, [(m, p) for m, p in found if p.parent == folder], group=2)
         if not images:
             raise DatasetError(f"{name}: split '{split}' is empty: no images in '{folder}'")
         exact, numbered = {}, {}  # <name>.png, or <name>_<k>.png for several annotators
@@ -3213,10 +3192,12 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
         raise _layout_error(name, root, files, "train/, val/ or test/ folder with images/ and masks/")
     if to_index is None:
         _check_class_indices(name, seen)
+    spec = _READERS[name]  # refuge and ispy1 in this layout keep their own class and mask names
     top_class = max(int(s["masks"].max()) for s in out.values())
-    mask_names = options.get("mask_names") or ["background"] + [f"class_{k}" for k in range(1, max(2, top_class + 1))]
+    mask_names = (options.get("mask_names") or spec["masks"]
+                  or ["background"] + [f"class_{k}" for k in range(1, max(2, top_class + 1))])
     for split in out.values():
-        split.update(class_names=list(class_names), mask_names=list(mask_names))
+        split.update(class_names=list(spec["classes"] or class_names), mask_names=list(mask_names))
     return out
 
 
@@ -3267,7 +3248,7 @@ def _read_ispy1_nifti(root, files, size, outcome):
     """Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz] with Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz]
     for every patient of outcome_new.xlsx (SUBJECTID, PCR): its tumour slices (`_tumour_slices`),
     each stretched to 0..255 between its own min and max (what plt.imsave with the grey colour map
-    does in the authors' preprocessing), named ISPY_<id>_s<k>; one pool ("all") that the loader
+    does in the authors' preprocessing), named ISPY_<id>_s<k>; one "train" pool that the loader
     splits by patient with the seed."""
     name = "ispy1"
     table = _table_column(name, _read_xlsx(outcome), "SUBJECTID", "PCR", outcome)
@@ -3304,7 +3285,7 @@ def _read_ispy1_nifti(root, files, size, outcome):
               f"taking what there is: {short[:10]}", file=sys.stderr)
     if not images:
         raise DatasetError(f"{name}: '{outcome}' lists no patient")
-    return {"all": {"images": torch.stack(images), "masks": torch.stack(masks), "names": names,
+    return {"train": {"images": torch.stack(images), "masks": torch.stack(masks), "names": names,
                     "valid": torch.stack([_valid_map(h, w, size) for h, w in sizes]),
                     "sizes": torch.tensor(sizes, dtype=torch.int64), "labels": torch.tensor(labels, dtype=torch.int64)}}
 
@@ -3319,21 +3300,20 @@ def _read_ispy1(root, files, size, options):
     if outcome is not None or _find(files, r"dataset ispy/"):
         if outcome is None:
             raise DatasetError(f"{name}: found 'Dataset ISPY' but no 'outcome_new.xlsx' (SUBJECTID, PCR) in '{root}'")
-        out = _read_ispy1_nifti(root, files, size, outcome)
-    elif _find(files, _ISPY_TREE.format("images", "img")):
-        out = {}
-        masks = _by_id(name, _find(files, _ISPY_TREE.format("masks", "msk")), group=2, what="mask")
-        for split in ("train", "val", "test"):
-            chosen = sorted(((m, p) for m, p in _find(files, _ISPY_TREE.format("images", "img"))
-                             if _SPLIT_OF_FOLDER[m.group(1)] == split),
-                            key=lambda f: (_natural_key(f[0].group(3)), int(f[0].group(5))))  # slice order
-            if chosen:
-                pairs = _pairs(name, _by_id(name, chosen, group=2), masks, "<Split>/masks/ispy_<id>/<name>_msk.jpg")
-                out[split] = _make_split(name, pairs, size, _binary, [int(m.group(4)) for m, _ in chosen])
-                out[split]["names"] = [f"{m.group(3).upper()}_s{m.group(5)}" for m, _ in chosen]
-    else:
-        out = _read_folder(root, files, size, options, name=name, to_index=_binary)
-    return {k: {**v, "class_names": ["non_pcr", "pcr"], "mask_names": ["background", "tumour"]} for k, v in out.items()}
+        return _read_ispy1_nifti(root, files, size, outcome)
+    images = _find(files, _ISPY_TREE.format("images", "img"))
+    if not images:
+        return _read_folder(root, files, size, options, name=name, to_index=_binary)
+    out = {}
+    masks = _by_id(name, _find(files, _ISPY_TREE.format("masks", "msk")), group=2, what="mask")
+    for split in _SPLITS:
+        chosen = sorted(((m, p) for m, p in images if _SPLIT_OF_FOLDER[m.group(1)] == split),
+                        key=lambda f: (_natural_key(f[0].group(3)), int(f[0].group(5))))  # slice order
+        if chosen:
+            pairs = _pairs(name, _by_id(name, chosen, group=2), masks, "<Split>/masks/ispy_<id>/<name>_msk.jpg")
+            out[split] = _make_split(name, pairs, size, _binary, [int(m.group(4)) for m, _ in chosen])
+            out[split]["names"] = [f"{m.group(3).upper()}_s{m.group(5)}" for m, _ in chosen]
+    return out
 
 
 def _patient_of(name):
@@ -3367,11 +3347,10 @@ def _split_by_patient(name, split, seed, shares):
         seen[label_of[p]] = rank[p] + 1
     order = sorted(shuffled, key=lambda p: ((rank[p] + 0.5) / seen[label_of[p]], label_of[p]))
     counts = [max(1, round(len(keys) * s / sum(shares))) for s in shares[1:]]
-    counts = [len(keys) - sum(counts)] + counts
-    if counts[0] < 1:
+    if len(keys) - sum(counts) < 1:
         raise DatasetError(f"{name}: {len(keys)} patients are too few for a split by patient")
     parts, start = [], 0
-    for count in counts[1:]:
+    for count in counts:
         parts.append(order[start:start + count])
         start += count
     parts.insert(0, order[start:])
@@ -3379,14 +3358,11 @@ def _split_by_patient(name, split, seed, shares):
 
 
 def _ispy1_splits(data, seed):
-    """(a): the pool split 123 / 17 / 17 patients (train / val / test). (c) with missing val
-    (and test) folders: those split off the training patients in the same proportions. Splits
-    given as folders are kept, but a patient in two of them is an error."""
+    """A training pool without val (layout (a), or (c) without val/test folders) is split by patient
+    123 / 17 / 17 (train / val / test), or train / val in those proportions when test is given.
+    Splits given as folders are kept, but a patient in two of them is an error."""
     name = "ispy1"
-    if "all" in data:
-        train, val, test = _split_by_patient(name, data.pop("all"), seed, _ISPY_SHARES)
-        data = {"train": train, "val": val, "test": test}
-    elif "train" in data and "val" not in data:
+    if "train" in data and "val" not in data:
         shares = _ISPY_SHARES if "test" not in data else _ISPY_SHARES[:2]
         parts = _split_by_patient(name, data.pop("train"), seed, shares)
         data = {"train": parts[0], "val": parts[1], "test": parts[2] if len(parts) > 2 else data["test"]}
@@ -3421,7 +3397,7 @@ _READERS = {
                  classes=["benign", "malignant"], masks=["stroma", "border", "lumen"],
                  url="https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/"),
     "folder": dict(read=_read_folder, options={"class_names", "mask_names"}, need_labels=True, classes=[],
-                   masks=None, url="your own data"),
+                   masks=[], url="your own data"),
     "ispy1": dict(read=_read_ispy1, split=_ispy1_splits, options=set(), need_labels=True,
                   classes=["non_pcr", "pcr"], masks=["background", "tumour"],
                   url="https://www.cancerimagingarchive.net/collection/ispy1/ (preprocessing: "
@@ -3468,9 +3444,8 @@ def _load_synthetic(name, size, seed, options):
                            f"known: {sorted(set(counts) | set(defaults))}")
     counts.update({k: int(v) for k, v in options.items() if k in counts})
     knobs = {k: options.get(k, v) for k, v in defaults.items()}
-    shift = bool(knobs.pop("domain_shift", False))
-    splits = list(zip(_SPLITS, (counts["n_train"], counts["n_val"], counts["n_test"])))
-    if shift:
+    splits = list(zip(_SPLITS, counts.values()))
+    if knobs.pop("domain_shift", False):
         splits.append(("test_shift", counts["n_test"]))
     out = {}
     for split, n in splits:
@@ -3488,24 +3463,21 @@ def _load_synthetic(name, size, seed, options):
 
 
 def load_dataset(name, root=None, size=128, seed=0, cache=None, **options):
-    """Load a dataset as a dict of splits (see the module docstring for the split's keys).
+    """Load a dataset as a dict of splits (the split's keys: the module docstring).
 
-    Synthetic: "synthetic-fundus", "synthetic-breast", "synthetic-lesions" (annotators=False,
-    domain_shift=False: adds "test_shift"), "synthetic-glands"; options n_train, n_val, n_test and
-    the generator's knobs (glaucoma_share, pcr_share, malignant_share); generated in-process from
-    the seed (no files, no cache), square, so valid = sizes = None. Default split sizes: `_SYNTHETIC`.
+    Synthetic ("synthetic-fundus", "synthetic-breast", "synthetic-lesions", "synthetic-glands"):
+    generated in-process from the seed (no files, no cache), square, so valid = sizes = None;
+    options n_train, n_val, n_test (defaults: `_SYNTHETIC`) and the generator's knobs
+    (glaucoma_share, pcr_share, malignant_share; lesions: annotators, domain_shift adds "test_shift").
 
-    Real: "refuge", "isic2017", "isic-multi", "ph2", "dermofit", "glas", "ispy1", "folder", read from
-    `root` in the layouts of the README's dataset table, letterboxed once to size x size (aspect
-    ratio kept: images bilinear, masks nearest, zero padding; `valid` marks image pixels, `sizes`
-    the original (height, width)) and cached under `cache` (default ".cache" in the working
-    directory, never inside the dataset folder). Splits: the dataset's own; isic-multi splits its
-    training pool 80/20 and glas its 85 training images 70/15 into train/val with the seed; ispy1
-    splits by patient (`_ispy1_splits`). Options of every real set: exclude=<image ids> removes
-    those ids from the test split; need_labels=False turns a label file that is missing or fails to
-    parse into a warning (labels None). A test image also in train or val (the same id; for
-    "folder", the same pixels) is removed from the test split; both are listed in its
-    `removed_overlap` and printed.
+    Real (`_READERS`): read from `root` in the layouts of the README's dataset table, letterboxed
+    once to size x size (section 7) and cached under `cache` (default ".cache" in the working
+    directory, never inside the dataset folder). Splits: the dataset's own; isic-multi's training
+    pool 80/20 and glas' 85 training images 70/15 are split into train/val with the seed, ispy1 by
+    patient (`_ispy1_splits`). Every real set takes exclude=<image ids> (removed from test) and
+    need_labels=False (a label file that is missing or fails to parse is a warning; labels None). A
+    test image also in train or val (the same id; for "folder", the same pixels) is removed from
+    test, listed in its `removed_overlap` and printed.
     """
     size = int(size)
     if size < 8:
@@ -3517,9 +3489,6 @@ def load_dataset(name, root=None, size=128, seed=0, cache=None, **options):
     return _load_real(name, root, size, seed, cache, options)
 
 
-_PER_IMAGE_LISTS = ("names", "full_instances", "full_masks")  # lists indexed like the tensors
-
-
 def _take_images(split, index):
     """The split restricted to the images at `index` (int64 tensor or list, in that order)."""
     index = torch.as_tensor(index, dtype=torch.int64)
@@ -3528,7 +3497,7 @@ def _take_images(split, index):
     for key, value in split.items():
         if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
             out[key] = value[index]
-        elif key in _PER_IMAGE_LISTS and isinstance(value, list):
+        elif key in ("names", "full_instances", "full_masks") and isinstance(value, list):  # per-image lists
             out[key] = [value[i] for i in index.tolist()]
         else:
             out[key] = value
@@ -3549,7 +3518,8 @@ def _seeded_split(data, fraction, seed):
 
 def _image_id(name):
     """An image id as `exclude` and the overlap check compare them: the stem, lower-cased."""
-    return Path(str(name)).stem.lower() if Path(str(name)).suffix.lower() in _IMAGE_EXTENSIONS else str(name).lower()
+    path = Path(str(name))
+    return (path.stem if re.fullmatch(_IMAGE, path.suffix, re.I) else str(name)).lower()
 
 
 def _remove_from_test(name, data, exclude):
@@ -3580,7 +3550,7 @@ def _remove_from_test(name, data, exclude):
     return data
 
 
-_CACHE_FORMAT = 3  # bump when what a reader returns changes, so that old cache files are not used
+_CACHE_FORMAT = 4  # bump when what a reader returns changes, so that old cache files are not used
 
 
 def _cache_read(path):
@@ -3644,7 +3614,7 @@ def _load_real(name, root, size, seed, cache, options):
                    if p.is_file()]
     key = json.dumps([_CACHE_FORMAT, name, str(base), size, sorted(keyed.items()), listed], default=str)
     path = cache_dir / f"{name}-{size}px-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
-    data = _cache_read(path) if path.exists() else None
+    data = _cache_read(path)  # None when absent or damaged
     if data is None:
         data = spec["read"](base, files, size, options)
         _cache_write(path, data)
@@ -3657,7 +3627,7 @@ def _load_real(name, root, size, seed, cache, options):
     data = _remove_from_test(name, data, exclude)
     for split in data.values():
         split.setdefault("class_names", list(spec["classes"]))
-        split.setdefault("mask_names", list(spec["masks"] or []))
+        split.setdefault("mask_names", list(spec["masks"]))
         _complete(split)
     return data
 
