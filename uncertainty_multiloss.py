@@ -3,29 +3,26 @@
 Reference: A. BenTaieb and G. Hamarneh, "Uncertainty Driven Multi-Loss Fully Convolutional Networks
 for Histopathology", MICCAI 2017 workshops (LABELS), LNCS 10552 (../shared/papers/uncertainty_multiloss.txt).
 
-Idea. One encoder-decoder FCN (Fig. 1) is trained with four losses at once: the benign/malignant
-classification of the image (Lc, from the last encoder layer), a per-pixel sigmoid cross-entropy over
-L = 3 region labels (Ls, from the last decoder layer), a topology loss (Lt) whose hierarchical
-probabilities give zero mass to label assignments that break containment/exclusion, and a geometry
-loss (Lg) that asks neighbouring pixels of the same region for the same log-probability. Instead of
-hand-tuned weights (Eq. 1), each loss i is weighted by a learned uncertainty sigma_i^2 (Eq. 2-9):
-L_i / sigma_i^2 + log sigma_i^2, with s_i = log sigma_i^2 trained with the network.
+Idea. One encoder-decoder FCN (Fig. 1) is trained with four losses at once: the benign/malignant classification
+of the image (Lc, from the last encoder layer), a per-pixel sigmoid cross-entropy over L = 3 region labels (Ls,
+from the last decoder layer), a topology loss (Lt) whose hierarchical probabilities give zero mass to label
+assignments that break containment/exclusion, and a geometry loss (Lg) that asks neighbouring pixels of the same
+region for the same log-probability. Instead of hand-tuned weights (Eq. 1), each loss i is weighted by a learned
+uncertainty sigma_i^2 (Eq. 2-9): L_i / sigma_i^2 + log sigma_i^2, with s_i = log sigma_i^2 trained with the net.
 
-Region labels (r = 1..L, the channel order of f_s): lumen, epithelial border (the whole gland, so a
-lumen pixel is lumen and border: containment), stroma (excludes both). Of the 2^L label vectors only
-stroma (0,0,1), border (0,1,0) and lumen (1,1,0) are valid, so P_t of Eq. 7 is a 3-way softmax over
-(f_stroma, f_border, f_lumen + f_border).
+Region labels (r = 1..L, the channel order of f_s): lumen, epithelial border (the whole gland, so a lumen pixel is
+lumen and border: containment), stroma (excludes both). Of the 2^L label vectors only stroma (0,0,1), border
+(0,1,0) and lumen (1,1,0) are valid, so P_t (Eq. 7) is a softmax over (f_stroma, f_border, f_lumen + f_border).
 
 Equations -> code (the method is one block, "The method" below)
-    Fig. 1     MultiLossFCN (level_block = Conv3x3-ReLU-BN twice; 2x2 pooling; 2x2 up-sampling + 1x1
-               conv; class_head -> f_c, pixel_head -> f_s; log_sigma2 = s_c, s_s, s_t, s_g)
+    Fig. 1     MultiLossFCN (level_block = Conv3x3-ReLU-BN twice; 2x2 pooling; 2x2 up-sampling + 1x1 conv;
+               class_head -> f_c, pixel_head -> f_s; log_sigma2 = s_c, s_s, s_t, s_g)
     Eq. 1, 2   combine_losses: sum_i lambda_i L_i (uncertainty=False); Lc + Ls + Lt + Lg (True)
     Eq. 3-5    classification_loss, uncertainty_weighted (L / sigma^2 + log sigma^2, every term)
     Eq. 6      segmentation_loss;   Eq. 8  topology_loss;   Eq. 9  geometry_loss
-    Eq. 7      hierarchical_log_probabilities (LABEL_VECTORS, VALID), region_log_probabilities, decode_regions
-    Sec. 3     regions_to_instances (glands as objects); train (SGD, lr 1e-2, elastic + affine
-               augmentation, 250x250 patches on GlaS); evaluate (accuracy, pixel accuracy, GlaS
-               object Dice and object Hausdorff)
+    Eq. 7      hierarchical_log_probabilities (LABEL_VECTORS, VALID), region_log_probabilities (argmax: regions)
+    Sec. 3     regions_to_instances (glands as objects); train (SGD, lr 1e-2, elastic + affine augmentation,
+               250x250 patches on GlaS); evaluate (accuracy, pixel accuracy, GlaS object Dice and Hausdorff)
     Table 1    TABLE1, --table1;   Fig. 2  --sweep;   Fig. 3  figure_predictions
 
 Usage (and --eval-only --checkpoint, --resume DIR, torchrun --nproc_per_node N, as README.md says)
@@ -39,35 +36,32 @@ Usage (and --eval-only --checkpoint, --resume DIR, torchrun --nproc_per_node N, 
 
 Deviations (ambiguities resolved, and why)
     - Eq. 6 prints only -S log P; the "sigmoid cross entropy" it names has both terms: both are used.
-    - Eq. 7-8: P_t is a distribution over label vectors (the "modified softmax" of [4]): Z sums over
-      all 2^L vectors, not "over r" as printed, and Lt = -log P_t(S_p | x_p), one term per pixel
-      (read literally, Eq. 8 counts a lumen pixel twice; read as per-label marginals it never
-      penalises a border pixel for the lumen vector, both having S^border = 1).
-    - Eq. 9: the formula's P_t of the ground-truth vector, not the "log-sigmoid label probabilities"
-      of the sentence after it (the tests work one case in both readings).
-    - Sums over pixels (Eq. 6, 8, 9) are means, so Table 1's fixed lambdas weigh terms of comparable
-      size; Lg sums over the 4 neighbours of each pixel (each pair counts twice).
-    - Eq. 5 (the paper's approximation of Eq. 3-4), + log sigma^2 and no factor 1/2, for every term.
-      L_i e^-s + s is least at sigma_i^2 = L_i, so 1/sigma_i^2 follows 1/L_i (the training loss),
-      bounded only by the step size; log.jsonl and figures/sigma2.png hold both per epoch.
-    - Augmentation (Sec. 3: "elastic and affine"): rotation, scaling, elastic warp; --flip and
-      --color-jitter only when asked for.
-    - Not in the paper, chosen here: two Conv3x3-ReLU-BN per level; ceil max pooling (250 -> 125 ->
-      63 -> 32 -> 16 as Fig. 1); nearest 2x up-sampling then a 1x1 conv halving the channels; class
-      logits = 1x1 conv on the last encoder layer averaged over space; SGD momentum 0.9; s_i = 0 at
-      the start; the epoch tested is the best on validation by the mean of accuracy, pixel accuracy
-      and the gland mask's pixel Dice; predicted regions = the most probable valid vector under P_t.
-    - Glands as objects (the paper does not say how): regions_to_instances gives every gland pixel to
-      its geodesically nearest lumen component, so glands that touch or are pressed together stay
-      apart as GlaS annotates them; a gland without lumen is one object. No step merges cells back:
-      on the synthetic validation ground truth (seeds 0-2, 90 images, 64 px) object Dice is 0.968
-      without a merge, 0.961 / 0.938 / 0.913 when cells meeting along at least 0.9 / 0.6 / 0.3 of
-      the thinner one's thickness are merged, 0.905 for connected components of border U lumen;
-      most of what is left is lumen-free glands touching another gland.
+    - Eq. 7-8: P_t is a distribution over label vectors (the "modified softmax" of [4]): Z sums over all 2^L
+      vectors, not "over r" as printed; Lt = -log P_t(S_p | x_p), once per pixel (literally, Eq. 8 counts a lumen
+      pixel twice; as label marginals it never penalises a border pixel for the lumen vector: both S^border = 1).
+    - Eq. 9: the formula's P_t of the ground-truth vector, not the "log-sigmoid label probabilities" of the
+      sentence after it (the tests work one case in both readings).
+    - Sums over pixels (Eq. 6, 8, 9) are means, so Table 1's fixed lambdas weigh terms of comparable size; Lg
+      sums over the 4 neighbours of each pixel (each pair counts twice).
+    - Eq. 5 (the paper's approximation of Eq. 3-4), + log sigma^2 and no factor 1/2, for every term. L_i e^-s + s
+      is least at sigma_i^2 = L_i, so 1/sigma_i^2 follows 1/L_i (the training loss), bounded only by the step
+      size; log.jsonl and figures/sigma2.png hold both per epoch.
+    - Augmentation (Sec. 3: "elastic and affine"): rotation, scaling, elastic warp; --flip, --color-jitter optional.
+    - Not in the paper, chosen here: two Conv3x3-ReLU-BN per level; ceil max pooling (250 -> 125 -> 63 -> 32 -> 16
+      as Fig. 1); nearest 2x up-sampling, then a 1x1 conv halving the channels; class logits = 1x1 conv on the
+      last encoder layer averaged over space; SGD momentum 0.9; s_i = 0 at the start; the epoch tested is the best
+      on validation by the mean of accuracy, pixel accuracy and the gland mask's pixel Dice; predicted regions =
+      the most probable valid vector under P_t.
+    - Glands as objects (the paper does not say how): regions_to_instances gives every gland pixel to its
+      geodesically nearest lumen component, so glands that touch or are pressed together stay apart as GlaS
+      annotates them; a gland without lumen is one object. No step merges cells back: on the synthetic validation
+      ground truth (seeds 0-2, 90 images, 64 px) object Dice is 0.968 without a merge, 0.961 / 0.938 / 0.913 when
+      cells meeting along at least 0.9 / 0.6 / 0.3 of the thinner one's thickness are merged, 0.905 for connected
+      components of border U lumen; most of what is left is lumen-free glands touching another gland.
     - Segmentation metrics for every run that trains the pixel head (any of Ls, Lt, Lg), "-" else.
-    - Real data (GlaS, 775x522) keeps its aspect ratio on a zero-padded canvas (--size 512); patches
-      are cut inside each image's own pixels; metrics at the original resolution (P_t mapped back
-      with common.from_canvas, then decoded); the border band is --border-width original pixels.
+    - Real data (GlaS, 775x522) keeps its aspect ratio on a zero-padded canvas (--size 512); patches are cut
+      inside each image's own pixels; metrics at the original resolution (P_t mapped back with
+      common.from_canvas, then decoded); the border band is --border-width original pixels.
     - CPU-sized synthetic default: 64x64 images, width 16, 40 epochs, batch 8 (DATA_DEPENDENT; --help).
 """
 import argparse
@@ -118,8 +112,6 @@ DATA_DEPENDENT = {
     "elastic": (2.0, 8.0, 2.0, 8.0),
     "lambdas": ([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1],) * 2 + ([0, 0.5, 1],) * 2,
 }
-# what a checkpoint must rebuild for --eval-only, --predict and --resume
-ARCHITECTURE = ("width", "depth", "size", "connectivity", "init_log_sigma2")
 
 
 # ---- Arguments -----------------------------------------------------------------------------------
@@ -176,9 +168,7 @@ def resolve_defaults(args):
     """Fills each flag of DATA_DEPENDENT that the command line left unset with its value for the data,
     then checks the flags that depend on each other (one line, exit 2, before anything is written)."""
     column = 2 * bool(args.quick) + (args.data != "synthetic")
-    for key, values in DATA_DEPENDENT.items():
-        if getattr(args, key) is None:
-            setattr(args, key, values[column])
+    common.fill_defaults(args, {key: values[column] for key, values in DATA_DEPENDENT.items()})
     if args.table1 and args.sweep:
         raise common.UsageError("--table1 and --sweep are two separate runs: pass one of them")
     config_from_args(args)  # --losses, --weights, --uncertainty
@@ -353,11 +343,6 @@ def combine_losses(terms, weights, uncertainty, log_sigma2):
     return sum(weights[k] * loss for k, loss in terms.items())
 
 
-def decode_regions(pixel_logits):
-    """Region map (0 stroma, 1 border, 2 lumen): the most probable valid label vector under P_t."""
-    return region_log_probabilities(pixel_logits).argmax(1)
-
-
 def _neighbours(x, fill):
     """The 8 neighbours of every pixel of x [N,H,W] (`fill` outside): 8 [N,H,W] tensors, up, down,
     left, right first, then up-left, up-right, down-left, down-right."""
@@ -527,12 +512,6 @@ def predict(model, split, stats, args):
     return torch.cat(classes), torch.cat(regions)
 
 
-def _pixel_accuracy(regions, masks, valid):
-    """Per image share of right pixels among the image's own pixels (`valid`: not letterbox padding)."""
-    right = (regions == masks.to(regions.device).long())
-    return ((right & valid).flatten(1).sum(1).double() / valid.flatten(1).sum(1).clamp_min(1)).cpu()
-
-
 def _object_scores(regions, truth, connectivity):
     """GlaS object Dice and object Hausdorff per image of the glands regions_to_instances finds."""
     glands = regions_to_instances(regions, connectivity)
@@ -564,7 +543,9 @@ def evaluate(model, split, stats, config, args, objects=True):
         regions = region_prob.argmax(1)
         valid = split.get("valid")  # letterboxed images: 1 on the image's own pixels
         valid = torch.ones_like(regions, dtype=torch.bool) if valid is None else valid.to(regions.device).bool()
-        accuracy = _pixel_accuracy(regions, split["masks"], valid)
+        # per image share of right pixels among the image's own pixels (not letterbox padding)
+        right = (regions == split["masks"].to(regions.device).long()) & valid
+        accuracy = (right.flatten(1).sum(1).double() / valid.flatten(1).sum(1).clamp_min(1)).cpu()
         if objects:
             dice, hausdorff = _object_scores(regions, split["instances"].to(regions.device), args.connectivity)
     out["pixel_accuracy"] = accuracy.mean().item()
@@ -586,9 +567,8 @@ def load_data(args, seed, device=None):
     """The dataset for one seed (synthetic data is generated from it; real data's train/val split
     is seeded), moved to the device, with the normalisation statistics of its training split."""
     name = "synthetic-glands" if args.data == "synthetic" else args.data
-    options = {}
-    if args.data == "synthetic":  # --quick: a small set, unless --n-train / --n-val / --n-test say otherwise
-        options = {"n_train": 12, "n_val": 4, "n_test": 6} if args.quick else {}
+    options = {"n_train": 12, "n_val": 4, "n_test": 6} if args.quick and args.data == "synthetic" else {}
+    if args.data == "synthetic":  # --n-train / --n-val / --n-test win over --quick's small set
         options.update(common.synthetic_split_sizes(args))
     elif args.data == "glas" and args.border_width:
         options["border_width"] = args.border_width
@@ -660,7 +640,7 @@ def predict_batch(predictor, images_uint8):
         class_logits, pixel_logits = model(x)
     class_prob = class_logits.float().softmax(1)  # [B,K]
     log_p = region_log_probabilities(pixel_logits.float())  # [B,3,S,S]
-    regions = decode_regions(pixel_logits.float())
+    regions = log_p.argmax(1)  # the most probable valid label vector under P_t
     instances = regions_to_instances(regions, args.connectivity)
     entropy = -(log_p.exp() * log_p).sum(1)  # H(P_t) in nats; 0 <= H <= log 3
     rows = [{"predicted_class": predictor.class_names[int(p.argmax())],
@@ -786,7 +766,7 @@ def main(argv=None):
         checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT)
         if "config" not in checkpoint:
             raise common.CheckpointError(f"{args.checkpoint} holds no loss configuration (not this script's)")
-        common.restore_architecture(args, checkpoint, ARCHITECTURE)
+        common.restore_architecture(args, checkpoint, ("width", "depth", "size", "connectivity", "init_log_sigma2"))
     rows = rows_of(args, checkpoint)
     seeds = [args.seed] if checkpoint is not None else common.seed_list(args)
     main_row = None if args.sweep else list(rows)[-1]  # its first seed draws Fig. 3
