@@ -165,8 +165,7 @@ def build_parser():
 
 
 def resolve_defaults(args):
-    """Fills each flag of DATA_DEPENDENT that the command line left unset with its value for the data,
-    then checks the flags that depend on each other (one line, exit 2, before anything is written)."""
+    """Fills the DATA_DEPENDENT flags left unset with the data's values; checks flags that depend on each other."""
     column = 2 * bool(args.quick) + (args.data != "synthetic")
     common.fill_defaults(args, {key: values[column] for key, values in DATA_DEPENDENT.items()})
     if args.table1 and args.sweep:
@@ -202,13 +201,10 @@ def config_from_args(args):
 
 
 # ==================================================================================================
-# The method (Sec. 2): model, losses, glands as objects; tensors and plain numbers in and out (the
-# loss terms are named by LOSS_NAMES above).
+# The method (Sec. 2): model, losses (named by LOSS_NAMES), glands as objects; tensors and numbers in and out
 # ==================================================================================================
 
-LABELS = ("lumen", "border", "stroma")  # r = 1..L, channel order of f_s
-REGION_NAMES = ["stroma", "border", "lumen"]  # values of a region mask (0, 1, 2)
-# All 2^L label vectors S = (S^lumen, S^border, S^stroma); row v is vector v.
+# All 2^L label vectors S = (S^lumen, S^border, S^stroma), r = 1..L the channel order of f_s; row v is vector v.
 LABEL_VECTORS = torch.tensor([
     [0, 0, 0],  # 0: no region                        V = 0
     [0, 0, 1],  # 1: stroma                           V = 1   (mask value 0)
@@ -230,12 +226,11 @@ def level_block(in_ch, out_ch):
 
 
 class MultiLossFCN(nn.Module):
-    """Fig. 1: an encoder (levels separated by 2x2 max pooling, ceil: 250 -> 125 -> 63 -> 32 -> 16) and
-    a decoder with skips (2x2 up-sampling, a 1x1 convolution halving the channels, the skip, a level);
-    f_c from the last encoder layer, f_s from the last decoder layer; and the learned s_i = log
-    sigma_i^2 of each loss (Implementation details)."""
+    """Fig. 1: an encoder (levels separated by 2x2 max pooling, ceil: 250 -> 125 -> 63 -> 32 -> 16) and a decoder
+    with skips (2x2 up-sampling, a 1x1 convolution halving the channels, the skip, a level); f_c from the last
+    encoder layer, f_s from the last decoder one; the learned s_i = log sigma_i^2 per loss (Implementation details)."""
 
-    def __init__(self, width=16, depth=4, n_classes=2, n_labels=len(LABELS), init_log_sigma2=0.0):
+    def __init__(self, width=16, depth=4, n_classes=2, n_labels=3, init_log_sigma2=0.0):
         super().__init__()
         channels = [width * 2 ** i for i in range(depth + 1)]
         self.encoder = nn.ModuleList(level_block(i, o) for i, o in zip([3] + channels[:-1], channels))
@@ -303,8 +298,7 @@ def region_log_probabilities(pixel_logits):
 
 
 def topology_loss(log_pt, vector):
-    """Eq. 8 at sigma_t = 1: -log P_t(S_p | x_p) of the ground-truth label vector, mean over pixels
-    (each pixel once, lumen included: see Deviations)."""
+    """Eq. 8 at sigma_t = 1: -log P_t(S_p | x_p) of the true vector, mean over pixels (each once: Deviations)."""
     return -log_pt.gather(1, vector.unsqueeze(1)).mean()
 
 
@@ -313,15 +307,13 @@ def geometry_loss(log_pt, vector):
     pixels p; B_pq = 1 where p and q have the same ground-truth label vector (then S_q = S_p)."""
     # log P_t(S_p | x_p) of each pixel's own ground-truth vector  [B,H,W]
     log_p = log_pt.gather(1, vector.unsqueeze(1)).squeeze(1)
-    # B_pq for q the right neighbour and q the neighbour below p (the other two N4 directions are
-    # the same pairs seen from q)
+    # B_pq for q right of and below p (the other two N4 directions are the same pairs seen from q)
     b_right = (vector[:, :, 1:] == vector[:, :, :-1]).float()
     b_below = (vector[:, 1:, :] == vector[:, :-1, :]).float()
     # |log P_t(S_p|x_p) - log P_t(S_p|x_q)| over the pairs with B_pq = 1
     right = (b_right * (log_p[:, :, 1:] - log_p[:, :, :-1]).abs()).sum()
     below = (b_below * (log_p[:, 1:] - log_p[:, :-1]).abs()).sum()
-    # every unordered pair {p, q} is in N4(p) and in N4(q): it counts twice in the sum over p;
-    # normaliser: the number of pixels (sums over pixels are means, see Deviations)
+    # each pair {p, q} is in N4(p) and in N4(q): counted twice; divided by the pixel count (pixel sums are means)
     return 2 * (right + below) / vector.numel()
 
 
@@ -353,22 +345,19 @@ def _neighbours(x, fill):
 
 
 def _grow_markers(markers, gland):
-    """Every pixel of `gland` takes the label of the marker it reaches first when all markers grow at
-    once inside the gland, alternating 4- and 8-neighbour steps (octagonal distance; diagonal steps
-    only through a gland pixel, so no label jumps between glands touching at a corner). Ties take
-    the larger label; pixels of a gland without a marker stay 0."""
+    """Every pixel of `gland` takes the label of the marker it reaches first when all markers grow at once inside
+    the gland, alternating 4- and 8-neighbour steps (octagonal distance; diagonal steps only through a gland pixel,
+    so no label jumps between glands touching at a corner). Ties take the larger label; no marker: 0."""
     inside = _neighbours(gland, False)
     # a diagonal neighbour (4..7 above) is reached through one of its two edge neighbours
     diagonal_open = [inside[a] | inside[b] for a, b in ((0, 2), (0, 3), (1, 2), (1, 3))]
     labels, step = markers, 0
     while True:
         near = _neighbours(labels, 0)
-        grown = labels
-        for neighbour in near[:4]:
-            grown = torch.maximum(grown, neighbour)
+        grown = torch.stack([labels, *near[:4]]).amax(0)
         if step % 2:
-            for open_, neighbour in zip(diagonal_open, near[4:]):
-                grown = torch.maximum(grown, torch.where(open_, neighbour, 0))
+            diagonal = [torch.where(open_, neighbour, 0) for open_, neighbour in zip(diagonal_open, near[4:])]
+            grown = torch.stack([grown, *diagonal]).amax(0)
         grown = torch.where(gland & (labels == 0), grown, labels)
         step += 1
         if torch.equal(grown, labels):  # one host sync per step; evaluation only
@@ -377,10 +366,9 @@ def _grow_markers(markers, gland):
 
 
 def regions_to_instances(regions, connectivity=4):
-    """Gland instances [N,H,W] int64 (0 background, 1..k per image) from region maps [N,H,W] or [H,W]
-    (0 stroma, 1 border, 2 lumen): one object per lumen component, every gland pixel to its
-    geodesically nearest lumen (so glands that touch or are pressed together stay apart), a gland
-    without lumen one object; batched on the regions' device."""
+    """Gland instances [N,H,W] int64 (0 background, 1..k per image) from region maps [N,H,W] or [H,W] (0 stroma,
+    1 border, 2 lumen): one object per lumen component, every gland pixel to its geodesically nearest lumen (glands
+    that touch or are pressed together stay apart), a gland without lumen one object; batched on the device."""
     single = regions.dim() == 2
     regions = regions.unsqueeze(0) if single else regions
     gland = regions >= 1
@@ -406,9 +394,8 @@ def _patch_start(inside, length, side, u):
 
 
 def random_patches(batch, side, generator):
-    """Sec. 3: one random side x side patch per image, cut on the device (no per-sample Python);
-    with a `valid` map (letterboxed real images) the patch lies inside the image's own pixels
-    wherever the image is at least `side` wide, so padding is seen only around smaller images."""
+    """Sec. 3: one random side x side patch per image, cut on the device; with a `valid` map (letterboxed images)
+    it lies inside the image's own pixels where the image is at least `side` wide (padding only around smaller)."""
     images = batch["images"]
     b, _, h, w = images.shape
     if side >= min(h, w):
@@ -428,8 +415,7 @@ def random_patches(batch, side, generator):
 
 
 def training_batches(split, args, generator, stats, dist):
-    """One epoch of augmented, normalised training batches (Sec. 3), drawn with `generator`; under
-    torchrun data mode, this process's slice of each."""
+    """One epoch of augmented, normalised training batches (Sec. 3) drawn with `generator` (torchrun: this rank's)."""
     drop_last = len(split["names"]) > args.batch_size  # no batch of one image for BatchNorm
     for batch in common.iterate_batches(split, args.batch_size, shuffle=True, generator=generator, drop_last=drop_last):
         if args.patch:  # cut first, then warp the patch (reflection padding then reflects tissue)
@@ -447,17 +433,15 @@ def learned_sigma2(model, keys):
 
 
 def train(job, model, config, data, stats):
-    """SGD (Sec. 3) on the configuration's loss from the job's last checkpoint (or the start) to
-    --epochs; a log line per epoch (loss terms, learned sigma^2 and 1/sigma^2, validation metrics);
-    last.pt every epoch, best.pt on the best validation score. Returns the speed of training."""
+    """SGD (Sec. 3) from the job's last checkpoint (or the start) to --epochs; a log line per epoch (loss terms,
+    sigma^2 and 1/sigma^2, validation metrics); last.pt every epoch, best.pt on the best score. Returns the speed."""
     run, args, started = job.run, job.run.args, time.perf_counter()
     net = common.unwrap(model)  # the plain module: log sigma^2, evaluation
     active = list(config["weights"])
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)  # Sec. 3: SGD, lr 1e-2
     generator = torch.Generator(device=run.device).manual_seed(job.seed)  # batches, patches, augmentation
     start, best = common.resume(job, model, optimizer, generator=generator)  # the batches go on as they would have
-    n_train = len(data["train"]["names"])
-    steps_per_epoch = n_train // args.batch_size if n_train > args.batch_size else 1
+    steps_per_epoch = max(1, len(data["train"]["names"]) // args.batch_size)  # as training_batches drops the last
     progress = common.Progress(job, steps_per_epoch, args.epochs, start, every=args.log_every)
     extra = {"config": config, "norm": {"mean": stats["mean"].cpu(), "std": stats["std"].cpu()},
              "class_names": list(data["train"]["class_names"])}  # what --eval-only and --predict need
@@ -520,10 +504,9 @@ def _object_scores(regions, truth, connectivity):
 
 @torch.no_grad()
 def evaluate(model, split, stats, config, args, objects=True):
-    """Sec. 3 metrics of the trained heads: classification accuracy, pixel accuracy of the 3-region
-    map, and GlaS object Dice / Hausdorff of the glands (objects=True) or the gland mask's pixel Dice
-    (model selection); at the original resolution when the split keeps it (GlaS: full_masks,
-    full_instances), else at the model's size."""
+    """Sec. 3 metrics of the trained heads: classification accuracy, pixel accuracy of the 3-region map, and GlaS
+    object Dice / Hausdorff of the glands (objects=True) or the gland mask's pixel Dice (model selection); at the
+    original resolution when the split keeps it (GlaS: full_masks, full_instances), else at the model's size."""
     class_prob, region_prob = predict(model, split, stats, args)
     out = {}
     if "c" in config["weights"]:
@@ -587,10 +570,8 @@ def load_data(args, seed, device=None):
 
 
 def train_and_test(job, config, data_for, checkpoint=None, draw=False):
-    """One job: trains the configuration with the job's seed (data, initialisation, shuffling and
-    augmentation all seeded by it) and tests its best epoch, or tests `checkpoint` (--eval-only);
-    returns the table row for this seed (lambdas, test metrics, learned sigma^2, speed). The job of
-    the main row's first seed draws Fig. 3."""
+    """One job: trains the configuration with the job's seed (data, initialisation, batches, augmentation), tests
+    its best epoch (or `checkpoint`: --eval-only); returns this seed's row (lambdas, test metrics, sigma^2, speed)."""
     args = job.run.args
     data, stats = data_for(job.seed)
     model = common.prepare_model(MultiLossFCN(args.width, args.depth, init_log_sigma2=args.init_log_sigma2), job.run)
@@ -626,14 +607,13 @@ def load_model(checkpoint_path, device="cpu"):
     norm = (state["norm"]["mean"].to(device), state["norm"]["std"].to(device))
     return common.Predictor(model=model.to(device).eval(), args=args, norm=norm, size=args.size, keep_aspect=True,
                             device=device, class_names=state.get("class_names") or ["benign", "malignant"],
-                            mask_names=list(REGION_NAMES), extra={"config": state["config"]})
+                            mask_names=["stroma", "border", "lumen"], extra={"config": state["config"]})
 
 
 @torch.no_grad()
 def predict_batch(predictor, images_uint8):
-    """uint8 [B,3,S,S] -> {"mask": regions (0 stroma, 1 border, 2 lumen), "instances": glands
-    (regions_to_instances), "maps": {"entropy": predictive entropy of P_t}, "rows": predicted class,
-    probability per class name and number of glands per image}."""
+    """uint8 [B,3,S,S] -> {"mask": regions (0 stroma, 1 border, 2 lumen), "instances": glands, "maps": {"entropy":
+    H(P_t)}, "rows": per image the predicted class, probability per class name and number of glands}."""
     args, model = predictor.args, predictor.model
     x = common.normalize(images_uint8.to(predictor.device), *predictor.norm)
     with common.autocast(predictor.device, getattr(args, "amp", True)):
@@ -703,9 +683,8 @@ def figure_predictions(model, split, stats, args, path, n=4):
 
 
 def figure_sigma2(run, rows, seed, path):
-    """Eq. 2's learned weights over the epochs: 1/sigma_i^2 of every loss (solid) beside 1/L_i, the
-    inverse of its epoch-mean training loss (dashed), which the optimum sigma_i^2 = L_i tracks; one
-    panel per uncertainty-trained row, its job with `seed` as log.jsonl holds it (a resumed epoch's last)."""
+    """Eq. 2 per epoch, a panel per uncertainty row of `seed` (log.jsonl; a resumed epoch's last): 1/sigma_i^2 of
+    each loss (solid) beside 1/L_i of its epoch-mean training loss (dashed), tracked by the optimum sigma_i^2 = L_i."""
     log = run.dir / "log.jsonl"
     records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
     learned = [r for r in records if r.get("seed") == seed and any(k.startswith("sigma2_") for k in r)]
