@@ -99,9 +99,8 @@ TABLE1 = [
 ]
 METRICS = ("accuracy", "pixel_accuracy", "object_dice", "object_hausdorff")  # Table 1's columns
 
-# Defaults that depend on the data: (synthetic, real data, --quick synthetic, --quick real data).
-# Real data (GlaS, 775x522) is letterboxed onto a 512 canvas and trained on 250x250 patches (Sec. 3),
-# 100 epochs of 70 images ~ the paper's x100 augmentation, a wider network; synthetic is CPU-sized.
+# Defaults that depend on the data: (synthetic, real, --quick synthetic, --quick real). Real data (GlaS): 250x250
+# patches (Sec. 3) of a 512 canvas, 100 epochs of 70 images ~ the paper's x100 augmentation, a wider network.
 DATA_DEPENDENT = {
     "size": (64, 512, 32, 32),
     "epochs": (40, 100, 1, 1),
@@ -116,16 +115,13 @@ DATA_DEPENDENT = {
 
 # ---- Arguments -----------------------------------------------------------------------------------
 
-def data_defaults_text():
+def build_parser():
     rows = [f"  --{k.replace('_', '-'):<11} {v[0]!s:>6} {v[1]!s:>6} {v[2]!s:>6} {v[3]!s:>6}"
             for k, v in DATA_DEPENDENT.items() if k != "lambdas"]
-    return ("defaults that depend on --data (a flag given on the command line always wins):\n"
-            "  flag         synth   real  quick  quick-real\n" + "\n".join(rows)
-            + "\n  --lambdas: 0,0.1,...,1 (0,0.5,1 with --quick)")
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=data_defaults_text(),
+    epilog = ("defaults that depend on --data (a flag given on the command line always wins):\n"
+              "  flag         synth   real  quick  quick-real\n" + "\n".join(rows)
+              + "\n  --lambdas: 0,0.1,...,1 (0,0.5,1 with --quick)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, size=64, epochs=40, batch_size=8, lr=1e-2, data="synthetic",
                            data_choices=["synthetic", "glas", "folder"])
@@ -143,8 +139,7 @@ def build_parser():
     m.add_argument("--depth", type=common.POSITIVE_INT, help="number of 2x2 poolings (Fig. 1: 250 -> 16 is 4)")
     m.add_argument("--patch", type=common.NONNEGATIVE_INT,
                    help="side of random square training patches (Sec. 3: 250); 0 = whole images")
-    m.add_argument("--elastic", type=common.NONNEGATIVE,
-                   help="elastic warp magnitude in pixels (Sec. 3: elastic transforms)")
+    m.add_argument("--elastic", type=common.NONNEGATIVE, help="elastic warp magnitude in pixels (Sec. 3)")
     m.add_argument("--rotate", type=common.checked(float, low=0, high=180), default=15.0,
                    help="affine augmentation: rotation in degrees (Sec. 3)")
     m.add_argument("--scale", type=common.checked(float, low=0, high=0.9), default=0.1,
@@ -200,9 +195,7 @@ def config_from_args(args):
     return config
 
 
-# ==================================================================================================
-# The method (Sec. 2): model, losses (named by LOSS_NAMES), glands as objects; tensors and numbers in and out
-# ==================================================================================================
+# ======== The method (Sec. 2): model, losses (LOSS_NAMES), glands as objects; tensors and numbers in and out ========
 
 # All 2^L label vectors S = (S^lumen, S^border, S^stroma), r = 1..L the channel order of f_s; row v is vector v.
 LABEL_VECTORS = torch.tensor([
@@ -283,9 +276,8 @@ def segmentation_loss(pixel_logits, label_maps):
 def hierarchical_log_probabilities(pixel_logits):
     """Eq. 7: log P_t(S | x_p) for every label vector S (dim 1, rows of LABEL_VECTORS) [B,8,H,W].
     P~_t(S) = V(S) prod_r exp(f_r(x_p) S^r);  Z = sum_S P~_t(S);  invalid vectors get log 0 = -inf."""
-    vectors = LABEL_VECTORS.to(pixel_logits.device)
     # log prod_r exp(f_r S^r) = sum_r f_r S^r
-    energy = torch.einsum("blhw,vl->bvhw", pixel_logits.float(), vectors)
+    energy = torch.einsum("blhw,vl->bvhw", pixel_logits.float(), LABEL_VECTORS.to(pixel_logits.device))
     # V(S) = 0 -> P~_t = 0
     energy = energy.masked_fill(~VALID.to(pixel_logits.device).view(1, -1, 1, 1), float("-inf"))
     # log P~_t - log Z

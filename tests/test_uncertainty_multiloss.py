@@ -543,7 +543,7 @@ def test_arguments_and_loss_configuration():
     assert (real.size, real.patch, real.width, real.epochs, real.elastic) == (512, 250, 32, 100, 8.0)
     assert um.parse_args(["--data", "glas", "--size", "256"]).size == 256
     assert not synthetic.flip and synthetic.color_jitter == 0  # Sec. 3: elastic + affine only
-    help_text = um.data_defaults_text()
+    help_text = um.build_parser().epilog  # the defaults that depend on --data
     assert "512" in help_text and "250" in help_text
     # every flag is checked when parsed, and so are the checks across flags: one UsageError line
     for bad in (["--width", "0"], ["--momentum", "nan"], ["--patch", "-1"], ["--connectivity", "6"]):
