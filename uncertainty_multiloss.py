@@ -310,8 +310,7 @@ def geometry_loss(log_pt, vector):
 
 
 def loss_terms(class_logits, pixel_logits, labels, masks, active):
-    """The plain (sigma = 1) value of each term named in `active`: {"c": Lc, "s": Ls, "t": Lt, "g": Lg}.
-    All four are cheap next to the network; a term left out of `active` gets no gradient."""
+    """{"c": Lc, "s": Ls, "t": Lt, "g": Lg} at sigma = 1, the terms in `active` (all cheap next to the network)."""
     vector, label_maps = label_vector_targets(masks)
     terms = {"c": classification_loss(class_logits, labels), "s": segmentation_loss(pixel_logits, label_maps)}
     log_pt = hierarchical_log_probabilities(pixel_logits)  # Eq. 7, shared by Lt and Lg
@@ -328,8 +327,7 @@ def combine_losses(terms, weights, uncertainty, log_sigma2):
 
 
 def _neighbours(x, fill):
-    """The 8 neighbours of every pixel of x [N,H,W] (`fill` outside): 8 [N,H,W] tensors, up, down,
-    left, right first, then up-left, up-right, down-left, down-right."""
+    """x's 8 neighbours [N,H,W] (`fill` outside): up, down, left, right, up-left, up-right, down-left, down-right."""
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), value=fill)
     offsets = [(0, 1), (2, 1), (1, 0), (1, 2), (0, 0), (0, 2), (2, 0), (2, 2)]
@@ -444,8 +442,7 @@ def train(job, model, config, data, stats):
             with common.autocast(run.device, args.amp):
                 class_logits, pixel_logits = model(batch["x"])
             terms = loss_terms(class_logits, pixel_logits, batch["labels"], batch["masks"], active)
-            # Eq. 2 (learned sigma_i) or Eq. 1 (fixed lambda_i)
-            loss = combine_losses(terms, config["weights"], config["uncertainty"], net.log_sigma2)
+            loss = combine_losses(terms, config["weights"], config["uncertainty"], net.log_sigma2)  # Eq. 2 or Eq. 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -713,32 +710,28 @@ def figure_sweep(rows, lambdas, keys, title, path):
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def rows_of(args, checkpoint=None):
-    """The rows the command asks for: {row name: loss configuration}, in the table's order."""
-    if checkpoint is not None:  # --eval-only: the checkpoint's own configuration
-        return {checkpoint["config"]["row"]: checkpoint["config"]}
-    if args.table1:
-        return {name: row_config(name, weights, uncertainty) for name, weights, uncertainty, _ in TABLE1}
-    if args.sweep:
-        rows = [(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", (lam, 1 - lam, 0, 0)) for lam in args.lambdas]
-        rows += [(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", (0, 1, lam, 1 - lam)) for lam in args.lambdas]
-        return {name: row_config(name, weights, False) for name, weights in rows}
-    config = config_from_args(args)
-    return {config["row"]: config}
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.predict:
         common.run_predict(args, load_model, predict_batch, SCRIPT)
         return None
     checkpoint = None
-    if args.eval_only:  # test a checkpoint, rebuilt with its own architecture
+    # the rows the command asks for, {row name: loss configuration}, in the table's order
+    if args.eval_only:  # a checkpoint's own configuration, rebuilt with its own architecture
         checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT)
         if "config" not in checkpoint:
             raise common.CheckpointError(f"{args.checkpoint} holds no loss configuration (not this script's)")
         common.restore_architecture(args, checkpoint, ("width", "depth", "size", "connectivity", "init_log_sigma2"))
-    rows = rows_of(args, checkpoint)
+        rows = {checkpoint["config"]["row"]: checkpoint["config"]}
+    elif args.table1:
+        rows = {name: row_config(name, weights, uncertainty) for name, weights, uncertainty, _ in TABLE1}
+    elif args.sweep:
+        sweep = [(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", (lam, 1 - lam, 0, 0)) for lam in args.lambdas]
+        sweep += [(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", (0, 1, lam, 1 - lam)) for lam in args.lambdas]
+        rows = {name: row_config(name, weights, False) for name, weights in sweep}
+    else:
+        config = config_from_args(args)
+        rows = {config["row"]: config}
     seeds = [args.seed] if checkpoint is not None else common.seed_list(args)
     main_row = None if args.sweep else list(rows)[-1]  # its first seed draws Fig. 3
     jobs = [(row, seed) for row in rows for seed in seeds]
