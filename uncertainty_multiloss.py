@@ -3,12 +3,12 @@
 Reference: A. BenTaieb and G. Hamarneh, "Uncertainty Driven Multi-Loss Fully Convolutional Networks
 for Histopathology", MICCAI 2017 workshops (LABELS), LNCS 10552 (../shared/papers/uncertainty_multiloss.txt).
 
-Idea. One encoder-decoder FCN (Fig. 1) is trained with four losses at once: the benign/malignant classification
-of the image (Lc, from the last encoder layer), a per-pixel sigmoid cross-entropy over L = 3 region labels (Ls,
-from the last decoder layer), a topology loss (Lt) whose hierarchical probabilities give zero mass to label
-assignments that break containment/exclusion, and a geometry loss (Lg) that asks neighbouring pixels of the same
-region for the same log-probability. Instead of hand-tuned weights (Eq. 1), each loss i is weighted by a learned
-uncertainty sigma_i^2 (Eq. 2-9): L_i / sigma_i^2 + log sigma_i^2, with s_i = log sigma_i^2 trained with the net.
+Idea. One encoder-decoder FCN (Fig. 1) trains four losses at once: benign/malignant classification (Lc, last encoder
+layer), a per-pixel sigmoid cross-entropy over L = 3 region labels (Ls, last decoder layer), a topology loss (Lt)
+whose hierarchical probabilities give zero mass to label assignments that break containment or exclusion, and a
+geometry loss (Lg) asking neighbouring pixels of one region for the same log-probability. Instead of hand-tuned
+weights (Eq. 1), each loss i is weighted by a learned uncertainty (Eq. 2-9): L_i / sigma_i^2 + log sigma_i^2, s_i =
+log sigma_i^2 trained with the network.
 
 Region labels (r = 1..L, the channel order of f_s): lumen, epithelial border (the whole gland, so a lumen pixel is
 lumen and border: containment), stroma (excludes both). Of the 2^L label vectors only stroma (0,0,1), border
@@ -26,8 +26,7 @@ Equations -> code (the method is one block, "The method" below)
     Table 1    TABLE1, --table1;   Fig. 2  --sweep;   Fig. 3  figure_predictions
 
 Usage (and --eval-only --checkpoint, --resume DIR, torchrun --nproc_per_node N, as README.md says)
-    python uncertainty_multiloss.py                       # Lc+Ls+Lt+Lg, learned sigma; synthetic, CPU-sized
-    python uncertainty_multiloss.py --seeds 0,1,2         # the same, mean ± standard error over 3 seeds
+    python uncertainty_multiloss.py [--seeds 0,1,2]       # Lc+Ls+Lt+Lg, learned sigma; synthetic; mean ± SE over seeds
     python uncertainty_multiloss.py --table1 --seeds 0,1,2    # the 11 rows of Table 1
     python uncertainty_multiloss.py --sweep --epochs 20   # Fig. 2, both lambda sweeps (22 runs)
     python uncertainty_multiloss.py --losses c,s,t,g --weights 0.1,0.6,0.22,0.08 --no-uncertainty
@@ -397,11 +396,8 @@ def random_patches(batch, side, generator):
     rows = (top[:, None] + torch.arange(side, device=dev))[:, :, None]  # [B,P,1]
     cols = (left[:, None] + torch.arange(side, device=dev))[:, None, :]  # [B,1,P]
     n = torch.arange(b, device=dev)[:, None, None]
-    out = dict(batch, images=images.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2).contiguous())
-    for key in ("masks", "instances", "valid"):
-        if batch.get(key) is not None:
-            out[key] = batch[key][n, rows, cols]
-    return out
+    cut = {key: batch[key][n, rows, cols] for key in ("masks", "instances", "valid") if batch.get(key) is not None}
+    return dict(batch, images=images.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2).contiguous(), **cut)
 
 
 def training_batches(split, args, generator, stats, dist):
@@ -515,9 +511,8 @@ def evaluate(model, split, stats, config, args, objects=True):
         regions = region_prob.argmax(1)
         valid = split.get("valid")  # letterboxed images: 1 on the image's own pixels
         valid = torch.ones_like(regions, dtype=torch.bool) if valid is None else valid.to(regions.device).bool()
-        # per image share of right pixels among the image's own pixels (not letterbox padding)
         right = (regions == split["masks"].to(regions.device).long()) & valid
-        accuracy = (right.flatten(1).sum(1).double() / valid.flatten(1).sum(1).clamp_min(1)).cpu()
+        accuracy = (right.flatten(1).sum(1).double() / valid.flatten(1).sum(1).clamp_min(1)).cpu()  # per image
         if objects:
             dice, hausdorff = _object_scores(regions, split["instances"].to(regions.device), args.connectivity)
     out["pixel_accuracy"] = accuracy.mean().item()
@@ -527,8 +522,7 @@ def evaluate(model, split, stats, config, args, objects=True):
         out["object_hausdorff"] = finite.mean().item() if len(finite) else math.inf
         out["hausdorff_undefined"] = int((~torch.isfinite(hausdorff)).sum())
     else:
-        # padding is stroma in both: left out
-        gland, truth = (regions >= 1) & valid, (split["masks"].to(regions.device) >= 1) & valid
+        gland, truth = (regions >= 1) & valid, (split["masks"].to(regions.device) >= 1) & valid  # padding left out
         out["gland_dice"] = common.dice(gland, truth).mean().item()
     return out
 
@@ -536,8 +530,7 @@ def evaluate(model, split, stats, config, args, objects=True):
 # ---- One job = one row of a table for one seed ---------------------------------------------------
 
 def load_data(args, seed, device=None):
-    """The dataset for one seed (synthetic data is generated from it; real data's train/val split
-    is seeded), moved to the device, with the normalisation statistics of its training split."""
+    """One seed's data (synthetic: generated from it; real: its train/val split) on the device, and train mean/std."""
     name = "synthetic-glands" if args.data == "synthetic" else args.data
     options = {"n_train": 12, "n_val": 4, "n_test": 6} if args.quick and args.data == "synthetic" else {}
     if args.data == "synthetic":  # --n-train / --n-val / --n-test win over --quick's small set
