@@ -370,11 +370,10 @@ def regions_to_instances(regions, connectivity=4):
     return instances[0] if single else instances
 
 
-# ---- Training (Sec. 3) ---------------------------------------------------------------------------
+# ---- Training and evaluation (Sec. 3): regions, glands as objects, the metrics ---------------------
 
 def _patch_start(inside, length, side, u):
-    """First row (or column) of a side-long patch per image, uniform over the starts that keep the
-    patch inside the image's own rows (`inside` [B,length]) where the image is long enough."""
+    """Per image, a uniform first row (or column) of a side-long patch inside its own rows (`inside` [B,length])."""
     first = inside.float().argmax(1).float()
     last = length - 1 - inside.flip(1).float().argmax(1)
     low = first.clamp(max=length - side)
@@ -465,17 +464,14 @@ def train(job, model, config, data, stats):
     return {**progress.report(), "steps": steps_per_epoch * args.epochs, "seconds": time.perf_counter() - started}
 
 
-# ---- Evaluation: regions, glands as objects, the metrics of Sec. 3 -------------------------------
-
 @torch.no_grad()
 def predict(model, split, stats, args):
     """Class probabilities [N,K] and P_t of (stroma, border, lumen) [N,3,H,W], on the device."""
     model.eval()
     classes, regions = [], []
     for batch in common.iterate_batches(split, args.batch_size, shuffle=False):
-        x = common.normalize(batch["images"], stats["mean"], stats["std"])
         with common.autocast(stats["device"], args.amp):
-            class_logits, pixel_logits = model(x)
+            class_logits, pixel_logits = model(common.normalize(batch["images"], stats["mean"], stats["std"]))
         classes.append(class_logits.float().softmax(1))  # sigma_c rescales f_c only: same argmax (Eq. 3)
         regions.append(region_log_probabilities(pixel_logits.float()).exp())
     return torch.cat(classes), torch.cat(regions)
@@ -596,14 +592,13 @@ def load_model(checkpoint_path, device="cpu"):
 def predict_batch(predictor, images_uint8):
     """uint8 [B,3,S,S] -> {"mask": regions (0 stroma, 1 border, 2 lumen), "instances": glands, "maps": {"entropy":
     H(P_t)}, "rows": per image the predicted class, probability per class name and number of glands}."""
-    args, model = predictor.args, predictor.model
     x = common.normalize(images_uint8.to(predictor.device), *predictor.norm)
-    with common.autocast(predictor.device, getattr(args, "amp", True)):
-        class_logits, pixel_logits = model(x)
+    with common.autocast(predictor.device, getattr(predictor.args, "amp", True)):
+        class_logits, pixel_logits = predictor.model(x)
     class_prob = class_logits.float().softmax(1)  # [B,K]
     log_p = region_log_probabilities(pixel_logits.float())  # [B,3,S,S]
     regions = log_p.argmax(1)  # the most probable valid label vector under P_t
-    instances = regions_to_instances(regions, args.connectivity)
+    instances = regions_to_instances(regions, predictor.args.connectivity)
     entropy = -(log_p.exp() * log_p).sum(1)  # H(P_t) in nats; 0 <= H <= log 3
     rows = [{"predicted_class": predictor.class_names[int(p.argmax())],
              **{f"p_{name}": float(p[k]) for k, name in enumerate(predictor.class_names)}, "n_glands": int(g.max())}
@@ -637,8 +632,7 @@ def table_markdown(rows, title, digits=3):
 
 
 def figure_predictions(model, split, stats, args, path, n=4):
-    """Fig. 3: image, ground truth, predicted regions (lumen purple, border yellow, stroma black)
-    and the predicted glands as regions_to_instances separates them (one colour per object)."""
+    """Fig. 3: image, ground truth, predicted regions and the glands regions_to_instances finds (a colour each)."""
     subset = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in split.items()}
     class_prob, region_prob = predict(model, subset, stats, args)
     regions = region_prob.argmax(1)
@@ -656,8 +650,7 @@ def figure_predictions(model, split, stats, args, path, n=4):
         axes[3, i].imshow(glands[i].float().masked_fill(glands[i] == 0, math.nan).numpy() % 20, cmap=objects,
                           vmin=0, vmax=20, interpolation="nearest")
         axes[3, i].set_title(f"{int(glands[i].max())} glands", fontsize=8)
-    for a in axes.flat:
-        a.set_xticks([]), a.set_yticks([])
+    plt.setp(axes, xticks=[], yticks=[])
     for a, name in zip(axes[1:, 0], ("ground truth", "prediction", "predicted glands")):
         a.set_ylabel(name)
     fig.suptitle("Fig. 3: lumen (purple), epithelial border (yellow), stroma (black); glands as objects")
@@ -709,8 +702,7 @@ def main(argv=None):
         common.run_predict(args, load_model, predict_batch, SCRIPT)
         return None
     checkpoint = None
-    # the rows the command asks for, {row name: loss configuration}, in the table's order
-    if args.eval_only:  # a checkpoint's own configuration, rebuilt with its own architecture
+    if args.eval_only:  # rows {name: loss configuration}: a checkpoint's own, rebuilt with its own architecture
         checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT)
         if "config" not in checkpoint:
             raise common.CheckpointError(f"{args.checkpoint} holds no loss configuration (not this script's)")
