@@ -194,7 +194,7 @@ def config_from_args(args):
     return config
 
 
-# ======== The method (Sec. 2): model, losses (LOSS_NAMES), glands as objects; tensors and numbers in and out ========
+# ======== The method (Sec. 2): model, losses, glands as objects; tensors and numbers in and out ========
 
 # All 2^L label vectors S = (S^lumen, S^border, S^stroma), r = 1..L the channel order of f_s; row v is vector v.
 LABEL_VECTORS = torch.tensor([
@@ -289,7 +289,7 @@ def region_log_probabilities(pixel_logits):
 
 
 def topology_loss(log_pt, vector):
-    """Eq. 8 at sigma_t = 1: -log P_t(S_p | x_p) of the true vector, mean over pixels (each once: Deviations)."""
+    """Eq. 8 at sigma_t = 1: -log P_t(S_p | x_p) of the ground-truth vector, pixel mean (each once: Deviations)."""
     return -log_pt.gather(1, vector.unsqueeze(1)).mean()
 
 
@@ -426,7 +426,7 @@ def train(job, model, config, data, stats):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)  # Sec. 3: SGD, lr 1e-2
     generator = torch.Generator(device=run.device).manual_seed(job.seed)  # batches, patches, augmentation
     start, best = common.resume(job, model, optimizer, generator=generator)  # the batches go on as they would have
-    steps_per_epoch = max(1, len(data["train"]["names"]) // args.batch_size)  # as training_batches drops the last
+    steps_per_epoch = max(1, len(data["train"]["names"]) // args.batch_size)  # the last partial batch is dropped
     progress = common.Progress(job, steps_per_epoch, args.epochs, start, every=args.log_every)
     extra = {"config": config, "norm": {"mean": stats["mean"].cpu(), "std": stats["std"].cpu()},
              "class_names": list(data["train"]["class_names"])}  # what --eval-only and --predict need
