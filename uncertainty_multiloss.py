@@ -3,34 +3,30 @@
 Reference: A. BenTaieb and G. Hamarneh, "Uncertainty Driven Multi-Loss Fully Convolutional Networks
 for Histopathology", MICCAI 2017 workshops (LABELS), LNCS 10552 (../shared/papers/uncertainty_multiloss.txt).
 
-Idea. One encoder-decoder FCN (Fig. 1) is trained with four losses at once: the benign/malignant
-classification of the image (Lc, from the last encoder layer), a per-pixel sigmoid cross-entropy over
-L = 3 region labels (Ls, from the last decoder layer), a topology loss (Lt) whose hierarchical
-probabilities give zero mass to label assignments that break containment/exclusion, and a geometry
-loss (Lg) that asks neighbouring pixels of the same region for the same log-probability. Instead of
-hand-tuned weights (Eq. 1), each loss i is weighted by a learned uncertainty sigma_i^2 (Eq. 2-9):
-L_i / sigma_i^2 + log sigma_i^2, with s_i = log sigma_i^2 trained with the network.
+Idea. One encoder-decoder FCN (Fig. 1) trains four losses at once: benign/malignant classification (Lc, last encoder
+layer), a per-pixel sigmoid cross-entropy over L = 3 region labels (Ls, last decoder layer), a topology loss (Lt)
+whose hierarchical probabilities give zero mass to label assignments that break containment or exclusion, and a
+geometry loss (Lg) asking neighbouring pixels of one region for the same log-probability. Instead of hand-tuned
+weights (Eq. 1), each loss i is weighted by a learned uncertainty (Eq. 2-9): L_i / sigma_i^2 + log sigma_i^2, s_i =
+log sigma_i^2 trained with the network.
 
-Region labels (r = 1..L, the channel order of f_s): lumen, epithelial border (the whole gland, so a
-lumen pixel is lumen and border: containment), stroma (excludes both). Of the 2^L label vectors only
-stroma (0,0,1), border (0,1,0) and lumen (1,1,0) are valid, so P_t of Eq. 7 is a 3-way softmax over
-(f_stroma, f_border, f_lumen + f_border).
+Region labels (r = 1..L, the channel order of f_s): lumen, epithelial border (the whole gland, so a lumen pixel is
+lumen and border: containment), stroma (excludes both). Of the 2^L label vectors only stroma (0,0,1), border
+(0,1,0) and lumen (1,1,0) are valid, so P_t (Eq. 7) is a softmax over (f_stroma, f_border, f_lumen + f_border).
 
 Equations -> code (the method is one block, "The method" below)
-    Fig. 1     MultiLossFCN (level_block = Conv3x3-ReLU-BN twice; 2x2 pooling; 2x2 up-sampling + 1x1
-               conv; class_head -> f_c, pixel_head -> f_s; log_sigma2 = s_c, s_s, s_t, s_g)
+    Fig. 1     MultiLossFCN (level_block = Conv3x3-ReLU-BN twice; 2x2 pooling; 2x2 up-sampling + 1x1 conv;
+               class_head -> f_c, pixel_head -> f_s; log_sigma2 = s_c, s_s, s_t, s_g)
     Eq. 1, 2   combine_losses: sum_i lambda_i L_i (uncertainty=False); Lc + Ls + Lt + Lg (True)
     Eq. 3-5    classification_loss, uncertainty_weighted (L / sigma^2 + log sigma^2, every term)
     Eq. 6      segmentation_loss;   Eq. 8  topology_loss;   Eq. 9  geometry_loss
-    Eq. 7      hierarchical_log_probabilities (LABEL_VECTORS, VALID), region_log_probabilities, decode_regions
-    Sec. 3     regions_to_instances (glands as objects); train (SGD, lr 1e-2, elastic + affine
-               augmentation, 250x250 patches on GlaS); evaluate (accuracy, pixel accuracy, GlaS
-               object Dice and object Hausdorff)
+    Eq. 7      hierarchical_log_probabilities (LABEL_VECTORS, VALID), region_log_probabilities (argmax: regions)
+    Sec. 3     regions_to_instances (glands as objects); train (SGD, lr 1e-2, elastic + affine augmentation,
+               250x250 patches on GlaS); evaluate (accuracy, pixel accuracy, GlaS object Dice and Hausdorff)
     Table 1    TABLE1, --table1;   Fig. 2  --sweep;   Fig. 3  figure_predictions
 
 Usage (and --eval-only --checkpoint, --resume DIR, torchrun --nproc_per_node N, as README.md says)
-    python uncertainty_multiloss.py                       # Lc+Ls+Lt+Lg, learned sigma; synthetic, CPU-sized
-    python uncertainty_multiloss.py --seeds 0,1,2         # the same, mean ± standard error over 3 seeds
+    python uncertainty_multiloss.py [--seeds 0,1,2]       # Lc+Ls+Lt+Lg, learned sigma; synthetic; mean ± SE over seeds
     python uncertainty_multiloss.py --table1 --seeds 0,1,2    # the 11 rows of Table 1
     python uncertainty_multiloss.py --sweep --epochs 20   # Fig. 2, both lambda sweeps (22 runs)
     python uncertainty_multiloss.py --losses c,s,t,g --weights 0.1,0.6,0.22,0.08 --no-uncertainty
@@ -39,35 +35,32 @@ Usage (and --eval-only --checkpoint, --resume DIR, torchrun --nproc_per_node N, 
 
 Deviations (ambiguities resolved, and why)
     - Eq. 6 prints only -S log P; the "sigmoid cross entropy" it names has both terms: both are used.
-    - Eq. 7-8: P_t is a distribution over label vectors (the "modified softmax" of [4]): Z sums over
-      all 2^L vectors, not "over r" as printed, and Lt = -log P_t(S_p | x_p), one term per pixel
-      (read literally, Eq. 8 counts a lumen pixel twice; read as per-label marginals it never
-      penalises a border pixel for the lumen vector, both having S^border = 1).
-    - Eq. 9: the formula's P_t of the ground-truth vector, not the "log-sigmoid label probabilities"
-      of the sentence after it (the tests work one case in both readings).
-    - Sums over pixels (Eq. 6, 8, 9) are means, so Table 1's fixed lambdas weigh terms of comparable
-      size; Lg sums over the 4 neighbours of each pixel (each pair counts twice).
-    - Eq. 5 (the paper's approximation of Eq. 3-4), + log sigma^2 and no factor 1/2, for every term.
-      L_i e^-s + s is least at sigma_i^2 = L_i, so 1/sigma_i^2 follows 1/L_i (the training loss),
-      bounded only by the step size; log.jsonl and figures/sigma2.png hold both per epoch.
-    - Augmentation (Sec. 3: "elastic and affine"): rotation, scaling, elastic warp; --flip and
-      --color-jitter only when asked for.
-    - Not in the paper, chosen here: two Conv3x3-ReLU-BN per level; ceil max pooling (250 -> 125 ->
-      63 -> 32 -> 16 as Fig. 1); nearest 2x up-sampling then a 1x1 conv halving the channels; class
-      logits = 1x1 conv on the last encoder layer averaged over space; SGD momentum 0.9; s_i = 0 at
-      the start; the epoch tested is the best on validation by the mean of accuracy, pixel accuracy
-      and the gland mask's pixel Dice; predicted regions = the most probable valid vector under P_t.
-    - Glands as objects (the paper does not say how): regions_to_instances gives every gland pixel to
-      its geodesically nearest lumen component, so glands that touch or are pressed together stay
-      apart as GlaS annotates them; a gland without lumen is one object. No step merges cells back:
-      on the synthetic validation ground truth (seeds 0-2, 90 images, 64 px) object Dice is 0.968
-      without a merge, 0.961 / 0.938 / 0.913 when cells meeting along at least 0.9 / 0.6 / 0.3 of
-      the thinner one's thickness are merged, 0.905 for connected components of border U lumen;
-      most of what is left is lumen-free glands touching another gland.
+    - Eq. 7-8: P_t is a distribution over label vectors (the "modified softmax" of [4]): Z sums over all 2^L
+      vectors, not "over r" as printed; Lt = -log P_t(S_p | x_p), once per pixel (literally, Eq. 8 counts a lumen
+      pixel twice; as label marginals it never penalises a border pixel for the lumen vector: both S^border = 1).
+    - Eq. 9: the formula's P_t of the ground-truth vector, not the "log-sigmoid label probabilities" of the
+      sentence after it (the tests work one case in both readings).
+    - Sums over pixels (Eq. 6, 8, 9) are means, so Table 1's fixed lambdas weigh terms of comparable size; Lg
+      sums over the 4 neighbours of each pixel (each pair counts twice).
+    - Eq. 5 (the paper's approximation of Eq. 3-4), + log sigma^2 and no factor 1/2, for every term. L_i e^-s + s
+      is least at sigma_i^2 = L_i, so 1/sigma_i^2 follows 1/L_i (the training loss), bounded only by the step
+      size; log.jsonl and figures/sigma2.png hold both per epoch.
+    - Augmentation (Sec. 3: "elastic and affine"): rotation, scaling, elastic warp; --flip, --color-jitter optional.
+    - Not in the paper, chosen here: two Conv3x3-ReLU-BN per level; ceil max pooling (250 -> 125 -> 63 -> 32 -> 16
+      as Fig. 1); nearest 2x up-sampling, then a 1x1 conv halving the channels; class logits = 1x1 conv on the
+      last encoder layer averaged over space; SGD momentum 0.9; s_i = 0 at the start; the epoch tested is the best
+      on validation by the mean of accuracy, pixel accuracy and the gland mask's pixel Dice; predicted regions =
+      the most probable valid vector under P_t.
+    - Glands as objects (the paper does not say how): regions_to_instances gives every gland pixel to its
+      geodesically nearest lumen component, so glands that touch or are pressed together stay apart as GlaS
+      annotates them; a gland without lumen is one object. No step merges cells back: on the synthetic validation
+      ground truth (seeds 0-2, 90 images, 64 px) object Dice is 0.968 without a merge, 0.961 / 0.938 / 0.913 when
+      cells meeting along at least 0.9 / 0.6 / 0.3 of the thinner one's thickness are merged, 0.905 for connected
+      components of border U lumen; most of what is left is lumen-free glands touching another gland.
     - Segmentation metrics for every run that trains the pixel head (any of Ls, Lt, Lg), "-" else.
-    - Real data (GlaS, 775x522) keeps its aspect ratio on a zero-padded canvas (--size 512); patches
-      are cut inside each image's own pixels; metrics at the original resolution (P_t mapped back
-      with common.from_canvas, then decoded); the border band is --border-width original pixels.
+    - Real data (GlaS, 775x522) keeps its aspect ratio on a zero-padded canvas (--size 512); patches are cut
+      inside each image's own pixels; metrics at the original resolution (P_t mapped back with
+      common.from_canvas, then decoded); the border band is --border-width original pixels.
     - CPU-sized synthetic default: 64x64 images, width 16, 40 epochs, batch 8 (DATA_DEPENDENT; --help).
 """
 import argparse
@@ -105,9 +98,8 @@ TABLE1 = [
 ]
 METRICS = ("accuracy", "pixel_accuracy", "object_dice", "object_hausdorff")  # Table 1's columns
 
-# Defaults that depend on the data: (synthetic, real data, --quick synthetic, --quick real data).
-# Real data (GlaS, 775x522) is letterboxed onto a 512 canvas and trained on 250x250 patches (Sec. 3),
-# 100 epochs of 70 images ~ the paper's x100 augmentation, a wider network; synthetic is CPU-sized.
+# Defaults that depend on the data: (synthetic, real, --quick synthetic, --quick real). Real data (GlaS): 250x250
+# patches (Sec. 3) of a 512 canvas, 100 epochs of 70 images ~ the paper's x100 augmentation, a wider network.
 DATA_DEPENDENT = {
     "size": (64, 512, 32, 32),
     "epochs": (40, 100, 1, 1),
@@ -118,22 +110,17 @@ DATA_DEPENDENT = {
     "elastic": (2.0, 8.0, 2.0, 8.0),
     "lambdas": ([0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1],) * 2 + ([0, 0.5, 1],) * 2,
 }
-# what a checkpoint must rebuild for --eval-only, --predict and --resume
-ARCHITECTURE = ("width", "depth", "size", "connectivity", "init_log_sigma2")
 
 
 # ---- Arguments -----------------------------------------------------------------------------------
 
-def data_defaults_text():
+def build_parser():
     rows = [f"  --{k.replace('_', '-'):<11} {v[0]!s:>6} {v[1]!s:>6} {v[2]!s:>6} {v[3]!s:>6}"
             for k, v in DATA_DEPENDENT.items() if k != "lambdas"]
-    return ("defaults that depend on --data (a flag given on the command line always wins):\n"
-            "  flag         synth   real  quick  quick-real\n" + "\n".join(rows)
-            + "\n  --lambdas: 0,0.1,...,1 (0,0.5,1 with --quick)")
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=data_defaults_text(),
+    epilog = ("defaults that depend on --data (a flag given on the command line always wins):\n"
+              "  flag         synth   real  quick  quick-real\n" + "\n".join(rows)
+              + "\n  --lambdas: 0,0.1,...,1 (0,0.5,1 with --quick)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, size=64, epochs=40, batch_size=8, lr=1e-2, data="synthetic",
                            data_choices=["synthetic", "glas", "folder"])
@@ -151,8 +138,7 @@ def build_parser():
     m.add_argument("--depth", type=common.POSITIVE_INT, help="number of 2x2 poolings (Fig. 1: 250 -> 16 is 4)")
     m.add_argument("--patch", type=common.NONNEGATIVE_INT,
                    help="side of random square training patches (Sec. 3: 250); 0 = whole images")
-    m.add_argument("--elastic", type=common.NONNEGATIVE,
-                   help="elastic warp magnitude in pixels (Sec. 3: elastic transforms)")
+    m.add_argument("--elastic", type=common.NONNEGATIVE, help="elastic warp magnitude in pixels (Sec. 3)")
     m.add_argument("--rotate", type=common.checked(float, low=0, high=180), default=15.0,
                    help="affine augmentation: rotation in degrees (Sec. 3)")
     m.add_argument("--scale", type=common.checked(float, low=0, high=0.9), default=0.1,
@@ -173,12 +159,9 @@ def build_parser():
 
 
 def resolve_defaults(args):
-    """Fills each flag of DATA_DEPENDENT that the command line left unset with its value for the data,
-    then checks the flags that depend on each other (one line, exit 2, before anything is written)."""
+    """Fills the DATA_DEPENDENT flags left unset with the data's values; checks flags that depend on each other."""
     column = 2 * bool(args.quick) + (args.data != "synthetic")
-    for key, values in DATA_DEPENDENT.items():
-        if getattr(args, key) is None:
-            setattr(args, key, values[column])
+    common.fill_defaults(args, {key: values[column] for key, values in DATA_DEPENDENT.items()})
     if args.table1 and args.sweep:
         raise common.UsageError("--table1 and --sweep are two separate runs: pass one of them")
     config_from_args(args)  # --losses, --weights, --uncertainty
@@ -211,14 +194,9 @@ def config_from_args(args):
     return config
 
 
-# ==================================================================================================
-# The method (Sec. 2): model, losses, glands as objects; tensors and plain numbers in and out (the
-# loss terms are named by LOSS_NAMES above).
-# ==================================================================================================
+# ======== The method (Sec. 2): model, losses, glands as objects; tensors and numbers in and out ========
 
-LABELS = ("lumen", "border", "stroma")  # r = 1..L, channel order of f_s
-REGION_NAMES = ["stroma", "border", "lumen"]  # values of a region mask (0, 1, 2)
-# All 2^L label vectors S = (S^lumen, S^border, S^stroma); row v is vector v.
+# All 2^L label vectors S = (S^lumen, S^border, S^stroma), r = 1..L the channel order of f_s; row v is vector v.
 LABEL_VECTORS = torch.tensor([
     [0, 0, 0],  # 0: no region                        V = 0
     [0, 0, 1],  # 1: stroma                           V = 1   (mask value 0)
@@ -240,12 +218,11 @@ def level_block(in_ch, out_ch):
 
 
 class MultiLossFCN(nn.Module):
-    """Fig. 1: an encoder (levels separated by 2x2 max pooling, ceil: 250 -> 125 -> 63 -> 32 -> 16) and
-    a decoder with skips (2x2 up-sampling, a 1x1 convolution halving the channels, the skip, a level);
-    f_c from the last encoder layer, f_s from the last decoder layer; and the learned s_i = log
-    sigma_i^2 of each loss (Implementation details)."""
+    """Fig. 1: an encoder (levels separated by 2x2 max pooling, ceil: 250 -> 125 -> 63 -> 32 -> 16) and a decoder
+    with skips (2x2 up-sampling, a 1x1 convolution halving the channels, the skip, a level); f_c from the last
+    encoder layer, f_s from the last decoder one; the learned s_i = log sigma_i^2 per loss (Implementation details)."""
 
-    def __init__(self, width=16, depth=4, n_classes=2, n_labels=len(LABELS), init_log_sigma2=0.0):
+    def __init__(self, width=16, depth=4, n_classes=2, n_labels=3, init_log_sigma2=0.0):
         super().__init__()
         channels = [width * 2 ** i for i in range(depth + 1)]
         self.encoder = nn.ModuleList(level_block(i, o) for i, o in zip([3] + channels[:-1], channels))
@@ -298,9 +275,8 @@ def segmentation_loss(pixel_logits, label_maps):
 def hierarchical_log_probabilities(pixel_logits):
     """Eq. 7: log P_t(S | x_p) for every label vector S (dim 1, rows of LABEL_VECTORS) [B,8,H,W].
     P~_t(S) = V(S) prod_r exp(f_r(x_p) S^r);  Z = sum_S P~_t(S);  invalid vectors get log 0 = -inf."""
-    vectors = LABEL_VECTORS.to(pixel_logits.device)
     # log prod_r exp(f_r S^r) = sum_r f_r S^r
-    energy = torch.einsum("blhw,vl->bvhw", pixel_logits.float(), vectors)
+    energy = torch.einsum("blhw,vl->bvhw", pixel_logits.float(), LABEL_VECTORS.to(pixel_logits.device))
     # V(S) = 0 -> P~_t = 0
     energy = energy.masked_fill(~VALID.to(pixel_logits.device).view(1, -1, 1, 1), float("-inf"))
     # log P~_t - log Z
@@ -313,8 +289,7 @@ def region_log_probabilities(pixel_logits):
 
 
 def topology_loss(log_pt, vector):
-    """Eq. 8 at sigma_t = 1: -log P_t(S_p | x_p) of the ground-truth label vector, mean over pixels
-    (each pixel once, lumen included: see Deviations)."""
+    """Eq. 8 at sigma_t = 1: -log P_t(S_p | x_p) of the ground-truth vector, pixel mean (each once: Deviations)."""
     return -log_pt.gather(1, vector.unsqueeze(1)).mean()
 
 
@@ -323,21 +298,18 @@ def geometry_loss(log_pt, vector):
     pixels p; B_pq = 1 where p and q have the same ground-truth label vector (then S_q = S_p)."""
     # log P_t(S_p | x_p) of each pixel's own ground-truth vector  [B,H,W]
     log_p = log_pt.gather(1, vector.unsqueeze(1)).squeeze(1)
-    # B_pq for q the right neighbour and q the neighbour below p (the other two N4 directions are
-    # the same pairs seen from q)
+    # B_pq for q right of and below p (the other two N4 directions are the same pairs seen from q)
     b_right = (vector[:, :, 1:] == vector[:, :, :-1]).float()
     b_below = (vector[:, 1:, :] == vector[:, :-1, :]).float()
     # |log P_t(S_p|x_p) - log P_t(S_p|x_q)| over the pairs with B_pq = 1
     right = (b_right * (log_p[:, :, 1:] - log_p[:, :, :-1]).abs()).sum()
     below = (b_below * (log_p[:, 1:] - log_p[:, :-1]).abs()).sum()
-    # every unordered pair {p, q} is in N4(p) and in N4(q): it counts twice in the sum over p;
-    # normaliser: the number of pixels (sums over pixels are means, see Deviations)
+    # each pair {p, q} is in N4(p) and in N4(q): counted twice; divided by the pixel count (pixel sums are means)
     return 2 * (right + below) / vector.numel()
 
 
 def loss_terms(class_logits, pixel_logits, labels, masks, active):
-    """The plain (sigma = 1) value of each term named in `active`: {"c": Lc, "s": Ls, "t": Lt, "g": Lg}.
-    All four are cheap next to the network; a term left out of `active` gets no gradient."""
+    """{"c": Lc, "s": Ls, "t": Lt, "g": Lg} at sigma = 1, the terms in `active` (all cheap next to the network)."""
     vector, label_maps = label_vector_targets(masks)
     terms = {"c": classification_loss(class_logits, labels), "s": segmentation_loss(pixel_logits, label_maps)}
     log_pt = hierarchical_log_probabilities(pixel_logits)  # Eq. 7, shared by Lt and Lg
@@ -353,14 +325,8 @@ def combine_losses(terms, weights, uncertainty, log_sigma2):
     return sum(weights[k] * loss for k, loss in terms.items())
 
 
-def decode_regions(pixel_logits):
-    """Region map (0 stroma, 1 border, 2 lumen): the most probable valid label vector under P_t."""
-    return region_log_probabilities(pixel_logits).argmax(1)
-
-
 def _neighbours(x, fill):
-    """The 8 neighbours of every pixel of x [N,H,W] (`fill` outside): 8 [N,H,W] tensors, up, down,
-    left, right first, then up-left, up-right, down-left, down-right."""
+    """x's 8 neighbours [N,H,W] (`fill` outside): up, down, left, right, up-left, up-right, down-left, down-right."""
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), value=fill)
     offsets = [(0, 1), (2, 1), (1, 0), (1, 2), (0, 0), (0, 2), (2, 0), (2, 2)]
@@ -368,22 +334,19 @@ def _neighbours(x, fill):
 
 
 def _grow_markers(markers, gland):
-    """Every pixel of `gland` takes the label of the marker it reaches first when all markers grow at
-    once inside the gland, alternating 4- and 8-neighbour steps (octagonal distance; diagonal steps
-    only through a gland pixel, so no label jumps between glands touching at a corner). Ties take
-    the larger label; pixels of a gland without a marker stay 0."""
+    """Every pixel of `gland` takes the label of the marker it reaches first when all markers grow at once inside
+    the gland, alternating 4- and 8-neighbour steps (octagonal distance; diagonal steps only through a gland pixel,
+    so no label jumps between glands touching at a corner). Ties take the larger label; no marker: 0."""
     inside = _neighbours(gland, False)
     # a diagonal neighbour (4..7 above) is reached through one of its two edge neighbours
     diagonal_open = [inside[a] | inside[b] for a, b in ((0, 2), (0, 3), (1, 2), (1, 3))]
     labels, step = markers, 0
     while True:
         near = _neighbours(labels, 0)
-        grown = labels
-        for neighbour in near[:4]:
-            grown = torch.maximum(grown, neighbour)
+        grown = torch.stack([labels, *near[:4]]).amax(0)
         if step % 2:
-            for open_, neighbour in zip(diagonal_open, near[4:]):
-                grown = torch.maximum(grown, torch.where(open_, neighbour, 0))
+            diagonal = [torch.where(open_, neighbour, 0) for open_, neighbour in zip(diagonal_open, near[4:])]
+            grown = torch.stack([grown, *diagonal]).amax(0)
         grown = torch.where(gland & (labels == 0), grown, labels)
         step += 1
         if torch.equal(grown, labels):  # one host sync per step; evaluation only
@@ -392,10 +355,9 @@ def _grow_markers(markers, gland):
 
 
 def regions_to_instances(regions, connectivity=4):
-    """Gland instances [N,H,W] int64 (0 background, 1..k per image) from region maps [N,H,W] or [H,W]
-    (0 stroma, 1 border, 2 lumen): one object per lumen component, every gland pixel to its
-    geodesically nearest lumen (so glands that touch or are pressed together stay apart), a gland
-    without lumen one object; batched on the regions' device."""
+    """Gland instances [N,H,W] int64 (0 background, 1..k per image) from region maps [N,H,W] or [H,W] (0 stroma,
+    1 border, 2 lumen): one object per lumen component, every gland pixel to its geodesically nearest lumen (glands
+    that touch or are pressed together stay apart), a gland without lumen one object; batched on the device."""
     single = regions.dim() == 2
     regions = regions.unsqueeze(0) if single else regions
     gland = regions >= 1
@@ -408,11 +370,10 @@ def regions_to_instances(regions, connectivity=4):
     return instances[0] if single else instances
 
 
-# ---- Training (Sec. 3) ---------------------------------------------------------------------------
+# ---- Training and evaluation (Sec. 3): regions, glands as objects, the metrics ---------------------
 
 def _patch_start(inside, length, side, u):
-    """First row (or column) of a side-long patch per image, uniform over the starts that keep the
-    patch inside the image's own rows (`inside` [B,length]) where the image is long enough."""
+    """Per image, a uniform first row (or column) of a side-long patch inside its own rows (`inside` [B,length])."""
     first = inside.float().argmax(1).float()
     last = length - 1 - inside.flip(1).float().argmax(1)
     low = first.clamp(max=length - side)
@@ -421,9 +382,8 @@ def _patch_start(inside, length, side, u):
 
 
 def random_patches(batch, side, generator):
-    """Sec. 3: one random side x side patch per image, cut on the device (no per-sample Python);
-    with a `valid` map (letterboxed real images) the patch lies inside the image's own pixels
-    wherever the image is at least `side` wide, so padding is seen only around smaller images."""
+    """Sec. 3: one random side x side patch per image, cut on the device; with a `valid` map (letterboxed images)
+    it lies inside the image's own pixels where the image is at least `side` wide (padding only around smaller)."""
     images = batch["images"]
     b, _, h, w = images.shape
     if side >= min(h, w):
@@ -435,16 +395,12 @@ def random_patches(batch, side, generator):
     rows = (top[:, None] + torch.arange(side, device=dev))[:, :, None]  # [B,P,1]
     cols = (left[:, None] + torch.arange(side, device=dev))[:, None, :]  # [B,1,P]
     n = torch.arange(b, device=dev)[:, None, None]
-    out = dict(batch, images=images.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2).contiguous())
-    for key in ("masks", "instances", "valid"):
-        if batch.get(key) is not None:
-            out[key] = batch[key][n, rows, cols]
-    return out
+    cut = {key: batch[key][n, rows, cols] for key in ("masks", "instances", "valid") if batch.get(key) is not None}
+    return dict(batch, images=images.permute(0, 2, 3, 1)[n, rows, cols].permute(0, 3, 1, 2).contiguous(), **cut)
 
 
 def training_batches(split, args, generator, stats, dist):
-    """One epoch of augmented, normalised training batches (Sec. 3), drawn with `generator`; under
-    torchrun data mode, this process's slice of each."""
+    """One epoch of augmented, normalised training batches (Sec. 3) drawn with `generator` (torchrun: this rank's)."""
     drop_last = len(split["names"]) > args.batch_size  # no batch of one image for BatchNorm
     for batch in common.iterate_batches(split, args.batch_size, shuffle=True, generator=generator, drop_last=drop_last):
         if args.patch:  # cut first, then warp the patch (reflection padding then reflects tissue)
@@ -462,17 +418,15 @@ def learned_sigma2(model, keys):
 
 
 def train(job, model, config, data, stats):
-    """SGD (Sec. 3) on the configuration's loss from the job's last checkpoint (or the start) to
-    --epochs; a log line per epoch (loss terms, learned sigma^2 and 1/sigma^2, validation metrics);
-    last.pt every epoch, best.pt on the best validation score. Returns the speed of training."""
+    """SGD (Sec. 3) from the job's last checkpoint (or the start) to --epochs; a log line per epoch (loss terms,
+    sigma^2 and 1/sigma^2, validation metrics); last.pt every epoch, best.pt on the best score. Returns the speed."""
     run, args, started = job.run, job.run.args, time.perf_counter()
     net = common.unwrap(model)  # the plain module: log sigma^2, evaluation
     active = list(config["weights"])
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)  # Sec. 3: SGD, lr 1e-2
     generator = torch.Generator(device=run.device).manual_seed(job.seed)  # batches, patches, augmentation
     start, best = common.resume(job, model, optimizer, generator=generator)  # the batches go on as they would have
-    n_train = len(data["train"]["names"])
-    steps_per_epoch = n_train // args.batch_size if n_train > args.batch_size else 1
+    steps_per_epoch = max(1, len(data["train"]["names"]) // args.batch_size)  # the last partial batch is dropped
     progress = common.Progress(job, steps_per_epoch, args.epochs, start, every=args.log_every)
     extra = {"config": config, "norm": {"mean": stats["mean"].cpu(), "std": stats["std"].cpu()},
              "class_names": list(data["train"]["class_names"])}  # what --eval-only and --predict need
@@ -483,8 +437,7 @@ def train(job, model, config, data, stats):
             with common.autocast(run.device, args.amp):
                 class_logits, pixel_logits = model(batch["x"])
             terms = loss_terms(class_logits, pixel_logits, batch["labels"], batch["masks"], active)
-            # Eq. 2 (learned sigma_i) or Eq. 1 (fixed lambda_i)
-            loss = combine_losses(terms, config["weights"], config["uncertainty"], net.log_sigma2)
+            loss = combine_losses(terms, config["weights"], config["uncertainty"], net.log_sigma2)  # Eq. 2 or Eq. 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -511,26 +464,17 @@ def train(job, model, config, data, stats):
     return {**progress.report(), "steps": steps_per_epoch * args.epochs, "seconds": time.perf_counter() - started}
 
 
-# ---- Evaluation: regions, glands as objects, the metrics of Sec. 3 -------------------------------
-
 @torch.no_grad()
 def predict(model, split, stats, args):
     """Class probabilities [N,K] and P_t of (stroma, border, lumen) [N,3,H,W], on the device."""
     model.eval()
     classes, regions = [], []
     for batch in common.iterate_batches(split, args.batch_size, shuffle=False):
-        x = common.normalize(batch["images"], stats["mean"], stats["std"])
         with common.autocast(stats["device"], args.amp):
-            class_logits, pixel_logits = model(x)
+            class_logits, pixel_logits = model(common.normalize(batch["images"], stats["mean"], stats["std"]))
         classes.append(class_logits.float().softmax(1))  # sigma_c rescales f_c only: same argmax (Eq. 3)
         regions.append(region_log_probabilities(pixel_logits.float()).exp())
     return torch.cat(classes), torch.cat(regions)
-
-
-def _pixel_accuracy(regions, masks, valid):
-    """Per image share of right pixels among the image's own pixels (`valid`: not letterbox padding)."""
-    right = (regions == masks.to(regions.device).long())
-    return ((right & valid).flatten(1).sum(1).double() / valid.flatten(1).sum(1).clamp_min(1)).cpu()
 
 
 def _object_scores(regions, truth, connectivity):
@@ -541,10 +485,9 @@ def _object_scores(regions, truth, connectivity):
 
 @torch.no_grad()
 def evaluate(model, split, stats, config, args, objects=True):
-    """Sec. 3 metrics of the trained heads: classification accuracy, pixel accuracy of the 3-region
-    map, and GlaS object Dice / Hausdorff of the glands (objects=True) or the gland mask's pixel Dice
-    (model selection); at the original resolution when the split keeps it (GlaS: full_masks,
-    full_instances), else at the model's size."""
+    """Sec. 3 metrics of the trained heads: classification accuracy, pixel accuracy of the 3-region map, and GlaS
+    object Dice / Hausdorff of the glands (objects=True) or the gland mask's pixel Dice (model selection); at the
+    original resolution when the split keeps it (GlaS: full_masks, full_instances), else at the model's size."""
     class_prob, region_prob = predict(model, split, stats, args)
     out = {}
     if "c" in config["weights"]:
@@ -564,7 +507,8 @@ def evaluate(model, split, stats, config, args, objects=True):
         regions = region_prob.argmax(1)
         valid = split.get("valid")  # letterboxed images: 1 on the image's own pixels
         valid = torch.ones_like(regions, dtype=torch.bool) if valid is None else valid.to(regions.device).bool()
-        accuracy = _pixel_accuracy(regions, split["masks"], valid)
+        right = (regions == split["masks"].to(regions.device).long()) & valid
+        accuracy = (right.flatten(1).sum(1).double() / valid.flatten(1).sum(1).clamp_min(1)).cpu()  # per image
         if objects:
             dice, hausdorff = _object_scores(regions, split["instances"].to(regions.device), args.connectivity)
     out["pixel_accuracy"] = accuracy.mean().item()
@@ -574,8 +518,7 @@ def evaluate(model, split, stats, config, args, objects=True):
         out["object_hausdorff"] = finite.mean().item() if len(finite) else math.inf
         out["hausdorff_undefined"] = int((~torch.isfinite(hausdorff)).sum())
     else:
-        # padding is stroma in both: left out
-        gland, truth = (regions >= 1) & valid, (split["masks"].to(regions.device) >= 1) & valid
+        gland, truth = (regions >= 1) & valid, (split["masks"].to(regions.device) >= 1) & valid  # padding left out
         out["gland_dice"] = common.dice(gland, truth).mean().item()
     return out
 
@@ -583,12 +526,10 @@ def evaluate(model, split, stats, config, args, objects=True):
 # ---- One job = one row of a table for one seed ---------------------------------------------------
 
 def load_data(args, seed, device=None):
-    """The dataset for one seed (synthetic data is generated from it; real data's train/val split
-    is seeded), moved to the device, with the normalisation statistics of its training split."""
+    """One seed's data (synthetic: generated from it; real: its train/val split) on the device, and train mean/std."""
     name = "synthetic-glands" if args.data == "synthetic" else args.data
-    options = {}
-    if args.data == "synthetic":  # --quick: a small set, unless --n-train / --n-val / --n-test say otherwise
-        options = {"n_train": 12, "n_val": 4, "n_test": 6} if args.quick else {}
+    options = {"n_train": 12, "n_val": 4, "n_test": 6} if args.quick and args.data == "synthetic" else {}
+    if args.data == "synthetic":  # --n-train / --n-val / --n-test win over --quick's small set
         options.update(common.synthetic_split_sizes(args))
     elif args.data == "glas" and args.border_width:
         options["border_width"] = args.border_width
@@ -607,10 +548,8 @@ def load_data(args, seed, device=None):
 
 
 def train_and_test(job, config, data_for, checkpoint=None, draw=False):
-    """One job: trains the configuration with the job's seed (data, initialisation, shuffling and
-    augmentation all seeded by it) and tests its best epoch, or tests `checkpoint` (--eval-only);
-    returns the table row for this seed (lambdas, test metrics, learned sigma^2, speed). The job of
-    the main row's first seed draws Fig. 3."""
+    """One job: trains the configuration with the job's seed (data, initialisation, batches, augmentation), tests
+    its best epoch (or `checkpoint`: --eval-only); returns this seed's row (lambdas, test metrics, sigma^2, speed)."""
     args = job.run.args
     data, stats = data_for(job.seed)
     model = common.prepare_model(MultiLossFCN(args.width, args.depth, init_log_sigma2=args.init_log_sigma2), job.run)
@@ -646,22 +585,20 @@ def load_model(checkpoint_path, device="cpu"):
     norm = (state["norm"]["mean"].to(device), state["norm"]["std"].to(device))
     return common.Predictor(model=model.to(device).eval(), args=args, norm=norm, size=args.size, keep_aspect=True,
                             device=device, class_names=state.get("class_names") or ["benign", "malignant"],
-                            mask_names=list(REGION_NAMES), extra={"config": state["config"]})
+                            mask_names=["stroma", "border", "lumen"], extra={"config": state["config"]})
 
 
 @torch.no_grad()
 def predict_batch(predictor, images_uint8):
-    """uint8 [B,3,S,S] -> {"mask": regions (0 stroma, 1 border, 2 lumen), "instances": glands
-    (regions_to_instances), "maps": {"entropy": predictive entropy of P_t}, "rows": predicted class,
-    probability per class name and number of glands per image}."""
-    args, model = predictor.args, predictor.model
+    """uint8 [B,3,S,S] -> {"mask": regions (0 stroma, 1 border, 2 lumen), "instances": glands, "maps": {"entropy":
+    H(P_t)}, "rows": per image the predicted class, probability per class name and number of glands}."""
     x = common.normalize(images_uint8.to(predictor.device), *predictor.norm)
-    with common.autocast(predictor.device, getattr(args, "amp", True)):
-        class_logits, pixel_logits = model(x)
+    with common.autocast(predictor.device, getattr(predictor.args, "amp", True)):
+        class_logits, pixel_logits = predictor.model(x)
     class_prob = class_logits.float().softmax(1)  # [B,K]
     log_p = region_log_probabilities(pixel_logits.float())  # [B,3,S,S]
-    regions = decode_regions(pixel_logits.float())
-    instances = regions_to_instances(regions, args.connectivity)
+    regions = log_p.argmax(1)  # the most probable valid label vector under P_t
+    instances = regions_to_instances(regions, predictor.args.connectivity)
     entropy = -(log_p.exp() * log_p).sum(1)  # H(P_t) in nats; 0 <= H <= log 3
     rows = [{"predicted_class": predictor.class_names[int(p.argmax())],
              **{f"p_{name}": float(p[k]) for k, name in enumerate(predictor.class_names)}, "n_glands": int(g.max())}
@@ -695,8 +632,7 @@ def table_markdown(rows, title, digits=3):
 
 
 def figure_predictions(model, split, stats, args, path, n=4):
-    """Fig. 3: image, ground truth, predicted regions (lumen purple, border yellow, stroma black)
-    and the predicted glands as regions_to_instances separates them (one colour per object)."""
+    """Fig. 3: image, ground truth, predicted regions and the glands regions_to_instances finds (a colour each)."""
     subset = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in split.items()}
     class_prob, region_prob = predict(model, subset, stats, args)
     regions = region_prob.argmax(1)
@@ -714,8 +650,7 @@ def figure_predictions(model, split, stats, args, path, n=4):
         axes[3, i].imshow(glands[i].float().masked_fill(glands[i] == 0, math.nan).numpy() % 20, cmap=objects,
                           vmin=0, vmax=20, interpolation="nearest")
         axes[3, i].set_title(f"{int(glands[i].max())} glands", fontsize=8)
-    for a in axes.flat:
-        a.set_xticks([]), a.set_yticks([])
+    plt.setp(axes, xticks=[], yticks=[])
     for a, name in zip(axes[1:, 0], ("ground truth", "prediction", "predicted glands")):
         a.set_ylabel(name)
     fig.suptitle("Fig. 3: lumen (purple), epithelial border (yellow), stroma (black); glands as objects")
@@ -723,9 +658,8 @@ def figure_predictions(model, split, stats, args, path, n=4):
 
 
 def figure_sigma2(run, rows, seed, path):
-    """Eq. 2's learned weights over the epochs: 1/sigma_i^2 of every loss (solid) beside 1/L_i, the
-    inverse of its epoch-mean training loss (dashed), which the optimum sigma_i^2 = L_i tracks; one
-    panel per uncertainty-trained row, its job with `seed` as log.jsonl holds it (a resumed epoch's last)."""
+    """Eq. 2 per epoch, a panel per uncertainty row of `seed` (log.jsonl; a resumed epoch's last): 1/sigma_i^2 of
+    each loss (solid) beside 1/L_i of its epoch-mean training loss (dashed), tracked by the optimum sigma_i^2 = L_i."""
     log = run.dir / "log.jsonl"
     records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()] if log.exists() else []
     learned = [r for r in records if r.get("seed") == seed and any(k.startswith("sigma2_") for k in r)]
@@ -762,32 +696,27 @@ def figure_sweep(rows, lambdas, keys, title, path):
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def rows_of(args, checkpoint=None):
-    """The rows the command asks for: {row name: loss configuration}, in the table's order."""
-    if checkpoint is not None:  # --eval-only: the checkpoint's own configuration
-        return {checkpoint["config"]["row"]: checkpoint["config"]}
-    if args.table1:
-        return {name: row_config(name, weights, uncertainty) for name, weights, uncertainty, _ in TABLE1}
-    if args.sweep:
-        rows = [(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", (lam, 1 - lam, 0, 0)) for lam in args.lambdas]
-        rows += [(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", (0, 1, lam, 1 - lam)) for lam in args.lambdas]
-        return {name: row_config(name, weights, False) for name, weights in rows}
-    config = config_from_args(args)
-    return {config["row"]: config}
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.predict:
         common.run_predict(args, load_model, predict_batch, SCRIPT)
         return None
     checkpoint = None
-    if args.eval_only:  # test a checkpoint, rebuilt with its own architecture
+    if args.eval_only:  # rows {name: loss configuration}: a checkpoint's own, rebuilt with its own architecture
         checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT)
         if "config" not in checkpoint:
             raise common.CheckpointError(f"{args.checkpoint} holds no loss configuration (not this script's)")
-        common.restore_architecture(args, checkpoint, ARCHITECTURE)
-    rows = rows_of(args, checkpoint)
+        common.restore_architecture(args, checkpoint, ("width", "depth", "size", "connectivity", "init_log_sigma2"))
+        rows = {checkpoint["config"]["row"]: checkpoint["config"]}
+    elif args.table1:
+        rows = {name: row_config(name, weights, uncertainty) for name, weights, uncertainty, _ in TABLE1}
+    elif args.sweep:
+        sweep = [(f"Fig. 2a: λ={lam:g}: λ Lc + (1-λ) Ls", (lam, 1 - lam, 0, 0)) for lam in args.lambdas]
+        sweep += [(f"Fig. 2b: λ={lam:g}: Ls + λ Lt + (1-λ) Lg", (0, 1, lam, 1 - lam)) for lam in args.lambdas]
+        rows = {name: row_config(name, weights, False) for name, weights in sweep}
+    else:
+        config = config_from_args(args)
+        rows = {config["row"]: config}
     seeds = [args.seed] if checkpoint is not None else common.seed_list(args)
     main_row = None if args.sweep else list(rows)[-1]  # its first seed draws Fig. 3
     jobs = [(row, seed) for row in rows for seed in seeds]

@@ -56,11 +56,11 @@ def test_hierarchical_probabilities_random_pixels_sum_to_one():
     assert (p[:, ~um.VALID] == 0).all()
 
 
-def test_decode_regions_is_most_probable_valid_vector():
+def test_regions_are_the_most_probable_valid_vector():
     # lumen-ish, border-ish, stroma-ish pixels; (1, -5, 0): lumen alone would win for independent
     # sigmoids, but lumen requires the border: energies stroma 0, border -5, lumen -4 -> stroma
     logits = torch.tensor([[1.0, 2.0, 0.0], [-3.0, 2.0, 0.0], [-1.0, -1.0, 2.0], [1.0, -5.0, 0.0]])
-    regions = um.decode_regions(logits.T.reshape(1, 3, 1, 4))
+    regions = um.region_log_probabilities(logits.T.reshape(1, 3, 1, 4)).argmax(1)  # as evaluate decodes
     assert regions.flatten().tolist() == [2, 1, 0, 0]
 
 
@@ -543,7 +543,7 @@ def test_arguments_and_loss_configuration():
     assert (real.size, real.patch, real.width, real.epochs, real.elastic) == (512, 250, 32, 100, 8.0)
     assert um.parse_args(["--data", "glas", "--size", "256"]).size == 256
     assert not synthetic.flip and synthetic.color_jitter == 0  # Sec. 3: elastic + affine only
-    help_text = um.data_defaults_text()
+    help_text = um.build_parser().epilog  # the defaults that depend on --data
     assert "512" in help_text and "250" in help_text
     # every flag is checked when parsed, and so are the checks across flags: one UsageError line
     for bad in (["--width", "0"], ["--momentum", "nan"], ["--patch", "-1"], ["--connectivity", "6"]):
