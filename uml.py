@@ -171,10 +171,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # wh
 
 
 class VGGEncoder(nn.Module):
-    """The first four blocks of VGG-16 (2, 2, 3, 3 convs of widths w, 2w, 4w, 8w, a max-pool between blocks)
-    -> f_1^c..f_4^c at H, H/2, H/4, H/8 (conv1_2, conv2_2, conv3_3, conv4_3). Laid out as torchvision's
-    `features` (conv, [batch norm], ReLU, ..., max-pool), so its files load by name. Block 5 and the
-    classifier come after f_4^c (the UML authors' vgg16 ends at conv4_3 too)."""
+    """VGG-16's first four blocks (2, 2, 3, 3 convs of widths w, 2w, 4w, 8w; max-pools between) -> f_1^c..f_4^c
+    at H..H/8 (conv1_2, conv2_2, conv3_3, conv4_3), laid out as torchvision's `features` so its files load by
+    name; block 5 and the classifier come after f_4^c (the UML authors' vgg16 ends at conv4_3 too)."""
 
     def __init__(self, width, batch_norm=True):
         super().__init__()
@@ -245,9 +244,8 @@ class Res2NetEncoder(nn.Module):
         self.channels, in_ch = [width], width
         for i, (n_blocks, planes) in enumerate(zip(blocks, (width, 2 * width, 4 * width))):
             layer = []
-            for b in range(n_blocks):
-                stride = (1 if i == 0 else 2) if b == 0 else 1
-                layer.append(Res2NetBottleneck(in_ch, planes, stride, base_width, scale, first=b == 0))
+            for b in range(n_blocks):  # a stage's first block strides (except in stage 1)
+                layer.append(Res2NetBottleneck(in_ch, planes, 2 if i and not b else 1, base_width, scale, first=b == 0))
                 in_ch = planes * 4
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
             self.channels.append(in_ch)
@@ -260,8 +258,7 @@ class Res2NetEncoder(nn.Module):
 
 
 def read_state_dict(path, flag):
-    """The tensors of a weights file (a {"state_dict": ...} wrapper is opened), read with weights_only=True;
-    UsageError naming `flag` when it is missing or not a state dict."""
+    """The tensors of a weights file (or of its {"state_dict": ...}); UsageError naming `flag` if it is not one."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # missing, corrupt, or not a plain tensor file
@@ -385,9 +382,8 @@ class NoMutualDecoder(nn.Module):
 
 
 class SegmentationDecoder(nn.Module):
-    """The segmentation decoder, U-Net-like over f_1^s..f_4^s from the bottom input Cat(f_4^s, f_4^m) (f_4^s
-    alone in TBraTS) -> s_1..s_4 and r^s = Cat(f_1^s, f_2^b). Plain as in the baselines; the Uncertainty
-    Navigator below adds the guidance by M and U^s at the bottom level and in r^s."""
+    """U-Net-like over f_1^s..f_4^s from the bottom input Cat(f_4^s, f_4^m) (TBraTS: f_4^s) -> s_1..s_4 and
+    r^s = Cat(f_1^s, f_2^b); plain, as in the baselines (the Uncertainty Navigator adds M and U^s)."""
 
     def __init__(self, seg_ch, mutual_bottom_ch, n_classes):
         super().__init__()
@@ -466,9 +462,8 @@ class NoInstructor(nn.Module):
 
 
 class UMLNet(nn.Module):
-    """The joint rows: dual backbone -> Feature Mixer -> Mutual Feature Decoder (Step 1) -> UN (Step 2,
-    segmentation) -> UI (Step 3, classification). A component that `spec` switches off is replaced by its
-    plain counterpart (BCS, ECS, Table 3)."""
+    """The joint rows: dual backbone -> Feature Mixer -> Mutual Feature Decoder (Step 1) -> UN (Step 2) -> UI
+    (Step 3); a component `spec` switches off is replaced by its plain counterpart (BCS, ECS, Table 3)."""
 
     def __init__(self, spec, n_classes, n_seg_classes, width, res2net_blocks, base_width=26, scale=4,
                  vgg_batch_norm=True):
@@ -626,9 +621,8 @@ def segmentation_loss(seg, masks, evidential, deep_supervision, kl_weight, dice_
 
 def total_loss(out, masks, labels, spec, anneal, loss_weights=(0.1, 0.5, 0.4), lambda_kl_mut=1.0,
                lambda_dice_mut=1.0, lambda_kl_cls=1.0, eq8="sum"):
-    """Eq. 9: L = w^m L_mut + w^c L_cls + w^s L_seg, the terms of absent components dropped; `anneal` =
-    annealing_coefficient(epoch, T) scales the KL terms; defaults are the paper's. Returns (L, [L_mut,
-    L_cls, L_seg]) with absent terms as zeros."""
+    """Eq. 9: L = w^m L_mut + w^c L_cls + w^s L_seg (defaults: the paper's); an absent component's term is 0;
+    `anneal` = annealing_coefficient(epoch, T) scales the KL terms. Returns (L, [L_mut, L_cls, L_seg])."""
     w_mut, w_cls, w_seg = loss_weights
     l_mut = l_cls = l_seg = masks.new_zeros((), dtype=torch.float32)
     if spec.mutual_decoder:
@@ -646,12 +640,11 @@ def total_loss(out, masks, labels, spec, anneal, loss_weights=(0.1, 0.5, 0.4), l
 
 def build_model(spec, args, n_classes, n_seg_classes):
     """The network of a row: one branch for EC and TBraTS, UMLNet for the joint rows."""
-    blocks = tuple(int(b) for b in args.res2net_blocks)
     if not spec.segment:
         return ECNet(n_classes, args.width, args.vgg_batch_norm)
     if not spec.classify:
-        return TBraTSNet(n_seg_classes, args.width, blocks, args.res2net_base_width, args.res2net_scale)
-    return UMLNet(spec, n_classes, n_seg_classes, args.width, blocks, args.res2net_base_width,
+        return TBraTSNet(n_seg_classes, args.width, args.res2net_blocks, args.res2net_base_width, args.res2net_scale)
+    return UMLNet(spec, n_classes, n_seg_classes, args.width, args.res2net_blocks, args.res2net_base_width,
                   args.res2net_scale, args.vgg_batch_norm)
 
 
@@ -710,9 +703,8 @@ def train_row(job, model, spec, data, norm):
         epoch_means = (sums / steps).tolist()            # one host sync per epoch
         val_metrics, _ = evaluate(model, data["val"], spec, data, norm, args, device, seed=job.seed, surface=False)
         score = selection_score(val_metrics)
-        job.log(epoch=epoch + 1, loss=epoch_means[0], loss_mut=epoch_means[1], loss_cls=epoch_means[2],
-                loss_seg=epoch_means[3], lr=scheduler.get_last_lr()[0], val_score=score,
-                **{f"val_{k}": v for k, v in val_metrics.items()})
+        job.log(epoch=epoch + 1, **dict(zip(("loss", "loss_mut", "loss_cls", "loss_seg"), epoch_means)),
+                lr=scheduler.get_last_lr()[0], val_score=score, **{f"val_{k}": v for k, v in val_metrics.items()})
         best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler, spec=asdict(spec),
                            class_names=list(data["class_names"]), mask_names=list(data["mask_names"]),
                            normalization=[norm[0].cpu(), norm[1].cpu()])   # what load_model needs
@@ -894,10 +886,9 @@ def figure_fig3(model, split, spec, data, norm, args, device, path):
 # ============================================= main ===============================================
 
 def mask_structures(mask_names):
-    """The structures a segmentation is scored on: {name: function of a class-index mask -> bool mask}.
-    Fundus (a "cup" class): disc = rim + cup (REFUGE's disc), cup, and rim = label 1 (what the UML
-    authors' code scores as "disc"); binary: the foreground ("tumor" for a tumour or lesion); else
-    one per foreground class."""
+    """{structure: class-index mask -> bool mask}. Fundus (a "cup" class): disc = rim + cup (REFUGE's disc), cup,
+    rim = label 1 (the UML authors' "disc"); binary: the foreground ("tumor" for a tumour or lesion); else one
+    per foreground class."""
     names = [n.lower() for n in mask_names]
     if "cup" in names:
         cup = names.index("cup")
@@ -999,13 +990,11 @@ def main(argv=None):
         if args.eval_only:
             norm = tuple(t.float().to(device) for t in checkpoint["normalization"])
             common.load_model_state(model, checkpoint["model"])
-        else:
-            if args.pretrained_vgg or args.pretrained_res2net:  # ImageNet weights expect ImageNet's statistics
-                norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
-            else:
-                train = data["train"]
-                norm = tuple(t.to(device) for t in common.channel_stats(train["images"], train["valid"]))
+        elif args.pretrained_vgg or args.pretrained_res2net:  # ImageNet weights expect ImageNet's statistics
+            norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
             load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
+        else:
+            norm = tuple(t.to(device) for t in common.channel_stats(data["train"]["images"], data["train"]["valid"]))
         model = common.prepare_model(model, run)
         if not args.eval_only:
             model = train_row(job, model, spec, data, norm)
