@@ -147,8 +147,7 @@ def resolve_defaults(args):
                          SYNTHETIC_DEFAULTS if args.dataset.startswith("synthetic") else REAL_DEFAULTS)
     if args.quick:
         args.figure_images = min(args.figure_images, 2)
-    args.annealing_epochs = args.annealing_epochs or max(args.epochs / 2, 1.0)
-    args.lr_hold_epochs = 0.3 * args.epochs if args.lr_hold_epochs is None else args.lr_hold_epochs
+    common.fill_defaults(args, dict(annealing_epochs=max(args.epochs / 2, 1.0), lr_hold_epochs=0.3 * args.epochs))
     if args.vgg_batch_norm is None:  # follow the file: torchvision's vgg16_bn has running statistics
         args.vgg_batch_norm = not args.pretrained_vgg or (
             "features.1.running_var" in read_state_dict(args.pretrained_vgg, "--pretrained-vgg"))
@@ -670,8 +669,7 @@ def train_row(job, model, spec, data, norm):
     args, device = job.run.args, job.run.device
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_train = data["train"]["images"].shape[0]
-    drop_last = n_train >= args.batch_size
-    steps = n_train // args.batch_size if drop_last else 1
+    steps = max(n_train // args.batch_size, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr_factor(  # per batch
         step, steps * args.epochs, steps * args.lr_hold_epochs, args.lr_power, args.lr_floor / args.lr))
     start, best = common.resume(job, model, optimizer, scheduler)
@@ -685,7 +683,7 @@ def train_row(job, model, spec, data, norm):
         generator.manual_seed(job.seed * 1000 + epoch)   # the shuffle of an epoch does not depend on resume
         sums = torch.zeros(4, device=device)             # L, L_mut, L_cls, L_seg summed over the epoch
         batches = common.iterate_batches(data["train"], args.batch_size, shuffle=True, generator=generator,
-                                         drop_last=drop_last)
+                                         drop_last=n_train >= args.batch_size)
         if args.augment:                                 # on the device, image and mask together
             batches = (common.augment(b, generator, flip=True, rotate=10.0, scale=0.05, color=0.05) for b in batches)
         for batch in progress.epoch(epoch, batches):
@@ -966,8 +964,7 @@ def main(argv=None):
     args = common.parse_args(build_parser(), SCRIPT, argv, resolve_defaults)
     vars(args).setdefault("command", "python uml.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.predict:
-        common.run_predict(args, load_model, predict_batch, SCRIPT)
-        return None
+        return common.run_predict(args, load_model, predict_batch, SCRIPT)
     main_name, main_spec = main_row(args)
     seeds, checkpoint = common.seed_list(args), None
     if args.eval_only:  # any row's checkpoint (e.g. BCS-seed0/best.pt) says which row it is
@@ -1012,8 +1009,7 @@ def main(argv=None):
     if summary is None:  # torchrun: another process writes the results
         return None
     table = build_table(summary, args, main_name, specs)
-    main_row_means = common.row_metrics(next(r for r in summary if r["row"] == main_name))  # the run's metrics
-    metrics = {k: v for k, v in main_row_means.items() if "/" not in k}                      # on clean inputs
+    metrics = at_sigma(common.row_metrics(next(r for r in summary if r["row"] == main_name)), "")  # clean inputs
     common.write_results(run, metrics, table, results_markdown(table, args))
     return run.dir
 
