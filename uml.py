@@ -145,8 +145,7 @@ def resolve_defaults(args):
     args.dataset = DATASETS[args.data]
     common.fill_defaults(args, QUICK_DEFAULTS if args.quick else {},
                          SYNTHETIC_DEFAULTS if args.dataset.startswith("synthetic") else REAL_DEFAULTS)
-    if args.quick:
-        args.figure_images = min(args.figure_images, 2)
+    args.figure_images = min(args.figure_images, 2) if args.quick else args.figure_images
     common.fill_defaults(args, dict(annealing_epochs=max(args.epochs / 2, 1.0), lr_hold_epochs=0.3 * args.epochs))
     if args.vgg_batch_norm is None:  # follow the file: torchvision's vgg16_bn has running statistics
         args.vgg_batch_norm = not args.pretrained_vgg or (
@@ -939,11 +938,10 @@ def predict_batch(predictor, images):
     spec, device = predictor.extra["spec"], torch.device(predictor.device)
     with common.autocast(device, predictor.args.amp):
         out = read_outputs(predictor.model(model_input(images, predictor.norm, device)), spec)
-    b, size = images.shape[0], images.shape[-1]
     rows = [{"class": predictor.class_names[int(p.argmax())], "uncertainty": float(u),
              **{f"belief_{n}": float(v) for n, v in zip(predictor.class_names, belief)}}
             for p, belief, u in zip(out["prob"], out["belief"], out["uncertainty"])] if spec.classify else None
-    mask = out["seg"] if spec.segment else torch.zeros(b, size, size, dtype=torch.long, device=device)
+    mask = out["seg"] if spec.segment else torch.zeros(images[:, 0].shape, dtype=torch.long, device=device)
     return {"mask": mask, "maps": {"uncertainty": out["pixel_uncertainty"]} if spec.segment else {}, "rows": rows}
 
 
