@@ -258,7 +258,7 @@ def aleatoric_loss(logits, log_variance, target, n_samples, generator=None):
 
 
 def pixel_loss(model, images, target, n_samples):
-    """Forward pass and the per-pixel aleatoric loss [B,H,W] of a batch (losses in float32)."""
+    """The per-pixel aleatoric loss [B,H,W] of a batch, in float32."""
     out = model(images).float()
     return aleatoric_loss(out[:, 0], out[:, 1], target, n_samples)
 
@@ -287,8 +287,7 @@ def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr,
 
 
 def meta_weighted_loss(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples):
-    """Eq. 2, a base model's training loss: the W-weighted aleatoric loss of a batch of U, its weights W
-    from the meta step on a batch of C_i (Eq. 1). W sums to 1 over the batch, so the sum is a mean."""
+    """Eq. 2: the W-weighted aleatoric loss of a batch of U, W from Eq. 1 on a batch of C_i (sums to 1)."""
     weights, loss_u = spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples)
     return (weights * loss_u).sum()  # -sum_q W_q Y_q log Y_q (sampled)
 
@@ -311,7 +310,7 @@ def non_contradictory_subsets(n_annotations, n_subsets, generator, mode="uniform
 
 
 def used_slots(masks, n_annotations):
-    """[N,A] float: 1 for the annotation slots of masks [N,A,H,W] that hold an annotation."""
+    """[N,A] float: 1 for the slots of masks [N,A,H,W] that hold an annotation."""
     return (torch.arange(masks.shape[1], device=masks.device) < n_annotations[:, None]).float()
 
 
@@ -477,7 +476,7 @@ def table_rows(n_models, baselines):
 
 
 def trained(rows):
-    """The rows that train a network (all but the fusions), in table order; the index seeds the network."""
+    """The rows that train a network (all but the fusions); the index seeds the network."""
     return [row for row in rows if row.kind != "fusion"]
 
 
@@ -510,14 +509,12 @@ def build_training_sets(train, n_models, seed, subsets="uniform", kappa_threshol
     sets["all"] = {"images": images, "masks": masks, "n_annotations": n_ann}
     sets["kept"] = {"images": images[kept], "masks": masks[kept], "n_annotations": n_ann[kept]}
     sets["MV"] = {"images": images, "masks": majority_vote(masks, n_ann)}
-    staple_masks = (staple(masks, n_ann, staple_iterations)[0] > 0.5).to(torch.uint8)
-    sets["STAPLE"] = {"images": images, "masks": staple_masks}
+    sets["STAPLE"] = {"images": images, "masks": (staple(masks, n_ann, staple_iterations)[0] > 0.5).to(torch.uint8)}
     return sets
 
 
 def seed_data(args, seed, device, cache):
-    """Everything the rows of `seed` train and evaluate on (val, tests, removed, the training sets, mean,
-    std, n_models, foreground), read once per process (cache: a dict)."""
+    """What the rows of `seed` train and evaluate on, read once per process (cache: a dict)."""
     if seed not in cache:
         train, val, tests, removed = load_data(args, seed)
         train, val = common.to_device(train, device), common.to_device(val, device)
@@ -532,8 +529,8 @@ def seed_data(args, seed, device, cache):
 
 
 def build_model(row_index, args, seed, foreground=None):
-    """The network of trained row `row_index`, from its own seed (the ensemble's diversity: initialisations
-    and subsets); the logit's bias starts at the log-odds of `foreground`, U's lesion share (Deviations)."""
+    """The network of trained row `row_index`, from its own seed; the logit's bias starts at the log-odds
+    of `foreground`, U's lesion share (Deviations)."""
     torch.manual_seed(seed * 1000 + row_index)
     model = BayesianResidualFCN(args.width, args.depth, args.dropout, args.dropout_layers)
     if foreground is not None:
@@ -561,8 +558,8 @@ def make_batch(batch, generator, mean, std, *, pick_annotation, augment):
 
 
 def training_batches(row, data, args, steps, generator):
-    """One epoch of a row's batches, one pass over U (`steps`): a base model gets a batch of U and one of
-    its trusted subset C_i per step (Eq. 1-2), rows A, J, MV and STAPLE a batch of their own split."""
+    """One epoch (`steps`, a pass over U): a base model's batches of U and C_i (Eq. 1-2), or a batch of
+    the row's own split (A, J, MV, STAPLE)."""
     def endless(split, batch_size):  # reshuffled at each pass
         drop_last = split["images"].shape[0] >= batch_size
         while True:
@@ -580,8 +577,7 @@ def training_batches(row, data, args, steps, generator):
 
 
 def train_row(job, cache):
-    """run_jobs' job: trains one row of Table 1 (job.row) for one seed and keeps the weights of the best
-    validation Jaccard (Sec. 3.1) in the job's best.pt, with the normalisation."""
+    """run_jobs' job: trains row job.row for one seed; best.pt keeps the best validation Jaccard (Sec. 3.1)."""
     run, args = job.run, job.run.args
     data = seed_data(args, job.seed, run.device, cache)
     rows = trained(table_rows(data.n_models, args.baselines))
@@ -624,14 +620,14 @@ def train_row(job, cache):
 # ==================== Evaluation: Tables 1 and 2, Fig. 3-4 in numbers, the meta step's mode ==========
 
 def base_predictions(models, images, mean, std, amp):
-    """The base models' Y_i and log s_i^2, each stacked [M,N,H,W]."""
+    """The base models' Y_i and log s_i^2, each [M,N,H,W]."""
     outputs = [predict(model, images, mean, std, amp) for model in models]
     return torch.stack([prob for prob, _ in outputs]), torch.stack([log_var for _, log_var in outputs])
 
 
 def scores(prob, reference, valid=None):
-    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier per image, their means and standard errors over
-    the images (*_image_se); valid [N,H,W]: only the image's own pixels count, not the letterbox padding."""
+    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier: means and SE over images (*_image_se); valid
+    [N,H,W]: the image's own pixels (not the letterbox padding)."""
     if valid is None:
         jaccard = common.jaccard(prob > 0.5, reference) * 100
         nll, brier = common.nll(prob, reference), common.brier(prob, reference)
@@ -639,8 +635,8 @@ def scores(prob, reference, valid=None):
         valid = valid.bool()
         jaccard = common.jaccard((prob > 0.5) & valid, reference.bool() & valid) * 100
         # the pixel means of Eq. 6-7 over each image's own pixels: [1,P] is one image of P pixels
-        nll = torch.cat([common.nll(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
-        brier = torch.cat([common.brier(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
+        nll, brier = (torch.cat([metric(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
+                      for metric in (common.nll, common.brier))
     result = {}
     for key, values in (("jaccard", jaccard), ("nll", nll), ("brier", brier)):
         result[key], result[f"{key}_image_se"] = common.mean_and_se(values)
@@ -648,9 +644,9 @@ def scores(prob, reference, valid=None):
 
 
 def evaluate(models, rows, test_sets, train_norm, args):
-    """Every row of Tables 1 and 2 on every test set, against its annotation and, when known, the true
-    mask. Table 2: the base models with MC dropout (rows A..), then the deep ensemble (the run's fusion
-    row). Returns the table entries and, per test set, the base models' outputs and the fusion."""
+    """Tables 1 and 2 on every test set, against its annotation and, when known, the true mask (Table 2:
+    the base models with MC dropout, then the deep ensemble). Returns the entries and, per test set, the
+    base models' outputs and the fusion."""
     base = [row.name for row in rows if row.kind == "meta"]
     main_row = main_fusion_row(rows, args.fusion)
     table1, table2, outputs = [], [], {}
@@ -685,9 +681,8 @@ def evaluate(models, rows, test_sets, train_norm, args):
 
 
 def training_weights(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples, mode="train"):
-    """spatial_weight_maps outside training, the BatchNorm running statistics left as they were: in
-    "train" mode as training computes them (batch statistics, dropout on), in "eval" mode with the
-    running statistics and dropout off (what a network without BatchNorm and dropout would see)."""
+    """spatial_weight_maps outside training, running statistics untouched: "train" mode as training
+    computes them (batch statistics, dropout on), "eval" with running statistics and dropout off."""
     saved = {name: b.clone() for name, b in model.named_buffers()}
     model.train(mode == "train")
     weights, _ = spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples)
@@ -699,8 +694,7 @@ def training_weights(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_
 
 
 def sample_weight_batch(row, sets, args, mean, std, generator):
-    """A random batch of U (args.batch_size annotations) and of C_i (args.clean_batch_size), as the
-    meta step sees them but without augmentation. Returns (u, x_u, y_u, x_c, y_c), u the indices in U."""
+    """(u, x_u, y_u, x_c, y_c): random batches of U (indices u) and C_i as the meta step sees them, unaugmented."""
     union, clean = sets["U"], sets[row.source]
     device = union["images"].device
     u = torch.randperm(len(union["images"]), generator=generator)[:args.batch_size].to(device)
@@ -710,8 +704,7 @@ def sample_weight_batch(row, sets, args, mean, std, generator):
 
 
 def ratio_and_se(numerators, denominators):
-    """Pooled ratio R = sum a_b / sum n_b over batches b and its standard error, batches as clusters
-    (linearisation: SE = sqrt(sum (a_b - R n_b)^2 / (B (B - 1))) / mean n_b)."""
+    """R = sum a_b / sum n_b over batches b, and its SE: sqrt(sum (a_b - R n_b)^2 / (B (B - 1))) / mean n_b."""
     total = denominators.sum()
     if total <= 0:
         return float("nan"), float("nan")
@@ -757,11 +750,10 @@ def weight_consistency(model, row, sets, args, mean, std):
 
 
 def meta_mode_effect(model, row, sets, args, mean, std):
-    """What running the meta step in train mode (BatchNorm on batch statistics, dropout on) changes
-    against eval mode (running statistics, no dropout), on one batch of U and one of C_i: tv_* the total
-    variation 1/2 sum_q |W - W'| (the share of the weight mass that moves, W sums to 1) between the modes
-    and between two draws of one mode (dropout masks, MC samples); zero_flip the share of pixels with
-    zero weight in one mode only; zero_train, zero_eval the share of zero-weight pixels in each."""
+    """The meta step in train mode (batch statistics, dropout on) against eval mode, on one batch of U and
+    of C_i: tv_* the total variation 1/2 sum_q |W - W'| (the weight mass that moves) between the modes and
+    between two draws of one mode (dropout, MC samples); zero_flip the share of pixels with zero weight in
+    one mode only; zero_train, zero_eval the zero-weight share in each."""
     _, x_u, y_u, x_c, y_c = sample_weight_batch(row, sets, args, mean, std, torch.Generator().manual_seed(args.seed))
     weights = {}
     for mode, draw in (("train", 0), ("train", 1), ("eval", 0), ("eval", 1)):
@@ -776,7 +768,7 @@ def meta_mode_effect(model, row, sets, args, mean, std):
 
 
 def ensemble_of(states, rows, args, seed):
-    """One seed's trained networks as a ModuleDict (eval mode), from their weights {row name: state dict}."""
+    """One seed's trained networks, a ModuleDict in eval mode, from {row name: state dict}."""
     models = nn.ModuleDict()
     for k, row in enumerate(trained(rows)):
         models[row.name] = build_model(k, args, seed)
@@ -785,8 +777,7 @@ def ensemble_of(states, rows, args, seed):
 
 
 def weights_of_seed(ensemble_weights, seed):
-    """{row name: state dict} of one seed's networks in an ensemble checkpoint's "model" (keys
-    seed<seed>.<row>.<parameter>)."""
+    """{row name: state dict} of one seed in an ensemble checkpoint's "model" (seed<seed>.<row>.<parameter>)."""
     states = {}
     for key, value in ensemble_weights.items():
         seed_key, row, name = key.split(".", 2)
@@ -796,7 +787,7 @@ def weights_of_seed(ensemble_weights, seed):
 
 
 def best_weights(run, rows, seed):
-    """{row name: best.pt} of one seed's trained rows, read from their jobs' folders."""
+    """{row name: best.pt} of one seed's trained rows."""
     return {row.name: common.load_checkpoint(common.job_folder(run, row.name, seed) / "best.pt", SCRIPT)
             for row in trained(rows)}
 
@@ -846,8 +837,8 @@ def evaluate_seed(job, cache, checkpoint=None):
 # ==================== Report: Tables 1-2 and the analyses as Markdown, Fig. 3-4, predictions =======
 
 def summarize_entries(per_seed_entries):
-    """Tables over seeds: every seed's table entries grouped by (table, row, test set, reference), then
-    common.summarize_rows (mean over seeds, <metric>_se its standard error, the values in "per_seed")."""
+    """Entries grouped by (table, row, test set, reference) over seeds: common.summarize_rows's mean,
+    <metric>_se and "per_seed"."""
     grouped = {}
     for entry in (entry for entries in per_seed_entries for entry in entries):
         grouped.setdefault((entry["table"], entry["row"], entry["test_set"], entry["reference"]), []).append(entry)
@@ -855,8 +846,7 @@ def summarize_entries(per_seed_entries):
 
 
 def table_markdown(entries, table, title, cells):
-    """One table of results.md: a line per row of `table` (e.g. "1"), its cells from cells(entry), which
-    may spread a row over several entries (Tables 1-2: one per test set and reference)."""
+    """One table of results.md: a line per row of `table`, its cells from cells(entry) of its entries."""
     lines, header = {}, ["row", "method"]
     for entry in (e for e in entries if e["table"] == table):
         line = cells(entry)
@@ -871,8 +861,7 @@ def report_markdown(args, seeds, rows, first_test, table):
     sit in the training pool. ± SE over seeds, or for one seed over test images (as the paper) or batches."""
     over_seeds = len(seeds) > 1
 
-    def column(entry):
-        return entry["test_set"] + ("" if entry["reference"] == "annotation" else " vs truth")
+    column = lambda e: e["test_set"] + ("" if e["reference"] == "annotation" else " vs truth")  # noqa: E731
 
     def share(entry, key, one_seed_se, percent_points=1):  # mean ± SE over seeds, or the one seed's own SE
         se = entry[f"{key}_se" if over_seeds else one_seed_se]
@@ -980,8 +969,7 @@ ARCHITECTURE = ("data", "size", "width", "depth", "dropout", "dropout_layers", "
 
 
 def load_ensemble_checkpoint(path):
-    """The ensemble checkpoint of a run (ensemble-seed<first seed>/best.pt): every seed's trained rows
-    ("model", keys seed<seed>.<row>.<parameter>), their normalisation ("norm"), "seeds", "n_models"."""
+    """A run's ensemble-seed<first seed>/best.pt: every seed's rows ("model"), "norm", "seeds", "n_models"."""
     state = common.load_checkpoint(path, SCRIPT)
     if not all(key in state for key in ("norm", "seeds", "n_models")):
         raise common.CheckpointError(f"{path} holds no trained ensemble (pass the ensemble-seed<first seed>/best.pt "
@@ -990,8 +978,7 @@ def load_ensemble_checkpoint(path):
 
 
 def load_model(checkpoint_path, device="cpu"):
-    """A common.Predictor of the ensemble checkpoint's first seed: its base models, input size,
-    normalisation and fusion rule (the model: a ModuleDict {row name: network})."""
+    """A common.Predictor of the checkpoint's first seed: its base models (a ModuleDict), size, norm, fusion."""
     state = load_ensemble_checkpoint(checkpoint_path)
     args = common.restore_architecture(resolve_defaults(build_parser().parse_args([])), state, ARCHITECTURE)
     seed, device = state["seeds"][0], torch.device(device)
