@@ -176,8 +176,7 @@ def build_parser():
 
 
 def resolve_defaults(args):
-    """Fills the arguments left at None with the paper's values (real data) or the CPU-sized ones, and
-    checks the flags against each other (common.UsageError: one line, exit 2, nothing written)."""
+    """Fills unset flags (the paper's values on real data, else CPU-sized) and checks them together."""
     if args.quick:  # every code path on tiny data, networks and samples
         common.fill_defaults(args, QUICK)
         args.mc_samples, args.mc_passes, args.staple_iterations, args.weight_samples = 2, 2, 5, 16
@@ -213,10 +212,9 @@ def parse_test_sets(text):
 # ==================== The method: base network, losses, meta weights, consensus, fusion ============
 
 class BayesianResidualFCN(nn.Module):
-    """Encoder-decoder with residual blocks and skip connections (Sec. 3.2, after [4]) whose last layer
-    gives two maps: the logits f and the aleatoric log-variance log s^2 (Eq. 5). Like Bayesian SegNet,
-    `dropout_layers` dropout layers sit after the blocks in the centre of the network (the deepest
-    encoder blocks and the first decoder blocks); MC dropout turns them on at test time (Sec. 3.3)."""
+    """Residual encoder-decoder with skip connections (Sec. 3.2, after [4]) giving the logits f and the
+    aleatoric log-variance log s^2 (Eq. 5). As in Bayesian SegNet, `dropout_layers` dropout layers sit in
+    the centre (the deepest encoder and first decoder blocks); MC dropout uses them at test time (Sec. 3.3)."""
 
     def __init__(self, width=32, depth=3, dropout=0.3, dropout_layers=5):
         super().__init__()
@@ -315,7 +313,7 @@ def used_slots(masks, n_annotations):
 
 
 def majority_vote(masks, n_annotations):
-    """Row MV: a pixel is lesion when more than half of the image's annotations say so. [N,H,W] uint8."""
+    """Row MV: lesion where more than half of the image's annotations say so. [N,H,W] uint8."""
     votes = (masks.float() * used_slots(masks, n_annotations)[..., None, None]).sum(1)
     return (2 * votes > n_annotations.view(-1, 1, 1)).to(torch.uint8)
 
@@ -362,9 +360,8 @@ def mean_pairwise_kappa(masks, n_annotations):
 
 @torch.no_grad()
 def predict(model, images, mean, std, amp, mc_passes=0, chunk=64):
-    """Y = sigmoid(f) and log s^2 [N,H,W] of uint8 images [N,3,H,W] normalised with (mean, std); with
-    mc_passes > 0, MC dropout (Sec. 3.3): Y is the mean of sigmoid(f) over that many passes with dropout
-    on, all passes in one batched forward. Leaves the model in eval mode."""
+    """Y = sigmoid(f) and log s^2 [N,H,W] of uint8 images [N,3,H,W]; mc_passes > 0: MC dropout (Sec. 3.3),
+    Y the mean over that many passes with dropout on, batched in one forward. Leaves the model in eval mode."""
     device = next(model.parameters()).device
     model.eval()
     model.dropout.train(mc_passes > 0)
@@ -410,10 +407,10 @@ def fuse_predictions(probs, log_variances, rule, valid=None):
 # ==================== Data, Table 1's rows and their training sets =================================
 
 def load_data(args, seed):
-    """(train, val, tests, removed) of one seed, each split with a "reference" mask to score against; removed:
-    {test set: names also in train/val}. Sec. 3.1: isic-multi's images with 2+ masks are the training pool
-    (seeded 80/20 train/val, or Ribeiro et al.'s --splits lists), its single-mask images the ISIC test set
-    ("isic"); --test adds PH2, DermoFit and, beyond the paper, ISIC 2017's test split, pool images removed."""
+    """(train, val, tests, removed) of one seed, each split with a "reference" mask; removed: {test set: names
+    also in train/val}. Sec. 3.1: isic-multi's images with 2+ masks are the training pool (seeded 80/20, or
+    Ribeiro et al.'s --splits), its single-mask images the "isic" test set; --test adds PH2, DermoFit and,
+    beyond the paper, ISIC 2017's test split."""
     if args.data == "synthetic":
         data = common.load_dataset("synthetic-lesions", size=args.size, seed=seed, annotators=True,
                                    domain_shift=True, **common.synthetic_split_sizes(args))
@@ -542,10 +539,9 @@ def build_model(row_index, args, seed, foreground=None):
 # ==================== Training ====================================================================
 
 def make_batch(batch, generator, mean, std, *, pick_annotation, augment):
-    """A training batch {"x": normalised images, "y": target masks [B,H,W]}. pick_annotation: the batch
-    holds all annotations [B,A,H,W] and each image gets one of its n_annotations at random (rows A, J:
-    "for every image in the training batch, we randomly select which ground truth to use", Sec. 3.3).
-    augment: on-device flips / small rotations / colour jitter."""
+    """A training batch {"x": normalised images, "y": masks [B,H,W]}. pick_annotation: one of each image's
+    annotations [B,A,H,W] at random (rows A, J: "for every image in the training batch, we randomly select
+    which ground truth to use", Sec. 3.3). augment: on-device flips / small rotations / colour jitter."""
     images, masks = batch["images"], batch["masks"]
     if pick_annotation:
         u = torch.rand(len(images), generator=generator, device=generator.device)
@@ -708,8 +704,7 @@ def ratio_and_se(numerators, denominators):
     total = denominators.sum()
     if total <= 0:
         return float("nan"), float("nan")
-    ratio = numerators.sum() / total
-    n_batches = len(numerators)
+    ratio, n_batches = numerators.sum() / total, len(numerators)
     if n_batches < 2:
         return float(ratio), float("nan")
     spread = ((numerators - ratio * denominators) ** 2).sum() / (n_batches * (n_batches - 1))
@@ -718,10 +713,9 @@ def ratio_and_se(numerators, denominators):
 
 def weight_consistency(model, row, sets, args, mean, std):
     """Fig. 3-4 in numbers (the paper: INC pixels get zero or near-zero weight) for base model i, over
-    args.weight_samples annotations of U in random batches weighted as in training: the share of
-    zero-weight pixels among the INC pixels (where an annotation disagrees with the one model i trusts
-    for that image; zero_weight_inconsistent) and among the agreeing pixels (zero_weight_consistent),
-    pooled over batches with *_batch_se (batches as clusters), and mean_weight_ratio, INC / agreeing."""
+    args.weight_samples annotations of U weighted as in training: the zero-weight share on INC pixels
+    (where an annotation disagrees with the one model i trusts for that image; zero_weight_inconsistent)
+    and on agreeing ones (zero_weight_consistent), with *_batch_se, and mean_weight_ratio, INC / agreeing."""
     in_subset = sets["subset_of"] == row.trusted_subset  # [N,A]: the slot of the one annotation model i trusts
     trusted_slot, has_trusted = in_subset.float().argmax(1), in_subset.any(1)
     generator = torch.Generator().manual_seed(args.seed)
@@ -793,9 +787,8 @@ def best_weights(run, rows, seed):
 
 
 def evaluate_seed(job, cache, checkpoint=None):
-    """run_jobs' job for one seed's tables: Tables 1 and 2, Fig. 3-4 in numbers and the meta step's
-    mode, from the trained rows' best.pt (or an --eval-only checkpoint). The first seed's job draws the
-    figures and, after training, writes the ensemble checkpoint (every seed's rows) to its best.pt."""
+    """run_jobs' job for one seed's tables, from the rows' best.pt (or an --eval-only checkpoint). The first
+    seed's job draws the figures and, after training, writes the ensemble (every seed's rows) to best.pt."""
     run, seeds = job.run, common.seed_list(job.run.args)
     data = seed_data(run.args, job.seed, run.device, cache)
     rows = table_rows(data.n_models, run.args.baselines)
@@ -809,10 +802,9 @@ def evaluate_seed(job, cache, checkpoint=None):
     base_rows = [row for row in rows if row.kind == "meta"]
     for row in base_rows:
         where = {"row": row.name, "method": row.method, "test_set": "train", "reference": "U"}
-        entries.append({"table": "fig3-4", **where,
-                        **weight_consistency(models[row.name], row, data.sets, args, data.mean, data.std)})
-        entries.append({"table": "meta-mode", **where,
-                        **meta_mode_effect(models[row.name], row, data.sets, args, data.mean, data.std)})
+        for table, measure in (("fig3-4", weight_consistency), ("meta-mode", meta_mode_effect)):
+            entries.append({"table": table, **where, **measure(models[row.name], row, data.sets, args, data.mean,
+                                                               data.std)})
     for name, removed in data.removed.items():  # Sec. 3.1 protocol: test images also in train/val
         entries.append({"table": "overlap", "row": name, "method": "removed from the test set", "test_set": name,
                         "reference": "-", "removed": len(removed), "removed_names": removed})
@@ -856,20 +848,14 @@ def table_markdown(entries, table, title, cells):
 
 
 def report_markdown(args, seeds, rows, first_test, table):
-    """results.md: Tables 1 and 2 in the paper's layout (a column per test set and reference, "vs truth":
-    the true mask), Fig. 3-4 in numbers, the meta step's mode and the test images removed because they
-    sit in the training pool. ± SE over seeds, or for one seed over test images (as the paper) or batches."""
+    """results.md: Tables 1 and 2 in the paper's layout (a column per test set and reference), Fig. 3-4 in
+    numbers, the meta step's mode and the overlap removed. ± SE over seeds, or over test images or batches."""
     over_seeds = len(seeds) > 1
-
     column = lambda e: e["test_set"] + ("" if e["reference"] == "annotation" else " vs truth")  # noqa: E731
 
     def share(entry, key, one_seed_se, percent_points=1):  # mean ± SE over seeds, or the one seed's own SE
         se = entry[f"{key}_se" if over_seeds else one_seed_se]
         return common.fmt_mean_se(entry[key] / percent_points, se / percent_points, percent=True)
-
-    def table2(entry):
-        return {f"{column(entry)} {short}": common.fmt_over_seeds(entry, key, digits=3)
-                for key, short in (("nll", "NLL"), ("brier", "Br"))}
 
     def weights(entry):
         return {"w = 0 on INC (%)": share(entry, "zero_weight_inconsistent", "zero_weight_inconsistent_batch_se"),
@@ -892,7 +878,9 @@ def report_markdown(args, seeds, rows, first_test, table):
         + f"Every number: {spread}.\n",
         table_markdown(table, "1", "Table 1: Jaccard index (% ± standard error)",
                        lambda e: {column(e): share(e, "jaccard", "jaccard_image_se", percent_points=100)}),
-        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)", table2),
+        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)",
+                       lambda e: {f"{column(e)} {short}": common.fmt_over_seeds(e, key, digits=3)
+                                  for key, short in (("nll", "NLL"), ("brier", "Br"))}),
         table_markdown(table, "fig3-4", f"Fig. 3-4 in numbers, over {annotations} annotations of U per base model "
                        f"(batches of {args.batch_size}, weighted as in training): zero-weight pixels where an "
                        f"annotation contradicts the one the model trusts (INC) and where it agrees (± SE over "
@@ -946,8 +934,8 @@ def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
 
 
 def figure_predictions(split, outputs, path, count=4):
-    """Test images with the reference (green) and fused (red) outlines, the fused probability, the
-    mean aleatoric variance and the spread of the base models (epistemic)."""
+    """Test images with reference (green) and fused (red) outlines, the fused probability, the mean
+    aleatoric variance and the base models' spread (epistemic)."""
     fig, axes = plt.subplots(count, 4, figsize=(11, 2.6 * count), squeeze=False)
     for r in range(min(count, split["images"].shape[0])):
         common.show_image(axes[r, 0], split["images"][r])
@@ -991,8 +979,8 @@ def load_model(checkpoint_path, device="cpu"):
 
 
 def canvas_content(images):
-    """bool [B,S,S]: the letterbox box of each canvas, found as the span of rows and columns that hold a
-    non-zero pixel (the padding is exactly zero; an image's own all-black border rows count as padding)."""
+    """bool [B,S,S]: each canvas's letterbox box, the span of rows and columns with a non-zero pixel
+    (padding is exactly zero; an image's own all-black border rows count as padding)."""
     nonzero = images.amax(1) > 0                                    # [B,S,S]
     index = torch.arange(images.shape[-1], device=images.device)
 
