@@ -900,8 +900,7 @@ def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
     per base model i, the annotation it trusts, the inconsistency map |Y_k - Y_i| (INC), in cyan over INC
     the pixels of that annotation to which model k gives zero weight (INC+WT), and the weight map W."""
     k, train, subset_of = row.trusted_subset, sets["all"], sets["subset_of"]
-    has_trusted = (subset_of == k).any(1)
-    n = int(torch.where(has_trusted, train["n_annotations"], torch.zeros_like(train["n_annotations"])).argmax())
+    n = int((train["n_annotations"] * (subset_of == k).any(1)).argmax())  # most annotations, one of them in C_k
     slots = list(range(int(train["n_annotations"][n])))
     slot_trusted_by = {int(subset_of[n, s]): s for s in slots}  # model i -> slot of the annotation it trusts
     # the image's annotations in a batch of U filled up with other annotations, weighted as in training
@@ -972,8 +971,8 @@ def load_model(checkpoint_path, device="cpu"):
     seed, device = state["seeds"][0], torch.device(device)
     base = [row for row in table_rows(state["n_models"], args.baselines) if row.kind == "meta"]
     models = ensemble_of(weights_of_seed(state["model"], seed), base, args, seed).to(device)
-    mean, std = (t.to(device) for t in state["norm"][str(seed)])
-    return common.Predictor(model=models, args=args, norm=(mean, std), size=args.size, keep_aspect=True,
+    norm = tuple(t.to(device) for t in state["norm"][str(seed)])
+    return common.Predictor(model=models, args=args, norm=norm, size=args.size, keep_aspect=True,
                             device=device, class_names=[], mask_names=["background", "lesion"],
                             extra={"fusion": args.fusion})
 
