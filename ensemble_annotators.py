@@ -115,10 +115,8 @@ import common
 SCRIPT = "ensemble_annotators"
 # CPU-sized defaults for the synthetic benchmark, and the paper's values (Sec. 3.1-3.2) for real data:
 # 54 epochs of one pass over U (~3,700 training annotations / 2) are the 100K iterations of Fig. 3.
-SYNTHETIC_DEFAULTS = dict(size=48, epochs=4, batch_size=8, clean_batch_size=8, lr=0.01, momentum=0.9,
-                          width=8, depth=3)
-PAPER_DEFAULTS = dict(size=96, epochs=54, batch_size=2, clean_batch_size=64, lr=1e-4, momentum=0.99,
-                      width=32, depth=4)
+SYNTHETIC_DEFAULTS = dict(size=48, epochs=4, batch_size=8, clean_batch_size=8, lr=0.01, momentum=0.9, width=8, depth=3)
+PAPER_DEFAULTS = dict(size=96, epochs=54, batch_size=2, clean_batch_size=64, lr=1e-4, momentum=0.99, width=32, depth=4)
 QUICK = dict(size=32, epochs=1, width=4, n_train=12, n_val=6, n_test=6)
 TEST_ONLY = ("ph2", "dermofit", "isic2017")  # --test NAME=ROOT; isic2017: only its test split
 
