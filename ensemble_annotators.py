@@ -115,10 +115,8 @@ import common
 SCRIPT = "ensemble_annotators"
 # CPU-sized defaults for the synthetic benchmark, and the paper's values (Sec. 3.1-3.2) for real data:
 # 54 epochs of one pass over U (~3,700 training annotations / 2) are the 100K iterations of Fig. 3.
-SYNTHETIC_DEFAULTS = dict(size=48, epochs=4, batch_size=8, clean_batch_size=8, lr=0.01, momentum=0.9,
-                          width=8, depth=3)
-PAPER_DEFAULTS = dict(size=96, epochs=54, batch_size=2, clean_batch_size=64, lr=1e-4, momentum=0.99,
-                      width=32, depth=4)
+SYNTHETIC_DEFAULTS = dict(size=48, epochs=4, batch_size=8, clean_batch_size=8, lr=0.01, momentum=0.9, width=8, depth=3)
+PAPER_DEFAULTS = dict(size=96, epochs=54, batch_size=2, clean_batch_size=64, lr=1e-4, momentum=0.99, width=32, depth=4)
 QUICK = dict(size=32, epochs=1, width=4, n_train=12, n_val=6, n_test=6)
 TEST_ONLY = ("ph2", "dermofit", "isic2017")  # --test NAME=ROOT; isic2017: only its test split
 
@@ -176,8 +174,7 @@ def build_parser():
 
 
 def resolve_defaults(args):
-    """Fills the arguments left at None with the paper's values (real data) or the CPU-sized ones, and
-    checks the flags against each other (common.UsageError: one line, exit 2, nothing written)."""
+    """Fills unset flags (the paper's values on real data, else CPU-sized) and checks them together."""
     if args.quick:  # every code path on tiny data, networks and samples
         common.fill_defaults(args, QUICK)
         args.mc_samples, args.mc_passes, args.staple_iterations, args.weight_samples = 2, 2, 5, 16
@@ -213,10 +210,9 @@ def parse_test_sets(text):
 # ==================== The method: base network, losses, meta weights, consensus, fusion ============
 
 class BayesianResidualFCN(nn.Module):
-    """Encoder-decoder with residual blocks and skip connections (Sec. 3.2, after [4]) whose last layer
-    gives two maps: the logits f and the aleatoric log-variance log s^2 (Eq. 5). Like Bayesian SegNet,
-    `dropout_layers` dropout layers sit after the blocks in the centre of the network (the deepest
-    encoder blocks and the first decoder blocks); MC dropout turns them on at test time (Sec. 3.3)."""
+    """Residual encoder-decoder with skip connections (Sec. 3.2, after [4]) giving the logits f and the
+    aleatoric log-variance log s^2 (Eq. 5). As in Bayesian SegNet, `dropout_layers` dropout layers sit in
+    the centre (the deepest encoder and first decoder blocks); MC dropout uses them at test time (Sec. 3.3)."""
 
     def __init__(self, width=32, depth=3, dropout=0.3, dropout_layers=5):
         super().__init__()
@@ -258,7 +254,7 @@ def aleatoric_loss(logits, log_variance, target, n_samples, generator=None):
 
 
 def pixel_loss(model, images, target, n_samples):
-    """Forward pass and the per-pixel aleatoric loss [B,H,W] of a batch (losses in float32)."""
+    """The per-pixel aleatoric loss [B,H,W] of a batch, in float32."""
     out = model(images).float()
     return aleatoric_loss(out[:, 0], out[:, 1], target, n_samples)
 
@@ -287,8 +283,7 @@ def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr,
 
 
 def meta_weighted_loss(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples):
-    """Eq. 2, a base model's training loss: the W-weighted aleatoric loss of a batch of U, its weights W
-    from the meta step on a batch of C_i (Eq. 1). W sums to 1 over the batch, so the sum is a mean."""
+    """Eq. 2: the W-weighted aleatoric loss of a batch of U, W from Eq. 1 on a batch of C_i (sums to 1)."""
     weights, loss_u = spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples)
     return (weights * loss_u).sum()  # -sum_q W_q Y_q log Y_q (sampled)
 
@@ -311,12 +306,12 @@ def non_contradictory_subsets(n_annotations, n_subsets, generator, mode="uniform
 
 
 def used_slots(masks, n_annotations):
-    """[N,A] float: 1 for the annotation slots of masks [N,A,H,W] that hold an annotation."""
+    """[N,A] float: 1 for the slots of masks [N,A,H,W] that hold an annotation."""
     return (torch.arange(masks.shape[1], device=masks.device) < n_annotations[:, None]).float()
 
 
 def majority_vote(masks, n_annotations):
-    """Row MV: a pixel is lesion when more than half of the image's annotations say so. [N,H,W] uint8."""
+    """Row MV: lesion where more than half of the image's annotations say so. [N,H,W] uint8."""
     votes = (masks.float() * used_slots(masks, n_annotations)[..., None, None]).sum(1)
     return (2 * votes > n_annotations.view(-1, 1, 1)).to(torch.uint8)
 
@@ -363,9 +358,8 @@ def mean_pairwise_kappa(masks, n_annotations):
 
 @torch.no_grad()
 def predict(model, images, mean, std, amp, mc_passes=0, chunk=64):
-    """Y = sigmoid(f) and log s^2 [N,H,W] of uint8 images [N,3,H,W] normalised with (mean, std); with
-    mc_passes > 0, MC dropout (Sec. 3.3): Y is the mean of sigmoid(f) over that many passes with dropout
-    on, all passes in one batched forward. Leaves the model in eval mode."""
+    """Y = sigmoid(f) and log s^2 [N,H,W] of uint8 images [N,3,H,W]; mc_passes > 0: MC dropout (Sec. 3.3),
+    Y the mean over that many passes with dropout on, batched in one forward. Leaves the model in eval mode."""
     device = next(model.parameters()).device
     model.eval()
     model.dropout.train(mc_passes > 0)
@@ -411,10 +405,10 @@ def fuse_predictions(probs, log_variances, rule, valid=None):
 # ==================== Data, Table 1's rows and their training sets =================================
 
 def load_data(args, seed):
-    """(train, val, tests, removed) of one seed, each split with a "reference" mask to score against; removed:
-    {test set: names also in train/val}. Sec. 3.1: isic-multi's images with 2+ masks are the training pool
-    (seeded 80/20 train/val, or Ribeiro et al.'s --splits lists), its single-mask images the ISIC test set
-    ("isic"); --test adds PH2, DermoFit and, beyond the paper, ISIC 2017's test split, pool images removed."""
+    """(train, val, tests, removed) of one seed, each split with a "reference" mask; removed: {test set: names
+    also in train/val}. Sec. 3.1: isic-multi's images with 2+ masks are the training pool (seeded 80/20, or
+    Ribeiro et al.'s --splits), its single-mask images the "isic" test set; --test adds PH2, DermoFit and,
+    beyond the paper, ISIC 2017's test split."""
     if args.data == "synthetic":
         data = common.load_dataset("synthetic-lesions", size=args.size, seed=seed, annotators=True,
                                    domain_shift=True, **common.synthetic_split_sizes(args))
@@ -477,7 +471,7 @@ def table_rows(n_models, baselines):
 
 
 def trained(rows):
-    """The rows that train a network (all but the fusions), in table order; the index seeds the network."""
+    """The rows that train a network (all but the fusions); the index seeds the network."""
     return [row for row in rows if row.kind != "fusion"]
 
 
@@ -510,14 +504,12 @@ def build_training_sets(train, n_models, seed, subsets="uniform", kappa_threshol
     sets["all"] = {"images": images, "masks": masks, "n_annotations": n_ann}
     sets["kept"] = {"images": images[kept], "masks": masks[kept], "n_annotations": n_ann[kept]}
     sets["MV"] = {"images": images, "masks": majority_vote(masks, n_ann)}
-    staple_masks = (staple(masks, n_ann, staple_iterations)[0] > 0.5).to(torch.uint8)
-    sets["STAPLE"] = {"images": images, "masks": staple_masks}
+    sets["STAPLE"] = {"images": images, "masks": (staple(masks, n_ann, staple_iterations)[0] > 0.5).to(torch.uint8)}
     return sets
 
 
 def seed_data(args, seed, device, cache):
-    """Everything the rows of `seed` train and evaluate on (val, tests, removed, the training sets, mean,
-    std, n_models, foreground), read once per process (cache: a dict)."""
+    """What the rows of `seed` train and evaluate on, read once per process (cache: a dict)."""
     if seed not in cache:
         train, val, tests, removed = load_data(args, seed)
         train, val = common.to_device(train, device), common.to_device(val, device)
@@ -532,8 +524,8 @@ def seed_data(args, seed, device, cache):
 
 
 def build_model(row_index, args, seed, foreground=None):
-    """The network of trained row `row_index`, from its own seed (the ensemble's diversity: initialisations
-    and subsets); the logit's bias starts at the log-odds of `foreground`, U's lesion share (Deviations)."""
+    """The network of trained row `row_index`, from its own seed; the logit's bias starts at the log-odds
+    of `foreground`, U's lesion share (Deviations)."""
     torch.manual_seed(seed * 1000 + row_index)
     model = BayesianResidualFCN(args.width, args.depth, args.dropout, args.dropout_layers)
     if foreground is not None:
@@ -545,10 +537,9 @@ def build_model(row_index, args, seed, foreground=None):
 # ==================== Training ====================================================================
 
 def make_batch(batch, generator, mean, std, *, pick_annotation, augment):
-    """A training batch {"x": normalised images, "y": target masks [B,H,W]}. pick_annotation: the batch
-    holds all annotations [B,A,H,W] and each image gets one of its n_annotations at random (rows A, J:
-    "for every image in the training batch, we randomly select which ground truth to use", Sec. 3.3).
-    augment: on-device flips / small rotations / colour jitter."""
+    """A training batch {"x": normalised images, "y": masks [B,H,W]}. pick_annotation: one of each image's
+    annotations [B,A,H,W] at random (rows A, J: "for every image in the training batch, we randomly select
+    which ground truth to use", Sec. 3.3). augment: on-device flips / small rotations / colour jitter."""
     images, masks = batch["images"], batch["masks"]
     if pick_annotation:
         u = torch.rand(len(images), generator=generator, device=generator.device)
@@ -561,8 +552,8 @@ def make_batch(batch, generator, mean, std, *, pick_annotation, augment):
 
 
 def training_batches(row, data, args, steps, generator):
-    """One epoch of a row's batches, one pass over U (`steps`): a base model gets a batch of U and one of
-    its trusted subset C_i per step (Eq. 1-2), rows A, J, MV and STAPLE a batch of their own split."""
+    """One epoch (`steps`, a pass over U): a base model's batches of U and C_i (Eq. 1-2), or a batch of
+    the row's own split (A, J, MV, STAPLE)."""
     def endless(split, batch_size):  # reshuffled at each pass
         drop_last = split["images"].shape[0] >= batch_size
         while True:
@@ -580,8 +571,7 @@ def training_batches(row, data, args, steps, generator):
 
 
 def train_row(job, cache):
-    """run_jobs' job: trains one row of Table 1 (job.row) for one seed and keeps the weights of the best
-    validation Jaccard (Sec. 3.1) in the job's best.pt, with the normalisation."""
+    """run_jobs' job: trains row job.row for one seed; best.pt keeps the best validation Jaccard (Sec. 3.1)."""
     run, args = job.run, job.run.args
     data = seed_data(args, job.seed, run.device, cache)
     rows = trained(table_rows(data.n_models, args.baselines))
@@ -624,14 +614,14 @@ def train_row(job, cache):
 # ==================== Evaluation: Tables 1 and 2, Fig. 3-4 in numbers, the meta step's mode ==========
 
 def base_predictions(models, images, mean, std, amp):
-    """The base models' Y_i and log s_i^2, each stacked [M,N,H,W]."""
+    """The base models' Y_i and log s_i^2, each [M,N,H,W]."""
     outputs = [predict(model, images, mean, std, amp) for model in models]
     return torch.stack([prob for prob, _ in outputs]), torch.stack([log_var for _, log_var in outputs])
 
 
 def scores(prob, reference, valid=None):
-    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier per image, their means and standard errors over
-    the images (*_image_se); valid [N,H,W]: only the image's own pixels count, not the letterbox padding."""
+    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier: means and SE over images (*_image_se); valid
+    [N,H,W]: the image's own pixels (not the letterbox padding)."""
     if valid is None:
         jaccard = common.jaccard(prob > 0.5, reference) * 100
         nll, brier = common.nll(prob, reference), common.brier(prob, reference)
@@ -639,8 +629,8 @@ def scores(prob, reference, valid=None):
         valid = valid.bool()
         jaccard = common.jaccard((prob > 0.5) & valid, reference.bool() & valid) * 100
         # the pixel means of Eq. 6-7 over each image's own pixels: [1,P] is one image of P pixels
-        nll = torch.cat([common.nll(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
-        brier = torch.cat([common.brier(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
+        nll, brier = (torch.cat([metric(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
+                      for metric in (common.nll, common.brier))
     result = {}
     for key, values in (("jaccard", jaccard), ("nll", nll), ("brier", brier)):
         result[key], result[f"{key}_image_se"] = common.mean_and_se(values)
@@ -648,9 +638,9 @@ def scores(prob, reference, valid=None):
 
 
 def evaluate(models, rows, test_sets, train_norm, args):
-    """Every row of Tables 1 and 2 on every test set, against its annotation and, when known, the true
-    mask. Table 2: the base models with MC dropout (rows A..), then the deep ensemble (the run's fusion
-    row). Returns the table entries and, per test set, the base models' outputs and the fusion."""
+    """Tables 1 and 2 on every test set, against its annotation and, when known, the true mask (Table 2:
+    the base models with MC dropout, then the deep ensemble). Returns the entries and, per test set, the
+    base models' outputs and the fusion."""
     base = [row.name for row in rows if row.kind == "meta"]
     main_row = main_fusion_row(rows, args.fusion)
     table1, table2, outputs = [], [], {}
@@ -685,9 +675,8 @@ def evaluate(models, rows, test_sets, train_norm, args):
 
 
 def training_weights(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples, mode="train"):
-    """spatial_weight_maps outside training, the BatchNorm running statistics left as they were: in
-    "train" mode as training computes them (batch statistics, dropout on), in "eval" mode with the
-    running statistics and dropout off (what a network without BatchNorm and dropout would see)."""
+    """spatial_weight_maps outside training, running statistics untouched: "train" mode as training
+    computes them (batch statistics, dropout on), "eval" with running statistics and dropout off."""
     saved = {name: b.clone() for name, b in model.named_buffers()}
     model.train(mode == "train")
     weights, _ = spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples)
@@ -699,8 +688,7 @@ def training_weights(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_
 
 
 def sample_weight_batch(row, sets, args, mean, std, generator):
-    """A random batch of U (args.batch_size annotations) and of C_i (args.clean_batch_size), as the
-    meta step sees them but without augmentation. Returns (u, x_u, y_u, x_c, y_c), u the indices in U."""
+    """(u, x_u, y_u, x_c, y_c): random batches of U (indices u) and C_i as the meta step sees them, unaugmented."""
     union, clean = sets["U"], sets[row.source]
     device = union["images"].device
     u = torch.randperm(len(union["images"]), generator=generator)[:args.batch_size].to(device)
@@ -710,13 +698,11 @@ def sample_weight_batch(row, sets, args, mean, std, generator):
 
 
 def ratio_and_se(numerators, denominators):
-    """Pooled ratio R = sum a_b / sum n_b over batches b and its standard error, batches as clusters
-    (linearisation: SE = sqrt(sum (a_b - R n_b)^2 / (B (B - 1))) / mean n_b)."""
+    """R = sum a_b / sum n_b over batches b, and its SE: sqrt(sum (a_b - R n_b)^2 / (B (B - 1))) / mean n_b."""
     total = denominators.sum()
     if total <= 0:
         return float("nan"), float("nan")
-    ratio = numerators.sum() / total
-    n_batches = len(numerators)
+    ratio, n_batches = numerators.sum() / total, len(numerators)
     if n_batches < 2:
         return float(ratio), float("nan")
     spread = ((numerators - ratio * denominators) ** 2).sum() / (n_batches * (n_batches - 1))
@@ -725,10 +711,9 @@ def ratio_and_se(numerators, denominators):
 
 def weight_consistency(model, row, sets, args, mean, std):
     """Fig. 3-4 in numbers (the paper: INC pixels get zero or near-zero weight) for base model i, over
-    args.weight_samples annotations of U in random batches weighted as in training: the share of
-    zero-weight pixels among the INC pixels (where an annotation disagrees with the one model i trusts
-    for that image; zero_weight_inconsistent) and among the agreeing pixels (zero_weight_consistent),
-    pooled over batches with *_batch_se (batches as clusters), and mean_weight_ratio, INC / agreeing."""
+    args.weight_samples annotations of U weighted as in training: the zero-weight share on INC pixels
+    (where an annotation disagrees with the one model i trusts for that image; zero_weight_inconsistent)
+    and on agreeing ones (zero_weight_consistent), with *_batch_se, and mean_weight_ratio, INC / agreeing."""
     in_subset = sets["subset_of"] == row.trusted_subset  # [N,A]: the slot of the one annotation model i trusts
     trusted_slot, has_trusted = in_subset.float().argmax(1), in_subset.any(1)
     generator = torch.Generator().manual_seed(args.seed)
@@ -757,11 +742,10 @@ def weight_consistency(model, row, sets, args, mean, std):
 
 
 def meta_mode_effect(model, row, sets, args, mean, std):
-    """What running the meta step in train mode (BatchNorm on batch statistics, dropout on) changes
-    against eval mode (running statistics, no dropout), on one batch of U and one of C_i: tv_* the total
-    variation 1/2 sum_q |W - W'| (the share of the weight mass that moves, W sums to 1) between the modes
-    and between two draws of one mode (dropout masks, MC samples); zero_flip the share of pixels with
-    zero weight in one mode only; zero_train, zero_eval the share of zero-weight pixels in each."""
+    """The meta step in train mode (batch statistics, dropout on) against eval mode, on one batch of U and
+    of C_i: tv_* the total variation 1/2 sum_q |W - W'| (the weight mass that moves) between the modes and
+    between two draws of one mode (dropout, MC samples); zero_flip the share of pixels with zero weight in
+    one mode only; zero_train, zero_eval the zero-weight share in each."""
     _, x_u, y_u, x_c, y_c = sample_weight_batch(row, sets, args, mean, std, torch.Generator().manual_seed(args.seed))
     weights = {}
     for mode, draw in (("train", 0), ("train", 1), ("eval", 0), ("eval", 1)):
@@ -776,7 +760,7 @@ def meta_mode_effect(model, row, sets, args, mean, std):
 
 
 def ensemble_of(states, rows, args, seed):
-    """One seed's trained networks as a ModuleDict (eval mode), from their weights {row name: state dict}."""
+    """One seed's trained networks, a ModuleDict in eval mode, from {row name: state dict}."""
     models = nn.ModuleDict()
     for k, row in enumerate(trained(rows)):
         models[row.name] = build_model(k, args, seed)
@@ -785,8 +769,7 @@ def ensemble_of(states, rows, args, seed):
 
 
 def weights_of_seed(ensemble_weights, seed):
-    """{row name: state dict} of one seed's networks in an ensemble checkpoint's "model" (keys
-    seed<seed>.<row>.<parameter>)."""
+    """{row name: state dict} of one seed in an ensemble checkpoint's "model" (seed<seed>.<row>.<parameter>)."""
     states = {}
     for key, value in ensemble_weights.items():
         seed_key, row, name = key.split(".", 2)
@@ -796,15 +779,14 @@ def weights_of_seed(ensemble_weights, seed):
 
 
 def best_weights(run, rows, seed):
-    """{row name: best.pt} of one seed's trained rows, read from their jobs' folders."""
+    """{row name: best.pt} of one seed's trained rows."""
     return {row.name: common.load_checkpoint(common.job_folder(run, row.name, seed) / "best.pt", SCRIPT)
             for row in trained(rows)}
 
 
 def evaluate_seed(job, cache, checkpoint=None):
-    """run_jobs' job for one seed's tables: Tables 1 and 2, Fig. 3-4 in numbers and the meta step's
-    mode, from the trained rows' best.pt (or an --eval-only checkpoint). The first seed's job draws the
-    figures and, after training, writes the ensemble checkpoint (every seed's rows) to its best.pt."""
+    """run_jobs' job for one seed's tables, from the rows' best.pt (or an --eval-only checkpoint). The first
+    seed's job draws the figures and, after training, writes the ensemble (every seed's rows) to best.pt."""
     run, seeds = job.run, common.seed_list(job.run.args)
     data = seed_data(run.args, job.seed, run.device, cache)
     rows = table_rows(data.n_models, run.args.baselines)
@@ -818,10 +800,9 @@ def evaluate_seed(job, cache, checkpoint=None):
     base_rows = [row for row in rows if row.kind == "meta"]
     for row in base_rows:
         where = {"row": row.name, "method": row.method, "test_set": "train", "reference": "U"}
-        entries.append({"table": "fig3-4", **where,
-                        **weight_consistency(models[row.name], row, data.sets, args, data.mean, data.std)})
-        entries.append({"table": "meta-mode", **where,
-                        **meta_mode_effect(models[row.name], row, data.sets, args, data.mean, data.std)})
+        for table, measure in (("fig3-4", weight_consistency), ("meta-mode", meta_mode_effect)):
+            entries.append({"table": table, **where, **measure(models[row.name], row, data.sets, args, data.mean,
+                                                               data.std)})
     for name, removed in data.removed.items():  # Sec. 3.1 protocol: test images also in train/val
         entries.append({"table": "overlap", "row": name, "method": "removed from the test set", "test_set": name,
                         "reference": "-", "removed": len(removed), "removed_names": removed})
@@ -846,8 +827,8 @@ def evaluate_seed(job, cache, checkpoint=None):
 # ==================== Report: Tables 1-2 and the analyses as Markdown, Fig. 3-4, predictions =======
 
 def summarize_entries(per_seed_entries):
-    """Tables over seeds: every seed's table entries grouped by (table, row, test set, reference), then
-    common.summarize_rows (mean over seeds, <metric>_se its standard error, the values in "per_seed")."""
+    """Entries grouped by (table, row, test set, reference) over seeds: common.summarize_rows's mean,
+    <metric>_se and "per_seed"."""
     grouped = {}
     for entry in (entry for entries in per_seed_entries for entry in entries):
         grouped.setdefault((entry["table"], entry["row"], entry["test_set"], entry["reference"]), []).append(entry)
@@ -855,8 +836,7 @@ def summarize_entries(per_seed_entries):
 
 
 def table_markdown(entries, table, title, cells):
-    """One table of results.md: a line per row of `table` (e.g. "1"), its cells from cells(entry), which
-    may spread a row over several entries (Tables 1-2: one per test set and reference)."""
+    """One table of results.md: a line per row of `table`, its cells from cells(entry) of its entries."""
     lines, header = {}, ["row", "method"]
     for entry in (e for e in entries if e["table"] == table):
         line = cells(entry)
@@ -866,21 +846,14 @@ def table_markdown(entries, table, title, cells):
 
 
 def report_markdown(args, seeds, rows, first_test, table):
-    """results.md: Tables 1 and 2 in the paper's layout (a column per test set and reference, "vs truth":
-    the true mask), Fig. 3-4 in numbers, the meta step's mode and the test images removed because they
-    sit in the training pool. ± SE over seeds, or for one seed over test images (as the paper) or batches."""
+    """results.md: Tables 1 and 2 in the paper's layout (a column per test set and reference), Fig. 3-4 in
+    numbers, the meta step's mode and the overlap removed. ± SE over seeds, or over test images or batches."""
     over_seeds = len(seeds) > 1
-
-    def column(entry):
-        return entry["test_set"] + ("" if entry["reference"] == "annotation" else " vs truth")
+    column = lambda e: e["test_set"] + ("" if e["reference"] == "annotation" else " vs truth")  # noqa: E731
 
     def share(entry, key, one_seed_se, percent_points=1):  # mean ± SE over seeds, or the one seed's own SE
         se = entry[f"{key}_se" if over_seeds else one_seed_se]
         return common.fmt_mean_se(entry[key] / percent_points, se / percent_points, percent=True)
-
-    def table2(entry):
-        return {f"{column(entry)} {short}": common.fmt_over_seeds(entry, key, digits=3)
-                for key, short in (("nll", "NLL"), ("brier", "Br"))}
 
     def weights(entry):
         return {"w = 0 on INC (%)": share(entry, "zero_weight_inconsistent", "zero_weight_inconsistent_batch_se"),
@@ -903,7 +876,9 @@ def report_markdown(args, seeds, rows, first_test, table):
         + f"Every number: {spread}.\n",
         table_markdown(table, "1", "Table 1: Jaccard index (% ± standard error)",
                        lambda e: {column(e): share(e, "jaccard", "jaccard_image_se", percent_points=100)}),
-        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)", table2),
+        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)",
+                       lambda e: {f"{column(e)} {short}": common.fmt_over_seeds(e, key, digits=3)
+                                  for key, short in (("nll", "NLL"), ("brier", "Br"))}),
         table_markdown(table, "fig3-4", f"Fig. 3-4 in numbers, over {annotations} annotations of U per base model "
                        f"(batches of {args.batch_size}, weighted as in training): zero-weight pixels where an "
                        f"annotation contradicts the one the model trusts (INC) and where it agrees (± SE over "
@@ -923,8 +898,7 @@ def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
     per base model i, the annotation it trusts, the inconsistency map |Y_k - Y_i| (INC), in cyan over INC
     the pixels of that annotation to which model k gives zero weight (INC+WT), and the weight map W."""
     k, train, subset_of = row.trusted_subset, sets["all"], sets["subset_of"]
-    has_trusted = (subset_of == k).any(1)
-    n = int(torch.where(has_trusted, train["n_annotations"], torch.zeros_like(train["n_annotations"])).argmax())
+    n = int((train["n_annotations"] * (subset_of == k).any(1)).argmax())  # most annotations, one of them in C_k
     slots = list(range(int(train["n_annotations"][n])))
     slot_trusted_by = {int(subset_of[n, s]): s for s in slots}  # model i -> slot of the annotation it trusts
     # the image's annotations in a batch of U filled up with other annotations, weighted as in training
@@ -957,8 +931,8 @@ def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
 
 
 def figure_predictions(split, outputs, path, count=4):
-    """Test images with the reference (green) and fused (red) outlines, the fused probability, the
-    mean aleatoric variance and the spread of the base models (epistemic)."""
+    """Test images with reference (green) and fused (red) outlines, the fused probability, the mean
+    aleatoric variance and the base models' spread (epistemic)."""
     fig, axes = plt.subplots(count, 4, figsize=(11, 2.6 * count), squeeze=False)
     for r in range(min(count, split["images"].shape[0])):
         common.show_image(axes[r, 0], split["images"][r])
@@ -980,8 +954,7 @@ ARCHITECTURE = ("data", "size", "width", "depth", "dropout", "dropout_layers", "
 
 
 def load_ensemble_checkpoint(path):
-    """The ensemble checkpoint of a run (ensemble-seed<first seed>/best.pt): every seed's trained rows
-    ("model", keys seed<seed>.<row>.<parameter>), their normalisation ("norm"), "seeds", "n_models"."""
+    """A run's ensemble-seed<first seed>/best.pt: every seed's rows ("model"), "norm", "seeds", "n_models"."""
     state = common.load_checkpoint(path, SCRIPT)
     if not all(key in state for key in ("norm", "seeds", "n_models")):
         raise common.CheckpointError(f"{path} holds no trained ensemble (pass the ensemble-seed<first seed>/best.pt "
@@ -990,22 +963,21 @@ def load_ensemble_checkpoint(path):
 
 
 def load_model(checkpoint_path, device="cpu"):
-    """A common.Predictor of the ensemble checkpoint's first seed: its base models, input size,
-    normalisation and fusion rule (the model: a ModuleDict {row name: network})."""
+    """A common.Predictor of the checkpoint's first seed: its base models (a ModuleDict), size, norm, fusion."""
     state = load_ensemble_checkpoint(checkpoint_path)
     args = common.restore_architecture(resolve_defaults(build_parser().parse_args([])), state, ARCHITECTURE)
     seed, device = state["seeds"][0], torch.device(device)
     base = [row for row in table_rows(state["n_models"], args.baselines) if row.kind == "meta"]
     models = ensemble_of(weights_of_seed(state["model"], seed), base, args, seed).to(device)
-    mean, std = (t.to(device) for t in state["norm"][str(seed)])
-    return common.Predictor(model=models, args=args, norm=(mean, std), size=args.size, keep_aspect=True,
+    norm = tuple(t.to(device) for t in state["norm"][str(seed)])
+    return common.Predictor(model=models, args=args, norm=norm, size=args.size, keep_aspect=True,
                             device=device, class_names=[], mask_names=["background", "lesion"],
                             extra={"fusion": args.fusion})
 
 
 def canvas_content(images):
-    """bool [B,S,S]: the letterbox box of each canvas, found as the span of rows and columns that hold a
-    non-zero pixel (the padding is exactly zero; an image's own all-black border rows count as padding)."""
+    """bool [B,S,S]: each canvas's letterbox box, the span of rows and columns with a non-zero pixel
+    (padding is exactly zero; an image's own all-black border rows count as padding)."""
     nonzero = images.amax(1) > 0                                    # [B,S,S]
     index = torch.arange(images.shape[-1], device=images.device)
 
