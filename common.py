@@ -2143,36 +2143,32 @@ _FUZZY_SHARE, _FRAME_CUT_SHARE, _HAIR_SHARE, _RULER_SHARE, _VIGNETTE_SHARE = 0.5
 
 
 def _synthetic_lesions(n, size, gen, annotators=False, shift=False, annotator_gen=None):
-    """Dermoscopy-like skin lesions with ISIC's difficulties: one lesion with a star-shaped outline
-    on textured skin, often fuzzy, cut by the frame, crossed by hairs and ruler marks, unevenly lit.
+    """Dermoscopy-like skin lesions with ISIC's difficulties: one star-shaped lesion on textured skin.
 
-    Masks: 0 skin, 1 lesion. Labels 0 nevus, 1 melanoma, 2 seborrheic keratosis at ISIC 2017's
-    shares (68.6 / 18.7 / 12.7 %, exact counts per split). Each image draws four features from
-    overlapping class distributions (`_LESION_FEATURES`, sd 0.18): border irregularity (outline
-    harmonics 3..16), asymmetry (harmonics 1 and 3, an off-centre pigment gradient), colour
-    variegation (dark, blue-grey and red patches), keratotic texture (ridges, bright milia-like
-    dots); melanoma borders are the most irregular, keratoses the most textured. Radius per class
-    N(0.48 / 0.54 / 0.50, 0.09) of the half-width. The Bayes rule on the drawn features is right
-    for about 83 % of images (the majority class alone: 68.6 %); the images hide part of that.
-    What makes it hard (shares of images): fuzzy, low-contrast borders (55 %: the pigment fades
-    over 6-15 % of the half-width instead of 1-4 %, the lesion is 30-65 % lighter; the true outline
-    is where the fade is half-way); lesions cut by the frame (30 % pushed over an edge; measured:
-    30 % of all lesions touch it); hairs (50 %, 2-12 each, half of them starting on the lesion
-    border); a ruler with ticks near the border (25 %); a dermoscope's dark round frame (60 %);
-    light (a linear gradient of up to +-30 %, radial shading), skin tone and texture, blur, noise.
-    annotators=True: 2-5 masks per image in the ISIC Archive's proportions (2094 / 100 / 36 / 3
-    images with 2 / 3 / 4 / 5) by distinct members of the panel `_ANNOTATORS` (threshold: tight,
-    ragged +-1.5 px; flood fill: smooth, harmonics 1-3 only; polygon: 6 or 8 vertices), each with
-    its grow/shrink bias (+- 0.03 per image) and its own level of a fading border: on sharp borders
-    they nearly agree, on fuzzy ones flood fill traces far outside threshold. Slots beyond
-    `n_annotations` are 0; the true mask is `truth`. Measured on 400 images at 64 px, seed 0: mean
-    pairwise Cohen's kappa 0.66 (sd 0.24; Ribeiro et al. report 0.67 on the ISIC Archive), mean
-    pairwise Jaccard 0.60, mean Jaccard of an annotation with the truth 0.70. What the scripts reach
-    (defaults, mean ± SE over seeds 0-2, README): joint_unet's segmentation JAC 87.9 ± 0.6 % against
-    the truth and classification BACC 51.8 ± 5.0 % (chance 33 %); ensemble_annotators' rows 50-60 %
-    in domain, the consensus-trained ones (MV, STAPLE) 6-8 points below the fusions.
-    shift=True (test_shift): other skin tone and white balance, lesions 1.25x larger, no
-    dermoscope frame, fewer hairs, more blur and noise (a stand-in for PH2 / DermoFit).
+    Masks: 0 skin, 1 lesion. Labels 0 nevus, 1 melanoma, 2 seborrheic keratosis at ISIC 2017's shares
+    (68.6 / 18.7 / 12.7 %, exact counts per split). Four features per image from overlapping class
+    distributions (`_LESION_FEATURES`, sd 0.18): border irregularity (outline harmonics 3..16),
+    asymmetry (harmonics 1 and 3, an off-centre pigment gradient), colour variegation (dark, blue-grey
+    and red patches), keratotic texture (ridges, bright milia-like dots); radius N(0.48 / 0.54 / 0.50,
+    0.09) of the half-width. The Bayes rule on the features is right for about 83 % of images (the
+    majority class: 68.6 %); the images hide part of that. Difficulties (shares of images): fuzzy,
+    low-contrast borders (55 %: the pigment fades over 6-15 % of the half-width, not 1-4 %, and is
+    30-65 % lighter; the true outline is where the fade is half-way); lesions cut by the frame (30 %
+    pushed over an edge; measured: 30 % of all lesions touch it); hairs (50 %, 2-12, half of them
+    starting on the border); a ruler with ticks near the border (25 %); a dark round dermoscope frame
+    (60 %); light (a gradient up to +-30 %, radial shading), skin tone and texture, blur, noise.
+    annotators=True: 2-5 masks per image in the ISIC Archive's proportions (2094 / 100 / 36 / 3 images
+    with 2 / 3 / 4 / 5) by distinct members of the panel `_ANNOTATORS` (threshold: tight, ragged
+    +-1.5 px; flood fill: smooth, harmonics 1-3 only; polygon: 6 or 8 vertices), each with its
+    grow/shrink bias (+- 0.03 per image) and its own level on a fading border: on sharp borders they
+    nearly agree, on fuzzy ones flood fill traces far outside threshold. Slots beyond `n_annotations`
+    are 0; the true mask is `truth`. Measured (400 images, 64 px, seed 0): mean pairwise Cohen's kappa
+    0.66 (sd 0.24; Ribeiro et al.: 0.67 on the ISIC Archive), pairwise Jaccard 0.60, Jaccard with the
+    truth 0.70. The scripts' defaults reach (mean ± SE over seeds 0-2, README): joint_unet's
+    segmentation JAC 87.9 ± 0.6 % against the truth and classification BACC 51.8 ± 5.0 % (chance
+    33 %); ensemble_annotators' rows 50-60 % in domain, MV and STAPLE 6-8 points below the fusions.
+    shift=True (test_shift): other skin tone and white balance, lesions 1.25x larger, no dermoscope
+    frame, fewer hairs, more blur and noise (a stand-in for PH2 / DermoFit).
     """
     labels = _exact_labels(n, _LESION_SHARES, gen)
     feats = (_LESION_FEATURES[labels] + 0.18 * torch.randn(n, 4, generator=gen)).clamp(0, 1)
@@ -2344,24 +2340,22 @@ def _synthetic_glands(n, size, gen, malignant_share=0.55):
     jittered 3x3 grid) = pale lumen inside a darker, nucleus-rich epithelial border.
 
     Masks: 0 stroma, 1 border (epithelium), 2 lumen; `instances` numbers the glands 1..k. Glands that
-    touch or overlap stay separate instances, split where they meet as GlaS annotates them: each
-    pixel belongs to the gland it lies deepest inside (the smallest normalised outline distance), and
-    a lumen keeps the border thickness from its gland's outline and from the line where the gland
-    meets a neighbour, so every gland is ringed by its own border (glands touch in 44 % of images,
-    68 % of the malignant ones, at 96 px). Labels 0 benign, 1 malignant, malignant share 0.55 (GlaS:
-    48 of 85 training images). A latent grade g ~ N(0.3, 0.14) (benign) or N(0.7, 0.14) (malignant),
-    clipped to [0, 1], drives every gland of the image (coefficients beside the code): more glands,
-    larger, more irregular and more jittered (malignant glands crowd and touch), thicker borders,
-    lumens missing, denser epithelial nuclei. A perfect reader of g would be right for about 92 % of
-    images. Nuisance (what makes the segmentation hard; none of it depends on the label): the grid
-    shifted and its spacing scaled per image, so glands are cut by the image edge and crowd
-    together; border thickness varying along each gland; a per-image epithelium/stroma contrast;
-    stroma nuclei and purple-pink fibres in a random direction; lumen debris (eosin secretion, shed
-    nuclei); stain strength and hue per image; an illumination gradient up to 25 %; blur up to 1.2 px
-    (at 128 px) and noise 0.03. The default uncertainty_multiloss.py run (64 px, 40 epochs, seeds
-    0, 1, 2) reaches test pixel accuracy 0.961 ± 0.006, object Dice 0.906 ± 0.010 (the ground-truth
-    region map split into glands by its regions_to_instances: 0.970) and classification accuracy
-    0.79 ± 0.03.
+    touch or overlap stay separate instances, split where they meet as GlaS annotates them: a pixel
+    belongs to the gland it lies deepest inside (the smallest normalised outline distance), and a lumen
+    keeps the border thickness from its gland's outline and from the line where it meets a neighbour,
+    so every gland is ringed by its own border (glands touch in 44 % of images, 68 % of the malignant
+    ones, at 96 px). Labels 0 benign, 1 malignant, share 0.55 (GlaS: 48 of 85 training images). A
+    latent grade g ~ N(0.3, 0.14) (benign) or N(0.7, 0.14) (malignant), clipped to [0, 1], drives
+    every gland of the image (coefficients beside the code): more, larger, more irregular and jittered
+    glands (malignant ones crowd and touch), thicker borders, lumens missing, denser epithelial nuclei;
+    a perfect reader of g is right for about 92 % of images. Nuisance, independent of the label: the
+    grid shifted and its spacing scaled per image (glands cut by the edge, crowding); border thickness
+    varying along each gland; a per-image epithelium/stroma contrast; stroma nuclei and fibres in a
+    random direction; lumen debris (eosin secretion, shed nuclei); stain strength and hue; an
+    illumination gradient up to 25 %; blur up to 1.2 px (at 128 px) and noise 0.03. The default
+    uncertainty_multiloss.py run (64 px, 40 epochs, seeds 0, 1, 2) reaches test pixel accuracy
+    0.961 ± 0.006, object Dice 0.906 ± 0.010 (the ground-truth region map split into glands by its
+    regions_to_instances: 0.970) and classification accuracy 0.79 ± 0.03.
     """
     labels = _exact_labels(n, [1 - malignant_share, malignant_share], gen)
     grade = (0.3 + 0.4 * labels.float() + 0.14 * torch.randn(n, generator=gen)).clamp(0, 1)
@@ -3663,10 +3657,9 @@ def iterate_batches(split, batch_size, shuffle=True, generator=None, drop_last=F
         yield batch
 
 
-def _rand_on(generator, shape, device):
-    if generator is None:
-        return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+def _random(draw, shape, generator, device):
+    """draw (torch.rand, torch.randn) from `generator` on its own device (None: the default one), on `device`."""
+    return draw(shape, generator=generator, device=device if generator is None else generator.device).to(device)
 
 
 def augment(batch, generator=None, flip=True, rotate=15.0, scale=0.1, elastic=0.0, color=0.1):
@@ -3678,7 +3671,7 @@ def augment(batch, generator=None, flip=True, rotate=15.0, scale=0.1, elastic=0.
     images = batch["images"]
     b, _, h, w = images.shape
     dev = images.device
-    u = _rand_on(generator, (b, 8), dev)  # all per-sample random numbers in one draw
+    u = _random(torch.rand, (b, 8), generator, dev)  # all per-sample random numbers in one draw
     angle = (2 * u[:, 0] - 1) * math.radians(rotate)
     zoom = 1 + (2 * u[:, 1] - 1) * scale
     flip_x = torch.where(u[:, 2] < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=dev)
@@ -3693,10 +3686,7 @@ def augment(batch, generator=None, flip=True, rotate=15.0, scale=0.1, elastic=0.
         # smooth random displacement: coarse noise (one knot every ~8 px) upsampled bicubically,
         # scaled so that its RMS is `elastic` pixels, converted to normalised units (2 / side)
         knots = max(2, min(h, w) // 8)
-        if generator is None:
-            noise = torch.randn(b, 2, knots, knots, device=dev)
-        else:
-            noise = torch.randn(b, 2, knots, knots, generator=generator, device=generator.device).to(dev)
+        noise = _random(torch.randn, (b, 2, knots, knots), generator, dev)
         field = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=False)
         field = field / field.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6) * elastic
         # python-float scales, not a new device tensor: building one from a list is a host-to-device
