@@ -248,12 +248,6 @@ def aleatoric_loss(logits, log_variance, target, n_samples, generator=None):
     return math.log(n_samples) - torch.logsumexp(log_prob, dim=0)
 
 
-def pixel_loss(model, images, target, n_samples):
-    """The per-pixel aleatoric loss [B,H,W] of a batch, in float32."""
-    out = model(images).float()
-    return aleatoric_loss(out[:, 0], out[:, 1], target, n_samples)
-
-
 def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples):
     """Eq. 1: the weight of every pixel of a batch of U for base model i, from the gradient of C_i's
     loss after one virtual SGD step on the eps-weighted U loss (Ren et al. 2018):
@@ -262,7 +256,8 @@ def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr,
     Returns the weights [B,H,W] (detached) and the per-pixel U loss [B,H,W] with its graph, which the
     real step (Eq. 2) reuses."""
     params = dict(model.named_parameters())
-    loss_u = pixel_loss(model, images_u, masks_u, n_samples)                       # l_q [B,H,W]
+    out_u = model(images_u).float()
+    loss_u = aleatoric_loss(out_u[:, 0], out_u[:, 1], masks_u, n_samples)          # l_q [B,H,W]
     eps = torch.zeros_like(loss_u, requires_grad=True)
     grads = torch.autograd.grad((eps * loss_u).sum(), list(params.values()), create_graph=True)
     virtual = {name: p - virtual_lr * g for (name, p), g in zip(params.items(), grads)}  # theta'
@@ -569,9 +564,8 @@ def train_row(job, cache):
     """run_jobs' job: trains row job.row for one seed; best.pt keeps the best validation Jaccard (Sec. 3.1)."""
     run, args = job.run, job.run.args
     data = seed_data(args, job.seed, run.device, cache)
-    rows = trained(table_rows(data.n_models, args.baselines))
-    row_index = [row.name for row in rows].index(job.row)
-    row = rows[row_index]
+    row_index, row = next((k, row) for k, row in enumerate(trained(table_rows(data.n_models, args.baselines)))
+                          if row.name == job.row)
     model = common.prepare_model(build_model(row_index, args, job.seed, data.foreground), run)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -589,7 +583,8 @@ def train_row(job, cache):
                     loss = meta_weighted_loss(model, batch["x"], batch["y"], clean["x"], clean["y"],
                                               args.lr, args.mc_samples)
                 else:  # rows A, J, MV, STAPLE: the mean aleatoric loss (Eq. 5) against one mask per image
-                    loss = pixel_loss(model, batch["x"], batch["y"], args.mc_samples).mean()
+                    out = model(batch["x"]).float()
+                    loss = aleatoric_loss(out[:, 0], out[:, 1], batch["y"], args.mc_samples).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -614,20 +609,17 @@ def base_predictions(models, images, mean, std, amp):
     return torch.stack([prob for prob, _ in outputs]), torch.stack([log_var for _, log_var in outputs])
 
 
-def scores(prob, reference, valid=None):
-    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier: means and SE over images (*_image_se); valid
-    [N,H,W]: the image's own pixels (not the letterbox padding)."""
-    if valid is None:
-        jaccard = common.jaccard(prob > 0.5, reference) * 100
-        nll, brier = common.nll(prob, reference), common.brier(prob, reference)
-    else:
-        valid = valid.bool()
-        jaccard = common.jaccard((prob > 0.5) & valid, reference.bool() & valid) * 100
-        # the pixel means of Eq. 6-7 over each image's own pixels: [1,P] is one image of P pixels
-        nll, brier = (torch.cat([metric(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
-                      for metric in (common.nll, common.brier))
+def scores(prob, reference, valid, metrics):
+    """`metrics` of "jaccard" (%, threshold 0.5), "nll" and "brier" (Eq. 6-7) per image, as their mean and
+    SE over images (<metric>_image_se); valid [N,H,W]: the image's own pixels (not the letterbox padding)."""
+    valid = torch.ones_like(reference, dtype=torch.bool) if valid is None else valid.bool()
     result = {}
-    for key, values in (("jaccard", jaccard), ("nll", nll), ("brier", brier)):
+    for key in metrics:
+        if key == "jaccard":
+            values = common.jaccard((prob > 0.5) & valid, reference.bool() & valid) * 100
+        else:  # the pixel mean of Eq. 6 or 7 over each image's own pixels: [1,P] is one image of P pixels
+            metric = {"nll": common.nll, "brier": common.brier}[key]
+            values = torch.cat([metric(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
         result[key], result[f"{key}_image_se"] = common.mean_and_se(values)
     return result
 
@@ -659,13 +651,11 @@ def evaluate(models, rows, test_sets, train_norm, args):
                 continue
             reference, where = split[key].to(probs.device), {"test_set": set_name, "reference": ref_name}
             for row in rows:
-                result = scores(prob[row.name], reference, valid)
                 table1.append({"table": "1", "row": row.name, "method": row.method, **where,
-                               "jaccard": result["jaccard"], "jaccard_image_se": result["jaccard_image_se"]})
+                               **scores(prob[row.name], reference, valid, ["jaccard"])})
             for letter, (method, calibrated) in zip(string.ascii_uppercase, calibration):
-                result = scores(calibrated, reference, valid)
                 table2.append({"table": "2", "row": letter, "method": method, **where,
-                               **{k: result[k] for k in ("nll", "nll_image_se", "brier", "brier_image_se")}})
+                               **scores(calibrated, reference, valid, ["nll", "brier"])})
     return table1 + table2, outputs
 
 
@@ -747,29 +737,24 @@ def weight_statistics(model, row, sets, args, mean, std):
                           "zero_eval": float((w_eval == 0).float().mean())}}
 
 
-def ensemble_of(states, rows, args, seed):
-    """One seed's trained networks, a ModuleDict in eval mode, from {row name: state dict}."""
-    models = nn.ModuleDict()
-    for k, row in enumerate(trained(rows)):
-        models[row.name] = build_model(k, args, seed)
-        common.load_model_state(models[row.name], states[row.name])
+def ensemble_of(weights, rows, args, seeds):
+    """The trained rows of `seeds`, a ModuleDict {"seed<s>": {row name: network}} in eval mode, loaded from
+    `weights` (an ensemble checkpoint's "model", seed<s>.<row>.<parameter>; other seeds are left out)."""
+    models = nn.ModuleDict({f"seed{seed}": nn.ModuleDict({row.name: build_model(k, args, seed)
+                                                          for k, row in enumerate(trained(rows))}) for seed in seeds})
+    common.load_model_state(models, {key: value for key, value in weights.items() if key.split(".")[0] in models})
     return models.eval()
 
 
-def weights_of_seed(ensemble_weights, seed):
-    """{row name: state dict} of one seed in an ensemble checkpoint's "model" (seed<seed>.<row>.<parameter>)."""
-    states = {}
-    for key, value in ensemble_weights.items():
-        seed_key, row, name = key.split(".", 2)
-        if seed_key == f"seed{seed}":
-            states.setdefault(row, {})[name] = value
-    return states
-
-
-def best_weights(run, rows, seed):
-    """{row name: best.pt} of one seed's trained rows."""
-    return {row.name: common.load_checkpoint(common.job_folder(run, row.name, seed) / "best.pt", SCRIPT)
-            for row in trained(rows)}
+def best_weights(run, rows, seeds):
+    """The trained rows' best.pt of `seeds`: ensemble_of's weights and each seed's normalisation."""
+    weights, norm = {}, {}
+    for seed in seeds:
+        for row in trained(rows):
+            best = common.load_checkpoint(common.job_folder(run, row.name, seed) / "best.pt", SCRIPT)
+            weights.update({f"seed{seed}.{row.name}.{key}": value for key, value in best["model"].items()})
+            norm[str(seed)] = best["normalization"]
+    return weights, norm
 
 
 def evaluate_seed(job, cache, checkpoint=None):
@@ -779,11 +764,8 @@ def evaluate_seed(job, cache, checkpoint=None):
     data = seed_data(run.args, job.seed, run.device, cache)
     rows = table_rows(data.n_models, run.args.baselines)
     args = argparse.Namespace(**{**vars(run.args), "seed": job.seed})  # the sampling of Fig. 3-4 in numbers
-    if checkpoint is None:
-        states = {name: state["model"] for name, state in best_weights(run, rows, job.seed).items()}
-    else:
-        states = weights_of_seed(checkpoint["model"], job.seed)
-    models = common.prepare_model(ensemble_of(states, rows, args, job.seed), run)
+    weights = best_weights(run, rows, [job.seed])[0] if checkpoint is None else checkpoint["model"]
+    models = common.prepare_model(ensemble_of(weights, rows, args, [job.seed])[f"seed{job.seed}"], run)
     entries, outputs = evaluate(models, rows, data.tests, (data.mean, data.std), args)
     base_rows = [row for row in rows if row.kind == "meta"]
     for row in base_rows:
@@ -801,26 +783,13 @@ def evaluate_seed(job, cache, checkpoint=None):
         first_test = list(data.tests)[0]
         figure_predictions(data.tests[first_test], outputs[first_test], run.figures / "predictions.png")
         if checkpoint is None:  # the ensemble: one module holding every seed's trained rows
-            best = {seed: best_weights(run, rows, seed) for seed in seeds}
-            ensemble = nn.ModuleDict({f"seed{seed}": ensemble_of({name: state["model"] for name, state in
-                                                                  best[seed].items()}, rows, args, seed)
-                                      for seed in seeds})
-            norm = {str(seed): best[seed][trained(rows)[0].name]["normalization"] for seed in seeds}
-            common.save(job, args.epochs, math.nan, -math.inf, ensemble, seeds=seeds, n_models=data.n_models,
-                        norm=norm)
+            weights, norm = best_weights(run, rows, seeds)
+            common.save(job, args.epochs, math.nan, -math.inf, ensemble_of(weights, rows, args, seeds), seeds=seeds,
+                        n_models=data.n_models, norm=norm)
     return {"entries": entries}
 
 
 # ==================== Report: Tables 1-2 and the analyses as Markdown, Fig. 3-4, predictions =======
-
-def summarize_entries(per_seed_entries):
-    """Entries grouped by (table, row, test set, reference) over seeds: common.summarize_rows's mean,
-    <metric>_se and "per_seed"."""
-    grouped = {}
-    for entry in (entry for entries in per_seed_entries for entry in entries):
-        grouped.setdefault((entry["table"], entry["row"], entry["test_set"], entry["reference"]), []).append(entry)
-    return [common.summarize_rows({key[1]: entries})[0] for key, entries in grouped.items()]
-
 
 def report_markdown(args, seeds, rows, first_test, table):
     """results.md: Tables 1 and 2 in the paper's layout (a column per test set and reference), Fig. 3-4 in
@@ -952,8 +921,9 @@ def load_model(checkpoint_path, device="cpu"):
     state = load_ensemble_checkpoint(checkpoint_path)
     args = common.restore_architecture(resolve_defaults(build_parser().parse_args([])), state, ARCHITECTURE)
     seed, device = state["seeds"][0], torch.device(device)
-    base = [row for row in table_rows(state["n_models"], args.baselines) if row.kind == "meta"]
-    models = ensemble_of(weights_of_seed(state["model"], seed), base, args, seed).to(device)
+    rows = table_rows(state["n_models"], args.baselines)
+    trained_rows = ensemble_of(state["model"], rows, args, [seed])[f"seed{seed}"]
+    models = nn.ModuleDict({row.name: trained_rows[row.name] for row in rows if row.kind == "meta"}).to(device)
     norm = tuple(t.to(device) for t in state["norm"][str(seed)])
     return common.Predictor(model=models, args=args, norm=norm, size=args.size, keep_aspect=True,
                             device=device, class_names=[], mask_names=["background", "lesion"],
@@ -1020,9 +990,12 @@ def main(argv=None):
                                 lambda job: evaluate_seed(job, cache, checkpoint))
     if evaluated is None:  # torchrun: the other processes
         return None
-    per_seed = [[{**entry, "seed": result["seed"], "rank": result["rank"]} for entry in result["entries"]]
-                for result in evaluated[0]["per_seed"]]  # the "ensemble" jobs' results, one per seed
-    table = summarize_entries(per_seed) + training
+    grouped = {}  # every seed's entries by (table, row, test set, reference): mean, <metric>_se, "per_seed"
+    for result in evaluated[0]["per_seed"]:  # the "ensemble" jobs' results, one per seed
+        for entry in result["entries"]:
+            key = (entry["table"], entry["row"], entry["test_set"], entry["reference"])
+            grouped.setdefault(key, []).append({**entry, "seed": result["seed"], "rank": result["rank"]})
+    table = [common.summarize_rows({key[1]: entries})[0] for key, entries in grouped.items()] + training
 
     # the main metrics: the run's fusion row (Table 1) and the deep ensemble (Table 2) on ISIC (synthetic: "test")
     first_test = list(first.tests)[0]
