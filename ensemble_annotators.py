@@ -46,51 +46,50 @@ path), images_uint8)).
 
 Deviations and resolved ambiguities
     - Subsets: Sec. 2.2 deals image n's M_n annotations to C_1..C_{M_n}, leaving ISIC's C_5 with 3 images
-      (often none on synthetic data), yet model 4 scores like the others in Table 1; the default follows
-      Sec. 3.1 ("randomly and uniformly": M_n of the M subsets), --subsets first Sec. 2.2. M = the
-      dataset's annotation slots (5): five members.
-    - "64 and 2 for optimizing the spatial weight maps and network parameters": 64 clean images of C_i for
-      Eq. 1, 2 annotations of U for Eq. 2, both with the aleatoric loss (the paper's cross-entropy as s ->
-      0). At eps = 0, -dL/deps_j = lr grad L_C . grad l_j: the virtual lr only scales W; the normalisation
-      removes it.
+      (often none on synthetic data), yet model 4 scores like the others in Table 1; the default follows Sec.
+      3.1 ("randomly and uniformly": M_n of the M subsets), --subsets first Sec. 2.2. M = the dataset's
+      annotation slots (5): five members.
+    - "64 and 2 for optimizing the spatial weight maps and network parameters": 64 images of C_i for Eq. 1,
+      2 annotations of U for Eq. 2, both with the aleatoric loss (the paper's cross-entropy as s -> 0). At
+      eps = 0, -dL/deps_j = lr grad L_C . grad l_j: the virtual lr only scales W, which is normalised.
     - Weight decay 5e-5 (the text's "5 x 10^5" is a typo). Width and depth are not given (the paper cites
-      [4]): 32 and 4 on real data (96 px). Synthetic CPU default: 48 px, width 8, depth 3, lr 0.01,
-      momentum 0.9, batches 8 / 8, 4 epochs (~420 steps per model; the paper: 100K iterations at lr 1e-4,
-      momentum 0.99). An epoch is one pass over U for every row: all rows take as many steps.
-    - Table 2 uses Table 1's base models (five dropout layers, p = 0.3): Table 1 and the deep ensemble
-      (fusion I) run them with dropout off, the MC dropout rows with it on for 15 passes. The paper does
-      not say whether its MC dropout models were separate runs.
-    - Y = sigmoid(f) at the mean logit; the aleatoric map is s^2 = exp(log s^2). Fusions H and I are
-      computed in log space (exact, and finite where 1 / mean(exp(log s^2)) overflows to NaN).
-    - Every logit bias starts at the log-odds of U's lesion share (as in Lin et al.'s focal loss; the paper
-      is silent): at sigmoid(f) = 0.5 the background dominates the clean loss's gradient, so the first meta
-      steps weigh mostly background pixels of U, which can lock a base model into "all skin" (synthetic
-      seed 0, model 0, validation Jaccard after epochs 1 and 2: 42 and 58 with the prior, 22 and 37 with a
-      zero bias). Rows A, J, MV and STAPLE start alike.
-    - Model selection per model on the validation Jaccard against one random annotation per image (Sec.
-      3.1). Synthetic "test" stands in for ISIC, "test_shift" for PH2 / DermoFit; synthetic test images
-      are scored against their first annotation and against the true mask.
-    - Majority vote ties go to background (two annotations: their intersection); STAPLE: a per-image prior,
-      50 EM steps. Row J is retrained with the same network and steps (the paper's row J has no SE and is
-      most likely quoted from Ribeiro et al. [30]).
+      [4]): 32 and 4 on real data (96 px). Synthetic CPU default: 48 px, width 8, depth 3, lr 0.01, momentum
+      0.9, batches 8 / 8, 4 epochs (~420 steps per model; the paper: 100K iterations at lr 1e-4, momentum
+      0.99). An epoch is one pass over U for every row: all rows take as many steps.
+    - Table 2 uses Table 1's base models (five dropout layers, p = 0.3), with dropout off for Table 1 and the
+      deep ensemble (fusion I), on for 15 passes in the MC dropout rows (the paper does not say whether its MC
+      dropout models were separate runs).
+    - Y = sigmoid(f) at the mean logit; the aleatoric map is s^2 = exp(log s^2). Fusions H and I are computed
+      in log space (exact, and finite where 1 / mean(exp(log s^2)) overflows to NaN).
+    - Every logit bias starts at the log-odds of U's lesion share (as in Lin et al.'s focal loss; the paper is
+      silent): at sigmoid(f) = 0.5 the background dominates the clean loss's gradient, so the first meta steps
+      weigh mostly background pixels of U, which can lock a model into "all skin" (synthetic seed 0, model 0,
+      validation Jaccard after epochs 1 and 2: 42 and 58 with the prior, 22 and 37 with a zero bias). Rows
+      A, J, MV and STAPLE start alike.
+    - Model selection per model on the validation Jaccard against one random annotation per image (Sec. 3.1).
+      Synthetic "test" stands in for ISIC, "test_shift" for PH2 / DermoFit; synthetic test images are scored
+      against their first annotation and against the true mask.
+    - Majority vote ties go to background (two annotations: their intersection); STAPLE: a per-image prior, 50
+      EM steps. Row J is retrained with the same network and steps (the paper's row J has no SE and is most
+      likely quoted from Ribeiro et al. [30]).
     - BatchNorm after every convolution of the residual blocks (the paper is silent): in training mode an
-      image's output, and its meta weights, depend on its batch. The meta step runs in training mode
-      (batch statistics, dropout on) because Eq. 2 reuses its forward pass of U; the parent code has
-      neither layer. weight_statistics measures what this changes ("meta-mode"), on every run.
+      image's output, and its meta weights, depend on its batch. The meta step runs in training mode (batch
+      statistics, dropout on) because Eq. 2 reuses its forward pass of U; the parent code has neither layer.
+      weight_statistics measures what this changes ("meta-mode"), on every run.
     - Fig. 3-4 show the selected models' weights, computed as in training (train mode, a batch of U), not
-      iteration 100K's; "Fig. 3-4 in numbers" counts zero-weight pixels on INC and on agreeing pixels over
-      --weight-samples annotations of U per base model, ± SE over batches or seeds.
-    - On-device flips, small rotations and colour jitter (paper silent) on the training batches and, each
-      its own draw, on the clean C_i batches (--no-augment-clean: not those).
+      iteration 100K's; "in numbers": zero-weight pixels on INC and on agreeing pixels over --weight-samples
+      annotations of U per base model, ± SE over batches or seeds.
+    - On-device flips, small rotations, colour jitter (paper silent) on the training batches and, each its own
+      draw, on the clean C_i batches (--no-augment-clean: not those).
     - Normalisation with the training split's per-channel mean and std (Sec. 3.1, "across the entire
-      dataset"), --predict included; --normalize per-dataset: each test set's own.
-    - Real images keep their aspect ratio (letterboxed, zero padding; the paper resizes). Metrics, channel
-      statistics and fusion I's u_i count the image's own pixels; training sees the padding as background;
-      --predict maps back to each image's size and finds the image in its canvas as the non-zero span.
-    - --seeds: each seed re-draws the data (or the real train/val split), the subsets, the initialisations
-      and the batches; cells are the mean over seeds ± SE (one seed: ± SE over test images, as in the
-      paper). torchrun shares the trained rows out; --parallel data is refused (Eq. 1 normalises W over
-      the whole batch); --compile is not used (torch.compile cannot differentiate twice).
+      dataset"), --predict included; --normalize per-dataset: each test set's own. Real images keep their
+      aspect ratio (letterboxed, zero padding; the paper resizes): metrics, channel statistics and fusion I's
+      u_i count the image's own pixels; training sees the padding as background; --predict maps back to each
+      image's size, finding the image in its canvas as the non-zero span.
+    - --seeds: each seed re-draws the data (or the real train/val split), the subsets, the initialisations and
+      the batches; cells are the mean over seeds ± SE (one seed: ± SE over test images, as in the paper).
+      torchrun shares the trained rows out; --parallel data is refused (Eq. 1 normalises W over the whole
+      batch); --compile is not used (torch.compile cannot differentiate twice).
 """
 
 import argparse
@@ -685,24 +684,23 @@ def ratio_and_se(numerators, denominators):
 
 
 def weight_statistics(model, row, sets, args, mean, std):
-    """Base model i's weights on random batches of U and C_i, unaugmented, weighted as in training: the
-    entries of two tables. "fig3-4", Fig. 3-4 in numbers (the paper: INC pixels get zero or near-zero
-    weight) over args.weight_samples annotations of U: the zero-weight share on INC pixels (where an
-    annotation disagrees with the one model i trusts for that image; zero_weight_inconsistent) and on
-    agreeing ones (zero_weight_consistent), with *_batch_se, and mean_weight_ratio, INC / agreeing.
-    "meta-mode", on the first batch, train mode (batch statistics, dropout on) against eval mode: tv_* the
-    total variation 1/2 sum_q |W - W'| (the weight mass that moves) between the modes and between two
-    draws of one mode (dropout, MC samples); zero_flip the share of pixels with zero weight in one mode
-    only; zero_train, zero_eval the zero-weight share in each."""
-    union, clean = sets["U"], sets[row.source]
+    """Base model i's weights on random unaugmented batches of U and C_i, as training computes them.
+    "fig3-4" (the paper: INC pixels get zero or near-zero weight), over args.weight_samples annotations of U:
+    the zero-weight share on INC pixels (where an annotation disagrees with the one model i trusts for that
+    image; zero_weight_inconsistent) and on agreeing ones (zero_weight_consistent), with *_batch_se, and
+    mean_weight_ratio, INC / agreeing. "meta-mode", train mode (batch statistics, dropout on) against eval
+    mode on the first batch: tv_* the weight mass that moves, 1/2 sum_q |W - W'|, between the modes and
+    between two draws of one mode (dropout, MC samples); zero_flip the share of pixels with zero weight in
+    one mode only; zero_train, zero_eval the zero-weight share in each."""
+    union, clean, device = sets["U"], sets[row.source], sets["U"]["images"].device
     in_subset = sets["subset_of"] == row.trusted_subset  # [N,A]: the slot of the one annotation model i trusts
     trusted_slot, has_trusted = in_subset.float().argmax(1), in_subset.any(1)
     generator = torch.Generator().manual_seed(args.seed)
     n_batches = max(1, math.ceil(args.weight_samples / args.batch_size))
     first, sums = None, []  # per batch: pixels, zero-weight pixels and weight, on INC and on agreeing pixels
     for _ in range(n_batches):
-        u = torch.randperm(len(union["images"]), generator=generator)[:args.batch_size].to(union["images"].device)
-        c = torch.randperm(len(clean["images"]), generator=generator)[:args.clean_batch_size].to(u.device)
+        u = torch.randperm(len(union["images"]), generator=generator)[:args.batch_size].to(device)
+        c = torch.randperm(len(clean["images"]), generator=generator)[:args.clean_batch_size].to(device)
         batch = (common.normalize(union["images"][u], mean, std), union["masks"][u],
                  common.normalize(clean["images"][c], mean, std), clean["masks"][c])
         first = batch if first is None else first  # the meta step's mode is measured on the first batch
@@ -730,7 +728,8 @@ def weight_statistics(model, row, sets, args, mean, std):
     return {"fig3-4": {"zero_weight_inconsistent": zero_inc, "zero_weight_inconsistent_batch_se": zero_inc_se,
                        "zero_weight_consistent": zero_agree, "zero_weight_consistent_batch_se": zero_agree_se,
                        "mean_weight_ratio": float(mean_inc / mean_agree.clamp_min(1e-30)),
-                       "annotations": n_batches * args.batch_size, "inconsistent_pixels": int(inc_pixels.sum())},
+                       "annotations": n_batches * args.batch_size,
+                       "inconsistent_pixels": int(inc_pixels.sum())},
             "meta-mode": {**{f"tv_{key}": float(0.5 * (a - b).abs().sum()) for key, (a, b) in moved.items()},
                           "zero_flip": float(((w_train == 0) != (w_eval == 0)).float().mean()),
                           "zero_train": float((w_train == 0).float().mean()),
@@ -741,8 +740,10 @@ def ensemble_of(weights, rows, args, seeds):
     """The trained rows of `seeds`, a ModuleDict {"seed<s>": {row name: network}} in eval mode, loaded from
     `weights` (an ensemble checkpoint's "model", seed<s>.<row>.<parameter>; other seeds are left out)."""
     models = nn.ModuleDict({f"seed{seed}": nn.ModuleDict({row.name: build_model(k, args, seed)
-                                                          for k, row in enumerate(trained(rows))}) for seed in seeds})
-    common.load_model_state(models, {key: value for key, value in weights.items() if key.split(".")[0] in models})
+                                                          for k, row in enumerate(trained(rows))})
+                            for seed in seeds})
+    common.load_model_state(models, {key: value for key, value in weights.items()
+                                     if key.split(".")[0] in models})
     return models.eval()
 
 
@@ -770,7 +771,8 @@ def evaluate_seed(job, cache, checkpoint=None):
     base_rows = [row for row in rows if row.kind == "meta"]
     for row in base_rows:
         where = {"row": row.name, "method": row.method, "test_set": "train", "reference": "U"}
-        for table, values in weight_statistics(models[row.name], row, data.sets, args, data.mean, data.std).items():
+        statistics = weight_statistics(models[row.name], row, data.sets, args, data.mean, data.std)
+        for table, values in statistics.items():  # "fig3-4", "meta-mode"
             entries.append({"table": table, **where, **values})
     for name, removed in data.removed.items():  # Sec. 3.1 protocol: test images also in train/val
         entries.append({"table": "overlap", "row": name, "method": "removed from the test set", "test_set": name,
@@ -784,8 +786,8 @@ def evaluate_seed(job, cache, checkpoint=None):
         figure_predictions(data.tests[first_test], outputs[first_test], run.figures / "predictions.png")
         if checkpoint is None:  # the ensemble: one module holding every seed's trained rows
             weights, norm = best_weights(run, rows, seeds)
-            common.save(job, args.epochs, math.nan, -math.inf, ensemble_of(weights, rows, args, seeds), seeds=seeds,
-                        n_models=data.n_models, norm=norm)
+            common.save(job, args.epochs, math.nan, -math.inf, ensemble_of(weights, rows, args, seeds),
+                        seeds=seeds, n_models=data.n_models, norm=norm)
     return {"entries": entries}
 
 
@@ -820,13 +822,16 @@ def report_markdown(args, seeds, rows, first_test, table):
                    "boundary)",
                    lambda e: {"w = 0 on INC (%)": share(e, "zero_weight_inconsistent", "batch"),
                               "w = 0 where agreeing (%)": share(e, "zero_weight_consistent", "batch"),
-                              "mean w, INC / agreeing": common.fmt_over_seeds(e, "mean_weight_ratio", digits=2)}),
+                              "mean w, INC / agreeing": common.fmt_over_seeds(e, "mean_weight_ratio",
+                                                                              digits=2)}),
         "meta-mode": ("The meta step's mode, one batch of U and of C_i: weight mass moved (total variation) "
-                      "between train mode (batch statistics, dropout on) and eval mode, and between two draws "
-                      "of one mode; pixels with zero weight in one mode only, and in each mode",
+                      "between train mode (batch statistics, dropout on) and eval mode, and between two "
+                      "draws of one mode; pixels with zero weight in one mode only, and in each mode",
                       lambda e: {label: common.fmt_over_seeds(e, key, percent=True) for key, label in (
-                          ("tv_train_vs_eval", "moved, train vs eval (%)"), ("tv_train_redraw", "moved, train redrawn (%)"),
-                          ("tv_eval_redraw", "moved, eval redrawn (%)"), ("zero_flip", "w = 0 in one mode only (%)"),
+                          ("tv_train_vs_eval", "moved, train vs eval (%)"),
+                          ("tv_train_redraw", "moved, train redrawn (%)"),
+                          ("tv_eval_redraw", "moved, eval redrawn (%)"),
+                          ("zero_flip", "w = 0 in one mode only (%)"),
                           ("zero_train", "w = 0, train (%)"), ("zero_eval", "w = 0, eval (%)"))}),
         "overlap": ("Test images removed because they sit in the training pool (names in results.json)",
                     lambda e: {"images removed (also in train/val)": int(e["removed"])})}
@@ -923,9 +928,9 @@ def load_model(checkpoint_path, device="cpu"):
     seed, device = state["seeds"][0], torch.device(device)
     rows = table_rows(state["n_models"], args.baselines)
     trained_rows = ensemble_of(state["model"], rows, args, [seed])[f"seed{seed}"]
-    models = nn.ModuleDict({row.name: trained_rows[row.name] for row in rows if row.kind == "meta"}).to(device)
+    models = nn.ModuleDict({row.name: trained_rows[row.name] for row in rows if row.kind == "meta"})
     norm = tuple(t.to(device) for t in state["norm"][str(seed)])
-    return common.Predictor(model=models, args=args, norm=norm, size=args.size, keep_aspect=True,
+    return common.Predictor(model=models.to(device), args=args, norm=norm, size=args.size, keep_aspect=True,
                             device=device, class_names=[], mask_names=["background", "lesion"],
                             extra={"fusion": args.fusion})
 
@@ -995,14 +1000,13 @@ def main(argv=None):
         for entry in result["entries"]:
             key = (entry["table"], entry["row"], entry["test_set"], entry["reference"])
             grouped.setdefault(key, []).append({**entry, "seed": result["seed"], "rank": result["rank"]})
-    table = [common.summarize_rows({key[1]: entries})[0] for key, entries in grouped.items()] + training
+    summary = {key: common.summarize_rows({key[1]: entries})[0] for key, entries in grouped.items()}
+    table = list(summary.values()) + training
 
     # the main metrics: the run's fusion row (Table 1) and the deep ensemble (Table 2) on ISIC (synthetic: "test")
     first_test = list(first.tests)[0]
-    main1, main2 = ([e for e in table if e["table"] == name and e["row"] == row and e["test_set"] == first_test
-                     and e["reference"] == "annotation"][0]
-                    for name, row in (("1", main_fusion_row(rows, args.fusion)),
-                                      ("2", string.ascii_uppercase[first.n_models])))
+    main1 = summary["1", main_fusion_row(rows, args.fusion), first_test, "annotation"]
+    main2 = summary["2", string.ascii_uppercase[first.n_models], first_test, "annotation"]
     metrics = {**{key: main1[key] for key in ("jaccard", "jaccard_se", "jaccard_image_se")},
                **{key: main2[key] for key in ("nll", "nll_se", "brier", "brier_se")}}
     for key in ("zero_weight_inconsistent", "zero_weight_consistent", "tv_train_vs_eval"):  # mean over base models
