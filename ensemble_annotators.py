@@ -82,10 +82,10 @@ Deviations and resolved ambiguities
     - On-device flips, small rotations, colour jitter (paper silent) on the training batches and, each its own
       draw, on the clean C_i batches (--no-augment-clean: not those).
     - Normalisation with the training split's per-channel mean and std (Sec. 3.1, "across the entire
-      dataset"), --predict included; --normalize per-dataset: each test set's own. Real images keep their
-      aspect ratio (letterboxed, zero padding; the paper resizes): metrics, channel statistics and fusion I's
-      u_i count the image's own pixels; training sees the padding as background; --predict maps back to each
-      image's size, finding the image in its canvas as the non-zero span.
+      dataset"), --predict included (from the checkpoint); --normalize per-dataset: each test set's own. Real
+      images keep their aspect ratio (letterboxed, zero padding; the paper resizes): metrics, channel
+      statistics and fusion I's u_i count the image's own pixels; training sees the padding as background;
+      --predict maps back to each image's size, finding the image in its canvas as the non-zero span.
     - --seeds: each seed re-draws the data (or the real train/val split), the subsets, the initialisations and
       the batches; cells are the mean over seeds ± SE (one seed: ± SE over test images, as in the paper).
       torchrun shares the trained rows out; --parallel data is refused (Eq. 1 normalises W over the whole
