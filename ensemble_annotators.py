@@ -4,15 +4,13 @@ Reference: Z. Mirikharaji*, K. Abhishek*, S. Izadi, G. Hamarneh, "D-LEMA: Deep L
 Multiple Annotations - Application to Skin Lesion Segmentation", CVPR Workshops (ISIC) 2021
 (../shared/papers/ensemble_annotators.txt).
 
-Idea. An image may carry 2-5 disagreeing lesion outlines. Instead of fusing them into one mask before
-training, every image's M_n annotations are dealt out to M non-contradictory subsets C_1..C_M (each
-holds at most one annotation per image) and M base models are trained, one per subset, on the union U
-of all annotations. Base model i trusts C_i: a meta-learning step (Ren et al. 2018) gives every pixel
-of every annotation in U a weight that is large where following that pixel moves the model the way
-C_i's loss wants, and zero where it disagrees. Each base model is Bayesian in Kendall & Gal's sense:
-it predicts logits and their variance (aleatoric uncertainty), trained with a loss that samples
-logits. At test time the M predictions are fused with equal weights or weights from the inverse
-aleatoric uncertainty (per pixel or per image).
+Idea. An image may carry 2-5 disagreeing lesion outlines. Instead of fusing them before training, every
+image's M_n annotations are dealt out to M non-contradictory subsets C_1..C_M (at most one annotation per
+image each) and M base models are trained on the union U of all annotations. Base model i trusts C_i: a
+meta-learning step (Ren et al. 2018) weighs every pixel of U, large where following it moves the model the
+way C_i's loss wants, zero where it disagrees. Each base model is Bayesian (Kendall & Gal): it predicts
+logits and their variance (aleatoric uncertainty), trained with a loss that samples logits. At test time
+the M predictions are fused with equal weights or by inverse aleatoric uncertainty (per pixel or image).
 
 Paper -> code (the method is one block, BayesianResidualFCN .. fuse_predictions)
     Sec. 3.2 base model, two output maps (f, log s^2) .. BayesianResidualFCN
@@ -26,8 +24,8 @@ Paper -> code (the method is one block, BayesianResidualFCN .. fuse_predictions)
     Eq. 4 Y = sum_i alpha_i Y_i (rows G, H, I) ......... fusion_weights, fuse_predictions
     Eq. 6, 7 NLL and Brier score ....................... common.nll, common.brier (in scores)
     Tables 1 and 2 ..................................... table_rows, train_row, evaluate, report_markdown
-    Fig. 3-4, and in numbers (zero weight on INC) ...... figure_weight_maps, weight_consistency
-    The meta step's BatchNorm / dropout mode (measured)  meta_mode_effect (beyond the paper)
+    Fig. 3-4, and in numbers (zero weight on INC) ...... figure_weight_maps, weight_statistics
+    The meta step's BatchNorm / dropout mode (measured)  weight_statistics (beyond the paper)
     Sec. 3.1 protocol: ISIC / PH2 / DermoFit test sets . load_data (overlap removed and counted)
     --predict: fused lesion, aleatoric and epistemic maps load_model, predict_batch
 
@@ -42,60 +40,56 @@ Usage
     python ensemble_annotators.py --eval-only --checkpoint runs/<run>/ensemble-seed0/best.pt
     python ensemble_annotators.py --predict images/ --checkpoint runs/<run>/ensemble-seed0/best.pt
     python ensemble_annotators.py --quick                # smoke test of every path (seconds)
-A run writes Tables 1-2, Fig. 3-4 in numbers and the meta step's mode (results.md / .json), figures/,
-<row>-seed<seed>/ per trained row (last.pt, best.pt) and ensemble-seed<seed>/ per seed's tables; the
-first seed's ensemble best.pt holds every seed's trained rows, for --eval-only and --predict (Python:
-predict_batch(load_model(path), images_uint8)).
+A run writes results.md / .json, figures/, <row>-seed<seed>/ per trained row and ensemble-seed<seed>/ per
+seed's tables; the first seed's ensemble best.pt holds every seed's rows (Python: predict_batch(load_model(
+path), images_uint8)).
 
 Deviations and resolved ambiguities
-    - Subsets: Sec. 2.2 deals image n's M_n annotations to C_1..C_{M_n}, which leaves ISIC's C_5 with 3
-      images (often none on the synthetic set), yet model 4 scores like the others in Table 1; the
-      default follows Sec. 3.1 ("randomly and uniformly": M_n distinct subsets drawn from the M);
-      --subsets first gives Sec. 2.2. M = the dataset's annotation slots (5): five members.
-    - "64 and 2 for optimizing the spatial weight maps and network parameters": 64 clean images of C_i
-      for the meta objective (Eq. 1), 2 annotations of U for the weighted update (Eq. 2). Both use the
-      aleatoric loss (the paper's cross-entropy as s -> 0). At eps = 0, -dL/deps_j = lr grad L_C .
-      grad l_j: the virtual learning rate only scales W, and the normalisation removes it.
-    - Weight decay 5e-5 (the text's "5 x 10^5" is a typo). Width and depth are not given (the paper
-      cites [4]): 32 and 4 on real data (96 px). Synthetic CPU default: 48 px, width 8, depth 3, lr
-      0.01, momentum 0.9, batches 8 / 8, 4 epochs (~420 steps per model; the paper: 100K iterations at
-      lr 1e-4, momentum 0.99). An epoch is one pass over U for every row: all rows take as many steps.
-    - Table 2 uses Table 1's base models (trained with five dropout layers, p = 0.3): Table 1 and the
-      deep ensemble (fusion I) run them with dropout off, the MC dropout rows with it on for 15 passes.
-      The paper does not say whether its MC dropout models were separate runs.
-    - Y = sigmoid(f) at the mean logit; the aleatoric map is s^2 = exp(log s^2). Fusions H and I are
-      computed in log space (exact, and finite where 1 / mean(exp(log s^2)) overflows to NaN).
-    - Every model's logit bias starts at the log-odds of U's lesion share (as in Lin et al.'s focal
-      loss; the paper is silent): at sigmoid(f) = 0.5 the clean loss's gradient is dominated by the
-      background, so the first meta steps weigh mostly background pixels of U, which can lock a base
-      model into "all skin" (synthetic seed 0, model 0, validation Jaccard after epochs 1 and 2: 42 and
-      58 with the prior, 22 and 37 with a zero bias). Rows A, J, MV and STAPLE start alike.
-    - Model selection per model on the validation Jaccard against one random annotation per image
-      (Sec. 3.1). Synthetic "test" stands in for ISIC, "test_shift" for PH2 / DermoFit; synthetic test
-      images are scored against their first annotation and against the true mask.
-    - Majority vote ties go to background (two annotations: their intersection); STAPLE: a per-image
-      prior, 50 EM steps. Row J is retrained with the same network and steps (the paper's row J has no
-      SE and is most likely quoted from Ribeiro et al. [30]).
-    - BatchNorm after every convolution of the residual blocks (the paper does not mention it): in
-      training mode an image's output, and its meta weights, depend on its batch. The meta step runs in
-      training mode (batch statistics, dropout on) because Eq. 2 reuses its forward pass of U; the
-      parent code has neither layer. meta_mode_effect measures what this changes, on every run.
-    - Fig. 3-4 show the selected models' weights, computed as in training (train mode, a batch of U),
-      not iteration 100K's; "Fig. 3-4 in numbers" counts zero-weight pixels on INC and on agreeing
-      pixels over --weight-samples annotations of U per base model, ± SE over batches or seeds.
-    - On-device flips, small rotations and colour jitter (the paper is silent) on the training batches
-      and, each its own draw, on the clean C_i batches (--no-augment-clean: not those).
+    - Subsets: Sec. 2.2 deals image n's M_n annotations to C_1..C_{M_n}, leaving ISIC's C_5 with 3 images
+      (often none on synthetic data), yet model 4 scores like the others in Table 1; the default follows Sec.
+      3.1 ("randomly and uniformly": M_n of the M subsets), --subsets first Sec. 2.2. M = the dataset's
+      annotation slots (5): five members.
+    - "64 and 2 for optimizing the spatial weight maps and network parameters": 64 images of C_i for Eq. 1,
+      2 annotations of U for Eq. 2, both with the aleatoric loss (the paper's cross-entropy as s -> 0). At
+      eps = 0, -dL/deps_j = lr grad L_C . grad l_j: the virtual lr only scales W, which is normalised.
+    - Weight decay 5e-5 (the text's "5 x 10^5" is a typo). Width and depth are not given (the paper cites
+      [4]): 32 and 4 on real data (96 px). Synthetic CPU default: 48 px, width 8, depth 3, lr 0.01, momentum
+      0.9, batches 8 / 8, 4 epochs (~420 steps per model; the paper: 100K iterations at lr 1e-4, momentum
+      0.99). An epoch is one pass over U for every row: all rows take as many steps.
+    - Table 2 uses Table 1's base models (five dropout layers, p = 0.3), with dropout off for Table 1 and the
+      deep ensemble (fusion I), on for 15 passes in the MC dropout rows (the paper does not say whether its MC
+      dropout models were separate runs).
+    - Y = sigmoid(f) at the mean logit; the aleatoric map is s^2 = exp(log s^2). Fusions H and I are computed
+      in log space (exact, and finite where 1 / mean(exp(log s^2)) overflows to NaN).
+    - Every logit bias starts at the log-odds of U's lesion share (as in Lin et al.'s focal loss; the paper is
+      silent): at sigmoid(f) = 0.5 the background dominates the clean loss's gradient, so the first meta steps
+      weigh mostly background pixels of U, which can lock a model into "all skin" (synthetic seed 0, model 0,
+      validation Jaccard after epochs 1 and 2: 42 and 58 with the prior, 22 and 37 with a zero bias). Rows
+      A, J, MV and STAPLE start alike.
+    - Model selection per model on the validation Jaccard against one random annotation per image (Sec. 3.1).
+      Synthetic "test" stands in for ISIC, "test_shift" for PH2 / DermoFit; synthetic test images are scored
+      against their first annotation and against the true mask.
+    - Majority vote ties go to background (two annotations: their intersection); STAPLE: a per-image prior, 50
+      EM steps. Row J is retrained with the same network and steps (the paper's row J has no SE and is most
+      likely quoted from Ribeiro et al. [30]).
+    - BatchNorm after every convolution of the residual blocks (the paper is silent): in training mode an
+      image's output, and its meta weights, depend on its batch. The meta step runs in training mode (batch
+      statistics, dropout on) because Eq. 2 reuses its forward pass of U; the parent code has neither layer.
+      weight_statistics measures what this changes ("meta-mode"), on every run.
+    - Fig. 3-4 show the selected models' weights, computed as in training (train mode, a batch of U), not
+      iteration 100K's; "in numbers": zero-weight pixels on INC and on agreeing pixels over --weight-samples
+      annotations of U per base model, ± SE over batches or seeds.
+    - On-device flips, small rotations, colour jitter (paper silent) on the training batches and, each its own
+      draw, on the clean C_i batches (--no-augment-clean: not those).
     - Normalisation with the training split's per-channel mean and std (Sec. 3.1, "across the entire
-      dataset"), --predict included (from the checkpoint); --normalize per-dataset: each test set's own.
-    - Real images keep their aspect ratio (letterboxed into the canvas, zero padding; the paper
-      resizes). Metrics, channel statistics and fusion I's mean variance u_i count the image's own
-      pixels (the paper has no padding); training sees the padding as background; --predict maps back
-      to each image's size and finds the image in its canvas as the non-zero span.
-    - --seeds: each seed re-draws the data (or the real train/val split), the subsets, the
-      initialisations and the batches; cells are the mean over seeds ± SE (one seed: ± SE over test
-      images, as in the paper). torchrun shares the trained rows out (rows mode); --parallel data is
-      refused (Eq. 1 normalises W over the whole batch); --compile is not used (torch.compile cannot
-      differentiate twice).
+      dataset"), --predict included (from the checkpoint); --normalize per-dataset: each test set's own. Real
+      images keep their aspect ratio (letterboxed, zero padding; the paper resizes): metrics, channel
+      statistics and fusion I's u_i count the image's own pixels; training sees the padding as background;
+      --predict maps back to each image's size, finding the image in its canvas as the non-zero span.
+    - --seeds: each seed re-draws the data (or the real train/val split), the subsets, the initialisations and
+      the batches; cells are the mean over seeds ± SE (one seed: ± SE over test images, as in the paper).
+      torchrun shares the trained rows out; --parallel data is refused (Eq. 1 normalises W over the whole
+      batch); --compile is not used (torch.compile cannot differentiate twice).
 """
 
 import argparse
@@ -253,12 +247,6 @@ def aleatoric_loss(logits, log_variance, target, n_samples, generator=None):
     return math.log(n_samples) - torch.logsumexp(log_prob, dim=0)
 
 
-def pixel_loss(model, images, target, n_samples):
-    """The per-pixel aleatoric loss [B,H,W] of a batch, in float32."""
-    out = model(images).float()
-    return aleatoric_loss(out[:, 0], out[:, 1], target, n_samples)
-
-
 def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_samples):
     """Eq. 1: the weight of every pixel of a batch of U for base model i, from the gradient of C_i's
     loss after one virtual SGD step on the eps-weighted U loss (Ren et al. 2018):
@@ -267,7 +255,8 @@ def spatial_weight_maps(model, images_u, masks_u, images_c, masks_c, virtual_lr,
     Returns the weights [B,H,W] (detached) and the per-pixel U loss [B,H,W] with its graph, which the
     real step (Eq. 2) reuses."""
     params = dict(model.named_parameters())
-    loss_u = pixel_loss(model, images_u, masks_u, n_samples)                       # l_q [B,H,W]
+    out_u = model(images_u).float()
+    loss_u = aleatoric_loss(out_u[:, 0], out_u[:, 1], masks_u, n_samples)          # l_q [B,H,W]
     eps = torch.zeros_like(loss_u, requires_grad=True)
     grads = torch.autograd.grad((eps * loss_u).sum(), list(params.values()), create_graph=True)
     virtual = {name: p - virtual_lr * g for (name, p), g in zip(params.items(), grads)}  # theta'
@@ -574,9 +563,8 @@ def train_row(job, cache):
     """run_jobs' job: trains row job.row for one seed; best.pt keeps the best validation Jaccard (Sec. 3.1)."""
     run, args = job.run, job.run.args
     data = seed_data(args, job.seed, run.device, cache)
-    rows = trained(table_rows(data.n_models, args.baselines))
-    row_index = [row.name for row in rows].index(job.row)
-    row = rows[row_index]
+    row_index, row = next((k, row) for k, row in enumerate(trained(table_rows(data.n_models, args.baselines)))
+                          if row.name == job.row)
     model = common.prepare_model(build_model(row_index, args, job.seed, data.foreground), run)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
@@ -594,7 +582,8 @@ def train_row(job, cache):
                     loss = meta_weighted_loss(model, batch["x"], batch["y"], clean["x"], clean["y"],
                                               args.lr, args.mc_samples)
                 else:  # rows A, J, MV, STAPLE: the mean aleatoric loss (Eq. 5) against one mask per image
-                    loss = pixel_loss(model, batch["x"], batch["y"], args.mc_samples).mean()
+                    out = model(batch["x"]).float()
+                    loss = aleatoric_loss(out[:, 0], out[:, 1], batch["y"], args.mc_samples).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -619,20 +608,17 @@ def base_predictions(models, images, mean, std, amp):
     return torch.stack([prob for prob, _ in outputs]), torch.stack([log_var for _, log_var in outputs])
 
 
-def scores(prob, reference, valid=None):
-    """Jaccard (%, threshold 0.5) and Eq. 6-7 NLL / Brier: means and SE over images (*_image_se); valid
-    [N,H,W]: the image's own pixels (not the letterbox padding)."""
-    if valid is None:
-        jaccard = common.jaccard(prob > 0.5, reference) * 100
-        nll, brier = common.nll(prob, reference), common.brier(prob, reference)
-    else:
-        valid = valid.bool()
-        jaccard = common.jaccard((prob > 0.5) & valid, reference.bool() & valid) * 100
-        # the pixel means of Eq. 6-7 over each image's own pixels: [1,P] is one image of P pixels
-        nll, brier = (torch.cat([metric(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
-                      for metric in (common.nll, common.brier))
+def scores(prob, reference, valid, metrics):
+    """`metrics` of "jaccard" (%, threshold 0.5), "nll" and "brier" (Eq. 6-7) per image, as their mean and
+    SE over images (<metric>_image_se); valid [N,H,W]: the image's own pixels (not the letterbox padding)."""
+    valid = torch.ones_like(reference, dtype=torch.bool) if valid is None else valid.bool()
     result = {}
-    for key, values in (("jaccard", jaccard), ("nll", nll), ("brier", brier)):
+    for key in metrics:
+        if key == "jaccard":
+            values = common.jaccard((prob > 0.5) & valid, reference.bool() & valid) * 100
+        else:  # the pixel mean of Eq. 6 or 7 over each image's own pixels: [1,P] is one image of P pixels
+            metric = {"nll": common.nll, "brier": common.brier}[key]
+            values = torch.cat([metric(p[v][None], r[v][None]) for p, r, v in zip(prob, reference, valid)])
         result[key], result[f"{key}_image_se"] = common.mean_and_se(values)
     return result
 
@@ -664,13 +650,11 @@ def evaluate(models, rows, test_sets, train_norm, args):
                 continue
             reference, where = split[key].to(probs.device), {"test_set": set_name, "reference": ref_name}
             for row in rows:
-                result = scores(prob[row.name], reference, valid)
                 table1.append({"table": "1", "row": row.name, "method": row.method, **where,
-                               "jaccard": result["jaccard"], "jaccard_image_se": result["jaccard_image_se"]})
+                               **scores(prob[row.name], reference, valid, ["jaccard"])})
             for letter, (method, calibrated) in zip(string.ascii_uppercase, calibration):
-                result = scores(calibrated, reference, valid)
                 table2.append({"table": "2", "row": letter, "method": method, **where,
-                               **{k: result[k] for k in ("nll", "nll_image_se", "brier", "brier_image_se")}})
+                               **scores(calibrated, reference, valid, ["nll", "brier"])})
     return table1 + table2, outputs
 
 
@@ -687,16 +671,6 @@ def training_weights(model, images_u, masks_u, images_c, masks_c, virtual_lr, n_
     return weights
 
 
-def sample_weight_batch(row, sets, args, mean, std, generator):
-    """(u, x_u, y_u, x_c, y_c): random batches of U (indices u) and C_i as the meta step sees them, unaugmented."""
-    union, clean = sets["U"], sets[row.source]
-    device = union["images"].device
-    u = torch.randperm(len(union["images"]), generator=generator)[:args.batch_size].to(device)
-    c = torch.randperm(len(clean["images"]), generator=generator)[:args.clean_batch_size].to(device)
-    return (u, common.normalize(union["images"][u], mean, std), union["masks"][u],
-            common.normalize(clean["images"][c], mean, std), clean["masks"][c])
-
-
 def ratio_and_se(numerators, denominators):
     """R = sum a_b / sum n_b over batches b, and its SE: sqrt(sum (a_b - R n_b)^2 / (B (B - 1))) / mean n_b."""
     total = denominators.sum()
@@ -709,24 +683,33 @@ def ratio_and_se(numerators, denominators):
     return float(ratio), float(spread.sqrt() / denominators.mean())
 
 
-def weight_consistency(model, row, sets, args, mean, std):
-    """Fig. 3-4 in numbers (the paper: INC pixels get zero or near-zero weight) for base model i, over
-    args.weight_samples annotations of U weighted as in training: the zero-weight share on INC pixels
-    (where an annotation disagrees with the one model i trusts for that image; zero_weight_inconsistent)
-    and on agreeing ones (zero_weight_consistent), with *_batch_se, and mean_weight_ratio, INC / agreeing."""
+def weight_statistics(model, row, sets, args, mean, std):
+    """Base model i's weights on random unaugmented batches of U and C_i, as training computes them.
+    "fig3-4" (the paper: INC pixels get zero or near-zero weight), over args.weight_samples annotations of U:
+    the zero-weight share on INC pixels (where an annotation disagrees with the one model i trusts for that
+    image; zero_weight_inconsistent) and on agreeing ones (zero_weight_consistent), with *_batch_se, and
+    mean_weight_ratio, INC / agreeing. "meta-mode", train mode (batch statistics, dropout on) against eval
+    mode on the first batch: tv_* the weight mass that moves, 1/2 sum_q |W - W'|, between the modes and
+    between two draws of one mode (dropout, MC samples); zero_flip the share of pixels with zero weight in
+    one mode only; zero_train, zero_eval the zero-weight share in each."""
+    union, clean, device = sets["U"], sets[row.source], sets["U"]["images"].device
     in_subset = sets["subset_of"] == row.trusted_subset  # [N,A]: the slot of the one annotation model i trusts
     trusted_slot, has_trusted = in_subset.float().argmax(1), in_subset.any(1)
     generator = torch.Generator().manual_seed(args.seed)
     n_batches = max(1, math.ceil(args.weight_samples / args.batch_size))
-    sums = []  # per batch: pixels, zero-weight pixels and weight, on INC and on agreeing pixels
+    first, sums = None, []  # per batch: pixels, zero-weight pixels and weight, on INC and on agreeing pixels
     for _ in range(n_batches):
-        u, x_u, y_u, x_c, y_c = sample_weight_batch(row, sets, args, mean, std, generator)
-        weights = training_weights(model, x_u, y_u, x_c, y_c, args.lr, args.mc_samples)     # W [B,H,W]
-        image = sets["U"]["image"][u]
+        u = torch.randperm(len(union["images"]), generator=generator)[:args.batch_size].to(device)
+        c = torch.randperm(len(clean["images"]), generator=generator)[:args.clean_batch_size].to(device)
+        batch = (common.normalize(union["images"][u], mean, std), union["masks"][u],
+                 common.normalize(clean["images"][c], mean, std), clean["masks"][c])
+        first = batch if first is None else first  # the meta step's mode is measured on the first batch
+        weights = training_weights(model, *batch, args.lr, args.mc_samples)                     # W [B,H,W]
+        image = union["image"][u]
         trusted_mask = sets["all"]["masks"][image, trusted_slot[image]]  # the annotation model i trusts [B,H,W]
         known = has_trusted[image].view(-1, 1, 1)
-        inconsistent = ((trusted_mask != y_u) & known).float()      # INC
-        agreeing = ((trusted_mask == y_u) & known).float()
+        inconsistent = ((trusted_mask != union["masks"][u]) & known).float()    # INC
+        agreeing = ((trusted_mask == union["masks"][u]) & known).float()
         zero = (weights == 0).float()
         sums.append(torch.stack([value for region in (inconsistent, agreeing)
                                  for value in (region.sum(), (zero * region).sum(), (weights * region).sum())]))
@@ -735,53 +718,44 @@ def weight_consistency(model, row, sets, args, mean, std):
     zero_agree, zero_agree_se = ratio_and_se(agree_zero, agree_pixels)
     mean_inc = inc_weight.sum() / inc_pixels.sum().clamp_min(1)
     mean_agree = agree_weight.sum() / agree_pixels.sum().clamp_min(1)
-    return {"zero_weight_inconsistent": zero_inc, "zero_weight_inconsistent_batch_se": zero_inc_se,
-            "zero_weight_consistent": zero_agree, "zero_weight_consistent_batch_se": zero_agree_se,
-            "mean_weight_ratio": float(mean_inc / mean_agree.clamp_min(1e-30)),
-            "annotations": n_batches * args.batch_size, "inconsistent_pixels": int(inc_pixels.sum())}
-
-
-def meta_mode_effect(model, row, sets, args, mean, std):
-    """The meta step in train mode (batch statistics, dropout on) against eval mode, on one batch of U and
-    of C_i: tv_* the total variation 1/2 sum_q |W - W'| (the weight mass that moves) between the modes and
-    between two draws of one mode (dropout, MC samples); zero_flip the share of pixels with zero weight in
-    one mode only; zero_train, zero_eval the zero-weight share in each."""
-    _, x_u, y_u, x_c, y_c = sample_weight_batch(row, sets, args, mean, std, torch.Generator().manual_seed(args.seed))
-    weights = {}
+    modes = {}
     for mode, draw in (("train", 0), ("train", 1), ("eval", 0), ("eval", 1)):
         torch.manual_seed(args.seed * 7919 + draw)  # dropout masks and the MC samples of the loss
-        weights[mode, draw] = training_weights(model, x_u, y_u, x_c, y_c, args.lr, args.mc_samples, mode)
-    w_train, w_eval = weights["train", 0], weights["eval", 0]
-    tv = {"train_vs_eval": (w_train, w_eval), "train_redraw": (w_train, weights["train", 1]),
-          "eval_redraw": (w_eval, weights["eval", 1])}
-    return {**{f"tv_{key}": float(0.5 * (a - b).abs().sum()) for key, (a, b) in tv.items()},  # total variation
-            "zero_flip": float(((w_train == 0) != (w_eval == 0)).float().mean()),
-            "zero_train": float((w_train == 0).float().mean()), "zero_eval": float((w_eval == 0).float().mean())}
+        modes[mode, draw] = training_weights(model, *first, args.lr, args.mc_samples, mode)
+    w_train, w_eval = modes["train", 0], modes["eval", 0]
+    moved = {"train_vs_eval": (w_train, w_eval), "train_redraw": (w_train, modes["train", 1]),
+             "eval_redraw": (w_eval, modes["eval", 1])}
+    return {"fig3-4": {"zero_weight_inconsistent": zero_inc, "zero_weight_inconsistent_batch_se": zero_inc_se,
+                       "zero_weight_consistent": zero_agree, "zero_weight_consistent_batch_se": zero_agree_se,
+                       "mean_weight_ratio": float(mean_inc / mean_agree.clamp_min(1e-30)),
+                       "annotations": n_batches * args.batch_size,
+                       "inconsistent_pixels": int(inc_pixels.sum())},
+            "meta-mode": {**{f"tv_{key}": float(0.5 * (a - b).abs().sum()) for key, (a, b) in moved.items()},
+                          "zero_flip": float(((w_train == 0) != (w_eval == 0)).float().mean()),
+                          "zero_train": float((w_train == 0).float().mean()),
+                          "zero_eval": float((w_eval == 0).float().mean())}}
 
 
-def ensemble_of(states, rows, args, seed):
-    """One seed's trained networks, a ModuleDict in eval mode, from {row name: state dict}."""
-    models = nn.ModuleDict()
-    for k, row in enumerate(trained(rows)):
-        models[row.name] = build_model(k, args, seed)
-        common.load_model_state(models[row.name], states[row.name])
+def ensemble_of(weights, rows, args, seeds):
+    """The trained rows of `seeds`, a ModuleDict {"seed<s>": {row name: network}} in eval mode, loaded from
+    `weights` (an ensemble checkpoint's "model", seed<s>.<row>.<parameter>; other seeds are left out)."""
+    models = nn.ModuleDict({f"seed{seed}": nn.ModuleDict({row.name: build_model(k, args, seed)
+                                                          for k, row in enumerate(trained(rows))})
+                            for seed in seeds})
+    common.load_model_state(models, {key: value for key, value in weights.items()
+                                     if key.split(".")[0] in models})
     return models.eval()
 
 
-def weights_of_seed(ensemble_weights, seed):
-    """{row name: state dict} of one seed in an ensemble checkpoint's "model" (seed<seed>.<row>.<parameter>)."""
-    states = {}
-    for key, value in ensemble_weights.items():
-        seed_key, row, name = key.split(".", 2)
-        if seed_key == f"seed{seed}":
-            states.setdefault(row, {})[name] = value
-    return states
-
-
-def best_weights(run, rows, seed):
-    """{row name: best.pt} of one seed's trained rows."""
-    return {row.name: common.load_checkpoint(common.job_folder(run, row.name, seed) / "best.pt", SCRIPT)
-            for row in trained(rows)}
+def best_weights(run, rows, seeds):
+    """The trained rows' best.pt of `seeds`: ensemble_of's weights and each seed's normalisation."""
+    weights, norm = {}, {}
+    for seed in seeds:
+        for row in trained(rows):
+            best = common.load_checkpoint(common.job_folder(run, row.name, seed) / "best.pt", SCRIPT)
+            weights.update({f"seed{seed}.{row.name}.{key}": value for key, value in best["model"].items()})
+            norm[str(seed)] = best["normalization"]
+    return weights, norm
 
 
 def evaluate_seed(job, cache, checkpoint=None):
@@ -791,18 +765,15 @@ def evaluate_seed(job, cache, checkpoint=None):
     data = seed_data(run.args, job.seed, run.device, cache)
     rows = table_rows(data.n_models, run.args.baselines)
     args = argparse.Namespace(**{**vars(run.args), "seed": job.seed})  # the sampling of Fig. 3-4 in numbers
-    if checkpoint is None:
-        states = {name: state["model"] for name, state in best_weights(run, rows, job.seed).items()}
-    else:
-        states = weights_of_seed(checkpoint["model"], job.seed)
-    models = common.prepare_model(ensemble_of(states, rows, args, job.seed), run)
+    weights = best_weights(run, rows, [job.seed])[0] if checkpoint is None else checkpoint["model"]
+    models = common.prepare_model(ensemble_of(weights, rows, args, [job.seed])[f"seed{job.seed}"], run)
     entries, outputs = evaluate(models, rows, data.tests, (data.mean, data.std), args)
     base_rows = [row for row in rows if row.kind == "meta"]
     for row in base_rows:
         where = {"row": row.name, "method": row.method, "test_set": "train", "reference": "U"}
-        for table, measure in (("fig3-4", weight_consistency), ("meta-mode", meta_mode_effect)):
-            entries.append({"table": table, **where, **measure(models[row.name], row, data.sets, args, data.mean,
-                                                               data.std)})
+        statistics = weight_statistics(models[row.name], row, data.sets, args, data.mean, data.std)
+        for table, values in statistics.items():  # "fig3-4", "meta-mode"
+            entries.append({"table": table, **where, **values})
     for name, removed in data.removed.items():  # Sec. 3.1 protocol: test images also in train/val
         entries.append({"table": "overlap", "row": name, "method": "removed from the test set", "test_set": name,
                         "reference": "-", "removed": len(removed), "removed_names": removed})
@@ -814,83 +785,71 @@ def evaluate_seed(job, cache, checkpoint=None):
         first_test = list(data.tests)[0]
         figure_predictions(data.tests[first_test], outputs[first_test], run.figures / "predictions.png")
         if checkpoint is None:  # the ensemble: one module holding every seed's trained rows
-            best = {seed: best_weights(run, rows, seed) for seed in seeds}
-            ensemble = nn.ModuleDict({f"seed{seed}": ensemble_of({name: state["model"] for name, state in
-                                                                  best[seed].items()}, rows, args, seed)
-                                      for seed in seeds})
-            norm = {str(seed): best[seed][trained(rows)[0].name]["normalization"] for seed in seeds}
-            common.save(job, args.epochs, math.nan, -math.inf, ensemble, seeds=seeds, n_models=data.n_models,
-                        norm=norm)
+            weights, norm = best_weights(run, rows, seeds)
+            common.save(job, args.epochs, math.nan, -math.inf, ensemble_of(weights, rows, args, seeds),
+                        seeds=seeds, n_models=data.n_models, norm=norm)
     return {"entries": entries}
 
 
 # ==================== Report: Tables 1-2 and the analyses as Markdown, Fig. 3-4, predictions =======
 
-def summarize_entries(per_seed_entries):
-    """Entries grouped by (table, row, test set, reference) over seeds: common.summarize_rows's mean,
-    <metric>_se and "per_seed"."""
-    grouped = {}
-    for entry in (entry for entries in per_seed_entries for entry in entries):
-        grouped.setdefault((entry["table"], entry["row"], entry["test_set"], entry["reference"]), []).append(entry)
-    return [common.summarize_rows({key[1]: entries})[0] for key, entries in grouped.items()]
-
-
-def table_markdown(entries, table, title, cells):
-    """One table of results.md: a line per row of `table`, its cells from cells(entry) of its entries."""
-    lines, header = {}, ["row", "method"]
-    for entry in (e for e in entries if e["table"] == table):
-        line = cells(entry)
-        lines.setdefault(entry["row"], {"row": entry["row"], "method": entry["method"]}).update(line)
-        header += [column for column in line if column not in header]
-    return common.markdown_table(list(lines.values()), header, title=title) if lines else ""
-
-
 def report_markdown(args, seeds, rows, first_test, table):
     """results.md: Tables 1 and 2 in the paper's layout (a column per test set and reference), Fig. 3-4 in
     numbers, the meta step's mode and the overlap removed. ± SE over seeds, or over test images or batches."""
     over_seeds = len(seeds) > 1
-    column = lambda e: e["test_set"] + ("" if e["reference"] == "annotation" else " vs truth")  # noqa: E731
 
-    def share(entry, key, one_seed_se, percent_points=1):  # mean ± SE over seeds, or the one seed's own SE
-        se = entry[f"{key}_se" if over_seeds else one_seed_se]
+    def share(entry, key, one_seed, percent_points=1):  # % ± SE over seeds, or the one seed's own SE
+        se = entry[f"{key}_se" if over_seeds else f"{key}_{one_seed}_se"]
         return common.fmt_mean_se(entry[key] / percent_points, se / percent_points, percent=True)
 
-    def weights(entry):
-        return {"w = 0 on INC (%)": share(entry, "zero_weight_inconsistent", "zero_weight_inconsistent_batch_se"),
-                "w = 0 where agreeing (%)": share(entry, "zero_weight_consistent", "zero_weight_consistent_batch_se"),
-                "mean w, INC / agreeing": common.fmt_over_seeds(entry, "mean_weight_ratio", digits=2)}
+    def column(entry, metric=""):  # Tables 1 and 2: a column per test set and reference
+        return entry["test_set"] + ("" if entry["reference"] == "annotation" else " vs truth") + metric
 
-    mode_labels = {"tv_train_vs_eval": "moved, train vs eval (%)", "tv_train_redraw": "moved, train redrawn (%)",
-                   "tv_eval_redraw": "moved, eval redrawn (%)", "zero_flip": "w = 0 in one mode only (%)",
-                   "zero_train": "w = 0, train (%)", "zero_eval": "w = 0, eval (%)"}
     annotations = next(int(e["annotations"]) for e in table if e["table"] == "fig3-4")
     spread = (f"mean ± standard error over the seeds {', '.join(map(str, seeds))}" if over_seeds else
               f"seed {seeds[0]}; ± standard error over the test images as in the paper")
     row_j = [row.name for row in rows if row.source == "kept"]
-    return "\n".join([
+    tables = {  # table: (title, the cells of one entry)
+        "1": ("Table 1: Jaccard index (% ± standard error)",
+              lambda e: {column(e): share(e, "jaccard", "image", percent_points=100)}),
+        "2": ("Table 2: NLL and Brier score (lower is better)",
+              lambda e: {column(e, f" {short}"): common.fmt_over_seeds(e, key, digits=3)
+                         for key, short in (("nll", "NLL"), ("brier", "Br"))}),
+        "fig3-4": (f"Fig. 3-4 in numbers, over {annotations} annotations of U per base model (batches of "
+                   f"{args.batch_size}, weighted as in training): zero-weight pixels where an annotation "
+                   f"contradicts the one the model trusts (INC) and where it agrees (± SE over "
+                   f"{'seeds' if over_seeds else 'batches'}); mean weight on INC / agreeing (INC lies on the "
+                   "boundary)",
+                   lambda e: {"w = 0 on INC (%)": share(e, "zero_weight_inconsistent", "batch"),
+                              "w = 0 where agreeing (%)": share(e, "zero_weight_consistent", "batch"),
+                              "mean w, INC / agreeing": common.fmt_over_seeds(e, "mean_weight_ratio",
+                                                                              digits=2)}),
+        "meta-mode": ("The meta step's mode, one batch of U and of C_i: weight mass moved (total variation) "
+                      "between train mode (batch statistics, dropout on) and eval mode, and between two "
+                      "draws of one mode; pixels with zero weight in one mode only, and in each mode",
+                      lambda e: {label: common.fmt_over_seeds(e, key, percent=True) for key, label in (
+                          ("tv_train_vs_eval", "moved, train vs eval (%)"),
+                          ("tv_train_redraw", "moved, train redrawn (%)"),
+                          ("tv_eval_redraw", "moved, eval redrawn (%)"),
+                          ("zero_flip", "w = 0 in one mode only (%)"),
+                          ("zero_train", "w = 0, train (%)"), ("zero_eval", "w = 0, eval (%)"))}),
+        "overlap": ("Test images removed because they sit in the training pool (names in results.json)",
+                    lambda e: {"images removed (also in train/val)": int(e["removed"])})}
+    markdown = [
         f"# D-LEMA on {args.data} ({args.size} px, {args.epochs} epochs, M = {sum(r.kind == 'meta' for r in rows)})\n",
         f"Main method: row {main_fusion_row(rows, args.fusion)} (fusion rule `{args.fusion}`) on `{first_test}`; "
         "'vs truth': scored against the true mask instead of an annotation. "
         + (f"Row {row_j[0]} is retrained here with the same network and number of steps as the other rows; "
            "the paper's row J carries no ± SE and is most likely quoted from Ribeiro et al. [30]. " if row_j else "")
-        + f"Every number: {spread}.\n",
-        table_markdown(table, "1", "Table 1: Jaccard index (% ± standard error)",
-                       lambda e: {column(e): share(e, "jaccard", "jaccard_image_se", percent_points=100)}),
-        table_markdown(table, "2", "Table 2: NLL and Brier score (lower is better)",
-                       lambda e: {f"{column(e)} {short}": common.fmt_over_seeds(e, key, digits=3)
-                                  for key, short in (("nll", "NLL"), ("brier", "Br"))}),
-        table_markdown(table, "fig3-4", f"Fig. 3-4 in numbers, over {annotations} annotations of U per base model "
-                       f"(batches of {args.batch_size}, weighted as in training): zero-weight pixels where an "
-                       f"annotation contradicts the one the model trusts (INC) and where it agrees (± SE over "
-                       f"{'seeds' if over_seeds else 'batches'}); mean weight on INC / agreeing (INC lies on the "
-                       "boundary)", weights),
-        table_markdown(table, "meta-mode", "The meta step's mode, one batch of U and of C_i: weight mass moved "
-                       "(total variation) between train mode (batch statistics, dropout on) and eval mode, and "
-                       "between two draws of one mode; pixels with zero weight in one mode only, and in each mode",
-                       lambda e: {label: common.fmt_over_seeds(e, key, percent=True)
-                                  for key, label in mode_labels.items()}),
-        table_markdown(table, "overlap", "Test images removed because they sit in the training pool (names in "
-                       "results.json)", lambda e: {"images removed (also in train/val)": int(e["removed"])})])
+        + f"Every number: {spread}.\n"]
+    for name, (title, cells) in tables.items():  # a line per row, its cells from each of its entries
+        lines, header = {}, ["row", "method"]
+        for entry in (e for e in table if e["table"] == name):
+            line = cells(entry)
+            lines.setdefault(entry["row"], {"row": entry["row"], "method": entry["method"]}).update(line)
+            header += [key for key in line if key not in header]
+        markdown.append(common.markdown_table(list(lines.values()), header, title=title) if lines else "")
+    return "\n".join(markdown)
 
 
 def figure_weight_maps(model, row, n_models, sets, args, mean, std, path):
@@ -967,10 +926,11 @@ def load_model(checkpoint_path, device="cpu"):
     state = load_ensemble_checkpoint(checkpoint_path)
     args = common.restore_architecture(resolve_defaults(build_parser().parse_args([])), state, ARCHITECTURE)
     seed, device = state["seeds"][0], torch.device(device)
-    base = [row for row in table_rows(state["n_models"], args.baselines) if row.kind == "meta"]
-    models = ensemble_of(weights_of_seed(state["model"], seed), base, args, seed).to(device)
+    rows = table_rows(state["n_models"], args.baselines)
+    trained_rows = ensemble_of(state["model"], rows, args, [seed])[f"seed{seed}"]
+    models = nn.ModuleDict({row.name: trained_rows[row.name] for row in rows if row.kind == "meta"})
     norm = tuple(t.to(device) for t in state["norm"][str(seed)])
-    return common.Predictor(model=models, args=args, norm=norm, size=args.size, keep_aspect=True,
+    return common.Predictor(model=models.to(device), args=args, norm=norm, size=args.size, keep_aspect=True,
                             device=device, class_names=[], mask_names=["background", "lesion"],
                             extra={"fusion": args.fusion})
 
@@ -979,12 +939,9 @@ def canvas_content(images):
     """bool [B,S,S]: each canvas's letterbox box, the span of rows and columns with a non-zero pixel
     (padding is exactly zero; an image's own all-black border rows count as padding)."""
     nonzero = images.amax(1) > 0                                    # [B,S,S]
-    index = torch.arange(images.shape[-1], device=images.device)
 
-    def span(hit):  # first..last index that is hit; the whole side when nothing is
-        first = torch.where(hit, index, images.shape[-1]).amin(1, keepdim=True)
-        last = torch.where(hit, index, -1).amax(1, keepdim=True)
-        return ((index >= first) & (index <= last)) | ~hit.any(1, keepdim=True)
+    def span(hit):  # [B,S]: from the first to the last index that is hit; the whole side when none is
+        return (hit.cumsum(1) > 0) & (hit.flip(1).cumsum(1).flip(1) > 0) | ~hit.any(1, keepdim=True)
     return span(nonzero.any(2))[:, :, None] & span(nonzero.any(1))[:, None, :]
 
 
@@ -1038,16 +995,18 @@ def main(argv=None):
                                 lambda job: evaluate_seed(job, cache, checkpoint))
     if evaluated is None:  # torchrun: the other processes
         return None
-    per_seed = [[{**entry, "seed": result["seed"], "rank": result["rank"]} for entry in result["entries"]]
-                for result in evaluated[0]["per_seed"]]  # the "ensemble" jobs' results, one per seed
-    table = summarize_entries(per_seed) + training
+    grouped = {}  # every seed's entries by (table, row, test set, reference): mean, <metric>_se, "per_seed"
+    for result in evaluated[0]["per_seed"]:  # the "ensemble" jobs' results, one per seed
+        for entry in result["entries"]:
+            key = (entry["table"], entry["row"], entry["test_set"], entry["reference"])
+            grouped.setdefault(key, []).append({**entry, "seed": result["seed"], "rank": result["rank"]})
+    summary = {key: common.summarize_rows({key[1]: entries})[0] for key, entries in grouped.items()}
+    table = list(summary.values()) + training
 
     # the main metrics: the run's fusion row (Table 1) and the deep ensemble (Table 2) on ISIC (synthetic: "test")
     first_test = list(first.tests)[0]
-    main1, main2 = ([e for e in table if e["table"] == name and e["row"] == row and e["test_set"] == first_test
-                     and e["reference"] == "annotation"][0]
-                    for name, row in (("1", main_fusion_row(rows, args.fusion)),
-                                      ("2", string.ascii_uppercase[first.n_models])))
+    main1 = summary["1", main_fusion_row(rows, args.fusion), first_test, "annotation"]
+    main2 = summary["2", string.ascii_uppercase[first.n_models], first_test, "annotation"]
     metrics = {**{key: main1[key] for key in ("jaccard", "jaccard_se", "jaccard_image_se")},
                **{key: main2[key] for key in ("nll", "nll_se", "brier", "brier_se")}}
     for key in ("zero_weight_inconsistent", "zero_weight_consistent", "tv_train_vs_eval"):  # mean over base models

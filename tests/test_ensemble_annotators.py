@@ -528,7 +528,7 @@ def test_weight_consistency_counts_zero_weights_on_inc_and_agreeing_pixels(monke
     args = type("Args", (), {"seed": 0, "batch_size": n_union, "clean_batch_size": 2, "weight_samples": n_union,
                              "lr": 0.1, "mc_samples": 1})
     row = ea.table_rows(5, baselines=False)[2]                       # model 2 trusts C_3
-    got = ea.weight_consistency(None, row, sets, args, torch.zeros(3), torch.ones(3))
+    got = ea.weight_statistics(None, row, sets, args, torch.zeros(3), torch.ones(3))["fig3-4"]
     counts = {"inc": [0, 0, 0.0], "agree": [0, 0, 0.0]}              # pixels, zero-weight pixels, weight sum
     for n in range(6):
         trusted = [a for a in range(5) if sets["subset_of"][n, a] == 2]
@@ -562,19 +562,20 @@ def test_ratio_and_se_on_hand_values():
 
 def test_meta_mode_effect_is_zero_without_batchnorm_and_dropout_and_not_with_them():
     train, sets = tiny_training_sets(1)
-    args = type("Args", (), {"seed": 0, "batch_size": 4, "clean_batch_size": 3, "lr": 0.1, "mc_samples": 2})
+    args = type("Args", (), {"seed": 0, "batch_size": 4, "clean_batch_size": 3, "weight_samples": 4, "lr": 0.1,
+                             "mc_samples": 2})
     row = ea.table_rows(5, baselines=False)[0]
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     plain = nn.Conv2d(3, 2, 1)                                   # no BatchNorm, no dropout
     with torch.no_grad():
         plain.bias[1] = -40.0                                    # sigma ~ 0: MC samples do not matter
-    effect = ea.meta_mode_effect(plain, row, sets, args, mean, std)
+    effect = ea.weight_statistics(plain, row, sets, args, mean, std)["meta-mode"]
     assert effect["tv_train_vs_eval"] == pytest.approx(0, abs=1e-6) and effect["zero_flip"] == 0
     torch.manual_seed(0)
     fcn = ea.BayesianResidualFCN(width=4, depth=1, dropout=0.5, dropout_layers=1)
     with torch.no_grad():
         fcn.head.bias[1] = -40.0
-    effect = ea.meta_mode_effect(fcn, row, sets, args, mean, std)
+    effect = ea.weight_statistics(fcn, row, sets, args, mean, std)["meta-mode"]
     assert effect["tv_train_vs_eval"] > 0.01 and effect["tv_eval_redraw"] == pytest.approx(0, abs=1e-6)
     assert effect["tv_train_redraw"] > 0                         # other dropout masks
     assert not fcn.training
@@ -643,9 +644,10 @@ def test_quick_seeds_give_means_and_standard_errors_over_seeds(two_seeds):
     best = torch.load(out / "ensemble-seed0" / "best.pt", weights_only=True)
     assert best["seeds"] == [0, 1] and sorted(best["norm"]) == ["0", "1"]
     assert {tuple(key.split(".")[:2]) for key in best["model"]} == {(f"seed{s}", r) for s in (0, 1) for r in "BCDEF"}
-    assert ea.weights_of_seed(best["model"], 1)["F"].keys() == ea.BayesianResidualFCN(4, 3).state_dict().keys()
+    seed1_f = {key.split(".", 2)[2]: value for key, value in best["model"].items() if key.startswith("seed1.F.")}
+    assert seed1_f.keys() == ea.BayesianResidualFCN(4, 3).state_dict().keys()
     weights = torch.load(out / "F-seed1" / "best.pt", weights_only=True)["model"]
-    assert all(torch.equal(v, weights[k]) for k, v in ea.weights_of_seed(best["model"], 1)["F"].items())
+    assert all(torch.equal(v, weights[k]) for k, v in seed1_f.items())
 
 
 def write_image(path, size, mode="RGB", fmt=None):
