@@ -2538,10 +2538,9 @@ def _valid_map(height, width, size):
 
 # ---------------------------------------------------------------------------------------------
 # 8. Files: the tree under --root is listed once (`_tree`: lower-case paths, macOS debris and
-#    hidden files skipped, numbers sorted as numbers) and a layout's files are found by a pattern
-#    on the end of their path (`_find`), wherever unzipping put their folder (inside a folder named
-#    after its zip, doubled X/X/, one level lower). The layouts are described once, in the
-#    README's dataset table; a reader's docstring says only what it takes from where.
+#    hidden files skipped, numbers sorted as numbers); a layout's files are found by a pattern on
+#    the end of their path (`_find`), wherever unzipping put their folder. The README's dataset
+#    table describes the layouts; a reader's docstring says only what it takes from where.
 # ---------------------------------------------------------------------------------------------
 
 _IMAGE = r"\.(?:jpe?g|png|bmp|tiff?)"  # an image file's extension, as a pattern
@@ -2570,8 +2569,7 @@ def _tree(root):
 
 
 def _find(files, pattern):
-    """[(match, path)] of the files whose lower-case path ends with `pattern` (a regex starting at
-    a folder boundary), in natural order."""
+    """[(match, path)] of the files whose lower-case path ends with `pattern` (from a folder boundary)."""
     regex = re.compile(r"(?:^|/)" + pattern + "$")
     return [(m, p) for rel, p in files if (m := regex.search(rel))]
 
@@ -2600,8 +2598,7 @@ def _file(name, files, filename, required=False):
 
 
 def _pairs(name, images, masks, looked_for):
-    """(image, [mask]) per image of {id: path}; an image without a mask is an error saying what
-    was looked for."""
+    """(image, [mask]) per image of {id: path}; an image without a mask is an error."""
     missing = [p for key, p in images.items() if key not in masks]
     if missing:
         raise DatasetError(f"{name}: image '{missing[0]}' has no mask (looked for {looked_for})"
@@ -2618,13 +2615,6 @@ def _layout_error(name, root, files, what):
     where = f"; published at {_READERS[name]['url']}" if name != "folder" else ""
     return DatasetError(f"{name}: no {what} under '{root}'. See the dataset table in README.md for the layout of "
                         f"'{name}'{where}.{packed}")
-
-
-def _say_splits(name, out, looked_for):
-    """Print which splits were found when train, val or test is missing."""
-    if set(_SPLITS) - set(out):
-        print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(_SPLITS) - set(out))} "
-              f"(looked for {looked_for})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2692,25 +2682,31 @@ def _raw_labels(image):
 
 
 def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, full=False, annotations=False):
-    """Read (image path, [mask paths]) pairs into a split, letterboxed to size x size (images
-    bilinear, masks nearest), with `valid` (1 on image pixels) and `sizes` (original height, width).
-    One mask each gives masks [N,H,W]; several, or annotations=True, give [N,A,H,W] (A = the most
-    any image has, unused slots 0) and n_annotations. full=True also keeps each image's first mask
-    at its original resolution (list "full", int32)."""
-    images, masks, valid, sizes, originals = [], [], [], [], []
+    """Read (image path, [mask paths]) pairs into a split (`_stack`), images bilinear, masks nearest.
+    full=True also keeps each image's first mask at its original resolution (list "full", int32)."""
+    images, masks, sizes, originals = [], [], [], []
     for image_path, mask_paths in pairs:
         image, original = _read_image(name, image_path, size)
         maps = [_read_mask(name, m, original, image_path, to_index, dtype) for m in mask_paths]
         images.append(image)
         masks.append([letterbox(m, size, "nearest") for m in maps])
-        valid.append(_valid_map(*original, size))
         sizes.append(original)
         if full:
             originals.append(maps[0])
+    split = _stack([Path(p).stem for p, _ in pairs], images, masks, sizes, labels, size, dtype, annotations)
+    return {**split, "full": originals} if full else split
+
+
+def _stack(names, images, masks, sizes, labels, size, dtype=torch.uint8, annotations=False):
+    """A split of letterboxed images [3,H,W], each with its list of letterboxed masks [H,W], plus
+    `valid` (1 on image pixels) and `sizes` (original height, width). One mask each gives masks
+    [N,H,W]; several, or annotations=True, [N,A,H,W] (A = the most any image has, unused slots 0)
+    and n_annotations."""
     counts = [len(m) for m in masks]
-    split = {"images": torch.stack(images), "names": [Path(p).stem for p, _ in pairs],
+    split = {"images": torch.stack(images), "names": names,
              "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64),
-             "valid": torch.stack(valid), "sizes": torch.tensor(sizes, dtype=torch.int64)}
+             "valid": torch.stack([_valid_map(h, w, size) for h, w in sizes]),
+             "sizes": torch.tensor(sizes, dtype=torch.int64)}
     if max(counts) == 1 and not annotations:
         split["masks"] = torch.stack([m[0] for m in masks]).to(dtype)
     else:
@@ -2718,8 +2714,6 @@ def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, ful
         for i, ms in enumerate(masks):
             slots[i, :len(ms)] = torch.stack(ms).to(dtype)
         split.update(masks=slots, n_annotations=torch.tensor(counts, dtype=torch.int64))
-    if full:
-        split["full"] = originals
     return split
 
 
@@ -2795,12 +2789,12 @@ def _match_labels(name, names, table, path):
     return [table[n.lower()] for n in names]
 
 
-def _labels_or_none(name, options, read):
-    """`read()`'s labels. A label file that is missing or does not parse is an error when the
+def _labels_or_none(name, options, read, *args):
+    """`read(*args)`'s labels. A label file that is missing or does not parse is an error when the
     caller needs the labels (option need_labels, default from _READERS) and a warning otherwise
     (e.g. PH2's txt for segmentation-only use): loading goes on without labels."""
     try:
-        return read()
+        return read(*args)
     except (DatasetError, ValueError, KeyError, IndexError, zipfile.BadZipFile, ElementTree.ParseError) as error:
         if options.get("need_labels", _READERS[name]["need_labels"]):
             raise error if isinstance(error, DatasetError) else DatasetError(f"{name}: {error}") from error
@@ -2813,14 +2807,12 @@ _NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "
 
 
 def _read_nifti(name, path):
-    """A single-file NIfTI-1 volume (.nii, or gzipped .nii.gz) as float32 [nz, ny, nx], read with
-    the standard library and numpy. The 348-byte header gives the byte order (sizeof_hdr = 348
-    read little- or big-endian), dim (bytes 40-56), datatype (70), vox_offset (108), scl_slope and
-    scl_inter (112, 116; applied when the slope is non-zero: value = slope * stored + inter) and
-    the magic "n+1" (344). The voxels are stored with i fastest, so the C-order array is [k, j, i]:
-    slice k is an image whose rows are j and columns i -- the orientation the UML authors'
-    preprocessing writes (nibabel's [i, j, k] array, np.rot90(., 1) then np.flip(., 0), is the
-    transpose of each [i, j] slice)."""
+    """A single-file NIfTI-1 volume (.nii, or gzipped .nii.gz) as float32 [nz, ny, nx]. The 348-byte
+    header gives the byte order (sizeof_hdr = 348 little- or big-endian), dim (bytes 40-56), datatype
+    (70), vox_offset (108), scl_slope and scl_inter (112, 116; value = slope * stored + inter when the
+    slope is non-zero) and the magic "n+1" (344). Voxels are stored i fastest, so the C-order array is
+    [k, j, i]: slice k has rows j and columns i, the orientation the UML authors' preprocessing
+    writes (np.rot90(., 1) then np.flip(., 0) of nibabel's [i, j, k] array transposes each slice)."""
     try:
         raw = Path(path).read_bytes()
         if raw[:2] == b"\x1f\x8b":  # gzip magic: .nii.gz (whatever the file is called)
@@ -2862,72 +2854,80 @@ def _read_nifti(name, path):
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_splits(name, found, size, options, to_index, labels_of=None, looked_for=None):
+    """{split: split} of found {split: [(image, [masks])]} (empty ones skipped), each labelled by
+    `labels_of(split, pairs)` through `_labels_or_none`; a missing train, val or test is printed
+    with the folders `looked_for`."""
+    out = {}
+    for split, pairs in found.items():
+        if pairs:
+            labels = None if labels_of is None else _labels_or_none(name, options, labels_of, split, pairs)
+            out[split] = _make_split(name, pairs, size, to_index, labels)
+    if looked_for and set(_SPLITS) - set(out):
+        print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(_SPLITS) - set(out))} "
+              f"(looked for {looked_for})")
+    return out
+
+
 def _read_refuge(root, files, size, options):
-    """Training400/{Glaucoma,Non-Glaucoma}/*.jpg (labels: the class folder), REFUGE-Validation400/
-    *.jpg (labels: Fovea_locations.xlsx), Test400/*.jpg (labels: the G/N folders of REFUGE-Test-GT, or
-    Glaucoma_label_and_Fovea_location.xlsx); masks: the .bmp named as each image. A copy in the
-    folder layout with REFUGE's grey-level masks is read as that layout."""
-    name, out = "refuge", {}
+    """Training400/{Glaucoma,Non-Glaucoma}/*.jpg, REFUGE-Validation400/*.jpg and Test400/*.jpg with the
+    .bmp masks named as each image; labels: the class folder, the G/N mask folders of REFUGE-Test-GT or
+    the split's .xlsx. A copy in the folder layout with REFUGE's grey-level masks is read as that layout."""
+    name = "refuge"
     masks = _by_id(name, _find(files, r"([^/]+)\.bmp"), what="mask")
-    found = {"train": _find(files, r"training400/(?:glaucoma|non-glaucoma)/([^/]+)\.jpg"),
-             "val": _find(files, r"refuge-validation400/([^/]+)\.jpg"),
-             "test": _find(files, r"(?:refuge-)?test400/([^/]+)\.jpg")}
+    patterns = {"train": r"training400/(?:glaucoma|non-glaucoma)/([^/]+)\.jpg",
+                "val": r"refuge-validation400/([^/]+)\.jpg", "test": r"(?:refuge-)?test400/([^/]+)\.jpg"}
+    found = {split: _by_id(name, _find(files, pattern)) for split, pattern in patterns.items()}
     if not any(found.values()):
         if _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE):
             return _read_folder(root, files, size, options, name, to_index=_refuge_classes)
         raise _layout_error(name, root, files, "Training400/, REFUGE-Validation400/ or Test400/ images")
-    xlsx_columns = {"val": ("Fovea_locations.xlsx", "Glaucoma Label"),
-                    "test": ("Glaucoma_label_and_Fovea_location.xlsx", "Label(Glaucoma=1)")}
-    for split, matches in found.items():
-        images = _by_id(name, matches)
-        if not images:
-            continue
+    found = {split: _pairs(name, images, masks, "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
+             for split, images in found.items()}
 
-        def labels_from_file(split=split, images=images):
-            folders = [masks[k].parent.name.lower() for k in images if k in masks]
-            if split == "train":
-                return [int(p.parent.name.lower() == "glaucoma") for p in images.values()]
-            if split == "test" and folders and set(folders) <= {"g", "n"}:
-                return [int(f == "g") for f in folders]
-            xlsx = _file(name, files, xlsx_columns[split][0], required=True)
-            table = _table_column(name, _read_xlsx(xlsx), "ImgName", xlsx_columns[split][1], xlsx)
-            return [int(float(v)) for v in _match_labels(name, [p.stem for p in images.values()], table, xlsx)]
-        pairs = _pairs(name, images, masks, "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
-        out[split] = _make_split(name, pairs, size, _refuge_classes, _labels_or_none(name, options, labels_from_file))
-    _say_splits(name, out, "Training400/, REFUGE-Validation400/, Test400/")
-    return out
+    def read_labels(split, pairs):
+        folders = [m[0].parent.name.lower() for _, m in pairs]
+        if split == "train":
+            return [int(p.parent.name.lower() == "glaucoma") for p, _ in pairs]
+        if split == "test" and set(folders) <= {"g", "n"}:
+            return [int(f == "g") for f in folders]
+        xlsx, column = {"val": ("Fovea_locations.xlsx", "Glaucoma Label"),
+                        "test": ("Glaucoma_label_and_Fovea_location.xlsx", "Label(Glaucoma=1)")}[split]
+        xlsx = _file(name, files, xlsx, required=True)
+        table = _table_column(name, _read_xlsx(xlsx), "ImgName", column, xlsx)
+        return [int(float(v)) for v in _match_labels(name, [p.stem for p, _ in pairs], table, xlsx)]
+    return _read_splits(name, found, size, options, _refuge_classes, read_labels,
+                        "Training400/, REFUGE-Validation400/, Test400/")
 
 
 _ISIC2017_TAGS = {"training": "train", "validation": "val", "test_v2": "test", "test": "test"}
 
 
 def _read_isic2017(root, files, size, options):
-    """ISIC-2017_<tag>_Data/ISIC_<id>.jpg with ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png
-    and the labels of ISIC-2017_<tag>_Part3_GroundTruth.csv, for each tag present: Training, Validation,
+    """ISIC-2017_<tag>_Data/ISIC_<id>.jpg, ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png
+    and ISIC-2017_<tag>_Part3_GroundTruth.csv's labels for each tag present: Training, Validation,
     Test_v2 (or its first name, Test). Superpixel and metadata files are skipped."""
-    name, out = "isic2017", {}
+    name = "isic2017"
     tag = r"isic-2017_(training|validation|test_v2|test)"
     images = _find(files, tag + r"_data/(isic_\d+)\.jpg")
     masks = _by_id(name, _find(files, tag + r"_part1_groundtruth/(isic_\d+)_segmentation\.png"), 2, "mask")
     if not images:
         raise _layout_error(name, root, files, "ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg images")
-    for split in ("train", "val", "test"):
-        chosen = [(m, p) for m, p in images if _ISIC2017_TAGS[m.group(1)] == split]
-        if not chosen:
-            continue
-        ids = _by_id(name, chosen, 2)
+    found = {}
+    for split in _SPLITS:
+        ids = _by_id(name, [(m, p) for m, p in images if _ISIC2017_TAGS[m.group(1)] == split], 2)
+        looked_for = "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png"
+        found[split] = _pairs(name, ids, masks, looked_for)
 
-        def read_labels(ids=ids, csv_name=f"ISIC-2017_{chosen[0][1].parent.name[10:-5]}_Part3_GroundTruth.csv"):
-            csv_path = _file(name, files, csv_name, required=True)
-            rows = _match_labels(name, [p.stem for p in ids.values()], {r[0]: r for r in _read_csv(csv_path)[1:]},
-                                 csv_path)
-            # image_id, melanoma, seborrheic_keratosis (floats); nevus when both are 0
-            return [1 if float(r[1]) >= 0.5 else 2 if float(r[2]) >= 0.5 else 0 for r in rows]
-        pairs = _pairs(name, ids, masks, "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png")
-        out[split] = _make_split(name, pairs, size, _binary, _labels_or_none(name, options, read_labels))
-    _say_splits(name, out,
-                "ISIC-2017_Training_Data, ISIC-2017_Validation_Data, ISIC-2017_Test_v2_Data or ISIC-2017_Test_Data")
-    return out
+    def read_labels(split, pairs):
+        tag = pairs[0][0].parent.name[10:-5]  # ISIC-2017_<tag>_Data
+        csv_path = _file(name, files, f"ISIC-2017_{tag}_Part3_GroundTruth.csv", required=True)
+        table = {r[0]: r for r in _read_csv(csv_path)[1:]}
+        rows = _match_labels(name, [p.stem for p, _ in pairs], table, csv_path)
+        # image_id, melanoma, seborrheic_keratosis (floats); nevus when both are 0
+        return [1 if float(r[1]) >= 0.5 else 2 if float(r[2]) >= 0.5 else 0 for r in rows]
+    return _read_splits(name, found, size, options, _binary, read_labels, "ISIC-2017_Training_Data, "
+                        "ISIC-2017_Validation_Data, ISIC-2017_Test_v2_Data or ISIC-2017_Test_Data")
 
 
 # Ribeiro et al.'s split lists (the D-LEMA paper tests on "the exact set" of their ISIC test images)
@@ -3033,14 +3033,13 @@ def _read_ph2(root, files, size, options):
         pairs = _pairs(name, images, masks, "IMDxxx_lesion/IMDxxx_lesion.bmp")
     txt = _file(name, files, "PH2_dataset.txt")
 
-    def read_labels():
+    def read_labels(split, pairs):
         # '||'-separated table; empty cells are kept so that the columns stay aligned
         rows = [[c.strip() for c in line.split("||")] for line in _read_text(txt).split("\n") if "||" in line]
         table = _table_column(name, rows, "Name", "Clinical Diagnosis", txt)
         table = {k: v for k, v in table.items() if re.fullmatch(r"IMD\d+", k, re.I)}
         return [int(v) for v in _match_labels(name, [p.stem for p, _ in pairs], table, txt)]
-    labels = _labels_or_none(name, options, read_labels) if txt is not None else None
-    return {"test": _make_split(name, pairs, size, _binary, labels)}
+    return _read_splits(name, {"test": pairs}, size, options, _binary, None if txt is None else read_labels)
 
 
 def _read_dermofit(root, files, size, options):
@@ -3245,11 +3244,10 @@ def _tumour_slices(areas, keep=_ISPY_SLICES):
 
 
 def _read_ispy1_nifti(root, files, size, outcome):
-    """Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz] with Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz]
-    for every patient of outcome_new.xlsx (SUBJECTID, PCR): its tumour slices (`_tumour_slices`),
-    each stretched to 0..255 between its own min and max (what plt.imsave with the grey colour map
-    does in the authors' preprocessing), named ISPY_<id>_s<k>; one "train" pool that the loader
-    splits by patient with the seed."""
+    """Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz] and Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz]
+    of every patient of outcome_new.xlsx (SUBJECTID, PCR): its tumour slices (`_tumour_slices`), each
+    stretched to 0..255 between its own min and max (as plt.imsave with the grey colour map in the
+    authors' preprocessing), named ISPY_<id>_s<k>; one "train" pool, split by patient after the cache."""
     name = "ispy1"
     table = _table_column(name, _read_xlsx(outcome), "SUBJECTID", "PCR", outcome)
     volumes = _by_id(name, _find(files, r"dataset ispy/ispy_(\d+)/dcemri_1\.nii(?:\.gz)?"), what="volume")
@@ -3276,7 +3274,7 @@ def _read_ispy1_nifti(root, files, size, outcome):
             low, high = float(volume[k].min()), float(volume[k].max())
             grey = torch.from_numpy(np.round((volume[k] - low) / max(high - low, 1e-12) * 255).astype(np.uint8))
             images.append(_place_on_canvas(grey.expand(3, height, width), height, width, size, "bilinear"))
-            masks.append(letterbox(torch.from_numpy(tumour[k].astype(np.uint8)), size, "nearest"))
+            masks.append([letterbox(torch.from_numpy(tumour[k].astype(np.uint8)), size, "nearest")])
             sizes.append((height, width))
             names.append(f"ISPY_{subject}_s{k}")
             labels.append(int(float(pcr)))
@@ -3285,9 +3283,7 @@ def _read_ispy1_nifti(root, files, size, outcome):
               f"taking what there is: {short[:10]}", file=sys.stderr)
     if not images:
         raise DatasetError(f"{name}: '{outcome}' lists no patient")
-    return {"train": {"images": torch.stack(images), "masks": torch.stack(masks), "names": names,
-                    "valid": torch.stack([_valid_map(h, w, size) for h, w in sizes]),
-                    "sizes": torch.tensor(sizes, dtype=torch.int64), "labels": torch.tensor(labels, dtype=torch.int64)}}
+    return {"train": _stack(names, images, masks, sizes, labels, size)}
 
 
 def _read_ispy1(root, files, size, options):
