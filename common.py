@@ -2683,7 +2683,7 @@ def _raw_labels(image):
 
 def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, full=False, annotations=False):
     """Read (image path, [mask paths]) pairs into a split (`_stack`), images bilinear, masks nearest.
-    full=True also keeps each image's first mask at its original resolution (list "full", int32)."""
+    full=True also keeps each image's first mask at its original resolution (list "full_instances")."""
     images, masks, sizes, originals = [], [], [], []
     for image_path, mask_paths in pairs:
         image, original = _read_image(name, image_path, size)
@@ -2694,7 +2694,7 @@ def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, ful
         if full:
             originals.append(maps[0])
     split = _stack([Path(p).stem for p, _ in pairs], images, masks, sizes, labels, size, dtype, annotations)
-    return {**split, "full": originals} if full else split
+    return {**split, "full_instances": originals} if full else split
 
 
 def _stack(names, images, masks, sizes, labels, size, dtype=torch.uint8, annotations=False):
@@ -2854,7 +2854,7 @@ def _read_nifti(name, path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_splits(name, found, size, options, to_index, labels_of=None, looked_for=None):
+def _read_splits(name, found, size, options, to_index, labels_of=None, looked_for=None, **make_split):
     """{split: split} of found {split: [(image, [masks])]} (empty ones skipped), each labelled by
     `labels_of(split, pairs)` through `_labels_or_none`; a missing train, val or test is printed
     with the folders `looked_for`."""
@@ -2862,7 +2862,7 @@ def _read_splits(name, found, size, options, to_index, labels_of=None, looked_fo
     for split, pairs in found.items():
         if pairs:
             labels = None if labels_of is None else _labels_or_none(name, options, labels_of, split, pairs)
-            out[split] = _make_split(name, pairs, size, to_index, labels)
+            out[split] = _make_split(name, pairs, size, to_index, labels, **make_split)
     if looked_for and set(_SPLITS) - set(out):
         print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(_SPLITS) - set(out))} "
               f"(looked for {looked_for})")
@@ -3091,22 +3091,20 @@ def _read_glas(root, files, size, options):
             raise DatasetError(f"{name}: Grade.csv (the benign / malignant grade of each image) is missing: "
                                f"found {len(images)} GlaS images under '{root}' but no Grade.csv")
         table = _table_column(name, _read_csv(grade), "name", "grade (GlaS)", grade)
-        return _match_labels(name, [p.stem for p in images.values()], table, grade)
+        grades = _match_labels(name, [p.stem for p in images.values()], table, grade)
+        return {k: ["benign", "malignant"].index(str(g).strip().lower()) for k, g in zip(images, grades)}
     grades = _labels_or_none(name, options, read_grades)
-    out = {}
-    for split, prefix in (("train", "train_"), ("test", "test")):
-        chosen = {k: p for k, p in images.items() if k.startswith(prefix)}
-        if not chosen:
-            continue
-        labels = None if grades is None else [["benign", "malignant"].index(str(g).strip().lower())
-                                              for k, g in zip(images, grades) if k in chosen]
-        data = _make_split(name, _pairs(name, chosen, masks, "<name>_anno.bmp beside it"), size, _raw_labels,
-                           labels, torch.int32, full=True)
-        full_instances = data.pop("full")
-        full_masks = [_glas_regions(f[None], width)[0] for f in full_instances]
+
+    def labels_of(split, pairs):
+        return [grades[p.stem.lower()] for p, _ in pairs]
+    pairs = _pairs(name, images, masks, "<name>_anno.bmp beside it")
+    found = {split: [(p, m) for p, m in pairs if p.stem.lower().startswith(split)] for split in ("train", "test")}
+    out = _read_splits(name, found, size, options, _raw_labels, None if grades is None else labels_of,
+                       dtype=torch.int32, full=True)
+    for data in out.values():
+        data["full_masks"] = [_glas_regions(f[None], width)[0] for f in data["full_instances"]]
         data["instances"] = data.pop("masks")  # letterboxed with nearest: ids kept
-        data["masks"] = torch.stack([letterbox(m, size, "nearest") for m in full_masks])
-        out[split] = {**data, "full_instances": full_instances, "full_masks": full_masks}
+        data["masks"] = torch.stack([letterbox(m, size, "nearest") for m in data["full_masks"]])
     return out
 
 
@@ -3131,36 +3129,39 @@ _SPLIT_OF_FOLDER = {"train": "train", "training": "train", "val": "val", "valid"
 
 
 def _read_folder(root, files, size, options, name="folder", to_index=None):
-    """<split>/images/<name>.<ext> with <split>/masks/<name>.<ext> (several annotators:
-    <name>_<k>.<ext>) for each split folder present; labels from any labels.csv (name,label:
-    integers, or class names sorted to indices). Masks hold class indices (`_check_class_indices`;
-    a binary mask saved as 0/255 becomes 0/1) unless `to_index` maps them (ispy1, refuge)."""
+    """<split>/images/<name>.<ext> with <split>/masks/<name>.<ext> (several annotators: <name>_<k>.<ext>)
+    for each split folder present; labels from any labels.csv (name,label: integers, or class names
+    sorted to indices). Masks hold class indices (`_check_class_indices`; a binary mask saved as
+    0/255 becomes 0/1) unless `to_index` maps them (ispy1, refuge)."""
     seen = {}
 
     def classes(image):
         array = _raw_labels(image)
         seen[image.filename] = set(np.unique(array).tolist())
         return np.where(array == 255, 1, array) if seen[image.filename] <= {0, 255} else array
+    found = _find(files, _SPLIT_FOLDER + r"/images/([^/]+)" + _IMAGE)
     tables = {p: _read_csv(p) for _, p in _find(files, r"labels\.csv")}
     label_of = {}
-    found = _find(files, _SPLIT_FOLDER + r"/images/([^/]+)" + _IMAGE)
-    stems = {m.group(2) for m, _ in found}  # lower-case, as every path `_find` matches
     for csv_path, rows in tables.items():
         rows = rows[1:] if rows and rows[0][-1].strip().lower() == "label" else rows
         if any(len(r) < 2 for r in rows):
             raise DatasetError(f"{name}: '{csv_path}' needs two columns per row: name,label")
-        unknown = sorted(Path(r[0]).stem.lower() for r in rows if Path(r[0]).stem.lower() not in stems)
-        if unknown:
-            raise DatasetError(f"{name}: label file '{csv_path}' names images that are not in the dataset: "
-                               f"{unknown[:5]}")
-        label_of.update({Path(r[0]).stem.lower(): r[1] for r in rows})
-    if name == "ispy1" and not label_of:
+        label_of.update({r[0]: r[1] for r in rows})
+    names = [p.stem for _, p in found]
+    if label_of:  # every image named in a labels.csv exists, and every image has a label
+        labels = _match_labels(name, names, label_of, ", ".join(map(str, tables)))
+        label_of = dict(zip(map(str.lower, names), labels))
+    elif name == "ispy1":
         raise DatasetError(f"{name}: no labels.csv (name,label with 1 = pCR) under '{root}'")
     values = sorted(set(label_of.values()))
     numeric = all(re.fullmatch(r"-?\d+", v) for v in values)
     class_names = values if not numeric else [f"class_{v}" for v in range(max(map(int, values), default=-1) + 1)]
     class_names = options.get("class_names") or class_names
-    out, read = {}, {}
+
+    def labels_of(split, pairs):
+        raw = [label_of[p.stem.lower()] for p, _ in pairs]
+        return [int(v) for v in raw] if numeric else [class_names.index(v) for v in raw]
+    pairs, read = {}, {}
     folders = _find(files, _SPLIT_FOLDER + r"/images/")
     for m, folder in sorted(folders, key=lambda f: _SPLITS.index(_SPLIT_OF_FOLDER[f[0].group(1)])):
         split = _SPLIT_OF_FOLDER[m.group(1)]
@@ -3178,17 +3179,10 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
                 if several:
                     numbered.setdefault(several.group(1), []).append(p)
         masks = {k: [exact[k]] if k in exact else numbered[k] for k in images if k in exact or k in numbered}
-        pairs = _pairs(name, images, masks, f"{folder.parent / 'masks'}/<name>.png or <name>_<k>.png")
-        labels = None
-        if label_of:
-            missing = [p.stem for p in images.values() if p.stem.lower() not in label_of]
-            if missing:
-                raise DatasetError(f"{name}: no label for image(s) {missing[:5]} in {sorted(map(str, tables))}")
-            raw = [label_of[p.stem.lower()] for p in images.values()]
-            labels = [int(v) for v in raw] if numeric else [class_names.index(v) for v in raw]
-        out[split] = _make_split(name, pairs, size, to_index or classes, labels)
-    if not out:
+        pairs[split] = _pairs(name, images, masks, f"{folder.parent / 'masks'}/<name>.png or <name>_<k>.png")
+    if not pairs:
         raise _layout_error(name, root, files, "train/, val/ or test/ folder with images/ and masks/")
+    out = _read_splits(name, pairs, size, options, to_index or classes, labels_of if label_of else None)
     if to_index is None:
         _check_class_indices(name, seen)
     spec = _READERS[name]  # refuge and ispy1 in this layout keep their own class and mask names
@@ -3201,11 +3195,11 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
 
 
 def _check_class_indices(name, seen):
-    """Folder masks hold class indices: every class 1..K-1 occurs in some mask (a binary 0/255
-    mask counts as 0/1). Grey levels such as REFUGE's 0/128/255 are refused, naming a file, its
-    values, and the reader that knows them. seen: {mask file: the values it holds}."""
+    """seen: {mask file: its values}. Every class 1..K-1 must occur in some mask (0/255 counts as
+    0/1); grey levels such as REFUGE's 0/128/255 are refused, naming a file and its values."""
     indices = {f: {x // 255 for x in v} if v <= {0, 255} else v for f, v in seen.items()}
-    absent = sorted(set(range(1, max(set().union(*indices.values())) + 1)) - set().union(*indices.values()))
+    present = set().union(*indices.values())
+    absent = sorted(set(range(1, max(present) + 1)) - present)
     if absent:
         path = next(f for f, v in indices.items() if max(v) > absent[0])
         refuge = (" These are REFUGE's grey levels (0 cup, 128 rim, 255 background): read the dataset with --data "
@@ -3215,11 +3209,10 @@ def _check_class_indices(name, seen):
                            f"binary mask).{refuge}")
 
 
-# I-SPY 1 as the UML paper uses it (Sec. 3): 157 patients, 10 tumour slices each, 1,230 / 170 /
-# 170 slices -> 123 / 17 / 17 patients for train / val / test, split by patient. The authors'
-# preprocessing (github.com/KarryRen/UML, Data/ispy_preprocess.py) splits differently: 127 / 15 / 15
-# patients, by row order of outcome_new.xlsx within each pCR class (92+35 / 11+4 / 11+4), no seed;
-# we follow the paper's numbers, seeded and, as the authors, stratified by pCR.
+# I-SPY 1 as the UML paper uses it (Sec. 3): 157 patients, 10 tumour slices each, 1,230 / 170 / 170
+# slices -> 123 / 17 / 17 patients, split by patient. The authors' preprocessing (github.com/KarryRen/UML,
+# Data/ispy_preprocess.py) takes 127 / 15 / 15 by row order of outcome_new.xlsx within each pCR class
+# (92+35 / 11+4 / 11+4), no seed; we follow the paper's numbers, seeded and, as they do, stratified by pCR.
 _ISPY_SLICES = 10
 _ISPY_SHARES = (1230, 170, 170)
 # the JPEG tree the authors' preprocessing writes: <Split>/images/ispy_<id>/ispy_<id>_<pcr>_s<k>_img.jpg,
@@ -3329,10 +3322,10 @@ def _split_by_patient(name, split, seed, shares):
     labels = split["labels"]
     label_of = {}
     for p, index in patients.items():
-        values = set(labels[index].tolist()) if labels is not None else {0}
+        values = labels[index].unique().tolist() if labels is not None else [0]
         if len(values) > 1:
-            raise DatasetError(f"{name}: the slices of patient {p} carry different labels {sorted(values)}")
-        label_of[p] = values.pop()
+            raise DatasetError(f"{name}: the slices of patient {p} carry different labels {values}")
+        label_of[p] = values[0]
     if len(patients) < len(shares):
         raise DatasetError(f"{name}: {len(patients)} patient(s) cannot be split into {len(shares)} parts by patient")
     keys = sorted(patients, key=_natural_key)
@@ -3345,11 +3338,8 @@ def _split_by_patient(name, split, seed, shares):
     counts = [max(1, round(len(keys) * s / sum(shares))) for s in shares[1:]]
     if len(keys) - sum(counts) < 1:
         raise DatasetError(f"{name}: {len(keys)} patients are too few for a split by patient")
-    parts, start = [], 0
-    for count in counts:
-        parts.append(order[start:start + count])
-        start += count
-    parts.insert(0, order[start:])
+    ends = np.cumsum(counts).tolist()  # val, test from the front of `order`, train the rest
+    parts = [order[ends[-1]:]] + [order[end - count:end] for count, end in zip(counts, ends)]
     return [_take_images(split, sorted(i for p in part for i in patients[p])) for part in parts]
 
 
