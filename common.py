@@ -2849,7 +2849,7 @@ def _read_nifti(name, path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. The official layouts, one reader each: (root, files, size, options) -> {split: split}.
+# 10. The official layouts, one reader each: (name, root, files, size, options) -> {split: split}.
 #     Seeded train/val splits, `exclude` and the test-overlap check come after the cache (11).
 # ---------------------------------------------------------------------------------------------
 
@@ -2869,18 +2869,17 @@ def _read_splits(name, found, size, options, to_index, labels_of=None, looked_fo
     return out
 
 
-def _read_refuge(root, files, size, options):
+def _read_refuge(name, root, files, size, options):
     """Training400/{Glaucoma,Non-Glaucoma}/*.jpg, REFUGE-Validation400/*.jpg and Test400/*.jpg with the
     .bmp masks named as each image; labels: the class folder, the G/N mask folders of REFUGE-Test-GT or
     the split's .xlsx. A copy in the folder layout with REFUGE's grey-level masks is read as that layout."""
-    name = "refuge"
     masks = _by_id(name, _find(files, r"([^/]+)\.bmp"), what="mask")
     patterns = {"train": r"training400/(?:glaucoma|non-glaucoma)/([^/]+)\.jpg",
                 "val": r"refuge-validation400/([^/]+)\.jpg", "test": r"(?:refuge-)?test400/([^/]+)\.jpg"}
     found = {split: _by_id(name, _find(files, pattern)) for split, pattern in patterns.items()}
     if not any(found.values()):
         if _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE):
-            return _read_folder(root, files, size, options, name, to_index=_refuge_classes)
+            return _read_folder(name, root, files, size, options, to_index=_refuge_classes)
         raise _layout_error(name, root, files, "Training400/, REFUGE-Validation400/ or Test400/ images")
     found = {split: _pairs(name, images, masks, "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
              for split, images in found.items()}
@@ -2903,11 +2902,10 @@ def _read_refuge(root, files, size, options):
 _ISIC2017_TAGS = {"training": "train", "validation": "val", "test_v2": "test", "test": "test"}
 
 
-def _read_isic2017(root, files, size, options):
+def _read_isic2017(name, root, files, size, options):
     """ISIC-2017_<tag>_Data/ISIC_<id>.jpg, ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png
     and ISIC-2017_<tag>_Part3_GroundTruth.csv's labels for each tag present: Training, Validation,
     Test_v2 (or its first name, Test). Superpixel and metadata files are skipped."""
-    name = "isic2017"
     tag = r"isic-2017_(training|validation|test_v2|test)"
     images = _find(files, tag + r"_data/(isic_\d+)\.jpg")
     masks = _by_id(name, _find(files, tag + r"_part1_groundtruth/(isic_\d+)_segmentation\.png"), 2, "mask")
@@ -2979,14 +2977,13 @@ def _split_list(name, files, options, key):
 _IMA_MASK = r"(isic_\d+)_([a-z0-9]+)_t[123]_s[12](?:_\d+)?\.png"
 
 
-def _read_isic_multi(root, files, size, options):
+def _read_isic_multi(name, root, files, size, options):
     """D-LEMA's ISIC Archive (Sec. 3.1): images with two or more masks are the training pool (split
     80/20 into train/val with the seed after the cache), images with exactly one mask the `test`
     split. Masks: Ribeiro et al.'s targets/ISIC_<id>_<k>.png for inputs/ISIC_<id>.jpg, or IMA++'s
     names (every segmentation is an annotation, as IMA++ counts them: an annotator who drew twice
     gave two; its consensus ST / MV masks are skipped). Ribeiro et al.'s split lists, when found
     under the root or given with option `splits`, define the splits instead."""
-    name = "isic-multi"
     lists = {k: _split_list(name, files, options, k) for k in _SPLITS}
     found = [path for path, _ in lists.values() if path]
     if found:
@@ -3020,10 +3017,9 @@ def _read_isic_multi(root, files, size, options):
             for split, pairs in (("train", pool), ("test", single)) if pairs}
 
 
-def _read_ph2(root, files, size, options):
+def _read_ph2(name, root, files, size, options):
     """IMDxxx_Dermoscopic_Image/IMDxxx.bmp with IMDxxx_lesion/IMDxxx_lesion.bmp (or the images that
     Ribeiro et al.'s test_ph2.txt lists); labels: Clinical Diagnosis of PH2_dataset.txt, if any."""
-    name = "ph2"
     listed, pairs = _split_list(name, files, options, "ph2")
     if listed is None:
         images = _by_id(name, _find(files, r"([^/]+)_dermoscopic_image/[^/]+" + _IMAGE))
@@ -3042,10 +3038,9 @@ def _read_ph2(root, files, size, options):
     return _read_splits(name, {"test": pairs}, size, options, _binary, None if txt is None else read_labels)
 
 
-def _read_dermofit(root, files, size, options):
+def _read_dermofit(name, root, files, size, options):
     """originalImages/<CLASS>/<ID>/<ID>.png with originalMasks/<CLASS>/<ID>/<ID>mask.png; the class
     folder is the label. Ribeiro et al.'s test_dermofit.txt, when found or given, selects the images."""
-    name = "dermofit"
     images = _by_id(name, _find(files, r"originalimages/[^/]+/([^/]+)/\1\.png"))
     if not images:
         raise _layout_error(name, root, files, "originalImages/<CLASS>/<ID>/<ID>.png images")
@@ -3070,13 +3065,12 @@ def _read_dermofit(root, files, size, options):
 _GLAS_BORDER_WIDTH = 18
 
 
-def _read_glas(root, files, size, options):
+def _read_glas(name, root, files, size, options):
     """train_N.bmp with train_N_anno.bmp (instances 0..k), testA_* and testB_* (the test split),
     labels from Grade.csv, found in any folder. Region masks (0 stroma, 1 border, 2 lumen) are
     derived from the instances at the original resolution with option border_width (original
     pixels, default _GLAS_BORDER_WIDTH), then letterboxed. Each split also holds full_instances /
     full_masks at the original resolution for the metrics."""
-    name = "glas"
     images = _by_id(name, _find(files, r"((?:train|testa|testb)_\d+)\.bmp"))
     if not images:
         raise _layout_error(name, root, files, "train_<n>.bmp, testA_<n>.bmp or testB_<n>.bmp images (in any folder)")
@@ -3098,7 +3092,7 @@ def _read_glas(root, files, size, options):
     def labels_of(split, pairs):
         return [grades[p.stem.lower()] for p, _ in pairs]
     pairs = _pairs(name, images, masks, "<name>_anno.bmp beside it")
-    found = {split: [(p, m) for p, m in pairs if p.stem.lower().startswith(split)] for split in ("train", "test")}
+    found = {split: [pair for pair in pairs if pair[0].stem.lower().startswith(split)] for split in ("train", "test")}
     out = _read_splits(name, found, size, options, _raw_labels, None if grades is None else labels_of,
                        dtype=torch.int32, full=True)
     for data in out.values():
@@ -3128,7 +3122,7 @@ _SPLIT_OF_FOLDER = {"train": "train", "training": "train", "val": "val", "valid"
                     "test": "test", "testing": "test"}
 
 
-def _read_folder(root, files, size, options, name="folder", to_index=None):
+def _read_folder(name, root, files, size, options, to_index=None):
     """<split>/images/<name>.<ext> with <split>/masks/<name>.<ext> (several annotators: <name>_<k>.<ext>)
     for each split folder present; labels from any labels.csv (name,label: integers, or class names
     sorted to indices). Masks hold class indices (`_check_class_indices`; a binary mask saved as
@@ -3236,12 +3230,11 @@ def _tumour_slices(areas, keep=_ISPY_SLICES):
     return sorted(chosen)
 
 
-def _read_ispy1_nifti(root, files, size, outcome):
+def _read_ispy1_nifti(name, files, size, outcome):
     """Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz] and Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz]
     of every patient of outcome_new.xlsx (SUBJECTID, PCR): its tumour slices (`_tumour_slices`), each
     stretched to 0..255 between its own min and max (as plt.imsave with the grey colour map in the
     authors' preprocessing), named ISPY_<id>_s<k>; one "train" pool, split by patient after the cache."""
-    name = "ispy1"
     table = _table_column(name, _read_xlsx(outcome), "SUBJECTID", "PCR", outcome)
     volumes = _by_id(name, _find(files, r"dataset ispy/ispy_(\d+)/dcemri_1\.nii(?:\.gz)?"), what="volume")
     tumours = _by_id(name, _find(files, r"tumor_segmentation_new/ispy_(\d+)_tumor_mask\.nii(?:\.gz)?"), what="mask")
@@ -3279,20 +3272,19 @@ def _read_ispy1_nifti(root, files, size, outcome):
     return {"train": _stack(names, images, masks, sizes, labels, size)}
 
 
-def _read_ispy1(root, files, size, options):
+def _read_ispy1(name, root, files, size, options):
     """I-SPY 1 in one of three layouts: (a) the NIfTI download with outcome_new.xlsx, (b) the
     JPEG tree the UML authors' preprocessing writes (labels from the names, their split kept;
     JPEG masks thresholded), (c) the folder layout (binary masks, labels.csv). (a), and (c)
     without val/test folders, are split by patient after the cache."""
-    name = "ispy1"
     outcome = _file(name, files, "outcome_new.xlsx")
     if outcome is not None or _find(files, r"dataset ispy/"):
         if outcome is None:
             raise DatasetError(f"{name}: found 'Dataset ISPY' but no 'outcome_new.xlsx' (SUBJECTID, PCR) in '{root}'")
-        return _read_ispy1_nifti(root, files, size, outcome)
+        return _read_ispy1_nifti(name, files, size, outcome)
     images = _find(files, _ISPY_TREE.format("images", "img"))
     if not images:
-        return _read_folder(root, files, size, options, name=name, to_index=_binary)
+        return _read_folder(name, root, files, size, options, to_index=_binary)
     out = {}
     masks = _by_id(name, _find(files, _ISPY_TREE.format("masks", "msk")), group=2, what="mask")
     for split in _SPLITS:
@@ -3343,11 +3335,10 @@ def _split_by_patient(name, split, seed, shares):
     return [_take_images(split, sorted(i for p in part for i in patients[p])) for part in parts]
 
 
-def _ispy1_splits(data, seed):
+def _ispy1_splits(name, data, seed):
     """A training pool without val (layout (a), or (c) without val/test folders) is split by patient
     123 / 17 / 17 (train / val / test), or train / val in those proportions when test is given.
     Splits given as folders are kept, but a patient in two of them is an error."""
-    name = "ispy1"
     if "train" in data and "val" not in data:
         shares = _ISPY_SHARES if "test" not in data else _ISPY_SHARES[:2]
         parts = _split_by_patient(name, data.pop("train"), seed, shares)
@@ -3414,13 +3405,6 @@ def _split_generator(name, split, seed):
     return torch.Generator().manual_seed(zlib.crc32(f"{name}|{split}|{seed}".encode()))
 
 
-def _complete(split):
-    """Fill the keys a split lacks with None so every split has the same keys."""
-    for key in _TENSOR_KEYS:
-        split.setdefault(key, None)
-    return split
-
-
 def _load_synthetic(name, size, seed, options):
     generate, sizes, defaults = _SYNTHETIC[name]
     counts = dict(zip(("n_train", "n_val", "n_test"), sizes))
@@ -3444,26 +3428,24 @@ def _load_synthetic(name, size, seed, options):
             kwargs.update(shift=split == "test_shift", annotator_gen=annotator_gen)
         data = generate(n, size, _split_generator(name, split, seed), **kwargs)
         data["names"] = [f"{split}_{i:04d}" for i in range(n)]
-        out[split] = _complete(data)
+        out[split] = {**dict.fromkeys(_TENSOR_KEYS), **data}  # every split has every key
     return out
 
 
 def load_dataset(name, root=None, size=128, seed=0, cache=None, **options):
     """Load a dataset as a dict of splits (the split's keys: the module docstring).
 
-    Synthetic ("synthetic-fundus", "synthetic-breast", "synthetic-lesions", "synthetic-glands"):
-    generated in-process from the seed (no files, no cache), square, so valid = sizes = None;
-    options n_train, n_val, n_test (defaults: `_SYNTHETIC`) and the generator's knobs
-    (glaucoma_share, pcr_share, malignant_share; lesions: annotators, domain_shift adds "test_shift").
+    Synthetic (`_SYNTHETIC`): generated from the seed (no files, no cache), square (valid = sizes =
+    None); options n_train, n_val, n_test and the generator's knobs (glaucoma_share, pcr_share,
+    malignant_share; lesions: annotators, domain_shift adds "test_shift").
 
-    Real (`_READERS`): read from `root` in the layouts of the README's dataset table, letterboxed
-    once to size x size (section 7) and cached under `cache` (default ".cache" in the working
-    directory, never inside the dataset folder). Splits: the dataset's own; isic-multi's training
-    pool 80/20 and glas' 85 training images 70/15 are split into train/val with the seed, ispy1 by
-    patient (`_ispy1_splits`). Every real set takes exclude=<image ids> (removed from test) and
-    need_labels=False (a label file that is missing or fails to parse is a warning; labels None). A
-    test image also in train or val (the same id; for "folder", the same pixels) is removed from
-    test, listed in its `removed_overlap` and printed.
+    Real (`_READERS`): read from `root` in the README's layouts, letterboxed once (section 7) and
+    cached under `cache` (default ".cache" in the working folder, never inside the dataset). Splits:
+    the dataset's own; isic-multi's pool 80/20 and glas' 85 training images 70/15 are split into
+    train/val with the seed, ispy1 by patient (`_ispy1_splits`). Options exclude=<image ids>
+    (removed from test) and need_labels=False (a missing or unparsable label file is a warning,
+    labels None). A test image also in train or val (same id; for "folder", same pixels) is removed
+    from test, listed in its `removed_overlap` and printed.
     """
     size = int(size)
     if size < 8:
@@ -3502,12 +3484,6 @@ def _seeded_split(data, fraction, seed):
             "val": _take_images(train, order[:n_val].sort().values), **data}
 
 
-def _image_id(name):
-    """An image id as `exclude` and the overlap check compare them: the stem, lower-cased."""
-    path = Path(str(name))
-    return (path.stem if re.fullmatch(_IMAGE, path.suffix, re.I) else str(name)).lower()
-
-
 def _remove_from_test(name, data, exclude):
     """Drop from data["test"] every image that is also in train/val, or whose id is in `exclude`;
     the removed names go to the test split's `removed_overlap` and are printed. Official datasets
@@ -3517,14 +3493,18 @@ def _remove_from_test(name, data, exclude):
     if test is None:
         return data
 
+    def image_id(name):  # the stem, lower-cased
+        path = Path(str(name))
+        return (path.stem if re.fullmatch(_IMAGE, path.suffix, re.I) else str(name)).lower()
+
     def keys(split):
         if name != "folder":
-            return [_image_id(n) for n in split["names"]]
+            return [image_id(n) for n in split["names"]]
         return [hashlib.sha1(image.numpy().tobytes() + bytes(str(hw.tolist()), "ascii")).hexdigest()
                 for image, hw in zip(split["images"], split["sizes"])]
     taken = {k for s in ("train", "val") if s in data for k in keys(data[s])}
-    excluded = {_image_id(n) for n in exclude}
-    drop = [k in taken or _image_id(n) in excluded for k, n in zip(keys(test), test["names"])]
+    excluded = {image_id(n) for n in exclude}
+    drop = [k in taken or image_id(n) in excluded for k, n in zip(keys(test), test["names"])]
     removed = [n for n, d in zip(test["names"], drop) if d]
     if removed:
         if all(drop):
@@ -3602,19 +3582,18 @@ def _load_real(name, root, size, seed, cache, options):
     path = cache_dir / f"{name}-{size}px-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     data = _cache_read(path)  # None when absent or damaged
     if data is None:
-        data = spec["read"](base, files, size, options)
+        data = spec["read"](name, base, files, size, options)
         _cache_write(path, data)
     if spec.get("split"):  # a dataset's own post-cache split (I-SPY 1: by patient)
-        data = spec["split"](data, seed)
+        data = spec["split"](name, data, seed)
     elif spec.get("val_fraction") and "train" in data and "val" not in data:
         data = _seeded_split(data, spec["val_fraction"], seed)
         for key in ("full_instances", "full_masks"):  # the metrics at original resolution need val/test only
             data["train"].pop(key, None)
     data = _remove_from_test(name, data, exclude)
-    for split in data.values():
-        split.setdefault("class_names", list(spec["classes"]))
-        split.setdefault("mask_names", list(spec["masks"]))
-        _complete(split)
+    for key, split in data.items():  # every split has every key
+        data[key] = {**dict.fromkeys(_TENSOR_KEYS), "class_names": list(spec["classes"]),
+                     "mask_names": list(spec["masks"]), **split}
     return data
 
 
