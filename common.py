@@ -2681,22 +2681,6 @@ def _raw_labels(image):
     return array.astype(np.int32)
 
 
-def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, full=False, annotations=False):
-    """Read (image path, [mask paths]) pairs into a split (`_stack`), images bilinear, masks nearest.
-    full=True also keeps each image's first mask at its original resolution (list "full_instances")."""
-    images, masks, sizes, originals = [], [], [], []
-    for image_path, mask_paths in pairs:
-        image, original = _read_image(name, image_path, size)
-        maps = [_read_mask(name, m, original, image_path, to_index, dtype) for m in mask_paths]
-        images.append(image)
-        masks.append([letterbox(m, size, "nearest") for m in maps])
-        sizes.append(original)
-        if full:
-            originals.append(maps[0])
-    split = _stack([Path(p).stem for p, _ in pairs], images, masks, sizes, labels, size, dtype, annotations)
-    return {**split, "full_instances": originals} if full else split
-
-
 def _stack(names, images, masks, sizes, labels, size, dtype=torch.uint8, annotations=False):
     """A split of letterboxed images [3,H,W], each with its list of letterboxed masks [H,W], plus
     `valid` (1 on image pixels) and `sizes` (original height, width). One mask each gives masks
@@ -2854,15 +2838,28 @@ def _read_nifti(name, path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_splits(name, found, size, options, to_index, labels_of=None, looked_for=None, **make_split):
-    """{split: split} of found {split: [(image, [masks])]} (empty ones skipped), each labelled by
-    `labels_of(split, pairs)` through `_labels_or_none`; a missing train, val or test is printed
-    with the folders `looked_for`."""
+def _read_splits(name, found, size, options, to_index, labels_of=None, looked_for=None, dtype=torch.uint8,
+                 full=False, annotations=False):
+    """{split: split} of found {split: [(image path, [mask paths])]} (empty ones skipped): images
+    bilinear, masks nearest (`_stack`), labelled by `labels_of(split, pairs)` through `_labels_or_none`.
+    full=True also keeps each image's first mask at its original resolution (list "full_instances").
+    A missing train, val or test is printed with the folders `looked_for`."""
     out = {}
     for split, pairs in found.items():
-        if pairs:
-            labels = None if labels_of is None else _labels_or_none(name, options, labels_of, split, pairs)
-            out[split] = _make_split(name, pairs, size, to_index, labels, **make_split)
+        if not pairs:
+            continue
+        labels = None if labels_of is None else _labels_or_none(name, options, labels_of, split, pairs)
+        images, masks, sizes, originals = [], [], [], []
+        for image_path, mask_paths in pairs:
+            image, original = _read_image(name, image_path, size)
+            maps = [_read_mask(name, m, original, image_path, to_index, dtype) for m in mask_paths]
+            images.append(image)
+            masks.append([letterbox(m, size, "nearest") for m in maps])
+            sizes.append(original)
+            originals.append(maps[0] if full else None)
+        out[split] = _stack([p.stem for p, _ in pairs], images, masks, sizes, labels, size, dtype, annotations)
+        if full:
+            out[split]["full_instances"] = originals
     if looked_for and set(_SPLITS) - set(out):
         print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(_SPLITS) - set(out))} "
               f"(looked for {looked_for})")
@@ -2990,8 +2987,8 @@ def _read_isic_multi(name, root, files, size, options):
         if not (lists["train"][0] and lists["val"][0]):
             raise DatasetError(f"{name}: found '{found[0]}' but not both '{_SPLIT_LISTS['train']}' and "
                                f"'{_SPLIT_LISTS['val']}'")
-        return {split: _make_split(name, pairs, size, _binary, annotations=True)
-                for split, (path, pairs) in lists.items() if path}
+        found = {split: pairs for split, (path, pairs) in lists.items()}
+        return _read_splits(name, found, size, options, _binary, annotations=True)
     masks = _find(files, r"targets/(?:[^/]+/)*(isic_\d+)_[^/]+\.png")
     if masks:  # Ribeiro et al.: the images are those in inputs/
         images = _by_id(name, _find(files, r"inputs/(?:[^/]+/)*(isic_\d+)" + _IMAGE))
@@ -3013,8 +3010,7 @@ def _read_isic_multi(name, root, files, size, options):
     pool = [(p, groups[key]) for key, p in images.items() if len(groups[key]) >= 2]
     single = [(p, groups[key]) for key, p in images.items() if len(groups[key]) == 1]
     print(f"{name}: {len(pool)} images with two or more masks (train/val), {len(single)} with one (test)")
-    return {split: _make_split(name, pairs, size, _binary, annotations=True)
-            for split, pairs in (("train", pool), ("test", single)) if pairs}
+    return _read_splits(name, {"train": pool, "test": single}, size, options, _binary, annotations=True)
 
 
 def _read_ph2(name, root, files, size, options):
@@ -3054,8 +3050,10 @@ def _read_dermofit(name, root, files, size, options):
     else:
         masks = _by_id(name, _find(files, r"originalmasks/[^/]+/([^/]+)/\1mask\.png"), what="mask")
         pairs = _pairs(name, images, masks, "originalMasks/<CLASS>/<ID>/<ID>mask.png")
-    labels = [classes.index(p.parent.parent.name) for p, _ in pairs]
-    return {"test": {**_make_split(name, pairs, size, _binary, labels), "class_names": classes}}
+    out = _read_splits(name, {"test": pairs}, size, options, _binary,
+                       lambda split, pairs: [classes.index(p.parent.parent.name) for p, _ in pairs])
+    out["test"]["class_names"] = classes
+    return out
 
 
 # GlaS border rule, in the originals' pixels: a gland pixel is border when a pixel of another
@@ -3092,7 +3090,8 @@ def _read_glas(name, root, files, size, options):
     def labels_of(split, pairs):
         return [grades[p.stem.lower()] for p, _ in pairs]
     pairs = _pairs(name, images, masks, "<name>_anno.bmp beside it")
-    found = {split: [pair for pair in pairs if pair[0].stem.lower().startswith(split)] for split in ("train", "test")}
+    found = {split: [pair for pair in pairs if pair[0].stem.lower().startswith(split)]
+             for split in ("train", "test")}  # testA and testB: the test split
     out = _read_splits(name, found, size, options, _raw_labels, None if grades is None else labels_of,
                        dtype=torch.int32, full=True)
     for data in out.values():
@@ -3285,15 +3284,16 @@ def _read_ispy1(name, root, files, size, options):
     images = _find(files, _ISPY_TREE.format("images", "img"))
     if not images:
         return _read_folder(name, root, files, size, options, to_index=_binary)
-    out = {}
     masks = _by_id(name, _find(files, _ISPY_TREE.format("masks", "msk")), group=2, what="mask")
+    found, named = {}, {}
     for split in _SPLITS:
         chosen = sorted(((m, p) for m, p in images if _SPLIT_OF_FOLDER[m.group(1)] == split),
                         key=lambda f: (_natural_key(f[0].group(3)), int(f[0].group(5))))  # slice order
-        if chosen:
-            pairs = _pairs(name, _by_id(name, chosen, group=2), masks, "<Split>/masks/ispy_<id>/<name>_msk.jpg")
-            out[split] = _make_split(name, pairs, size, _binary, [int(m.group(4)) for m, _ in chosen])
-            out[split]["names"] = [f"{m.group(3).upper()}_s{m.group(5)}" for m, _ in chosen]
+        found[split] = _pairs(name, _by_id(name, chosen, group=2), masks, "<Split>/masks/ispy_<id>/<name>_msk.jpg")
+        named[split] = [(f"{m.group(3).upper()}_s{m.group(5)}", int(m.group(4))) for m, _ in chosen]
+    out = _read_splits(name, found, size, options, _binary, lambda split, _: [pcr for _, pcr in named[split]])
+    for split, data in out.items():
+        data["names"] = [n for n, _ in named[split]]
     return out
 
 
