@@ -2774,9 +2774,8 @@ def _match_labels(name, names, table, path):
 
 
 def _labels_or_none(name, options, read, *args):
-    """`read(*args)`'s labels. A label file that is missing or does not parse is an error when the
-    caller needs the labels (option need_labels, default from _READERS) and a warning otherwise
-    (e.g. PH2's txt for segmentation-only use): loading goes on without labels."""
+    """`read(*args)`'s labels. A label file that is missing or does not parse is an error when labels
+    are needed (option need_labels, default from _READERS), else a warning and no labels (PH2's txt)."""
     try:
         return read(*args)
     except (DatasetError, ValueError, KeyError, IndexError, zipfile.BadZipFile, ElementTree.ParseError) as error:
@@ -2932,11 +2931,9 @@ _LISTED_PATH = re.compile(r"\S.*?" + _IMAGE + r"(?=\s|$)", re.I)  # a path may h
 
 
 def _split_list(name, files, options, key):
-    """(path, [(image, [masks])]) of Ribeiro et al.'s list `_SPLIT_LISTS[key]`, found in the folder
-    given with option `splits` when given, else anywhere under the dataset folder; (None, None)
-    when absent. Each line is space-separated absolute paths from the authors' machine, image
-    first, then its masks. Files are matched by name (case-insensitive); every listed file that
-    is not in the dataset folder is named in one error."""
+    """(path, [(image, [masks])]) of Ribeiro et al.'s list `_SPLIT_LISTS[key]` (in option `splits`'
+    folder, else anywhere under the root), or (None, None). A line: the authors' absolute paths, image
+    first, matched here by file name; the listed files not in the dataset are named in one error."""
     folder = Path(options["splits"]).expanduser() if options.get("splits") else None
     if folder is not None and not folder.is_dir():
         raise DatasetError(f"{name}: splits folder '{folder}' does not exist")
@@ -2975,12 +2972,10 @@ _IMA_MASK = r"(isic_\d+)_([a-z0-9]+)_t[123]_s[12](?:_\d+)?\.png"
 
 
 def _read_isic_multi(name, root, files, size, options):
-    """D-LEMA's ISIC Archive (Sec. 3.1): images with two or more masks are the training pool (split
-    80/20 into train/val with the seed after the cache), images with exactly one mask the `test`
-    split. Masks: Ribeiro et al.'s targets/ISIC_<id>_<k>.png for inputs/ISIC_<id>.jpg, or IMA++'s
-    names (every segmentation is an annotation, as IMA++ counts them: an annotator who drew twice
-    gave two; its consensus ST / MV masks are skipped). Ribeiro et al.'s split lists, when found
-    under the root or given with option `splits`, define the splits instead."""
+    """D-LEMA's ISIC Archive (Sec. 3.1): images with two or more masks are the training pool (80/20
+    train/val after the cache), those with one mask `test`. Masks: Ribeiro et al.'s targets/, or
+    IMA++'s names (each segmentation an annotation, as IMA++ counts them; its consensus ST / MV masks
+    skipped). Ribeiro et al.'s split lists, under the root or in option `splits`, define the splits."""
     lists = {k: _split_list(name, files, options, k) for k in _SPLITS}
     found = [path for path, _ in lists.values() if path]
     if found:
@@ -3064,11 +3059,10 @@ _GLAS_BORDER_WIDTH = 18
 
 
 def _read_glas(name, root, files, size, options):
-    """train_N.bmp with train_N_anno.bmp (instances 0..k), testA_* and testB_* (the test split),
-    labels from Grade.csv, found in any folder. Region masks (0 stroma, 1 border, 2 lumen) are
-    derived from the instances at the original resolution with option border_width (original
-    pixels, default _GLAS_BORDER_WIDTH), then letterboxed. Each split also holds full_instances /
-    full_masks at the original resolution for the metrics."""
+    """train_N.bmp with train_N_anno.bmp (instances 0..k), testA_* and testB_* (test), Grade.csv, in any
+    folder. Region masks (0 stroma, 1 border, 2 lumen) come from the instances at the original
+    resolution (option border_width, original pixels), then letterboxed; full_instances / full_masks
+    stay at the original resolution for the metrics."""
     images = _by_id(name, _find(files, r"((?:train|testa|testb)_\d+)\.bmp"))
     if not images:
         raise _layout_error(name, root, files, "train_<n>.bmp, testA_<n>.bmp or testB_<n>.bmp images (in any folder)")
@@ -3272,10 +3266,9 @@ def _read_ispy1_nifti(name, files, size, outcome):
 
 
 def _read_ispy1(name, root, files, size, options):
-    """I-SPY 1 in one of three layouts: (a) the NIfTI download with outcome_new.xlsx, (b) the
-    JPEG tree the UML authors' preprocessing writes (labels from the names, their split kept;
-    JPEG masks thresholded), (c) the folder layout (binary masks, labels.csv). (a), and (c)
-    without val/test folders, are split by patient after the cache."""
+    """I-SPY 1 as (a) the NIfTI download with outcome_new.xlsx, (b) the JPEG tree the UML authors'
+    preprocessing writes (labels from the names, their split kept), (c) the folder layout (binary
+    masks, labels.csv). (a), and (c) without val/test folders, are split by patient after the cache."""
     outcome = _file(name, files, "outcome_new.xlsx")
     if outcome is not None or _find(files, r"dataset ispy/"):
         if outcome is None:
@@ -3485,10 +3478,9 @@ def _seeded_split(data, fraction, seed):
 
 
 def _remove_from_test(name, data, exclude):
-    """Drop from data["test"] every image that is also in train/val, or whose id is in `exclude`;
-    the removed names go to the test split's `removed_overlap` and are printed. Official datasets
-    compare image ids; the folder layout, whose users number each split from 0001, compares the
-    pixels (a hash of each letterboxed image and its size)."""
+    """Drop from data["test"] every image also in train/val or in `exclude`, into its `removed_overlap`
+    (printed). Official datasets compare ids; the folder layout, whose users number each split from
+    0001, compares pixels (a hash of each letterboxed image and its size)."""
     test = data.get("test")
     if test is None:
         return data
