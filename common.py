@@ -2812,8 +2812,7 @@ def _read_nifti(name, path):
                            "expected 'n+1'; a .hdr/.img pair is not supported)")
     dim = struct.unpack(endian + "8h", raw[40:56])
     datatype = struct.unpack(endian + "h", raw[70:72])[0]
-    vox_offset = int(struct.unpack(endian + "f", raw[108:112])[0])
-    slope, inter = struct.unpack(endian + "2f", raw[112:120])
+    vox_offset, slope, inter = struct.unpack(endian + "3f", raw[108:120])
     shape = list(dim[1:1 + dim[0]])
     while len(shape) > 3 and shape[-1] == 1:  # a 4-D file holding one volume
         shape.pop()
@@ -2823,9 +2822,9 @@ def _read_nifti(name, path):
         raise DatasetError(f"{name}: '{path}' has NIfTI datatype {datatype}, which is not a real-valued scalar type")
     count = int(np.prod(shape))
     dtype = np.dtype(endian + _NIFTI_TYPES[datatype])
-    if vox_offset + count * dtype.itemsize > len(raw):
+    if int(vox_offset) + count * dtype.itemsize > len(raw):
         raise DatasetError(f"{name}: '{path}' is truncated: {len(raw)} bytes for {shape} voxels of {dtype}")
-    data = np.frombuffer(raw, dtype, count, vox_offset).reshape(shape[::-1]).astype(np.float32)
+    data = np.frombuffer(raw, dtype, count, int(vox_offset)).reshape(shape[::-1]).astype(np.float32)
     if slope != 0 and np.isfinite(slope):
         data = data * np.float32(slope) + np.float32(inter if np.isfinite(inter) else 0)
     return data  # [nz, ny, nx]
@@ -2907,10 +2906,9 @@ def _read_isic2017(name, root, files, size, options):
     masks = _by_id(name, _find(files, tag + r"_part1_groundtruth/(isic_\d+)_segmentation\.png"), 2, "mask")
     if not images:
         raise _layout_error(name, root, files, "ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg images")
-    found = {}
+    found, looked_for = {}, "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png"
     for split in _SPLITS:
         ids = _by_id(name, [(m, p) for m, p in images if _ISIC2017_TAGS[m.group(1)] == split], 2)
-        looked_for = "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png"
         found[split] = _pairs(name, ids, masks, looked_for)
 
     def read_labels(split, pairs):
