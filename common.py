@@ -2606,6 +2606,14 @@ def _pairs(name, images, masks, looked_for):
     return [(p, masks[key] if isinstance(masks[key], list) else [masks[key]]) for key, p in images.items()]
 
 
+def _found(name, files, patterns, mask_pattern, looked_for, group=1):
+    """{split: [(image, [mask])]} of the images matching {split: pattern}, each with the mask matching
+    `mask_pattern` whose id (the match's `group`) is the same (`_by_id`, `_pairs`)."""
+    masks = _by_id(name, _find(files, mask_pattern), group, "mask")
+    return {split: _pairs(name, _by_id(name, _find(files, pattern), group), masks, looked_for)
+            for split, pattern in patterns.items()}
+
+
 def _layout_error(name, root, files, what):
     """No `what` under root: name the layout's place in the README, where the dataset is published,
     and the zips still packed under root (REFUGE2.zip unpacked holds six)."""
@@ -2868,16 +2876,13 @@ def _read_refuge(name, root, files, size, options):
     """Training400/{Glaucoma,Non-Glaucoma}/*.jpg, REFUGE-Validation400/*.jpg and Test400/*.jpg with the
     .bmp masks named as each image; labels: the class folder, the G/N mask folders of REFUGE-Test-GT or
     the split's .xlsx. A copy in the folder layout with REFUGE's grey-level masks is read as that layout."""
-    masks = _by_id(name, _find(files, r"([^/]+)\.bmp"), what="mask")
     patterns = {"train": r"training400/(?:glaucoma|non-glaucoma)/([^/]+)\.jpg",
                 "val": r"refuge-validation400/([^/]+)\.jpg", "test": r"(?:refuge-)?test400/([^/]+)\.jpg"}
-    found = {split: _by_id(name, _find(files, pattern)) for split, pattern in patterns.items()}
+    found = _found(name, files, patterns, r"([^/]+)\.bmp", "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
     if not any(found.values()):
         if _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE):
             return _read_folder(name, root, files, size, options, to_index=_refuge_classes)
         raise _layout_error(name, root, files, "Training400/, REFUGE-Validation400/ or Test400/ images")
-    found = {split: _pairs(name, images, masks, "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
-             for split, images in found.items()}
 
     def read_labels(split, pairs):
         folders = [m[0].parent.name.lower() for _, m in pairs]
@@ -2894,22 +2899,17 @@ def _read_refuge(name, root, files, size, options):
                         "Training400/, REFUGE-Validation400/, Test400/")
 
 
-_ISIC2017_TAGS = {"training": "train", "validation": "val", "test_v2": "test", "test": "test"}
-
-
 def _read_isic2017(name, root, files, size, options):
     """ISIC-2017_<tag>_Data/ISIC_<id>.jpg, ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png
     and ISIC-2017_<tag>_Part3_GroundTruth.csv's labels for each tag present: Training, Validation,
     Test_v2 (or its first name, Test). Superpixel and metadata files are skipped."""
-    tag = r"isic-2017_(training|validation|test_v2|test)"
-    images = _find(files, tag + r"_data/(isic_\d+)\.jpg")
-    masks = _by_id(name, _find(files, tag + r"_part1_groundtruth/(isic_\d+)_segmentation\.png"), 2, "mask")
-    if not images:
+    tags = {"train": "training", "val": "validation", "test": "test_v2|test"}  # Test: Test_v2's first name
+    patterns = {split: rf"isic-2017_(?:{tag})_data/(isic_\d+)\.jpg" for split, tag in tags.items()}
+    masks = r"isic-2017_(?:training|validation|test_v2|test)_part1_groundtruth/(isic_\d+)_segmentation\.png"
+    found = _found(name, files, patterns, masks,
+                   "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png")
+    if not any(found.values()):
         raise _layout_error(name, root, files, "ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg images")
-    found, looked_for = {}, "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png"
-    for split in _SPLITS:
-        ids = _by_id(name, [(m, p) for m, p in images if _ISIC2017_TAGS[m.group(1)] == split], 2)
-        found[split] = _pairs(name, ids, masks, looked_for)
 
     def read_labels(split, pairs):
         tag = pairs[0][0].parent.name[10:-5]  # ISIC-2017_<tag>_Data
@@ -3011,11 +3011,10 @@ def _read_ph2(name, root, files, size, options):
     Ribeiro et al.'s test_ph2.txt lists); labels: Clinical Diagnosis of PH2_dataset.txt, if any."""
     listed, pairs = _split_list(name, files, options, "ph2")
     if listed is None:
-        images = _by_id(name, _find(files, r"([^/]+)_dermoscopic_image/[^/]+" + _IMAGE))
-        if not images:
+        pairs = _found(name, files, {"test": r"([^/]+)_dermoscopic_image/[^/]+" + _IMAGE},
+                       r"([^/]+)_lesion/[^/]+" + _IMAGE, "IMDxxx_lesion/IMDxxx_lesion.bmp")["test"]
+        if not pairs:
             raise _layout_error(name, root, files, "IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp images")
-        masks = _by_id(name, _find(files, r"([^/]+)_lesion/[^/]+" + _IMAGE), what="mask")
-        pairs = _pairs(name, images, masks, "IMDxxx_lesion/IMDxxx_lesion.bmp")
     txt = _file(name, files, "PH2_dataset.txt")
 
     def read_labels(split, pairs):
@@ -3061,10 +3060,12 @@ def _read_glas(name, root, files, size, options):
     folder. Region masks (0 stroma, 1 border, 2 lumen) come from the instances at the original
     resolution (option border_width, original pixels), then letterboxed; full_instances / full_masks
     stay at the original resolution for the metrics."""
-    images = _by_id(name, _find(files, r"((?:train|testa|testb)_\d+)\.bmp"))
-    if not images:
+    patterns = {"train": r"(train_\d+)\.bmp", "test": r"(test[ab]_\d+)\.bmp"}  # testA and testB: test
+    found = _found(name, files, patterns, r"((?:train|testa|testb)_\d+)_anno\.bmp",
+                   "<name>_anno.bmp beside it")
+    stems = [p.stem for pairs in found.values() for p, _ in pairs]
+    if not stems:
         raise _layout_error(name, root, files, "train_<n>.bmp, testA_<n>.bmp or testB_<n>.bmp images (in any folder)")
-    masks = _by_id(name, _find(files, r"((?:train|testa|testb)_\d+)_anno\.bmp"), what="mask")
     width = int(options.get("border_width") or _GLAS_BORDER_WIDTH)
     if width < 1:
         raise DatasetError(f"{name}: border_width must be at least 1 pixel, got {width}")
@@ -3073,17 +3074,14 @@ def _read_glas(name, root, files, size, options):
     def read_grades():
         if grade is None:
             raise DatasetError(f"{name}: Grade.csv (the benign / malignant grade of each image) is missing: "
-                               f"found {len(images)} GlaS images under '{root}' but no Grade.csv")
+                               f"found {len(stems)} GlaS images under '{root}' but no Grade.csv")
         table = _table_column(name, _read_csv(grade), "name", "grade (GlaS)", grade)
-        grades = _match_labels(name, [p.stem for p in images.values()], table, grade)
-        return {k: ["benign", "malignant"].index(str(g).strip().lower()) for k, g in zip(images, grades)}
+        grades = _match_labels(name, stems, table, grade)
+        return {k: ["benign", "malignant"].index(str(g).strip().lower()) for k, g in zip(stems, grades)}
     grades = _labels_or_none(name, options, read_grades)
 
     def labels_of(split, pairs):
-        return [grades[p.stem.lower()] for p, _ in pairs]
-    pairs = _pairs(name, images, masks, "<name>_anno.bmp beside it")
-    found = {split: [pair for pair in pairs if pair[0].stem.lower().startswith(split)]
-             for split in ("train", "test")}  # testA and testB: the test split
+        return [grades[p.stem] for p, _ in pairs]
     out = _read_splits(name, found, size, options, _raw_labels, None if grades is None else labels_of,
                        dtype=torch.int32, full=True)
     for data in out.values():
