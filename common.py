@@ -3274,11 +3274,11 @@ def _read_ispy1(name, root, files, size, options):
     if not images:
         return _read_folder(name, root, files, size, options, to_index=_binary)
     masks = _by_id(name, _find(files, _ISPY_TREE.format("masks", "msk")), group=2, what="mask")
-    found, named = {}, {}
+    found, named, looked_for = {}, {}, "<Split>/masks/ispy_<id>/<name>_msk.jpg"
     for split in _SPLITS:
         chosen = sorted(((m, p) for m, p in images if _SPLIT_OF_FOLDER[m.group(1)] == split),
                         key=lambda f: (_natural_key(f[0].group(3)), int(f[0].group(5))))  # slice order
-        found[split] = _pairs(name, _by_id(name, chosen, group=2), masks, "<Split>/masks/ispy_<id>/<name>_msk.jpg")
+        found[split] = _pairs(name, _by_id(name, chosen, group=2), masks, looked_for)
         named[split] = [(f"{m.group(3).upper()}_s{m.group(5)}", int(m.group(4))) for m, _ in chosen]
     out = _read_splits(name, found, size, options, _binary, lambda split, _: [pcr for _, pcr in named[split]])
     for split, data in out.items():
