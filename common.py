@@ -2689,12 +2689,12 @@ def _raw_labels(image):
     return array.astype(np.int32)
 
 
-def _stack(names, images, masks, sizes, labels, size, dtype=torch.uint8, annotations=False):
+def _stack(names, images, masks, sizes, labels, dtype=torch.uint8, annotations=False):
     """A split of letterboxed images [3,H,W], each with its list of letterboxed masks [H,W], plus
     `valid` (1 on image pixels) and `sizes` (original height, width). One mask each gives masks
     [N,H,W]; several, or annotations=True, [N,A,H,W] (A = the most any image has, unused slots 0)
     and n_annotations."""
-    counts = [len(m) for m in masks]
+    counts, size = [len(m) for m in masks], images[0].shape[-1]
     split = {"images": torch.stack(images), "names": names,
              "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64),
              "valid": torch.stack([_valid_map(h, w, size) for h, w in sizes]),
@@ -2863,7 +2863,7 @@ def _read_splits(name, found, size, options, to_index, labels_of=None, looked_fo
             masks.append([letterbox(m, size, "nearest") for m in maps])
             sizes.append(original)
             originals.append(maps[0] if full else None)
-        out[split] = _stack([p.stem for p, _ in pairs], images, masks, sizes, labels, size, dtype, annotations)
+        out[split] = _stack([p.stem for p, _ in pairs], images, masks, sizes, labels, dtype, annotations)
         if full:
             out[split]["full_instances"] = originals
     if looked_for and set(_SPLITS) - set(out):
@@ -3258,7 +3258,7 @@ def _read_ispy1_nifti(name, files, size, outcome):
               f"taking what there is: {short[:10]}", file=sys.stderr)
     if not images:
         raise DatasetError(f"{name}: '{outcome}' lists no patient")
-    return {"train": _stack(names, images, masks, sizes, labels, size)}
+    return {"train": _stack(names, images, masks, sizes, labels)}
 
 
 def _read_ispy1(name, root, files, size, options):
