@@ -2631,9 +2631,8 @@ def _layout_error(name, root, files, what):
 
 
 def _read_image(name, path, size):
-    """RGB uint8 [3,size,size], letterboxed, and the original (height, width). JPEGs are decoded
-    at a reduced scale (PIL's draft) while that still covers the letterboxed size; 16-bit and
-    float images (MRI slices) are stretched to 0..255."""
+    """RGB uint8 [3,size,size], letterboxed, and the original (height, width). JPEGs are decoded at a
+    reduced scale (PIL's draft) that still covers the box; 16-bit and float images are stretched to 0..255."""
     try:
         image = Image.open(path)
         width, height = image.size
@@ -2652,9 +2651,8 @@ def _read_image(name, path, size):
 
 
 def _read_mask(name, path, original, image_path, to_index, dtype):
-    """A mask as class indices at its original resolution, int32 [h,w]: `to_index` maps the array
-    as stored to indices (thresholds, never exact values). It must match its image's (h, w), and
-    its values must fit `dtype`."""
+    """int32 [h,w] class indices at the original resolution, `to_index` mapping the stored array
+    (thresholds, never exact values); its size must be its image's and its values must fit `dtype`."""
     try:
         image = Image.open(path)
         image.load()
@@ -2690,10 +2688,9 @@ def _raw_labels(image):
 
 
 def _stack(names, images, masks, sizes, labels, dtype=torch.uint8, annotations=False):
-    """A split of letterboxed images [3,H,W], each with its list of letterboxed masks [H,W], plus
-    `valid` (1 on image pixels) and `sizes` (original height, width). One mask each gives masks
-    [N,H,W]; several, or annotations=True, [N,A,H,W] (A = the most any image has, unused slots 0)
-    and n_annotations."""
+    """A split of letterboxed images, each with its list of masks, plus `valid` and `sizes`. One mask
+    each gives masks [N,H,W]; several, or annotations=True, [N,A,H,W] (A = the most any image has,
+    unused slots 0) and n_annotations."""
     counts, size = [len(m) for m in masks], images[0].shape[-1]
     split = {"images": torch.stack(images), "names": names,
              "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64),
@@ -3112,10 +3109,9 @@ _SPLIT_OF_FOLDER = {"train": "train", "training": "train", "val": "val", "valid"
 
 
 def _read_folder(name, root, files, size, options, to_index=None):
-    """<split>/images/<name>.<ext> with <split>/masks/<name>.<ext> (several annotators: <name>_<k>.<ext>)
-    for each split folder present; labels from any labels.csv (name,label: integers, or class names
-    sorted to indices). Masks hold class indices (`_check_class_indices`; a binary mask saved as
-    0/255 becomes 0/1) unless `to_index` maps them (ispy1, refuge)."""
+    """<split>/images/<name>.<ext> with <split>/masks/<name>.<ext> (or <name>_<k>.<ext>, one per
+    annotator); labels from any labels.csv (name,label: integers, or class names sorted to indices).
+    Masks hold class indices (0/255 becomes 0/1) unless `to_index` maps them (ispy1, refuge)."""
     seen = {}
 
     def classes(image):
@@ -3204,10 +3200,9 @@ _ISPY_TREE = r"(train|valid|test)/{}/(?:[^/]+/)*((ispy_\d+)_([01])_s(-?\d+))_{}\
 
 
 def _tumour_slices(areas, keep=_ISPY_SLICES):
-    """The slices the UML authors' preprocessing keeps: from (peak - keep // 2) upwards, the first
-    `keep` slices with tumour; when that gives fewer, the slices with tumour just below
-    (peak - keep // 2 - 1 down to peak - keep // 2 - (keep - 1)). peak = the first slice of
-    largest tumour area. Returned in slice order."""
+    """The slices the UML authors' preprocessing keeps, in slice order: from (peak - keep // 2) upwards
+    the first `keep` slices with tumour; when fewer, those with tumour just below (down to
+    peak - keep // 2 - (keep - 1)). peak = the first slice of largest tumour area."""
     peak = int(np.argmax(areas))
     start = max(0, peak - keep // 2)  # the authors' code lets a negative start wrap around the volume
     chosen = [k for k in range(start, len(areas)) if areas[k] > 0][:keep]
@@ -3293,10 +3288,9 @@ def _patient_of(name):
 
 
 def _split_by_patient(name, split, seed, shares):
-    """Parts of `split` (one per share, the first is the rest) with whole patients in each:
-    patients are shuffled with the seed and stratified by label (each patient is placed by its
-    rank within its class, so every part gets the classes in their overall proportion); the
-    later parts get round(P * share / total) patients each (at least 1)."""
+    """Parts of `split` (one per share, the first is the rest) of whole patients, shuffled with the seed
+    and stratified by label (each placed by its rank within its class, so every part gets the classes
+    in their overall proportion); the later parts get round(P * share / total) patients (at least 1)."""
     patients = {}
     for i, n in enumerate(split["names"]):
         patients.setdefault(_patient_of(n), []).append(i)
