@@ -2902,8 +2902,8 @@ def _read_isic2017(name, root, files, size, options):
     Test_v2 (or its first name, Test). Superpixel and metadata files are skipped."""
     tags = {"train": "training", "val": "validation", "test": "test_v2|test"}  # Test: Test_v2's first name
     patterns = {split: rf"isic-2017_(?:{tag})_data/(isic_\d+)\.jpg" for split, tag in tags.items()}
-    masks = r"isic-2017_(?:training|validation|test_v2|test)_part1_groundtruth/(isic_\d+)_segmentation\.png"
-    found = _found(name, files, patterns, masks,
+    mask = r"isic-2017_(?:training|validation|test_v2|test)_part1_groundtruth/(isic_\d+)_segmentation\.png"
+    found = _found(name, files, patterns, mask,
                    "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png")
     if not any(found.values()):
         raise _layout_error(name, root, files, "ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg images")
@@ -2977,8 +2977,8 @@ def _read_isic_multi(name, root, files, size, options):
         if not (lists["train"][0] and lists["val"][0]):
             raise DatasetError(f"{name}: found '{found[0]}' but not both '{_SPLIT_LISTS['train']}' and "
                                f"'{_SPLIT_LISTS['val']}'")
-        found = {split: pairs for split, (path, pairs) in lists.items()}
-        return _read_splits(name, found, size, options, _binary, annotations=True)
+        listed = {split: pairs for split, (_, pairs) in lists.items()}
+        return _read_splits(name, listed, size, options, _binary, annotations=True)
     masks = _find(files, r"targets/(?:[^/]+/)*(isic_\d+)_[^/]+\.png")
     if masks:  # Ribeiro et al.: the images are those in inputs/
         images = _by_id(name, _find(files, r"inputs/(?:[^/]+/)*(isic_\d+)" + _IMAGE))
