@@ -2532,10 +2532,9 @@ def _valid_map(height, width, size):
 
 # ---------------------------------------------------------------------------------------------
 # 8. Files: the tree under --root is listed once (`_tree`: lower-case paths, macOS debris and
-#    hidden files skipped, numbers sorted as numbers) and a layout's files are found by a pattern
-#    on the end of their path (`_find`), wherever unzipping put their folder (inside a folder named
-#    after its zip, doubled X/X/, one level lower). The layouts are described once, in the
-#    README's dataset table; a reader's docstring says only what it takes from where.
+#    hidden files skipped, numbers sorted as numbers); a layout's files are found by a pattern on
+#    the end of their path (`_find`), wherever unzipping put their folder. The README's dataset
+#    table describes the layouts; a reader's docstring says only what it takes from where.
 # ---------------------------------------------------------------------------------------------
 
 _IMAGE = r"\.(?:jpe?g|png|bmp|tiff?)"  # an image file's extension, as a pattern
@@ -2564,8 +2563,7 @@ def _tree(root):
 
 
 def _find(files, pattern):
-    """[(match, path)] of the files whose lower-case path ends with `pattern` (a regex starting at
-    a folder boundary), in natural order."""
+    """[(match, path)] of the files whose lower-case path ends with `pattern` (from a folder boundary)."""
     regex = re.compile(r"(?:^|/)" + pattern + "$")
     return [(m, p) for rel, p in files if (m := regex.search(rel))]
 
@@ -2594,13 +2592,20 @@ def _file(name, files, filename, required=False):
 
 
 def _pairs(name, images, masks, looked_for):
-    """(image, [mask]) per image of {id: path}; an image without a mask is an error saying what
-    was looked for."""
+    """(image, [mask]) per image of {id: path}; an image without a mask is an error."""
     missing = [p for key, p in images.items() if key not in masks]
     if missing:
         raise DatasetError(f"{name}: image '{missing[0]}' has no mask (looked for {looked_for})"
                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
     return [(p, masks[key] if isinstance(masks[key], list) else [masks[key]]) for key, p in images.items()]
+
+
+def _found(name, files, patterns, mask_pattern, looked_for, group=1):
+    """{split: [(image, [mask])]} of the images matching {split: pattern}, each with the mask matching
+    `mask_pattern` whose id (the match's `group`) is the same (`_by_id`, `_pairs`)."""
+    masks = _by_id(name, _find(files, mask_pattern), group, "mask")
+    return {split: _pairs(name, _by_id(name, _find(files, pattern), group), masks, looked_for)
+            for split, pattern in patterns.items()}
 
 
 def _layout_error(name, root, files, what):
@@ -2614,22 +2619,14 @@ def _layout_error(name, root, files, what):
                         f"'{name}'{where}.{packed}")
 
 
-def _say_splits(name, out, looked_for):
-    """Print which splits were found when train, val or test is missing."""
-    if set(_SPLITS) - set(out):
-        print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(_SPLITS) - set(out))} "
-              f"(looked for {looked_for})")
-
-
 # ---------------------------------------------------------------------------------------------
 # 9. Reading images, masks and label files
 # ---------------------------------------------------------------------------------------------
 
 
 def _read_image(name, path, size):
-    """RGB uint8 [3,size,size], letterboxed, and the original (height, width). JPEGs are decoded
-    at a reduced scale (PIL's draft) while that still covers the letterboxed size; 16-bit and
-    float images (MRI slices) are stretched to 0..255."""
+    """RGB uint8 [3,size,size], letterboxed, and the original (height, width). JPEGs are decoded at a
+    reduced scale (PIL's draft) that still covers the box; 16-bit and float images are stretched to 0..255."""
     try:
         image = Image.open(path)
         width, height = image.size
@@ -2648,9 +2645,8 @@ def _read_image(name, path, size):
 
 
 def _read_mask(name, path, original, image_path, to_index, dtype):
-    """A mask as class indices at its original resolution, int32 [h,w]: `to_index` maps the array
-    as stored to indices (thresholds, never exact values). It must match its image's (h, w), and
-    its values must fit `dtype`."""
+    """int32 [h,w] class indices at the original resolution, `to_index` mapping the stored array
+    (thresholds, never exact values); its size must be its image's and its values must fit `dtype`."""
     try:
         image = Image.open(path)
         image.load()
@@ -2685,26 +2681,15 @@ def _raw_labels(image):
     return array.astype(np.int32)
 
 
-def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, full=False, annotations=False):
-    """Read (image path, [mask paths]) pairs into a split, letterboxed to size x size (images
-    bilinear, masks nearest), with `valid` (1 on image pixels) and `sizes` (original height, width).
-    One mask each gives masks [N,H,W]; several, or annotations=True, give [N,A,H,W] (A = the most
-    any image has, unused slots 0) and n_annotations. full=True also keeps each image's first mask
-    at its original resolution (list "full", int32)."""
-    images, masks, valid, sizes, originals = [], [], [], [], []
-    for image_path, mask_paths in pairs:
-        image, original = _read_image(name, image_path, size)
-        maps = [_read_mask(name, m, original, image_path, to_index, dtype) for m in mask_paths]
-        images.append(image)
-        masks.append([letterbox(m, size, "nearest") for m in maps])
-        valid.append(_valid_map(*original, size))
-        sizes.append(original)
-        if full:
-            originals.append(maps[0])
-    counts = [len(m) for m in masks]
-    split = {"images": torch.stack(images), "names": [Path(p).stem for p, _ in pairs],
+def _stack(names, images, masks, sizes, labels, dtype=torch.uint8, annotations=False):
+    """A split of letterboxed images, each with its list of masks, plus `valid` and `sizes`. One mask
+    each gives masks [N,H,W]; several, or annotations=True, [N,A,H,W] (A = the most any image has,
+    unused slots 0) and n_annotations."""
+    counts, size = [len(m) for m in masks], images[0].shape[-1]
+    split = {"images": torch.stack(images), "names": names,
              "labels": None if labels is None else torch.tensor(labels, dtype=torch.int64),
-             "valid": torch.stack(valid), "sizes": torch.tensor(sizes, dtype=torch.int64)}
+             "valid": torch.stack([_valid_map(h, w, size) for h, w in sizes]),
+             "sizes": torch.tensor(sizes, dtype=torch.int64)}
     if max(counts) == 1 and not annotations:
         split["masks"] = torch.stack([m[0] for m in masks]).to(dtype)
     else:
@@ -2712,8 +2697,6 @@ def _make_split(name, pairs, size, to_index, labels=None, dtype=torch.uint8, ful
         for i, ms in enumerate(masks):
             slots[i, :len(ms)] = torch.stack(ms).to(dtype)
         split.update(masks=slots, n_annotations=torch.tensor(counts, dtype=torch.int64))
-    if full:
-        split["full"] = originals
     return split
 
 
@@ -2789,12 +2772,11 @@ def _match_labels(name, names, table, path):
     return [table[n.lower()] for n in names]
 
 
-def _labels_or_none(name, options, read):
-    """`read()`'s labels. A label file that is missing or does not parse is an error when the
-    caller needs the labels (option need_labels, default from _READERS) and a warning otherwise
-    (e.g. PH2's txt for segmentation-only use): loading goes on without labels."""
+def _labels_or_none(name, options, read, *args):
+    """`read(*args)`'s labels. A label file that is missing or does not parse is an error when labels
+    are needed (option need_labels, default from _READERS), else a warning and no labels (PH2's txt)."""
     try:
-        return read()
+        return read(*args)
     except (DatasetError, ValueError, KeyError, IndexError, zipfile.BadZipFile, ElementTree.ParseError) as error:
         if options.get("need_labels", _READERS[name]["need_labels"]):
             raise error if isinstance(error, DatasetError) else DatasetError(f"{name}: {error}") from error
@@ -2807,14 +2789,12 @@ _NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "
 
 
 def _read_nifti(name, path):
-    """A single-file NIfTI-1 volume (.nii, or gzipped .nii.gz) as float32 [nz, ny, nx], read with
-    the standard library and numpy. The 348-byte header gives the byte order (sizeof_hdr = 348
-    read little- or big-endian), dim (bytes 40-56), datatype (70), vox_offset (108), scl_slope and
-    scl_inter (112, 116; applied when the slope is non-zero: value = slope * stored + inter) and
-    the magic "n+1" (344). The voxels are stored with i fastest, so the C-order array is [k, j, i]:
-    slice k is an image whose rows are j and columns i -- the orientation the UML authors'
-    preprocessing writes (nibabel's [i, j, k] array, np.rot90(., 1) then np.flip(., 0), is the
-    transpose of each [i, j] slice)."""
+    """A single-file NIfTI-1 volume (.nii, or gzipped .nii.gz) as float32 [nz, ny, nx]. The 348-byte
+    header gives the byte order (sizeof_hdr = 348 little- or big-endian), dim (bytes 40-56), datatype
+    (70), vox_offset (108), scl_slope and scl_inter (112, 116; value = slope * stored + inter when the
+    slope is non-zero) and the magic "n+1" (344). Voxels are stored i fastest, so the C-order array is
+    [k, j, i]: slice k has rows j and columns i, the orientation the UML authors' preprocessing
+    writes (np.rot90(., 1) then np.flip(., 0) of nibabel's [i, j, k] array transposes each slice)."""
     try:
         raw = Path(path).read_bytes()
         if raw[:2] == b"\x1f\x8b":  # gzip magic: .nii.gz (whatever the file is called)
@@ -2831,8 +2811,7 @@ def _read_nifti(name, path):
                            "expected 'n+1'; a .hdr/.img pair is not supported)")
     dim = struct.unpack(endian + "8h", raw[40:56])
     datatype = struct.unpack(endian + "h", raw[70:72])[0]
-    vox_offset = int(struct.unpack(endian + "f", raw[108:112])[0])
-    slope, inter = struct.unpack(endian + "2f", raw[112:120])
+    vox_offset, slope, inter = struct.unpack(endian + "3f", raw[108:120])
     shape = list(dim[1:1 + dim[0]])
     while len(shape) > 3 and shape[-1] == 1:  # a 4-D file holding one volume
         shape.pop()
@@ -2842,86 +2821,96 @@ def _read_nifti(name, path):
         raise DatasetError(f"{name}: '{path}' has NIfTI datatype {datatype}, which is not a real-valued scalar type")
     count = int(np.prod(shape))
     dtype = np.dtype(endian + _NIFTI_TYPES[datatype])
-    if vox_offset + count * dtype.itemsize > len(raw):
+    if int(vox_offset) + count * dtype.itemsize > len(raw):
         raise DatasetError(f"{name}: '{path}' is truncated: {len(raw)} bytes for {shape} voxels of {dtype}")
-    data = np.frombuffer(raw, dtype, count, vox_offset).reshape(shape[::-1]).astype(np.float32)
+    data = np.frombuffer(raw, dtype, count, int(vox_offset)).reshape(shape[::-1]).astype(np.float32)
     if slope != 0 and np.isfinite(slope):
         data = data * np.float32(slope) + np.float32(inter if np.isfinite(inter) else 0)
     return data  # [nz, ny, nx]
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. The official layouts, one reader each: (root, files, size, options) -> {split: split}.
+# 10. The official layouts, one reader each: (name, root, files, size, options) -> {split: split}.
 #     Seeded train/val splits, `exclude` and the test-overlap check come after the cache (11).
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_refuge(root, files, size, options):
-    """Training400/{Glaucoma,Non-Glaucoma}/*.jpg (labels: the class folder), REFUGE-Validation400/
-    *.jpg (labels: Fovea_locations.xlsx), Test400/*.jpg (labels: the G/N folders of REFUGE-Test-GT, or
-    Glaucoma_label_and_Fovea_location.xlsx); masks: the .bmp named as each image. A copy in the
-    folder layout with REFUGE's grey-level masks is read as that layout."""
-    name, out = "refuge", {}
-    masks = _by_id(name, _find(files, r"([^/]+)\.bmp"), what="mask")
-    found = {"train": _find(files, r"training400/(?:glaucoma|non-glaucoma)/([^/]+)\.jpg"),
-             "val": _find(files, r"refuge-validation400/([^/]+)\.jpg"),
-             "test": _find(files, r"(?:refuge-)?test400/([^/]+)\.jpg")}
+def _read_splits(name, found, size, options, to_index, labels_of=None, looked_for=None, dtype=torch.uint8,
+                 full=False, annotations=False):
+    """{split: split} of found {split: [(image path, [mask paths])]} (empty ones skipped): images
+    bilinear, masks nearest (`_stack`), labelled by `labels_of(split, pairs)` through `_labels_or_none`.
+    full=True also keeps each image's first mask at its original resolution (list "full_instances").
+    A missing train, val or test is printed with the folders `looked_for`."""
+    out = {}
+    for split, pairs in found.items():
+        if not pairs:
+            continue
+        labels = None if labels_of is None else _labels_or_none(name, options, labels_of, split, pairs)
+        images, masks, sizes, originals = [], [], [], []
+        for image_path, mask_paths in pairs:
+            image, original = _read_image(name, image_path, size)
+            maps = [_read_mask(name, m, original, image_path, to_index, dtype) for m in mask_paths]
+            images.append(image)
+            masks.append([letterbox(m, size, "nearest") for m in maps])
+            sizes.append(original)
+            originals.append(maps[0] if full else None)
+        out[split] = _stack([p.stem for p, _ in pairs], images, masks, sizes, labels, dtype, annotations)
+        if full:
+            out[split]["full_instances"] = originals
+    if looked_for and set(_SPLITS) - set(out):
+        print(f"{name}: found split(s) {sorted(out) or 'none'}; no {sorted(set(_SPLITS) - set(out))} "
+              f"(looked for {looked_for})")
+    return out
+
+
+def _read_refuge(name, root, files, size, options):
+    """Training400/{Glaucoma,Non-Glaucoma}/*.jpg, REFUGE-Validation400/*.jpg and Test400/*.jpg with the
+    .bmp masks named as each image; labels: the class folder, the G/N mask folders of REFUGE-Test-GT or
+    the split's .xlsx. A copy in the folder layout with REFUGE's grey-level masks is read as that layout."""
+    patterns = {"train": r"training400/(?:glaucoma|non-glaucoma)/([^/]+)\.jpg",
+                "val": r"refuge-validation400/([^/]+)\.jpg", "test": r"(?:refuge-)?test400/([^/]+)\.jpg"}
+    found = _found(name, files, patterns, r"([^/]+)\.bmp", "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
     if not any(found.values()):
         if _find(files, _SPLIT_FOLDER + r"/images/[^/]+" + _IMAGE):
-            return _read_folder(root, files, size, options, name, to_index=_refuge_classes)
+            return _read_folder(name, root, files, size, options, to_index=_refuge_classes)
         raise _layout_error(name, root, files, "Training400/, REFUGE-Validation400/ or Test400/ images")
-    xlsx_columns = {"val": ("Fovea_locations.xlsx", "Glaucoma Label"),
-                    "test": ("Glaucoma_label_and_Fovea_location.xlsx", "Label(Glaucoma=1)")}
-    for split, matches in found.items():
-        images = _by_id(name, matches)
-        if not images:
-            continue
 
-        def labels_from_file(split=split, images=images):
-            folders = [masks[k].parent.name.lower() for k in images if k in masks]
-            if split == "train":
-                return [int(p.parent.name.lower() == "glaucoma") for p in images.values()]
-            if split == "test" and folders and set(folders) <= {"g", "n"}:
-                return [int(f == "g") for f in folders]
-            xlsx = _file(name, files, xlsx_columns[split][0], required=True)
-            table = _table_column(name, _read_xlsx(xlsx), "ImgName", xlsx_columns[split][1], xlsx)
-            return [int(float(v)) for v in _match_labels(name, [p.stem for p in images.values()], table, xlsx)]
-        pairs = _pairs(name, images, masks, "a .bmp of the same name, e.g. in Disc_Cup_Masks/")
-        out[split] = _make_split(name, pairs, size, _refuge_classes, _labels_or_none(name, options, labels_from_file))
-    _say_splits(name, out, "Training400/, REFUGE-Validation400/, Test400/")
-    return out
+    def read_labels(split, pairs):
+        folders = [m[0].parent.name.lower() for _, m in pairs]
+        if split == "train":
+            return [int(p.parent.name.lower() == "glaucoma") for p, _ in pairs]
+        if split == "test" and set(folders) <= {"g", "n"}:
+            return [int(f == "g") for f in folders]
+        xlsx, column = {"val": ("Fovea_locations.xlsx", "Glaucoma Label"),
+                        "test": ("Glaucoma_label_and_Fovea_location.xlsx", "Label(Glaucoma=1)")}[split]
+        xlsx = _file(name, files, xlsx, required=True)
+        table = _table_column(name, _read_xlsx(xlsx), "ImgName", column, xlsx)
+        return [int(float(v)) for v in _match_labels(name, [p.stem for p, _ in pairs], table, xlsx)]
+    return _read_splits(name, found, size, options, _refuge_classes, read_labels,
+                        "Training400/, REFUGE-Validation400/, Test400/")
 
 
-_ISIC2017_TAGS = {"training": "train", "validation": "val", "test_v2": "test", "test": "test"}
-
-
-def _read_isic2017(root, files, size, options):
-    """ISIC-2017_<tag>_Data/ISIC_<id>.jpg with ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png
-    and the labels of ISIC-2017_<tag>_Part3_GroundTruth.csv, for each tag present: Training, Validation,
+def _read_isic2017(name, root, files, size, options):
+    """ISIC-2017_<tag>_Data/ISIC_<id>.jpg, ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png
+    and ISIC-2017_<tag>_Part3_GroundTruth.csv's labels for each tag present: Training, Validation,
     Test_v2 (or its first name, Test). Superpixel and metadata files are skipped."""
-    name, out = "isic2017", {}
-    tag = r"isic-2017_(training|validation|test_v2|test)"
-    images = _find(files, tag + r"_data/(isic_\d+)\.jpg")
-    masks = _by_id(name, _find(files, tag + r"_part1_groundtruth/(isic_\d+)_segmentation\.png"), 2, "mask")
-    if not images:
+    tags = {"train": "training", "val": "validation", "test": "test_v2|test"}  # Test: Test_v2's first name
+    patterns = {split: rf"isic-2017_(?:{tag})_data/(isic_\d+)\.jpg" for split, tag in tags.items()}
+    mask = r"isic-2017_(?:training|validation|test_v2|test)_part1_groundtruth/(isic_\d+)_segmentation\.png"
+    found = _found(name, files, patterns, mask,
+                   "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png")
+    if not any(found.values()):
         raise _layout_error(name, root, files, "ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_*.jpg images")
-    for split in ("train", "val", "test"):
-        chosen = [(m, p) for m, p in images if _ISIC2017_TAGS[m.group(1)] == split]
-        if not chosen:
-            continue
-        ids = _by_id(name, chosen, 2)
 
-        def read_labels(ids=ids, csv_name=f"ISIC-2017_{chosen[0][1].parent.name[10:-5]}_Part3_GroundTruth.csv"):
-            csv_path = _file(name, files, csv_name, required=True)
-            rows = _match_labels(name, [p.stem for p in ids.values()], {r[0]: r for r in _read_csv(csv_path)[1:]},
-                                 csv_path)
-            # image_id, melanoma, seborrheic_keratosis (floats); nevus when both are 0
-            return [1 if float(r[1]) >= 0.5 else 2 if float(r[2]) >= 0.5 else 0 for r in rows]
-        pairs = _pairs(name, ids, masks, "ISIC-2017_<tag>_Part1_GroundTruth/ISIC_<id>_segmentation.png")
-        out[split] = _make_split(name, pairs, size, _binary, _labels_or_none(name, options, read_labels))
-    _say_splits(name, out,
-                "ISIC-2017_Training_Data, ISIC-2017_Validation_Data, ISIC-2017_Test_v2_Data or ISIC-2017_Test_Data")
-    return out
+    def read_labels(split, pairs):
+        tag = pairs[0][0].parent.name[10:-5]  # ISIC-2017_<tag>_Data
+        csv_path = _file(name, files, f"ISIC-2017_{tag}_Part3_GroundTruth.csv", required=True)
+        table = {r[0]: r for r in _read_csv(csv_path)[1:]}
+        rows = _match_labels(name, [p.stem for p, _ in pairs], table, csv_path)
+        # image_id, melanoma, seborrheic_keratosis (floats); nevus when both are 0
+        return [1 if float(r[1]) >= 0.5 else 2 if float(r[2]) >= 0.5 else 0 for r in rows]
+    return _read_splits(name, found, size, options, _binary, read_labels, "ISIC-2017_Training_Data, "
+                        "ISIC-2017_Validation_Data, ISIC-2017_Test_v2_Data or ISIC-2017_Test_Data")
 
 
 # Ribeiro et al.'s split lists (the D-LEMA paper tests on "the exact set" of their ISIC test images)
@@ -2931,11 +2920,9 @@ _LISTED_PATH = re.compile(r"\S.*?" + _IMAGE + r"(?=\s|$)", re.I)  # a path may h
 
 
 def _split_list(name, files, options, key):
-    """(path, [(image, [masks])]) of Ribeiro et al.'s list `_SPLIT_LISTS[key]`, found in the folder
-    given with option `splits` when given, else anywhere under the dataset folder; (None, None)
-    when absent. Each line is space-separated absolute paths from the authors' machine, image
-    first, then its masks. Files are matched by name (case-insensitive); every listed file that
-    is not in the dataset folder is named in one error."""
+    """(path, [(image, [masks])]) of Ribeiro et al.'s list `_SPLIT_LISTS[key]` (in option `splits`'
+    folder, else anywhere under the root), or (None, None). A line: the authors' absolute paths, image
+    first, matched here by file name; the listed files not in the dataset are named in one error."""
     folder = Path(options["splits"]).expanduser() if options.get("splits") else None
     if folder is not None and not folder.is_dir():
         raise DatasetError(f"{name}: splits folder '{folder}' does not exist")
@@ -2973,22 +2960,19 @@ def _split_list(name, files, options, key):
 _IMA_MASK = r"(isic_\d+)_([a-z0-9]+)_t[123]_s[12](?:_\d+)?\.png"
 
 
-def _read_isic_multi(root, files, size, options):
-    """D-LEMA's ISIC Archive (Sec. 3.1): images with two or more masks are the training pool (split
-    80/20 into train/val with the seed after the cache), images with exactly one mask the `test`
-    split. Masks: Ribeiro et al.'s targets/ISIC_<id>_<k>.png for inputs/ISIC_<id>.jpg, or IMA++'s
-    names (every segmentation is an annotation, as IMA++ counts them: an annotator who drew twice
-    gave two; its consensus ST / MV masks are skipped). Ribeiro et al.'s split lists, when found
-    under the root or given with option `splits`, define the splits instead."""
-    name = "isic-multi"
+def _read_isic_multi(name, root, files, size, options):
+    """D-LEMA's ISIC Archive (Sec. 3.1): images with two or more masks are the training pool (80/20
+    train/val after the cache), those with one mask `test`. Masks: Ribeiro et al.'s targets/, or
+    IMA++'s names (each segmentation an annotation, as IMA++ counts them; its consensus ST / MV masks
+    skipped). Ribeiro et al.'s split lists, under the root or in option `splits`, define the splits."""
     lists = {k: _split_list(name, files, options, k) for k in _SPLITS}
     found = [path for path, _ in lists.values() if path]
     if found:
         if not (lists["train"][0] and lists["val"][0]):
             raise DatasetError(f"{name}: found '{found[0]}' but not both '{_SPLIT_LISTS['train']}' and "
                                f"'{_SPLIT_LISTS['val']}'")
-        return {split: _make_split(name, pairs, size, _binary, annotations=True)
-                for split, (path, pairs) in lists.items() if path}
+        listed = {split: pairs for split, (_, pairs) in lists.items()}
+        return _read_splits(name, listed, size, options, _binary, annotations=True)
     masks = _find(files, r"targets/(?:[^/]+/)*(isic_\d+)_[^/]+\.png")
     if masks:  # Ribeiro et al.: the images are those in inputs/
         images = _by_id(name, _find(files, r"inputs/(?:[^/]+/)*(isic_\d+)" + _IMAGE))
@@ -3010,37 +2994,32 @@ def _read_isic_multi(root, files, size, options):
     pool = [(p, groups[key]) for key, p in images.items() if len(groups[key]) >= 2]
     single = [(p, groups[key]) for key, p in images.items() if len(groups[key]) == 1]
     print(f"{name}: {len(pool)} images with two or more masks (train/val), {len(single)} with one (test)")
-    return {split: _make_split(name, pairs, size, _binary, annotations=True)
-            for split, pairs in (("train", pool), ("test", single)) if pairs}
+    return _read_splits(name, {"train": pool, "test": single}, size, options, _binary, annotations=True)
 
 
-def _read_ph2(root, files, size, options):
+def _read_ph2(name, root, files, size, options):
     """IMDxxx_Dermoscopic_Image/IMDxxx.bmp with IMDxxx_lesion/IMDxxx_lesion.bmp (or the images that
     Ribeiro et al.'s test_ph2.txt lists); labels: Clinical Diagnosis of PH2_dataset.txt, if any."""
-    name = "ph2"
     listed, pairs = _split_list(name, files, options, "ph2")
     if listed is None:
-        images = _by_id(name, _find(files, r"([^/]+)_dermoscopic_image/[^/]+" + _IMAGE))
-        if not images:
+        pairs = _found(name, files, {"test": r"([^/]+)_dermoscopic_image/[^/]+" + _IMAGE},
+                       r"([^/]+)_lesion/[^/]+" + _IMAGE, "IMDxxx_lesion/IMDxxx_lesion.bmp")["test"]
+        if not pairs:
             raise _layout_error(name, root, files, "IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp images")
-        masks = _by_id(name, _find(files, r"([^/]+)_lesion/[^/]+" + _IMAGE), what="mask")
-        pairs = _pairs(name, images, masks, "IMDxxx_lesion/IMDxxx_lesion.bmp")
     txt = _file(name, files, "PH2_dataset.txt")
 
-    def read_labels():
+    def read_labels(split, pairs):
         # '||'-separated table; empty cells are kept so that the columns stay aligned
         rows = [[c.strip() for c in line.split("||")] for line in _read_text(txt).split("\n") if "||" in line]
         table = _table_column(name, rows, "Name", "Clinical Diagnosis", txt)
         table = {k: v for k, v in table.items() if re.fullmatch(r"IMD\d+", k, re.I)}
         return [int(v) for v in _match_labels(name, [p.stem for p, _ in pairs], table, txt)]
-    labels = _labels_or_none(name, options, read_labels) if txt is not None else None
-    return {"test": _make_split(name, pairs, size, _binary, labels)}
+    return _read_splits(name, {"test": pairs}, size, options, _binary, None if txt is None else read_labels)
 
 
-def _read_dermofit(root, files, size, options):
+def _read_dermofit(name, root, files, size, options):
     """originalImages/<CLASS>/<ID>/<ID>.png with originalMasks/<CLASS>/<ID>/<ID>mask.png; the class
     folder is the label. Ribeiro et al.'s test_dermofit.txt, when found or given, selects the images."""
-    name = "dermofit"
     images = _by_id(name, _find(files, r"originalimages/[^/]+/([^/]+)/\1\.png"))
     if not images:
         raise _layout_error(name, root, files, "originalImages/<CLASS>/<ID>/<ID>.png images")
@@ -3054,8 +3033,10 @@ def _read_dermofit(root, files, size, options):
     else:
         masks = _by_id(name, _find(files, r"originalmasks/[^/]+/([^/]+)/\1mask\.png"), what="mask")
         pairs = _pairs(name, images, masks, "originalMasks/<CLASS>/<ID>/<ID>mask.png")
-    labels = [classes.index(p.parent.parent.name) for p, _ in pairs]
-    return {"test": {**_make_split(name, pairs, size, _binary, labels), "class_names": classes}}
+    out = _read_splits(name, {"test": pairs}, size, options, _binary,
+                       lambda split, pairs: [classes.index(p.parent.parent.name) for p, _ in pairs])
+    out["test"]["class_names"] = classes
+    return out
 
 
 # GlaS border rule, in the originals' pixels: a gland pixel is border when a pixel of another
@@ -3065,17 +3046,17 @@ def _read_dermofit(root, files, size, options):
 _GLAS_BORDER_WIDTH = 18
 
 
-def _read_glas(root, files, size, options):
-    """train_N.bmp with train_N_anno.bmp (instances 0..k), testA_* and testB_* (the test split),
-    labels from Grade.csv, found in any folder. Region masks (0 stroma, 1 border, 2 lumen) are
-    derived from the instances at the original resolution with option border_width (original
-    pixels, default _GLAS_BORDER_WIDTH), then letterboxed. Each split also holds full_instances /
-    full_masks at the original resolution for the metrics."""
-    name = "glas"
-    images = _by_id(name, _find(files, r"((?:train|testa|testb)_\d+)\.bmp"))
-    if not images:
+def _read_glas(name, root, files, size, options):
+    """train_N.bmp with train_N_anno.bmp (instances 0..k), testA_* and testB_* (test), Grade.csv, in any
+    folder. Region masks (0 stroma, 1 border, 2 lumen) come from the instances at the original
+    resolution (option border_width, original pixels), then letterboxed; full_instances / full_masks
+    stay at the original resolution for the metrics."""
+    patterns = {"train": r"(train_\d+)\.bmp", "test": r"(test[ab]_\d+)\.bmp"}  # testA and testB: test
+    found = _found(name, files, patterns, r"((?:train|testa|testb)_\d+)_anno\.bmp",
+                   "<name>_anno.bmp beside it")
+    stems = [p.stem for pairs in found.values() for p, _ in pairs]
+    if not stems:
         raise _layout_error(name, root, files, "train_<n>.bmp, testA_<n>.bmp or testB_<n>.bmp images (in any folder)")
-    masks = _by_id(name, _find(files, r"((?:train|testa|testb)_\d+)_anno\.bmp"), what="mask")
     width = int(options.get("border_width") or _GLAS_BORDER_WIDTH)
     if width < 1:
         raise DatasetError(f"{name}: border_width must be at least 1 pixel, got {width}")
@@ -3084,24 +3065,20 @@ def _read_glas(root, files, size, options):
     def read_grades():
         if grade is None:
             raise DatasetError(f"{name}: Grade.csv (the benign / malignant grade of each image) is missing: "
-                               f"found {len(images)} GlaS images under '{root}' but no Grade.csv")
+                               f"found {len(stems)} GlaS images under '{root}' but no Grade.csv")
         table = _table_column(name, _read_csv(grade), "name", "grade (GlaS)", grade)
-        return _match_labels(name, [p.stem for p in images.values()], table, grade)
+        grades = _match_labels(name, stems, table, grade)
+        return {k: ["benign", "malignant"].index(str(g).strip().lower()) for k, g in zip(stems, grades)}
     grades = _labels_or_none(name, options, read_grades)
-    out = {}
-    for split, prefix in (("train", "train_"), ("test", "test")):
-        chosen = {k: p for k, p in images.items() if k.startswith(prefix)}
-        if not chosen:
-            continue
-        labels = None if grades is None else [["benign", "malignant"].index(str(g).strip().lower())
-                                              for k, g in zip(images, grades) if k in chosen]
-        data = _make_split(name, _pairs(name, chosen, masks, "<name>_anno.bmp beside it"), size, _raw_labels,
-                           labels, torch.int32, full=True)
-        full_instances = data.pop("full")
-        full_masks = [_glas_regions(f[None], width)[0] for f in full_instances]
+
+    def labels_of(split, pairs):
+        return [grades[p.stem] for p, _ in pairs]
+    out = _read_splits(name, found, size, options, _raw_labels, None if grades is None else labels_of,
+                       dtype=torch.int32, full=True)
+    for data in out.values():
+        data["full_masks"] = [_glas_regions(f[None], width)[0] for f in data["full_instances"]]
         data["instances"] = data.pop("masks")  # letterboxed with nearest: ids kept
-        data["masks"] = torch.stack([letterbox(m, size, "nearest") for m in full_masks])
-        out[split] = {**data, "full_instances": full_instances, "full_masks": full_masks}
+        data["masks"] = torch.stack([letterbox(m, size, "nearest") for m in data["full_masks"]])
     return out
 
 
@@ -3125,37 +3102,39 @@ _SPLIT_OF_FOLDER = {"train": "train", "training": "train", "val": "val", "valid"
                     "test": "test", "testing": "test"}
 
 
-def _read_folder(root, files, size, options, name="folder", to_index=None):
-    """<split>/images/<name>.<ext> with <split>/masks/<name>.<ext> (several annotators:
-    <name>_<k>.<ext>) for each split folder present; labels from any labels.csv (name,label:
-    integers, or class names sorted to indices). Masks hold class indices (`_check_class_indices`;
-    a binary mask saved as 0/255 becomes 0/1) unless `to_index` maps them (ispy1, refuge)."""
+def _read_folder(name, root, files, size, options, to_index=None):
+    """<split>/images/<name>.<ext> with <split>/masks/<name>.<ext> (or <name>_<k>.<ext>, one per
+    annotator); labels from any labels.csv (name,label: integers, or class names sorted to indices).
+    Masks hold class indices (0/255 becomes 0/1) unless `to_index` maps them (ispy1, refuge)."""
     seen = {}
 
     def classes(image):
         array = _raw_labels(image)
         seen[image.filename] = set(np.unique(array).tolist())
         return np.where(array == 255, 1, array) if seen[image.filename] <= {0, 255} else array
+    found = _find(files, _SPLIT_FOLDER + r"/images/([^/]+)" + _IMAGE)
     tables = {p: _read_csv(p) for _, p in _find(files, r"labels\.csv")}
     label_of = {}
-    found = _find(files, _SPLIT_FOLDER + r"/images/([^/]+)" + _IMAGE)
-    stems = {m.group(2) for m, _ in found}  # lower-case, as every path `_find` matches
     for csv_path, rows in tables.items():
         rows = rows[1:] if rows and rows[0][-1].strip().lower() == "label" else rows
         if any(len(r) < 2 for r in rows):
             raise DatasetError(f"{name}: '{csv_path}' needs two columns per row: name,label")
-        unknown = sorted(Path(r[0]).stem.lower() for r in rows if Path(r[0]).stem.lower() not in stems)
-        if unknown:
-            raise DatasetError(f"{name}: label file '{csv_path}' names images that are not in the dataset: "
-                               f"{unknown[:5]}")
-        label_of.update({Path(r[0]).stem.lower(): r[1] for r in rows})
-    if name == "ispy1" and not label_of:
+        label_of.update({r[0]: r[1] for r in rows})
+    names = [p.stem for _, p in found]
+    if label_of:  # every image named in a labels.csv exists, and every image has a label
+        labels = _match_labels(name, names, label_of, ", ".join(map(str, tables)))
+        label_of = dict(zip(map(str.lower, names), labels))
+    elif name == "ispy1":
         raise DatasetError(f"{name}: no labels.csv (name,label with 1 = pCR) under '{root}'")
     values = sorted(set(label_of.values()))
     numeric = all(re.fullmatch(r"-?\d+", v) for v in values)
     class_names = values if not numeric else [f"class_{v}" for v in range(max(map(int, values), default=-1) + 1)]
     class_names = options.get("class_names") or class_names
-    out, read = {}, {}
+
+    def labels_of(split, pairs):
+        raw = [label_of[p.stem.lower()] for p, _ in pairs]
+        return [int(v) for v in raw] if numeric else [class_names.index(v) for v in raw]
+    pairs, read = {}, {}
     folders = _find(files, _SPLIT_FOLDER + r"/images/")
     for m, folder in sorted(folders, key=lambda f: _SPLITS.index(_SPLIT_OF_FOLDER[f[0].group(1)])):
         split = _SPLIT_OF_FOLDER[m.group(1)]
@@ -3173,17 +3152,10 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
                 if several:
                     numbered.setdefault(several.group(1), []).append(p)
         masks = {k: [exact[k]] if k in exact else numbered[k] for k in images if k in exact or k in numbered}
-        pairs = _pairs(name, images, masks, f"{folder.parent / 'masks'}/<name>.png or <name>_<k>.png")
-        labels = None
-        if label_of:
-            missing = [p.stem for p in images.values() if p.stem.lower() not in label_of]
-            if missing:
-                raise DatasetError(f"{name}: no label for image(s) {missing[:5]} in {sorted(map(str, tables))}")
-            raw = [label_of[p.stem.lower()] for p in images.values()]
-            labels = [int(v) for v in raw] if numeric else [class_names.index(v) for v in raw]
-        out[split] = _make_split(name, pairs, size, to_index or classes, labels)
-    if not out:
+        pairs[split] = _pairs(name, images, masks, f"{folder.parent / 'masks'}/<name>.png or <name>_<k>.png")
+    if not pairs:
         raise _layout_error(name, root, files, "train/, val/ or test/ folder with images/ and masks/")
+    out = _read_splits(name, pairs, size, options, to_index or classes, labels_of if label_of else None)
     if to_index is None:
         _check_class_indices(name, seen)
     spec = _READERS[name]  # refuge and ispy1 in this layout keep their own class and mask names
@@ -3196,11 +3168,11 @@ def _read_folder(root, files, size, options, name="folder", to_index=None):
 
 
 def _check_class_indices(name, seen):
-    """Folder masks hold class indices: every class 1..K-1 occurs in some mask (a binary 0/255
-    mask counts as 0/1). Grey levels such as REFUGE's 0/128/255 are refused, naming a file, its
-    values, and the reader that knows them. seen: {mask file: the values it holds}."""
+    """seen: {mask file: its values}. Every class 1..K-1 must occur in some mask (0/255 counts as
+    0/1); grey levels such as REFUGE's 0/128/255 are refused, naming a file and its values."""
     indices = {f: {x // 255 for x in v} if v <= {0, 255} else v for f, v in seen.items()}
-    absent = sorted(set(range(1, max(set().union(*indices.values())) + 1)) - set().union(*indices.values()))
+    present = set().union(*indices.values())
+    absent = sorted(set(range(1, max(present) + 1)) - present)
     if absent:
         path = next(f for f, v in indices.items() if max(v) > absent[0])
         refuge = (" These are REFUGE's grey levels (0 cup, 128 rim, 255 background): read the dataset with --data "
@@ -3210,11 +3182,10 @@ def _check_class_indices(name, seen):
                            f"binary mask).{refuge}")
 
 
-# I-SPY 1 as the UML paper uses it (Sec. 3): 157 patients, 10 tumour slices each, 1,230 / 170 /
-# 170 slices -> 123 / 17 / 17 patients for train / val / test, split by patient. The authors'
-# preprocessing (github.com/KarryRen/UML, Data/ispy_preprocess.py) splits differently: 127 / 15 / 15
-# patients, by row order of outcome_new.xlsx within each pCR class (92+35 / 11+4 / 11+4), no seed;
-# we follow the paper's numbers, seeded and, as the authors, stratified by pCR.
+# I-SPY 1 as the UML paper uses it (Sec. 3): 157 patients, 10 tumour slices each, 1,230 / 170 / 170
+# slices -> 123 / 17 / 17 patients, split by patient. The authors' preprocessing (github.com/KarryRen/UML,
+# Data/ispy_preprocess.py) takes 127 / 15 / 15 by row order of outcome_new.xlsx within each pCR class
+# (92+35 / 11+4 / 11+4), no seed; we follow the paper's numbers, seeded and, as they do, stratified by pCR.
 _ISPY_SLICES = 10
 _ISPY_SHARES = (1230, 170, 170)
 # the JPEG tree the authors' preprocessing writes: <Split>/images/ispy_<id>/ispy_<id>_<pcr>_s<k>_img.jpg,
@@ -3223,10 +3194,9 @@ _ISPY_TREE = r"(train|valid|test)/{}/(?:[^/]+/)*((ispy_\d+)_([01])_s(-?\d+))_{}\
 
 
 def _tumour_slices(areas, keep=_ISPY_SLICES):
-    """The slices the UML authors' preprocessing keeps: from (peak - keep // 2) upwards, the first
-    `keep` slices with tumour; when that gives fewer, the slices with tumour just below
-    (peak - keep // 2 - 1 down to peak - keep // 2 - (keep - 1)). peak = the first slice of
-    largest tumour area. Returned in slice order."""
+    """The slices the UML authors' preprocessing keeps, in slice order: from (peak - keep // 2) upwards
+    the first `keep` slices with tumour; when fewer, those with tumour just below (down to
+    peak - keep // 2 - (keep - 1)). peak = the first slice of largest tumour area."""
     peak = int(np.argmax(areas))
     start = max(0, peak - keep // 2)  # the authors' code lets a negative start wrap around the volume
     chosen = [k for k in range(start, len(areas)) if areas[k] > 0][:keep]
@@ -3238,13 +3208,11 @@ def _tumour_slices(areas, keep=_ISPY_SLICES):
     return sorted(chosen)
 
 
-def _read_ispy1_nifti(root, files, size, outcome):
-    """Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz] with Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz]
-    for every patient of outcome_new.xlsx (SUBJECTID, PCR): its tumour slices (`_tumour_slices`),
-    each stretched to 0..255 between its own min and max (what plt.imsave with the grey colour map
-    does in the authors' preprocessing), named ISPY_<id>_s<k>; one "train" pool that the loader
-    splits by patient with the seed."""
-    name = "ispy1"
+def _read_ispy1_nifti(name, files, size, outcome):
+    """Dataset ISPY/ISPY_<id>/DCEMRI_1.nii[.gz] and Tumor_segmentation_new/ISPY_<id>_tumor_mask.nii[.gz]
+    of every patient of outcome_new.xlsx (SUBJECTID, PCR): its tumour slices (`_tumour_slices`), each
+    stretched to 0..255 between its own min and max (as plt.imsave with the grey colour map in the
+    authors' preprocessing), named ISPY_<id>_s<k>; one "train" pool, split by patient after the cache."""
     table = _table_column(name, _read_xlsx(outcome), "SUBJECTID", "PCR", outcome)
     volumes = _by_id(name, _find(files, r"dataset ispy/ispy_(\d+)/dcemri_1\.nii(?:\.gz)?"), what="volume")
     tumours = _by_id(name, _find(files, r"tumor_segmentation_new/ispy_(\d+)_tumor_mask\.nii(?:\.gz)?"), what="mask")
@@ -3270,7 +3238,7 @@ def _read_ispy1_nifti(root, files, size, outcome):
             low, high = float(volume[k].min()), float(volume[k].max())
             grey = torch.from_numpy(np.round((volume[k] - low) / max(high - low, 1e-12) * 255).astype(np.uint8))
             images.append(_place_on_canvas(grey.expand(3, height, width), height, width, size, "bilinear"))
-            masks.append(letterbox(torch.from_numpy(tumour[k].astype(np.uint8)), size, "nearest"))
+            masks.append([letterbox(torch.from_numpy(tumour[k].astype(np.uint8)), size, "nearest")])
             sizes.append((height, width))
             names.append(f"ISPY_{subject}_s{k}")
             labels.append(int(float(pcr)))
@@ -3279,34 +3247,31 @@ def _read_ispy1_nifti(root, files, size, outcome):
               f"taking what there is: {short[:10]}", file=sys.stderr)
     if not images:
         raise DatasetError(f"{name}: '{outcome}' lists no patient")
-    return {"train": {"images": torch.stack(images), "masks": torch.stack(masks), "names": names,
-                    "valid": torch.stack([_valid_map(h, w, size) for h, w in sizes]),
-                    "sizes": torch.tensor(sizes, dtype=torch.int64), "labels": torch.tensor(labels, dtype=torch.int64)}}
+    return {"train": _stack(names, images, masks, sizes, labels)}
 
 
-def _read_ispy1(root, files, size, options):
-    """I-SPY 1 in one of three layouts: (a) the NIfTI download with outcome_new.xlsx, (b) the
-    JPEG tree the UML authors' preprocessing writes (labels from the names, their split kept;
-    JPEG masks thresholded), (c) the folder layout (binary masks, labels.csv). (a), and (c)
-    without val/test folders, are split by patient after the cache."""
-    name = "ispy1"
+def _read_ispy1(name, root, files, size, options):
+    """I-SPY 1 as (a) the NIfTI download with outcome_new.xlsx, (b) the JPEG tree the UML authors'
+    preprocessing writes (labels from the names, their split kept), (c) the folder layout (binary
+    masks, labels.csv). (a), and (c) without val/test folders, are split by patient after the cache."""
     outcome = _file(name, files, "outcome_new.xlsx")
     if outcome is not None or _find(files, r"dataset ispy/"):
         if outcome is None:
             raise DatasetError(f"{name}: found 'Dataset ISPY' but no 'outcome_new.xlsx' (SUBJECTID, PCR) in '{root}'")
-        return _read_ispy1_nifti(root, files, size, outcome)
+        return _read_ispy1_nifti(name, files, size, outcome)
     images = _find(files, _ISPY_TREE.format("images", "img"))
     if not images:
-        return _read_folder(root, files, size, options, name=name, to_index=_binary)
-    out = {}
+        return _read_folder(name, root, files, size, options, to_index=_binary)
     masks = _by_id(name, _find(files, _ISPY_TREE.format("masks", "msk")), group=2, what="mask")
+    found, named, looked_for = {}, {}, "<Split>/masks/ispy_<id>/<name>_msk.jpg"
     for split in _SPLITS:
         chosen = sorted(((m, p) for m, p in images if _SPLIT_OF_FOLDER[m.group(1)] == split),
                         key=lambda f: (_natural_key(f[0].group(3)), int(f[0].group(5))))  # slice order
-        if chosen:
-            pairs = _pairs(name, _by_id(name, chosen, group=2), masks, "<Split>/masks/ispy_<id>/<name>_msk.jpg")
-            out[split] = _make_split(name, pairs, size, _binary, [int(m.group(4)) for m, _ in chosen])
-            out[split]["names"] = [f"{m.group(3).upper()}_s{m.group(5)}" for m, _ in chosen]
+        found[split] = _pairs(name, _by_id(name, chosen, group=2), masks, looked_for)
+        named[split] = [(f"{m.group(3).upper()}_s{m.group(5)}", int(m.group(4))) for m, _ in chosen]
+    out = _read_splits(name, found, size, options, _binary, lambda split, _: [pcr for _, pcr in named[split]])
+    for split, data in out.items():
+        data["names"] = [n for n, _ in named[split]]
     return out
 
 
@@ -3317,20 +3282,19 @@ def _patient_of(name):
 
 
 def _split_by_patient(name, split, seed, shares):
-    """Parts of `split` (one per share, the first is the rest) with whole patients in each:
-    patients are shuffled with the seed and stratified by label (each patient is placed by its
-    rank within its class, so every part gets the classes in their overall proportion); the
-    later parts get round(P * share / total) patients each (at least 1)."""
+    """Parts of `split` (one per share, the first is the rest) of whole patients, shuffled with the seed
+    and stratified by label (each placed by its rank within its class, so every part gets the classes
+    in their overall proportion); the later parts get round(P * share / total) patients (at least 1)."""
     patients = {}
     for i, n in enumerate(split["names"]):
         patients.setdefault(_patient_of(n), []).append(i)
     labels = split["labels"]
     label_of = {}
     for p, index in patients.items():
-        values = set(labels[index].tolist()) if labels is not None else {0}
+        values = labels[index].unique().tolist() if labels is not None else [0]
         if len(values) > 1:
-            raise DatasetError(f"{name}: the slices of patient {p} carry different labels {sorted(values)}")
-        label_of[p] = values.pop()
+            raise DatasetError(f"{name}: the slices of patient {p} carry different labels {values}")
+        label_of[p] = values[0]
     if len(patients) < len(shares):
         raise DatasetError(f"{name}: {len(patients)} patient(s) cannot be split into {len(shares)} parts by patient")
     keys = sorted(patients, key=_natural_key)
@@ -3343,19 +3307,15 @@ def _split_by_patient(name, split, seed, shares):
     counts = [max(1, round(len(keys) * s / sum(shares))) for s in shares[1:]]
     if len(keys) - sum(counts) < 1:
         raise DatasetError(f"{name}: {len(keys)} patients are too few for a split by patient")
-    parts, start = [], 0
-    for count in counts:
-        parts.append(order[start:start + count])
-        start += count
-    parts.insert(0, order[start:])
+    ends = np.cumsum(counts).tolist()  # val, test from the front of `order`, train the rest
+    parts = [order[ends[-1]:]] + [order[end - count:end] for count, end in zip(counts, ends)]
     return [_take_images(split, sorted(i for p in part for i in patients[p])) for part in parts]
 
 
-def _ispy1_splits(data, seed):
+def _ispy1_splits(name, data, seed):
     """A training pool without val (layout (a), or (c) without val/test folders) is split by patient
     123 / 17 / 17 (train / val / test), or train / val in those proportions when test is given.
     Splits given as folders are kept, but a patient in two of them is an error."""
-    name = "ispy1"
     if "train" in data and "val" not in data:
         shares = _ISPY_SHARES if "test" not in data else _ISPY_SHARES[:2]
         parts = _split_by_patient(name, data.pop("train"), seed, shares)
@@ -3422,13 +3382,6 @@ def _split_generator(name, split, seed):
     return torch.Generator().manual_seed(zlib.crc32(f"{name}|{split}|{seed}".encode()))
 
 
-def _complete(split):
-    """Fill the keys a split lacks with None so every split has the same keys."""
-    for key in _TENSOR_KEYS:
-        split.setdefault(key, None)
-    return split
-
-
 def _load_synthetic(name, size, seed, options):
     generate, sizes, defaults = _SYNTHETIC[name]
     counts = dict(zip(("n_train", "n_val", "n_test"), sizes))
@@ -3452,26 +3405,24 @@ def _load_synthetic(name, size, seed, options):
             kwargs.update(shift=split == "test_shift", annotator_gen=annotator_gen)
         data = generate(n, size, _split_generator(name, split, seed), **kwargs)
         data["names"] = [f"{split}_{i:04d}" for i in range(n)]
-        out[split] = _complete(data)
+        out[split] = {**dict.fromkeys(_TENSOR_KEYS), **data}  # every split has every key
     return out
 
 
 def load_dataset(name, root=None, size=128, seed=0, cache=None, **options):
     """Load a dataset as a dict of splits (the split's keys: the module docstring).
 
-    Synthetic ("synthetic-fundus", "synthetic-breast", "synthetic-lesions", "synthetic-glands"):
-    generated in-process from the seed (no files, no cache), square, so valid = sizes = None;
-    options n_train, n_val, n_test (defaults: `_SYNTHETIC`) and the generator's knobs
-    (glaucoma_share, pcr_share, malignant_share; lesions: annotators, domain_shift adds "test_shift").
+    Synthetic (`_SYNTHETIC`): generated from the seed (no files, no cache), square (valid = sizes =
+    None); options n_train, n_val, n_test and the generator's knobs (glaucoma_share, pcr_share,
+    malignant_share; lesions: annotators, domain_shift adds "test_shift").
 
-    Real (`_READERS`): read from `root` in the layouts of the README's dataset table, letterboxed
-    once to size x size (section 7) and cached under `cache` (default ".cache" in the working
-    directory, never inside the dataset folder). Splits: the dataset's own; isic-multi's training
-    pool 80/20 and glas' 85 training images 70/15 are split into train/val with the seed, ispy1 by
-    patient (`_ispy1_splits`). Every real set takes exclude=<image ids> (removed from test) and
-    need_labels=False (a label file that is missing or fails to parse is a warning; labels None). A
-    test image also in train or val (the same id; for "folder", the same pixels) is removed from
-    test, listed in its `removed_overlap` and printed.
+    Real (`_READERS`): read from `root` in the README's layouts, letterboxed once (section 7) and
+    cached under `cache` (default ".cache" in the working folder, never inside the dataset). Splits:
+    the dataset's own; isic-multi's pool 80/20 and glas' 85 training images 70/15 are split into
+    train/val with the seed, ispy1 by patient (`_ispy1_splits`). Options exclude=<image ids>
+    (removed from test) and need_labels=False (a missing or unparsable label file is a warning,
+    labels None). A test image also in train or val (same id; for "folder", same pixels) is removed
+    from test, listed in its `removed_overlap` and printed.
     """
     size = int(size)
     if size < 8:
@@ -3510,29 +3461,26 @@ def _seeded_split(data, fraction, seed):
             "val": _take_images(train, order[:n_val].sort().values), **data}
 
 
-def _image_id(name):
-    """An image id as `exclude` and the overlap check compare them: the stem, lower-cased."""
-    path = Path(str(name))
-    return (path.stem if re.fullmatch(_IMAGE, path.suffix, re.I) else str(name)).lower()
-
-
 def _remove_from_test(name, data, exclude):
-    """Drop from data["test"] every image that is also in train/val, or whose id is in `exclude`;
-    the removed names go to the test split's `removed_overlap` and are printed. Official datasets
-    compare image ids; the folder layout, whose users number each split from 0001, compares the
-    pixels (a hash of each letterboxed image and its size)."""
+    """Drop from data["test"] every image also in train/val or in `exclude`, into its `removed_overlap`
+    (printed). Official datasets compare ids; the folder layout, whose users number each split from
+    0001, compares pixels (a hash of each letterboxed image and its size)."""
     test = data.get("test")
     if test is None:
         return data
 
+    def image_id(name):  # the stem, lower-cased
+        path = Path(str(name))
+        return (path.stem if re.fullmatch(_IMAGE, path.suffix, re.I) else str(name)).lower()
+
     def keys(split):
         if name != "folder":
-            return [_image_id(n) for n in split["names"]]
+            return [image_id(n) for n in split["names"]]
         return [hashlib.sha1(image.numpy().tobytes() + bytes(str(hw.tolist()), "ascii")).hexdigest()
                 for image, hw in zip(split["images"], split["sizes"])]
     taken = {k for s in ("train", "val") if s in data for k in keys(data[s])}
-    excluded = {_image_id(n) for n in exclude}
-    drop = [k in taken or _image_id(n) in excluded for k, n in zip(keys(test), test["names"])]
+    excluded = {image_id(n) for n in exclude}
+    drop = [k in taken or image_id(n) in excluded for k, n in zip(keys(test), test["names"])]
     removed = [n for n, d in zip(test["names"], drop) if d]
     if removed:
         if all(drop):
@@ -3610,19 +3558,18 @@ def _load_real(name, root, size, seed, cache, options):
     path = cache_dir / f"{name}-{size}px-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     data = _cache_read(path)  # None when absent or damaged
     if data is None:
-        data = spec["read"](base, files, size, options)
+        data = spec["read"](name, base, files, size, options)
         _cache_write(path, data)
     if spec.get("split"):  # a dataset's own post-cache split (I-SPY 1: by patient)
-        data = spec["split"](data, seed)
+        data = spec["split"](name, data, seed)
     elif spec.get("val_fraction") and "train" in data and "val" not in data:
         data = _seeded_split(data, spec["val_fraction"], seed)
         for key in ("full_instances", "full_masks"):  # the metrics at original resolution need val/test only
             data["train"].pop(key, None)
     data = _remove_from_test(name, data, exclude)
-    for split in data.values():
-        split.setdefault("class_names", list(spec["classes"]))
-        split.setdefault("mask_names", list(spec["masks"]))
-        _complete(split)
+    for key, split in data.items():  # every split has every key
+        data[key] = {**dict.fromkeys(_TENSOR_KEYS), "class_names": list(spec["classes"]),
+                     "mask_names": list(spec["masks"]), **split}
     return data
 
 
