@@ -1,15 +1,13 @@
 """Uncertainty-informed Mutual Learning (UML) for joint medical image classification and segmentation.
 
-Reference: K. Ren, K. Zou, X. Liu, Y. Chen, X. Yuan, X. Shen, M. Wang, H. Fu, "Uncertainty-Informed Mutual Learning
-for Joint Medical Image Classification and Segmentation", MICCAI 2023 (../shared/papers/uml.txt). Authors' code:
-github.com/KarryRen/UML.
+Reference: K. Ren, K. Zou, X. Liu, Y. Chen, X. Yuan, X. Shen, M. Wang, H. Fu, "Uncertainty-Informed Mutual
+Learning for Joint Medical Image Classification and Segmentation", MICCAI 2023 (../shared/papers/uml.txt).
+Authors' code: github.com/KarryRen/UML.
 
-Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) read the image; a Feature Mixer
-(Pairwise Channel Map Interaction, PCMI) mixes them into mutual features f_i^m. Evidential deep learning turns outputs
-into Dirichlet distributions: a belief per class and one uncertainty mass, per image and per pixel. A Mutual Feature
-Decoder turns f^m into a first evidential mask M = alpha^s with pixel-wise uncertainty U^s; the Uncertainty Navigator
-(UN) decodes the segmentation guided by M and U^s; the Uncertainty Instructor (UI) gates the classification features
-with the reliable segmentation feature r^s; the diagnosis is evidential too.
+Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) are mixed into mutual
+features f_i^m. Evidential deep learning turns outputs into Dirichlet distributions: a belief per class and one
+uncertainty mass, per image and per pixel. A first evidential mask M with pixel-wise uncertainty U^s guides the
+segmentation decoder, whose reliable feature r^s in turn gates the (evidential) diagnosis.
 
 Paper -> code
     Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder, laid out as the ImageNet files (torchvision's
@@ -22,13 +20,12 @@ Paper -> code
     Eq. 5 r^c = f_4^c + Conv(d^3(r^s)) f_4^c ... reliable_classification_feature, UncertaintyInstructor
     Eq. 6 L_mut = L_ice + l1 KL + l2 Dice ...... ice_loss, kl_loss, dice_loss, mutual_loss
     Eq. 7 L_cls = L_ace + l_c KL ............... ace_loss, kl_loss, classification_loss
-    Eq. 8 L_seg = sum_i Dice(up(s_i), GT) ...... segmentation_loss (--eq8 sum | mean)
+    Eq. 8 L_seg = sum_i Dice(up(s_i), GT) ...... segmentation_loss (--eq8 sum | mean: the authors')
     Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
     Baselines, ablations ... ECNet, TBraTSNet; in UMLNet: NoMutualDecoder, SegmentationDecoder (no UN), NoInstructor
     Tables 1-3 ... ROWS (one ModelSpec per row; build_model), --table1/2/3;  Fig. 3 ... figure_fig3
-
-Metrics in two forms, both in results.json, defined by FORMS_NOTE (above the tables in results.md): the paper's,
-    from the authors' evaluation code (support-weighted F1: 0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
+    Metrics in two forms (FORMS_NOTE, above the tables in results.md; both in results.json): the paper's, from
+    the authors' evaluation code (support-weighted F1: 0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
     positive-class F1; their "disc" is label 1, the rim; medpy's ASSD, 10 px if a mask is empty), and ours.
 
 Usage
@@ -38,35 +35,33 @@ Usage
         --pretrained-res2net res2net50_v1b_26w_4s-3cf99910.pth   # the paper's setting
     python uml.py --table1 --seeds 0,1,2            # also --table2 (noise), --table3 (ablation)
     python uml.py --method ecs ; python uml.py --no-uncertainty-navigator   # a baseline, an ablation
-    python uml.py --eq8 mean                        # the authors' Eq. 8
     python uml.py --eval-only --checkpoint runs/<run>/UML-seed0/best.pt   # files: <out>/<row>-seed<seed>/
     python uml.py --resume runs/<run>               # continue an interrupted run (finished rows are kept)
 
 Deviations and resolved ambiguities
-    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. VGG has batch norm
-      (vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file. The Res2Net stem's first conv has stride 1 (the
-      file's: 2), as the authors', so f_1^s is at full resolution like f_1^c; pretrained batch norms are trained
-      (the authors freeze them). VGG-16 classifies and Res2Net segments, as the paper says (the code swaps them).
+    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-* (their batch
+      norms are trained; the authors freeze them). VGG has batch norm (vgg16_bn) unless --no-vgg-batch-norm or a
+      plain vgg16 file. Res2Net's first stem conv has stride 1 (the file's: 2), as the authors', so f_1^s is at
+      full resolution like f_1^c. VGG-16 classifies and Res2Net segments, as the paper says (the code swaps them).
     - Dice loss = 1 - Dice (class mean, background included, sums over the batch; authors: -log Dice), on alpha/S
-      for an evidential output (authors: softmax of the evidence).
-    - Eq. 8 sums the four levels as printed: L_seg weighs 4x the authors' (--eq8 mean divides by 4).
+      for an evidential output (authors: softmax of the evidence). Eq. 8 sums the four levels as printed: L_seg
+      weighs 4x the authors' (--eq8 mean divides by 4).
     - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied at
-      the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last mutual
-      layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
+      the bottom level, where Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last
+      mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
     - PCMI pairs c_k with s_k (the authors' shuffle orders c0, c4, ..., s0, s4, ...: equivalent up to the learned
       1x1 convs that follow); PSA keeps its paper's channel softmax in the spatial branch (the authors omit it).
-    - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100).
-    - Adam 1e-4 on real data (Sec. 3), 1e-3 on synthetic sets (from scratch, few CPU steps); the authors' adjust_lr:
-      held for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step, floor 1e-5.
+    - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100). Adam 1e-4
+      on real data (Sec. 3), 1e-3 on synthetic sets (from scratch, few CPU steps); the authors' adjust_lr: held
+      for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step, floor 1e-5.
     - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net encoder-decoder,
-      evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer, decoder
-      without UN, softmax classifier, plain Dice; ECS = BCS with both outputs evidential; Table 3's "+MD" rows are
-      UML with UN and/or UI off. A softmax output's image-level uncertainty is 1 - max prob.
-    - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small rotation and
-      scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale and clipped to [0, 1]
-      before normalisation (authors).
-    - Real images are letterboxed into the --size canvas (paper: resized to 256 x 256); metrics are taken on the
-      canvas, padding ignored.
+      evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer,
+      decoder without UN, softmax classifier, plain Dice; ECS = BCS with both outputs evidential; Table 3's "+MD"
+      rows are UML with UN and/or UI off. A softmax output's image-level uncertainty is 1 - max prob.
+    - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small rotation
+      and scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale and clipped to
+      [0, 1] before normalisation (authors). Real images are letterboxed into the --size canvas (paper: resized
+      to 256 x 256); metrics are taken on the canvas, padding ignored.
 """
 import argparse
 import math
@@ -340,11 +335,6 @@ def evidential_opinion(logits, dim=1):
     return alpha, belief, uncertainty
 
 
-def down(x, times):
-    """d^n of Eq. 5: n 2x2 average-poolings."""
-    return F.avg_pool2d(x, 2 ** times) if times else x
-
-
 def reliable_mask(s, m, u):
     """Eq. 3: M^r = (s + M) * exp(-U^s); U^s [B,1,H,W] broadcasts over the K classes."""
     return (s + m) * torch.exp(-u)
@@ -428,7 +418,8 @@ class UncertaintyNavigator(SegmentationDecoder):
 
     def bottom_level(self, bottom, mutual):
         """Eq. 3-4 at H/8, after Cat(f_4^s, f_4^m) is damped by exp(-U^s) where the mutual view is unsure."""
-        m_4, u_4 = down(mutual["mutual_alpha"], 3), down(mutual["mutual_uncertainty"], 3)  # M, U^s at H/8
+        m_4 = F.avg_pool2d(mutual["mutual_alpha"], 8)                        # d^3(M): M at H/8
+        u_4 = F.avg_pool2d(mutual["mutual_uncertainty"], 8)                  # d^3(U^s)
         d_4 = self.bottom(bottom * torch.exp(-u_4))
         s_4 = self.heads["s4"](d_4)
         m_r_4 = reliable_mask(s_4, m_4, u_4)                                 # Eq. 3
@@ -448,7 +439,7 @@ class UncertaintyInstructor(nn.Module):
         self.conv = common.DoubleConv(rs_ch, cls_ch)
 
     def forward(self, f_cls, r_s):
-        eta = self.conv(down(r_s, 3))                                        # Conv(d^3(r^s))
+        eta = self.conv(F.avg_pool2d(r_s, 8))          # Conv(d^3(r^s)), d^n = n 2x2 average-poolings
         return reliable_classification_feature(f_cls, eta)
 
 
@@ -541,6 +532,7 @@ ROWS = {  # paper row name (jobs: <out>/<row>-seed<seed>/) -> (--method of a Tab
     "+MD": ("uml-md", ModelSpec(instructor=False, navigator=False)),
     "+MD+UI": ("uml-md-ui", ModelSpec(navigator=False)),
 }
+COMPONENTS = {"MD": "mutual_decoder", "UI": "instructor", "UN": "navigator"}  # Table 3's columns
 TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"], 3: ["BCS", "+MD", "+MD+UI", "UML"]}
 
 
@@ -699,7 +691,10 @@ def train_row(job, model, spec, data, norm):
             progress.step(loss, batch["images"].shape[0])  # a line every --log-every steps; stops on NaN
         epoch_means = (sums / steps).tolist()            # one host sync per epoch
         val_metrics, _ = evaluate(model, data["val"], spec, data, norm, args, device, seed=job.seed, surface=False)
-        score = selection_score(val_metrics)
+        # the authors' model selection: the validation mean of ACC, F1 and the Dice scores
+        values = [v for k, v in val_metrics.items() if (k in ("acc", "f1") or k.startswith("dice_"))
+                  and v is not None and math.isfinite(v)]
+        score = sum(values) / len(values) if values else -math.inf
         job.log(epoch=epoch + 1, **dict(zip(("loss", "loss_mut", "loss_cls", "loss_seg"), epoch_means)),
                 lr=scheduler.get_last_lr()[0], val_score=score, **{f"val_{k}": v for k, v in val_metrics.items()})
         best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler, spec=asdict(spec),
@@ -711,44 +706,30 @@ def train_row(job, model, spec, data, norm):
     return model
 
 
-def selection_score(metrics):
-    """Validation mean of ACC, F1 and the Dice scores (the authors' model selection)."""
-    values = [v for k, v in metrics.items() if (k in ("acc", "f1") or k.startswith("dice_")) and v is not None
-              and math.isfinite(v)]
-    return sum(values) / len(values) if values else -math.inf
-
-
-def read_outputs(out, spec):
-    """Image-level and pixel-level outputs of one forward pass: expected class probability (alpha/S
-    or softmax), belief, image uncertainty u, segmentation s_1 (argmax) and pixel uncertainty."""
-    result = {}
-    if spec.classify:
-        logits = out["cls_logits"].float()
-        if spec.evidential_cls:
-            alpha, belief, u = evidential_opinion(logits)                       # Eq. 1
-            result.update(prob=alpha / alpha.sum(1, keepdim=True), belief=belief, uncertainty=u[:, 0])
-        else:
-            prob = logits.softmax(1)
-            result.update(prob=prob, belief=prob, uncertainty=1 - prob.max(1).values)
-    if spec.segment:
-        s_1 = out["seg"][0].float()
-        result["seg"] = s_1.argmax(1)
-        result["pixel_uncertainty"] = (out["mutual_uncertainty"][:, 0].float() if spec.mutual_decoder  # U^s (Eq. 2)
-                                       else evidential_opinion(s_1)[2][:, 0] if spec.evidential_s1
-                                       else 1 - s_1.softmax(1).max(1).values)
-    return result
-
-
 @torch.no_grad()
 def forward_split(model, split, spec, norm, args, device, sigma=0.0, seed=0):
-    """read_outputs over a whole split (batched), as CPU tensors; noise of std sigma (Table 2)."""
+    """The outputs over a split (batched; noise of std sigma: Table 2), as CPU tensors: expected class
+    probability (alpha/S or softmax), belief, image uncertainty u, segmentation s_1 (argmax), pixel uncertainty."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed + 7919 + int(round(sigma * 1e4)))
     collected = {}
     for batch in common.iterate_batches(split, args.batch_size, shuffle=False):
         with common.autocast(device, args.amp):
             out = model(model_input(batch["images"], norm, device, sigma, generator))
-        for key, value in read_outputs(out, spec).items():
+        result = {}
+        if spec.classify and spec.evidential_cls:
+            alpha, belief, u = evidential_opinion(out["cls_logits"].float())    # Eq. 1
+            result.update(prob=alpha / alpha.sum(1, keepdim=True), belief=belief, uncertainty=u[:, 0])
+        elif spec.classify:
+            prob = out["cls_logits"].float().softmax(1)
+            result.update(prob=prob, belief=prob, uncertainty=1 - prob.max(1).values)
+        if spec.segment:
+            s_1 = out["seg"][0].float()
+            result["seg"] = s_1.argmax(1)
+            result["pixel_uncertainty"] = (out["mutual_uncertainty"][:, 0].float() if spec.mutual_decoder  # U^s
+                                           else evidential_opinion(s_1)[2][:, 0] if spec.evidential_s1
+                                           else 1 - s_1.softmax(1).max(1).values)
+        for key, value in result.items():
             collected.setdefault(key, []).append(value.cpu())
     return {k: torch.cat(v) for k, v in collected.items()}
 
@@ -787,18 +768,9 @@ FORMS_NOTE = (
     "(both directions pooled), mean over the images where both masks are non-empty, 'undef.' counting "
     "the others; AUROC(u, error) = how well the image-level uncertainty flags wrong diagnoses; ECE on "
     "the expected probability (alpha/S or softmax) of the predicted class, ECE(belief) on its belief.\n")
-
-
-def metric_columns(structures, form):
-    """(metric key, column title) of the paper's table columns, in the paper's metric forms or ours."""
-    if form == "paper":
-        shown = {"disc": "rim", "cup": "cup"} if "rim" in structures else {s: s for s in structures}
-        return [("acc", "ACC"), ("f1_weighted", "F1")] + [
-            col for title, s in shown.items() for col in ((f"dice_{s}", f"DI_{title}"),
-                                                          (f"assd_{s}_authors", f"ASSD_{title}"))]
-    return [("acc", "ACC"), ("f1", "F1+")] + [
-        col for s in structures for col in ((f"dice_{s}", f"DI_{s}"), (f"assd_{s}", f"ASSD_{s}"))] + [
-        ("uncertainty_auroc", "AUROC(u, error)"), ("ece", "ECE"), ("ece_belief", "ECE(belief)")]
+SECTIONS = [(1, "Table 1 (paper's metric forms)", "paper"), (1, "Table 1, our metric forms", "ours"),  # of results.md
+            (2, "Table 2: Gaussian noise sigma = {:.2f} (paper's forms)", "paper"),
+            (3, "Table 3: ablation (paper's forms)", "paper")]
 
 
 def markdown_cell(row, key):
@@ -824,8 +796,8 @@ def build_table(summary, args, main_name, specs):
         for sigma in args.noise_sigmas if table_no == 2 else [clean]:
             prefix = "" if sigma == clean else f"sigma={sigma:.2f}/"
             for row in [by_name[n] for n in names if n in by_name]:
-                flags = {k: "✓" if getattr(specs[row["row"]], a) else "-" for k, a in
-                         (("MD", "mutual_decoder"), ("UI", "instructor"), ("UN", "navigator"))} if table_no == 3 else {}
+                flags = ({k: "✓" if getattr(specs[row["row"]], a) else "-" for k, a in COMPONENTS.items()}
+                         if table_no == 3 else {})
                 per_seed = [{"seed": e["seed"], "rank": e["rank"], **at_sigma(e, prefix)} for e in row["per_seed"]]
                 table.append({"row": row["row"] + (f" sigma={sigma:.2f}" if table_no == 2 else ""), "table": table_no,
                               "sigma": sigma, "Method": row["row"], "seeds": row["seeds"], **flags,
@@ -834,19 +806,23 @@ def build_table(summary, args, main_name, specs):
 
 
 def results_markdown(table, args):
-    """results.md: Table 1 in the paper's metric forms and in ours, Table 2 per sigma, Table 3."""
+    """results.md: the SECTIONS, each with its metric form's columns ({metric key: column title})."""
     structures = list(dict.fromkeys(k[5:] for r in table for k in r if k.startswith("dice_")
                                     and not k.endswith(("_se", "_undefined"))))  # disc, cup, rim / tumor
-    sections = [(1, None, "Table 1 (paper's metric forms)", "paper"), (1, None, "Table 1, our metric forms", "ours")]
-    sections += [(2, sigma, f"Table 2: Gaussian noise sigma = {sigma:.2f} (paper's forms)", "paper")
-                 for sigma in sorted({r["sigma"] for r in table if r["table"] == 2})]
+    paper, ours = {"acc": "ACC", "f1_weighted": "F1"}, {"acc": "ACC", "f1": "F1+"}
+    shown = {"disc": "rim", "cup": "cup"} if "rim" in structures else {s: s for s in structures}  # title: scored
+    for title, s in shown.items():
+        paper.update({f"dice_{s}": f"DI_{title}", f"assd_{s}_authors": f"ASSD_{title}"})
+    for s in structures:
+        ours.update({f"dice_{s}": f"DI_{s}", f"assd_{s}": f"ASSD_{s}"})
+    ours.update(uncertainty_auroc="AUROC(u, error)", ece="ECE", ece_belief="ECE(belief)")
     parts = [f"# UML results: {args.dataset}, test split\n", FORMS_NOTE]
-    for table_no, sigma, title, form in sections + [(3, None, "Table 3: ablation (paper's forms)", "paper")]:
-        rows = [r for r in table if r["table"] == table_no and sigma in (None, r["sigma"])]
-        lead, columns = ["MD", "UI", "UN"] if table_no == 3 else ["Method"], metric_columns(structures, form)
-        cells = [{**{c: r[c] for c in lead}, **{t: markdown_cell(r, k) for k, t in columns}} for r in rows]
-        if rows:
-            parts.append(common.markdown_table(cells, lead + [t for _, t in columns], title=title))
+    for table_no, title, form in SECTIONS:
+        lead, columns = list(COMPONENTS) if table_no == 3 else ["Method"], {"paper": paper, "ours": ours}[form]
+        for sigma in sorted({r["sigma"] for r in table if r["table"] == table_no}):  # Table 2: one per sigma
+            rows = [r for r in table if r["table"] == table_no and r["sigma"] == sigma]
+            cells = [{**{c: r[c] for c in lead}, **{t: markdown_cell(r, k) for k, t in columns.items()}} for r in rows]
+            parts.append(common.markdown_table(cells, lead + list(columns.values()), title=title.format(sigma)))
     return "\n".join(parts) + f"\nCommand: `{args.command}`\n"
 
 
@@ -931,31 +907,16 @@ def load_model(checkpoint_path, device="cpu"):
                             extra={"spec": spec})  # letterboxed, as in training
 
 
-@torch.no_grad()
 def predict_batch(predictor, images):
     """uint8 [B,3,S,S] -> {"mask": s_1's classes (all background for EC, which does not segment),
     "maps": {"uncertainty": pixel-wise U^s}, "rows": predicted class, belief per class and u}."""
     spec, device = predictor.extra["spec"], torch.device(predictor.device)
-    with common.autocast(device, predictor.args.amp):
-        out = read_outputs(predictor.model(model_input(images, predictor.norm, device)), spec)
+    out = forward_split(predictor.model, {"images": images}, spec, predictor.norm, predictor.args, device)
     rows = [{"class": predictor.class_names[int(p.argmax())], "uncertainty": float(u),
              **{f"belief_{n}": float(v) for n, v in zip(predictor.class_names, belief)}}
             for p, belief, u in zip(out["prob"], out["belief"], out["uncertainty"])] if spec.classify else None
-    mask = out["seg"] if spec.segment else torch.zeros(images[:, 0].shape, dtype=torch.long, device=device)
+    mask = out["seg"] if spec.segment else torch.zeros(images[:, 0].shape, dtype=torch.long)
     return {"mask": mask, "maps": {"uncertainty": out["pixel_uncertainty"]} if spec.segment else {}, "rows": rows}
-
-
-def main_row(args):
-    """(name, spec) of the row named by --method, the ablation flags and --deep-supervision."""
-    name, spec = next((n, spec) for n, (slug, spec) in ROWS.items() if slug == args.method)
-    if args.method == "uml":  # an ablation is the Table 3 row with the same components, if any
-        spec = replace(spec, mutual_decoder=args.mutual_decoder, instructor=args.uncertainty_instructor,
-                       navigator=args.uncertainty_navigator)
-        off = [k for k, on in (("MD", spec.mutual_decoder), ("UI", spec.instructor), ("UN", spec.navigator)) if not on]
-        name = next((n for n, (_, r) in ROWS.items() if r == spec), "UML" + "".join(f" -{k}" for k in off))
-    if not args.deep_supervision and spec.segment:
-        spec, name = replace(spec, deep_supervision=False), name + " (s_1 only)"
-    return name, spec
 
 
 def main(argv=None):
@@ -963,12 +924,20 @@ def main(argv=None):
     vars(args).setdefault("command", "python uml.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.predict:
         return common.run_predict(args, load_model, predict_batch, SCRIPT)
-    main_name, main_spec = main_row(args)
     seeds, checkpoint = common.seed_list(args), None
     if args.eval_only:  # any row's checkpoint (e.g. BCS-seed0/best.pt) says which row it is
         checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT)
         common.restore_architecture(args, checkpoint, ARCHITECTURE_ARGS)
         main_name, main_spec, seeds = checkpoint["row"], ModelSpec(**checkpoint["spec"]), [checkpoint["seed"]]
+    else:  # --method's row; an ablation is the Table 3 row with the same components, if any
+        main_name, main_spec = next((n, spec) for n, (slug, spec) in ROWS.items() if slug == args.method)
+        if args.method == "uml":
+            main_spec = replace(main_spec, mutual_decoder=args.mutual_decoder, navigator=args.uncertainty_navigator,
+                                instructor=args.uncertainty_instructor)
+            off = [k for k, component in COMPONENTS.items() if not getattr(main_spec, component)]
+            main_name = next((n for n, (_, r) in ROWS.items() if r == main_spec), "UML" + "".join(f" -{k}" for k in off))
+        if not args.deep_supervision and main_spec.segment:
+            main_spec, main_name = replace(main_spec, deep_supervision=False), main_name + " (s_1 only)"
     specs = {**{name: spec for name, (_, spec) in ROWS.items()}, main_name: main_spec}
     wanted = [main_name] if args.eval_only else list(dict.fromkeys(
         [main_name] + [n for t in (1, 2, 3) if getattr(args, f"table{t}") for n in TABLE_ROWS[t]]))
