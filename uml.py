@@ -5,9 +5,9 @@ Learning for Joint Medical Image Classification and Segmentation", MICCAI 2023 (
 Authors' code: github.com/KarryRen/UML.
 
 Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) are mixed into mutual
-features f_i^m. Evidential deep learning turns outputs into Dirichlet distributions: a belief per class and one
-uncertainty mass, per image and per pixel. A first evidential mask M with pixel-wise uncertainty U^s guides the
-segmentation decoder, whose reliable feature r^s in turn gates the (evidential) diagnosis.
+features f_i^m. Evidential deep learning turns outputs into Dirichlet distributions: a belief per class and
+one uncertainty mass, per image and per pixel. A first evidential mask M with pixel-wise uncertainty U^s
+guides the segmentation decoder, whose reliable feature r^s in turn gates the (evidential) diagnosis.
 
 Paper -> code
     Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder, laid out as the ImageNet files (torchvision's
@@ -39,29 +39,29 @@ Usage
     python uml.py --resume runs/<run>               # continue an interrupted run (finished rows are kept)
 
 Deviations and resolved ambiguities
-    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-* (their batch
-      norms are trained; the authors freeze them). VGG has batch norm (vgg16_bn) unless --no-vgg-batch-norm or a
-      plain vgg16 file. Res2Net's first stem conv has stride 1 (the file's: 2), as the authors', so f_1^s is at
-      full resolution like f_1^c. VGG-16 classifies and Res2Net segments, as the paper says (the code swaps them).
-    - Dice loss = 1 - Dice (class mean, background included, sums over the batch; authors: -log Dice), on alpha/S
-      for an evidential output (authors: softmax of the evidence). Eq. 8 sums the four levels as printed: L_seg
-      weighs 4x the authors' (--eq8 mean divides by 4).
-    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied at
-      the bottom level, where Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last
-      mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
-    - PCMI pairs c_k with s_k (the authors' shuffle orders c0, c4, ..., s0, s4, ...: equivalent up to the learned
-      1x1 convs that follow); PSA keeps its paper's channel softmax in the spatial branch (the authors omit it).
-    - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100). Adam 1e-4
-      on real data (Sec. 3), 1e-3 on synthetic sets (from scratch, few CPU steps); the authors' adjust_lr: held
-      for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step, floor 1e-5.
-    - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net encoder-decoder,
+    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-* (batch norms
+      then trained; the authors freeze them). VGG has batch norm (vgg16_bn) unless --no-vgg-batch-norm or a
+      plain vgg16 file. Res2Net's first stem conv has stride 1 (the file's: 2), as the authors', so f_1^s is
+      at full resolution like f_1^c. VGG-16 classifies, Res2Net segments, as the paper says (the code swaps).
+    - Dice loss = 1 - Dice (class mean, background included, batch sums; authors: -log Dice), on alpha/S when
+      evidential (authors: softmax of the evidence). Eq. 8 sums the four levels as printed: L_seg weighs 4x
+      the authors' (--eq8 mean divides by 4).
+    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 also applies
+      at the bottom level, where Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the
+      last mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors').
+    - PCMI pairs c_k with s_k (the authors' shuffle orders c0, c4, ..., s0, s4, ...: equal up to the learned
+      1x1 convs that follow); PSA keeps its paper's channel softmax in the spatial branch (authors omit it).
+    - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100). Adam
+      1e-4 on real data (Sec. 3), 1e-3 on synthetic sets (from scratch, few CPU steps); authors' adjust_lr:
+      held for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step, floor 1e-5.
+    - Baselines (a sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net encoder-decoder,
       evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer,
-      decoder without UN, softmax classifier, plain Dice; ECS = BCS with both outputs evidential; Table 3's "+MD"
-      rows are UML with UN and/or UI off. A softmax output's image-level uncertainty is 1 - max prob.
-    - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small rotation
-      and scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale and clipped to
-      [0, 1] before normalisation (authors). Real images are letterboxed into the --size canvas (paper: resized
-      to 256 x 256); metrics are taken on the canvas, padding ignored.
+      decoder without UN, softmax classifier, plain Dice; ECS = BCS with both outputs evidential; Table 3's
+      "+MD" rows: UML with UN and/or UI off. A softmax output's image-level uncertainty is 1 - max prob.
+    - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small
+      rotation and scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale,
+      clipped to [0, 1] before normalisation (authors). Real images are letterboxed into the --size canvas
+      (paper: resized to 256 x 256); metrics are taken on the canvas, padding ignored.
 """
 import argparse
 import math
@@ -95,9 +95,8 @@ def build_parser():
     common.add_common_args(p, size=None, epochs=None, batch_size=8, lr=None, data="synthetic",
                            data_choices=sorted(DATASETS))
     add, on_off = p.add_argument, argparse.BooleanOptionalAction
-    add("--method", choices=("uml", "ec", "tbrats", "bcs", "ecs"), default="uml",
-        help="Table 1 row: uml, ec (evidential classification), tbrats (evidential segmentation), "
-             "bcs (plain joint baseline), ecs (evidential joint)")
+    add("--method", choices=("uml", "ec", "tbrats", "bcs", "ecs"), default="uml", help="Table 1 row: uml, ec "
+        "(evidential classifier), tbrats (evidential segmenter), bcs (plain joint), ecs (evidential joint)")
     add("--mutual-decoder", action=on_off, default=True, help="MD of Table 3 (Eq. 6); uml only")
     add("--uncertainty-instructor", action=on_off, default=True, help="UI of Table 3 (Eq. 5); uml only")
     add("--uncertainty-navigator", action=on_off, default=True, help="UN of Table 3 (Eq. 3-4; needs MD)")
@@ -533,7 +532,15 @@ ROWS = {  # paper row name (jobs: <out>/<row>-seed<seed>/) -> (--method of a Tab
     "+MD+UI": ("uml-md-ui", ModelSpec(navigator=False)),
 }
 COMPONENTS = {"MD": "mutual_decoder", "UI": "instructor", "UN": "navigator"}  # Table 3's columns
-TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"], 3: ["BCS", "+MD", "+MD+UI", "UML"]}
+# The paper's tables: the rows of --tableN (without it the main row, in Tables 1-2), the lead columns and the
+# sections of results.md (title, metric form); Table 2 has its rows and a section per noise level.
+TABLES = {
+    1: (["EC", "TBraTS", "BCS", "ECS", "UML"], ["Method"],
+        [("Table 1 (paper's metric forms)", "paper"), ("Table 1, our metric forms", "ours")]),
+    2: (["BCS", "ECS", "UML"], ["Method"],
+        [("Table 2: Gaussian noise sigma = {:.2f} (paper's forms)", "paper")]),
+    3: (["BCS", "+MD", "+MD+UI", "UML"], list(COMPONENTS), [("Table 3: ablation (paper's forms)", "paper")]),
+}
 
 
 # ======================================= Losses (Eq. 6-9) =========================================
@@ -666,8 +673,6 @@ def train_row(job, model, spec, data, norm):
     start, best = common.resume(job, model, optimizer, scheduler)
     progress = common.Progress(job, steps, args.epochs, start, every=args.log_every)
     generator = torch.Generator(device=device)
-    loss_options = dict(loss_weights=args.loss_weights, lambda_kl_mut=args.lambda_kl_mut,
-                        lambda_dice_mut=args.lambda_dice_mut, lambda_kl_cls=args.lambda_kl_cls, eq8=args.eq8)
     for epoch in range(start, args.epochs):
         model.train()
         anneal = annealing_coefficient(epoch, args.annealing_epochs)  # the KL terms' weight this epoch
@@ -681,8 +686,9 @@ def train_row(job, model, spec, data, norm):
             batch = common.shard(batch, job.run.dist)    # torchrun data mode: this rank's slice
             with common.autocast(device, args.amp):
                 out = model(model_input(batch["images"], norm, device))
-            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, anneal,
-                                     **loss_options)  # Eq. 9
+            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, anneal,  # Eq. 9
+                                     args.loss_weights, args.lambda_kl_mut, args.lambda_dice_mut,
+                                     args.lambda_kl_cls, args.eq8)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -708,8 +714,8 @@ def train_row(job, model, spec, data, norm):
 
 @torch.no_grad()
 def forward_split(model, split, spec, norm, args, device, sigma=0.0, seed=0):
-    """The outputs over a split (batched; noise of std sigma: Table 2), as CPU tensors: expected class
-    probability (alpha/S or softmax), belief, image uncertainty u, segmentation s_1 (argmax), pixel uncertainty."""
+    """The outputs over a split (batched; noise of std sigma: Table 2) as CPU tensors: expected class
+    probability (alpha/S or softmax), belief, image uncertainty u, segmentation s_1 (argmax), pixel-wise u."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed + 7919 + int(round(sigma * 1e4)))
     collected = {}
@@ -726,9 +732,9 @@ def forward_split(model, split, spec, norm, args, device, sigma=0.0, seed=0):
         if spec.segment:
             s_1 = out["seg"][0].float()
             result["seg"] = s_1.argmax(1)
-            result["pixel_uncertainty"] = (out["mutual_uncertainty"][:, 0].float() if spec.mutual_decoder  # U^s
+            result["pixel_uncertainty"] = (out["mutual_uncertainty"][:, 0].float() if spec.mutual_decoder
                                            else evidential_opinion(s_1)[2][:, 0] if spec.evidential_s1
-                                           else 1 - s_1.softmax(1).max(1).values)
+                                           else 1 - s_1.softmax(1).max(1).values)  # U^s (Eq. 2), u, 1 - max
         for key, value in result.items():
             collected.setdefault(key, []).append(value.cpu())
     return {k: torch.cat(v) for k, v in collected.items()}
@@ -768,9 +774,6 @@ FORMS_NOTE = (
     "(both directions pooled), mean over the images where both masks are non-empty, 'undef.' counting "
     "the others; AUROC(u, error) = how well the image-level uncertainty flags wrong diagnoses; ECE on "
     "the expected probability (alpha/S or softmax) of the predicted class, ECE(belief) on its belief.\n")
-SECTIONS = [(1, "Table 1 (paper's metric forms)", "paper"), (1, "Table 1, our metric forms", "ours"),  # of results.md
-            (2, "Table 2: Gaussian noise sigma = {:.2f} (paper's forms)", "paper"),
-            (3, "Table 3: ablation (paper's forms)", "paper")]
 
 
 def markdown_cell(row, key):
@@ -787,12 +790,13 @@ def at_sigma(metrics, prefix):
     return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and (prefix or "/" not in k)}
 
 
-def build_table(summary, args, main_name, specs):
-    """results.json "table": one dict per row of Tables 1-3 that this run produced, with the means ± SE over
-    seeds and `per_seed` of the metrics at the row's sigma (Table 2 rows: one per sigma)."""
-    by_name, clean, table = {r["row"]: r for r in summary}, min(args.noise_sigmas, key=abs), []
-    for table_no in (1, 2, 3):
-        names = TABLE_ROWS[table_no] if getattr(args, f"table{table_no}") else [main_name] if table_no < 3 else []
+def write_report(run, summary, main_name, specs):
+    """results.json ("metrics": the main row's on clean inputs; "table": one dict per row of Tables 1-3 that
+    this run produced, with the means ± SE over seeds and `per_seed` at the row's sigma) and results.md."""
+    args, by_name, table = run.args, {r["row"]: r for r in summary}, []
+    clean = min(args.noise_sigmas, key=abs)
+    for table_no, (names, _, _) in TABLES.items():
+        names = names if getattr(args, f"table{table_no}") else [main_name] if table_no < 3 else []
         for sigma in args.noise_sigmas if table_no == 2 else [clean]:
             prefix = "" if sigma == clean else f"sigma={sigma:.2f}/"
             for row in [by_name[n] for n in names if n in by_name]:
@@ -802,28 +806,25 @@ def build_table(summary, args, main_name, specs):
                 table.append({"row": row["row"] + (f" sigma={sigma:.2f}" if table_no == 2 else ""), "table": table_no,
                               "sigma": sigma, "Method": row["row"], "seeds": row["seeds"], **flags,
                               **at_sigma(common.row_metrics(row), prefix), "per_seed": per_seed})
-    return table
-
-
-def results_markdown(table, args):
-    """results.md: the SECTIONS, each with its metric form's columns ({metric key: column title})."""
     structures = list(dict.fromkeys(k[5:] for r in table for k in r if k.startswith("dice_")
                                     and not k.endswith(("_se", "_undefined"))))  # disc, cup, rim / tumor
-    paper, ours = {"acc": "ACC", "f1_weighted": "F1"}, {"acc": "ACC", "f1": "F1+"}
-    shown = {"disc": "rim", "cup": "cup"} if "rim" in structures else {s: s for s in structures}  # title: scored
+    forms = {"paper": {"acc": "ACC", "f1_weighted": "F1"}, "ours": {"acc": "ACC", "f1": "F1+"}}  # key: title
+    shown = {"disc": "rim", "cup": "cup"} if "rim" in structures else {s: s for s in structures}
     for title, s in shown.items():
-        paper.update({f"dice_{s}": f"DI_{title}", f"assd_{s}_authors": f"ASSD_{title}"})
+        forms["paper"].update({f"dice_{s}": f"DI_{title}", f"assd_{s}_authors": f"ASSD_{title}"})
     for s in structures:
-        ours.update({f"dice_{s}": f"DI_{s}", f"assd_{s}": f"ASSD_{s}"})
-    ours.update(uncertainty_auroc="AUROC(u, error)", ece="ECE", ece_belief="ECE(belief)")
+        forms["ours"].update({f"dice_{s}": f"DI_{s}", f"assd_{s}": f"ASSD_{s}"})
+    forms["ours"].update(uncertainty_auroc="AUROC(u, error)", ece="ECE", ece_belief="ECE(belief)")
     parts = [f"# UML results: {args.dataset}, test split\n", FORMS_NOTE]
-    for table_no, title, form in SECTIONS:
-        lead, columns = list(COMPONENTS) if table_no == 3 else ["Method"], {"paper": paper, "ours": ours}[form]
-        for sigma in sorted({r["sigma"] for r in table if r["table"] == table_no}):  # Table 2: one per sigma
-            rows = [r for r in table if r["table"] == table_no and r["sigma"] == sigma]
-            cells = [{**{c: r[c] for c in lead}, **{t: markdown_cell(r, k) for k, t in columns.items()}} for r in rows]
-            parts.append(common.markdown_table(cells, lead + list(columns.values()), title=title.format(sigma)))
-    return "\n".join(parts) + f"\nCommand: `{args.command}`\n"
+    for table_no, (_, lead, sections) in TABLES.items():
+        for title, form in sections:
+            columns, header = forms[form], [*lead, *forms[form].values()]
+            for sigma in sorted({r["sigma"] for r in table if r["table"] == table_no}):
+                cells = [{**{c: r[c] for c in lead}, **{t: markdown_cell(r, k) for k, t in columns.items()}}
+                         for r in table if r["table"] == table_no and r["sigma"] == sigma]
+                parts.append(common.markdown_table(cells, header, title=title.format(sigma)))
+    metrics = at_sigma(common.row_metrics(by_name[main_name]), "")  # clean inputs
+    common.write_results(run, metrics, table, "\n".join(parts) + f"\nCommand: `{args.command}`\n")
 
 
 def figure_fig3(model, split, spec, data, norm, args, device, path):
@@ -932,15 +933,15 @@ def main(argv=None):
     else:  # --method's row; an ablation is the Table 3 row with the same components, if any
         main_name, main_spec = next((n, spec) for n, (slug, spec) in ROWS.items() if slug == args.method)
         if args.method == "uml":
-            main_spec = replace(main_spec, mutual_decoder=args.mutual_decoder, navigator=args.uncertainty_navigator,
-                                instructor=args.uncertainty_instructor)
-            off = [k for k, component in COMPONENTS.items() if not getattr(main_spec, component)]
-            main_name = next((n for n, (_, r) in ROWS.items() if r == main_spec), "UML" + "".join(f" -{k}" for k in off))
+            main_spec = replace(main_spec, mutual_decoder=args.mutual_decoder,
+                                instructor=args.uncertainty_instructor, navigator=args.uncertainty_navigator)
+            off = "".join(f" -{k}" for k, part in COMPONENTS.items() if not getattr(main_spec, part))
+            main_name = next((n for n, (_, r) in ROWS.items() if r == main_spec), "UML" + off)
         if not args.deep_supervision and main_spec.segment:
             main_spec, main_name = replace(main_spec, deep_supervision=False), main_name + " (s_1 only)"
     specs = {**{name: spec for name, (_, spec) in ROWS.items()}, main_name: main_spec}
     wanted = [main_name] if args.eval_only else list(dict.fromkeys(
-        [main_name] + [n for t in (1, 2, 3) if getattr(args, f"table{t}") for n in TABLE_ROWS[t]]))
+        [main_name] + [n for t, (rows, _, _) in TABLES.items() if getattr(args, f"table{t}") for n in rows]))
     jobs = [(name, seed) for name in wanted for seed in seeds]
     run, datasets = common.open_run(args, SCRIPT, n_jobs=len(jobs)), {}
 
@@ -975,9 +976,7 @@ def main(argv=None):
     summary = common.run_jobs(run, jobs, train_and_test)
     if summary is None:  # torchrun: another process writes the results
         return None
-    table = build_table(summary, args, main_name, specs)
-    metrics = at_sigma(common.row_metrics(next(r for r in summary if r["row"] == main_name)), "")  # clean inputs
-    common.write_results(run, metrics, table, results_markdown(table, args))
+    write_report(run, summary, main_name, specs)
     return run.dir
 
 
