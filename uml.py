@@ -10,10 +10,8 @@ one uncertainty mass, per image and per pixel. A first evidential mask M with pi
 guides the segmentation decoder, whose reliable feature r^s in turn gates the (evidential) diagnosis.
 
 Paper -> code
-    Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder, laid out as the ImageNet files (torchvision's
-                               vgg16 / vgg16_bn, res2net50_v1b_26w_4s) so that load_imagenet_weights loads by key
-    Sec. 2 Feature Mixer ..... PolarizedSelfAttention, PairwiseChannelMapInteraction (authors' mixer:
-                               1x1 projections, c_k/s_k channel pairs, polarized self-attention, 1x1 fusion)
+    Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder (the ImageNet files' layouts: load_imagenet_weights)
+    Sec. 2 Feature Mixer ..... PairwiseChannelMapInteraction, PolarizedSelfAttention (the authors' mixer)
     Eq. 1-2 b = e/S, u = K/S . evidential_opinion
     Step 1 ................... MutualFeatureDecoder (M = alpha^s, U^s)
     Eq. 3 M^r = (s_1 + M) exp(-U^s), Eq. 4 r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)) ... UncertaintyNavigator
@@ -23,7 +21,7 @@ Paper -> code
     Eq. 8 L_seg = sum_i Dice(up(s_i), GT) ...... segmentation_loss (--eq8 sum | mean: the authors')
     Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
     Baselines, ablations ... ECNet, TBraTSNet; in UMLNet: NoMutualDecoder, SegmentationDecoder (no UN), NoInstructor
-    Tables 1-3 ... ROWS (one ModelSpec per row; build_model), --table1/2/3;  Fig. 3 ... figure_fig3
+    Tables 1-3 ... ROWS (one ModelSpec per row; build_model), TABLES, --table1/2/3;  Fig. 3 ... figure_fig3
     Metrics in two forms (FORMS_NOTE, above the tables in results.md; both in results.json): the paper's, from
     the authors' evaluation code (support-weighted F1: 0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
     positive-class F1; their "disc" is label 1, the rim; medpy's ASSD, 10 px if a mask is empty), and ours.
@@ -163,20 +161,18 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # wh
 
 
 class VGGEncoder(nn.Module):
-    """VGG-16's first four blocks (2, 2, 3, 3 convs of widths w, 2w, 4w, 8w; max-pools between) -> f_1^c..f_4^c
-    at H..H/8 (conv1_2, conv2_2, conv3_3, conv4_3), laid out as torchvision's `features` so its files load by
-    name; block 5 and the classifier come after f_4^c (the UML authors' vgg16 ends at conv4_3 too)."""
+    """VGG-16's blocks 1-4 (2, 2, 3, 3 convs of w, 2w, 4w, 8w; max-pools between) -> f_1^c..f_4^c at H..H/8
+    (conv1_2, conv2_2, conv3_3, conv4_3) as torchvision's `features`; block 5, classifier unused (UML's)."""
 
     def __init__(self, width, batch_norm=True):
         super().__init__()
         self.channels, layers, in_ch = [width, 2 * width, 4 * width, 8 * width], [], 3
         for block, (n_convs, ch) in enumerate(zip((2, 2, 3, 3), self.channels)):
             layers += [nn.MaxPool2d(2)] if block else []
-            for _ in range(n_convs):
-                layers.append(nn.Conv2d(in_ch, ch, 3, padding=1))
-                layers += [nn.BatchNorm2d(ch)] if batch_norm else []
+            for _ in range(n_convs):  # conv [-> batch norm] -> ReLU, as torchvision's make_layers
+                conv, in_ch = nn.Conv2d(in_ch, ch, 3, padding=1), ch
+                layers += [conv, nn.BatchNorm2d(ch)] if batch_norm else [conv]
                 layers.append(nn.ReLU(inplace=True))
-                in_ch = ch
         self.features = nn.Sequential(*layers)
         self.unused_keys = ("classifier.",) + tuple(f"features.{n}." for n in range(len(layers), 64))
 
@@ -219,9 +215,8 @@ class Res2NetBottleneck(nn.Module):
 
 
 class Res2NetEncoder(nn.Module):
-    """Res2Net-50 v1b: deep stem (three 3x3 convs: w/2, w/2, w), max-pool, layer1-3 of bottlenecks (planes
-    w, 2w, 4w; strides 1, 2, 2) -> f_1^s (stem, H) and f_2^s..f_4^s (4w, 8w, 16w channels at H/2, H/4, H/8).
-    layer4 comes after f_4^s (the four levels end at H/8, UML authors' code). Laid out as res2net_v1b.py."""
+    """Res2Net-50 v1b as res2net_v1b.py: deep stem (3x3 convs of w/2, w/2, w), max-pool, layer1-3 (planes
+    w, 2w, 4w; strides 1, 2, 2) -> f_1^s (stem, H), f_2^s..f_4^s (4w..16w, H/2..H/8); layer4 unused."""
 
     unused_keys = ("layer4.", "fc.")
 
@@ -233,14 +228,13 @@ class Res2NetEncoder(nn.Module):
             nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
             nn.Conv2d(half, width, 3, 1, 1, bias=False))
         self.bn1, self.maxpool = nn.BatchNorm2d(width), nn.MaxPool2d(3, 2, 1)
-        self.channels, in_ch = [width], width
+        self.channels = [width]
         for i, (n_blocks, planes) in enumerate(zip(blocks, (width, 2 * width, 4 * width))):
-            layer = []
-            for b in range(n_blocks):  # a stage's first block strides (except in stage 1)
-                layer.append(Res2NetBottleneck(in_ch, planes, 2 if i and not b else 1, base_width, scale, first=b == 0))
-                in_ch = planes * 4
-            self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
-            self.channels.append(in_ch)
+            stride = 2 if i else 1  # a stage's first block strides (except in stage 1)
+            first = Res2NetBottleneck(self.channels[-1], planes, stride, base_width, scale, first=True)
+            rest = [Res2NetBottleneck(planes * 4, planes, 1, base_width, scale) for _ in range(n_blocks - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(first, *rest))
+            self.channels.append(planes * 4)
 
     def forward(self, x):
         f_1 = F.relu(self.bn1(self.conv1(x)))
@@ -405,8 +399,7 @@ class SegmentationDecoder(nn.Module):
 
 
 class UncertaintyNavigator(SegmentationDecoder):
-    """Step 2: the segmentation decoder guided by the mutual decoder's M and U^s (Eq. 3-4), at the top level
-    and, as in the text and the authors' code, at the bottom level."""
+    """Step 2 (Eq. 3-4): the decoder guided by M and U^s at the top and (text, authors' code) bottom level."""
 
     def __init__(self, seg_ch, mutual_bottom_ch, n_classes):
         super().__init__(seg_ch, mutual_bottom_ch, n_classes)
@@ -662,8 +655,7 @@ def poly_lr_factor(step, total, hold, power, floor):
 
 
 def train_row(job, model, spec, data, norm):
-    """Trains one job's model (a table row x seed), from its last.pt when the run is resumed, and
-    loads its best-validation weights (under torchrun's data mode each rank takes a slice of every batch)."""
+    """Trains one job (table row x seed; from its last.pt on --resume); loads its best-validation weights."""
     args, device = job.run.args, job.run.device
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_train = data["train"]["images"].shape[0]
@@ -828,8 +820,7 @@ def write_report(run, summary, main_name, specs):
 
 
 def figure_fig3(model, split, spec, data, norm, args, device, path):
-    """Fig. 3: per image, a clean row and a noisy row (largest sigma): input + GT, belief and
-    image-level uncertainty, segmentation, pixel-wise uncertainty."""
+    """Fig. 3: per image a clean and a noisy row (largest sigma): input + GT, b and u, s_1, pixel-wise u."""
     labels, structures = split["labels"], data["structures"]
     picks = common.pick_examples(split["images"].shape[0], args.figure_images, labels)
     subset = {k: (v[picks] if torch.is_tensor(v) else v) for k, v in split.items()}
@@ -860,9 +851,8 @@ def figure_fig3(model, split, spec, data, norm, args, device, path):
 # ============================================= main ===============================================
 
 def mask_structures(mask_names):
-    """{structure: class-index mask -> bool mask}. Fundus (a "cup" class): disc = rim + cup (REFUGE's disc), cup,
-    rim = label 1 (the UML authors' "disc"); binary: the foreground ("tumor" for a tumour or lesion); else one
-    per foreground class."""
+    """{structure: class-index mask -> bool mask}. Fundus: disc = rim + cup (REFUGE's), cup, rim = label 1
+    (the authors' "disc"); binary: the foreground ("tumor" for a tumour or lesion); else each foreground."""
     names = [n.lower() for n in mask_names]
     if "cup" in names:
         cup = names.index("cup")
