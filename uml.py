@@ -22,9 +22,8 @@ Paper -> code
     Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
     Baselines, ablations ... ECNet, TBraTSNet; in UMLNet: NoMutualDecoder, SegmentationDecoder (no UN), NoInstructor
     Tables 1-3 ... ROWS (one ModelSpec per row; build_model), TABLES, --table1/2/3;  Fig. 3 ... figure_fig3
-    Metrics in two forms (FORMS_NOTE, above the tables in results.md; both in results.json): the paper's, from
-    the authors' evaluation code (support-weighted F1: 0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
-    positive-class F1; their "disc" is label 1, the rim; medpy's ASSD, 10 px if a mask is empty), and ours.
+    Metrics in two forms, both in results.json: the authors' evaluation code's and ours (FORMS_NOTE; their
+    F1 is support-weighted: 0.857 at ACC 0.853 with ~10 % glaucoma cannot be a positive-class F1).
 
 Usage
     python uml.py                                   # UML on synthetic-fundus, CPU-sized, + noise rows
@@ -941,18 +940,18 @@ def main(argv=None):
         data = datasets[job.seed] = datasets.get(job.seed) or load_data(args, device, job.seed)
         if data["test"]["labels"] is None and spec.classify:
             raise common.UsageError(f"{args.dataset} has no image labels; only --method tbrats can run on it")
-        model = build_model(spec, args, data["n_classes"], data["n_seg_classes"])
-        if args.eval_only:
-            norm = tuple(t.float().to(device) for t in checkpoint["normalization"])
-            common.load_model_state(model, checkpoint["model"])
-        elif args.pretrained_vgg or args.pretrained_res2net:  # ImageNet weights expect ImageNet's statistics
-            norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
-            load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
+        if args.eval_only:  # the checkpoint's network, weights and normalisation
+            predictor = load_model(args.checkpoint, device)
+            model, norm = common.prepare_model(predictor.model, run), predictor.norm
         else:
-            norm = tuple(t.to(device) for t in common.channel_stats(data["train"]["images"], data["train"]["valid"]))
-        model = common.prepare_model(model, run)
-        if not args.eval_only:
-            model = train_row(job, model, spec, data, norm)
+            model = build_model(spec, args, data["n_classes"], data["n_seg_classes"])
+            if args.pretrained_vgg or args.pretrained_res2net:  # ImageNet weights expect its statistics
+                norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
+                load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
+            else:  # the training images' channel means and standard deviations
+                train = data["train"]
+                norm = tuple(t.to(device) for t in common.channel_stats(train["images"], train["valid"]))
+            model = train_row(job, common.prepare_model(model, run), spec, data, norm)
         clean, metrics = min(args.noise_sigmas, key=abs), {}
         for sigma in args.noise_sigmas:  # Table 2: the same model under noise; its metrics keyed "sigma=0.05/..."
             values, extra = evaluate(model, data["test"], spec, data, norm, args, device, sigma, job.seed)
