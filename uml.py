@@ -914,7 +914,7 @@ def main(argv=None):
     vars(args).setdefault("command", "python uml.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.predict:
         return common.run_predict(args, load_model, predict_batch, SCRIPT)
-    seeds, checkpoint = common.seed_list(args), None
+    seeds = common.seed_list(args)
     if args.eval_only:  # any row's checkpoint (e.g. BCS-seed0/best.pt) says which row it is
         checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT)
         common.restore_architecture(args, checkpoint, ARCHITECTURE_ARGS)
