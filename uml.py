@@ -75,7 +75,6 @@ import common
 SCRIPT = "uml"
 DATASETS = {"synthetic": "synthetic-fundus", "synthetic-fundus": "synthetic-fundus",
             "synthetic-breast": "synthetic-breast", "refuge": "refuge", "ispy1": "ispy1", "folder": "folder"}
-# Defaults that depend on the data: the paper's values on real data (Sec. 3), CPU-sized otherwise.
 REAL_DEFAULTS = dict(size=256, epochs=100, lr=1e-4, width=64, res2net_blocks=[3, 4, 6])
 SYNTHETIC_DEFAULTS = dict(size=64, epochs=40, lr=1e-3, width=8, res2net_blocks=[1, 1, 1])
 QUICK_DEFAULTS = dict(size=32, epochs=1, width=4, res2net_blocks=[1, 1, 1], n_train=16, n_val=8, n_test=8)
@@ -797,9 +796,10 @@ def write_report(run, summary, main_name, specs):
                 table.append({"row": row["row"] + (f" sigma={sigma:.2f}" if table_no == 2 else ""), "table": table_no,
                               "sigma": sigma, "Method": row["row"], "seeds": row["seeds"], **flags,
                               **at_sigma(common.row_metrics(row), prefix), "per_seed": per_seed})
+    # results.md: each section of TABLES with the columns ({metric key: title}) of its metric form
     structures = list(dict.fromkeys(k[5:] for r in table for k in r if k.startswith("dice_")
                                     and not k.endswith(("_se", "_undefined"))))  # disc, cup, rim / tumor
-    forms = {"paper": {"acc": "ACC", "f1_weighted": "F1"}, "ours": {"acc": "ACC", "f1": "F1+"}}  # key: title
+    forms = {"paper": {"acc": "ACC", "f1_weighted": "F1"}, "ours": {"acc": "ACC", "f1": "F1+"}}
     shown = {"disc": "rim", "cup": "cup"} if "rim" in structures else {s: s for s in structures}
     for title, s in shown.items():
         forms["paper"].update({f"dice_{s}": f"DI_{title}", f"assd_{s}_authors": f"ASSD_{title}"})
