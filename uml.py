@@ -1,35 +1,29 @@
 """Uncertainty-informed Mutual Learning (UML) for joint medical image classification and segmentation.
 
-Reference: K. Ren, K. Zou, X. Liu, Y. Chen, X. Yuan, X. Shen, M. Wang, H. Fu, "Uncertainty-Informed Mutual Learning
-for Joint Medical Image Classification and Segmentation", MICCAI 2023 (../shared/papers/uml.txt). Authors' code:
-github.com/KarryRen/UML.
+Reference: K. Ren, K. Zou, X. Liu, Y. Chen, X. Yuan, X. Shen, M. Wang, H. Fu, "Uncertainty-Informed Mutual
+Learning for Joint Medical Image Classification and Segmentation", MICCAI 2023 (../shared/papers/uml.txt).
+Authors' code: github.com/KarryRen/UML.
 
-Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) read the image; a Feature Mixer
-(Pairwise Channel Map Interaction, PCMI) mixes them into mutual features f_i^m. Evidential deep learning turns outputs
-into Dirichlet distributions: a belief per class and one uncertainty mass, per image and per pixel. A Mutual Feature
-Decoder turns f^m into a first evidential mask M = alpha^s with pixel-wise uncertainty U^s; the Uncertainty Navigator
-(UN) decodes the segmentation guided by M and U^s; the Uncertainty Instructor (UI) gates the classification features
-with the reliable segmentation feature r^s; the diagnosis is evidential too.
+Idea. A VGG-16 encoder (diagnosis, f_i^c) and a Res2Net encoder (segmentation, f_i^s) are mixed into mutual
+features f_i^m. Evidential deep learning turns outputs into Dirichlet distributions: a belief per class and
+one uncertainty mass, per image and per pixel. A first evidential mask M with pixel-wise uncertainty U^s
+guides the segmentation decoder, whose reliable feature r^s in turn gates the (evidential) diagnosis.
 
 Paper -> code
-    Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder, laid out as the ImageNet files (torchvision's
-                               vgg16 / vgg16_bn, res2net50_v1b_26w_4s) so that load_imagenet_weights loads by key
-    Sec. 2 Feature Mixer ..... PolarizedSelfAttention, PairwiseChannelMapInteraction (authors' mixer:
-                               1x1 projections, c_k/s_k channel pairs, polarized self-attention, 1x1 fusion)
+    Sec. 2 dual backbone ..... VGGEncoder, Res2NetEncoder (the ImageNet files' layouts: load_imagenet_weights)
+    Sec. 2 Feature Mixer ..... PairwiseChannelMapInteraction, PolarizedSelfAttention (the authors' mixer)
     Eq. 1-2 b = e/S, u = K/S . evidential_opinion
     Step 1 ................... MutualFeatureDecoder (M = alpha^s, U^s)
     Eq. 3 M^r = (s_1 + M) exp(-U^s), Eq. 4 r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)) ... UncertaintyNavigator
     Eq. 5 r^c = f_4^c + Conv(d^3(r^s)) f_4^c ... reliable_classification_feature, UncertaintyInstructor
     Eq. 6 L_mut = L_ice + l1 KL + l2 Dice ...... ice_loss, kl_loss, dice_loss, mutual_loss
     Eq. 7 L_cls = L_ace + l_c KL ............... ace_loss, kl_loss, classification_loss
-    Eq. 8 L_seg = sum_i Dice(up(s_i), GT) ...... segmentation_loss (--eq8 sum | mean)
+    Eq. 8 L_seg = sum_i Dice(up(s_i), GT) ...... segmentation_loss (--eq8 sum | mean: the authors')
     Eq. 9 L = 0.1 L_mut + 0.5 L_cls + 0.4 L_seg  total_loss;  KL annealing: annealing_coefficient
     Baselines, ablations ... ECNet, TBraTSNet; in UMLNet: NoMutualDecoder, SegmentationDecoder (no UN), NoInstructor
-    Tables 1-3 ... ROWS (one ModelSpec per row; build_model), --table1/2/3;  Fig. 3 ... figure_fig3
-
-Metrics in two forms, both in results.json, defined by FORMS_NOTE (above the tables in results.md): the paper's,
-    from the authors' evaluation code (support-weighted F1: 0.857 at ACC 0.853 with ~10 % glaucoma cannot be a
-    positive-class F1; their "disc" is label 1, the rim; medpy's ASSD, 10 px if a mask is empty), and ours.
+    Tables 1-3 ... ROWS (one ModelSpec per row; build_model), TABLES, --table1/2/3;  Fig. 3 ... figure_fig3
+    Metrics in two forms, both in results.json: the authors' evaluation code's and ours (FORMS_NOTE; their
+    F1 is support-weighted: 0.857 at ACC 0.853 with ~10 % glaucoma cannot be a positive-class F1).
 
 Usage
     python uml.py                                   # UML on synthetic-fundus, CPU-sized, + noise rows
@@ -38,35 +32,33 @@ Usage
         --pretrained-res2net res2net50_v1b_26w_4s-3cf99910.pth   # the paper's setting
     python uml.py --table1 --seeds 0,1,2            # also --table2 (noise), --table3 (ablation)
     python uml.py --method ecs ; python uml.py --no-uncertainty-navigator   # a baseline, an ablation
-    python uml.py --eq8 mean                        # the authors' Eq. 8
     python uml.py --eval-only --checkpoint runs/<run>/UML-seed0/best.pt   # files: <out>/<row>-seed<seed>/
     python uml.py --resume runs/<run>               # continue an interrupted run (finished rows are kept)
 
 Deviations and resolved ambiguities
-    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-*. VGG has batch norm
-      (vgg16_bn) unless --no-vgg-batch-norm or a plain vgg16 file. The Res2Net stem's first conv has stride 1 (the
-      file's: 2), as the authors', so f_1^s is at full resolution like f_1^c; pretrained batch norms are trained
-      (the authors freeze them). VGG-16 classifies and Res2Net segments, as the paper says (the code swaps them).
-    - Dice loss = 1 - Dice (class mean, background included, sums over the batch; authors: -log Dice), on alpha/S
-      for an evidential output (authors: softmax of the evidence).
-    - Eq. 8 sums the four levels as printed: L_seg weighs 4x the authors' (--eq8 mean divides by 4).
-    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 is also applied at
-      the bottom level and Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the last mutual
-      layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors' code).
-    - PCMI pairs c_k with s_k (the authors' shuffle orders c0, c4, ..., s0, s4, ...: equivalent up to the learned
-      1x1 convs that follow); PSA keeps its paper's channel softmax in the spatial branch (the authors omit it).
-    - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100).
-    - Adam 1e-4 on real data (Sec. 3), 1e-3 on synthetic sets (from scratch, few CPU steps); the authors' adjust_lr:
+    - From scratch by default (widths scale with --width); ImageNet weights with --pretrained-* (batch norms
+      then trained; the authors freeze them). VGG has batch norm (vgg16_bn) unless --no-vgg-batch-norm or a
+      plain vgg16 file. Res2Net's first stem conv has stride 1 (the file's: 2), as the authors', so f_1^s is
+      at full resolution like f_1^c. VGG-16 classifies, Res2Net segments, as the paper says (the code swaps).
+    - Dice loss = 1 - Dice (class mean, background included, batch sums; authors: -log Dice), on alpha/S when
+      evidential (authors: softmax of the evidence). Eq. 8 sums the four levels as printed: L_seg weighs 4x
+      the authors' (--eq8 mean divides by 4).
+    - Eq. 4 literally: r^s = Cat(Conv(M^r), Cat(f_1^s, f_2^b)); the segmentation is s_1. Eq. 3 also applies
+      at the bottom level, where Cat(f_4^s, f_4^m) is multiplied by exp(-d^3(U^s)) (text, code). "Combine the
+      last mutual layer with the original feature": Cat(f_4^c, f_4^m) -> conv is Eq. 5's f_4^c (authors').
+    - PCMI pairs c_k with s_k (the authors' shuffle orders c0, c4, ..., s0, s4, ...: equal up to the learned
+      1x1 convs that follow); PSA keeps its paper's channel softmax in the spatial branch (authors omit it).
+    - KL weights l1 = l_c = 1 annealed by min(1, epoch / T), T = half the epochs (authors: 50 of 100). Adam
+      1e-4 on real data (Sec. 3), 1e-3 on synthetic sets (from scratch, few CPU steps); authors' adjust_lr:
       held for the first 30 % of the epochs (their 30/100), then poly decay (0.9) per step, floor 1e-5.
-    - Baselines (one sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net encoder-decoder,
-      evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer, decoder
-      without UN, softmax classifier, plain Dice; ECS = BCS with both outputs evidential; Table 3's "+MD" rows are
-      UML with UN and/or UI off. A softmax output's image-level uncertainty is 1 - max prob.
-    - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small rotation and
-      scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale and clipped to [0, 1]
-      before normalisation (authors).
-    - Real images are letterboxed into the --size canvas (paper: resized to 256 x 256); metrics are taken on the
-      canvas, padding ignored.
+    - Baselines (a sentence each in the paper): EC = VGG + evidential head; TBraTS = Res2Net encoder-decoder,
+      evidential output (ice + KL + Dice), no deep supervision (TBraTS has none); BCS = both encoders, mixer,
+      decoder without UN, softmax classifier, plain Dice; ECS = BCS with both outputs evidential; Table 3's
+      "+MD" rows: UML with UN and/or UI off. A softmax output's image-level uncertainty is 1 - max prob.
+    - Model selection on the validation mean of ACC, F1 and Dice (authors). Augmentation (flips, small
+      rotation and scale, colour jitter) on; the paper is silent. Table 2 noise is added on the [0, 1] scale,
+      clipped to [0, 1] before normalisation (authors). Real images are letterboxed into the --size canvas
+      (paper: resized to 256 x 256); metrics are taken on the canvas, padding ignored.
 """
 import argparse
 import math
@@ -83,7 +75,6 @@ import common
 SCRIPT = "uml"
 DATASETS = {"synthetic": "synthetic-fundus", "synthetic-fundus": "synthetic-fundus",
             "synthetic-breast": "synthetic-breast", "refuge": "refuge", "ispy1": "ispy1", "folder": "folder"}
-# Defaults that depend on the data: the paper's values on real data (Sec. 3), CPU-sized otherwise.
 REAL_DEFAULTS = dict(size=256, epochs=100, lr=1e-4, width=64, res2net_blocks=[3, 4, 6])
 SYNTHETIC_DEFAULTS = dict(size=64, epochs=40, lr=1e-3, width=8, res2net_blocks=[1, 1, 1])
 QUICK_DEFAULTS = dict(size=32, epochs=1, width=4, res2net_blocks=[1, 1, 1], n_train=16, n_val=8, n_test=8)
@@ -100,9 +91,8 @@ def build_parser():
     common.add_common_args(p, size=None, epochs=None, batch_size=8, lr=None, data="synthetic",
                            data_choices=sorted(DATASETS))
     add, on_off = p.add_argument, argparse.BooleanOptionalAction
-    add("--method", choices=("uml", "ec", "tbrats", "bcs", "ecs"), default="uml",
-        help="Table 1 row: uml, ec (evidential classification), tbrats (evidential segmentation), "
-             "bcs (plain joint baseline), ecs (evidential joint)")
+    add("--method", choices=("uml", "ec", "tbrats", "bcs", "ecs"), default="uml", help="Table 1 row: uml, ec "
+        "(evidential classifier), tbrats (evidential segmenter), bcs (plain joint), ecs (evidential joint)")
     add("--mutual-decoder", action=on_off, default=True, help="MD of Table 3 (Eq. 6); uml only")
     add("--uncertainty-instructor", action=on_off, default=True, help="UI of Table 3 (Eq. 5); uml only")
     add("--uncertainty-navigator", action=on_off, default=True, help="UN of Table 3 (Eq. 3-4; needs MD)")
@@ -169,20 +159,18 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # wh
 
 
 class VGGEncoder(nn.Module):
-    """VGG-16's first four blocks (2, 2, 3, 3 convs of widths w, 2w, 4w, 8w; max-pools between) -> f_1^c..f_4^c
-    at H..H/8 (conv1_2, conv2_2, conv3_3, conv4_3), laid out as torchvision's `features` so its files load by
-    name; block 5 and the classifier come after f_4^c (the UML authors' vgg16 ends at conv4_3 too)."""
+    """VGG-16's blocks 1-4 (2, 2, 3, 3 convs of w, 2w, 4w, 8w; max-pools between) -> f_1^c..f_4^c at H..H/8
+    (conv1_2, conv2_2, conv3_3, conv4_3) as torchvision's `features`; block 5, classifier unused (UML's)."""
 
     def __init__(self, width, batch_norm=True):
         super().__init__()
         self.channels, layers, in_ch = [width, 2 * width, 4 * width, 8 * width], [], 3
         for block, (n_convs, ch) in enumerate(zip((2, 2, 3, 3), self.channels)):
             layers += [nn.MaxPool2d(2)] if block else []
-            for _ in range(n_convs):
-                layers.append(nn.Conv2d(in_ch, ch, 3, padding=1))
-                layers += [nn.BatchNorm2d(ch)] if batch_norm else []
+            for _ in range(n_convs):  # conv [-> batch norm] -> ReLU, as torchvision's make_layers
+                conv, in_ch = nn.Conv2d(in_ch, ch, 3, padding=1), ch
+                layers += [conv, nn.BatchNorm2d(ch)] if batch_norm else [conv]
                 layers.append(nn.ReLU(inplace=True))
-                in_ch = ch
         self.features = nn.Sequential(*layers)
         self.unused_keys = ("classifier.",) + tuple(f"features.{n}." for n in range(len(layers), 64))
 
@@ -225,9 +213,8 @@ class Res2NetBottleneck(nn.Module):
 
 
 class Res2NetEncoder(nn.Module):
-    """Res2Net-50 v1b: deep stem (three 3x3 convs: w/2, w/2, w), max-pool, layer1-3 of bottlenecks (planes
-    w, 2w, 4w; strides 1, 2, 2) -> f_1^s (stem, H) and f_2^s..f_4^s (4w, 8w, 16w channels at H/2, H/4, H/8).
-    layer4 comes after f_4^s (the four levels end at H/8, UML authors' code). Laid out as res2net_v1b.py."""
+    """Res2Net-50 v1b as res2net_v1b.py: deep stem (3x3 convs of w/2, w/2, w), max-pool, layer1-3 (planes
+    w, 2w, 4w; strides 1, 2, 2) -> f_1^s (stem, H), f_2^s..f_4^s (4w..16w, H/2..H/8); layer4 unused."""
 
     unused_keys = ("layer4.", "fc.")
 
@@ -239,14 +226,13 @@ class Res2NetEncoder(nn.Module):
             nn.Conv2d(half, half, 3, 1, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
             nn.Conv2d(half, width, 3, 1, 1, bias=False))
         self.bn1, self.maxpool = nn.BatchNorm2d(width), nn.MaxPool2d(3, 2, 1)
-        self.channels, in_ch = [width], width
+        self.channels = [width]
         for i, (n_blocks, planes) in enumerate(zip(blocks, (width, 2 * width, 4 * width))):
-            layer = []
-            for b in range(n_blocks):  # a stage's first block strides (except in stage 1)
-                layer.append(Res2NetBottleneck(in_ch, planes, 2 if i and not b else 1, base_width, scale, first=b == 0))
-                in_ch = planes * 4
-            self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
-            self.channels.append(in_ch)
+            stride = 2 if i else 1  # a stage's first block strides (except in stage 1)
+            first = Res2NetBottleneck(self.channels[-1], planes, stride, base_width, scale, first=True)
+            rest = [Res2NetBottleneck(planes * 4, planes, 1, base_width, scale) for _ in range(n_blocks - 1)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(first, *rest))
+            self.channels.append(planes * 4)
 
     def forward(self, x):
         f_1 = F.relu(self.bn1(self.conv1(x)))
@@ -340,11 +326,6 @@ def evidential_opinion(logits, dim=1):
     return alpha, belief, uncertainty
 
 
-def down(x, times):
-    """d^n of Eq. 5: n 2x2 average-poolings."""
-    return F.avg_pool2d(x, 2 ** times) if times else x
-
-
 def reliable_mask(s, m, u):
     """Eq. 3: M^r = (s + M) * exp(-U^s); U^s [B,1,H,W] broadcasts over the K classes."""
     return (s + m) * torch.exp(-u)
@@ -416,8 +397,7 @@ class SegmentationDecoder(nn.Module):
 
 
 class UncertaintyNavigator(SegmentationDecoder):
-    """Step 2: the segmentation decoder guided by the mutual decoder's M and U^s (Eq. 3-4), at the top level
-    and, as in the text and the authors' code, at the bottom level."""
+    """Step 2 (Eq. 3-4): the decoder guided by M and U^s at the top and (text, authors' code) bottom level."""
 
     def __init__(self, seg_ch, mutual_bottom_ch, n_classes):
         super().__init__(seg_ch, mutual_bottom_ch, n_classes)
@@ -428,7 +408,8 @@ class UncertaintyNavigator(SegmentationDecoder):
 
     def bottom_level(self, bottom, mutual):
         """Eq. 3-4 at H/8, after Cat(f_4^s, f_4^m) is damped by exp(-U^s) where the mutual view is unsure."""
-        m_4, u_4 = down(mutual["mutual_alpha"], 3), down(mutual["mutual_uncertainty"], 3)  # M, U^s at H/8
+        m_4 = F.avg_pool2d(mutual["mutual_alpha"], 8)                        # d^3(M): M at H/8
+        u_4 = F.avg_pool2d(mutual["mutual_uncertainty"], 8)                  # d^3(U^s)
         d_4 = self.bottom(bottom * torch.exp(-u_4))
         s_4 = self.heads["s4"](d_4)
         m_r_4 = reliable_mask(s_4, m_4, u_4)                                 # Eq. 3
@@ -448,7 +429,7 @@ class UncertaintyInstructor(nn.Module):
         self.conv = common.DoubleConv(rs_ch, cls_ch)
 
     def forward(self, f_cls, r_s):
-        eta = self.conv(down(r_s, 3))                                        # Conv(d^3(r^s))
+        eta = self.conv(F.avg_pool2d(r_s, 8))          # Conv(d^3(r^s)), d^n = n 2x2 average-poolings
         return reliable_classification_feature(f_cls, eta)
 
 
@@ -541,7 +522,16 @@ ROWS = {  # paper row name (jobs: <out>/<row>-seed<seed>/) -> (--method of a Tab
     "+MD": ("uml-md", ModelSpec(instructor=False, navigator=False)),
     "+MD+UI": ("uml-md-ui", ModelSpec(navigator=False)),
 }
-TABLE_ROWS = {1: ["EC", "TBraTS", "BCS", "ECS", "UML"], 2: ["BCS", "ECS", "UML"], 3: ["BCS", "+MD", "+MD+UI", "UML"]}
+COMPONENTS = {"MD": "mutual_decoder", "UI": "instructor", "UN": "navigator"}  # Table 3's columns
+# The paper's tables: the rows of --tableN (without it the main row, in Tables 1-2), the lead columns and the
+# sections of results.md (title, metric form); Table 2 has its rows and a section per noise level.
+TABLES = {
+    1: (["EC", "TBraTS", "BCS", "ECS", "UML"], ["Method"],
+        [("Table 1 (paper's metric forms)", "paper"), ("Table 1, our metric forms", "ours")]),
+    2: (["BCS", "ECS", "UML"], ["Method"],
+        [("Table 2: Gaussian noise sigma = {:.2f} (paper's forms)", "paper")]),
+    3: (["BCS", "+MD", "+MD+UI", "UML"], list(COMPONENTS), [("Table 3: ablation (paper's forms)", "paper")]),
+}
 
 
 # ======================================= Losses (Eq. 6-9) =========================================
@@ -663,8 +653,7 @@ def poly_lr_factor(step, total, hold, power, floor):
 
 
 def train_row(job, model, spec, data, norm):
-    """Trains one job's model (a table row x seed), from its last.pt when the run is resumed, and
-    loads its best-validation weights (under torchrun's data mode each rank takes a slice of every batch)."""
+    """Trains one job (table row x seed; from its last.pt on --resume); loads its best-validation weights."""
     args, device = job.run.args, job.run.device
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_train = data["train"]["images"].shape[0]
@@ -674,8 +663,6 @@ def train_row(job, model, spec, data, norm):
     start, best = common.resume(job, model, optimizer, scheduler)
     progress = common.Progress(job, steps, args.epochs, start, every=args.log_every)
     generator = torch.Generator(device=device)
-    loss_options = dict(loss_weights=args.loss_weights, lambda_kl_mut=args.lambda_kl_mut,
-                        lambda_dice_mut=args.lambda_dice_mut, lambda_kl_cls=args.lambda_kl_cls, eq8=args.eq8)
     for epoch in range(start, args.epochs):
         model.train()
         anneal = annealing_coefficient(epoch, args.annealing_epochs)  # the KL terms' weight this epoch
@@ -689,8 +676,9 @@ def train_row(job, model, spec, data, norm):
             batch = common.shard(batch, job.run.dist)    # torchrun data mode: this rank's slice
             with common.autocast(device, args.amp):
                 out = model(model_input(batch["images"], norm, device))
-            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, anneal,
-                                     **loss_options)  # Eq. 9
+            loss, parts = total_loss(out, batch["masks"].long(), batch.get("labels"), spec, anneal,  # Eq. 9
+                                     args.loss_weights, args.lambda_kl_mut, args.lambda_dice_mut,
+                                     args.lambda_kl_cls, args.eq8)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -699,7 +687,10 @@ def train_row(job, model, spec, data, norm):
             progress.step(loss, batch["images"].shape[0])  # a line every --log-every steps; stops on NaN
         epoch_means = (sums / steps).tolist()            # one host sync per epoch
         val_metrics, _ = evaluate(model, data["val"], spec, data, norm, args, device, seed=job.seed, surface=False)
-        score = selection_score(val_metrics)
+        # the authors' model selection: the validation mean of ACC, F1 and the Dice scores
+        values = [v for k, v in val_metrics.items() if (k in ("acc", "f1") or k.startswith("dice_"))
+                  and v is not None and math.isfinite(v)]
+        score = sum(values) / len(values) if values else -math.inf
         job.log(epoch=epoch + 1, **dict(zip(("loss", "loss_mut", "loss_cls", "loss_seg"), epoch_means)),
                 lr=scheduler.get_last_lr()[0], val_score=score, **{f"val_{k}": v for k, v in val_metrics.items()})
         best = common.save(job, epoch + 1, score, best, model, optimizer, scheduler, spec=asdict(spec),
@@ -711,44 +702,30 @@ def train_row(job, model, spec, data, norm):
     return model
 
 
-def selection_score(metrics):
-    """Validation mean of ACC, F1 and the Dice scores (the authors' model selection)."""
-    values = [v for k, v in metrics.items() if (k in ("acc", "f1") or k.startswith("dice_")) and v is not None
-              and math.isfinite(v)]
-    return sum(values) / len(values) if values else -math.inf
-
-
-def read_outputs(out, spec):
-    """Image-level and pixel-level outputs of one forward pass: expected class probability (alpha/S
-    or softmax), belief, image uncertainty u, segmentation s_1 (argmax) and pixel uncertainty."""
-    result = {}
-    if spec.classify:
-        logits = out["cls_logits"].float()
-        if spec.evidential_cls:
-            alpha, belief, u = evidential_opinion(logits)                       # Eq. 1
-            result.update(prob=alpha / alpha.sum(1, keepdim=True), belief=belief, uncertainty=u[:, 0])
-        else:
-            prob = logits.softmax(1)
-            result.update(prob=prob, belief=prob, uncertainty=1 - prob.max(1).values)
-    if spec.segment:
-        s_1 = out["seg"][0].float()
-        result["seg"] = s_1.argmax(1)
-        result["pixel_uncertainty"] = (out["mutual_uncertainty"][:, 0].float() if spec.mutual_decoder  # U^s (Eq. 2)
-                                       else evidential_opinion(s_1)[2][:, 0] if spec.evidential_s1
-                                       else 1 - s_1.softmax(1).max(1).values)
-    return result
-
-
 @torch.no_grad()
 def forward_split(model, split, spec, norm, args, device, sigma=0.0, seed=0):
-    """read_outputs over a whole split (batched), as CPU tensors; noise of std sigma (Table 2)."""
+    """The outputs over a split (batched; noise of std sigma: Table 2) as CPU tensors: expected class
+    probability (alpha/S or softmax), belief, image uncertainty u, segmentation s_1 (argmax), pixel-wise u."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed + 7919 + int(round(sigma * 1e4)))
     collected = {}
     for batch in common.iterate_batches(split, args.batch_size, shuffle=False):
         with common.autocast(device, args.amp):
             out = model(model_input(batch["images"], norm, device, sigma, generator))
-        for key, value in read_outputs(out, spec).items():
+        result = {}
+        if spec.classify and spec.evidential_cls:
+            alpha, belief, u = evidential_opinion(out["cls_logits"].float())    # Eq. 1
+            result.update(prob=alpha / alpha.sum(1, keepdim=True), belief=belief, uncertainty=u[:, 0])
+        elif spec.classify:
+            prob = out["cls_logits"].float().softmax(1)
+            result.update(prob=prob, belief=prob, uncertainty=1 - prob.max(1).values)
+        if spec.segment:
+            s_1 = out["seg"][0].float()
+            result["seg"] = s_1.argmax(1)
+            result["pixel_uncertainty"] = (out["mutual_uncertainty"][:, 0].float() if spec.mutual_decoder
+                                           else evidential_opinion(s_1)[2][:, 0] if spec.evidential_s1
+                                           else 1 - s_1.softmax(1).max(1).values)  # U^s (Eq. 2), u, 1 - max
+        for key, value in result.items():
             collected.setdefault(key, []).append(value.cpu())
     return {k: torch.cat(v) for k, v in collected.items()}
 
@@ -789,18 +766,6 @@ FORMS_NOTE = (
     "the expected probability (alpha/S or softmax) of the predicted class, ECE(belief) on its belief.\n")
 
 
-def metric_columns(structures, form):
-    """(metric key, column title) of the paper's table columns, in the paper's metric forms or ours."""
-    if form == "paper":
-        shown = {"disc": "rim", "cup": "cup"} if "rim" in structures else {s: s for s in structures}
-        return [("acc", "ACC"), ("f1_weighted", "F1")] + [
-            col for title, s in shown.items() for col in ((f"dice_{s}", f"DI_{title}"),
-                                                          (f"assd_{s}_authors", f"ASSD_{title}"))]
-    return [("acc", "ACC"), ("f1", "F1+")] + [
-        col for s in structures for col in ((f"dice_{s}", f"DI_{s}"), (f"assd_{s}", f"ASSD_{s}"))] + [
-        ("uncertainty_auroc", "AUROC(u, error)"), ("ece", "ECE"), ("ece_belief", "ECE(belief)")]
-
-
 def markdown_cell(row, key):
     """3 decimals as in the paper (± SE over seeds); '\\' where the row has no such output."""
     if row.get(key) is None:
@@ -815,44 +780,46 @@ def at_sigma(metrics, prefix):
     return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix) and (prefix or "/" not in k)}
 
 
-def build_table(summary, args, main_name, specs):
-    """results.json "table": one dict per row of Tables 1-3 that this run produced, with the means ± SE over
-    seeds and `per_seed` of the metrics at the row's sigma (Table 2 rows: one per sigma)."""
-    by_name, clean, table = {r["row"]: r for r in summary}, min(args.noise_sigmas, key=abs), []
-    for table_no in (1, 2, 3):
-        names = TABLE_ROWS[table_no] if getattr(args, f"table{table_no}") else [main_name] if table_no < 3 else []
+def write_report(run, summary, main_name, specs):
+    """results.json ("metrics": the main row's on clean inputs; "table": one dict per row of Tables 1-3 that
+    this run produced, with the means ± SE over seeds and `per_seed` at the row's sigma) and results.md."""
+    args, by_name, table = run.args, {r["row"]: r for r in summary}, []
+    clean = min(args.noise_sigmas, key=abs)
+    for table_no, (names, _, _) in TABLES.items():
+        names = names if getattr(args, f"table{table_no}") else [main_name] if table_no < 3 else []
         for sigma in args.noise_sigmas if table_no == 2 else [clean]:
             prefix = "" if sigma == clean else f"sigma={sigma:.2f}/"
             for row in [by_name[n] for n in names if n in by_name]:
-                flags = {k: "✓" if getattr(specs[row["row"]], a) else "-" for k, a in
-                         (("MD", "mutual_decoder"), ("UI", "instructor"), ("UN", "navigator"))} if table_no == 3 else {}
+                flags = ({k: "✓" if getattr(specs[row["row"]], a) else "-" for k, a in COMPONENTS.items()}
+                         if table_no == 3 else {})
                 per_seed = [{"seed": e["seed"], "rank": e["rank"], **at_sigma(e, prefix)} for e in row["per_seed"]]
                 table.append({"row": row["row"] + (f" sigma={sigma:.2f}" if table_no == 2 else ""), "table": table_no,
                               "sigma": sigma, "Method": row["row"], "seeds": row["seeds"], **flags,
                               **at_sigma(common.row_metrics(row), prefix), "per_seed": per_seed})
-    return table
-
-
-def results_markdown(table, args):
-    """results.md: Table 1 in the paper's metric forms and in ours, Table 2 per sigma, Table 3."""
+    # results.md: each section of TABLES with the columns ({metric key: title}) of its metric form
     structures = list(dict.fromkeys(k[5:] for r in table for k in r if k.startswith("dice_")
                                     and not k.endswith(("_se", "_undefined"))))  # disc, cup, rim / tumor
-    sections = [(1, None, "Table 1 (paper's metric forms)", "paper"), (1, None, "Table 1, our metric forms", "ours")]
-    sections += [(2, sigma, f"Table 2: Gaussian noise sigma = {sigma:.2f} (paper's forms)", "paper")
-                 for sigma in sorted({r["sigma"] for r in table if r["table"] == 2})]
+    forms = {"paper": {"acc": "ACC", "f1_weighted": "F1"}, "ours": {"acc": "ACC", "f1": "F1+"}}
+    shown = {"disc": "rim", "cup": "cup"} if "rim" in structures else {s: s for s in structures}
+    for title, s in shown.items():
+        forms["paper"].update({f"dice_{s}": f"DI_{title}", f"assd_{s}_authors": f"ASSD_{title}"})
+    for s in structures:
+        forms["ours"].update({f"dice_{s}": f"DI_{s}", f"assd_{s}": f"ASSD_{s}"})
+    forms["ours"].update(uncertainty_auroc="AUROC(u, error)", ece="ECE", ece_belief="ECE(belief)")
     parts = [f"# UML results: {args.dataset}, test split\n", FORMS_NOTE]
-    for table_no, sigma, title, form in sections + [(3, None, "Table 3: ablation (paper's forms)", "paper")]:
-        rows = [r for r in table if r["table"] == table_no and sigma in (None, r["sigma"])]
-        lead, columns = ["MD", "UI", "UN"] if table_no == 3 else ["Method"], metric_columns(structures, form)
-        cells = [{**{c: r[c] for c in lead}, **{t: markdown_cell(r, k) for k, t in columns}} for r in rows]
-        if rows:
-            parts.append(common.markdown_table(cells, lead + [t for _, t in columns], title=title))
-    return "\n".join(parts) + f"\nCommand: `{args.command}`\n"
+    for table_no, (_, lead, sections) in TABLES.items():
+        for title, form in sections:
+            columns, header = forms[form], [*lead, *forms[form].values()]
+            for sigma in sorted({r["sigma"] for r in table if r["table"] == table_no}):
+                cells = [{**{c: r[c] for c in lead}, **{t: markdown_cell(r, k) for k, t in columns.items()}}
+                         for r in table if r["table"] == table_no and r["sigma"] == sigma]
+                parts.append(common.markdown_table(cells, header, title=title.format(sigma)))
+    metrics = at_sigma(common.row_metrics(by_name[main_name]), "")  # clean inputs
+    common.write_results(run, metrics, table, "\n".join(parts) + f"\nCommand: `{args.command}`\n")
 
 
 def figure_fig3(model, split, spec, data, norm, args, device, path):
-    """Fig. 3: per image, a clean row and a noisy row (largest sigma): input + GT, belief and
-    image-level uncertainty, segmentation, pixel-wise uncertainty."""
+    """Fig. 3: per image a clean and a noisy row (largest sigma): input + GT, b and u, s_1, pixel-wise u."""
     labels, structures = split["labels"], data["structures"]
     picks = common.pick_examples(split["images"].shape[0], args.figure_images, labels)
     subset = {k: (v[picks] if torch.is_tensor(v) else v) for k, v in split.items()}
@@ -883,9 +850,8 @@ def figure_fig3(model, split, spec, data, norm, args, device, path):
 # ============================================= main ===============================================
 
 def mask_structures(mask_names):
-    """{structure: class-index mask -> bool mask}. Fundus (a "cup" class): disc = rim + cup (REFUGE's disc), cup,
-    rim = label 1 (the UML authors' "disc"); binary: the foreground ("tumor" for a tumour or lesion); else one
-    per foreground class."""
+    """{structure: class-index mask -> bool mask}. Fundus: disc = rim + cup (REFUGE's), cup, rim = label 1
+    (the authors' "disc"); binary: the foreground ("tumor" for a tumour or lesion); else each foreground."""
     names = [n.lower() for n in mask_names]
     if "cup" in names:
         cup = names.index("cup")
@@ -931,31 +897,16 @@ def load_model(checkpoint_path, device="cpu"):
                             extra={"spec": spec})  # letterboxed, as in training
 
 
-@torch.no_grad()
 def predict_batch(predictor, images):
     """uint8 [B,3,S,S] -> {"mask": s_1's classes (all background for EC, which does not segment),
     "maps": {"uncertainty": pixel-wise U^s}, "rows": predicted class, belief per class and u}."""
     spec, device = predictor.extra["spec"], torch.device(predictor.device)
-    with common.autocast(device, predictor.args.amp):
-        out = read_outputs(predictor.model(model_input(images, predictor.norm, device)), spec)
+    out = forward_split(predictor.model, {"images": images}, spec, predictor.norm, predictor.args, device)
     rows = [{"class": predictor.class_names[int(p.argmax())], "uncertainty": float(u),
              **{f"belief_{n}": float(v) for n, v in zip(predictor.class_names, belief)}}
             for p, belief, u in zip(out["prob"], out["belief"], out["uncertainty"])] if spec.classify else None
-    mask = out["seg"] if spec.segment else torch.zeros(images[:, 0].shape, dtype=torch.long, device=device)
+    mask = out["seg"] if spec.segment else torch.zeros(images[:, 0].shape, dtype=torch.long)
     return {"mask": mask, "maps": {"uncertainty": out["pixel_uncertainty"]} if spec.segment else {}, "rows": rows}
-
-
-def main_row(args):
-    """(name, spec) of the row named by --method, the ablation flags and --deep-supervision."""
-    name, spec = next((n, spec) for n, (slug, spec) in ROWS.items() if slug == args.method)
-    if args.method == "uml":  # an ablation is the Table 3 row with the same components, if any
-        spec = replace(spec, mutual_decoder=args.mutual_decoder, instructor=args.uncertainty_instructor,
-                       navigator=args.uncertainty_navigator)
-        off = [k for k, on in (("MD", spec.mutual_decoder), ("UI", spec.instructor), ("UN", spec.navigator)) if not on]
-        name = next((n for n, (_, r) in ROWS.items() if r == spec), "UML" + "".join(f" -{k}" for k in off))
-    if not args.deep_supervision and spec.segment:
-        spec, name = replace(spec, deep_supervision=False), name + " (s_1 only)"
-    return name, spec
 
 
 def main(argv=None):
@@ -963,15 +914,23 @@ def main(argv=None):
     vars(args).setdefault("command", "python uml.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.predict:
         return common.run_predict(args, load_model, predict_batch, SCRIPT)
-    main_name, main_spec = main_row(args)
-    seeds, checkpoint = common.seed_list(args), None
+    seeds = common.seed_list(args)
     if args.eval_only:  # any row's checkpoint (e.g. BCS-seed0/best.pt) says which row it is
         checkpoint = common.load_checkpoint(args.checkpoint, SCRIPT)
         common.restore_architecture(args, checkpoint, ARCHITECTURE_ARGS)
         main_name, main_spec, seeds = checkpoint["row"], ModelSpec(**checkpoint["spec"]), [checkpoint["seed"]]
+    else:  # --method's row; an ablation is the Table 3 row with the same components, if any
+        main_name, main_spec = next((n, spec) for n, (slug, spec) in ROWS.items() if slug == args.method)
+        if args.method == "uml":
+            main_spec = replace(main_spec, mutual_decoder=args.mutual_decoder,
+                                instructor=args.uncertainty_instructor, navigator=args.uncertainty_navigator)
+            off = "".join(f" -{k}" for k, part in COMPONENTS.items() if not getattr(main_spec, part))
+            main_name = next((n for n, (_, r) in ROWS.items() if r == main_spec), "UML" + off)
+        if not args.deep_supervision and main_spec.segment:
+            main_spec, main_name = replace(main_spec, deep_supervision=False), main_name + " (s_1 only)"
     specs = {**{name: spec for name, (_, spec) in ROWS.items()}, main_name: main_spec}
     wanted = [main_name] if args.eval_only else list(dict.fromkeys(
-        [main_name] + [n for t in (1, 2, 3) if getattr(args, f"table{t}") for n in TABLE_ROWS[t]]))
+        [main_name] + [n for t, (rows, _, _) in TABLES.items() if getattr(args, f"table{t}") for n in rows]))
     jobs = [(name, seed) for name in wanted for seed in seeds]
     run, datasets = common.open_run(args, SCRIPT, n_jobs=len(jobs)), {}
 
@@ -981,18 +940,18 @@ def main(argv=None):
         data = datasets[job.seed] = datasets.get(job.seed) or load_data(args, device, job.seed)
         if data["test"]["labels"] is None and spec.classify:
             raise common.UsageError(f"{args.dataset} has no image labels; only --method tbrats can run on it")
-        model = build_model(spec, args, data["n_classes"], data["n_seg_classes"])
-        if args.eval_only:
-            norm = tuple(t.float().to(device) for t in checkpoint["normalization"])
-            common.load_model_state(model, checkpoint["model"])
-        elif args.pretrained_vgg or args.pretrained_res2net:  # ImageNet weights expect ImageNet's statistics
-            norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
-            load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
+        if args.eval_only:  # the checkpoint's network, weights and normalisation
+            predictor = load_model(args.checkpoint, device)
+            model, norm = common.prepare_model(predictor.model, run), predictor.norm
         else:
-            norm = tuple(t.to(device) for t in common.channel_stats(data["train"]["images"], data["train"]["valid"]))
-        model = common.prepare_model(model, run)
-        if not args.eval_only:
-            model = train_row(job, model, spec, data, norm)
+            model = build_model(spec, args, data["n_classes"], data["n_seg_classes"])
+            if args.pretrained_vgg or args.pretrained_res2net:  # ImageNet weights expect its statistics
+                norm = (torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device))
+                load_imagenet_weights(model, args.pretrained_vgg, args.pretrained_res2net)
+            else:  # the training images' channel means and standard deviations
+                train = data["train"]
+                norm = tuple(t.to(device) for t in common.channel_stats(train["images"], train["valid"]))
+            model = train_row(job, common.prepare_model(model, run), spec, data, norm)
         clean, metrics = min(args.noise_sigmas, key=abs), {}
         for sigma in args.noise_sigmas:  # Table 2: the same model under noise; its metrics keyed "sigma=0.05/..."
             values, extra = evaluate(model, data["test"], spec, data, norm, args, device, sigma, job.seed)
@@ -1006,9 +965,7 @@ def main(argv=None):
     summary = common.run_jobs(run, jobs, train_and_test)
     if summary is None:  # torchrun: another process writes the results
         return None
-    table = build_table(summary, args, main_name, specs)
-    metrics = at_sigma(common.row_metrics(next(r for r in summary if r["row"] == main_name)), "")  # clean inputs
-    common.write_results(run, metrics, table, results_markdown(table, args))
+    write_report(run, summary, main_name, specs)
     return run.dir
 
 
