@@ -1,21 +1,20 @@
 """Multi-task U-Net for skin lesion segmentation and 3-class diagnosis (joint_unet.py).
 
-Paper: MSc thesis (extended abstract), Instituto Superior Tecnico, on a multi-task U-Net segmenting and classifying
-skin lesions in the dermoscopy images of ISIC 2017; the author's code: https://github.com/franciscosenae/Tese.
-Sections, equations and tables below are the thesis' (../shared/papers/joint_unet.txt).
+Paper: MSc thesis (extended abstract), Instituto Superior Tecnico (../shared/papers/joint_unet.txt: the sections,
+equations and tables cited below); the author's code: https://github.com/franciscosenae/Tese.
 
-Idea. A U-Net (Ronneberger et al. 2015) segments the lesion; a small fully connected head on the same encoder's
-lowest-resolution features classifies it as nevus, melanoma or seborrheic keratosis. Trained separately (task `seg`
-switches the head off, `cls` the decoder) or jointly with one loss weighing both (task `joint`, Eq. 4), the thesis
-asks whether sharing the encoder helps either task, and tests transfer: freeze a segmentation network, train only
-the classification layers (hypothesis 1, Sec. XVI.B). On the ISIC 2017 test set the separate models reach JAC 70.6
-/ BACC 64.1, the joint model JAC 66.3 / BACC 59.6: no gain, half the compute.
+Idea. A U-Net (Ronneberger et al. 2015) segments the lesion in dermoscopy images of ISIC 2017; a small fully
+connected head on the same encoder's lowest-resolution features classifies it as nevus, melanoma or seborrheic
+keratosis. Trained separately (task `seg` switches the head off, `cls` the decoder) or jointly, one loss weighing
+both (task `joint`, Eq. 4): does sharing the encoder help either task? Hypothesis 1 (Sec. XVI.B): freeze a
+segmentation network, train only the head. ISIC 2017 test set: separate models JAC 70.6 / BACC 64.1, the joint
+model JAC 66.3 / BACC 59.6: no gain, half the compute.
 
 Paper -> code
     Sec. V, Fig. 2      original U-Net (no BatchNorm), valid (572 -> 388) or same  thesis_unet(), valid_geometry()
     Sec. VI, Tab. VII   max pool, flatten, dropout, FC, dropout, FC 3             ClassificationHead
     Sec. VII, Fig. 4    fused model; seg / cls switch a branch off                MultiTaskUNet, BRANCHES
-    Eq. 2; 3 and 12     binary cross-entropy; class-weighted cross-entropy        segmentation_loss(), class_weights(),
+    Eq. 2; 3 and 12     binary cross-entropy; class-weighted cross-entropy        segmentation_loss(); class_weights(),
                                                                                   classification_loss()
     Eq. 4               L = a L_seg + (1 - a) L_cls; seg: a = 1, cls: a = 0        joint_loss(), task_alpha()
     Sec. VIII; IX       scale, border padding, normalise; threshold, closing,     preprocess(), network_geometry();
@@ -33,42 +32,40 @@ Usage (--seeds 0,1,2, --eval-only, --resume and torchrun as in every script of t
     python joint_unet.py --task seg       # Table VI;  --task cls: Table IX
     python joint_unet.py --alpha-sweep 0.1,0.3,0.5,0.7,0.8,0.9       # Table XI (and XII: its best row)
     python joint_unet.py --task seg --out runs/seg && python joint_unet.py --transfer runs/seg/seg-seed0/best.pt
-    python joint_unet.py --data isic2017 --root /data/ISIC2017 --device cuda  # the thesis' settings: valid U-Net
-                                          # 572 -> 388, no BatchNorm, width 32, batch 2/8/8, 100 epochs
+    python joint_unet.py --data isic2017 --root /data/ISIC2017 --device cuda  # the thesis' settings (--help)
     python joint_unet.py --predict images/ --checkpoint runs/x/joint-seed0/best.pt  # masks, entropy, classes
 
 Deviations (ambiguities resolved, and why)
     - Eq. 4 is printed L = a L1 + (a - 1) L2, a sign typo (a < 1 would maximise L2); the text ("a = 1 trains
       segmentation only, 0.5 gives both the same relevance") reads L = a L1 + (1 - a) L2. a defaults to 0.8, the
       thesis' final joint model (Tables XI, XII, XIV), so that the default comparison sets like beside like.
-    - BatchNorm: none, as in the original U-Net the thesis builds (seg trains at batch 2); --batchnorm adds it. Init
-      (unprinted): He normal, biases 0, as the original U-Net (torch's default shrinks the signal ~six-fold per layer
-      through 18 ReLU convolutions); the head keeps torch's. Every task's model holds both branches (one checkpoint
-      layout: --transfer reads a seg model's U-Net), runs its task's and prints their parameter count.
-    - Head pooling: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom) without printing the
-      winner. Table X's 50M parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC
-      1024, the default (Table VII's "10...42M": FC 256...1024). Too large a pool is refused, not clamped. First FC
-      with ReLU (unprinted). Dropout ("true"): one layer (--dropout 0.5) at the end of the contracting path, as in
-      the original U-Net; the head reads the bottleneck before it and has its own two (Table VII).
+    - No BatchNorm, as the original U-Net (seg trains at batch 2; --batchnorm adds it); its init (unprinted): He
+      normal, biases 0 (torch's default shrinks the signal ~six-fold per layer through 18 ReLU convolutions); the
+      head keeps torch's. Every task's model holds both branches (--transfer reads a seg model's U-Net) and prints
+      the parameter count of those its task runs.
+    - Head: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom), winner unprinted. Table X's 50M
+      parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC 1024, the default
+      (Table VII's "10...42M": FC 256...1024); too large a pool is refused, not clamped. First FC with ReLU
+      (unprinted). Dropout ("true"): one (--dropout 0.5) ends the contracting path, as in the original U-Net; the
+      head reads the bottleneck before it and has its own two.
     - Eq. 3 weighted by Eq. 12 as Keras' class_weight: the batch mean of W_{y_i} CE_i (torch divides by the sum of
-      weights). Eq. 2: the mean BCE over pixels (the thesis: a sum). Augmentation (Tables V, VIII: "used"): the
-      author's code's random flips and right-angle rotations (the 8 symmetries of the square, uniformly).
-      Normalisation (Sec. VIII, unspecified): per-channel mean and std of the training images (the author's: / 255).
-    - Pre-processing (Sec. VIII): pad to a square (common.load_dataset's letterbox), "extra padding for the lesion
-      border" (amount unprinted), resize to 572. The valid U-Net's extra padding makes its 388 output cover the
-      canvas: scaled to the output side, padded by (in - out) / 2 per side (mirrored as the U-Net's overlap-tile,
-      or the mean: --border-mode constant); masks are scaled to the output side. Synthetic images of side S get the
-      smallest valid input whose output >= S (64 -> 252 in, 68 out).
-    - "Original resolution restore" (Sec. IX): --predict maps the mask back to each image's own size; evaluation
-      measures JAC on the canvas over the image's own pixels (the datasets keep true masks only at --size).
-      Post-processing sizes (unprinted): a --closing-size square (5 px) closing, 8-connected largest component,
-      4-connected flood fill of the background from the border.
-    - The lr schedule is Keras' ReduceLROnPlateau on the epoch's mean training loss (the thesis used Keras): it
-      drops after the 5th stale epoch in a row (torch's patience=5 waits a sixth), "lower" by > min_delta 1e-4.
-    - Best epoch: validation JAC after post-processing (Table V); for joint, Mean Performance with that JAC (Table
-      XIV: 70.8 = (67.5 + 74.0) / 2). Table XII is the a sweep's best row by it, whose test numbers are the run's.
+      weights). Eq. 2: mean BCE over pixels (the thesis: a sum). Augmentation (Tables V, VIII: "used"): the author's
+      random flips and right-angle rotations (the square's 8 symmetries, uniformly). Normalisation (unspecified):
+      per-channel mean and std of the training images (the author's: / 255).
+    - Sec. VIII: pad to a square (common.load_dataset's letterbox), "extra padding for the lesion border"
+      (unprinted), resize to 572: the image is scaled to the valid U-Net's output side and padded by (in - out) / 2
+      per side (mirrored as the U-Net's overlap-tile, or the mean: --border-mode constant), so that the output
+      covers it; masks are scaled to the output side. Synthetic images of side S get the smallest valid input
+      whose output >= S (64 -> 252 in, 68 out).
+    - Sec. IX (sizes unprinted): a --closing-size square (5 px) closing, 8-connected largest component,
+      4-connected hole filling. "Original resolution restore": --predict maps the mask back to each image's own
+      size; evaluation measures JAC on the canvas over the image's own pixels (true masks exist only at --size).
+    - lr: Keras' ReduceLROnPlateau on the epoch's mean training loss (the thesis used Keras): it drops after the
+      5th stale epoch in a row (torch's patience=5 waits a sixth), "lower" by > min_delta 1e-4.
+    - Best epoch: validation JAC after post-processing (Table V); joint: Mean Performance with that JAC (Table XIV:
+      70.8 = (67.5 + 74.0) / 2). Table XII is the a sweep's best row by it, whose test numbers are the run's.
     - Epochs ("a fixed number", unprinted): 100 on real data (Table XI's best epochs reach 90). Synthetic defaults
-      are CPU-sized (size 64, width 8, batch 16, 40 epochs, same padding), said so in --help. Metrics in percent.
+      are CPU-sized (size 64, width 8, batch 16, 40 epochs, same padding; --help). Metrics in percent.
 """
 import argparse
 
@@ -394,22 +391,16 @@ def largest_connected_component(mask):
     return mask.bool() & (labels == keep)
 
 
-def fill_holes(mask, check_every=16):
+def fill_holes(mask):
     """Sec. IX step 4, flood filling: background not 4-connected to the image border becomes lesion, as scipy's
-    binary_fill_holes. A geodesic dilation from the border's background, one 4-connected step at a time through
-    the background, until it stops changing (checked every `check_every` steps: fewer host syncs)."""
-    background = ~mask.bool()
-    reached = torch.zeros_like(background)  # the seeds: background pixels on the image border
-    reached[:, 0], reached[:, -1], reached[:, :, 0], reached[:, :, -1] = True, True, True, True
-    reached &= background
-    while True:
-        before = reached
-        for _ in range(check_every):  # one 4-connected dilation step (3x3 cross), kept to the background
-            p = F.pad(reached, (1, 1, 1, 1))  # the outside adds nothing; p[:, 1:-1, 1:-1] is `reached`
-            reached = background & (reached | p[:, :-2, 1:-1] | p[:, 2:, 1:-1] | p[:, 1:-1, :-2] | p[:, 1:-1, 2:])
-        if torch.equal(before, reached):
-            break
-    return mask.bool() | (background & ~reached)  # unreached background = holes
+    binary_fill_holes: the holes are the background's 4-connected components that touch no border."""
+    labels = common.label_components(~mask.bool(), connectivity=4).long()  # [N,H,W], 0 = lesion
+    n, k = labels.shape[0], int(labels.max()) + 1
+    border = torch.cat([labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]], 1)  # [N, 2H + 2W]
+    offset = torch.arange(n, device=labels.device).view(n, 1) * k  # image i's labels: i*k .. i*k + k - 1
+    reaches_border = torch.zeros(n * k, dtype=torch.bool, device=labels.device)
+    reaches_border[(border + offset).flatten()] = True
+    return mask.bool() | ~reaches_border[labels + offset.view(n, 1, 1)]  # lesion, or background that is a hole
 
 
 def restore_resolution(mask, size):
@@ -706,66 +697,57 @@ def figure_comparison(table, path):
     common.save_figure(fig, path)
 
 
-def publish(run, heading, body, row, table):
-    """results.md (heading, seeds, body) and results.json (the table; as "metrics" the test numbers of `row`,
-    means over seeds with _se, or its validation numbers when the data has no test split); prints it."""
-    numbers = {k: v for k, v in common.row_metrics(row).items()
+def report(run, table):
+    """results.md, results.json and the figures of the run's table: the a sweep (Tables XI, XII), separate vs joint
+    models (Sec. XVI, abstract) or one task's tables (VI, IX, XIV; also --transfer, --eval-only). "metrics" holds
+    the main row's test numbers (means over seeds, with _se; validation ones when the data has no test split)."""
+    args, class_names = run.args, table[-1]["class_names"]
+    if args.alpha_sweep:  # Table XI; Table XII, the main row, is its best by validation Mean Performance
+        for row, alpha in zip(table, args.alpha_sweep):
+            row["alpha"] = alpha
+        heading, main = "a sweep", max(table, key=lambda r: r["val_mean_performance"])
+        columns = [("Epoch", "best_epoch"), ("Mean Performance", "val_mean_performance"),
+                   ("JAC", "val_jaccard_post"), ("BACC", "val_balanced_accuracy"), ("Test MP", "mean_performance"),
+                   ("Test JAC", "jaccard_post"), ("Test BACC", "balanced_accuracy")]
+        lines = [{"a": r["alpha"], **{h: _cell(r, k) for h, k in columns}} for r in table]
+        body = (common.markdown_table(lines, ["a"] + [h for h, _ in columns], {"a": "{:g}"},
+                                      title="Table XI: values tested for a (validation at the best epoch; test "
+                                            "alongside) (%)")
+                + f"\nTable XII (best multi-task model): a = {main['alpha']:g}, the highest validation "
+                  "Mean Performance.")
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        for header, key in columns[1:4]:  # validation Mean Performance, JAC, BACC
+            ax.errorbar(args.alpha_sweep, [r[key] for r in table], yerr=[r.get(f"{key}_se", 0.0) for r in table],
+                        marker="o", capsize=3, label=header)
+        ax.set(xlabel="a (Eq. 4)", ylabel="validation (%)")
+        ax.legend()
+        common.save_figure(fig, run.figures / "alpha_sweep.png")
+    elif args.task == "compare":  # the main row: the joint model
+        labels = {"seg": "separate segmentation", "cls": "separate classification", "joint": "joint"}
+        lines = [{"Model": labels[task] + (f" (a = {args.alpha:g})" if task == "joint" else ""),
+                  "JAC": _cell(r, "jaccard_post"), "BACC": _cell(r, "balanced_accuracy"),
+                  "Thesis JAC": THESIS[task].get("jaccard_post"), "Thesis BACC": THESIS[task].get("balanced_accuracy")}
+                 for r, task in zip(table, TASKS)]
+        title = (f"Test set, JAC after post-processing (%); this run's joint model: a = {args.alpha:g}; "
+                 "thesis: ISIC 2017, its joint model at a = 0.8 (Tables XI, XIV)")
+        body = (common.markdown_table(lines, ["Model", "JAC", "BACC", "Thesis JAC", "Thesis BACC"],
+                                      {"Thesis JAC": "{:.1f}", "Thesis BACC": "{:.1f}"}, title=title) + "\n\n"
+                + "\n\n".join(task_table(task, r, class_names) for r, task in zip(table, TASKS)))
+        for row, task in zip(table, TASKS):
+            row["task"], row["row"] = task, labels[task]
+        heading, main = "separate vs joint models", table[-1]
+        figure_comparison(table, run.figures / "separate_vs_joint.png")
+    else:
+        heading, (main,) = f"task {args.task}", table
+        body = task_table(args.task, main, class_names)
+    numbers = {k: v for k, v in common.row_metrics(main).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("best_epoch")}
     split = "test" if any(not k.startswith("val_") for k in numbers) else "val"
     metrics = {k.removeprefix("val_"): v for k, v in numbers.items() if k.startswith("val_") == (split == "val")}
-    seeds = common.seed_list(run.args)
+    seeds = common.seed_list(args)
     note = (f"Mean ± standard error over {len(seeds)} seeds ({', '.join(map(str, seeds))}).\n\n"
             if len(seeds) > 1 else "")
     common.write_results(run, metrics, table, f"# {SCRIPT}: {heading}\n\n{note}{body}\n", split)
-
-
-def report_task(run, table):
-    """--task seg | cls | joint (Tables VI, IX, XIV), --transfer (hypothesis 1) or --eval-only: one row."""
-    (row,) = table
-    publish(run, f"task {run.args.task}", task_table(run.args.task, row, row["class_names"]), row, table)
-
-
-def report_compare(run, table):
-    """Separate segmentation and classification models vs the joint model (Sec. XVI, abstract)."""
-    labels = {"seg": "separate segmentation", "cls": "separate classification", "joint": "joint"}
-    alpha = run.args.alpha
-    lines = [{"Model": labels[task] + (f" (a = {alpha:g})" if task == "joint" else ""),
-              "JAC": _cell(r, "jaccard_post"), "BACC": _cell(r, "balanced_accuracy"),
-              "Thesis JAC": THESIS[task].get("jaccard_post"), "Thesis BACC": THESIS[task].get("balanced_accuracy")}
-             for r, task in zip(table, TASKS)]
-    title = (f"Test set, JAC after post-processing (%); this run's joint model: a = {alpha:g}; "
-             "thesis: ISIC 2017, its joint model at a = 0.8 (Tables XI, XIV)")
-    body = (common.markdown_table(lines, ["Model", "JAC", "BACC", "Thesis JAC", "Thesis BACC"],
-                                  {"Thesis JAC": "{:.1f}", "Thesis BACC": "{:.1f}"}, title=title) + "\n\n"
-            + "\n\n".join(task_table(task, r, table[-1]["class_names"]) for r, task in zip(table, TASKS)))
-    for row, task in zip(table, TASKS):
-        row["task"], row["row"] = task, labels[task]
-    publish(run, "separate vs joint models", body, table[-1], table)
-    figure_comparison(table, run.figures / "separate_vs_joint.png")
-
-
-def report_alpha_sweep(run, table):
-    """Table XI: one joint model per a; Table XII is its best row by validation Mean Performance (the run's metrics)."""
-    alphas = run.args.alpha_sweep
-    for row, alpha in zip(table, alphas):
-        row["alpha"] = alpha
-    columns = [("Epoch", "best_epoch"), ("Mean Performance", "val_mean_performance"), ("JAC", "val_jaccard_post"),
-               ("BACC", "val_balanced_accuracy"), ("Test MP", "mean_performance"), ("Test JAC", "jaccard_post"),
-               ("Test BACC", "balanced_accuracy")]
-    lines = [{"a": r["alpha"], **{h: _cell(r, k) for h, k in columns}} for r in table]
-    best = max(table, key=lambda r: r["val_mean_performance"])
-    body = (common.markdown_table(lines, ["a"] + [h for h, _ in columns], {"a": "{:g}"},
-                                  title="Table XI: values tested for a (validation at the best epoch; test "
-                                        "alongside) (%)")
-            + f"\nTable XII (best multi-task model): a = {best['alpha']:g}, the highest validation Mean Performance.")
-    publish(run, "a sweep", body, best, table)
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for header, key in columns[1:4]:  # validation Mean Performance, JAC, BACC
-        ax.errorbar(alphas, [r[key] for r in table], yerr=[r.get(f"{key}_se", 0.0) for r in table],
-                    marker="o", capsize=3, label=header)
-    ax.set(xlabel="a (Eq. 4)", ylabel="validation (%)")
-    ax.legend()
-    common.save_figure(fig, run.figures / "alpha_sweep.png")
 
 
 # ========== Predict: a trained model on a user's own images (--predict, or from Python) ===========
@@ -815,7 +797,6 @@ def main(argv=None):
     table = common.run_jobs(run, jobs, lambda job: train_and_test(job, rows[job.row], datasets))
     if table is None:  # torchrun: another process writes the report
         return
-    report = report_alpha_sweep if args.alpha_sweep else report_compare if args.task == "compare" else report_task
     report(run, table)
 
 
