@@ -11,7 +11,7 @@ segmentation network, train only the head. ISIC 2017 test set: separate models J
 model JAC 66.3 / BACC 59.6: no gain, half the compute.
 
 Paper -> code
-    Sec. V, Fig. 2      original U-Net (no BatchNorm), valid (572 -> 388) or same  thesis_unet(), valid_geometry()
+    Sec. V, Fig. 2      original U-Net (no BatchNorm), valid (572 -> 388) or same  thesis_unet(), network_geometry()
     Sec. VI, Tab. VII   max pool, flatten, dropout, FC, dropout, FC 3             ClassificationHead
     Sec. VII, Fig. 4    fused model; seg / cls switch a branch off                MultiTaskUNet, BRANCHES
     Eq. 2; 3 and 12     binary cross-entropy; class-weighted cross-entropy        segmentation_loss(); class_weights(),
@@ -81,12 +81,10 @@ TASKS = ("seg", "cls", "joint")
 THESIS = {"seg": {"jaccard_post": 70.6}, "cls": {"balanced_accuracy": 64.1},  # ISIC 2017 test set, percent
           "joint": {"jaccard_post": 66.3, "balanced_accuracy": 59.6}}          # (Tables VI, IX, XIV)
 PAPER_BATCH = {"seg": 2, "cls": 8, "joint": 8}  # Tables V, VIII, X
+UNIT = common.checked(float, low=0, high=1)  # a weight or a dropout probability in [0, 1]
 
 
 # =========================================== Arguments ============================================
-
-UNIT = common.checked(float, low=0, high=1)  # a weight or a dropout probability in [0, 1]
-
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -189,34 +187,26 @@ def batch_size_for(args, task):
 
 # ============================ The method: model (Sec. V-VII) and losses ============================
 
-def valid_geometry(depth, bottleneck):
-    """Sides of the unpadded U-Net (Sec. V, Fig. 2), in closed form from its bottleneck side b.
-
-    A block of two 3x3 valid convolutions removes 4 pixels, a 2x2 max pooling halves, a 2x2
-    up-convolution doubles. Down from an input n, level k leaves its block at (n + 4) / 2^k - 8, so
-    b = (n + 4) / 2^d - 8 (d = depth); up from b, level k leaves its block at 2^k (b - 4) + 4. Hence
-        input n = 2^d (b + 8) - 4,   output o = 2^d (b - 4) + 4,   n - o = 12 * 2^d - 8 (split evenly).
-    The original U-Net (d = 4, b = 28): n = 572, o = 388, 572 - 388 = 2 * 92. Any whole b gives even
-    sides before every pooling; the network fits while o >= 1 (b >= 4 from depth 2 on)."""
-    return {"input": 2 ** depth * (bottleneck + 8) - 4, "output": 2 ** depth * (bottleneck - 4) + 4,
-            "bottleneck": bottleneck}
-
-
 def network_geometry(size, depth, padding, input_size=None):
-    """Input, output and bottleneck sides of the U-Net for images of side `size`; ValueError if it does not fit."""
+    """Input, output and bottleneck sides of the U-Net (Sec. V, Fig. 2) for images of side `size`; ValueError if it
+    does not fit. Valid padding: two 3x3 convolutions remove 4 pixels, a 2x2 pooling halves, a 2x2 up-convolution
+    doubles; down from the input n, level k's block ends at (n + 4) / 2^k - 8, up from the bottleneck b at
+    2^k (b - 4) + 4: n = 2^d (b + 8) - 4, o = 2^d (b - 4) + 4, n - o = 12 * 2^d - 8 (split evenly; d = depth), e.g.
+    572 -> 388 (d = 4, b = 28). Whole b: even sides before every pooling; it fits while o >= 1 (b >= 4 from d = 2)."""
     if padding == "same":
         if size % 2 ** depth:
             raise ValueError(f"--size {size} must be divisible by 2^depth = {2 ** depth} with same padding")
         return {"input": size, "output": size, "bottleneck": size // 2 ** depth}
-    if input_size is not None:  # n = 2^d (b + 8) - 4 must hold for a whole b, with o >= 1
-        geometry = valid_geometry(depth, (input_size + 4) // 2 ** depth - 8)
-        if geometry["input"] != input_size or geometry["output"] < 1:
-            raise ValueError(f"--input-size {input_size} does not fit the valid U-Net of depth {depth}: not 2^{depth} "
-                             f"(b + 8) - 4 for a whole b with output 2^{depth} (b - 4) + 4 >= 1 (depth 4: 572)")
-        return geometry
-    # the smallest input whose output covers the image (Sec. VIII): o = 2^d (b - 4) + 4 >= size, i.e.
-    # b = 4 + ceil((size - 4) / 2^d); --size 388 -> b = 4 + 24 = 28 -> 572 in, 388 out
-    return valid_geometry(depth, 4 + -(-(size - 4) // 2 ** depth))
+    if input_size is None:  # the smallest input whose output covers the image (Sec. VIII): o >= size, i.e.
+        bottleneck = 4 + -(-(size - 4) // 2 ** depth)  # b = 4 + ceil((size - 4) / 2^d); 388 -> 28 -> 572 in
+    else:
+        bottleneck = (input_size + 4) // 2 ** depth - 8
+    geometry = {"input": 2 ** depth * (bottleneck + 8) - 4, "output": 2 ** depth * (bottleneck - 4) + 4,
+                "bottleneck": bottleneck}
+    if input_size is not None and (geometry["input"] != input_size or geometry["output"] < 1):
+        raise ValueError(f"--input-size {input_size} does not fit the valid U-Net of depth {depth}: not 2^{depth} "
+                         f"(b + 8) - 4 for a whole b with output 2^{depth} (b - 4) + 4 >= 1 (depth 4: 572)")
+    return geometry
 
 
 def check_pool(pool, side):
@@ -451,12 +441,14 @@ def keras_reduce_lr_on_plateau(optimizer, factor, patience):
 
 def infer(model, images, args, geometry, mean, std, device):
     """uint8 images [B,3,S,S] -> what evaluation and --predict see of the branches the model runs: {"prob": lesion
-    probability [B,o,o], "pred_post": post-processed mask [B,S,S] (Sec. IX), "probs": class probabilities [B,C]}."""
+    probability [B,o,o], "pred_raw" and "pred_post": the mask before and after Sec. IX [B,S,S], "probs": class
+    probabilities [B,C]}."""
     with common.autocast(device, args.amp):
         outputs = model(preprocess(images, mean, std, geometry, args.border_mode))
     out = {}
     if "seg" in outputs:
         out["prob"] = torch.sigmoid(outputs["seg"].float())                                        # [B, o, o]
+        out["pred_raw"] = restore_resolution(out["prob"] > 0.5, args.size)  # before post-processing (Table VI)
         out["pred_post"] = restore_resolution(postprocess(out["prob"], args.closing_size), args.size)
     if "cls" in outputs:
         out["probs"] = torch.softmax(outputs["cls"].float(), dim=1)                               # Eq. 1, [B, C]
@@ -473,10 +465,8 @@ def evaluate(model, split, args, geometry, mean, std, device):
     model.eval()
     parts = []
     for batch in common.iterate_batches(split, batch_size_for(args, args.task) * 2, shuffle=False):
-        out = infer(model, batch["images"], args, geometry, mean, std, device)
-        if "prob" in out:  # the mask before post-processing (Table VI); the probabilities are not kept
-            out["pred_raw"] = restore_resolution(out.pop("prob") > 0.5, args.size)
-        parts.append(out)
+        parts.append(infer(model, batch["images"], args, geometry, mean, std, device))
+        parts[-1].pop("prob", None)  # the masks are kept, not the lesion probabilities
     outputs = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     metrics = {}
     if "pred_post" in outputs:
@@ -567,15 +557,6 @@ def load_data(args):
     if "train" not in data or "val" not in data:
         raise common.UsageError(f"{name}: training needs train and val splits, found {sorted(data)}")
     return data
-
-
-def table_rows(args):
-    """The rows of the run's table, {row name (its jobs' folder name): its changes to the arguments}."""
-    if args.alpha_sweep:  # Table XI
-        return {f"alpha={a:g}": {"task": "joint", "alpha": a} for a in args.alpha_sweep}
-    if args.task == "compare":  # Sec. XVI
-        return {task: {"task": task} for task in TASKS}
-    return {args.task: {}}
 
 
 def train_and_test(job, changes, datasets):
@@ -681,26 +662,9 @@ def figure_examples(split, outputs, path, n_each=3):
     common.save_figure(fig, path)
 
 
-def figure_comparison(table, path):
-    """Separate vs joint test JAC and BACC (mean ± SE over seeds), next to the thesis' ISIC 2017 numbers."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, (metric, key) in zip(axes, (("JAC", "jaccard_post"), ("BACC", "balanced_accuracy"))):
-        shown = [r for r in table if r.get(key) is not None]
-        positions = range(len(shown))
-        ax.bar([p - 0.2 for p in positions], [r[key] for r in shown], 0.4, label="this run",
-               yerr=[r.get(f"{key}_se", 0.0) for r in shown], capsize=3)
-        ax.bar([p + 0.2 for p in positions], [THESIS[r["task"]][key] for r in shown], 0.4, label="thesis (ISIC 2017)")
-        ax.set_xticks(list(positions), [r["row"].replace("separate ", "separate\n") for r in shown])
-        ax.set(ylabel=f"test {metric} (%)", ylim=(0, 100))
-    axes[0].legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    common.save_figure(fig, path)
-
-
 def report(run, table):
-    """results.md, results.json and the figures of the run's table: the a sweep (Tables XI, XII), separate vs joint
-    models (Sec. XVI, abstract) or one task's tables (VI, IX, XIV; also --transfer, --eval-only). "metrics" holds
-    the main row's test numbers (means over seeds, with _se; validation ones when the data has no test split)."""
+    """results.md, results.json and the figures of the a sweep (Tables XI, XII), separate vs joint models (Sec. XVI)
+    or one task (Tables VI, IX, XIV); "metrics": the main row's test (else validation) numbers, mean and _se."""
     args, class_names = run.args, table[-1]["class_names"]
     if args.alpha_sweep:  # Table XI; Table XII, the main row, is its best by validation Mean Performance
         for row, alpha in zip(table, args.alpha_sweep):
@@ -736,7 +700,19 @@ def report(run, table):
         for row, task in zip(table, TASKS):
             row["task"], row["row"] = task, labels[task]
         heading, main = "separate vs joint models", table[-1]
-        figure_comparison(table, run.figures / "separate_vs_joint.png")
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))  # test JAC and BACC beside the thesis' ISIC 2017 numbers
+        for ax, (metric, key) in zip(axes, (("JAC", "jaccard_post"), ("BACC", "balanced_accuracy"))):
+            shown = [r for r in table if r.get(key) is not None]
+            positions = range(len(shown))
+            ax.bar([p - 0.2 for p in positions], [r[key] for r in shown], 0.4, label="this run",
+                   yerr=[r.get(f"{key}_se", 0.0) for r in shown], capsize=3)
+            ax.bar([p + 0.2 for p in positions], [THESIS[r["task"]][key] for r in shown], 0.4,
+                   label="thesis (ISIC 2017)")
+            ax.set_xticks(list(positions), [r["row"].replace("separate ", "separate\n") for r in shown])
+            ax.set(ylabel=f"test {metric} (%)", ylim=(0, 100))
+        axes[0].legend(loc="lower left", fontsize=8)
+        fig.tight_layout()
+        common.save_figure(fig, run.figures / "separate_vs_joint.png")
     else:
         heading, (main,) = f"task {args.task}", table
         body = task_table(args.task, main, class_names)
@@ -790,7 +766,13 @@ def main(argv=None):
     if args.predict:  # a trained model on a user's images
         common.run_predict(args, load_model, predict_batch, SCRIPT)
         return
-    rows = table_rows(args)
+    # the rows of the run's table, {row name (its jobs' folder name): its changes to the arguments}
+    if args.alpha_sweep:  # Table XI
+        rows = {f"alpha={a:g}": {"task": "joint", "alpha": a} for a in args.alpha_sweep}
+    elif args.task == "compare":  # Sec. XVI
+        rows = {task: {"task": task} for task in TASKS}
+    else:
+        rows = {args.task: {}}
     jobs = [(row, seed) for row in rows for seed in common.seed_list(args)]
     run = common.open_run(args, SCRIPT, n_jobs=len(jobs))
     datasets = {}  # seed -> dataset, shared by the rows
