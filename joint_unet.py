@@ -3,12 +3,11 @@
 Paper: MSc thesis (extended abstract), Instituto Superior Tecnico (../shared/papers/joint_unet.txt: the sections,
 equations and tables cited below); the author's code: https://github.com/franciscosenae/Tese.
 
-Idea. A U-Net (Ronneberger et al. 2015) segments the lesion in dermoscopy images of ISIC 2017; a small fully
-connected head on the same encoder's lowest-resolution features classifies it as nevus, melanoma or seborrheic
-keratosis. Trained separately (task `seg` switches the head off, `cls` the decoder) or jointly, one loss weighing
-both (task `joint`, Eq. 4): does sharing the encoder help either task? Hypothesis 1 (Sec. XVI.B): freeze a
-segmentation network, train only the head. ISIC 2017 test set: separate models JAC 70.6 / BACC 64.1, the joint
-model JAC 66.3 / BACC 59.6: no gain, half the compute.
+Idea. A U-Net (Ronneberger et al. 2015) segments the lesion in ISIC 2017's dermoscopy images and a small fully
+connected head on its encoder's lowest-resolution features classifies it (nevus, melanoma, seborrheic keratosis),
+trained separately (task `seg` switches the head off, `cls` the decoder) or jointly (`joint`, one loss, Eq. 4):
+does sharing the encoder help either task? Hypothesis 1 (Sec. XVI.B): a frozen segmentation network, only the
+head trained. ISIC 2017 test set: separate JAC 70.6 / BACC 64.1, joint 66.3 / 59.6: no gain, half the compute.
 
 Paper -> code
     Sec. V, Fig. 2      original U-Net (no BatchNorm), valid (572 -> 388) or same  thesis_unet(), network_geometry()
@@ -28,8 +27,7 @@ Paper -> code
 
 Usage (--seeds 0,1,2, --eval-only, --resume and torchrun as in every script of the project: README.md)
     python joint_unet.py                  # synthetic lesions, CPU: separate seg and cls vs joint at a = 0.8
-    python joint_unet.py --task joint     # one joint model (Table XIV); with --alpha 0.5 Table X's baseline
-    python joint_unet.py --task seg       # Table VI;  --task cls: Table IX
+    python joint_unet.py --task seg       # Table VI; --task cls: IX; --task joint: XIV (--alpha 0.5: X's baseline)
     python joint_unet.py --alpha-sweep 0.1,0.3,0.5,0.7,0.8,0.9       # Table XI (and XII: its best row)
     python joint_unet.py --task seg --out runs/seg && python joint_unet.py --transfer runs/seg/seg-seed0/best.pt
     python joint_unet.py --data isic2017 --root /data/ISIC2017 --device cuda  # the thesis' settings (--help)
@@ -39,10 +37,9 @@ Deviations (ambiguities resolved, and why)
     - Eq. 4 is printed L = a L1 + (a - 1) L2, a sign typo (a < 1 would maximise L2); the text ("a = 1 trains
       segmentation only, 0.5 gives both the same relevance") reads L = a L1 + (1 - a) L2. a defaults to 0.8, the
       thesis' final joint model (Tables XI, XII, XIV), so that the default comparison sets like beside like.
-    - No BatchNorm, as the original U-Net (seg trains at batch 2; --batchnorm adds it); its init (unprinted): He
-      normal, biases 0 (torch's default shrinks the signal ~six-fold per layer through 18 ReLU convolutions); the
-      head keeps torch's. Every task's model holds both branches (--transfer reads a seg model's U-Net) and prints
-      the parameter count of those its task runs.
+    - No BatchNorm (seg trains at batch 2; --batchnorm adds it) and He normal init, biases 0 (unprinted), as the
+      original U-Net: torch's default shrinks the signal ~six-fold per layer through 18 ReLU convolutions; the head
+      keeps torch's. Every task's model holds both branches (--transfer reads a seg model's U-Net).
     - Head: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom), winner unprinted. Table X's 50M
       parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC 1024, the default
       (Table VII's "10...42M": FC 256...1024); too large a pool is refused, not clamped. First FC with ReLU
@@ -50,13 +47,12 @@ Deviations (ambiguities resolved, and why)
       head reads the bottleneck before it and has its own two.
     - Eq. 3 weighted by Eq. 12 as Keras' class_weight: the batch mean of W_{y_i} CE_i (torch divides by the sum of
       weights). Eq. 2: mean BCE over pixels (the thesis: a sum). Augmentation (Tables V, VIII: "used"): the author's
-      random flips and right-angle rotations (the square's 8 symmetries, uniformly). Normalisation (unspecified):
-      per-channel mean and std of the training images (the author's: / 255).
-    - Sec. VIII: pad to a square (common.load_dataset's letterbox), "extra padding for the lesion border"
-      (unprinted), resize to 572: the image is scaled to the valid U-Net's output side and padded by (in - out) / 2
-      per side (mirrored as the U-Net's overlap-tile, or the mean: --border-mode constant), so that the output
-      covers it; masks are scaled to the output side. Synthetic images of side S get the smallest valid input
-      whose output >= S (64 -> 252 in, 68 out).
+      random flips and right-angle rotations. Normalisation (unspecified): the training images' per-channel mean
+      and std (the author's: / 255).
+    - Sec. VIII: letterbox to a square, "extra padding for the lesion border" (unprinted), resize to 572: the image
+      is scaled to the valid U-Net's output side and padded by (in - out) / 2 per side (mirrored as the overlap-tile,
+      or the mean: --border-mode constant) so that the output covers it; masks are scaled to the output side.
+      Synthetic images of side S: the smallest valid input whose output >= S (64 -> 252 in, 68 out).
     - Sec. IX (sizes unprinted): a --closing-size square (5 px) closing, 8-connected largest component,
       4-connected hole filling. "Original resolution restore": --predict maps the mask back to each image's own
       size; evaluation measures JAC on the canvas over the image's own pixels (true masks exist only at --size).
@@ -185,7 +181,7 @@ def batch_size_for(args, task):
     return args.batch_size if args.batch_size is not None else PAPER_BATCH[task]
 
 
-# ============================ The method: model (Sec. V-VII) and losses ============================
+# ======== The method: model, losses (Sec. V-VII), pre- and post-processing (Sec. VIII, IX) ========
 
 def network_geometry(size, depth, padding, input_size=None):
     """Input, output and bottleneck sides of the U-Net (Sec. V, Fig. 2) for images of side `size`; ValueError if it
@@ -320,20 +316,15 @@ def joint_loss(loss_seg, loss_cls, alpha):
     """Eq. 4 (sign corrected, see Deviations): L = a L_seg + (1 - a) L_cls."""
     return alpha * loss_seg + (1.0 - alpha) * loss_cls
 
-
-# ==================== Pre-processing (Sec. VIII) and post-processing (Sec. IX) ====================
-
 def mirror_pad(x, pad, mode="reflect"):
-    """Pads [B,C,H,W] by `pad` per side: "reflect" as np.pad, in steps when wider than the map (the overlap-tile
-    mirrors the mirror); "constant" pads 0, the mean colour after normalising."""
+    """Pads [B,C,H,W] by `pad` per side: "reflect" as np.pad, also wider than the map (the overlap-tile mirrors the
+    mirror: the reflection repeats every 2 (n - 1) pixels); "constant" pads 0, the mean colour after normalising."""
     if mode == "constant":
         return F.pad(x, (pad,) * 4)
     for axis in (-1, -2):
-        remaining = pad
-        while remaining > 0:
-            step = min(remaining, x.shape[axis] - 1)
-            x = F.pad(x, (step, step, 0, 0) if axis == -1 else (0, 0, step, step), mode="reflect")
-            remaining -= step
+        period = 2 * (x.shape[axis] - 1)
+        index = torch.arange(-pad, x.shape[axis] + pad, device=x.device) % period  # 0 .. period - 1
+        x = x.index_select(axis, torch.minimum(index, period - index))  # i and period - i mirror each other
     return x
 
 
@@ -441,8 +432,7 @@ def keras_reduce_lr_on_plateau(optimizer, factor, patience):
 
 def infer(model, images, args, geometry, mean, std, device):
     """uint8 images [B,3,S,S] -> what evaluation and --predict see of the branches the model runs: {"prob": lesion
-    probability [B,o,o], "pred_raw" and "pred_post": the mask before and after Sec. IX [B,S,S], "probs": class
-    probabilities [B,C]}."""
+    probability [B,o,o], "pred_raw" / "pred_post": masks before / after Sec. IX [B,S,S], "probs": classes' [B,C]}."""
     with common.autocast(device, args.amp):
         outputs = model(preprocess(images, mean, std, geometry, args.border_mode))
     out = {}
