@@ -76,7 +76,6 @@ SCRIPT = "joint_unet"
 TASKS = ("seg", "cls", "joint")
 THESIS = {"seg": {"jaccard_post": 70.6}, "cls": {"balanced_accuracy": 64.1},  # ISIC 2017 test set, percent
           "joint": {"jaccard_post": 66.3, "balanced_accuracy": 59.6}}          # (Tables VI, IX, XIV)
-PAPER_BATCH = {"seg": 2, "cls": 8, "joint": 8}  # Tables V, VIII, X
 UNIT = common.checked(float, low=0, high=1)  # a weight or a dropout probability in [0, 1]
 
 
@@ -170,7 +169,7 @@ def resolve_defaults(args):
     if not args.predict:  # (--predict builds the checkpoint's network)
         try:
             geometry = network_geometry(args.size, args.depth, args.unet_padding, args.input_size)
-            check_pool(args.pool, geometry["bottleneck"])
+            ClassificationHead(1, geometry["bottleneck"], 1, args.pool, fc=1)  # (a tiny head: does the pool fit?)
         except ValueError as error:
             raise common.UsageError(str(error)) from None
     return args
@@ -178,7 +177,7 @@ def resolve_defaults(args):
 
 def batch_size_for(args, task):
     """The batch size of a task: --batch-size (16 on synthetic data by default), else Tables V / VIII / X."""
-    return args.batch_size if args.batch_size is not None else PAPER_BATCH[task]
+    return args.batch_size if args.batch_size is not None else {"seg": 2, "cls": 8, "joint": 8}[task]
 
 
 # ======== The method: model, losses (Sec. V-VII), pre- and post-processing (Sec. VIII, IX) ========
@@ -194,22 +193,14 @@ def network_geometry(size, depth, padding, input_size=None):
             raise ValueError(f"--size {size} must be divisible by 2^depth = {2 ** depth} with same padding")
         return {"input": size, "output": size, "bottleneck": size // 2 ** depth}
     if input_size is None:  # the smallest input whose output covers the image (Sec. VIII): o >= size, i.e.
-        bottleneck = 4 + -(-(size - 4) // 2 ** depth)  # b = 4 + ceil((size - 4) / 2^d); 388 -> 28 -> 572 in
+        b = 4 + -(-(size - 4) // 2 ** depth)  # b = 4 + ceil((size - 4) / 2^d); 388 -> 28 -> 572 in
     else:
-        bottleneck = (input_size + 4) // 2 ** depth - 8
-    geometry = {"input": 2 ** depth * (bottleneck + 8) - 4, "output": 2 ** depth * (bottleneck - 4) + 4,
-                "bottleneck": bottleneck}
+        b = (input_size + 4) // 2 ** depth - 8
+    geometry = {"input": 2 ** depth * (b + 8) - 4, "output": 2 ** depth * (b - 4) + 4, "bottleneck": b}
     if input_size is not None and (geometry["input"] != input_size or geometry["output"] < 1):
         raise ValueError(f"--input-size {input_size} does not fit the valid U-Net of depth {depth}: not 2^{depth} "
                          f"(b + 8) - 4 for a whole b with output 2^{depth} (b - 4) + 4 >= 1 (depth 4: 572)")
     return geometry
-
-
-def check_pool(pool, side):
-    """A pool larger than the bottleneck is refused rather than clamped (a clamp would change the head silently)."""
-    if not 1 <= pool <= side:
-        raise ValueError(f"--pool {pool} does not fit the {side}x{side} bottleneck of this --size, --unet-padding "
-                         f"and --depth; use --pool 1..{side} or a larger --size")
 
 
 class ClassificationHead(nn.Module):
@@ -217,7 +208,9 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, channels, side, n_classes, pool=3, fc=1024, dropout=0.5):
         super().__init__()
-        check_pool(pool, side)
+        if not 1 <= pool <= side:  # refused rather than clamped (a clamp would change the head silently)
+            raise ValueError(f"--pool {pool} does not fit the {side}x{side} bottleneck of this --size, --unet-padding "
+                             f"and --depth; use --pool 1..{side} or a larger --size")
         pooled = side // pool  # Table X: 28 // 3 = 9 -> 9 * 9 * 512 inputs to the first FC
         self.pool = nn.MaxPool2d(pool, stride=pool)
         self.layers = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * pooled * pooled, fc),
@@ -228,8 +221,7 @@ class ClassificationHead(nn.Module):
 
 
 def thesis_unet(width, depth, padding, batchnorm):
-    """The U-Net of Sec. V: common.UNet (RGB in, one lesion logit out); without batchnorm every block is the original
-    U-Net's (3x3 conv + bias -> ReLU) x 2, and weights start as there: Gaussian, std sqrt(2 / fan_in), biases 0."""
+    """Sec. V: common.UNet (RGB in, one lesion logit), the original's init, and its blocks unless batchnorm."""
     unet = common.UNet(3, 1, width=width, depth=depth, padding=padding)
     if not batchnorm:  # swap common.UNet's conv-BN-ReLU blocks for conv-ReLU blocks of the same shape
         ch = unet.feature_channels
@@ -251,8 +243,7 @@ BRANCHES = {"seg": ("seg",), "cls": ("cls",), "joint": ("seg", "cls")}
 
 
 class MultiTaskUNet(nn.Module):
-    """Fig. 4: a U-Net whose bottleneck also feeds the classification head. `branches` switches them on
-    (BRANCHES); both are always built, so that every task's checkpoint has the same layout."""
+    """Fig. 4: a U-Net whose bottleneck also feeds the classification head; `branches` (BRANCHES) switches them on."""
 
     def __init__(self, n_classes, width, depth, padding, dropout, bottleneck, pool, fc, head_dropout,
                  batchnorm=False, branches=("seg", "cls")):
@@ -333,8 +324,7 @@ def resize(x, side, mode):
     if x.shape[-1] == side:
         return x
     flat = x.dim() == 3
-    x = F.interpolate(x[:, None] if flat else x, size=(side, side), mode=mode,
-                      **({"align_corners": False} if mode == "bilinear" else {}))
+    x = F.interpolate(x[:, None] if flat else x, size=(side, side), mode=mode)  # bilinear: align_corners False
     return x[:, 0] if flat else x
 
 
@@ -550,8 +540,7 @@ def load_data(args):
 
 
 def train_and_test(job, changes, datasets):
-    """One job, a table row x seed: trains (or, with --eval-only, loads) a model of the row's task in job.dir and
-    evaluates it; the first seed's model of each row draws the row's figures. Returns its flat metrics."""
+    """One job (row x seed): trains (--eval-only: loads) and tests the row's model; the first seed draws its figures."""
     run = job.run
     args = argparse.Namespace(**{**vars(run.args), "seed": job.seed, **changes})
     if job.seed not in datasets:  # the synthetic data is drawn from the seed: one draw per seed
