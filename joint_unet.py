@@ -42,9 +42,8 @@ Deviations (ambiguities resolved, and why)
       keeps torch's. Every task's model holds both branches (--transfer reads a seg model's U-Net).
     - Head: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom), winner unprinted. Table X's 50M
       parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC 1024, the default
-      (Table VII's "10...42M": FC 256...1024); too large a pool is refused, not clamped. First FC with ReLU
-      (unprinted). Dropout ("true"): one (--dropout 0.5) ends the contracting path, as in the original U-Net; the
-      head reads the bottleneck before it and has its own two.
+      (Table VII's "10...42M": FC 256...1024). First FC with ReLU (unprinted). Dropout ("true"): one (--dropout 0.5)
+      ends the contracting path, as in the original U-Net; the head reads the bottleneck before it, with its own two.
     - Eq. 3 weighted by Eq. 12 as Keras' class_weight: the batch mean of W_{y_i} CE_i (torch divides by the sum of
       weights). Eq. 2: mean BCE over pixels (the thesis: a sum). Augmentation (Tables V, VIII: "used"): the author's
       random flips and right-angle rotations. Normalisation (unspecified): the training images' per-channel mean
@@ -60,8 +59,7 @@ Deviations (ambiguities resolved, and why)
       5th stale epoch in a row (torch's patience=5 waits a sixth), "lower" by > min_delta 1e-4.
     - Best epoch: validation JAC after post-processing (Table V); joint: Mean Performance with that JAC (Table XIV:
       70.8 = (67.5 + 74.0) / 2). Table XII is the a sweep's best row by it, whose test numbers are the run's.
-    - Epochs ("a fixed number", unprinted): 100 on real data (Table XI's best epochs reach 90). Synthetic defaults
-      are CPU-sized (size 64, width 8, batch 16, 40 epochs, same padding; --help). Metrics in percent.
+    - Epochs ("a fixed number"): 100 on real data (Table XI's best epochs reach 90); CPU-sized synthetic defaults.
 """
 import argparse
 
@@ -76,6 +74,7 @@ SCRIPT = "joint_unet"
 TASKS = ("seg", "cls", "joint")
 THESIS = {"seg": {"jaccard_post": 70.6}, "cls": {"balanced_accuracy": 64.1},  # ISIC 2017 test set, percent
           "joint": {"jaccard_post": 66.3, "balanced_accuracy": 59.6}}          # (Tables VI, IX, XIV)
+SELECTION = {"seg": "jaccard_post", "cls": "balanced_accuracy", "joint": "mean_performance"}  # best epoch, Sec. X
 UNIT = common.checked(float, low=0, high=1)  # a weight or a dropout probability in [0, 1]
 
 
@@ -138,8 +137,7 @@ def trained_args(state):
 
 
 def resolve_defaults(args):
-    """Fills the data-dependent defaults (see the parser's epilog) and the --quick overrides, takes the network of an
-    --eval-only or --transfer checkpoint, and checks across flags (the network's fit too) before anything is written."""
+    """The data's and --quick's defaults (the epilog), an --eval-only / --transfer checkpoint's network; checks."""
     experiment = args.alpha_sweep or args.transfer
     args.task = args.task or ("joint" if experiment else "compare")
     if experiment and args.task != "joint":
@@ -399,8 +397,7 @@ def build_model(args, n_classes):
 
 
 def flips_and_right_angle_rotations(batch, generator):
-    """The author's augmentation: image and mask together get one of the 8 symmetries of the square, uniformly (a
-    transpose, a left-right and an up-down flip, each with probability 1/2)."""
+    """The author's augmentation: image and mask get one of the square's 8 symmetries, uniformly (3 fair coins)."""
     b = batch["images"].shape[0]
     coins = torch.rand((b, 3), generator=generator, device=generator.device).to(batch["images"].device) < 0.5
     out = dict(batch)
@@ -469,9 +466,6 @@ def evaluate(model, split, args, geometry, mean, std, device):
     if "pred_post" in outputs and "probs" in outputs:  # Eq. 11, with the post-processed JAC (Table XIV)
         metrics["mean_performance"] = (metrics["balanced_accuracy"] + metrics["jaccard_post"]) / 2
     return metrics, outputs
-
-
-SELECTION = {"seg": "jaccard_post", "cls": "balanced_accuracy", "joint": "mean_performance"}  # Sec. X
 
 
 def train(job, model, net, data, args, geometry, mean, std):
@@ -569,9 +563,8 @@ def train_and_test(job, changes, datasets):
     if job.seed == common.seed_list(run.args)[0]:  # the row's figures: its first seed's model
         figure_examples(data[split], outputs, job.figures / f"examples_{job.row}.png")
         if not args.eval_only:
-            keys = [k for k in ("jaccard_post", "balanced_accuracy", "mean_performance") if k in results[split]]
-            common.plot_curves(job, ["train_loss"] + [f"val_{k}" for k in keys],
-                               job.figures / f"training_curves_{job.row}.png")
+            keys = [f"val_{k}" for k in SELECTION.values() if k in results[split]]
+            common.plot_curves(job, ["train_loss"] + keys, job.figures / f"training_curves_{job.row}.png")
     flat = {**{f"val_{k}": v for k, v in results["val"].items()}, **results.get("test", {})}
     return {**flat, "best_epoch": state["epoch"], "class_names": list(class_names)}
 
@@ -596,8 +589,7 @@ TASK_TABLES = {  # Tables VI (seg), IX (cls), XIV (joint): title, (header, metri
 
 
 def task_table(task, row, class_names):
-    """Tables VI / IX / XIV and XIII (sensitivity, specificity per class), in percent, from a flat
-    row: test metrics under their names, validation ones as val_<name> (with <name>_se over seeds)."""
+    """Tables VI / IX / XIV and XIII (per class), in percent, of a flat row (test: <name>, validation: val_<name>)."""
     keys, (title, columns) = [class_key(n) for n in class_names], TASK_TABLES[task]
     sets = [(name, prefix) for name, prefix in (("Validation", "val_"), ("Test", ""))
             if row.get(prefix + columns[-1][1]) is not None]
@@ -642,8 +634,7 @@ def figure_examples(split, outputs, path, n_each=3):
 
 
 def report(run, table):
-    """results.md, results.json and the figures of the a sweep (Tables XI, XII), separate vs joint models (Sec. XVI)
-    or one task (Tables VI, IX, XIV); "metrics": the main row's test (else validation) numbers, mean and _se."""
+    """results.md, results.json and figures: the a sweep (Tables XI, XII), separate vs joint (Sec. XVI) or one task."""
     args, class_names = run.args, table[-1]["class_names"]
     if args.alpha_sweep:  # Table XI; Table XII, the main row, is its best by validation Mean Performance
         for row, alpha in zip(table, args.alpha_sweep):
@@ -653,11 +644,9 @@ def report(run, table):
                    ("JAC", "val_jaccard_post"), ("BACC", "val_balanced_accuracy"), ("Test MP", "mean_performance"),
                    ("Test JAC", "jaccard_post"), ("Test BACC", "balanced_accuracy")]
         lines = [{"a": r["alpha"], **{h: _cell(r, k) for h, k in columns}} for r in table]
-        body = (common.markdown_table(lines, ["a"] + [h for h, _ in columns], {"a": "{:g}"},
-                                      title="Table XI: values tested for a (validation at the best epoch; test "
-                                            "alongside) (%)")
-                + f"\nTable XII (best multi-task model): a = {main['alpha']:g}, the highest validation "
-                  "Mean Performance.")
+        title = "Table XI: values tested for a (validation at the best epoch; test alongside) (%)"
+        best = f"Table XII (best multi-task model): a = {main['alpha']:g}, the highest validation Mean Performance."
+        body = common.markdown_table(lines, ["a"] + [h for h, _ in columns], {"a": "{:g}"}, title=title) + "\n" + best
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
         for header, key in columns[1:4]:  # validation Mean Performance, JAC, BACC
             ax.errorbar(args.alpha_sweep, [r[key] for r in table], yerr=[r.get(f"{key}_se", 0.0) for r in table],
