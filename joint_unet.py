@@ -190,10 +190,8 @@ def network_geometry(size, depth, padding, input_size=None):
         if size % 2 ** depth:
             raise ValueError(f"--size {size} must be divisible by 2^depth = {2 ** depth} with same padding")
         return {"input": size, "output": size, "bottleneck": size // 2 ** depth}
-    if input_size is None:  # the smallest input whose output covers the image (Sec. VIII): o >= size, i.e.
-        b = 4 + -(-(size - 4) // 2 ** depth)  # b = 4 + ceil((size - 4) / 2^d); 388 -> 28 -> 572 in
-    else:
-        b = (input_size + 4) // 2 ** depth - 8
+    # b: --input-size's, or the least whose output covers the image (Sec. VIII), o >= size: 4 + ceil((size - 4) / 2^d)
+    b = (input_size + 4) // 2 ** depth - 8 if input_size is not None else 4 + -(-(size - 4) // 2 ** depth)
     geometry = {"input": 2 ** depth * (b + 8) - 4, "output": 2 ** depth * (b - 4) + 4, "bottleneck": b}
     if input_size is not None and (geometry["input"] != input_size or geometry["output"] < 1):
         raise ValueError(f"--input-size {input_size} does not fit the valid U-Net of depth {depth}: not 2^{depth} "
@@ -379,8 +377,7 @@ def restore_resolution(mask, size):
 
 def postprocess(prob, closing_size):
     """Sec. IX steps 1-4 on lesion probabilities [N,o,o] -> bool masks (step 5 is the caller's)."""
-    # step 1, rounding to 0 / 1: np.round(p) for p in [0, 1] (0.5 rounds to even, i.e. 0) is p > 0.5
-    mask = prob > 0.5
+    mask = prob > 0.5  # step 1, rounding to 0 / 1: np.round(p) for p in [0, 1] (0.5 rounds to even: 0) is p > 0.5
     mask = morphological_closing(mask, closing_size)  # step 2: remove noise, join nearby lesion parts
     mask = largest_connected_component(mask)          # step 3: one lesion per image
     return fill_holes(mask)                           # step 4: flood fill the interior
@@ -717,8 +714,7 @@ def predict_batch(predictor, images):
     out = infer(predictor.model, images, args, predictor.extra["geometry"], *predictor.norm, predictor.device)
     empty = torch.zeros(n, args.size, args.size, dtype=torch.bool, device=images.device)
     result = {"mask": out.get("pred_post", empty).long(), "maps": {}, "rows": [{} for _ in range(n)]}
-    if "prob" in out:
-        # H(p) = -p log2 p - (1 - p) log2 (1 - p): 0 where the model is sure, 1 bit at p = 0.5
+    if "prob" in out:  # H(p) = -p log2 p - (1 - p) log2 (1 - p): 0 where the model is sure, 1 bit at p = 0.5
         p = out["prob"].clamp(1e-7, 1 - 1e-7)
         result["maps"]["entropy"] = resize(-(p * p.log2() + (1 - p) * (1 - p).log2()), args.size, "bilinear")
     for row, p in zip(result["rows"], out.get("probs", torch.empty(0)).cpu()):
@@ -734,8 +730,7 @@ def main(argv=None):
     if args.predict:  # a trained model on a user's images
         common.run_predict(args, load_model, predict_batch, SCRIPT)
         return
-    # the rows of the run's table, {row name (its jobs' folder name): its changes to the arguments}
-    if args.alpha_sweep:  # Table XI
+    if args.alpha_sweep:  # the table's rows, {name (its jobs' folder name): changes to the arguments}; Table XI
         rows = {f"alpha={a:g}": {"task": "joint", "alpha": a} for a in args.alpha_sweep}
     elif args.task == "compare":  # Sec. XVI
         rows = {task: {"task": task} for task in TASKS}
