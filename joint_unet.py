@@ -137,7 +137,7 @@ def trained_args(state):
 
 
 def resolve_defaults(args):
-    """The data's and --quick's defaults (the epilog), an --eval-only / --transfer checkpoint's network; checks."""
+    """Data- and --quick-dependent defaults (the epilog), a checkpoint's network, checks across flags."""
     experiment = args.alpha_sweep or args.transfer
     args.task = args.task or ("joint" if experiment else "compare")
     if experiment and args.task != "joint":
@@ -167,7 +167,7 @@ def resolve_defaults(args):
     if not args.predict:  # (--predict builds the checkpoint's network)
         try:
             geometry = network_geometry(args.size, args.depth, args.unet_padding, args.input_size)
-            ClassificationHead(1, geometry["bottleneck"], 1, args.pool, fc=1)  # (a tiny head: does the pool fit?)
+            ClassificationHead(1, geometry["bottleneck"], 1, args.pool, fc=1)  # refuses a pool > bottleneck
         except ValueError as error:
             raise common.UsageError(str(error)) from None
     return args
@@ -416,7 +416,7 @@ def keras_reduce_lr_on_plateau(optimizer, factor, patience):
 
 def infer(model, images, args, geometry, mean, std, device):
     """uint8 images [B,3,S,S] -> what evaluation and --predict see of the branches the model runs: {"prob": lesion
-    probability [B,o,o], "pred_raw" / "pred_post": masks before / after Sec. IX [B,S,S], "probs": classes' [B,C]}."""
+    probability [B,o,o], "pred_raw" / "pred_post": masks before / after Sec. IX [B,S,S], "probs": softmax [B,C]}."""
     with common.autocast(device, args.amp):
         outputs = model(preprocess(images, mean, std, geometry, args.border_mode))
     out = {}
@@ -531,7 +531,7 @@ def load_data(args):
 
 
 def train_and_test(job, changes, datasets):
-    """One job (row x seed): trains (--eval-only: loads) and tests the row's model; the first seed draws its figures."""
+    """One job, row x seed: trains (--eval-only: loads) and tests the row's model; its first seed draws the figures."""
     run = job.run
     args = argparse.Namespace(**{**vars(run.args), "seed": job.seed, **changes})
     if job.seed not in datasets:  # the synthetic data is drawn from the seed: one draw per seed
