@@ -1,21 +1,19 @@
 """Multi-task U-Net for skin lesion segmentation and 3-class diagnosis (joint_unet.py).
 
-Paper: MSc thesis (extended abstract), Instituto Superior Tecnico, on a multi-task U-Net segmenting and classifying
-skin lesions in the dermoscopy images of ISIC 2017; the author's code: https://github.com/franciscosenae/Tese.
-Sections, equations and tables below are the thesis' (../shared/papers/joint_unet.txt).
+Paper: MSc thesis (extended abstract), Instituto Superior Tecnico (../shared/papers/joint_unet.txt: the sections,
+equations and tables cited below); the author's code: https://github.com/franciscosenae/Tese.
 
-Idea. A U-Net (Ronneberger et al. 2015) segments the lesion; a small fully connected head on the same encoder's
-lowest-resolution features classifies it as nevus, melanoma or seborrheic keratosis. Trained separately (task `seg`
-switches the head off, `cls` the decoder) or jointly with one loss weighing both (task `joint`, Eq. 4), the thesis
-asks whether sharing the encoder helps either task, and tests transfer: freeze a segmentation network, train only
-the classification layers (hypothesis 1, Sec. XVI.B). On the ISIC 2017 test set the separate models reach JAC 70.6
-/ BACC 64.1, the joint model JAC 66.3 / BACC 59.6: no gain, half the compute.
+Idea. A U-Net (Ronneberger et al. 2015) segments the lesion in ISIC 2017's dermoscopy images and a small fully
+connected head on its encoder's lowest-resolution features classifies it (nevus, melanoma, seborrheic keratosis),
+trained separately (task `seg` switches the head off, `cls` the decoder) or jointly (`joint`, one loss, Eq. 4):
+does sharing the encoder help either task? Hypothesis 1 (Sec. XVI.B): a frozen segmentation network, only the
+head trained. ISIC 2017 test set: separate JAC 70.6 / BACC 64.1, joint 66.3 / 59.6: no gain, half the compute.
 
 Paper -> code
-    Sec. V, Fig. 2      original U-Net (no BatchNorm), valid (572 -> 388) or same  thesis_unet(), valid_geometry()
+    Sec. V, Fig. 2      original U-Net (no BatchNorm), valid (572 -> 388) or same  thesis_unet(), network_geometry()
     Sec. VI, Tab. VII   max pool, flatten, dropout, FC, dropout, FC 3             ClassificationHead
     Sec. VII, Fig. 4    fused model; seg / cls switch a branch off                MultiTaskUNet, BRANCHES
-    Eq. 2; 3 and 12     binary cross-entropy; class-weighted cross-entropy        segmentation_loss(), class_weights(),
+    Eq. 2; 3 and 12     binary cross-entropy; class-weighted cross-entropy        segmentation_loss(); class_weights(),
                                                                                   classification_loss()
     Eq. 4               L = a L_seg + (1 - a) L_cls; seg: a = 1, cls: a = 0        joint_loss(), task_alpha()
     Sec. VIII; IX       scale, border padding, normalise; threshold, closing,     preprocess(), network_geometry();
@@ -29,46 +27,39 @@ Paper -> code
 
 Usage (--seeds 0,1,2, --eval-only, --resume and torchrun as in every script of the project: README.md)
     python joint_unet.py                  # synthetic lesions, CPU: separate seg and cls vs joint at a = 0.8
-    python joint_unet.py --task joint     # one joint model (Table XIV); with --alpha 0.5 Table X's baseline
-    python joint_unet.py --task seg       # Table VI;  --task cls: Table IX
+    python joint_unet.py --task seg       # Table VI; --task cls: IX; --task joint: XIV (--alpha 0.5: X's baseline)
     python joint_unet.py --alpha-sweep 0.1,0.3,0.5,0.7,0.8,0.9       # Table XI (and XII: its best row)
     python joint_unet.py --task seg --out runs/seg && python joint_unet.py --transfer runs/seg/seg-seed0/best.pt
-    python joint_unet.py --data isic2017 --root /data/ISIC2017 --device cuda  # the thesis' settings: valid U-Net
-                                          # 572 -> 388, no BatchNorm, width 32, batch 2/8/8, 100 epochs
+    python joint_unet.py --data isic2017 --root /data/ISIC2017 --device cuda  # the thesis' settings (--help)
     python joint_unet.py --predict images/ --checkpoint runs/x/joint-seed0/best.pt  # masks, entropy, classes
 
 Deviations (ambiguities resolved, and why)
     - Eq. 4 is printed L = a L1 + (a - 1) L2, a sign typo (a < 1 would maximise L2); the text ("a = 1 trains
       segmentation only, 0.5 gives both the same relevance") reads L = a L1 + (1 - a) L2. a defaults to 0.8, the
       thesis' final joint model (Tables XI, XII, XIV), so that the default comparison sets like beside like.
-    - BatchNorm: none, as in the original U-Net the thesis builds (seg trains at batch 2); --batchnorm adds it. Init
-      (unprinted): He normal, biases 0, as the original U-Net (torch's default shrinks the signal ~six-fold per layer
-      through 18 ReLU convolutions); the head keeps torch's. Every task's model holds both branches (one checkpoint
-      layout: --transfer reads a seg model's U-Net), runs its task's and prints their parameter count.
-    - Head pooling: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom) without printing the
-      winner. Table X's 50M parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC
-      1024, the default (Table VII's "10...42M": FC 256...1024). Too large a pool is refused, not clamped. First FC
-      with ReLU (unprinted). Dropout ("true"): one layer (--dropout 0.5) at the end of the contracting path, as in
-      the original U-Net; the head reads the bottleneck before it and has its own two (Table VII).
+    - No BatchNorm (seg trains at batch 2; --batchnorm adds it) and He normal init, biases 0 (unprinted), as the
+      original U-Net: torch's default shrinks the signal ~six-fold per layer through 18 ReLU convolutions; the head
+      keeps torch's. Every task's model holds both branches (--transfer reads a seg model's U-Net).
+    - Head: the thesis tuned pool and stride (7..14 outputs of the 28x28 bottom), winner unprinted. Table X's 50M
+      parameters = 7.8M (U-Net, width 32) + 42.5M (9x9x512 -> 1024): a 3x3 pool, stride 3, FC 1024, the default
+      (Table VII's "10...42M": FC 256...1024). First FC with ReLU (unprinted). Dropout ("true"): one (--dropout 0.5)
+      ends the contracting path, as in the original U-Net; the head reads the bottleneck before it, with its own two.
     - Eq. 3 weighted by Eq. 12 as Keras' class_weight: the batch mean of W_{y_i} CE_i (torch divides by the sum of
-      weights). Eq. 2: the mean BCE over pixels (the thesis: a sum). Augmentation (Tables V, VIII: "used"): the
-      author's code's random flips and right-angle rotations (the 8 symmetries of the square, uniformly).
-      Normalisation (Sec. VIII, unspecified): per-channel mean and std of the training images (the author's: / 255).
-    - Pre-processing (Sec. VIII): pad to a square (common.load_dataset's letterbox), "extra padding for the lesion
-      border" (amount unprinted), resize to 572. The valid U-Net's extra padding makes its 388 output cover the
-      canvas: scaled to the output side, padded by (in - out) / 2 per side (mirrored as the U-Net's overlap-tile,
-      or the mean: --border-mode constant); masks are scaled to the output side. Synthetic images of side S get the
-      smallest valid input whose output >= S (64 -> 252 in, 68 out).
-    - "Original resolution restore" (Sec. IX): --predict maps the mask back to each image's own size; evaluation
-      measures JAC on the canvas over the image's own pixels (the datasets keep true masks only at --size).
-      Post-processing sizes (unprinted): a --closing-size square (5 px) closing, 8-connected largest component,
-      4-connected flood fill of the background from the border.
-    - The lr schedule is Keras' ReduceLROnPlateau on the epoch's mean training loss (the thesis used Keras): it
-      drops after the 5th stale epoch in a row (torch's patience=5 waits a sixth), "lower" by > min_delta 1e-4.
-    - Best epoch: validation JAC after post-processing (Table V); for joint, Mean Performance with that JAC (Table
-      XIV: 70.8 = (67.5 + 74.0) / 2). Table XII is the a sweep's best row by it, whose test numbers are the run's.
-    - Epochs ("a fixed number", unprinted): 100 on real data (Table XI's best epochs reach 90). Synthetic defaults
-      are CPU-sized (size 64, width 8, batch 16, 40 epochs, same padding), said so in --help. Metrics in percent.
+      weights). Eq. 2: mean BCE over pixels (the thesis: a sum). Augmentation (Tables V, VIII: "used"): the author's
+      random flips and right-angle rotations. Normalisation (unspecified): the training images' per-channel mean
+      and std (the author's: / 255).
+    - Sec. VIII: letterbox to a square, "extra padding for the lesion border" (unprinted), resize to 572: the image
+      is scaled to the valid U-Net's output side and padded by (in - out) / 2 per side (mirrored as the overlap-tile,
+      or the mean: --border-mode constant) so that the output covers it; masks are scaled to the output side.
+      Synthetic images of side S: the smallest valid input whose output >= S (64 -> 252 in, 68 out).
+    - Sec. IX (sizes unprinted): a --closing-size square (5 px) closing, 8-connected largest component,
+      4-connected hole filling. "Original resolution restore": --predict maps the mask back to each image's own
+      size; evaluation measures JAC on the canvas over the image's own pixels (true masks exist only at --size).
+    - lr: Keras' ReduceLROnPlateau on the epoch's mean training loss (the thesis used Keras): it drops after the
+      5th stale epoch in a row (torch's patience=5 waits a sixth), "lower" by > min_delta 1e-4.
+    - Best epoch: validation JAC after post-processing (Table V); joint: Mean Performance with that JAC (Table XIV:
+      70.8 = (67.5 + 74.0) / 2). Table XII is the a sweep's best row by it, whose test numbers are the run's.
+    - Epochs ("a fixed number"): 100 on real data (Table XI's best epochs reach 90); CPU-sized synthetic defaults.
 """
 import argparse
 
@@ -83,13 +74,11 @@ SCRIPT = "joint_unet"
 TASKS = ("seg", "cls", "joint")
 THESIS = {"seg": {"jaccard_post": 70.6}, "cls": {"balanced_accuracy": 64.1},  # ISIC 2017 test set, percent
           "joint": {"jaccard_post": 66.3, "balanced_accuracy": 59.6}}          # (Tables VI, IX, XIV)
-PAPER_BATCH = {"seg": 2, "cls": 8, "joint": 8}  # Tables V, VIII, X
+SELECTION = {"seg": "jaccard_post", "cls": "balanced_accuracy", "joint": "mean_performance"}  # best epoch, Sec. X
+UNIT = common.checked(float, low=0, high=1)  # a weight or a dropout probability in [0, 1]
 
 
 # =========================================== Arguments ============================================
-
-UNIT = common.checked(float, low=0, high=1)  # a weight or a dropout probability in [0, 1]
-
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -148,8 +137,7 @@ def trained_args(state):
 
 
 def resolve_defaults(args):
-    """Fills the data-dependent defaults (see the parser's epilog) and the --quick overrides, takes the network of an
-    --eval-only or --transfer checkpoint, and checks across flags (the network's fit too) before anything is written."""
+    """Data- and --quick-dependent defaults (the epilog), a checkpoint's network, checks across flags."""
     experiment = args.alpha_sweep or args.transfer
     args.task = args.task or ("joint" if experiment else "compare")
     if experiment and args.task != "joint":
@@ -179,7 +167,7 @@ def resolve_defaults(args):
     if not args.predict:  # (--predict builds the checkpoint's network)
         try:
             geometry = network_geometry(args.size, args.depth, args.unet_padding, args.input_size)
-            check_pool(args.pool, geometry["bottleneck"])
+            ClassificationHead(1, geometry["bottleneck"], 1, args.pool, fc=1)  # refuses a pool > bottleneck
         except ValueError as error:
             raise common.UsageError(str(error)) from None
     return args
@@ -187,46 +175,28 @@ def resolve_defaults(args):
 
 def batch_size_for(args, task):
     """The batch size of a task: --batch-size (16 on synthetic data by default), else Tables V / VIII / X."""
-    return args.batch_size if args.batch_size is not None else PAPER_BATCH[task]
+    return args.batch_size if args.batch_size is not None else {"seg": 2, "cls": 8, "joint": 8}[task]
 
 
-# ============================ The method: model (Sec. V-VII) and losses ============================
-
-def valid_geometry(depth, bottleneck):
-    """Sides of the unpadded U-Net (Sec. V, Fig. 2), in closed form from its bottleneck side b.
-
-    A block of two 3x3 valid convolutions removes 4 pixels, a 2x2 max pooling halves, a 2x2
-    up-convolution doubles. Down from an input n, level k leaves its block at (n + 4) / 2^k - 8, so
-    b = (n + 4) / 2^d - 8 (d = depth); up from b, level k leaves its block at 2^k (b - 4) + 4. Hence
-        input n = 2^d (b + 8) - 4,   output o = 2^d (b - 4) + 4,   n - o = 12 * 2^d - 8 (split evenly).
-    The original U-Net (d = 4, b = 28): n = 572, o = 388, 572 - 388 = 2 * 92. Any whole b gives even
-    sides before every pooling; the network fits while o >= 1 (b >= 4 from depth 2 on)."""
-    return {"input": 2 ** depth * (bottleneck + 8) - 4, "output": 2 ** depth * (bottleneck - 4) + 4,
-            "bottleneck": bottleneck}
-
+# ======== The method: model, losses (Sec. V-VII), pre- and post-processing (Sec. VIII, IX) ========
 
 def network_geometry(size, depth, padding, input_size=None):
-    """Input, output and bottleneck sides of the U-Net for images of side `size`; ValueError if it does not fit."""
+    """Input, output and bottleneck sides of the U-Net (Sec. V, Fig. 2) for images of side `size`; ValueError if it
+    does not fit. Valid padding: two 3x3 convolutions remove 4 pixels, a 2x2 pooling halves, a 2x2 up-convolution
+    doubles; down from the input n, level k's block ends at (n + 4) / 2^k - 8, up from the bottleneck b at
+    2^k (b - 4) + 4: n = 2^d (b + 8) - 4, o = 2^d (b - 4) + 4, n - o = 12 * 2^d - 8 (split evenly; d = depth), e.g.
+    572 -> 388 (d = 4, b = 28). Whole b: even sides before every pooling; it fits while o >= 1 (b >= 4 from d = 2)."""
     if padding == "same":
         if size % 2 ** depth:
             raise ValueError(f"--size {size} must be divisible by 2^depth = {2 ** depth} with same padding")
         return {"input": size, "output": size, "bottleneck": size // 2 ** depth}
-    if input_size is not None:  # n = 2^d (b + 8) - 4 must hold for a whole b, with o >= 1
-        geometry = valid_geometry(depth, (input_size + 4) // 2 ** depth - 8)
-        if geometry["input"] != input_size or geometry["output"] < 1:
-            raise ValueError(f"--input-size {input_size} does not fit the valid U-Net of depth {depth}: not 2^{depth} "
-                             f"(b + 8) - 4 for a whole b with output 2^{depth} (b - 4) + 4 >= 1 (depth 4: 572)")
-        return geometry
-    # the smallest input whose output covers the image (Sec. VIII): o = 2^d (b - 4) + 4 >= size, i.e.
-    # b = 4 + ceil((size - 4) / 2^d); --size 388 -> b = 4 + 24 = 28 -> 572 in, 388 out
-    return valid_geometry(depth, 4 + -(-(size - 4) // 2 ** depth))
-
-
-def check_pool(pool, side):
-    """A pool larger than the bottleneck is refused rather than clamped (a clamp would change the head silently)."""
-    if not 1 <= pool <= side:
-        raise ValueError(f"--pool {pool} does not fit the {side}x{side} bottleneck of this --size, --unet-padding "
-                         f"and --depth; use --pool 1..{side} or a larger --size")
+    # b: --input-size's, or the least whose output covers the image (Sec. VIII), o >= size: 4 + ceil((size - 4) / 2^d)
+    b = (input_size + 4) // 2 ** depth - 8 if input_size is not None else 4 + -(-(size - 4) // 2 ** depth)
+    geometry = {"input": 2 ** depth * (b + 8) - 4, "output": 2 ** depth * (b - 4) + 4, "bottleneck": b}
+    if input_size is not None and (geometry["input"] != input_size or geometry["output"] < 1):
+        raise ValueError(f"--input-size {input_size} does not fit the valid U-Net of depth {depth}: not 2^{depth} "
+                         f"(b + 8) - 4 for a whole b with output 2^{depth} (b - 4) + 4 >= 1 (depth 4: 572)")
+    return geometry
 
 
 class ClassificationHead(nn.Module):
@@ -234,7 +204,9 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, channels, side, n_classes, pool=3, fc=1024, dropout=0.5):
         super().__init__()
-        check_pool(pool, side)
+        if not 1 <= pool <= side:  # refused rather than clamped (a clamp would change the head silently)
+            raise ValueError(f"--pool {pool} does not fit the {side}x{side} bottleneck of this --size, --unet-padding "
+                             f"and --depth; use --pool 1..{side} or a larger --size")
         pooled = side // pool  # Table X: 28 // 3 = 9 -> 9 * 9 * 512 inputs to the first FC
         self.pool = nn.MaxPool2d(pool, stride=pool)
         self.layers = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * pooled * pooled, fc),
@@ -245,8 +217,7 @@ class ClassificationHead(nn.Module):
 
 
 def thesis_unet(width, depth, padding, batchnorm):
-    """The U-Net of Sec. V: common.UNet (RGB in, one lesion logit out); without batchnorm every block is the original
-    U-Net's (3x3 conv + bias -> ReLU) x 2, and weights start as there: Gaussian, std sqrt(2 / fan_in), biases 0."""
+    """Sec. V: common.UNet (RGB in, one lesion logit), the original's init, and its blocks unless batchnorm."""
     unet = common.UNet(3, 1, width=width, depth=depth, padding=padding)
     if not batchnorm:  # swap common.UNet's conv-BN-ReLU blocks for conv-ReLU blocks of the same shape
         ch = unet.feature_channels
@@ -268,8 +239,7 @@ BRANCHES = {"seg": ("seg",), "cls": ("cls",), "joint": ("seg", "cls")}
 
 
 class MultiTaskUNet(nn.Module):
-    """Fig. 4: a U-Net whose bottleneck also feeds the classification head. `branches` switches them on
-    (BRANCHES); both are always built, so that every task's checkpoint has the same layout."""
+    """Fig. 4: a U-Net whose bottleneck also feeds the classification head; `branches` (BRANCHES) switches them on."""
 
     def __init__(self, n_classes, width, depth, padding, dropout, bottleneck, pool, fc, head_dropout,
                  batchnorm=False, branches=("seg", "cls")):
@@ -333,20 +303,15 @@ def joint_loss(loss_seg, loss_cls, alpha):
     """Eq. 4 (sign corrected, see Deviations): L = a L_seg + (1 - a) L_cls."""
     return alpha * loss_seg + (1.0 - alpha) * loss_cls
 
-
-# ==================== Pre-processing (Sec. VIII) and post-processing (Sec. IX) ====================
-
 def mirror_pad(x, pad, mode="reflect"):
-    """Pads [B,C,H,W] by `pad` per side: "reflect" as np.pad, in steps when wider than the map (the overlap-tile
-    mirrors the mirror); "constant" pads 0, the mean colour after normalising."""
+    """Pads [B,C,H,W] by `pad` per side: "reflect" as np.pad, also wider than the map (the overlap-tile mirrors the
+    mirror: the reflection repeats every 2 (n - 1) pixels); "constant" pads 0, the mean colour after normalising."""
     if mode == "constant":
         return F.pad(x, (pad,) * 4)
     for axis in (-1, -2):
-        remaining = pad
-        while remaining > 0:
-            step = min(remaining, x.shape[axis] - 1)
-            x = F.pad(x, (step, step, 0, 0) if axis == -1 else (0, 0, step, step), mode="reflect")
-            remaining -= step
+        period = 2 * (x.shape[axis] - 1)
+        index = torch.arange(-pad, x.shape[axis] + pad, device=x.device) % period  # 0 .. period - 1
+        x = x.index_select(axis, torch.minimum(index, period - index))  # i and period - i mirror each other
     return x
 
 
@@ -355,8 +320,7 @@ def resize(x, side, mode):
     if x.shape[-1] == side:
         return x
     flat = x.dim() == 3
-    x = F.interpolate(x[:, None] if flat else x, size=(side, side), mode=mode,
-                      **({"align_corners": False} if mode == "bilinear" else {}))
+    x = F.interpolate(x[:, None] if flat else x, size=(side, side), mode=mode)  # bilinear: align_corners False
     return x[:, 0] if flat else x
 
 
@@ -394,22 +358,16 @@ def largest_connected_component(mask):
     return mask.bool() & (labels == keep)
 
 
-def fill_holes(mask, check_every=16):
+def fill_holes(mask):
     """Sec. IX step 4, flood filling: background not 4-connected to the image border becomes lesion, as scipy's
-    binary_fill_holes. A geodesic dilation from the border's background, one 4-connected step at a time through
-    the background, until it stops changing (checked every `check_every` steps: fewer host syncs)."""
-    background = ~mask.bool()
-    reached = torch.zeros_like(background)  # the seeds: background pixels on the image border
-    reached[:, 0], reached[:, -1], reached[:, :, 0], reached[:, :, -1] = True, True, True, True
-    reached &= background
-    while True:
-        before = reached
-        for _ in range(check_every):  # one 4-connected dilation step (3x3 cross), kept to the background
-            p = F.pad(reached, (1, 1, 1, 1))  # the outside adds nothing; p[:, 1:-1, 1:-1] is `reached`
-            reached = background & (reached | p[:, :-2, 1:-1] | p[:, 2:, 1:-1] | p[:, 1:-1, :-2] | p[:, 1:-1, 2:])
-        if torch.equal(before, reached):
-            break
-    return mask.bool() | (background & ~reached)  # unreached background = holes
+    binary_fill_holes: the holes are the background's 4-connected components that touch no border."""
+    labels = common.label_components(~mask.bool(), connectivity=4).long()  # [N,H,W], 0 = lesion
+    n, k = labels.shape[0], int(labels.max()) + 1
+    border = torch.cat([labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]], 1)  # [N, 2H + 2W]
+    offset = torch.arange(n, device=labels.device).view(n, 1) * k  # image i's labels: i*k .. i*k + k - 1
+    reaches_border = torch.zeros(n * k, dtype=torch.bool, device=labels.device)
+    reaches_border[(border + offset).flatten()] = True
+    return mask.bool() | ~reaches_border[labels + offset.view(n, 1, 1)]  # lesion, or background that is a hole
 
 
 def restore_resolution(mask, size):
@@ -419,8 +377,7 @@ def restore_resolution(mask, size):
 
 def postprocess(prob, closing_size):
     """Sec. IX steps 1-4 on lesion probabilities [N,o,o] -> bool masks (step 5 is the caller's)."""
-    # step 1, rounding to 0 / 1: np.round(p) for p in [0, 1] (0.5 rounds to even, i.e. 0) is p > 0.5
-    mask = prob > 0.5
+    mask = prob > 0.5  # step 1, rounding to 0 / 1: np.round(p) for p in [0, 1] (0.5 rounds to even: 0) is p > 0.5
     mask = morphological_closing(mask, closing_size)  # step 2: remove noise, join nearby lesion parts
     mask = largest_connected_component(mask)          # step 3: one lesion per image
     return fill_holes(mask)                           # step 4: flood fill the interior
@@ -437,8 +394,7 @@ def build_model(args, n_classes):
 
 
 def flips_and_right_angle_rotations(batch, generator):
-    """The author's augmentation: image and mask together get one of the 8 symmetries of the square, uniformly (a
-    transpose, a left-right and an up-down flip, each with probability 1/2)."""
+    """The author's augmentation: image and mask get one of the square's 8 symmetries, uniformly (3 fair coins)."""
     b = batch["images"].shape[0]
     coins = torch.rand((b, 3), generator=generator, device=generator.device).to(batch["images"].device) < 0.5
     out = dict(batch)
@@ -460,12 +416,13 @@ def keras_reduce_lr_on_plateau(optimizer, factor, patience):
 
 def infer(model, images, args, geometry, mean, std, device):
     """uint8 images [B,3,S,S] -> what evaluation and --predict see of the branches the model runs: {"prob": lesion
-    probability [B,o,o], "pred_post": post-processed mask [B,S,S] (Sec. IX), "probs": class probabilities [B,C]}."""
+    probability [B,o,o], "pred_raw" / "pred_post": masks before / after Sec. IX [B,S,S], "probs": softmax [B,C]}."""
     with common.autocast(device, args.amp):
         outputs = model(preprocess(images, mean, std, geometry, args.border_mode))
     out = {}
     if "seg" in outputs:
         out["prob"] = torch.sigmoid(outputs["seg"].float())                                        # [B, o, o]
+        out["pred_raw"] = restore_resolution(out["prob"] > 0.5, args.size)  # before post-processing (Table VI)
         out["pred_post"] = restore_resolution(postprocess(out["prob"], args.closing_size), args.size)
     if "cls" in outputs:
         out["probs"] = torch.softmax(outputs["cls"].float(), dim=1)                               # Eq. 1, [B, C]
@@ -482,10 +439,8 @@ def evaluate(model, split, args, geometry, mean, std, device):
     model.eval()
     parts = []
     for batch in common.iterate_batches(split, batch_size_for(args, args.task) * 2, shuffle=False):
-        out = infer(model, batch["images"], args, geometry, mean, std, device)
-        if "prob" in out:  # the mask before post-processing (Table VI); the probabilities are not kept
-            out["pred_raw"] = restore_resolution(out.pop("prob") > 0.5, args.size)
-        parts.append(out)
+        parts.append(infer(model, batch["images"], args, geometry, mean, std, device))
+        parts[-1].pop("prob", None)  # the masks are kept, not the lesion probabilities
     outputs = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     metrics = {}
     if "pred_post" in outputs:
@@ -508,9 +463,6 @@ def evaluate(model, split, args, geometry, mean, std, device):
     if "pred_post" in outputs and "probs" in outputs:  # Eq. 11, with the post-processed JAC (Table XIV)
         metrics["mean_performance"] = (metrics["balanced_accuracy"] + metrics["jaccard_post"]) / 2
     return metrics, outputs
-
-
-SELECTION = {"seg": "jaccard_post", "cls": "balanced_accuracy", "joint": "mean_performance"}  # Sec. X
 
 
 def train(job, model, net, data, args, geometry, mean, std):
@@ -578,18 +530,8 @@ def load_data(args):
     return data
 
 
-def table_rows(args):
-    """The rows of the run's table, {row name (its jobs' folder name): its changes to the arguments}."""
-    if args.alpha_sweep:  # Table XI
-        return {f"alpha={a:g}": {"task": "joint", "alpha": a} for a in args.alpha_sweep}
-    if args.task == "compare":  # Sec. XVI
-        return {task: {"task": task} for task in TASKS}
-    return {args.task: {}}
-
-
 def train_and_test(job, changes, datasets):
-    """One job, a table row x seed: trains (or, with --eval-only, loads) a model of the row's task in job.dir and
-    evaluates it; the first seed's model of each row draws the row's figures. Returns its flat metrics."""
+    """One job, row x seed: trains (--eval-only: loads) and tests the row's model; its first seed draws the figures."""
     run = job.run
     args = argparse.Namespace(**{**vars(run.args), "seed": job.seed, **changes})
     if job.seed not in datasets:  # the synthetic data is drawn from the seed: one draw per seed
@@ -618,9 +560,8 @@ def train_and_test(job, changes, datasets):
     if job.seed == common.seed_list(run.args)[0]:  # the row's figures: its first seed's model
         figure_examples(data[split], outputs, job.figures / f"examples_{job.row}.png")
         if not args.eval_only:
-            keys = [k for k in ("jaccard_post", "balanced_accuracy", "mean_performance") if k in results[split]]
-            common.plot_curves(job, ["train_loss"] + [f"val_{k}" for k in keys],
-                               job.figures / f"training_curves_{job.row}.png")
+            keys = [f"val_{k}" for k in SELECTION.values() if k in results[split]]
+            common.plot_curves(job, ["train_loss"] + keys, job.figures / f"training_curves_{job.row}.png")
     flat = {**{f"val_{k}": v for k, v in results["val"].items()}, **results.get("test", {})}
     return {**flat, "best_epoch": state["epoch"], "class_names": list(class_names)}
 
@@ -645,8 +586,7 @@ TASK_TABLES = {  # Tables VI (seg), IX (cls), XIV (joint): title, (header, metri
 
 
 def task_table(task, row, class_names):
-    """Tables VI / IX / XIV and XIII (sensitivity, specificity per class), in percent, from a flat
-    row: test metrics under their names, validation ones as val_<name> (with <name>_se over seeds)."""
+    """Tables VI / IX / XIV and XIII (per class), in percent, of a flat row (test: <name>, validation: val_<name>)."""
     keys, (title, columns) = [class_key(n) for n in class_names], TASK_TABLES[task]
     sets = [(name, prefix) for name, prefix in (("Validation", "val_"), ("Test", ""))
             if row.get(prefix + columns[-1][1]) is not None]
@@ -690,82 +630,65 @@ def figure_examples(split, outputs, path, n_each=3):
     common.save_figure(fig, path)
 
 
-def figure_comparison(table, path):
-    """Separate vs joint test JAC and BACC (mean ± SE over seeds), next to the thesis' ISIC 2017 numbers."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, (metric, key) in zip(axes, (("JAC", "jaccard_post"), ("BACC", "balanced_accuracy"))):
-        shown = [r for r in table if r.get(key) is not None]
-        positions = range(len(shown))
-        ax.bar([p - 0.2 for p in positions], [r[key] for r in shown], 0.4, label="this run",
-               yerr=[r.get(f"{key}_se", 0.0) for r in shown], capsize=3)
-        ax.bar([p + 0.2 for p in positions], [THESIS[r["task"]][key] for r in shown], 0.4, label="thesis (ISIC 2017)")
-        ax.set_xticks(list(positions), [r["row"].replace("separate ", "separate\n") for r in shown])
-        ax.set(ylabel=f"test {metric} (%)", ylim=(0, 100))
-    axes[0].legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    common.save_figure(fig, path)
-
-
-def publish(run, heading, body, row, table):
-    """results.md (heading, seeds, body) and results.json (the table; as "metrics" the test numbers of `row`,
-    means over seeds with _se, or its validation numbers when the data has no test split); prints it."""
-    numbers = {k: v for k, v in common.row_metrics(row).items()
+def report(run, table):
+    """results.md, results.json and figures: the a sweep (Tables XI, XII), separate vs joint (Sec. XVI) or one task."""
+    args, class_names = run.args, table[-1]["class_names"]
+    if args.alpha_sweep:  # Table XI; Table XII, the main row, is its best by validation Mean Performance
+        for row, alpha in zip(table, args.alpha_sweep):
+            row["alpha"] = alpha
+        heading, main = "a sweep", max(table, key=lambda r: r["val_mean_performance"])
+        columns = [("Epoch", "best_epoch"), ("Mean Performance", "val_mean_performance"),
+                   ("JAC", "val_jaccard_post"), ("BACC", "val_balanced_accuracy"), ("Test MP", "mean_performance"),
+                   ("Test JAC", "jaccard_post"), ("Test BACC", "balanced_accuracy")]
+        lines = [{"a": r["alpha"], **{h: _cell(r, k) for h, k in columns}} for r in table]
+        title = "Table XI: values tested for a (validation at the best epoch; test alongside) (%)"
+        best = f"Table XII (best multi-task model): a = {main['alpha']:g}, the highest validation Mean Performance."
+        body = common.markdown_table(lines, ["a"] + [h for h, _ in columns], {"a": "{:g}"}, title=title) + "\n" + best
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        for header, key in columns[1:4]:  # validation Mean Performance, JAC, BACC
+            ax.errorbar(args.alpha_sweep, [r[key] for r in table], yerr=[r.get(f"{key}_se", 0.0) for r in table],
+                        marker="o", capsize=3, label=header)
+        ax.set(xlabel="a (Eq. 4)", ylabel="validation (%)")
+        ax.legend()
+        common.save_figure(fig, run.figures / "alpha_sweep.png")
+    elif args.task == "compare":  # the main row: the joint model
+        labels = {"seg": "separate segmentation", "cls": "separate classification", "joint": "joint"}
+        lines = [{"Model": labels[task] + (f" (a = {args.alpha:g})" if task == "joint" else ""),
+                  "JAC": _cell(r, "jaccard_post"), "BACC": _cell(r, "balanced_accuracy"),
+                  "Thesis JAC": THESIS[task].get("jaccard_post"), "Thesis BACC": THESIS[task].get("balanced_accuracy")}
+                 for r, task in zip(table, TASKS)]
+        title = (f"Test set, JAC after post-processing (%); this run's joint model: a = {args.alpha:g}; "
+                 "thesis: ISIC 2017, its joint model at a = 0.8 (Tables XI, XIV)")
+        body = (common.markdown_table(lines, ["Model", "JAC", "BACC", "Thesis JAC", "Thesis BACC"],
+                                      {"Thesis JAC": "{:.1f}", "Thesis BACC": "{:.1f}"}, title=title) + "\n\n"
+                + "\n\n".join(task_table(task, r, class_names) for r, task in zip(table, TASKS)))
+        for row, task in zip(table, TASKS):
+            row["task"], row["row"] = task, labels[task]
+        heading, main = "separate vs joint models", table[-1]
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))  # test JAC and BACC beside the thesis' ISIC 2017 numbers
+        for ax, (metric, key) in zip(axes, (("JAC", "jaccard_post"), ("BACC", "balanced_accuracy"))):
+            shown = [r for r in table if r.get(key) is not None]
+            positions = range(len(shown))
+            ax.bar([p - 0.2 for p in positions], [r[key] for r in shown], 0.4, label="this run",
+                   yerr=[r.get(f"{key}_se", 0.0) for r in shown], capsize=3)
+            ax.bar([p + 0.2 for p in positions], [THESIS[r["task"]][key] for r in shown], 0.4,
+                   label="thesis (ISIC 2017)")
+            ax.set_xticks(list(positions), [r["row"].replace("separate ", "separate\n") for r in shown])
+            ax.set(ylabel=f"test {metric} (%)", ylim=(0, 100))
+        axes[0].legend(loc="lower left", fontsize=8)
+        fig.tight_layout()
+        common.save_figure(fig, run.figures / "separate_vs_joint.png")
+    else:
+        heading, (main,) = f"task {args.task}", table
+        body = task_table(args.task, main, class_names)
+    numbers = {k: v for k, v in common.row_metrics(main).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("best_epoch")}
     split = "test" if any(not k.startswith("val_") for k in numbers) else "val"
     metrics = {k.removeprefix("val_"): v for k, v in numbers.items() if k.startswith("val_") == (split == "val")}
-    seeds = common.seed_list(run.args)
+    seeds = common.seed_list(args)
     note = (f"Mean ± standard error over {len(seeds)} seeds ({', '.join(map(str, seeds))}).\n\n"
             if len(seeds) > 1 else "")
     common.write_results(run, metrics, table, f"# {SCRIPT}: {heading}\n\n{note}{body}\n", split)
-
-
-def report_task(run, table):
-    """--task seg | cls | joint (Tables VI, IX, XIV), --transfer (hypothesis 1) or --eval-only: one row."""
-    (row,) = table
-    publish(run, f"task {run.args.task}", task_table(run.args.task, row, row["class_names"]), row, table)
-
-
-def report_compare(run, table):
-    """Separate segmentation and classification models vs the joint model (Sec. XVI, abstract)."""
-    labels = {"seg": "separate segmentation", "cls": "separate classification", "joint": "joint"}
-    alpha = run.args.alpha
-    lines = [{"Model": labels[task] + (f" (a = {alpha:g})" if task == "joint" else ""),
-              "JAC": _cell(r, "jaccard_post"), "BACC": _cell(r, "balanced_accuracy"),
-              "Thesis JAC": THESIS[task].get("jaccard_post"), "Thesis BACC": THESIS[task].get("balanced_accuracy")}
-             for r, task in zip(table, TASKS)]
-    title = (f"Test set, JAC after post-processing (%); this run's joint model: a = {alpha:g}; "
-             "thesis: ISIC 2017, its joint model at a = 0.8 (Tables XI, XIV)")
-    body = (common.markdown_table(lines, ["Model", "JAC", "BACC", "Thesis JAC", "Thesis BACC"],
-                                  {"Thesis JAC": "{:.1f}", "Thesis BACC": "{:.1f}"}, title=title) + "\n\n"
-            + "\n\n".join(task_table(task, r, table[-1]["class_names"]) for r, task in zip(table, TASKS)))
-    for row, task in zip(table, TASKS):
-        row["task"], row["row"] = task, labels[task]
-    publish(run, "separate vs joint models", body, table[-1], table)
-    figure_comparison(table, run.figures / "separate_vs_joint.png")
-
-
-def report_alpha_sweep(run, table):
-    """Table XI: one joint model per a; Table XII is its best row by validation Mean Performance (the run's metrics)."""
-    alphas = run.args.alpha_sweep
-    for row, alpha in zip(table, alphas):
-        row["alpha"] = alpha
-    columns = [("Epoch", "best_epoch"), ("Mean Performance", "val_mean_performance"), ("JAC", "val_jaccard_post"),
-               ("BACC", "val_balanced_accuracy"), ("Test MP", "mean_performance"), ("Test JAC", "jaccard_post"),
-               ("Test BACC", "balanced_accuracy")]
-    lines = [{"a": r["alpha"], **{h: _cell(r, k) for h, k in columns}} for r in table]
-    best = max(table, key=lambda r: r["val_mean_performance"])
-    body = (common.markdown_table(lines, ["a"] + [h for h, _ in columns], {"a": "{:g}"},
-                                  title="Table XI: values tested for a (validation at the best epoch; test "
-                                        "alongside) (%)")
-            + f"\nTable XII (best multi-task model): a = {best['alpha']:g}, the highest validation Mean Performance.")
-    publish(run, "a sweep", body, best, table)
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for header, key in columns[1:4]:  # validation Mean Performance, JAC, BACC
-        ax.errorbar(alphas, [r[key] for r in table], yerr=[r.get(f"{key}_se", 0.0) for r in table],
-                    marker="o", capsize=3, label=header)
-    ax.set(xlabel="a (Eq. 4)", ylabel="validation (%)")
-    ax.legend()
-    common.save_figure(fig, run.figures / "alpha_sweep.png")
 
 
 # ========== Predict: a trained model on a user's own images (--predict, or from Python) ===========
@@ -791,8 +714,7 @@ def predict_batch(predictor, images):
     out = infer(predictor.model, images, args, predictor.extra["geometry"], *predictor.norm, predictor.device)
     empty = torch.zeros(n, args.size, args.size, dtype=torch.bool, device=images.device)
     result = {"mask": out.get("pred_post", empty).long(), "maps": {}, "rows": [{} for _ in range(n)]}
-    if "prob" in out:
-        # H(p) = -p log2 p - (1 - p) log2 (1 - p): 0 where the model is sure, 1 bit at p = 0.5
+    if "prob" in out:  # H(p) = -p log2 p - (1 - p) log2 (1 - p): 0 where the model is sure, 1 bit at p = 0.5
         p = out["prob"].clamp(1e-7, 1 - 1e-7)
         result["maps"]["entropy"] = resize(-(p * p.log2() + (1 - p) * (1 - p).log2()), args.size, "bilinear")
     for row, p in zip(result["rows"], out.get("probs", torch.empty(0)).cpu()):
@@ -808,14 +730,18 @@ def main(argv=None):
     if args.predict:  # a trained model on a user's images
         common.run_predict(args, load_model, predict_batch, SCRIPT)
         return
-    rows = table_rows(args)
+    if args.alpha_sweep:  # the table's rows, {name (its jobs' folder name): changes to the arguments}; Table XI
+        rows = {f"alpha={a:g}": {"task": "joint", "alpha": a} for a in args.alpha_sweep}
+    elif args.task == "compare":  # Sec. XVI
+        rows = {task: {"task": task} for task in TASKS}
+    else:
+        rows = {args.task: {}}
     jobs = [(row, seed) for row in rows for seed in common.seed_list(args)]
     run = common.open_run(args, SCRIPT, n_jobs=len(jobs))
     datasets = {}  # seed -> dataset, shared by the rows
     table = common.run_jobs(run, jobs, lambda job: train_and_test(job, rows[job.row], datasets))
     if table is None:  # torchrun: another process writes the report
         return
-    report = report_alpha_sweep if args.alpha_sweep else report_compare if args.task == "compare" else report_task
     report(run, table)
 
 

@@ -180,24 +180,32 @@ def _valid_sides_step_by_step(n, depth):
     return (bottleneck, side) if bottleneck > 0 and side > 0 else None
 
 
+def _valid_geometry(n, depth):
+    """network_geometry's closed form for the valid U-Net of input n, or None where it refuses n."""
+    try:
+        return ju.network_geometry(8, depth, "valid", input_size=n)
+    except ValueError:
+        return None
+
+
 def test_valid_geometry_closed_form_matches_the_layer_walk():
     for depth in (1, 2, 3, 4, 5):
         walked = {n: _valid_sides_step_by_step(n, depth) for n in range(1, 1200)}
         fitting = {n: sides for n, sides in walked.items() if sides is not None}
-        closed = {g["input"]: g for g in map(lambda b: ju.valid_geometry(depth, b), range(1, 700)) if g["output"] > 0}
+        closed = {n: g for n in range(1, 1200) if (g := _valid_geometry(n, depth))}
         for n, (bottleneck, output) in fitting.items():  # every input that fits is n = 2^d (b + 8) - 4
             assert closed[n]["bottleneck"] == bottleneck and closed[n]["output"] == output
+            assert n == 2 ** depth * (bottleneck + 8) - 4 and output == 2 ** depth * (bottleneck - 4) + 4
             assert n - output == 12 * 2 ** depth - 8
-        assert set(fitting) == {n for n in closed if n < 1200}
-        assert min(fitting) == ju.valid_geometry(depth, 3 if depth == 1 else 4)["input"]
+        assert set(fitting) == set(closed)
+        assert min(fitting) == 2 ** depth * ((3 if depth == 1 else 4) + 8) - 4
     # the smallest input whose output covers --size, for every size: the closed form's b is minimal
     outputs = {n: sides[1] for n in range(1, 700) if (sides := _valid_sides_step_by_step(n, 4))}
     for size in range(1, 400):  # (--size itself starts at 8)
         geometry = ju.network_geometry(size, 4, "valid")
         assert geometry["input"] == min(n for n, out in outputs.items() if out >= size)
         assert geometry["output"] == outputs[geometry["input"]]
-    assert ju.valid_geometry(4, 28) == {"input": 572, "output": 388, "bottleneck": 28}
-    assert ju.network_geometry(388, 4, "valid", input_size=572) == ju.valid_geometry(4, 28)
+    assert ju.network_geometry(388, 4, "valid", input_size=572) == {"input": 572, "output": 388, "bottleneck": 28}
     assert ju.network_geometry(64, 4, "valid", input_size=572)["output"] == 388  # the flag wins over the least
     with pytest.raises(common.UsageError, match="572"):
         ju.resolve_defaults(ju.build_parser().parse_args(["--unet-padding", "valid", "--input-size", "570"]))
