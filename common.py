@@ -842,7 +842,7 @@ def cli(main, argv=None):
         main(argv) if argv is not None else main()
         if _leave_torchrun(wait=True):
             # a torchrun process ends here: gloo's threads can abort the interpreter's teardown after a
-            # finished run (SIGABRT, about 1 process in 30 on CPU with torch 2.13), so it is skipped;
+            # finished run (SIGABRT in 3 of 125 two-process CPU runs, torch 2.13), so it is skipped;
             # every file this module writes is already closed
             sys.stdout.flush()
             sys.stderr.flush()
